@@ -1,0 +1,138 @@
+//! CUDA driver memory API records (`probes/cuda.rs` in agent-ebpf).
+
+use crate::EventHeader;
+
+/// Driver API functions the `cuda` probe family knows. The id travels as the uprobe's attach
+/// cookie and in [`CudaMemEvent::api`]; ids are never reused.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum CudaApi {
+    MemAlloc = 1,
+    MemAllocPitch = 2,
+    MemAllocManaged = 3,
+    MemAllocAsync = 4,
+    MemAllocFromPoolAsync = 5,
+    MemCreate = 6,
+    MemMap = 7,
+    MemAddressReserve = 8,
+    MemAllocHost = 9,
+    MemHostAlloc = 10,
+    MemFree = 20,
+    MemFreeAsync = 21,
+    MemRelease = 22,
+    MemUnmap = 23,
+    MemAddressFree = 24,
+    MemFreeHost = 25,
+    CtxSetCurrent = 40,
+    CtxPushCurrent = 41,
+    CtxPopCurrent = 42,
+    DevicePrimaryCtxRetain = 43,
+    CtxCreate = 44,
+}
+
+/// What a call does to the memory a process holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Allocates device memory: out-pointer in arg 0, size in arg 1.
+    DeviceAlloc,
+    /// Allocates pinned host memory.
+    HostAlloc,
+    /// Creates a physical allocation handle (VMM).
+    PhysicalCreate,
+    /// Reserves or maps virtual address ranges (VMM); holds no memory by itself.
+    AddressRange,
+    /// Releases device memory by pointer.
+    DeviceFree,
+    HostFree,
+    /// Releases a physical allocation handle.
+    PhysicalRelease,
+    /// Unmaps or frees a virtual address range.
+    AddressRangeFree,
+    /// Changes the calling thread's current context; no event.
+    Context,
+}
+
+/// Every probed symbol with its id and role, in the order the agent attaches them.
+pub const APIS: &[(CudaApi, &str, Role)] = &[
+    (CudaApi::MemAlloc, "cuMemAlloc_v2", Role::DeviceAlloc),
+    (CudaApi::MemAllocPitch, "cuMemAllocPitch_v2", Role::DeviceAlloc),
+    (CudaApi::MemAllocManaged, "cuMemAllocManaged", Role::DeviceAlloc),
+    (CudaApi::MemAllocAsync, "cuMemAllocAsync", Role::DeviceAlloc),
+    (CudaApi::MemAllocFromPoolAsync, "cuMemAllocFromPoolAsync", Role::DeviceAlloc),
+    (CudaApi::MemCreate, "cuMemCreate", Role::PhysicalCreate),
+    (CudaApi::MemMap, "cuMemMap", Role::AddressRange),
+    (CudaApi::MemAddressReserve, "cuMemAddressReserve", Role::AddressRange),
+    (CudaApi::MemAllocHost, "cuMemAllocHost_v2", Role::HostAlloc),
+    (CudaApi::MemHostAlloc, "cuMemHostAlloc", Role::HostAlloc),
+    (CudaApi::MemFree, "cuMemFree_v2", Role::DeviceFree),
+    (CudaApi::MemFreeAsync, "cuMemFreeAsync", Role::DeviceFree),
+    (CudaApi::MemRelease, "cuMemRelease", Role::PhysicalRelease),
+    (CudaApi::MemUnmap, "cuMemUnmap", Role::AddressRangeFree),
+    (CudaApi::MemAddressFree, "cuMemAddressFree", Role::AddressRangeFree),
+    (CudaApi::MemFreeHost, "cuMemFreeHost", Role::HostFree),
+    (CudaApi::CtxSetCurrent, "cuCtxSetCurrent", Role::Context),
+    (CudaApi::CtxPushCurrent, "cuCtxPushCurrent_v2", Role::Context),
+    (CudaApi::CtxPopCurrent, "cuCtxPopCurrent_v2", Role::Context),
+    (CudaApi::DevicePrimaryCtxRetain, "cuDevicePrimaryCtxRetain", Role::Context),
+    (CudaApi::CtxCreate, "cuCtxCreate_v2", Role::Context),
+];
+
+impl CudaApi {
+    pub fn from_u32(v: u32) -> Option<Self> {
+        APIS.iter().find(|(api, _, _)| *api as u32 == v).map(|(api, _, _)| *api)
+    }
+
+    pub fn symbol(self) -> &'static str {
+        self.entry().1
+    }
+
+    pub fn role(self) -> Role {
+        self.entry().2
+    }
+
+    fn entry(self) -> &'static (CudaApi, &'static str, Role) {
+        // Every variant is listed in APIS; the fallback is unreachable by construction.
+        APIS.iter().find(|(api, _, _)| *api == self).unwrap_or(&APIS[0])
+    }
+}
+
+/// One completed memory API call.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CudaMemEvent {
+    pub header: EventHeader,
+    /// [`CudaApi`] id.
+    pub api: u32,
+    /// The `CUresult` the call returned.
+    pub result: u32,
+    /// Device ordinal of the calling thread's current context (or of `cuMemCreate`'s location).
+    pub device: i32,
+    /// User stack id in `CUDA_STACKS`, negative when none was taken.
+    pub stack_id: i32,
+    /// Bytes requested (pitch allocations: pitch × height; frees: the size argument if any).
+    pub size: u64,
+    /// Resulting device pointer or handle; for frees the pointer or handle released.
+    pub ptr: u64,
+    /// `cuMemMap`: the handle mapped; pitch allocations: the pitch.
+    pub aux: u64,
+    pub duration_ns: u64,
+    /// `FLAG_*` bits.
+    pub flags: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<CudaMemEvent>() == 80);
+
+/// The device ordinal was not known (no context call seen for this thread); `device` is 0.
+pub const FLAG_DEVICE_UNKNOWN: u32 = 1;
+/// A stack was sampled for this successful call (failures always carry one).
+pub const FLAG_STACK_SAMPLED: u32 = 2;
+
+/// Key of the context → device map: contexts are pointers, unique only within a process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtxKey {
+    pub tgid: u32,
+    pub _pad: u32,
+    pub ctx: u64,
+}
+const _: () = assert!(core::mem::size_of::<CtxKey>() == 16);

@@ -1,0 +1,72 @@
+//! Records shared by the eBPF programs and the userspace agent.
+//!
+//! Every ring-buffer record starts with [`EventHeader`] at offset 0; `kind` says which family
+//! struct follows. Structs are `#[repr(C)]`, `Copy`, without implicit padding, and their sizes
+//! are pinned by `const` assertions so that kernel and userspace cannot drift apart silently.
+#![no_std]
+
+pub mod cuda;
+pub mod sched;
+
+/// Kinds of ring-buffer records. Ranges per family; ids are never reused.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// [`cuda::CudaMemEvent`]
+    CudaMem = 100,
+    /// [`sched::ProcessExitEvent`]
+    ProcessExit = 300,
+}
+
+impl EventKind {
+    pub fn from_u32(v: u32) -> Option<Self> {
+        match v {
+            100 => Some(Self::CudaMem),
+            300 => Some(Self::ProcessExit),
+            _ => None,
+        }
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventHeader {
+    pub kind: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC).
+    pub ts_ns: u64,
+    pub tgid: u32,
+    pub pid: u32,
+}
+const _: () = assert!(core::mem::size_of::<EventHeader>() == 24);
+
+/// Indexes of the per-CPU lost-event counter array (`EVENTS_LOST`), one per event source.
+pub mod lost {
+    pub const CUDA: u32 = 0;
+    pub const SCHED: u32 = 1;
+    pub const STASH: u32 = 2;
+    pub const COUNT: u32 = 3;
+}
+
+/// Indexes of the `CONFIG` array that userspace writes at run time.
+pub mod config {
+    /// 1 in N successful allocations carries a user stack id (0: none).
+    pub const STACK_SAMPLE_EVERY: u32 = 0;
+    /// Bytes of unread ring-buffer data above which a producer forces a wakeup.
+    pub const WAKEUP_BYTES: u32 = 1;
+    pub const COUNT: u32 = 4;
+}
+
+/// Ring buffer submit flags (aya-ebpf 0.2 does not define them).
+pub const BPF_RB_NO_WAKEUP: u64 = 1;
+pub const BPF_RB_FORCE_WAKEUP: u64 = 2;
+/// `bpf_ringbuf_query` flag: amount of data not yet consumed.
+pub const BPF_RB_AVAIL_DATA: u64 = 0;
+
+#[cfg(feature = "user")]
+mod pod {
+    unsafe impl aya::Pod for crate::EventHeader {}
+    unsafe impl aya::Pod for crate::cuda::CudaMemEvent {}
+    unsafe impl aya::Pod for crate::cuda::CtxKey {}
+    unsafe impl aya::Pod for crate::sched::ProcessExitEvent {}
+}

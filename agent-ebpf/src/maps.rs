@@ -1,0 +1,45 @@
+use agent_common::{config, lost, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, PerCpuArray, RingBuf},
+};
+
+/// The one ring buffer all families write to. Userspace resizes it at load time.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(8 * 1024 * 1024, 0);
+
+/// Reserve failures per source, per CPU: never silent.
+#[map]
+pub static EVENTS_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(lost::COUNT, 0);
+
+/// Knobs userspace changes while running (see `agent_common::config`).
+#[map]
+pub static CONFIG: Array<u64> = Array::with_max_entries(config::COUNT, 0);
+
+#[inline(always)]
+pub fn config(index: u32) -> u64 {
+    CONFIG.get(index).copied().unwrap_or(0)
+}
+
+#[inline(always)]
+pub fn count_lost(source: u32) {
+    if let Some(n) = EVENTS_LOST.get_ptr_mut(source) {
+        // Per-CPU slot: no other writer while this program runs.
+        unsafe { *n += 1 };
+    }
+}
+
+/// Submit flags: no wakeup per event (a wakeup costs microseconds, the consumer polls on a
+/// short timer), except for urgent records and when unread data passes the configured mark.
+#[inline(always)]
+pub fn submit_flags(urgent: bool) -> u64 {
+    if urgent {
+        return BPF_RB_FORCE_WAKEUP;
+    }
+    let mark = config(config::WAKEUP_BYTES);
+    if mark != 0 && EVENTS.query(BPF_RB_AVAIL_DATA) > mark {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    }
+}

@@ -1,0 +1,292 @@
+//! Uprobes on the CUDA driver's memory API. One entry and one return program serve every
+//! symbol: the attach cookie carries the `CudaApi` id, so the symbol table lives in userspace
+//! (`agent_common::cuda::APIS`) and adding a symbol needs no new program.
+
+use agent_common::{
+    config,
+    cuda::{CtxKey, CudaApi, CudaMemEvent, FLAG_DEVICE_UNKNOWN, FLAG_STACK_SAMPLED},
+    lost, EventKind,
+};
+use aya_ebpf::{
+    helpers::{
+        bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_ktime_get_ns,
+        bpf_probe_read_user,
+    },
+    macros::{map, uprobe, uretprobe},
+    maps::{LruHashMap, PerCpuArray, StackTrace},
+    programs::{ProbeContext, RetProbeContext},
+    EbpfContext,
+};
+
+use crate::maps::{config, count_lost, submit_flags, EVENTS};
+
+const BPF_F_USER_STACK: u64 = 1 << 8;
+const CUDA_SUCCESS: u32 = 0;
+const CTX_STACK_DEPTH: usize = 8;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct StashKey {
+    pid_tgid: u64,
+    api: u64,
+}
+
+/// Arguments saved at entry for the return probe. The driver may sleep inside these calls,
+/// so a per-CPU slot is not safe; an LRU map keeps entries of threads killed mid-call bounded.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Stash {
+    ts_ns: u64,
+    args: [u64; 5],
+    /// Device of `cuMemCreate`'s `prop->location.id`, read at entry.
+    device: i64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct ThreadCtx {
+    current: i32,
+    depth: u32,
+    stack: [i32; CTX_STACK_DEPTH],
+}
+
+#[map]
+static CUDA_STASH: LruHashMap<StashKey, Stash> = LruHashMap::with_max_entries(16384, 0);
+
+/// (process, context) → device ordinal, learnt from `cuDevicePrimaryCtxRetain`/`cuCtxCreate_v2`.
+#[map]
+static CUDA_CTX_DEVICE: LruHashMap<CtxKey, i32> = LruHashMap::with_max_entries(16384, 0);
+
+/// Thread → current device and its push/pop stack.
+#[map]
+static CUDA_THREAD_CTX: LruHashMap<u64, ThreadCtx> = LruHashMap::with_max_entries(65536, 0);
+
+/// Processes that made a memory call; the `sched` family reports only their exits.
+#[map]
+pub static CUDA_PROCESSES: LruHashMap<u32, u32> = LruHashMap::with_max_entries(16384, 0);
+
+/// Calls per api id, per CPU: the probe budget's measure of each probe's hit rate.
+#[map]
+static CUDA_HITS: PerCpuArray<u64> = PerCpuArray::with_max_entries(64, 0);
+
+#[map]
+static CUDA_STACKS: StackTrace = StackTrace::with_max_entries(16384, 0);
+
+#[uprobe]
+pub fn cuda_enter(ctx: ProbeContext) -> u32 {
+    let api = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    if let Some(n) = CUDA_HITS.get_ptr_mut(api as u32) {
+        unsafe { *n += 1 };
+    }
+    let mut stash = Stash {
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        args: [
+            ctx.arg::<u64>(0).unwrap_or(0),
+            ctx.arg::<u64>(1).unwrap_or(0),
+            ctx.arg::<u64>(2).unwrap_or(0),
+            ctx.arg::<u64>(3).unwrap_or(0),
+            ctx.arg::<u64>(4).unwrap_or(0),
+        ],
+        device: -1,
+    };
+    if api == CudaApi::MemCreate as u64 {
+        // CUmemAllocationProp { type u32, requestedHandleTypes u32, location { type u32, id i32 } }
+        let id_ptr = (stash.args[2] + 12) as *const i32;
+        if let Ok(id) = unsafe { bpf_probe_read_user(id_ptr) } {
+            stash.device = id as i64;
+        }
+    }
+    let key = StashKey {
+        pid_tgid: bpf_get_current_pid_tgid(),
+        api,
+    };
+    if CUDA_STASH.insert(&key, &stash, 0).is_err() {
+        count_lost(lost::STASH);
+    }
+    0
+}
+
+#[uretprobe]
+pub fn cuda_return(ctx: RetProbeContext) -> u32 {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let api = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let key = StashKey { pid_tgid, api };
+    let Some(stash) = CUDA_STASH.get_ptr(&key) else {
+        // Entered before the probe was attached, or the stash was evicted.
+        return 0;
+    };
+    let stash = unsafe { *stash };
+    let _ = CUDA_STASH.remove(&key);
+    let result = ctx.ret::<u64>() as u32;
+    let tgid = (pid_tgid >> 32) as u32;
+    let a = stash.args;
+
+    let (size, ptr, aux, is_alloc) = match api {
+        x if x == CudaApi::MemAlloc as u64
+            || x == CudaApi::MemAllocManaged as u64
+            || x == CudaApi::MemAllocAsync as u64
+            || x == CudaApi::MemAllocFromPoolAsync as u64
+            || x == CudaApi::MemAllocHost as u64
+            || x == CudaApi::MemHostAlloc as u64
+            || x == CudaApi::MemCreate as u64
+            || x == CudaApi::MemAddressReserve as u64 =>
+        {
+            (a[1], read_out(a[0], result), 0, true)
+        }
+        x if x == CudaApi::MemAllocPitch as u64 => {
+            let pitch = read_out(a[1], result);
+            (pitch * a[3], read_out(a[0], result), pitch, true)
+        }
+        x if x == CudaApi::MemMap as u64 => (a[1], a[0], a[3], true),
+        x if x == CudaApi::MemFree as u64
+            || x == CudaApi::MemFreeAsync as u64
+            || x == CudaApi::MemRelease as u64
+            || x == CudaApi::MemFreeHost as u64 =>
+        {
+            (0, a[0], 0, false)
+        }
+        x if x == CudaApi::MemUnmap as u64 || x == CudaApi::MemAddressFree as u64 => {
+            (a[1], a[0], 0, false)
+        }
+        _ => {
+            track_context(api, tgid, pid_tgid, &a, result);
+            return 0;
+        }
+    };
+
+    let mut flags = 0;
+    let device = if stash.device >= 0 {
+        stash.device as i32
+    } else {
+        match CUDA_THREAD_CTX.get_ptr(&pid_tgid) {
+            Some(t) if unsafe { (*t).current } >= 0 => unsafe { (*t).current },
+            _ => {
+                flags |= FLAG_DEVICE_UNKNOWN;
+                0
+            }
+        }
+    };
+
+    let failed = result != CUDA_SUCCESS;
+    let mut stack_id = -1;
+    if failed || (is_alloc && sampled()) {
+        if !failed {
+            flags |= FLAG_STACK_SAMPLED;
+        }
+        stack_id = match unsafe {
+            aya_ebpf::helpers::bpf_get_stackid(
+                ctx.as_ptr(),
+                core::ptr::addr_of!(CUDA_STACKS) as *mut core::ffi::c_void,
+                BPF_F_USER_STACK,
+            )
+        } {
+            id if id >= 0 => id as i32,
+            _ => -1,
+        };
+    }
+
+    if CUDA_PROCESSES.get_ptr(&tgid).is_none() {
+        let _ = CUDA_PROCESSES.insert(&tgid, &1, 0);
+    }
+
+    let Some(mut entry) = EVENTS.reserve::<CudaMemEvent>(0) else {
+        count_lost(lost::CUDA);
+        return 0;
+    };
+    entry.write(CudaMemEvent {
+        header: agent_common::EventHeader {
+            kind: EventKind::CudaMem as u32,
+            _pad: 0,
+            ts_ns: now,
+            tgid,
+            pid: pid_tgid as u32,
+        },
+        api: api as u32,
+        result,
+        device,
+        stack_id,
+        size,
+        ptr,
+        aux,
+        duration_ns: now - stash.ts_ns,
+        flags,
+        _pad: 0,
+    });
+    entry.submit(submit_flags(failed));
+    0
+}
+
+/// Reads a `u64` out-parameter, which is only written when the call succeeded.
+#[inline(always)]
+fn read_out(addr: u64, result: u32) -> u64 {
+    if result != CUDA_SUCCESS || addr == 0 {
+        return 0;
+    }
+    unsafe { bpf_probe_read_user(addr as *const u64) }.unwrap_or(0)
+}
+
+#[inline(always)]
+fn sampled() -> bool {
+    let every = config(config::STACK_SAMPLE_EVERY);
+    every != 0 && (unsafe { bpf_get_prandom_u32() } as u64) % every == 0
+}
+
+#[inline(always)]
+fn track_context(api: u64, tgid: u32, pid_tgid: u64, a: &[u64; 5], result: u32) {
+    if result != CUDA_SUCCESS {
+        return;
+    }
+    if api == CudaApi::DevicePrimaryCtxRetain as u64 || api == CudaApi::CtxCreate as u64 {
+        // cuDevicePrimaryCtxRetain(CUcontext*, CUdevice); cuCtxCreate_v2(CUcontext*, flags, CUdevice)
+        let dev = if api == CudaApi::CtxCreate as u64 { a[2] } else { a[1] } as i32;
+        let ctx = read_out(a[0], result);
+        let _ = CUDA_CTX_DEVICE.insert(&CtxKey { tgid, _pad: 0, ctx }, &dev, 0);
+        if api == CudaApi::CtxCreate as u64 {
+            set_current(pid_tgid, dev, false);
+        }
+    } else if api == CudaApi::CtxSetCurrent as u64 || api == CudaApi::CtxPushCurrent as u64 {
+        let key = CtxKey { tgid, _pad: 0, ctx: a[0] };
+        let dev = match CUDA_CTX_DEVICE.get_ptr(&key) {
+            Some(d) => unsafe { *d },
+            None => -1,
+        };
+        set_current(pid_tgid, dev, api == CudaApi::CtxPushCurrent as u64);
+    } else if api == CudaApi::CtxPopCurrent as u64 {
+        if let Some(t) = CUDA_THREAD_CTX.get_ptr_mut(&pid_tgid) {
+            let t = unsafe { &mut *t };
+            if t.depth > 0 {
+                t.depth -= 1;
+                let i = t.depth as usize;
+                t.current = if i < CTX_STACK_DEPTH { t.stack[i] } else { -1 };
+            } else {
+                t.current = -1;
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn set_current(pid_tgid: u64, dev: i32, push: bool) {
+    if let Some(t) = CUDA_THREAD_CTX.get_ptr_mut(&pid_tgid) {
+        let t = unsafe { &mut *t };
+        if push {
+            let i = t.depth as usize;
+            if i < CTX_STACK_DEPTH {
+                t.stack[i] = t.current;
+            }
+            t.depth += 1;
+        }
+        t.current = dev;
+        return;
+    }
+    let mut t = ThreadCtx {
+        current: dev,
+        depth: 0,
+        stack: [-1; CTX_STACK_DEPTH],
+    };
+    if push {
+        t.depth = 1;
+    }
+    let _ = CUDA_THREAD_CTX.insert(&pid_tgid, &t, 0);
+}

@@ -1,0 +1,127 @@
+//! Wiring of the pipeline and its shutdown. Order on the way out: stop the ring-buffer
+//! reader (it drains what is left), let the tracker drain its channel, stop the exporter,
+//! detach the probes.
+
+use std::{
+    path::Path,
+    sync::{atomic::AtomicBool, Arc},
+    time::Duration,
+};
+
+use tokio::sync::{mpsc, watch};
+
+use crate::{
+    config::Config,
+    export::{http, metrics::Metrics},
+    ingest,
+    probe::{self, cuda::CudaProbes, manager::Manager},
+    proc::ProcFs,
+    track::{self, Tracker},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("inferscope must run as root (it loads eBPF programs: CAP_BPF, CAP_PERFMON)")]
+    NotRoot,
+    #[error("the kernel has no BTF (/sys/kernel/btf/vmlinux is missing); a kernel built with CONFIG_DEBUG_INFO_BTF is required")]
+    NoBtf,
+    #[error(transparent)]
+    Bind(#[from] http::BindError),
+    #[error(transparent)]
+    Probe(#[from] probe::ProbeError),
+    #[error("cannot start the probe manager thread")]
+    Thread(#[source] std::io::Error),
+}
+
+pub fn preflight() -> Result<(), StartError> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(StartError::NotRoot);
+    }
+    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+        return Err(StartError::NoBtf);
+    }
+    Ok(())
+}
+
+fn family_enabled(config: &Config, family: &str) -> bool {
+    !config.probes.disabled.iter().any(|d| d == family)
+}
+
+/// Runs the agent until `shutdown` resolves.
+pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>) -> Result<(), StartError> {
+    preflight()?;
+    let listener = http::bind(config.prometheus_listen).await?;
+    let metrics = Arc::new(Metrics::new());
+    let ready = Arc::new(AtomicBool::new(false));
+
+    let mut loaded = probe::load(config.probes.ring_buffer_bytes, probe::sched::group_dead_offset())?;
+    probe::init_config(
+        &mut loaded.config,
+        config.probes.stack_sample_every,
+        config.probes.ring_buffer_bytes,
+    );
+    if family_enabled(&config, "sched") {
+        probe::sched::attach(&mut loaded.ebpf)?;
+    }
+    let cuda = if family_enabled(&config, "cuda") {
+        Some(CudaProbes::load(&mut loaded.ebpf, &config.probes.disabled)?)
+    } else {
+        None
+    };
+    let mut manager = Manager::new(
+        loaded.ebpf,
+        cuda,
+        loaded.config,
+        loaded.lost,
+        loaded.hits,
+        metrics.clone(),
+        &config,
+    );
+    manager.discover();
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (batch_tx, batch_rx) = mpsc::channel(256);
+    let ingest = tokio::spawn(ingest::run(
+        loaded.events,
+        Duration::from_millis(config.probes.poll_interval_ms),
+        batch_tx,
+        metrics.clone(),
+        stop_rx.clone(),
+    ));
+    let tracker = Tracker::new(metrics.clone(), ProcFs::new(&config.proc_root), &config.limits);
+    let tracker = tokio::spawn(track::run(tracker, batch_rx));
+    let server = tokio::spawn(http::serve(listener, metrics.clone(), ready.clone(), stop_rx));
+
+    let (manager_stop, manager_rx) = std::sync::mpsc::channel();
+    let interval = Duration::from_millis(config.probes.discovery_interval_ms);
+    let manager = std::thread::Builder::new()
+        .name("probe-manager".into())
+        .spawn(move || manager.run(interval, manager_rx))
+        .map_err(StartError::Thread)?;
+
+    ready.store(true, std::sync::atomic::Ordering::Release);
+    tracing::info!(listen = %config.prometheus_listen, "probes attached, serving /metrics");
+
+    shutdown.await;
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    report_join("ingest", ingest.await.map(|r| r.map_err(|e| e.to_string())));
+    if let Ok(t) = tracker.await {
+        tracing::debug!(processes = t.ledger().len(), "tracker drained");
+    }
+    report_join("exporter", server.await.map(|r| r.map_err(|e| e.to_string())));
+    let _ = manager_stop.send(());
+    if manager.join().is_err() {
+        tracing::error!("probe manager panicked");
+    }
+    Ok(())
+}
+
+fn report_join(stage: &str, r: Result<Result<(), String>, tokio::task::JoinError>) {
+    match r {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(stage, error = e, "stage ended with an error"),
+        Err(e) => tracing::error!(stage, error = %e, "stage panicked"),
+    }
+}

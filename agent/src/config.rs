@@ -1,0 +1,330 @@
+//! Configuration: embedded defaults, then an optional TOML file, then `INFERSCOPE_*`
+//! environment variables, then command-line flags. Environment variables name a key path with
+//! `__` between sections (`INFERSCOPE_PROBES__STACK_SAMPLE_EVERY=16`); values are read as TOML
+//! (numbers, booleans, arrays) and otherwise as strings. The environment reaches this module
+//! through [`EnvSource`], so tests never mutate the process environment.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+pub const ENV_PREFIX: &str = "INFERSCOPE_";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("invalid value in environment variable {var}: {source}")]
+    Env {
+        var: String,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("environment variable {var} conflicts with another key")]
+    EnvShape { var: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// Where environment variables come from.
+pub trait EnvSource {
+    fn vars(&self) -> Vec<(String, String)>;
+}
+
+/// The process environment.
+pub struct ProcessEnv;
+
+impl EnvSource for ProcessEnv {
+    fn vars(&self) -> Vec<(String, String)> {
+        std::env::vars().collect()
+    }
+}
+
+impl EnvSource for Vec<(String, String)> {
+    fn vars(&self) -> Vec<(String, String)> {
+        self.clone()
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address of the Prometheus `/metrics` and `/healthz` listener.
+    pub prometheus_listen: SocketAddr,
+    /// Where forensic reports are written.
+    pub forensics_dir: PathBuf,
+    /// CUDA driver libraries to probe in addition to the ones discovered.
+    pub cuda_libs: Vec<PathBuf>,
+    /// The `/proc` to read (the host's, when the agent runs in a container with it mounted).
+    pub proc_root: PathBuf,
+    /// eBPF probes.
+    pub probes: ProbesConfig,
+    /// Cardinality and memory limits.
+    pub limits: LimitsConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProbesConfig {
+    /// Kill switch: probe families (`cuda`, `sched`) or single CUDA symbols (`cuMemHostAlloc`,
+    /// or `cuda:cuMemHostAlloc`) that are never attached.
+    pub disabled: Vec<String>,
+    /// One in N successful allocations records its user call stack (0: only failures do).
+    pub stack_sample_every: u64,
+    /// Share of one CPU core the probes may cost before the agent sheds them (0: no budget).
+    pub budget_core_share: f64,
+    /// How often the probe budget and library discovery run, in milliseconds.
+    pub discovery_interval_ms: u64,
+    /// Ring buffer size in bytes (a power of two, at least one page).
+    pub ring_buffer_bytes: u32,
+    /// Longest time an event may wait in the ring buffer before userspace reads it, in ms.
+    pub poll_interval_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Processes tracked at once; events of further processes are counted and dropped.
+    pub max_processes: usize,
+    /// Live allocations tracked per process; beyond it bytes are still summed, pointers dropped.
+    pub max_allocations_per_process: usize,
+    /// Longest `comm` label value.
+    pub max_label_len: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            prometheus_listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            forensics_dir: PathBuf::from("/var/lib/inferscope/forensics"),
+            cuda_libs: Vec::new(),
+            proc_root: PathBuf::from("/proc"),
+            probes: ProbesConfig::default(),
+            limits: LimitsConfig::default(),
+        }
+    }
+}
+
+impl Default for ProbesConfig {
+    fn default() -> Self {
+        Self {
+            disabled: Vec::new(),
+            stack_sample_every: 64,
+            budget_core_share: 0.05,
+            discovery_interval_ms: 1000,
+            ring_buffer_bytes: 8 * 1024 * 1024,
+            poll_interval_ms: 5,
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_processes: 4096,
+            max_allocations_per_process: 1_000_000,
+            max_label_len: 64,
+        }
+    }
+}
+
+/// Values from command-line flags, applied last.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub prometheus_listen: Option<SocketAddr>,
+    pub forensics_dir: Option<PathBuf>,
+    pub cuda_libs: Vec<PathBuf>,
+    pub disable_probes: Vec<String>,
+}
+
+impl Config {
+    pub fn load(
+        file: Option<&Path>,
+        env: &dyn EnvSource,
+        overrides: &Overrides,
+    ) -> Result<Self, ConfigError> {
+        let mut table = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                text.parse::<toml::Table>()
+                    .map_err(|source| ConfigError::Parse {
+                        path: path.to_path_buf(),
+                        source,
+                    })?
+            }
+            None => toml::Table::new(),
+        };
+        apply_env(&mut table, env)?;
+        let mut config: Config =
+            toml::Value::Table(table)
+                .try_into()
+                .map_err(|source| ConfigError::Parse {
+                    path: file.map(Path::to_path_buf).unwrap_or_else(|| "environment".into()),
+                    source,
+                })?;
+        if let Some(addr) = overrides.prometheus_listen {
+            config.prometheus_listen = addr;
+        }
+        if let Some(dir) = &overrides.forensics_dir {
+            config.forensics_dir = dir.clone();
+        }
+        config.cuda_libs.extend(overrides.cuda_libs.iter().cloned());
+        config.probes.disabled.extend(overrides.disable_probes.iter().cloned());
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let rb = self.probes.ring_buffer_bytes;
+        if rb < 4096 || !rb.is_power_of_two() {
+            return Err(ConfigError::Invalid(format!(
+                "probes.ring_buffer_bytes = {rb}: must be a power of two of at least 4096"
+            )));
+        }
+        if !(0.0..=1.0).contains(&self.probes.budget_core_share) {
+            return Err(ConfigError::Invalid(format!(
+                "probes.budget_core_share = {}: must be between 0 and 1",
+                self.probes.budget_core_share
+            )));
+        }
+        if self.probes.poll_interval_ms == 0 || self.probes.discovery_interval_ms == 0 {
+            return Err(ConfigError::Invalid(
+                "probes.poll_interval_ms and probes.discovery_interval_ms must be above 0".into(),
+            ));
+        }
+        for name in &self.probes.disabled {
+            if !crate::probe::is_known_probe(name) {
+                return Err(ConfigError::Invalid(format!(
+                    "probes.disabled: unknown probe {name:?} (families: cuda, sched; or a CUDA symbol)"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn apply_env(table: &mut toml::Table, env: &dyn EnvSource) -> Result<(), ConfigError> {
+    for (var, raw) in env.vars() {
+        let Some(key) = var.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        // Variables of the agent's runtime, not config keys.
+        if key.is_empty() || key == "LOG" || key.starts_with("EBPF_") {
+            continue;
+        }
+        let path: Vec<String> = key.split("__").map(str::to_ascii_lowercase).collect();
+        let value = parse_env_value(&raw).map_err(|source| ConfigError::Env {
+            var: var.clone(),
+            source,
+        })?;
+        let mut node = &mut *table;
+        for section in &path[..path.len() - 1] {
+            let entry = node
+                .entry(section.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            node = entry
+                .as_table_mut()
+                .ok_or_else(|| ConfigError::EnvShape { var: var.clone() })?;
+        }
+        node.insert(path[path.len() - 1].clone(), value);
+    }
+    Ok(())
+}
+
+fn parse_env_value(raw: &str) -> Result<toml::Value, toml::de::Error> {
+    let doc = format!("v = {raw}");
+    match doc.parse::<toml::Table>() {
+        Ok(mut t) => Ok(t.remove("v").unwrap_or(toml::Value::String(raw.into()))),
+        Err(_) if !raw.trim_start().starts_with(['[', '{', '"']) => {
+            Ok(toml::Value::String(raw.to_string()))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let c = Config::load(None, &env(&[]), &Overrides::default()).unwrap();
+        assert_eq!(c.prometheus_listen.to_string(), "127.0.0.1:9464");
+        assert_eq!(c.forensics_dir, PathBuf::from("/var/lib/inferscope/forensics"));
+        assert_eq!(c.probes.stack_sample_every, 64);
+    }
+
+    #[test]
+    fn file_then_env_then_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "prometheus_listen = \"0.0.0.0:1000\"\n[probes]\nstack_sample_every = 8\ndisabled = [\"cuMemHostAlloc\"]\n",
+        )
+        .unwrap();
+        let e = env(&[
+            ("INFERSCOPE_PROBES__STACK_SAMPLE_EVERY", "16"),
+            ("INFERSCOPE_FORENSICS_DIR", "/tmp/f"),
+            ("OTHER", "x"),
+        ]);
+        let flags = Overrides {
+            prometheus_listen: Some("127.0.0.1:2000".parse().unwrap()),
+            disable_probes: vec!["sched".into()],
+            ..Default::default()
+        };
+        let c = Config::load(Some(&path), &e, &flags).unwrap();
+        assert_eq!(c.prometheus_listen.to_string(), "127.0.0.1:2000");
+        assert_eq!(c.probes.stack_sample_every, 16);
+        assert_eq!(c.forensics_dir, PathBuf::from("/tmp/f"));
+        assert_eq!(c.probes.disabled, vec!["cuMemHostAlloc", "sched"]);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_the_key_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[probes]\nstack_sample_evry = 8\n").unwrap();
+        let err = Config::load(Some(&path), &env(&[]), &Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("stack_sample_evry"), "{err}");
+        let err = Config::load(None, &env(&[("INFERSCOPE_NOPE", "1")]), &Overrides::default())
+            .unwrap_err();
+        assert!(err.to_string().contains("nope"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_rejected() {
+        let bad = [
+            ("INFERSCOPE_PROBES__RING_BUFFER_BYTES", "5000"),
+            ("INFERSCOPE_PROBES__BUDGET_CORE_SHARE", "2.0"),
+            ("INFERSCOPE_PROBES__DISABLED", "[\"cuNothing\"]"),
+            ("INFERSCOPE_PROMETHEUS_LISTEN", "not-an-address"),
+        ];
+        for (k, v) in bad {
+            assert!(
+                Config::load(None, &env(&[(k, v)]), &Overrides::default()).is_err(),
+                "{k}={v} accepted"
+            );
+        }
+    }
+}

@@ -1,0 +1,14 @@
+//! inferscope: a node agent that watches GPU inference servers from outside.
+//!
+//! Data flows one way: [`probe`] (load and attach eBPF programs, discover CUDA libraries)
+//! → [`ingest`] (ring buffer → typed events) → [`track`] (per-process allocation ledger)
+//! → [`export`] (Prometheus `/metrics`). [`agent`] wires the stages and owns shutdown.
+
+pub mod agent;
+pub mod config;
+pub mod cuda_error;
+pub mod export;
+pub mod ingest;
+pub mod probe;
+pub mod proc;
+pub mod track;

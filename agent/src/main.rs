@@ -1,0 +1,94 @@
+//! The `inferscope` binary: command line and process-level concerns only.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use inferscope::config::{Config, Overrides, ProcessEnv};
+
+#[derive(Parser)]
+#[command(name = "inferscope", version, about = "Watches GPU inference servers from outside: eBPF on the CUDA driver, NVML, the wire")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent (as root).
+    Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// TOML config file (optional; embedded defaults otherwise).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Address of the Prometheus /metrics and /healthz listener [default: 127.0.0.1:9464].
+    #[arg(long)]
+    prometheus_listen: Option<SocketAddr>,
+    /// Directory for forensic reports [default: /var/lib/inferscope/forensics].
+    #[arg(long)]
+    forensics_dir: Option<PathBuf>,
+    /// A CUDA driver library to probe in addition to those discovered (repeatable).
+    #[arg(long = "cuda-lib")]
+    cuda_libs: Vec<PathBuf>,
+    /// Never attach this probe family (cuda, sched) or CUDA symbol (repeatable).
+    #[arg(long = "disable-probe")]
+    disable_probes: Vec<String>,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_logging();
+    // A panic in any task or thread ends the process; the kernel detaches every probe
+    // when the process's file descriptors close.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        tracing::error!("panic, exiting: probes are detached as the process ends");
+        std::process::exit(70);
+    }));
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+    };
+    if let Err(e) = result {
+        eprintln!("inferscope: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("INFERSCOPE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let overrides = Overrides {
+        prometheus_listen: args.prometheus_listen,
+        forensics_dir: args.forensics_dir,
+        cuda_libs: args.cuda_libs,
+        disable_probes: args.disable_probes,
+    };
+    let config = Config::load(args.config.as_deref(), &ProcessEnv, &overrides)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(inferscope::agent::run(config, shutdown_signal()))?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

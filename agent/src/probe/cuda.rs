@@ -1,0 +1,218 @@
+//! Attaching the `cuda` family: one entry uprobe and one return uprobe per exported symbol of
+//! `agent_common::cuda::APIS`, per library file, with the api id as the attach cookie.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use agent_common::cuda::{CudaApi, APIS};
+use aya::{
+    programs::{
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope},
+        UProbe,
+    },
+    Ebpf,
+};
+
+use super::{
+    discover::{FileId, Library},
+    elf::{self, FirstInstruction},
+    ProbeError,
+};
+
+const ENTER: &str = "cuda_enter";
+const RETURN: &str = "cuda_return";
+
+struct Attached {
+    api: CudaApi,
+    enter: UProbeLinkId,
+    ret: UProbeLinkId,
+}
+
+struct AttachedLibrary {
+    display: String,
+    links: Vec<Attached>,
+    first: HashMap<CudaApi, FirstInstruction>,
+}
+
+/// What attaching one library did.
+#[derive(Debug, Default)]
+pub struct AttachReport {
+    pub attached: Vec<CudaApi>,
+    /// Symbols of the table the library does not export.
+    pub missing: Vec<&'static str>,
+    /// Symbols it exports whose attach failed, with the reason.
+    pub failed: Vec<(&'static str, String)>,
+}
+
+pub struct CudaProbes {
+    libs: BTreeMap<FileId, AttachedLibrary>,
+    /// Symbols never attached: the kill switch, and probes the budget shed.
+    off: HashSet<CudaApi>,
+}
+
+impl CudaProbes {
+    /// Loads the family's programs. `disabled` holds kill-switch names from the config.
+    pub fn load(ebpf: &mut Ebpf, disabled: &[String]) -> Result<Self, ProbeError> {
+        for name in [ENTER, RETURN] {
+            program(ebpf, name)?
+                .load()
+                .map_err(|source| ProbeError::Program { name, source })?;
+        }
+        let off = APIS
+            .iter()
+            .filter(|(_, sym, _)| {
+                disabled
+                    .iter()
+                    .any(|d| d.strip_prefix("cuda:").unwrap_or(d) == *sym)
+            })
+            .map(|(api, _, _)| *api)
+            .collect();
+        Ok(Self {
+            libs: BTreeMap::new(),
+            off,
+        })
+    }
+
+    pub fn is_attached(&self, id: FileId) -> bool {
+        self.libs.contains_key(&id)
+    }
+
+    pub fn libraries(&self) -> impl Iterator<Item = &str> {
+        self.libs.values().map(|l| l.display.as_str())
+    }
+
+    pub fn attach_library(&mut self, ebpf: &mut Ebpf, lib: &Library) -> AttachReport {
+        let mut report = AttachReport::default();
+        let wanted: Vec<&str> = APIS.iter().map(|(_, s, _)| *s).collect();
+        let symbols = match elf::read_symbols(&lib.path, &wanted) {
+            Ok(s) => s,
+            Err(e) => {
+                report.failed.push(("*", e.to_string()));
+                return report;
+            }
+        };
+        let mut attached = AttachedLibrary {
+            display: lib.display.clone(),
+            links: Vec::new(),
+            first: HashMap::new(),
+        };
+        for &(api, sym, _) in APIS {
+            let Some(first) = symbols.found.get(sym) else {
+                report.missing.push(sym);
+                continue;
+            };
+            attached.first.insert(api, *first);
+            if self.off.contains(&api) {
+                continue;
+            }
+            match attach_symbol(ebpf, lib, api, sym) {
+                Ok(link) => {
+                    attached.links.push(link);
+                    report.attached.push(api);
+                }
+                Err(e) => report.failed.push((sym, e)),
+            }
+        }
+        self.libs.insert(lib.id, attached);
+        report
+    }
+
+    /// Detaches `api` from every library and keeps it off for libraries found later.
+    pub fn shed(&mut self, ebpf: &mut Ebpf, api: CudaApi) {
+        self.off.insert(api);
+        for lib in self.libs.values_mut() {
+            let (gone, kept): (Vec<_>, Vec<_>) = lib.links.drain(..).partition(|l| l.api == api);
+            lib.links = kept;
+            for link in gone {
+                detach(ebpf, ENTER, link.enter);
+                detach(ebpf, RETURN, link.ret);
+            }
+        }
+    }
+
+    /// Detaches everything (shutdown); dropping the object would too, this says so in order.
+    pub fn detach_all(&mut self, ebpf: &mut Ebpf) {
+        for (_, lib) in std::mem::take(&mut self.libs) {
+            for link in lib.links {
+                detach(ebpf, ENTER, link.enter);
+                detach(ebpf, RETURN, link.ret);
+            }
+        }
+    }
+
+    /// Per attached api: the costliest first instruction among the libraries it is on.
+    pub fn attached_costs(&self) -> HashMap<CudaApi, FirstInstruction> {
+        let mut out: HashMap<CudaApi, FirstInstruction> = HashMap::new();
+        for lib in self.libs.values() {
+            for link in &lib.links {
+                let first = lib.first[&link.api];
+                out.entry(link.api)
+                    .and_modify(|f| {
+                        if first.entry_cost_ns() > f.entry_cost_ns() {
+                            *f = first
+                        }
+                    })
+                    .or_insert(first);
+            }
+        }
+        out
+    }
+
+    /// Number of libraries each api is attached to.
+    pub fn attach_counts(&self) -> HashMap<CudaApi, usize> {
+        let mut out = HashMap::new();
+        for lib in self.libs.values() {
+            for link in &lib.links {
+                *out.entry(link.api).or_insert(0) += 1;
+            }
+        }
+        out
+    }
+}
+
+fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut UProbe, ProbeError> {
+    ebpf.program_mut(name)
+        .ok_or(ProbeError::MissingProgram { name })?
+        .try_into()
+        .map_err(|source| ProbeError::Program { name, source })
+}
+
+fn attach_symbol(
+    ebpf: &mut Ebpf,
+    lib: &Library,
+    api: CudaApi,
+    sym: &'static str,
+) -> Result<Attached, String> {
+    let point = || UProbeAttachPoint {
+        location: UProbeAttachLocation::Symbol(sym),
+        cookie: Some(api as u64),
+    };
+    // Return probe first: a call that enters between the two attaches leaves no stash behind.
+    let ret = program(ebpf, RETURN)
+        .map_err(|e| e.to_string())?
+        .attach(point(), &lib.path, UProbeScope::AllProcesses)
+        .map_err(|e| e.to_string())?;
+    let enter = program(ebpf, ENTER)
+        .map_err(|e| e.to_string())
+        .and_then(|p| {
+            p.attach(point(), &lib.path, UProbeScope::AllProcesses)
+                .map_err(|e| e.to_string())
+        });
+    match enter {
+        Ok(enter) => Ok(Attached { api, enter, ret }),
+        Err(e) => {
+            detach(ebpf, RETURN, ret);
+            Err(e)
+        }
+    }
+}
+
+fn detach(ebpf: &mut Ebpf, name: &'static str, link: UProbeLinkId) {
+    match program(ebpf, name) {
+        Ok(p) => {
+            if let Err(e) = p.detach(link) {
+                tracing::warn!(program = name, error = %e, "detach failed");
+            }
+        }
+        Err(e) => tracing::warn!(program = name, error = %e, "detach failed"),
+    }
+}

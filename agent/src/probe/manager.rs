@@ -1,0 +1,214 @@
+//! The probe manager: one thread that owns the loaded eBPF object. It discovers CUDA driver
+//! libraries and attaches to new ones, moves the kernel's lost-event counts to the metrics,
+//! and enforces the probe budget. Nothing here runs on the event path.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{mpsc, Arc},
+    time::{Duration, Instant},
+};
+
+use agent_common::{
+    config as knob,
+    cuda::{CudaApi, APIS},
+    lost,
+};
+use aya::{
+    maps::{Array, MapData, PerCpuArray},
+    Ebpf,
+};
+
+use super::{
+    budget::{self, Shed},
+    cuda::CudaProbes,
+    discover::{self, FileId, Library},
+    per_cpu_sum, set_config,
+};
+use crate::{
+    config::Config,
+    export::metrics::{Metrics, ProbeLabels, SourceLabels},
+    proc::ProcFs,
+};
+
+pub struct Manager {
+    ebpf: Ebpf,
+    cuda: Option<CudaProbes>,
+    config_map: Array<MapData, u64>,
+    lost_map: PerCpuArray<MapData, u64>,
+    hits_map: PerCpuArray<MapData, u64>,
+    metrics: Arc<Metrics>,
+    procfs: ProcFs,
+    explicit: Vec<std::path::PathBuf>,
+    /// Pids known to map an attached library: their maps are not read again.
+    known_pids: HashSet<u32>,
+    lost_seen: [u64; lost::COUNT as usize],
+    hits_seen: HashMap<CudaApi, u64>,
+    last_budget: Instant,
+    stack_every: u64,
+    budget_share: f64,
+}
+
+impl Manager {
+    pub fn new(
+        ebpf: Ebpf,
+        cuda: Option<CudaProbes>,
+        config_map: Array<MapData, u64>,
+        lost_map: PerCpuArray<MapData, u64>,
+        hits_map: PerCpuArray<MapData, u64>,
+        metrics: Arc<Metrics>,
+        config: &Config,
+    ) -> Self {
+        Self {
+            ebpf,
+            cuda,
+            config_map,
+            lost_map,
+            hits_map,
+            metrics,
+            procfs: ProcFs::new(&config.proc_root),
+            explicit: config.cuda_libs.clone(),
+            known_pids: HashSet::new(),
+            lost_seen: [0; lost::COUNT as usize],
+            hits_seen: HashMap::new(),
+            last_budget: Instant::now(),
+            stack_every: config.probes.stack_sample_every,
+            budget_share: config.probes.budget_core_share,
+        }
+    }
+
+    /// Explicit and standard-location libraries, then those mapped by running processes.
+    pub fn discover(&mut self) {
+        if self.cuda.is_none() {
+            return;
+        }
+        let mut found: Vec<Library> = Vec::new();
+        for path in &self.explicit {
+            match discover::library_at(path, path.display().to_string()) {
+                Some(lib) => found.push(lib),
+                None => tracing::warn!(path = %path.display(), "--cuda-lib: cannot stat file"),
+            }
+        }
+        found.extend(discover::standard_libraries());
+        // Forget pids that are gone (pids are reused).
+        let procfs = &self.procfs;
+        self.known_pids.retain(|pid| procfs.alive(*pid));
+        for (pid, lib) in discover::mapped_libraries(&self.procfs, &self.known_pids) {
+            self.known_pids.insert(pid);
+            found.push(lib);
+        }
+        for lib in discover::dedup(found) {
+            self.attach(&lib);
+        }
+    }
+
+    fn attach(&mut self, lib: &Library) {
+        let Some(cuda) = self.cuda.as_mut() else { return };
+        if cuda.is_attached(lib.id) {
+            return;
+        }
+        let report = cuda.attach_library(&mut self.ebpf, lib);
+        if report.attached.is_empty() {
+            tracing::warn!(library = lib.display, failed = ?report.failed, "no CUDA probe attached");
+        } else {
+            tracing::info!(
+                library = lib.display,
+                attached = report.attached.len(),
+                missing = ?report.missing,
+                "CUDA driver probed"
+            );
+        }
+        for (sym, err) in &report.failed {
+            tracing::warn!(library = lib.display, symbol = sym, error = err, "attach failed");
+        }
+        self.publish_attach_state();
+    }
+
+    fn publish_attach_state(&self) {
+        let Some(cuda) = &self.cuda else { return };
+        let counts = cuda.attach_counts();
+        for (api, sym, _) in APIS {
+            let n = counts.get(api).copied().unwrap_or(0);
+            self.metrics.probe_attached.get_or_create(&ProbeLabels { probe: sym }).set(n as i64);
+        }
+        self.metrics.cuda_libraries.set(cuda.libraries().count() as i64);
+    }
+
+    pub fn knows(&self, id: FileId) -> bool {
+        self.cuda.as_ref().is_some_and(|c| c.is_attached(id))
+    }
+
+    /// Moves the kernel's per-CPU lost counts into the metrics.
+    pub fn publish_lost(&mut self) {
+        for (index, source) in [(lost::CUDA, "cuda"), (lost::SCHED, "sched"), (lost::STASH, "cuda_stash")] {
+            let now = per_cpu_sum(&self.lost_map, index);
+            let seen = &mut self.lost_seen[index as usize];
+            let counter = self.metrics.events_lost.get_or_create(&SourceLabels { source });
+            if now > *seen {
+                counter.inc_by(now - *seen);
+                *seen = now;
+            }
+        }
+    }
+
+    /// Measures each probe's hit rate and sheds what the budget cannot pay for.
+    pub fn enforce_budget(&mut self) {
+        let elapsed = self.last_budget.elapsed().as_secs_f64();
+        self.last_budget = Instant::now();
+        let Some(cuda) = self.cuda.as_ref() else { return };
+        let mut rates = HashMap::new();
+        for (api, _, _) in APIS {
+            let now = per_cpu_sum(&self.hits_map, *api as u32);
+            let before = self.hits_seen.insert(*api, now).unwrap_or(now);
+            if elapsed > 0.0 {
+                rates.insert(*api, now.saturating_sub(before) as f64 / elapsed);
+            }
+        }
+        let costs = cuda.attached_costs();
+        let plan = budget::plan(&rates, &costs, self.stack_every, self.budget_share);
+        if plan.is_empty() {
+            return;
+        }
+        let cost = budget::cost_ns_per_s(&rates, &costs, self.stack_every) / 1e9;
+        for step in plan {
+            tracing::warn!(
+                probe = step.name(),
+                estimated_core_share = format!("{cost:.3}"),
+                budget = self.budget_share,
+                "probe budget exceeded, shedding probe"
+            );
+            self.metrics.probe_shed.get_or_create(&ProbeLabels { probe: step.name() }).set(1);
+            match step {
+                Shed::StackSampling => {
+                    self.stack_every = 0;
+                    set_config(&mut self.config_map, knob::STACK_SAMPLE_EVERY, 0);
+                }
+                Shed::Api(api) => {
+                    if let Some(cuda) = self.cuda.as_mut() {
+                        cuda.shed(&mut self.ebpf, api);
+                    }
+                }
+            }
+        }
+        self.publish_attach_state();
+    }
+
+    /// Runs until told to stop, then detaches everything.
+    pub fn run(mut self, interval: Duration, stop: mpsc::Receiver<()>) {
+        loop {
+            match stop.recv_timeout(interval) {
+                Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+            }
+            self.discover();
+            self.publish_lost();
+            self.enforce_budget();
+        }
+        self.publish_lost();
+        if let Some(cuda) = self.cuda.as_mut() {
+            cuda.detach_all(&mut self.ebpf);
+        }
+        // Dropping the object closes every program, map and remaining link.
+        drop(self.ebpf);
+        tracing::info!("probes detached");
+    }
+}

@@ -1,0 +1,111 @@
+//! Loading the embedded eBPF object and attaching its programs.
+//!
+//! `cuda` attaches the CUDA driver uprobes per library file, `discover` finds those files,
+//! `elf` reads their symbols, `budget` sheds probes that cost too much, `sched` attaches the
+//! process-exit tracepoint.
+
+pub mod budget;
+pub mod cuda;
+pub mod discover;
+pub mod elf;
+pub mod manager;
+pub mod sched;
+
+use agent_common::{config, cuda::APIS};
+use aya::{
+    maps::{Array, MapData, PerCpuArray, RingBuf},
+    Ebpf, EbpfLoader,
+};
+
+/// The eBPF object built by `build.rs`, aligned for the ELF parser.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/inferscope.bpf.o"));
+
+pub const FAMILIES: &[&str] = &["cuda", "sched"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("cannot load the eBPF object")]
+    Load(#[source] aya::EbpfError),
+    #[error("eBPF program {name} is missing from the object")]
+    MissingProgram { name: &'static str },
+    #[error("eBPF map {name} is missing or of the wrong type")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: Option<aya::maps::MapError>,
+    },
+    #[error("cannot load eBPF program {name}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+}
+
+/// Whether `name` is something `probes.disabled` can name.
+pub fn is_known_probe(name: &str) -> bool {
+    let name = name.strip_prefix("cuda:").unwrap_or(name);
+    FAMILIES.contains(&name) || APIS.iter().any(|(_, sym, _)| *sym == name)
+}
+
+/// The loaded object with the maps each pipeline stage takes out of it.
+pub struct Loaded {
+    pub ebpf: Ebpf,
+    pub events: RingBuf<MapData>,
+    pub lost: PerCpuArray<MapData, u64>,
+    pub config: Array<MapData, u64>,
+    pub hits: PerCpuArray<MapData, u64>,
+}
+
+pub fn load(ring_buffer_bytes: u32, group_dead_offset: u32) -> Result<Loaded, ProbeError> {
+    let mut ebpf = EbpfLoader::new()
+        .map_max_entries("EVENTS", ring_buffer_bytes)
+        .override_global("GROUP_DEAD_OFFSET", &group_dead_offset, true)
+        .load(EBPF_OBJECT)
+        .map_err(ProbeError::Load)?;
+    let events = take(&mut ebpf, "EVENTS")?;
+    let lost = take(&mut ebpf, "EVENTS_LOST")?;
+    let config = take(&mut ebpf, "CONFIG")?;
+    let hits = take(&mut ebpf, "CUDA_HITS")?;
+    Ok(Loaded {
+        ebpf,
+        events,
+        lost,
+        config,
+        hits,
+    })
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, ProbeError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .ok_or(ProbeError::Map { name, source: None })?;
+    T::try_from(map).map_err(|e| ProbeError::Map {
+        name,
+        source: Some(e),
+    })
+}
+
+/// Writes a run-time knob (`agent_common::config`).
+pub fn set_config(map: &mut Array<MapData, u64>, index: u32, value: u64) {
+    if let Err(e) = map.set(index, value, 0) {
+        tracing::warn!(index, value, error = %e, "cannot update eBPF config");
+    }
+}
+
+/// Initial run-time knobs.
+pub fn init_config(map: &mut Array<MapData, u64>, stack_sample_every: u64, ring_bytes: u32) {
+    set_config(map, config::STACK_SAMPLE_EVERY, stack_sample_every);
+    // Wake the reader early once a quarter of the ring is unread, long before it fills.
+    set_config(map, config::WAKEUP_BYTES, u64::from(ring_bytes / 4));
+}
+
+/// Sums a per-CPU counter slot.
+pub fn per_cpu_sum(map: &PerCpuArray<MapData, u64>, index: u32) -> u64 {
+    map.get(&index, 0)
+        .map(|values| values.iter().sum())
+        .unwrap_or(0)
+}
