@@ -1,1 +1,81 @@
-fn main() {}
+//! `cargo xtask setup | build | test | demo | bench`: everything a fresh machine needs, in
+//! one place. Every command runs `setup` first; `setup` installs only what is missing.
+
+mod bench;
+mod demo;
+mod setup;
+mod util;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what is missing: the eBPF toolchain (aya's nightly + rust-src, or Debian's
+    /// rustc with a precompiled BPF core), bpf-linker, a C compiler for the test doubles.
+    Setup,
+    /// Build the eBPF object and the agent in release (target/release/inferscope).
+    Build,
+    /// Run every test tier this machine can run (the root tier needs root and BTF).
+    Test {
+        /// Extra arguments for `cargo test` (after `--`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Run the agent on its embedded defaults against a scripted CUDA workload.
+    Demo,
+    /// Measure probe overhead and pipeline throughput; prints a table of ratios.
+    Bench {
+        /// Shorter run (fewer iterations), for a quick look.
+        #[arg(long)]
+        quick: bool,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    setup::run()?;
+    match cli.command {
+        Cmd::Setup => Ok(()),
+        Cmd::Build => build(),
+        Cmd::Test { args } => test(&args),
+        Cmd::Demo => {
+            build()?;
+            demo::run()
+        }
+        Cmd::Bench { quick } => {
+            build()?;
+            bench::run(quick)
+        }
+    }
+}
+
+fn build() -> anyhow::Result<()> {
+    util::cargo(&["build", "--release", "--workspace", "--bins"])
+}
+
+fn test(extra: &[String]) -> anyhow::Result<()> {
+    let root = util::is_root();
+    if !root {
+        if std::env::var_os("CI").is_some() {
+            anyhow::bail!("CI is set but not running as root: the root test tier cannot run");
+        }
+        eprintln!("xtask: not root: the root tier (real eBPF loads and attaches) will be skipped");
+    }
+    util::cargo(&["fmt", "--all", "--", "--check"])?;
+    util::cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+    // The root-tier tests start the agent and the workload binaries.
+    util::cargo(&["build", "--workspace", "--bins"])?;
+    let mut args = vec!["test", "--workspace", "--no-fail-fast"];
+    args.push("--");
+    // The root tier shares the kernel's uprobes on one test library; one test at a time
+    // keeps each agent's view to its own workload.
+    args.push("--test-threads=1");
+    args.extend(extra.iter().map(String::as_str));
+    util::cargo(&args)
+}

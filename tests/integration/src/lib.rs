@@ -1,1 +1,426 @@
+//! Support for the root-tier tests: start the real agent binary and the `cuda-workload`
+//! fixture, scrape `/metrics`, and check that nothing stays attached afterwards.
 
+use std::{
+    collections::HashMap,
+    io::{BufRead, BufReader, Read, Write},
+    net::{TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+pub use cuda_workload::{OutputLine, Truth, Variant};
+
+/// `target/<profile>`, from the test executable's own path (`target/<profile>/deps/x`).
+pub fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
+}
+
+/// A workspace binary built by `cargo build --workspace --bins` (what `cargo xtask test` does).
+pub fn bin(name: &str) -> PathBuf {
+    let path = target_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo xtask test` (or `cargo build --workspace --bins` first)",
+        path.display()
+    );
+    path
+}
+
+/// Whether the root tier can run. Without root it is skipped, except under CI, where a
+/// missing capability is a failure.
+pub fn root_tier() -> bool {
+    // SAFETY: no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let btf = Path::new("/sys/kernel/btf/vmlinux").exists();
+    if root && btf {
+        return true;
+    }
+    let why = if root { "the kernel has no BTF" } else { "not root" };
+    if std::env::var_os("CI").is_some() {
+        panic!("root-tier test cannot run under CI: {why}");
+    }
+    eprintln!("skipping root-tier test: {why}");
+    false
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// GET over plain HTTP/1.1: (status, body).
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).ok()?;
+    let status = raw.split_whitespace().nth(1)?.parse().ok()?;
+    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+    Some((status, dechunk(&body)))
+}
+
+fn dechunk(body: &str) -> String {
+    // axum answers chunked when the length is unknown; undo it if so.
+    let mut out = String::new();
+    let mut rest = body;
+    loop {
+        let Some((size, after)) = rest.split_once("\r\n") else { return body.to_string() };
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { return body.to_string() };
+        if n == 0 {
+            return out;
+        }
+        if after.len() < n {
+            return body.to_string();
+        }
+        out.push_str(&after[..n]);
+        rest = after[n..].trim_start_matches("\r\n");
+    }
+}
+
+/// One scrape of `/metrics`: series → value.
+#[derive(Debug, Default)]
+pub struct Scrape {
+    pub series: HashMap<String, Vec<(Vec<(String, String)>, f64)>>,
+    pub text: String,
+}
+
+impl Scrape {
+    pub fn parse(text: &str) -> Self {
+        let mut series: HashMap<String, Vec<_>> = HashMap::new();
+        for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+            let (head, value) = line.rsplit_once(' ').expect("series line");
+            let value: f64 = value.parse().expect("value");
+            let (name, labels) = match head.split_once('{') {
+                Some((n, l)) => (n, parse_labels(l.trim_end_matches('}'))),
+                None => (head, Vec::new()),
+            };
+            series.entry(name.to_string()).or_default().push((labels, value));
+        }
+        Self {
+            series,
+            text: text.to_string(),
+        }
+    }
+
+    /// Sum of the series of `name` whose labels include all of `want` (0 when none).
+    pub fn sum(&self, name: &str, want: &[(&str, &str)]) -> f64 {
+        self.series
+            .get(name)
+            .into_iter()
+            .flatten()
+            .filter(|(labels, _)| {
+                want.iter()
+                    .all(|(k, v)| labels.iter().any(|(lk, lv)| lk == k && lv == v))
+            })
+            .map(|(_, v)| v)
+            .sum()
+    }
+
+    pub fn has(&self, name: &str, want: &[(&str, &str)]) -> bool {
+        self.series.get(name).into_iter().flatten().any(|(labels, _)| {
+            want.iter()
+                .all(|(k, v)| labels.iter().any(|(lk, lv)| lk == k && lv == v))
+        })
+    }
+}
+
+fn parse_labels(s: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut chars = s.chars().peekable();
+    loop {
+        let key: String = chars.by_ref().take_while(|c| *c != '=').collect();
+        if key.is_empty() {
+            return out;
+        }
+        assert_eq!(chars.next(), Some('"'));
+        let mut value = String::new();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => value.push(chars.next().unwrap_or('\\')),
+                '"' => break,
+                c => value.push(c),
+            }
+        }
+        out.push((key.trim_start_matches(',').to_string(), value));
+        if chars.peek() == Some(&',') {
+            chars.next();
+        }
+    }
+}
+
+/// The agent, started as a child process on its own port with its own directories.
+pub struct Agent {
+    child: Option<Child>,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+}
+
+impl Agent {
+    pub fn start(extra: &[&str]) -> Agent {
+        let port = free_port();
+        let dir = tempfile::tempdir().unwrap();
+        let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
+        let child = Command::new(bin("inferscope"))
+            .arg("run")
+            .args(["--prometheus-listen", &format!("127.0.0.1:{port}")])
+            .arg("--forensics-dir")
+            .arg(dir.path().join("forensics"))
+            .args(extra)
+            .env("INFERSCOPE_LOG", "info,inferscope=debug")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn inferscope");
+        let mut agent = Agent {
+            child: Some(child),
+            port,
+            dir,
+        };
+        let ready = Instant::now();
+        loop {
+            if let Some((200, _)) = http_get(port, "/healthz") {
+                break;
+            }
+            if let Some(status) = agent.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("agent exited during start ({status}):\n{}", agent.log());
+            }
+            assert!(ready.elapsed() < Duration::from_secs(30), "agent not ready:\n{}", agent.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        agent
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    pub fn scrape(&self) -> Scrape {
+        let (status, body) = http_get(self.port, "/metrics").expect("scrape /metrics");
+        assert_eq!(status, 200);
+        Scrape::parse(&body)
+    }
+
+    /// Waits until `f` holds on a scrape (events reach the ledger within milliseconds;
+    /// the timeout only bounds a failing test).
+    pub fn wait_for(&self, what: &str, mut f: impl FnMut(&Scrape) -> bool) -> Scrape {
+        let mut last = None;
+        let start = Instant::now();
+        loop {
+            let s = self.scrape();
+            if f(&s) {
+                return s;
+            }
+            if start.elapsed() > Duration::from_secs(15) {
+                let text = last.map(|s: Scrape| s.text).unwrap_or_default();
+                panic!("timed out waiting for {what}; last scrape:\n{text}\nagent log:\n{}", self.log());
+            }
+            last = Some(s);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM, then checks the exit code and that no probe program is left loaded.
+    pub fn stop(mut self) -> ExitStatus {
+        let mut child = self.child.take().unwrap();
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let status = child.wait().unwrap();
+        assert_no_probe_programs();
+        status
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Fails if any of the agent's programs is still loaded in the kernel.
+pub fn assert_no_probe_programs() {
+    let names = ["cuda_enter", "cuda_return", "sched_process_exit"];
+    let left: Vec<String> = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter_map(|p| p.name_as_str().map(str::to_string))
+        .filter(|n| names.iter().any(|x| n.starts_with(&x[..x.len().min(15)])))
+        .collect();
+    assert!(left.is_empty(), "programs still loaded after the agent stopped: {left:?}");
+}
+
+/// The workload fixture, paused at `ready` until [`Workload::proceed`].
+pub struct Workload {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+    pub pid: u32,
+}
+
+pub struct WorkloadOptions<'a> {
+    pub variant: Variant,
+    pub gpus: u32,
+    pub gpu_mem: u64,
+    pub state_file: Option<&'a Path>,
+}
+
+impl Default for WorkloadOptions<'_> {
+    fn default() -> Self {
+        Self {
+            variant: Variant::Push,
+            gpus: 2,
+            gpu_mem: 1 << 30,
+            state_file: None,
+        }
+    }
+}
+
+impl Workload {
+    pub fn start(plan: &str, opts: &WorkloadOptions) -> Workload {
+        let mut cmd = Command::new(bin(cuda_workload::WORKLOAD_BIN_NAME));
+        cmd.args(["--plan", plan, "--pause"])
+            .env("LD_LIBRARY_PATH", opts.variant.dir())
+            .env(cuda_workload::ENV_GPU_COUNT, opts.gpus.to_string())
+            .env(cuda_workload::ENV_GPU_MEM, opts.gpu_mem.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+        if let Some(state) = opts.state_file {
+            cmd.env(cuda_workload::ENV_GPU_STATE, state);
+        }
+        let mut child = cmd.spawn().expect("spawn cuda-workload");
+        let stdin = child.stdin.take();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut w = Workload {
+            child,
+            stdin,
+            stdout,
+            pid: 0,
+        };
+        match w.next_line() {
+            OutputLine::Ready { pid, .. } => w.pid = pid,
+            other => panic!("expected ready, got {other:?}"),
+        }
+        w
+    }
+
+    pub fn next_line(&mut self) -> OutputLine {
+        loop {
+            let mut line = String::new();
+            let n = self.stdout.read_line(&mut line).expect("read workload stdout");
+            assert!(n > 0, "workload ended without the expected output");
+            let parsed = OutputLine::parse(line.trim()).unwrap_or_else(|e| panic!("bad line {line:?}: {e}"));
+            if let OutputLine::Skipped { skipped, reason } = &parsed {
+                panic!("workload skipped {skipped}: {reason}");
+            }
+            return parsed;
+        }
+    }
+
+    /// Lets the paused workload go on (past `ready` or a checkpoint).
+    pub fn proceed(&mut self) {
+        let stdin = self.stdin.as_mut().expect("stdin");
+        stdin.write_all(b"\n").unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// Reads up to the next checkpoint or final line and returns its truth.
+    pub fn truth(&mut self) -> Truth {
+        self.next_line().truth().cloned().expect("a line with truth")
+    }
+
+    pub fn wait(mut self) -> ExitStatus {
+        drop(self.stdin.take());
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Workload {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The first difference between the agent's CUDA figures and the workload's truth, for every
+/// API the truth names (calls, successful bytes on the alloc side, failures by error name)
+/// and for the process's ledger (live bytes per device, pinned host bytes).
+pub fn mismatch(s: &Scrape, truth: &Truth) -> Option<String> {
+    let check = |what: String, got: f64, want: u64| -> Option<String> {
+        (got != want as f64).then(|| format!("{what}: agent {got}, workload {want}"))
+    };
+    for (api, stats) in &truth.apis {
+        let release = matches!(
+            api.as_str(),
+            "cuMemFree_v2" | "cuMemFreeAsync" | "cuMemRelease" | "cuMemUnmap" | "cuMemAddressFree" | "cuMemFreeHost"
+        );
+        let l = [("api", api.as_str())];
+        let (calls, failures) = if release {
+            ("gpu_cuda_frees_total", "gpu_cuda_free_failures_total")
+        } else {
+            ("gpu_cuda_alloc_calls_total", "gpu_cuda_alloc_failures_total")
+        };
+        if let Some(m) = check(format!("{api} calls"), s.sum(calls, &l), stats.calls) {
+            return Some(m);
+        }
+        if !release {
+            if let Some(m) = check(format!("{api} bytes"), s.sum("gpu_cuda_alloc_bytes_total", &l), stats.bytes) {
+                return Some(m);
+            }
+        }
+        if let Some(m) = check(format!("{api} failures"), s.sum(failures, &l), stats.failed()) {
+            return Some(m);
+        }
+        for (error, n) in &stats.failures {
+            let got = s.sum(failures, &[("api", api), ("error", error)]);
+            if let Some(m) = check(format!("{api} failures {error}"), got, *n) {
+                return Some(m);
+            }
+        }
+    }
+    let pid = truth.pid.to_string();
+    for (dev, bytes) in &truth.live_device_bytes {
+        let got = s.sum(
+            "gpu_process_memory_allocated_bytes",
+            &[("pid", &pid), ("gpu", &dev.to_string())],
+        );
+        if let Some(m) = check(format!("pid {pid} gpu {dev} live bytes"), got, *bytes) {
+            return Some(m);
+        }
+    }
+    let got = s.sum("gpu_process_host_pinned_bytes", &[("pid", &pid)]);
+    check(format!("pid {pid} pinned host bytes"), got, truth.live_host_bytes)
+}
+
+/// Waits for the agent's figures to equal the truth; on timeout, fails naming the difference.
+pub fn assert_agent_sees(agent: &Agent, truth: &Truth) -> Scrape {
+    let start = Instant::now();
+    loop {
+        let s = agent.scrape();
+        match mismatch(&s, truth) {
+            None => return s,
+            Some(m) if start.elapsed() > Duration::from_secs(15) => {
+                panic!("{m}\nscrape:\n{}\nagent log:\n{}", s.text, agent.log())
+            }
+            Some(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}

@@ -1,0 +1,75 @@
+//! Installs what is missing, idempotently. Two eBPF toolchains are accepted: the standard
+//! aya one (rustup nightly with rust-src, bpf-linker), used when present; else Debian's
+//! rustc-web with its precompiled `core` for the BPF targets, and bpf-linker built against
+//! Debian's LLVM 22 (machines whose rustup cannot fetch rust-src).
+
+use std::{path::Path, process::Command};
+
+use anyhow::{bail, Context};
+
+use crate::util::{self, succeeds};
+
+const DEBIAN_EBPF: &[&str] = &["rustc-web", "libstd-rust-web-dev-bpf", "llvm-22-dev"];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+pub fn run() -> anyhow::Result<()> {
+    let aya_toolchain = nightly_has_rust_src();
+    if !aya_toolchain && !debian_ebpf_present() {
+        apt_install(DEBIAN_EBPF)?;
+    }
+    if !succeeds("gcc", &["--version"]) {
+        apt_install(&["gcc", "libc6-dev"])?;
+    }
+    if !succeeds("bpf-linker", &["--version"]) {
+        install_bpf_linker(aya_toolchain)?;
+    }
+    Ok(())
+}
+
+fn nightly_has_rust_src() -> bool {
+    let Ok(out) = Command::new("rustup")
+        .args(["run", "nightly", "rustc", "--print", "sysroot"])
+        .output()
+    else {
+        return false;
+    };
+    out.status.success()
+        && Path::new(String::from_utf8_lossy(&out.stdout).trim())
+            .join("lib/rustlib/src/rust/library/core/Cargo.toml")
+            .exists()
+}
+
+fn debian_ebpf_present() -> bool {
+    Path::new("/usr/bin/rustc").exists()
+        && Path::new("/usr/lib/rustlib/bpfel-unknown-none").exists()
+        && Path::new("/usr/lib/llvm-22/lib").exists()
+}
+
+fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
+    if !crate::util::is_root() {
+        bail!(
+            "missing Debian packages {packages:?}: run `cargo xtask setup` as root \
+             (or install them yourself)"
+        );
+    }
+    eprintln!("xtask setup: installing {packages:?}");
+    util::run(Command::new("apt-get").args(["update", "-qq"]))?;
+    util::run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(packages)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+    .context("apt-get install failed")
+}
+
+fn install_bpf_linker(aya_toolchain: bool) -> anyhow::Result<()> {
+    eprintln!("xtask setup: installing bpf-linker {BPF_LINKER_VERSION}");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["install", "bpf-linker", "--locked", "--version", BPF_LINKER_VERSION]);
+    if !aya_toolchain {
+        // Debian 12 ships LLVM 22, not bpf-linker's default LLVM 23.
+        cmd.args(["--no-default-features", "--features", "llvm-22"])
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22");
+    }
+    util::run(&mut cmd)
+}
