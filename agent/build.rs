@@ -53,7 +53,10 @@ fn main() {
         .status()
         .unwrap_or_else(|e| panic!("cannot run cargo for the eBPF build: {e}"));
     assert!(status.success(), "the eBPF build failed (see above)");
-    let obj = target_dir.join(TARGET).join("release").join("inferscope-ebpf");
+    let obj = target_dir
+        .join(TARGET)
+        .join("release")
+        .join("inferscope-ebpf");
     std::fs::copy(&obj, &dest)
         .unwrap_or_else(|e| panic!("copy {} to {}: {e}", obj.display(), dest.display()));
 }
@@ -61,7 +64,9 @@ fn main() {
 fn toolchain_command() -> Command {
     let btf_flags = "-Cdebuginfo=2\x1f-Clink-arg=--btf";
     if !on_path("bpf-linker") {
-        panic!("bpf-linker is not on PATH: run `cargo xtask setup` (or `cargo install bpf-linker`)");
+        panic!(
+            "bpf-linker is not on PATH: run `cargo xtask setup` (or `cargo install bpf-linker`)"
+        );
     }
     if nightly_has_rust_src() {
         let mut cmd = Command::new("cargo");

@@ -55,31 +55,61 @@ pub enum Role {
 /// Every probed symbol with its id and role, in the order the agent attaches them.
 pub const APIS: &[(CudaApi, &str, Role)] = &[
     (CudaApi::MemAlloc, "cuMemAlloc_v2", Role::DeviceAlloc),
-    (CudaApi::MemAllocPitch, "cuMemAllocPitch_v2", Role::DeviceAlloc),
-    (CudaApi::MemAllocManaged, "cuMemAllocManaged", Role::DeviceAlloc),
+    (
+        CudaApi::MemAllocPitch,
+        "cuMemAllocPitch_v2",
+        Role::DeviceAlloc,
+    ),
+    (
+        CudaApi::MemAllocManaged,
+        "cuMemAllocManaged",
+        Role::DeviceAlloc,
+    ),
     (CudaApi::MemAllocAsync, "cuMemAllocAsync", Role::DeviceAlloc),
-    (CudaApi::MemAllocFromPoolAsync, "cuMemAllocFromPoolAsync", Role::DeviceAlloc),
+    (
+        CudaApi::MemAllocFromPoolAsync,
+        "cuMemAllocFromPoolAsync",
+        Role::DeviceAlloc,
+    ),
     (CudaApi::MemCreate, "cuMemCreate", Role::PhysicalCreate),
     (CudaApi::MemMap, "cuMemMap", Role::AddressRange),
-    (CudaApi::MemAddressReserve, "cuMemAddressReserve", Role::AddressRange),
+    (
+        CudaApi::MemAddressReserve,
+        "cuMemAddressReserve",
+        Role::AddressRange,
+    ),
     (CudaApi::MemAllocHost, "cuMemAllocHost_v2", Role::HostAlloc),
     (CudaApi::MemHostAlloc, "cuMemHostAlloc", Role::HostAlloc),
     (CudaApi::MemFree, "cuMemFree_v2", Role::DeviceFree),
     (CudaApi::MemFreeAsync, "cuMemFreeAsync", Role::DeviceFree),
     (CudaApi::MemRelease, "cuMemRelease", Role::PhysicalRelease),
     (CudaApi::MemUnmap, "cuMemUnmap", Role::AddressRangeFree),
-    (CudaApi::MemAddressFree, "cuMemAddressFree", Role::AddressRangeFree),
+    (
+        CudaApi::MemAddressFree,
+        "cuMemAddressFree",
+        Role::AddressRangeFree,
+    ),
     (CudaApi::MemFreeHost, "cuMemFreeHost", Role::HostFree),
     (CudaApi::CtxSetCurrent, "cuCtxSetCurrent", Role::Context),
-    (CudaApi::CtxPushCurrent, "cuCtxPushCurrent_v2", Role::Context),
+    (
+        CudaApi::CtxPushCurrent,
+        "cuCtxPushCurrent_v2",
+        Role::Context,
+    ),
     (CudaApi::CtxPopCurrent, "cuCtxPopCurrent_v2", Role::Context),
-    (CudaApi::DevicePrimaryCtxRetain, "cuDevicePrimaryCtxRetain", Role::Context),
+    (
+        CudaApi::DevicePrimaryCtxRetain,
+        "cuDevicePrimaryCtxRetain",
+        Role::Context,
+    ),
     (CudaApi::CtxCreate, "cuCtxCreate_v2", Role::Context),
 ];
 
 impl CudaApi {
     pub fn from_u32(v: u32) -> Option<Self> {
-        APIS.iter().find(|(api, _, _)| *api as u32 == v).map(|(api, _, _)| *api)
+        APIS.iter()
+            .find(|(api, _, _)| *api as u32 == v)
+            .map(|(api, _, _)| *api)
     }
 
     pub fn symbol(self) -> &'static str {
@@ -92,7 +122,9 @@ impl CudaApi {
 
     fn entry(self) -> &'static (CudaApi, &'static str, Role) {
         // Every variant is listed in APIS; the fallback is unreachable by construction.
-        APIS.iter().find(|(api, _, _)| *api == self).unwrap_or(&APIS[0])
+        APIS.iter()
+            .find(|(api, _, _)| *api == self)
+            .unwrap_or(&APIS[0])
     }
 }
 

@@ -49,13 +49,19 @@ fn family_enabled(config: &Config, family: &str) -> bool {
 }
 
 /// Runs the agent until `shutdown` resolves.
-pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>) -> Result<(), StartError> {
+pub async fn run(
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), StartError> {
     preflight()?;
     let listener = http::bind(config.prometheus_listen).await?;
     let metrics = Arc::new(Metrics::new());
     let ready = Arc::new(AtomicBool::new(false));
 
-    let mut loaded = probe::load(config.probes.ring_buffer_bytes, probe::sched::group_dead_offset())?;
+    let mut loaded = probe::load(
+        config.probes.ring_buffer_bytes,
+        probe::sched::group_dead_offset(),
+    )?;
     probe::init_config(
         &mut loaded.config,
         config.probes.stack_sample_every,
@@ -89,9 +95,18 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         metrics.clone(),
         stop_rx.clone(),
     ));
-    let tracker = Tracker::new(metrics.clone(), ProcFs::new(&config.proc_root), &config.limits);
+    let tracker = Tracker::new(
+        metrics.clone(),
+        ProcFs::new(&config.proc_root),
+        &config.limits,
+    );
     let tracker = tokio::spawn(track::run(tracker, batch_rx));
-    let server = tokio::spawn(http::serve(listener, metrics.clone(), ready.clone(), stop_rx));
+    let server = tokio::spawn(http::serve(
+        listener,
+        metrics.clone(),
+        ready.clone(),
+        stop_rx,
+    ));
 
     let (manager_stop, manager_rx) = std::sync::mpsc::channel();
     let interval = Duration::from_millis(config.probes.discovery_interval_ms);
@@ -110,7 +125,10 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     if let Ok(t) = tracker.await {
         tracing::debug!(processes = t.ledger().len(), "tracker drained");
     }
-    report_join("exporter", server.await.map(|r| r.map_err(|e| e.to_string())));
+    report_join(
+        "exporter",
+        server.await.map(|r| r.map_err(|e| e.to_string())),
+    );
     let _ = manager_stop.send(());
     if manager.join().is_err() {
         tracing::error!("probe manager panicked");

@@ -175,7 +175,9 @@ impl Config {
             toml::Value::Table(table)
                 .try_into()
                 .map_err(|source| ConfigError::Parse {
-                    path: file.map(Path::to_path_buf).unwrap_or_else(|| "environment".into()),
+                    path: file
+                        .map(Path::to_path_buf)
+                        .unwrap_or_else(|| "environment".into()),
                     source,
                 })?;
         if let Some(addr) = overrides.prometheus_listen {
@@ -185,7 +187,10 @@ impl Config {
             config.forensics_dir = dir.clone();
         }
         config.cuda_libs.extend(overrides.cuda_libs.iter().cloned());
-        config.probes.disabled.extend(overrides.disable_probes.iter().cloned());
+        config
+            .probes
+            .disabled
+            .extend(overrides.disable_probes.iter().cloned());
         config.validate()?;
         Ok(config)
     }
@@ -263,14 +268,20 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
     fn defaults_match_the_contract() {
         let c = Config::load(None, &env(&[]), &Overrides::default()).unwrap();
         assert_eq!(c.prometheus_listen.to_string(), "127.0.0.1:9464");
-        assert_eq!(c.forensics_dir, PathBuf::from("/var/lib/inferscope/forensics"));
+        assert_eq!(
+            c.forensics_dir,
+            PathBuf::from("/var/lib/inferscope/forensics")
+        );
         assert_eq!(c.probes.stack_sample_every, 64);
     }
 
@@ -307,8 +318,12 @@ mod tests {
         std::fs::write(&path, "[probes]\nstack_sample_evry = 8\n").unwrap();
         let err = Config::load(Some(&path), &env(&[]), &Overrides::default()).unwrap_err();
         assert!(err.to_string().contains("stack_sample_evry"), "{err}");
-        let err = Config::load(None, &env(&[("INFERSCOPE_NOPE", "1")]), &Overrides::default())
-            .unwrap_err();
+        let err = Config::load(
+            None,
+            &env(&[("INFERSCOPE_NOPE", "1")]),
+            &Overrides::default(),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("nope"), "{err}");
     }
 

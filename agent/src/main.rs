@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand};
 use inferscope::config::{Config, Overrides, ProcessEnv};
 
 #[derive(Parser)]
-#[command(name = "inferscope", version, about = "Watches GPU inference servers from outside: eBPF on the CUDA driver, NVML, the wire")]
+#[command(
+    name = "inferscope",
+    version,
+    about = "Watches GPU inference servers from outside: eBPF on the CUDA driver, NVML, the wire"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -88,7 +92,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers; stop with SIGKILL");
         return std::future::pending().await;
     };

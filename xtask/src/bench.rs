@@ -1,1 +1,3 @@
-pub fn run(_quick: bool) -> anyhow::Result<()> { anyhow::bail!("bench: not yet") }
+pub fn run(_quick: bool) -> anyhow::Result<()> {
+    anyhow::bail!("bench: not yet")
+}

@@ -68,7 +68,14 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
         eprintln!("xtask: not root: the root tier (real eBPF loads and attaches) will be skipped");
     }
     util::cargo(&["fmt", "--all", "--", "--check"])?;
-    util::cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+    util::cargo(&[
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
     // The root-tier tests start the agent and the workload binaries.
     util::cargo(&["build", "--workspace", "--bins"])?;
     let mut args = vec!["test", "--workspace", "--no-fail-fast"];

@@ -54,10 +54,12 @@ fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
     }
     eprintln!("xtask setup: installing {packages:?}");
     util::run(Command::new("apt-get").args(["update", "-qq"]))?;
-    util::run(Command::new("apt-get")
-        .args(["install", "-y", "-qq", "--no-install-recommends"])
-        .args(packages)
-        .env("DEBIAN_FRONTEND", "noninteractive"))
+    util::run(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(packages)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
     .context("apt-get install failed")
 }
 
@@ -65,7 +67,13 @@ fn install_bpf_linker(aya_toolchain: bool) -> anyhow::Result<()> {
     eprintln!("xtask setup: installing bpf-linker {BPF_LINKER_VERSION}");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.args(["install", "bpf-linker", "--locked", "--version", BPF_LINKER_VERSION]);
+    cmd.args([
+        "install",
+        "bpf-linker",
+        "--locked",
+        "--version",
+        BPF_LINKER_VERSION,
+    ]);
     if !aya_toolchain {
         // Debian 12 ships LLVM 22, not bpf-linker's default LLVM 23.
         cmd.args(["--no-default-features", "--features", "llvm-22"])

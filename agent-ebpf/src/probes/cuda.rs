@@ -239,14 +239,22 @@ fn track_context(api: u64, tgid: u32, pid_tgid: u64, a: &[u64; 5], result: u32) 
     }
     if api == CudaApi::DevicePrimaryCtxRetain as u64 || api == CudaApi::CtxCreate as u64 {
         // cuDevicePrimaryCtxRetain(CUcontext*, CUdevice); cuCtxCreate_v2(CUcontext*, flags, CUdevice)
-        let dev = if api == CudaApi::CtxCreate as u64 { a[2] } else { a[1] } as i32;
+        let dev = if api == CudaApi::CtxCreate as u64 {
+            a[2]
+        } else {
+            a[1]
+        } as i32;
         let ctx = read_out(a[0], result);
         let _ = CUDA_CTX_DEVICE.insert(&CtxKey { tgid, _pad: 0, ctx }, &dev, 0);
         if api == CudaApi::CtxCreate as u64 {
             set_current(pid_tgid, dev, false);
         }
     } else if api == CudaApi::CtxSetCurrent as u64 || api == CudaApi::CtxPushCurrent as u64 {
-        let key = CtxKey { tgid, _pad: 0, ctx: a[0] };
+        let key = CtxKey {
+            tgid,
+            _pad: 0,
+            ctx: a[0],
+        };
         let dev = match CUDA_CTX_DEVICE.get_ptr(&key) {
             Some(d) => unsafe { *d },
             None => -1,

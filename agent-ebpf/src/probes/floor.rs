@@ -17,7 +17,10 @@ static FLOOR_STASH: HashMap<u64, [u64; 2]> = HashMap::with_max_entries(4096, 0);
 
 #[uprobe]
 pub fn floor_enter(ctx: ProbeContext) -> u32 {
-    let args = [ctx.arg::<u64>(0).unwrap_or(0), ctx.arg::<u64>(1).unwrap_or(0)];
+    let args = [
+        ctx.arg::<u64>(0).unwrap_or(0),
+        ctx.arg::<u64>(1).unwrap_or(0),
+    ];
     let _ = FLOOR_STASH.insert(&bpf_get_current_pid_tgid(), &args, 0);
     0
 }

@@ -54,7 +54,10 @@ pub async fn serve(
 }
 
 async fn metrics_handler(State(s): State<AppState>) -> impl IntoResponse {
-    ([(axum::http::header::CONTENT_TYPE, CONTENT_TYPE)], s.metrics.encode())
+    (
+        [(axum::http::header::CONTENT_TYPE, CONTENT_TYPE)],
+        s.metrics.encode(),
+    )
 }
 
 async fn healthz(State(s): State<AppState>) -> impl IntoResponse {

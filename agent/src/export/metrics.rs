@@ -50,7 +50,9 @@ pub struct ProbeLabels {
 
 fn latency_histogram() -> Histogram {
     // 1 µs … ~4 s: pool hits take microseconds, a driver that must reclaim memory seconds.
-    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(1e-6, 4.0, 12))
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        1e-6, 4.0, 12,
+    ))
 }
 
 pub struct Metrics {
@@ -199,7 +201,9 @@ impl Metrics {
     }
 
     pub fn drop_reason(&self, reason: &'static str) {
-        self.events_dropped.get_or_create(&ReasonLabels { reason }).inc();
+        self.events_dropped
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
     }
 
     pub fn encode(&self) -> String {

@@ -16,7 +16,11 @@ pub enum DecodeError {
     #[error("record kind {kind} is unknown")]
     UnknownKind { kind: u32 },
     #[error("record of kind {kind} has {len} bytes, expected {expected}")]
-    Truncated { kind: u32, len: usize, expected: usize },
+    Truncated {
+        kind: u32,
+        len: usize,
+        expected: usize,
+    },
 }
 
 impl DecodeError {
@@ -41,19 +45,20 @@ impl Event {
 
 pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
     let header: EventHeader = read(bytes).ok_or(DecodeError::Short { len: bytes.len() })?;
-    let kind = EventKind::from_u32(header.kind).ok_or(DecodeError::UnknownKind { kind: header.kind })?;
+    let kind =
+        EventKind::from_u32(header.kind).ok_or(DecodeError::UnknownKind { kind: header.kind })?;
     let truncated = |expected| DecodeError::Truncated {
         kind: header.kind,
         len: bytes.len(),
         expected,
     };
     Ok(match kind {
-        EventKind::CudaMem => Event::CudaMem(
-            read(bytes).ok_or_else(|| truncated(size_of::<CudaMemEvent>()))?,
-        ),
-        EventKind::ProcessExit => Event::ProcessExit(
-            read(bytes).ok_or_else(|| truncated(size_of::<ProcessExitEvent>()))?,
-        ),
+        EventKind::CudaMem => {
+            Event::CudaMem(read(bytes).ok_or_else(|| truncated(size_of::<CudaMemEvent>()))?)
+        }
+        EventKind::ProcessExit => {
+            Event::ProcessExit(read(bytes).ok_or_else(|| truncated(size_of::<ProcessExitEvent>()))?)
+        }
     })
 }
 
@@ -96,9 +101,15 @@ mod tests {
             kind: 7777,
             ..Default::default()
         };
-        assert_eq!(decode(&as_bytes(&h)), Err(DecodeError::UnknownKind { kind: 7777 }));
+        assert_eq!(
+            decode(&as_bytes(&h)),
+            Err(DecodeError::UnknownKind { kind: 7777 })
+        );
         h.kind = EventKind::CudaMem as u32;
-        assert!(matches!(decode(&as_bytes(&h)), Err(DecodeError::Truncated { expected: 80, .. })));
+        assert!(matches!(
+            decode(&as_bytes(&h)),
+            Err(DecodeError::Truncated { expected: 80, .. })
+        ));
     }
 
     #[test]
@@ -114,7 +125,7 @@ mod tests {
                     state ^= state << 17;
                     *b = state as u8;
                 }
-                if len >= 4 && state % 3 == 0 {
+                if len >= 4 && state.is_multiple_of(3) {
                     buf[..4].copy_from_slice(&[100, 0, 0, 0]);
                 }
                 let _ = decode(&buf);

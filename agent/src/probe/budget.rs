@@ -79,7 +79,9 @@ pub fn plan(
     let mut order: Vec<CudaApi> = costs.keys().copied().collect();
     // Within a rank, the costliest probe goes first.
     order.sort_by(|a, b| {
-        let cost = |api: &CudaApi| rates.get(api).copied().unwrap_or(0.0) * costs[api].entry_cost_ns() as f64;
+        let cost = |api: &CudaApi| {
+            rates.get(api).copied().unwrap_or(0.0) * costs[api].entry_cost_ns() as f64
+        };
         shed_rank(a.role())
             .cmp(&shed_rank(b.role()))
             .then(cost(b).total_cmp(&cost(a)))
@@ -102,7 +104,10 @@ mod tests {
     use super::*;
 
     fn costs(first: FirstInstruction) -> HashMap<CudaApi, FirstInstruction> {
-        agent_common::cuda::APIS.iter().map(|(api, _, _)| (*api, first)).collect()
+        agent_common::cuda::APIS
+            .iter()
+            .map(|(api, _, _)| (*api, first))
+            .collect()
     }
 
     #[test]
@@ -121,7 +126,7 @@ mod tests {
             (CudaApi::CtxSetCurrent, 20_000.0),
         ]);
         // Single-stepped probes: 15.25 µs per hit; 80k hits/s ≈ 1.2 cores.
-        let p = plan(&rates, &costs(FirstInstruction::SingleStep), 64, 0.5);
+        let p = plan(&rates, &costs(FirstInstruction::SingleStep), 64, 0.65);
         assert_eq!(
             p,
             vec![

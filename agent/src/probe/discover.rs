@@ -58,7 +58,9 @@ pub fn library_at(path: &Path, display: impl Into<String>) -> Option<Library> {
 pub fn standard_libraries() -> Vec<Library> {
     let mut out = Vec::new();
     for dir in STANDARD_DIRS {
-        let Ok(entries) = std::fs::read_dir(dir) else { continue };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
         for entry in entries.flatten() {
             let path = entry.path();
             if path.to_str().is_some_and(is_cuda_driver) {
@@ -80,7 +82,9 @@ pub fn mapped_libraries(procfs: &ProcFs, skip: &HashSet<u32>) -> Vec<(u32, Libra
             continue;
         }
         let base = procfs.root().join(pid.to_string());
-        let Ok(maps) = std::fs::read(base.join("maps")) else { continue };
+        let Ok(maps) = std::fs::read(base.join("maps")) else {
+            continue;
+        };
         if memchr_libcuda(&maps).is_none() {
             continue;
         }

@@ -109,14 +109,26 @@ mod tests {
 
     #[test]
     fn classifies_first_instructions() {
-        assert_eq!(FirstInstruction::classify(&[0x0f, 0x1f, 0x44, 0, 0]), FirstInstruction::Nop5);
-        assert_eq!(FirstInstruction::classify(&[0x55, 0x48]), FirstInstruction::Emulated);
-        assert_eq!(FirstInstruction::classify(&[0x41, 0x57]), FirstInstruction::Emulated);
+        assert_eq!(
+            FirstInstruction::classify(&[0x0f, 0x1f, 0x44, 0, 0]),
+            FirstInstruction::Nop5
+        );
+        assert_eq!(
+            FirstInstruction::classify(&[0x55, 0x48]),
+            FirstInstruction::Emulated
+        );
+        assert_eq!(
+            FirstInstruction::classify(&[0x41, 0x57]),
+            FirstInstruction::Emulated
+        );
         assert_eq!(
             FirstInstruction::classify(&[0xf3, 0x0f, 0x1e, 0xfa]),
             FirstInstruction::SingleStep
         );
-        assert_eq!(FirstInstruction::classify(&[]), FirstInstruction::SingleStep);
+        assert_eq!(
+            FirstInstruction::classify(&[]),
+            FirstInstruction::SingleStep
+        );
     }
 
     #[test]
@@ -128,11 +140,15 @@ mod tests {
     #[test]
     fn finds_symbols_of_a_real_library() {
         // libc is on every machine this runs on and exports malloc.
-        let libc = ["/lib/x86_64-linux-gnu/libc.so.6", "/usr/lib64/libc.so.6", "/lib64/libc.so.6"]
-            .into_iter()
-            .map(Path::new)
-            .find(|p| p.exists())
-            .expect("no libc.so.6 found");
+        let libc = [
+            "/lib/x86_64-linux-gnu/libc.so.6",
+            "/usr/lib64/libc.so.6",
+            "/lib64/libc.so.6",
+        ]
+        .into_iter()
+        .map(Path::new)
+        .find(|p| p.exists())
+        .expect("no libc.so.6 found");
         let syms = read_symbols(libc, &["malloc", "no_such_symbol"]).unwrap();
         assert!(syms.found.contains_key("malloc"));
         assert!(!syms.found.contains_key("no_such_symbol"));

@@ -102,7 +102,9 @@ impl Manager {
     }
 
     fn attach(&mut self, lib: &Library) {
-        let Some(cuda) = self.cuda.as_mut() else { return };
+        let Some(cuda) = self.cuda.as_mut() else {
+            return;
+        };
         if cuda.is_attached(lib.id) {
             return;
         }
@@ -118,7 +120,12 @@ impl Manager {
             );
         }
         for (sym, err) in &report.failed {
-            tracing::warn!(library = lib.display, symbol = sym, error = err, "attach failed");
+            tracing::warn!(
+                library = lib.display,
+                symbol = sym,
+                error = err,
+                "attach failed"
+            );
         }
         self.publish_attach_state();
     }
@@ -128,9 +135,14 @@ impl Manager {
         let counts = cuda.attach_counts();
         for (api, sym, _) in APIS {
             let n = counts.get(api).copied().unwrap_or(0);
-            self.metrics.probe_attached.get_or_create(&ProbeLabels { probe: sym }).set(n as i64);
+            self.metrics
+                .probe_attached
+                .get_or_create(&ProbeLabels { probe: sym })
+                .set(n as i64);
         }
-        self.metrics.cuda_libraries.set(cuda.libraries().count() as i64);
+        self.metrics
+            .cuda_libraries
+            .set(cuda.libraries().count() as i64);
     }
 
     pub fn knows(&self, id: FileId) -> bool {
@@ -139,10 +151,17 @@ impl Manager {
 
     /// Moves the kernel's per-CPU lost counts into the metrics.
     pub fn publish_lost(&mut self) {
-        for (index, source) in [(lost::CUDA, "cuda"), (lost::SCHED, "sched"), (lost::STASH, "cuda_stash")] {
+        for (index, source) in [
+            (lost::CUDA, "cuda"),
+            (lost::SCHED, "sched"),
+            (lost::STASH, "cuda_stash"),
+        ] {
             let now = per_cpu_sum(&self.lost_map, index);
             let seen = &mut self.lost_seen[index as usize];
-            let counter = self.metrics.events_lost.get_or_create(&SourceLabels { source });
+            let counter = self
+                .metrics
+                .events_lost
+                .get_or_create(&SourceLabels { source });
             if now > *seen {
                 counter.inc_by(now - *seen);
                 *seen = now;
@@ -154,7 +173,9 @@ impl Manager {
     pub fn enforce_budget(&mut self) {
         let elapsed = self.last_budget.elapsed().as_secs_f64();
         self.last_budget = Instant::now();
-        let Some(cuda) = self.cuda.as_ref() else { return };
+        let Some(cuda) = self.cuda.as_ref() else {
+            return;
+        };
         let mut rates = HashMap::new();
         for (api, _, _) in APIS {
             let now = per_cpu_sum(&self.hits_map, *api as u32);
@@ -176,7 +197,6 @@ impl Manager {
                 budget = self.budget_share,
                 "probe budget exceeded, shedding probe"
             );
-            self.metrics.probe_shed.get_or_create(&ProbeLabels { probe: step.name() }).set(1);
             match step {
                 Shed::StackSampling => {
                     self.stack_every = 0;
@@ -186,10 +206,15 @@ impl Manager {
                     if let Some(cuda) = self.cuda.as_mut() {
                         cuda.shed(&mut self.ebpf, api);
                     }
+                    self.publish_attach_state();
                 }
             }
+            // Said only once the probe is really gone.
+            self.metrics
+                .probe_shed
+                .get_or_create(&ProbeLabels { probe: step.name() })
+                .set(1);
         }
-        self.publish_attach_state();
     }
 
     /// Runs until told to stop, then detaches everything.

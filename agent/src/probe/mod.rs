@@ -18,7 +18,8 @@ use aya::{
 };
 
 /// The eBPF object built by `build.rs`, aligned for the ELF parser.
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/inferscope.bpf.o"));
+static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/inferscope.bpf.o"));
 
 pub const FAMILIES: &[&str] = &["cuda", "sched"];
 

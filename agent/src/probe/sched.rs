@@ -55,7 +55,10 @@ fn kernel_at_least(major: u32, minor: u32) -> bool {
     let Ok(release) = std::fs::read_to_string("/proc/sys/kernel/osrelease") else {
         return false;
     };
-    let mut parts = release.trim().split(['.', '-']).map(|p| p.parse::<u32>().unwrap_or(0));
+    let mut parts = release
+        .trim()
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
     let (ma, mi) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
     (ma, mi) >= (major, minor)
 }
@@ -68,6 +71,9 @@ mod tests {
     fn reads_group_dead_offset_from_format() {
         let f = "\tfield:pid_t pid;\toffset:24;\tsize:4;\tsigned:1;\n\tfield:bool group_dead;\toffset:32;\tsize:1;\tsigned:0;\n";
         assert_eq!(parse_group_dead_offset(f), Some(32));
-        assert_eq!(parse_group_dead_offset("field:pid_t pid;\toffset:24;"), None);
+        assert_eq!(
+            parse_group_dead_offset("field:pid_t pid;\toffset:24;"),
+            None
+        );
     }
 }

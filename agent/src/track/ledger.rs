@@ -122,7 +122,12 @@ impl Ledger {
         self.procs.remove(&tgid)
     }
 
-    pub fn apply(&mut self, ev: &CudaMemEvent, api: CudaApi, comm: impl FnOnce() -> String) -> Outcome {
+    pub fn apply(
+        &mut self,
+        ev: &CudaMemEvent,
+        api: CudaApi,
+        comm: impl FnOnce() -> String,
+    ) -> Outcome {
         if ev.result != 0 {
             return Outcome::Failed;
         }
@@ -242,7 +247,10 @@ mod tests {
     #[test]
     fn allocs_and_frees_balance_per_device() {
         let mut l = Ledger::new(10, 100);
-        assert_eq!(apply(&mut l, ev(1, CudaApi::MemAlloc, 0x10, 100, 0, 0)), Outcome::Device { device: 0 });
+        assert_eq!(
+            apply(&mut l, ev(1, CudaApi::MemAlloc, 0x10, 100, 0, 0)),
+            Outcome::Device { device: 0 }
+        );
         apply(&mut l, ev(1, CudaApi::MemAllocAsync, 0x20, 50, 1, 0));
         apply(&mut l, ev(1, CudaApi::MemAllocPitch, 0x30, 7, 1, 0));
         let p = l.process(1).unwrap();
@@ -250,34 +258,58 @@ mod tests {
         assert_eq!(p.device_bytes()[&1], 57);
         assert_eq!(p.device_count(1), 2);
         // A free carries no device: the ledger knows it from the allocation.
-        assert_eq!(apply(&mut l, ev(1, CudaApi::MemFreeAsync, 0x20, 0, 0, 0)), Outcome::Device { device: 1 });
+        assert_eq!(
+            apply(&mut l, ev(1, CudaApi::MemFreeAsync, 0x20, 0, 0, 0)),
+            Outcome::Device { device: 1 }
+        );
         assert_eq!(l.process(1).unwrap().device_bytes()[&1], 7);
-        assert_eq!(apply(&mut l, ev(1, CudaApi::MemFree, 0x99, 0, 0, 0)), Outcome::UnknownFree);
+        assert_eq!(
+            apply(&mut l, ev(1, CudaApi::MemFree, 0x99, 0, 0, 0)),
+            Outcome::UnknownFree
+        );
         // A failed free leaves the allocation in place.
-        assert_eq!(apply(&mut l, ev(1, CudaApi::MemFree, 0x10, 0, 0, 1)), Outcome::Failed);
+        assert_eq!(
+            apply(&mut l, ev(1, CudaApi::MemFree, 0x10, 0, 0, 1)),
+            Outcome::Failed
+        );
         assert_eq!(l.process(1).unwrap().device_bytes()[&0], 100);
     }
 
     #[test]
     fn failures_change_nothing() {
         let mut l = Ledger::new(10, 100);
-        assert_eq!(apply(&mut l, ev(1, CudaApi::MemAlloc, 0, 1 << 30, 0, 2)), Outcome::Failed);
+        assert_eq!(
+            apply(&mut l, ev(1, CudaApi::MemAlloc, 0, 1 << 30, 0, 2)),
+            Outcome::Failed
+        );
         assert!(l.is_empty());
     }
 
     #[test]
     fn vmm_handles_hold_memory_and_ranges_do_not() {
         let mut l = Ledger::new(10, 100);
-        apply(&mut l, ev(1, CudaApi::MemAddressReserve, 0x1000, 4096, 0, 0));
+        apply(
+            &mut l,
+            ev(1, CudaApi::MemAddressReserve, 0x1000, 4096, 0, 0),
+        );
         apply(&mut l, ev(1, CudaApi::MemCreate, 0xabc, 2 << 20, 1, 0));
         apply(&mut l, ev(1, CudaApi::MemMap, 0x1000, 2 << 20, 0, 0));
         assert_eq!(l.process(1).unwrap().device_bytes()[&1], 2 << 20);
         assert_eq!(l.process(1).unwrap().reserved_ranges(), 1);
         apply(&mut l, ev(1, CudaApi::MemUnmap, 0x1000, 2 << 20, 0, 0));
-        assert_eq!(apply(&mut l, ev(1, CudaApi::MemRelease, 0xabc, 0, 0, 0)), Outcome::Device { device: 1 });
+        assert_eq!(
+            apply(&mut l, ev(1, CudaApi::MemRelease, 0xabc, 0, 0, 0)),
+            Outcome::Device { device: 1 }
+        );
         assert_eq!(l.process(1).unwrap().device_bytes()[&1], 0);
-        assert_eq!(apply(&mut l, ev(1, CudaApi::MemAddressFree, 0x1000, 4096, 0, 0)), Outcome::Range);
-        assert_eq!(apply(&mut l, ev(1, CudaApi::MemRelease, 0xabc, 0, 0, 0)), Outcome::UnknownFree);
+        assert_eq!(
+            apply(&mut l, ev(1, CudaApi::MemAddressFree, 0x1000, 4096, 0, 0)),
+            Outcome::Range
+        );
+        assert_eq!(
+            apply(&mut l, ev(1, CudaApi::MemRelease, 0xabc, 0, 0, 0)),
+            Outcome::UnknownFree
+        );
     }
 
     #[test]
@@ -296,8 +328,14 @@ mod tests {
         let mut l = Ledger::new(1, 2);
         apply(&mut l, ev(1, CudaApi::MemAlloc, 1, 1, 0, 0));
         apply(&mut l, ev(1, CudaApi::MemAlloc, 2, 1, 0, 0));
-        assert_eq!(apply(&mut l, ev(1, CudaApi::MemAlloc, 3, 1, 0, 0)), Outcome::AllocationLimit);
-        assert_eq!(apply(&mut l, ev(2, CudaApi::MemAlloc, 3, 1, 0, 0)), Outcome::ProcessLimit);
+        assert_eq!(
+            apply(&mut l, ev(1, CudaApi::MemAlloc, 3, 1, 0, 0)),
+            Outcome::AllocationLimit
+        );
+        assert_eq!(
+            apply(&mut l, ev(2, CudaApi::MemAlloc, 3, 1, 0, 0)),
+            Outcome::ProcessLimit
+        );
         assert_eq!(l.process(1).unwrap().device_bytes()[&0], 2);
     }
 

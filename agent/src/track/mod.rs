@@ -10,7 +10,9 @@ use tokio::sync::mpsc;
 
 use crate::{
     cuda_error,
-    export::metrics::{ApiErrorLabels, ApiLabels, Metrics, ProcessGpuLabels, ProcessLabels, SourceLabels},
+    export::metrics::{
+        ApiErrorLabels, ApiLabels, Metrics, ProcessGpuLabels, ProcessLabels, SourceLabels,
+    },
     ingest::{Batch, Event},
     proc::ProcFs,
 };
@@ -29,7 +31,11 @@ pub struct Tracker {
 }
 
 impl Tracker {
-    pub fn new(metrics: Arc<Metrics>, procfs: ProcFs, limits: &crate::config::LimitsConfig) -> Self {
+    pub fn new(
+        metrics: Arc<Metrics>,
+        procfs: ProcFs,
+        limits: &crate::config::LimitsConfig,
+    ) -> Self {
         Self {
             ledger: Ledger::new(limits.max_processes, limits.max_allocations_per_process),
             metrics,
@@ -44,7 +50,12 @@ impl Tracker {
     }
 
     pub fn handle(&mut self, ev: &Event) {
-        self.metrics.events.get_or_create(&SourceLabels { source: ev.source() }).inc();
+        self.metrics
+            .events
+            .get_or_create(&SourceLabels {
+                source: ev.source(),
+            })
+            .inc();
         match ev {
             Event::CudaMem(e) => self.cuda(e),
             Event::ProcessExit(e) => self.exit(e.header.tgid),
@@ -76,7 +87,11 @@ impl Tracker {
             }
         } else {
             let error = cuda_error::name(e.result).into_owned();
-            let family = if release { &m.cuda_free_failures } else { &m.cuda_alloc_failures };
+            let family = if release {
+                &m.cuda_free_failures
+            } else {
+                &m.cuda_alloc_failures
+            };
             family
                 .get_or_create(&ApiErrorLabels {
                     api: api.symbol(),
@@ -87,7 +102,9 @@ impl Tracker {
         }
 
         let (procfs, max) = (&self.procfs, self.max_label_len);
-        let outcome = self.ledger.apply(e, api, || comm_label(procfs, e.header.tgid, max));
+        let outcome = self
+            .ledger
+            .apply(e, api, || comm_label(procfs, e.header.tgid, max));
         match outcome {
             Outcome::Device { device } => self.publish_device(e.header.tgid, device),
             Outcome::Host => self.publish_host(e.header.tgid),
@@ -102,7 +119,10 @@ impl Tracker {
     }
 
     fn log_failure(&mut self, e: &CudaMemEvent, api: CudaApi, error: &str) {
-        if !self.logged_failures.insert((e.header.tgid, e.api, e.result)) {
+        if !self
+            .logged_failures
+            .insert((e.header.tgid, e.api, e.result))
+        {
             return;
         }
         let comm = self
@@ -125,7 +145,9 @@ impl Tracker {
     }
 
     fn publish_device(&self, tgid: u32, device: i32) {
-        let Some(p) = self.ledger.process(tgid) else { return };
+        let Some(p) = self.ledger.process(tgid) else {
+            return;
+        };
         let labels = ProcessGpuLabels {
             pid: tgid,
             comm: p.comm.clone(),
@@ -143,7 +165,9 @@ impl Tracker {
     }
 
     fn publish_host(&self, tgid: u32) {
-        let Some(p) = self.ledger.process(tgid) else { return };
+        let Some(p) = self.ledger.process(tgid) else {
+            return;
+        };
         self.metrics
             .process_host_pinned
             .get_or_create(&ProcessLabels {
@@ -156,7 +180,9 @@ impl Tracker {
     /// Releases a process's ledger and its series.
     pub fn exit(&mut self, tgid: u32) {
         self.logged_failures.retain(|(t, _, _)| *t != tgid);
-        let Some(p) = self.ledger.remove(tgid) else { return };
+        let Some(p) = self.ledger.remove(tgid) else {
+            return;
+        };
         for device in p.device_bytes().keys() {
             let labels = ProcessGpuLabels {
                 pid: tgid,
@@ -235,7 +261,11 @@ mod tests {
     fn metrics_follow_the_events() {
         let metrics = Arc::new(Metrics::new());
         let dir = tempfile::tempdir().unwrap();
-        let mut t = Tracker::new(metrics.clone(), ProcFs::new(dir.path()), &LimitsConfig::default());
+        let mut t = Tracker::new(
+            metrics.clone(),
+            ProcFs::new(dir.path()),
+            &LimitsConfig::default(),
+        );
         t.handle(&event(7, CudaApi::MemAlloc, 0x10, 1000, 0));
         t.handle(&event(7, CudaApi::MemAlloc, 0, 5000, 2));
         t.handle(&event(7, CudaApi::MemAlloc, 0, 0, 777));
@@ -255,6 +285,8 @@ mod tests {
         // The process is not in the (empty) proc tree: the sweep releases it.
         t.sweep();
         assert!(t.ledger().is_empty());
-        assert!(!metrics.encode().contains("gpu_process_memory_allocated_bytes{"));
+        assert!(!metrics
+            .encode()
+            .contains("gpu_process_memory_allocated_bytes{"));
     }
 }

@@ -15,7 +15,10 @@ pub use cuda_workload::{OutputLine, Truth, Variant};
 /// `target/<profile>`, from the test executable's own path (`target/<profile>/deps/x`).
 pub fn target_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf()
 }
 
 /// A workspace binary built by `cargo build --workspace --bins` (what `cargo xtask test` does).
@@ -38,7 +41,11 @@ pub fn root_tier() -> bool {
     if root && btf {
         return true;
     }
-    let why = if root { "the kernel has no BTF" } else { "not root" };
+    let why = if root {
+        "the kernel has no BTF"
+    } else {
+        "not root"
+    };
     if std::env::var_os("CI").is_some() {
         panic!("root-tier test cannot run under CI: {why}");
     }
@@ -47,7 +54,11 @@ pub fn root_tier() -> bool {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
@@ -67,7 +78,11 @@ pub fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Optio
 pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut raw = String::new();
     s.read_to_string(&mut raw).ok()?;
     let status = raw.split_whitespace().nth(1)?.parse().ok()?;
@@ -80,8 +95,12 @@ fn dechunk(body: &str) -> String {
     let mut out = String::new();
     let mut rest = body;
     loop {
-        let Some((size, after)) = rest.split_once("\r\n") else { return body.to_string() };
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { return body.to_string() };
+        let Some((size, after)) = rest.split_once("\r\n") else {
+            return body.to_string();
+        };
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            return body.to_string();
+        };
         if n == 0 {
             return out;
         }
@@ -93,24 +112,33 @@ fn dechunk(body: &str) -> String {
     }
 }
 
+/// A series' labels and value.
+pub type Sample = (Vec<(String, String)>, f64);
+
 /// One scrape of `/metrics`: series → value.
 #[derive(Debug, Default)]
 pub struct Scrape {
-    pub series: HashMap<String, Vec<(Vec<(String, String)>, f64)>>,
+    pub series: HashMap<String, Vec<Sample>>,
     pub text: String,
 }
 
 impl Scrape {
     pub fn parse(text: &str) -> Self {
         let mut series: HashMap<String, Vec<_>> = HashMap::new();
-        for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
             let (head, value) = line.rsplit_once(' ').expect("series line");
             let value: f64 = value.parse().expect("value");
             let (name, labels) = match head.split_once('{') {
                 Some((n, l)) => (n, parse_labels(l.trim_end_matches('}'))),
                 None => (head, Vec::new()),
             };
-            series.entry(name.to_string()).or_default().push((labels, value));
+            series
+                .entry(name.to_string())
+                .or_default()
+                .push((labels, value));
         }
         Self {
             series,
@@ -133,10 +161,14 @@ impl Scrape {
     }
 
     pub fn has(&self, name: &str, want: &[(&str, &str)]) -> bool {
-        self.series.get(name).into_iter().flatten().any(|(labels, _)| {
-            want.iter()
-                .all(|(k, v)| labels.iter().any(|(lk, lv)| lk == k && lv == v))
-        })
+        self.series
+            .get(name)
+            .into_iter()
+            .flatten()
+            .any(|(labels, _)| {
+                want.iter()
+                    .all(|(k, v)| labels.iter().any(|(lk, lv)| lk == k && lv == v))
+            })
     }
 }
 
@@ -173,6 +205,10 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(extra: &[&str]) -> Agent {
+        Self::start_with_env(extra, &[])
+    }
+
+    pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Agent {
         let port = free_port();
         let dir = tempfile::tempdir().unwrap();
         let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
@@ -183,7 +219,7 @@ impl Agent {
             .arg(dir.path().join("forensics"))
             .args(extra)
             .env("INFERSCOPE_LOG", "info,inferscope=debug")
-            .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -201,7 +237,11 @@ impl Agent {
             if let Some(status) = agent.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("agent exited during start ({status}):\n{}", agent.log());
             }
-            assert!(ready.elapsed() < Duration::from_secs(30), "agent not ready:\n{}", agent.log());
+            assert!(
+                ready.elapsed() < Duration::from_secs(30),
+                "agent not ready:\n{}",
+                agent.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         agent
@@ -229,7 +269,10 @@ impl Agent {
             }
             if start.elapsed() > Duration::from_secs(15) {
                 let text = last.map(|s: Scrape| s.text).unwrap_or_default();
-                panic!("timed out waiting for {what}; last scrape:\n{text}\nagent log:\n{}", self.log());
+                panic!(
+                    "timed out waiting for {what}; last scrape:\n{text}\nagent log:\n{}",
+                    self.log()
+                );
             }
             last = Some(s);
             std::thread::sleep(Duration::from_millis(50));
@@ -265,7 +308,10 @@ pub fn assert_no_probe_programs() {
         .filter_map(|p| p.name_as_str().map(str::to_string))
         .filter(|n| names.iter().any(|x| n.starts_with(&x[..x.len().min(15)])))
         .collect();
-    assert!(left.is_empty(), "programs still loaded after the agent stopped: {left:?}");
+    assert!(
+        left.is_empty(),
+        "programs still loaded after the agent stopped: {left:?}"
+    );
 }
 
 /// The workload fixture, paused at `ready` until [`Workload::proceed`].
@@ -323,16 +369,18 @@ impl Workload {
     }
 
     pub fn next_line(&mut self) -> OutputLine {
-        loop {
-            let mut line = String::new();
-            let n = self.stdout.read_line(&mut line).expect("read workload stdout");
-            assert!(n > 0, "workload ended without the expected output");
-            let parsed = OutputLine::parse(line.trim()).unwrap_or_else(|e| panic!("bad line {line:?}: {e}"));
-            if let OutputLine::Skipped { skipped, reason } = &parsed {
-                panic!("workload skipped {skipped}: {reason}");
-            }
-            return parsed;
+        let mut line = String::new();
+        let n = self
+            .stdout
+            .read_line(&mut line)
+            .expect("read workload stdout");
+        assert!(n > 0, "workload ended without the expected output");
+        let parsed =
+            OutputLine::parse(line.trim()).unwrap_or_else(|e| panic!("bad line {line:?}: {e}"));
+        if let OutputLine::Skipped { skipped, reason } = &parsed {
+            panic!("workload skipped {skipped}: {reason}");
         }
+        parsed
     }
 
     /// Lets the paused workload go on (past `ready` or a checkpoint).
@@ -344,7 +392,10 @@ impl Workload {
 
     /// Reads up to the next checkpoint or final line and returns its truth.
     pub fn truth(&mut self) -> Truth {
-        self.next_line().truth().cloned().expect("a line with truth")
+        self.next_line()
+            .truth()
+            .cloned()
+            .expect("a line with truth")
     }
 
     pub fn wait(mut self) -> ExitStatus {
@@ -370,23 +421,39 @@ pub fn mismatch(s: &Scrape, truth: &Truth) -> Option<String> {
     for (api, stats) in &truth.apis {
         let release = matches!(
             api.as_str(),
-            "cuMemFree_v2" | "cuMemFreeAsync" | "cuMemRelease" | "cuMemUnmap" | "cuMemAddressFree" | "cuMemFreeHost"
+            "cuMemFree_v2"
+                | "cuMemFreeAsync"
+                | "cuMemRelease"
+                | "cuMemUnmap"
+                | "cuMemAddressFree"
+                | "cuMemFreeHost"
         );
         let l = [("api", api.as_str())];
         let (calls, failures) = if release {
             ("gpu_cuda_frees_total", "gpu_cuda_free_failures_total")
         } else {
-            ("gpu_cuda_alloc_calls_total", "gpu_cuda_alloc_failures_total")
+            (
+                "gpu_cuda_alloc_calls_total",
+                "gpu_cuda_alloc_failures_total",
+            )
         };
         if let Some(m) = check(format!("{api} calls"), s.sum(calls, &l), stats.calls) {
             return Some(m);
         }
         if !release {
-            if let Some(m) = check(format!("{api} bytes"), s.sum("gpu_cuda_alloc_bytes_total", &l), stats.bytes) {
+            if let Some(m) = check(
+                format!("{api} bytes"),
+                s.sum("gpu_cuda_alloc_bytes_total", &l),
+                stats.bytes,
+            ) {
                 return Some(m);
             }
         }
-        if let Some(m) = check(format!("{api} failures"), s.sum(failures, &l), stats.failed()) {
+        if let Some(m) = check(
+            format!("{api} failures"),
+            s.sum(failures, &l),
+            stats.failed(),
+        ) {
             return Some(m);
         }
         for (error, n) in &stats.failures {
@@ -407,7 +474,11 @@ pub fn mismatch(s: &Scrape, truth: &Truth) -> Option<String> {
         }
     }
     let got = s.sum("gpu_process_host_pinned_bytes", &[("pid", &pid)]);
-    check(format!("pid {pid} pinned host bytes"), got, truth.live_host_bytes)
+    check(
+        format!("pid {pid} pinned host bytes"),
+        got,
+        truth.live_host_bytes,
+    )
 }
 
 /// Waits for the agent's figures to equal the truth; on timeout, fails naming the difference.

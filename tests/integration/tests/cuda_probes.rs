@@ -35,7 +35,10 @@ fn agent_started_before_matches_ground_truth_exactly() {
 
     w.proceed();
     let oom = w.truth();
-    assert_eq!(oom.api("cuMemAlloc_v2").failures.get("out_of_memory"), Some(&1));
+    assert_eq!(
+        oom.api("cuMemAlloc_v2").failures.get("out_of_memory"),
+        Some(&1)
+    );
     assert_agent_sees(&agent, &oom);
 
     // The failure is logged once, with a user stack id for forensics.
@@ -61,5 +64,307 @@ fn agent_started_before_matches_ground_truth_exactly() {
         !s.has("gpu_process_memory_allocated_bytes", &[("pid", &pid)])
             && s.sum("inferscope_tracked_processes", &[]) == 0.0
     });
+    assert!(agent.stop().success());
+}
+
+/// The truth of what happened between two checkpoints.
+fn delta(after: &Truth, before: &Truth) -> Truth {
+    let mut out = after.clone();
+    for (api, stats) in out.apis.iter_mut() {
+        let b = before.api(api);
+        stats.calls -= b.calls;
+        stats.ok -= b.ok;
+        stats.bytes -= b.bytes;
+        for (error, n) in stats.failures.iter_mut() {
+            *n -= b.failures.get(error).copied().unwrap_or(0);
+        }
+    }
+    out
+}
+
+#[test]
+fn agent_started_after_the_workload_discovers_it_and_counts_from_then_on() {
+    if !root_tier() {
+        return;
+    }
+    let plan = "alloc dev=0 size=1048576 count=4; checkpoint name=before; \
+                free count=2; alloc dev=0 size=2097152 count=3; checkpoint name=after";
+    let opts = WorkloadOptions {
+        gpus: 1,
+        ..Default::default()
+    };
+    let mut w = Workload::start(plan, &opts);
+    w.proceed();
+    let before = w.truth();
+    // No --cuda-lib: the agent must find the library through the workload's mappings.
+    let agent = Agent::start(&[]);
+    agent.wait_for("the mapped library to be attached", |s| {
+        s.sum("inferscope_cuda_libraries", &[]) == 1.0
+            && s.sum("inferscope_probe_attached", &[("probe", "cuMemAlloc_v2")]) == 1.0
+    });
+    w.proceed();
+    let after = w.truth();
+    let mut seen = delta(&after, &before);
+    // The ledger holds what it saw allocated; the two frees are of allocations it never saw.
+    seen.live_device_bytes = [(0, 3 * 2 * MIB)].into();
+    let s = assert_agent_sees(&agent, &seen);
+    assert_eq!(
+        s.sum("gpu_cuda_unknown_frees_total", &[("api", "cuMemFree_v2")]),
+        2.0
+    );
+    assert_eq!(
+        s.sum(
+            "gpu_process_allocations",
+            &[("pid", &after.pid.to_string()), ("gpu", "0")]
+        ),
+        3.0
+    );
+    w.proceed();
+    assert!(w.wait().success());
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn a_process_killed_mid_run_releases_its_ledger() {
+    if !root_tier() {
+        return;
+    }
+    let agent = Agent::start(&["--cuda-lib", &ld_lib_arg(Variant::Nop5)]);
+    let opts = WorkloadOptions {
+        variant: Variant::Nop5,
+        gpus: 1,
+        ..Default::default()
+    };
+    let mut w = Workload::start(
+        "alloc dev=0 size=1048576 count=5; checkpoint name=held; kill",
+        &opts,
+    );
+    w.proceed();
+    let held = w.truth();
+    assert_agent_sees(&agent, &held);
+    let pid = held.pid.to_string();
+    w.proceed();
+    let status = w.wait();
+    assert!(
+        !status.success(),
+        "the workload should have died of SIGKILL"
+    );
+    agent.wait_for("the killed process's ledger to be released", |s| {
+        !s.has("gpu_process_memory_allocated_bytes", &[("pid", &pid)])
+            && s.sum("inferscope_tracked_processes", &[]) == 0.0
+            && s.sum("inferscope_events_total", &[("source", "sched")]) >= 1.0
+    });
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn a_library_without_the_vmm_symbols_is_probed_for_what_it_has() {
+    if !root_tier() {
+        return;
+    }
+    let agent = Agent::start(&["--cuda-lib", &ld_lib_arg(Variant::NoVmm)]);
+    let s = agent.scrape();
+    for sym in [
+        "cuMemCreate",
+        "cuMemMap",
+        "cuMemRelease",
+        "cuMemAllocFromPoolAsync",
+    ] {
+        assert_eq!(
+            s.sum("inferscope_probe_attached", &[("probe", sym)]),
+            0.0,
+            "{sym}"
+        );
+    }
+    for sym in [
+        "cuMemAlloc_v2",
+        "cuMemFree_v2",
+        "cuMemAllocHost_v2",
+        "cuCtxSetCurrent",
+    ] {
+        assert_eq!(
+            s.sum("inferscope_probe_attached", &[("probe", sym)]),
+            1.0,
+            "{sym}"
+        );
+    }
+    let log = agent.log();
+    assert!(
+        log.contains("missing") && log.contains("cuMemCreate"),
+        "{log}"
+    );
+    let opts = WorkloadOptions {
+        variant: Variant::NoVmm,
+        gpus: 1,
+        ..Default::default()
+    };
+    let mut w = Workload::start(
+        "alloc dev=0 size=4096 count=3; free count=1; host size=4096 count=1; checkpoint name=x",
+        &opts,
+    );
+    w.proceed();
+    let truth = w.truth();
+    assert_agent_sees(&agent, &truth);
+    assert!(w.wait().success());
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn two_processes_on_one_library_file_are_kept_apart() {
+    if !root_tier() {
+        return;
+    }
+    // Given explicitly and found mapped by both processes: still attached once.
+    let agent = Agent::start(&["--cuda-lib", &ld_lib_arg(Variant::Push)]);
+    let state = tempfile::NamedTempFile::new().unwrap();
+    let opts = WorkloadOptions {
+        gpus: 1,
+        gpu_mem: 64 * MIB,
+        state_file: Some(state.path()),
+        ..Default::default()
+    };
+    let mut a = Workload::start(
+        "alloc dev=0 size=1048576 count=10; checkpoint name=a",
+        &opts,
+    );
+    let mut b = Workload::start(
+        "alloc dev=0 size=2097152 count=3; exhaust dev=0 size=8388608; checkpoint name=b",
+        &opts,
+    );
+    a.proceed();
+    let ta = a.truth();
+    b.proceed();
+    let tb = b.truth();
+    // The two share one simulated GPU: b ran out where the sum of both reached 64 MiB.
+    let held = ta.live_device_bytes[&0] + tb.live_device_bytes[&0];
+    assert!(held <= 64 * MIB && held > 48 * MIB, "held {held}");
+    let mut both = tb.clone();
+    for (api, stats) in &ta.apis {
+        let e = both.apis.entry(api.clone()).or_default();
+        e.calls += stats.calls;
+        e.ok += stats.ok;
+        e.bytes += stats.bytes;
+    }
+    let s = agent.wait_for("both processes", |s| mismatch(s, &both).is_none());
+    assert!(mismatch(&s, &ta).is_some_and(|m| m.contains("calls")));
+    for t in [&ta, &tb] {
+        let pid = t.pid.to_string();
+        assert_eq!(
+            s.sum(
+                "gpu_process_memory_allocated_bytes",
+                &[("pid", &pid), ("gpu", "0")]
+            ),
+            t.live_device_bytes[&0] as f64
+        );
+    }
+    // Discovery has seen both mappings by now; still one library file, attached once.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert_eq!(agent.scrape().sum("inferscope_cuda_libraries", &[]), 1.0);
+    a.proceed();
+    b.proceed();
+    assert!(a.wait().success() && b.wait().success());
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn the_kill_switch_keeps_a_symbol_unprobed() {
+    if !root_tier() {
+        return;
+    }
+    let agent = Agent::start(&[
+        "--cuda-lib",
+        &ld_lib_arg(Variant::Push),
+        "--disable-probe",
+        "cuMemFree_v2",
+    ]);
+    let opts = WorkloadOptions {
+        gpus: 1,
+        ..Default::default()
+    };
+    let mut w = Workload::start(
+        "alloc dev=0 size=1048576 count=3; free count=3; checkpoint name=x",
+        &opts,
+    );
+    w.proceed();
+    let truth = w.truth();
+    let pid = truth.pid.to_string();
+    let s = agent.wait_for("the allocations", |s| {
+        s.sum("gpu_cuda_alloc_calls_total", &[("api", "cuMemAlloc_v2")]) == 3.0
+    });
+    assert_eq!(
+        s.sum("inferscope_probe_attached", &[("probe", "cuMemFree_v2")]),
+        0.0
+    );
+    assert_eq!(s.sum("gpu_cuda_frees_total", &[]), 0.0);
+    // Frees unseen: the ledger still holds the three allocations.
+    assert_eq!(
+        s.sum(
+            "gpu_process_memory_allocated_bytes",
+            &[("pid", &pid), ("gpu", "0")]
+        ),
+        3.0 * MIB as f64
+    );
+    w.proceed();
+    assert!(w.wait().success());
+    assert!(agent.stop().success());
+
+    // A whole family off: no library probed at all.
+    let agent = Agent::start(&[
+        "--cuda-lib",
+        &ld_lib_arg(Variant::Push),
+        "--disable-probe",
+        "cuda",
+    ]);
+    assert_eq!(agent.scrape().sum("inferscope_cuda_libraries", &[]), 0.0);
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn the_probe_budget_sheds_cheap_information_first() {
+    if !root_tier() {
+        return;
+    }
+    // endbr64 first: every hit is single-stepped (~15 µs here), so a busy workload passes
+    // a 0.2 % budget quickly.
+    let agent = Agent::start_with_env(
+        &["--cuda-lib", &ld_lib_arg(Variant::Endbr)],
+        &[
+            ("INFERSCOPE_PROBES__BUDGET_CORE_SHARE", "0.002"),
+            ("INFERSCOPE_PROBES__DISCOVERY_INTERVAL_MS", "200"),
+        ],
+    );
+    let opts = WorkloadOptions {
+        variant: Variant::Endbr,
+        gpus: 1,
+        ..Default::default()
+    };
+    let mut w = Workload::start(
+        "host size=4096 count=1; threads n=2 devs=0 size=4096 count=4000; sleep ms=600; \
+         host size=4096 count=400; threads n=2 devs=0 size=4096 count=4000; sleep ms=600; checkpoint name=x",
+        &opts,
+    );
+    w.proceed();
+    let s = agent.wait_for("probes to be shed", |s| {
+        s.sum("inferscope_probe_shed", &[("probe", "stack_sampling")]) == 1.0
+            && s.sum("inferscope_probe_shed", &[("probe", "cuMemAllocHost_v2")]) == 1.0
+    });
+    assert_eq!(
+        s.sum(
+            "inferscope_probe_attached",
+            &[("probe", "cuMemAllocHost_v2")]
+        ),
+        0.0
+    );
+    // Allocation probes go last: if they went, everything ranked before them went too.
+    if s.sum("inferscope_probe_shed", &[("probe", "cuMemAlloc_v2")]) == 1.0 {
+        assert_eq!(
+            s.sum("inferscope_probe_shed", &[("probe", "cuMemFree_v2")]),
+            1.0
+        );
+    }
+    assert!(agent.log().contains("probe budget exceeded"));
+    w.truth();
+    w.proceed();
+    assert!(w.wait().success());
     assert!(agent.stop().success());
 }
