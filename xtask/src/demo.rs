@@ -1,3 +1,222 @@
+//! `cargo xtask demo`: the agent on its embedded defaults watching a scripted scenario on the
+//! CUDA driver double. Two processes share one simulated 16 GiB GPU: an inference server
+//! that loads weights through the VMM API (as PyTorch's expandable segments do) and fills a
+//! KV cache, and a second job that takes a slice; then the server asks for more than is left
+//! and gets CUDA_ERROR_OUT_OF_MEMORY. The demo prints what the agent sees at each step.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context};
+use prom_scrape::{http_get, Scrape};
+
+const PORT: u16 = 9464;
+const GIB: f64 = (1u64 << 30) as f64;
+
+const SERVER_PLAN: &str = "vmm dev=0 size=1073741824 count=6; alloc dev=0 size=268435456 count=16; \
+    async dev=0 size=2097152 count=64; host size=67108864 count=4; checkpoint name=loaded; \
+    free count=8; async dev=0 size=1048576 count=32; checkpoint name=serving; \
+    exhaust dev=0 size=1073741824; checkpoint name=oom";
+const JOB_PLAN: &str = "alloc dev=0 size=536870912 count=8; checkpoint name=held";
+
+struct Proc {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Proc {
+    fn start(bin: &Path, lib_dir: &str, state: &Path, plan: &str) -> anyhow::Result<Proc> {
+        let mut child = Command::new(bin)
+            .args(["--plan", plan, "--pause"])
+            .env("LD_LIBRARY_PATH", lib_dir)
+            .env("INFERSCOPE_FAKE_GPU_COUNT", "1")
+            .env("INFERSCOPE_FAKE_GPU_MEM", (16u64 << 30).to_string())
+            .env("INFERSCOPE_FAKE_GPU_STATE", state)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("start cuda-workload")?;
+        let stdin = child.stdin.take().context("stdin")?;
+        let stdout = BufReader::new(child.stdout.take().context("stdout")?);
+        let mut p = Proc { child, stdin, stdout };
+        p.line()?; // ready
+        Ok(p)
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn line(&mut self) -> anyhow::Result<String> {
+        let mut line = String::new();
+        if self.stdout.read_line(&mut line)? == 0 {
+            bail!("workload {} ended early", self.pid());
+        }
+        Ok(line)
+    }
+
+    /// Lets the workload run to its next checkpoint.
+    fn step(&mut self) -> anyhow::Result<()> {
+        writeln!(self.stdin)?;
+        self.stdin.flush()?;
+        self.line().map(drop)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct AgentProc(Child);
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let _ = self.0.wait();
+    }
+}
+
 pub fn run() -> anyhow::Result<()> {
-    anyhow::bail!("demo: not yet")
+    if !crate::util::is_root() {
+        bail!("the demo loads eBPF programs: run it as root");
+    }
+    let release = crate::util::root_dir().join("target/release");
+    let agent_bin = release.join("inferscope");
+    let workload_bin = release.join("cuda-workload");
+    let lib_dir = String::from_utf8(
+        Command::new(&workload_bin).args(["--double-dir", "push"]).output()?.stdout,
+    )?
+    .trim()
+    .to_string();
+    let state = std::env::temp_dir().join(format!("inferscope-demo-gpu-{}", std::process::id()));
+    let _ = std::fs::remove_file(&state);
+
+    println!("== inferscope demo ==");
+    println!("agent:    {} run   (embedded defaults)", agent_bin.display());
+    println!("driver:   CUDA driver test double, 1 simulated GPU of 16 GiB ({lib_dir})");
+    let mut agent = AgentProc(
+        Command::new(&agent_bin)
+            .arg("run")
+            .env("INFERSCOPE_LOG", "warn")
+            .spawn()
+            .context("start the agent")?,
+    );
+    wait(&mut agent, "the agent to answer /healthz", |_| {
+        matches!(http_get(PORT, "/healthz"), Some((200, _)))
+    })?;
+    println!("metrics:  http://127.0.0.1:{PORT}/metrics\n");
+
+    let mut server = Proc::start(&workload_bin, &lib_dir, &state, SERVER_PLAN)?;
+    let mut job = Proc::start(&workload_bin, &lib_dir, &state, JOB_PLAN)?;
+    // Nothing was said to the agent about these processes: it finds the driver library they
+    // mapped on its own.
+    wait(&mut agent, "the agent to discover the driver", |_| {
+        scrape().is_some_and(|s| s.sum("inferscope_cuda_libraries", &[]) >= 1.0)
+    })?;
+    println!("discovered the CUDA driver mapped by pids {} and {}\n", server.pid(), job.pid());
+
+    server.step()?;
+    show(&mut agent, "1. server loaded weights (VMM) and KV cache", &[&server])?;
+    job.step()?;
+    show(&mut agent, "2. a second job takes 4 GiB of the same GPU", &[&server, &job])?;
+    server.step()?;
+    show(&mut agent, "3. server frees and reallocates while serving", &[&server, &job])?;
+    server.step()?;
+    show(&mut agent, "4. server asks for 1 GiB more than is left", &[&server, &job])?;
+
+    println!("Try: curl -s http://127.0.0.1:{PORT}/metrics | grep -E '^gpu_'");
+    println!("(the demo ends in 10 s, or on Ctrl-C)");
+    std::thread::sleep(Duration::from_secs(10));
+    drop(server);
+    drop(job);
+    let _ = std::fs::remove_file(&state);
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(agent.0.id() as i32, libc::SIGTERM) };
+    let status = agent.0.wait()?;
+    println!("\nagent stopped ({status}); probes detached.");
+    if !status.success() {
+        bail!("the agent did not exit cleanly: {status}");
+    }
+    Ok(())
+}
+
+fn scrape() -> Option<Scrape> {
+    match http_get(PORT, "/metrics") {
+        Some((200, body)) => Some(Scrape::parse(&body)),
+        _ => None,
+    }
+}
+
+fn wait(agent: &mut AgentProc, what: &str, mut ok: impl FnMut(&mut AgentProc) -> bool) -> anyhow::Result<()> {
+    let start = Instant::now();
+    while !ok(agent) {
+        if let Some(status) = agent.0.try_wait()? {
+            bail!("the agent exited ({status}) while waiting for {what}");
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            bail!("timed out waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+/// Prints the per-process ledger and the per-API counters once the agent has caught up.
+fn show(agent: &mut AgentProc, title: &str, procs: &[&Proc]) -> anyhow::Result<()> {
+    // Events reach the ledger within milliseconds; give the scrape a moment to settle.
+    let mut last = String::new();
+    wait(agent, "the agent to settle", |_| {
+        let text = scrape().map(|s| s.text).unwrap_or_default();
+        let settled = text == last;
+        last = text;
+        settled
+    })?;
+    let s = Scrape::parse(&last);
+    println!("-- {title}");
+    println!("   {:>8}  {:<14} {:>4} {:>10} {:>7} {:>10}", "pid", "comm", "gpu", "held GiB", "allocs", "pinned MiB");
+    for p in procs {
+        let pid = p.pid().to_string();
+        let l = [("pid", pid.as_str()), ("gpu", "0")];
+        println!(
+            "   {:>8}  {:<14} {:>4} {:>10.2} {:>7} {:>10.0}",
+            pid,
+            comm(p.pid()),
+            0,
+            s.sum("gpu_process_memory_allocated_bytes", &l) / GIB,
+            s.sum("gpu_process_allocations", &l),
+            s.sum("gpu_process_host_pinned_bytes", &[("pid", pid.as_str())]) / (1u64 << 20) as f64,
+        );
+    }
+    println!("   {:<26} {:>7} {:>10} {:>9}", "api", "calls", "GiB", "failures");
+    let mut apis: Vec<String> = s.label_values("gpu_cuda_alloc_calls_total", "api");
+    apis.sort();
+    for api in apis {
+        let l = [("api", api.as_str())];
+        println!(
+            "   {:<26} {:>7} {:>10.2} {:>9}",
+            api,
+            s.sum("gpu_cuda_alloc_calls_total", &l),
+            s.sum("gpu_cuda_alloc_bytes_total", &l) / GIB,
+            s.sum("gpu_cuda_alloc_failures_total", &l),
+        );
+    }
+    let frees = s.sum("gpu_cuda_frees_total", &[]);
+    let oom = s.sum("gpu_cuda_alloc_failures_total", &[("error", "out_of_memory")]);
+    println!("   frees: {frees}   out-of-memory failures: {oom}\n");
+    Ok(())
+}
+
+fn comm(pid: u32) -> String {
+    std::fs::read_to_string(PathBuf::from(format!("/proc/{pid}/comm")))
+        .map(|c| c.trim().to_string())
+        .unwrap_or_default()
 }

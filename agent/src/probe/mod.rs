@@ -2,12 +2,14 @@
 //!
 //! `cuda` attaches the CUDA driver uprobes per library file, `discover` finds those files,
 //! `elf` reads their symbols, `budget` sheds probes that cost too much, `sched` attaches the
-//! process-exit tracepoint.
+//! process-exit tracepoint. `floor` attaches the benchmark's reference programs (never used
+//! by the agent itself).
 
 pub mod budget;
 pub mod cuda;
 pub mod discover;
 pub mod elf;
+pub mod floor;
 pub mod manager;
 pub mod sched;
 

@@ -9,14 +9,14 @@ use std::ffi::c_void;
 use std::io::{BufRead, Write};
 use std::sync::Arc;
 
-use cuda_workload::{error_name, ApiStats, Truth};
+use cuda_workload::{error_name, ApiStats, Truth, Variant};
 use cudarc::driver::sys;
 use cudarc::driver::{CudaContext, CudaStream};
 
 type CuResult = sys::CUresult;
 
-const USAGE: &str =
-    "usage: cuda-workload (--plan \"step; step; ...\" | --plan-file FILE) [--pause]";
+const USAGE: &str = "usage: cuda-workload (--plan \"step; step; ...\" | --plan-file FILE) [--pause]
+       cuda-workload --double-dir (nop5|push|endbr|novmm)";
 
 // ------------------------------------------------------------------ plan
 
@@ -826,6 +826,14 @@ fn main() {
                 );
             }
             "--pause" => pause = true,
+            // For scripts that cannot link this crate: where the double of a variant lives.
+            "--double-dir" => {
+                let name = args.next().unwrap_or_else(|| fatal(USAGE));
+                let v = Variant::from_name(&name)
+                    .unwrap_or_else(|| fatal(&format!("unknown variant {name:?}")));
+                println!("{}", v.dir().display());
+                return;
+            }
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return;

@@ -2,15 +2,15 @@
 //! fixture, scrape `/metrics`, and check that nothing stays attached afterwards.
 
 use std::{
-    collections::HashMap,
-    io::{BufRead, BufReader, Read, Write},
-    net::{TcpListener, TcpStream},
+    io::{BufRead, BufReader, Write},
+    net::TcpListener,
     path::{Path, PathBuf},
     process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio},
     time::{Duration, Instant},
 };
 
 pub use cuda_workload::{OutputLine, Truth, Variant};
+pub use prom_scrape::{http_get, Scrape};
 
 /// `target/<profile>`, from the test executable's own path (`target/<profile>/deps/x`).
 pub fn target_dir() -> PathBuf {
@@ -71,128 +71,6 @@ pub fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Optio
             panic!("timed out after {timeout:?} waiting for {what}");
         }
         std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// GET over plain HTTP/1.1: (status, body).
-pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).ok()?;
-    let status = raw.split_whitespace().nth(1)?.parse().ok()?;
-    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
-    Some((status, dechunk(&body)))
-}
-
-fn dechunk(body: &str) -> String {
-    // axum answers chunked when the length is unknown; undo it if so.
-    let mut out = String::new();
-    let mut rest = body;
-    loop {
-        let Some((size, after)) = rest.split_once("\r\n") else {
-            return body.to_string();
-        };
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
-            return body.to_string();
-        };
-        if n == 0 {
-            return out;
-        }
-        if after.len() < n {
-            return body.to_string();
-        }
-        out.push_str(&after[..n]);
-        rest = after[n..].trim_start_matches("\r\n");
-    }
-}
-
-/// A series' labels and value.
-pub type Sample = (Vec<(String, String)>, f64);
-
-/// One scrape of `/metrics`: series → value.
-#[derive(Debug, Default)]
-pub struct Scrape {
-    pub series: HashMap<String, Vec<Sample>>,
-    pub text: String,
-}
-
-impl Scrape {
-    pub fn parse(text: &str) -> Self {
-        let mut series: HashMap<String, Vec<_>> = HashMap::new();
-        for line in text
-            .lines()
-            .filter(|l| !l.starts_with('#') && !l.is_empty())
-        {
-            let (head, value) = line.rsplit_once(' ').expect("series line");
-            let value: f64 = value.parse().expect("value");
-            let (name, labels) = match head.split_once('{') {
-                Some((n, l)) => (n, parse_labels(l.trim_end_matches('}'))),
-                None => (head, Vec::new()),
-            };
-            series
-                .entry(name.to_string())
-                .or_default()
-                .push((labels, value));
-        }
-        Self {
-            series,
-            text: text.to_string(),
-        }
-    }
-
-    /// Sum of the series of `name` whose labels include all of `want` (0 when none).
-    pub fn sum(&self, name: &str, want: &[(&str, &str)]) -> f64 {
-        self.series
-            .get(name)
-            .into_iter()
-            .flatten()
-            .filter(|(labels, _)| {
-                want.iter()
-                    .all(|(k, v)| labels.iter().any(|(lk, lv)| lk == k && lv == v))
-            })
-            .map(|(_, v)| v)
-            .sum()
-    }
-
-    pub fn has(&self, name: &str, want: &[(&str, &str)]) -> bool {
-        self.series
-            .get(name)
-            .into_iter()
-            .flatten()
-            .any(|(labels, _)| {
-                want.iter()
-                    .all(|(k, v)| labels.iter().any(|(lk, lv)| lk == k && lv == v))
-            })
-    }
-}
-
-fn parse_labels(s: &str) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    let mut chars = s.chars().peekable();
-    loop {
-        let key: String = chars.by_ref().take_while(|c| *c != '=').collect();
-        if key.is_empty() {
-            return out;
-        }
-        assert_eq!(chars.next(), Some('"'));
-        let mut value = String::new();
-        while let Some(c) = chars.next() {
-            match c {
-                '\\' => value.push(chars.next().unwrap_or('\\')),
-                '"' => break,
-                c => value.push(c),
-            }
-        }
-        out.push((key.trim_start_matches(',').to_string(), value));
-        if chars.peek() == Some(&',') {
-            chars.next();
-        }
     }
 }
 
