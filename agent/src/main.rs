@@ -57,7 +57,9 @@ fn main() {
         Command::Run(args) => run(args),
     };
     if let Err(e) = result {
-        eprintln!("inferscope: {e:#}");
+        // One line: the cause chain, with the multi-line messages of parsers folded.
+        let msg = format!("{e:#}");
+        eprintln!("inferscope: {}", msg.split_whitespace().collect::<Vec<_>>().join(" "));
         std::process::exit(1);
     }
 }

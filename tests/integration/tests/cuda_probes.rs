@@ -368,3 +368,41 @@ fn the_probe_budget_sheds_cheap_information_first() {
     assert!(w.wait().success());
     assert!(agent.stop().success());
 }
+
+#[test]
+fn a_full_ring_buffer_loses_events_visibly_never_silently() {
+    if !root_tier() {
+        return;
+    }
+    // One page of ring and a slow reader: a burst must overflow it.
+    let agent = Agent::start_with_env(
+        &["--cuda-lib", &ld_lib_arg(Variant::Nop5)],
+        &[
+            ("INFERSCOPE_PROBES__RING_BUFFER_BYTES", "4096"),
+            ("INFERSCOPE_PROBES__POLL_INTERVAL_MS", "1000"),
+            ("INFERSCOPE_PROBES__BUDGET_CORE_SHARE", "0"),
+        ],
+    );
+    let opts = WorkloadOptions {
+        variant: Variant::Nop5,
+        gpus: 1,
+        ..Default::default()
+    };
+    let mut w = Workload::start("threads n=2 devs=0 size=4096 count=5000; checkpoint name=x", &opts);
+    w.proceed();
+    let truth = w.truth();
+    let calls = truth.api("cuMemAlloc_v2").calls + truth.api("cuMemFree_v2").calls;
+    assert_eq!(calls, 15_000);
+    let s = agent.wait_for("every call to be either delivered or counted lost", |s| {
+        let seen = s.sum("gpu_cuda_alloc_calls_total", &[]) + s.sum("gpu_cuda_frees_total", &[]);
+        let lost = s.sum("inferscope_events_lost_total", &[("source", "cuda")]);
+        seen + lost == calls as f64
+    });
+    assert!(
+        s.sum("inferscope_events_lost_total", &[("source", "cuda")]) > 0.0,
+        "a 4 KiB ring should have overflowed"
+    );
+    w.proceed();
+    assert!(w.wait().success());
+    assert!(agent.stop().success());
+}
