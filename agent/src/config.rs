@@ -328,14 +328,14 @@ mod tests {
         let path = dir.path().join("c.toml");
         std::fs::write(&path, "[probes]\nstack_sample_evry = 8\n").unwrap();
         let err = Config::load(Some(&path), &env(&[]), &Overrides::default()).unwrap_err();
-        assert!(err.to_string().contains("stack_sample_evry"), "{err}");
+        assert!(chain(&err).contains("stack_sample_evry"), "{err}");
         let err = Config::load(
             None,
             &env(&[("INFERSCOPE_NOPE", "1")]),
             &Overrides::default(),
         )
         .unwrap_err();
-        assert!(err.to_string().contains("nope"), "{err}");
+        assert!(chain(&err).contains("nope"), "{err}");
     }
 
     #[test]
