@@ -59,7 +59,10 @@ fn main() {
     if let Err(e) = result {
         // One line: the cause chain, with the multi-line messages of parsers folded.
         let msg = format!("{e:#}");
-        eprintln!("inferscope: {}", msg.split_whitespace().collect::<Vec<_>>().join(" "));
+        eprintln!(
+            "inferscope: {}",
+            msg.split_whitespace().collect::<Vec<_>>().join(" ")
+        );
         std::process::exit(1);
     }
 }

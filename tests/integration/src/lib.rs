@@ -220,9 +220,14 @@ impl Default for WorkloadOptions<'_> {
 
 impl Workload {
     pub fn start(plan: &str, opts: &WorkloadOptions) -> Workload {
+        Self::start_in(plan, opts, &opts.variant.dir())
+    }
+
+    /// Starts the workload on the driver library found in `lib_dir`.
+    pub fn start_in(plan: &str, opts: &WorkloadOptions, lib_dir: &Path) -> Workload {
         let mut cmd = Command::new(bin(cuda_workload::WORKLOAD_BIN_NAME));
         cmd.args(["--plan", plan, "--pause"])
-            .env("LD_LIBRARY_PATH", opts.variant.dir())
+            .env("LD_LIBRARY_PATH", lib_dir)
             .env(cuda_workload::ENV_GPU_COUNT, opts.gpus.to_string())
             .env(cuda_workload::ENV_GPU_MEM, opts.gpu_mem.to_string())
             .stdin(Stdio::piped())

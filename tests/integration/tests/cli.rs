@@ -23,10 +23,26 @@ fn bad_config_is_one_line_naming_the_problem() {
     let port = free_port().to_string();
     let listen = format!("127.0.0.1:{port}");
     let cases: Vec<(Vec<&str>, Vec<(&str, &str)>, &str)> = vec![
-        (vec!["--config", file.to_str().unwrap()], vec![], "stack_sample_evry"),
-        (vec!["--config", "/nonexistent/inferscope.toml"], vec![], "cannot read config file"),
-        (vec![], vec![("INFERSCOPE_PROBES__RING_BUFFER_BYTES", "1000")], "ring_buffer_bytes"),
-        (vec!["--disable-probe", "cuNoSuchThing"], vec![], "cuNoSuchThing"),
+        (
+            vec!["--config", file.to_str().unwrap()],
+            vec![],
+            "stack_sample_evry",
+        ),
+        (
+            vec!["--config", "/nonexistent/inferscope.toml"],
+            vec![],
+            "cannot read config file",
+        ),
+        (
+            vec![],
+            vec![("INFERSCOPE_PROBES__RING_BUFFER_BYTES", "1000")],
+            "ring_buffer_bytes",
+        ),
+        (
+            vec!["--disable-probe", "cuNoSuchThing"],
+            vec![],
+            "cuNoSuchThing",
+        ),
     ];
     for (args, env, needle) in cases {
         let mut args = args;
@@ -35,7 +51,10 @@ fn bad_config_is_one_line_naming_the_problem() {
         assert_eq!(code, 1, "{args:?}: {stderr}");
         let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
         assert_eq!(lines.len(), 1, "not one line: {stderr}");
-        assert!(lines[0].starts_with("inferscope: ") && lines[0].contains(needle), "{stderr}");
+        assert!(
+            lines[0].starts_with("inferscope: ") && lines[0].contains(needle),
+            "{stderr}"
+        );
     }
 }
 
@@ -61,7 +80,10 @@ fn not_root_is_refused_with_a_reason() {
     };
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.trim().lines().count() == 1 && stderr.contains("must run as root"), "{stderr}");
+    assert!(
+        stderr.trim().lines().count() == 1 && stderr.contains("must run as root"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -73,5 +95,8 @@ fn a_listener_address_in_use_is_refused() {
     let listen = taken.local_addr().unwrap().to_string();
     let (code, stderr) = run_agent(&["--prometheus-listen", &listen], &[]);
     assert_eq!(code, 1, "{stderr}");
-    assert!(stderr.contains("cannot listen on") && stderr.contains(&listen), "{stderr}");
+    assert!(
+        stderr.contains("cannot listen on") && stderr.contains(&listen),
+        "{stderr}"
+    );
 }

@@ -388,7 +388,10 @@ fn a_full_ring_buffer_loses_events_visibly_never_silently() {
         gpus: 1,
         ..Default::default()
     };
-    let mut w = Workload::start("threads n=2 devs=0 size=4096 count=5000; checkpoint name=x", &opts);
+    let mut w = Workload::start(
+        "threads n=2 devs=0 size=4096 count=5000; checkpoint name=x",
+        &opts,
+    );
     w.proceed();
     let truth = w.truth();
     let calls = truth.api("cuMemAlloc_v2").calls + truth.api("cuMemFree_v2").calls;
@@ -401,6 +404,85 @@ fn a_full_ring_buffer_loses_events_visibly_never_silently() {
     assert!(
         s.sum("inferscope_events_lost_total", &[("source", "cuda")]) > 0.0,
         "a 4 KiB ring should have overflowed"
+    );
+    w.proceed();
+    assert!(w.wait().success());
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn many_short_lived_processes_leave_no_ledger_behind() {
+    if !root_tier() {
+        return;
+    }
+    let agent = Agent::start(&["--cuda-lib", &ld_lib_arg(Variant::Nop5)]);
+    let workload = bin(cuda_workload::WORKLOAD_BIN_NAME);
+    const PROCS: usize = 400;
+    // Batches of 8 at a time; each allocates twice and exits without freeing.
+    for batch in 0..PROCS / 8 {
+        let children: Vec<_> = (0..8)
+            .map(|_| {
+                std::process::Command::new(&workload)
+                    .args(["--plan", "alloc dev=0 size=4096 count=2"])
+                    .env("LD_LIBRARY_PATH", Variant::Nop5.dir())
+                    .stdout(std::process::Stdio::null())
+                    .spawn()
+                    .unwrap_or_else(|e| panic!("batch {batch}: {e}"))
+            })
+            .collect();
+        for mut c in children {
+            assert!(c.wait().unwrap().success());
+        }
+    }
+    let s = agent.wait_for("every exited process to be released", |s| {
+        s.sum("gpu_cuda_alloc_calls_total", &[("api", "cuMemAlloc_v2")]) == (2 * PROCS) as f64
+            && s.sum("inferscope_tracked_processes", &[]) == 0.0
+    });
+    assert!(
+        !s.has("gpu_process_memory_allocated_bytes", &[]),
+        "{}",
+        s.text
+    );
+    assert_eq!(s.sum("inferscope_events_lost_total", &[]), 0.0);
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn a_library_replaced_on_disk_is_still_probed_through_the_mapping() {
+    if !root_tier() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let lib = dir.path().join("libcuda.so.1");
+    std::fs::copy(Variant::Push.lib_path(), &lib).unwrap();
+    let opts = WorkloadOptions {
+        gpus: 1,
+        ..Default::default()
+    };
+    let mut w = Workload::start_in(
+        "alloc dev=0 size=1048576 count=2; checkpoint name=before; alloc dev=0 size=1048576 count=5; checkpoint name=after",
+        &opts,
+        dir.path(),
+    );
+    w.proceed();
+    let before = w.truth();
+    // A driver upgrade: the file is replaced while the process keeps the old one mapped.
+    let new = dir.path().join("libcuda.so.1.new");
+    std::fs::copy(Variant::Push.lib_path(), &new).unwrap();
+    std::fs::rename(&new, &lib).unwrap();
+    let agent = Agent::start(&[]);
+    agent.wait_for("the deleted mapping to be attached", |s| {
+        s.sum("inferscope_probe_attached", &[("probe", "cuMemAlloc_v2")]) >= 1.0
+    });
+    w.proceed();
+    let after = w.truth();
+    let pid = after.pid.to_string();
+    let s = agent.wait_for("the new allocations", |s| {
+        s.sum("gpu_process_memory_allocated_bytes", &[("pid", &pid)]) == (5 * MIB) as f64
+    });
+    assert_eq!(
+        s.sum("gpu_cuda_alloc_calls_total", &[("api", "cuMemAlloc_v2")]),
+        (after.api("cuMemAlloc_v2").calls - before.api("cuMemAlloc_v2").calls) as f64
     );
     w.proceed();
     assert!(w.wait().success());
