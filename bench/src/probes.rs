@@ -173,7 +173,10 @@ impl Pipeline {
     fn finish(self, rt: &Runtime) -> (u64, Vec<u64>) {
         let _ = self.stop.send(true);
         let _ = rt.block_on(self.ingest);
-        let lat = rt.block_on(self.tracker).map(|(_, l)| l).unwrap_or_default();
+        let lat = rt
+            .block_on(self.tracker)
+            .map(|(_, l)| l)
+            .unwrap_or_default();
         let events = self
             .metrics
             .events

@@ -1,3 +1,17 @@
-pub fn run(_quick: bool) -> anyhow::Result<()> {
-    anyhow::bail!("bench: not yet")
+//! `cargo xtask bench [--quick]`: runs the `inferscope-bench` binary (bench/), which measures
+//! probe overhead and pipeline throughput, prints the tables and writes `docs/performance.md`.
+
+use anyhow::bail;
+
+use crate::util;
+
+pub fn run(quick: bool) -> anyhow::Result<()> {
+    if !util::is_root() {
+        bail!("bench must run as root: it loads and attaches eBPF programs (try `sudo -E cargo xtask bench`)");
+    }
+    let mut args = vec!["run", "--release", "-p", "inferscope-bench", "--"];
+    if quick {
+        args.push("--quick");
+    }
+    util::cargo(&args)
 }

@@ -17,7 +17,8 @@ use prom_scrape::{http_get, Scrape};
 const PORT: u16 = 9464;
 const GIB: f64 = (1u64 << 30) as f64;
 
-const SERVER_PLAN: &str = "vmm dev=0 size=1073741824 count=6; alloc dev=0 size=268435456 count=16; \
+const SERVER_PLAN: &str =
+    "vmm dev=0 size=1073741824 count=6; alloc dev=0 size=268435456 count=16; \
     async dev=0 size=2097152 count=64; host size=67108864 count=4; checkpoint name=loaded; \
     free count=8; async dev=0 size=1048576 count=32; checkpoint name=serving; \
     exhaust dev=0 size=1073741824; checkpoint name=oom";
@@ -43,7 +44,11 @@ impl Proc {
             .context("start cuda-workload")?;
         let stdin = child.stdin.take().context("stdin")?;
         let stdout = BufReader::new(child.stdout.take().context("stdout")?);
-        let mut p = Proc { child, stdin, stdout };
+        let mut p = Proc {
+            child,
+            stdin,
+            stdout,
+        };
         p.line()?; // ready
         Ok(p)
     }
@@ -93,7 +98,10 @@ pub fn run() -> anyhow::Result<()> {
     let agent_bin = release.join("inferscope");
     let workload_bin = release.join("cuda-workload");
     let lib_dir = String::from_utf8(
-        Command::new(&workload_bin).args(["--double-dir", "push"]).output()?.stdout,
+        Command::new(&workload_bin)
+            .args(["--double-dir", "push"])
+            .output()?
+            .stdout,
     )?
     .trim()
     .to_string();
@@ -101,7 +109,10 @@ pub fn run() -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&state);
 
     println!("== inferscope demo ==");
-    println!("agent:    {} run   (embedded defaults)", agent_bin.display());
+    println!(
+        "agent:    {} run   (embedded defaults)",
+        agent_bin.display()
+    );
     println!("driver:   CUDA driver test double, 1 simulated GPU of 16 GiB ({lib_dir})");
     let mut agent = AgentProc(
         Command::new(&agent_bin)
@@ -122,16 +133,36 @@ pub fn run() -> anyhow::Result<()> {
     wait(&mut agent, "the agent to discover the driver", |_| {
         scrape().is_some_and(|s| s.sum("inferscope_cuda_libraries", &[]) >= 1.0)
     })?;
-    println!("discovered the CUDA driver mapped by pids {} and {}\n", server.pid(), job.pid());
+    println!(
+        "discovered the CUDA driver mapped by pids {} and {}\n",
+        server.pid(),
+        job.pid()
+    );
 
     server.step()?;
-    show(&mut agent, "1. server loaded weights (VMM) and KV cache", &[&server])?;
+    show(
+        &mut agent,
+        "1. server loaded weights (VMM) and KV cache",
+        &[&server],
+    )?;
     job.step()?;
-    show(&mut agent, "2. a second job takes 4 GiB of the same GPU", &[&server, &job])?;
+    show(
+        &mut agent,
+        "2. a second job takes 4 GiB of the same GPU",
+        &[&server, &job],
+    )?;
     server.step()?;
-    show(&mut agent, "3. server frees and reallocates while serving", &[&server, &job])?;
+    show(
+        &mut agent,
+        "3. server frees and reallocates while serving",
+        &[&server, &job],
+    )?;
     server.step()?;
-    show(&mut agent, "4. server asks for 1 GiB more than is left", &[&server, &job])?;
+    show(
+        &mut agent,
+        "4. server asks for 1 GiB more than is left",
+        &[&server, &job],
+    )?;
 
     println!("Try: curl -s http://127.0.0.1:{PORT}/metrics | grep -E '^gpu_'");
     println!("(the demo ends in 10 s, or on Ctrl-C)");
@@ -156,7 +187,11 @@ fn scrape() -> Option<Scrape> {
     }
 }
 
-fn wait(agent: &mut AgentProc, what: &str, mut ok: impl FnMut(&mut AgentProc) -> bool) -> anyhow::Result<()> {
+fn wait(
+    agent: &mut AgentProc,
+    what: &str,
+    mut ok: impl FnMut(&mut AgentProc) -> bool,
+) -> anyhow::Result<()> {
     let start = Instant::now();
     while !ok(agent) {
         if let Some(status) = agent.0.try_wait()? {
@@ -182,7 +217,10 @@ fn show(agent: &mut AgentProc, title: &str, procs: &[&Proc]) -> anyhow::Result<(
     })?;
     let s = Scrape::parse(&last);
     println!("-- {title}");
-    println!("   {:>8}  {:<14} {:>4} {:>10} {:>7} {:>10}", "pid", "comm", "gpu", "held GiB", "allocs", "pinned MiB");
+    println!(
+        "   {:>8}  {:<14} {:>4} {:>10} {:>7} {:>10}",
+        "pid", "comm", "gpu", "held GiB", "allocs", "pinned MiB"
+    );
     for p in procs {
         let pid = p.pid().to_string();
         let l = [("pid", pid.as_str()), ("gpu", "0")];
@@ -196,7 +234,10 @@ fn show(agent: &mut AgentProc, title: &str, procs: &[&Proc]) -> anyhow::Result<(
             s.sum("gpu_process_host_pinned_bytes", &[("pid", pid.as_str())]) / (1u64 << 20) as f64,
         );
     }
-    println!("   {:<26} {:>7} {:>10} {:>9}", "api", "calls", "GiB", "failures");
+    println!(
+        "   {:<26} {:>7} {:>10} {:>9}",
+        "api", "calls", "GiB", "failures"
+    );
     let mut apis: Vec<String> = s.label_values("gpu_cuda_alloc_calls_total", "api");
     apis.sort();
     for api in apis {
@@ -210,7 +251,10 @@ fn show(agent: &mut AgentProc, title: &str, procs: &[&Proc]) -> anyhow::Result<(
         );
     }
     let frees = s.sum("gpu_cuda_frees_total", &[]);
-    let oom = s.sum("gpu_cuda_alloc_failures_total", &[("error", "out_of_memory")]);
+    let oom = s.sum(
+        "gpu_cuda_alloc_failures_total",
+        &[("error", "out_of_memory")],
+    );
     println!("   frees: {frees}   out-of-memory failures: {oom}\n");
     Ok(())
 }

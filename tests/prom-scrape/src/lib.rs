@@ -102,7 +102,12 @@ impl Scrape {
             .get(name)
             .into_iter()
             .flatten()
-            .flat_map(|(labels, _)| labels.iter().filter(|(k, _)| k == label).map(|(_, v)| v.clone()))
+            .flat_map(|(labels, _)| {
+                labels
+                    .iter()
+                    .filter(|(k, _)| k == label)
+                    .map(|(_, v)| v.clone())
+            })
             .collect();
         out.sort();
         out.dedup();
@@ -145,7 +150,6 @@ fn parse_labels(s: &str) -> Vec<(String, String)> {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -165,7 +169,10 @@ mod tests {
 
     #[test]
     fn undoes_chunked_encoding() {
-        assert_eq!(dechunk("5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"), "hello world");
+        assert_eq!(
+            dechunk("5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"),
+            "hello world"
+        );
         assert_eq!(dechunk("plain body"), "plain body");
     }
 }
