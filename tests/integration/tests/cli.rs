@@ -22,7 +22,8 @@ fn bad_config_is_one_line_naming_the_problem() {
     std::fs::write(&file, "[probes]\nstack_sample_evry = 3\n").unwrap();
     let port = free_port().to_string();
     let listen = format!("127.0.0.1:{port}");
-    let cases: Vec<(Vec<&str>, Vec<(&str, &str)>, &str)> = vec![
+    type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
         (
             vec!["--config", file.to_str().unwrap()],
             vec![],

@@ -1,0 +1,257 @@
+//! The real agent binary (`target/release/inferscope run`) as a child process, and the
+//! `cuda-workload` processes for the RSS figure.
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context};
+use cuda_workload::{OutputLine, Variant};
+
+/// A sibling binary of this one (`target/release/<name>`), built by `cargo xtask bench`.
+pub fn sibling_bin(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let path = exe.with_file_name(name);
+    if !path.exists() {
+        bail!(
+            "{} is missing: run `cargo xtask bench` (it builds every binary first)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+pub struct AgentProcess {
+    child: Child,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl AgentProcess {
+    /// Starts the agent on a free port with `--cuda-lib lib` and extra environment, and waits
+    /// until `/healthz` answers (the library is attached by then).
+    pub fn start(lib: &Path, env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let dir =
+            std::env::temp_dir().join(format!("inferscope-bench-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let log = std::fs::File::create(dir.join("agent.log"))?;
+        let child = Command::new(sibling_bin("inferscope")?)
+            .arg("run")
+            .args(["--prometheus-listen", &format!("127.0.0.1:{port}")])
+            .arg("--forensics-dir")
+            .arg(dir.join("forensics"))
+            .arg("--cuda-lib")
+            .arg(lib)
+            .env("INFERSCOPE_LOG", "warn")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting the agent")?;
+        let mut agent = Self { child, port, dir };
+        let start = Instant::now();
+        loop {
+            if let Some((200, _)) = http_get(port, "/healthz") {
+                return Ok(agent);
+            }
+            if let Some(status) = agent.child.try_wait()? {
+                bail!("agent exited during start ({status}):\n{}", agent.log());
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                bail!("agent not ready after 30 s:\n{}", agent.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    pub fn metrics(&self) -> anyhow::Result<String> {
+        match http_get(self.port, "/metrics") {
+            Some((200, body)) => Ok(body),
+            other => bail!("scraping /metrics failed: {other:?}"),
+        }
+    }
+
+    /// User + system CPU of the agent process (all its threads, dead ones included), in ns.
+    pub fn cpu_ns(&self) -> anyhow::Result<u64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))?;
+        // Fields after the `(comm)`: state is field 3; utime and stime are fields 14 and 15.
+        let rest = stat
+            .rsplit_once(')')
+            .map(|(_, r)| r)
+            .context("bad /proc/pid/stat")?;
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 = f[11].parse::<u64>()? + f[12].parse::<u64>()?;
+        // SAFETY: no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        Ok(ticks * 1_000_000_000 / hz)
+    }
+
+    /// `VmRSS` and `VmHWM` of the agent, in KiB.
+    pub fn rss_kib(&self) -> anyhow::Result<(u64, u64)> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))?;
+        let field = |name: &str| -> u64 {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+                .unwrap_or(0)
+        };
+        Ok((field("VmRSS:"), field("VmHWM:")))
+    }
+
+    /// Polls the metrics until `f` holds on a scrape (or `timeout`).
+    pub fn wait_for(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut f: impl FnMut(&str) -> bool,
+    ) -> anyhow::Result<String> {
+        let start = Instant::now();
+        loop {
+            let text = self.metrics()?;
+            if f(&text) {
+                return Ok(text);
+            }
+            if start.elapsed() > timeout {
+                bail!("timed out waiting for {what}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM and wait: the agent detaches its probes on the way out.
+    pub fn stop(mut self) -> anyhow::Result<()> {
+        self.terminate();
+        Ok(())
+    }
+
+    fn terminate(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+            let _ = self.child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.terminate();
+    }
+}
+
+/// Sum of every sample of `name` (with or without labels) in a Prometheus text scrape.
+pub fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            if !(rest.starts_with('{') || rest.starts_with(' ')) {
+                return None;
+            }
+            l.rsplit_once(' ')?.1.parse::<f64>().ok()
+        })
+        .sum()
+}
+
+/// GET over plain HTTP/1.1: (status, body).
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).ok()?;
+    let status = raw.split_whitespace().nth(1)?.parse().ok()?;
+    let (head, body) = raw.split_once("\r\n\r\n")?;
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    Some((status, if chunked { dechunk(body) } else { body.into() }))
+}
+
+fn dechunk(mut rest: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || after.len() < n {
+            break;
+        }
+        out.push_str(&after[..n]);
+        rest = after[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// A `cuda-workload` process paused after its plan's checkpoint.
+pub struct Workload {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Workload {
+    /// Starts the workload on the double of `variant`; it stops at `ready`.
+    pub fn spawn(variant: Variant, plan: &str) -> anyhow::Result<Self> {
+        let mut child = Command::new(sibling_bin(cuda_workload::WORKLOAD_BIN_NAME)?)
+            .args(["--plan", plan, "--pause"])
+            .env("LD_LIBRARY_PATH", variant.dir())
+            .env(cuda_workload::ENV_GPU_MEM, "64G")
+            .env_remove(cuda_workload::ENV_GPU_STATE)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting cuda-workload")?;
+        let stdin = child.stdin.take();
+        let stdout = BufReader::new(child.stdout.take().context("workload stdout")?);
+        Ok(Self {
+            child,
+            stdin,
+            stdout,
+        })
+    }
+
+    pub fn next_line(&mut self) -> anyhow::Result<OutputLine> {
+        let mut line = String::new();
+        if self.stdout.read_line(&mut line)? == 0 {
+            bail!("cuda-workload ended early");
+        }
+        OutputLine::parse(line.trim()).map_err(|e| anyhow::anyhow!("bad line {line:?}: {e}"))
+    }
+
+    pub fn proceed(&mut self) -> anyhow::Result<()> {
+        let stdin = self.stdin.as_mut().context("stdin closed")?;
+        stdin.write_all(b"\n")?;
+        stdin.flush()?;
+        Ok(())
+    }
+}
+
+impl Drop for Workload {
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,400 @@
+//! `inferscope-bench` (run by `cargo xtask bench [--quick]`, as root): measures, side by side
+//! in one run, what the agent's probes cost per CUDA memory call against the least a probe can
+//! do (the floor programs) and against no probe, on the three first-instruction kinds of the
+//! CUDA driver double; the event pipeline's throughput, CPU per event and wakeup latency; and
+//! the agent's memory with 10,000 live allocations in 100 processes. Prints the tables and
+//! writes them to `docs/performance.md`. Figures are reported against their targets; nothing
+//! is asserted.
+
+mod agentproc;
+mod driver;
+mod probes;
+mod report;
+
+use std::{
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context};
+use cuda_workload::Variant;
+
+use agentproc::{metric_sum, AgentProcess, Workload};
+use driver::{open_variant, Driver};
+use probes::{AgentRun, FloorRun};
+
+/// Sizes of one run.
+pub struct Sizes {
+    pub quick: bool,
+    /// Alloc/free pairs per measurement on nop5 and push.
+    pub pairs_fast: u64,
+    /// Alloc/free pairs per measurement on endbr (its entry probes are single-stepped).
+    pub pairs_endbr: u64,
+    pub rounds: usize,
+    /// Duration of each throughput measurement.
+    pub hammer: Duration,
+    /// Alloc/free pairs, one every 2 ms, for the wakeup latency.
+    pub latency_pairs: usize,
+    pub processes: usize,
+    pub allocs_per_process: usize,
+}
+
+impl Sizes {
+    fn new(quick: bool) -> Self {
+        let div = if quick { 10 } else { 1 };
+        Self {
+            quick,
+            pairs_fast: 200_000 / div,
+            pairs_endbr: 20_000 / div,
+            rounds: 3,
+            hammer: Duration::from_millis(3000 / div),
+            latency_pairs: 1000 / div as usize,
+            processes: 100,
+            allocs_per_process: 100,
+        }
+    }
+}
+
+/// Per-pair cost on one double variant: medians over the rounds, in ns.
+pub struct Overhead {
+    pub variant: Variant,
+    pub pairs: u64,
+    pub none_ns: f64,
+    pub floor_ns: f64,
+    pub agent_ns: f64,
+    /// Events delivered / expected (2 per pair), over all rounds.
+    pub floor_delivered: (u64, u64),
+    pub agent_delivered: (u64, u64),
+    pub floor_lost: u64,
+    pub agent_lost: u64,
+}
+
+pub struct Throughput {
+    pub threads: usize,
+    pub seconds: f64,
+    pub raw_rate: f64,
+    pub raw_events: u64,
+    pub raw_expected: u64,
+    pub raw_lost: u64,
+    pub pipe_rate: f64,
+    pub pipe_events: u64,
+    pub pipe_expected: u64,
+    pub pipe_lost: u64,
+    pub pipe_dropped: u64,
+    /// Agent process CPU (user + system) per event processed, ns.
+    pub cpu_per_event_ns: f64,
+}
+
+pub struct Latency {
+    pub samples: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+pub struct Memory {
+    pub processes: usize,
+    pub allocations: u64,
+    pub idle_rss_kib: u64,
+    pub rss_kib: u64,
+    pub hwm_kib: u64,
+}
+
+pub struct Results {
+    pub overhead: Vec<Overhead>,
+    pub throughput: Throughput,
+    pub latency: Latency,
+    pub memory: Memory,
+}
+
+fn main() {
+    let quick = std::env::args().skip(1).any(|a| a == "--quick");
+    if let Err(e) = run(quick) {
+        eprintln!("inferscope-bench: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(quick: bool) -> anyhow::Result<()> {
+    // SAFETY: no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("must run as root (it loads and attaches eBPF programs)");
+    }
+    let sizes = Sizes::new(quick);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    let started = Instant::now();
+
+    let mut overhead = Vec::new();
+    for variant in [Variant::Nop5, Variant::Push, Variant::Endbr] {
+        let pairs = if variant == Variant::Endbr {
+            sizes.pairs_endbr
+        } else {
+            sizes.pairs_fast
+        };
+        eprintln!(
+            "bench: [{:>3.0} s] per-call overhead on {} ({pairs} pairs × {} rounds)",
+            started.elapsed().as_secs_f64(),
+            variant.name(),
+            sizes.rounds
+        );
+        overhead.push(measure_overhead(&rt, variant, pairs, sizes.rounds)?);
+    }
+
+    let nop5 = open_variant(Variant::Nop5)?;
+    eprintln!(
+        "bench: [{:>3.0} s] throughput ({:?} per measurement)",
+        started.elapsed().as_secs_f64(),
+        sizes.hammer
+    );
+    let throughput = measure_throughput(&nop5, sizes.hammer)?;
+    eprintln!(
+        "bench: [{:>3.0} s] wakeup latency ({} pairs, one every 2 ms)",
+        started.elapsed().as_secs_f64(),
+        sizes.latency_pairs
+    );
+    let latency = measure_latency(&rt, &nop5, sizes.latency_pairs)?;
+    drop(nop5);
+    eprintln!(
+        "bench: [{:>3.0} s] agent RSS with {} processes × {} allocations",
+        started.elapsed().as_secs_f64(),
+        sizes.processes,
+        sizes.allocs_per_process
+    );
+    let memory = measure_memory(sizes.processes, sizes.allocs_per_process)?;
+    drop(rt);
+
+    let results = Results {
+        overhead,
+        throughput,
+        latency,
+        memory,
+    };
+    let elapsed = started.elapsed();
+    let tables = report::tables(&results);
+    println!("{tables}");
+    let doc = report::document(&sizes, &results, &tables, elapsed);
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("docs")
+        .join("performance.md");
+    std::fs::create_dir_all(path.parent().context("docs dir")?)?;
+    std::fs::write(&path, doc).with_context(|| format!("writing {}", path.display()))?;
+    eprintln!(
+        "bench: done in {:.0} s; wrote {}",
+        elapsed.as_secs_f64(),
+        path.canonicalize().unwrap_or(path).display()
+    );
+    Ok(())
+}
+
+fn per_pair_ns(d: Duration, pairs: u64) -> f64 {
+    d.as_nanos() as f64 / pairs as f64
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// (a) nothing attached, (b) the floor, (c) the agent's `cuda` family with its pipeline,
+/// interleaved within each round; medians over the rounds.
+fn measure_overhead(
+    rt: &tokio::runtime::Runtime,
+    variant: Variant,
+    pairs: u64,
+    rounds: usize,
+) -> anyhow::Result<Overhead> {
+    let drv = open_variant(variant)?;
+    let lib = variant.lib_path();
+    drv.time_pairs(pairs / 10); // warm the double's table and the caches
+    let (mut none, mut floor, mut agent) = (Vec::new(), Vec::new(), Vec::new());
+    let mut out = Overhead {
+        variant,
+        pairs,
+        none_ns: 0.0,
+        floor_ns: 0.0,
+        agent_ns: 0.0,
+        floor_delivered: (0, 0),
+        agent_delivered: (0, 0),
+        floor_lost: 0,
+        agent_lost: 0,
+    };
+    for _ in 0..rounds {
+        none.push(per_pair_ns(drv.time_pairs(pairs), pairs));
+
+        let run = FloorRun::start(&lib)?;
+        let t = drv.time_pairs(pairs);
+        let d = run.finish();
+        floor.push(per_pair_ns(t, pairs));
+        out.floor_delivered.0 += d.events;
+        out.floor_delivered.1 += 2 * pairs;
+        out.floor_lost += d.lost;
+
+        let run = AgentRun::start(rt, &lib, false)?;
+        // Context calls once the probes are on, so they know this thread's device.
+        drv.bind_context()?;
+        let t = drv.time_pairs(pairs);
+        let (d, _) = run.finish(rt);
+        agent.push(per_pair_ns(t, pairs));
+        out.agent_delivered.0 += d.events;
+        out.agent_delivered.1 += 2 * pairs;
+        out.agent_lost += d.lost;
+    }
+    out.none_ns = median(none);
+    out.floor_ns = median(floor);
+    out.agent_ns = median(agent);
+    Ok(out)
+}
+
+/// `threads` threads doing alloc/free pairs for `dur`: (pairs done, wall time).
+fn hammer(drv: &Driver, threads: usize, dur: Duration) -> anyhow::Result<(u64, Duration)> {
+    let stop = AtomicBool::new(false);
+    let total = AtomicU64::new(0);
+    let start = Instant::now();
+    std::thread::scope(|s| -> anyhow::Result<()> {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| -> anyhow::Result<()> {
+                    drv.bind_context()?;
+                    let mut n = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        for _ in 0..64 {
+                            std::hint::black_box(drv.pair());
+                        }
+                        n += 64;
+                    }
+                    total.fetch_add(n, Ordering::Relaxed);
+                    Ok(())
+                })
+            })
+            .collect();
+        std::thread::sleep(dur);
+        stop.store(true, Ordering::Relaxed);
+        for w in workers {
+            w.join()
+                .map_err(|_| anyhow::anyhow!("load thread panicked"))??;
+        }
+        Ok(())
+    })?;
+    Ok((total.load(Ordering::Relaxed), start.elapsed()))
+}
+
+fn measure_throughput(drv: &Driver, dur: Duration) -> anyhow::Result<Throughput> {
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let lib = Variant::Nop5.lib_path();
+
+    // Raw: floor programs, a consumer that only counts.
+    let run = FloorRun::start(&lib)?;
+    let (raw_pairs, raw_el) = hammer(drv, threads, dur)?;
+    let raw = run.finish();
+
+    // Pipeline: the real agent binary, probe budget off (it would shed the probes at this
+    // rate, which is its job but not what is measured here).
+    let agent = AgentProcess::start(&lib, &[("INFERSCOPE_PROBES__BUDGET_CORE_SHARE", "0")])?;
+    let before = agent.metrics()?;
+    let e0 = metric_sum(&before, "inferscope_events_total");
+    let cpu0 = agent.cpu_ns()?;
+    let (pipe_pairs, pipe_el) = hammer(drv, threads, dur)?;
+    let expected = e0 + 2.0 * pipe_pairs as f64;
+    let done = Instant::now();
+    // Wait for the tracker to catch up, and for the manager to publish lost counts (1 s).
+    let after = agent.wait_for("the pipeline to drain", Duration::from_secs(30), |t| {
+        let lost = metric_sum(t, "inferscope_events_lost_total");
+        metric_sum(t, "inferscope_events_total") + lost >= expected
+            && done.elapsed() > Duration::from_millis(1500)
+    });
+    let after = match after {
+        Ok(t) => t,
+        Err(_) => agent.metrics()?,
+    };
+    let cpu1 = agent.cpu_ns()?;
+    let e1 = metric_sum(&after, "inferscope_events_total");
+    let pipe_lost = metric_sum(&after, "inferscope_events_lost_total") as u64;
+    let pipe_dropped = metric_sum(&after, "inferscope_events_dropped_total") as u64;
+    agent.stop()?;
+    let pipe_events = (e1 - e0) as u64;
+
+    Ok(Throughput {
+        threads,
+        seconds: dur.as_secs_f64(),
+        raw_rate: raw.events as f64 / raw_el.as_secs_f64(),
+        raw_events: raw.events,
+        raw_expected: 2 * raw_pairs,
+        raw_lost: raw.lost,
+        pipe_rate: pipe_events as f64 / pipe_el.as_secs_f64(),
+        pipe_events,
+        pipe_expected: 2 * pipe_pairs,
+        pipe_lost,
+        pipe_dropped,
+        cpu_per_event_ns: (cpu1 - cpu0) as f64 / pipe_events.max(1) as f64,
+    })
+}
+
+fn measure_latency(
+    rt: &tokio::runtime::Runtime,
+    drv: &Driver,
+    pairs: usize,
+) -> anyhow::Result<Latency> {
+    let run = AgentRun::start(rt, &Variant::Nop5.lib_path(), true)?;
+    drv.bind_context()?;
+    for _ in 0..pairs {
+        std::hint::black_box(drv.pair());
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    let (_, mut lat) = run.finish(rt);
+    if lat.is_empty() {
+        bail!("no event reached the tracker");
+    }
+    lat.sort_unstable();
+    let pct = |p: f64| lat[((lat.len() - 1) as f64 * p).round() as usize] as f64 / 1e6;
+    Ok(Latency {
+        samples: lat.len(),
+        p50_ms: pct(0.50),
+        p99_ms: pct(0.99),
+        max_ms: pct(1.0),
+    })
+}
+
+fn measure_memory(processes: usize, allocs: usize) -> anyhow::Result<Memory> {
+    let variant = Variant::Nop5;
+    let agent = AgentProcess::start(&variant.lib_path(), &[])?;
+    std::thread::sleep(Duration::from_millis(500));
+    let (idle_rss_kib, _) = agent.rss_kib()?;
+    let plan = format!("alloc dev=0 size=4096 count={allocs}; checkpoint name=live");
+    let mut workloads = (0..processes)
+        .map(|_| Workload::spawn(variant, &plan))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    for w in &mut workloads {
+        w.next_line()?; // ready
+        w.proceed()?;
+    }
+    for w in &mut workloads {
+        w.next_line()?; // checkpoint: every allocation made
+    }
+    let want = (processes * allocs) as f64;
+    let text = agent
+        .wait_for(
+            "every allocation in the ledger",
+            Duration::from_secs(60),
+            |t| {
+                metric_sum(t, "inferscope_tracked_processes") >= processes as f64
+                    && metric_sum(t, "gpu_process_allocations") >= want
+            },
+        )
+        .with_context(|| agent.log())?;
+    let (rss_kib, hwm_kib) = agent.rss_kib()?;
+    drop(workloads);
+    agent.stop()?;
+    Ok(Memory {
+        processes: metric_sum(&text, "inferscope_tracked_processes") as usize,
+        allocations: metric_sum(&text, "gpu_process_allocations") as u64,
+        idle_rss_kib,
+        rss_kib,
+        hwm_kib,
+    })
+}
