@@ -198,7 +198,7 @@ single-stepping, are slower under a hypervisor.\n"
     let _ = writeln!(d, "## How it was measured\n");
     let _ = writeln!(
         d,
-        "```\nsudo {command}   # as root; --quick divides every count by 10\n```\n"
+        "```\n{command}   # as root; --quick divides every count by 10\n```\n"
     );
     let _ = writeln!(
         d,
