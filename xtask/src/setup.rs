@@ -56,7 +56,7 @@ fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
     util::run(Command::new("apt-get").args(["update", "-qq"]))?;
     util::run(
         Command::new("apt-get")
-            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(["install", "-y", "-qq"])
             .args(packages)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
