@@ -13,6 +13,7 @@ use tokio::sync::{mpsc, watch};
 use crate::{
     config::Config,
     export::{http, metrics::Metrics},
+    gpu::{self, history::GpuHistory},
     ingest,
     probe::{self, cuda::CudaProbes, manager::Manager},
     proc::ProcFs,
@@ -88,6 +89,9 @@ pub async fn run(
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let (batch_tx, batch_rx) = mpsc::channel(256);
+    let history = Arc::new(GpuHistory::new(config.nvml.history_secs));
+    let nvml_stop = Arc::new(AtomicBool::new(false));
+    let nvml_threads = start_nvml(&config, &metrics, &history, &batch_tx, &nvml_stop);
     let ingest = tokio::spawn(ingest::run(
         loaded.events,
         Duration::from_millis(config.probes.poll_interval_ms),
@@ -99,6 +103,7 @@ pub async fn run(
         metrics.clone(),
         ProcFs::new(&config.proc_root),
         &config.limits,
+        history,
     );
     let tracker = tokio::spawn(track::run(tracker, batch_rx));
     let server = tokio::spawn(http::serve(
@@ -121,6 +126,12 @@ pub async fn run(
     shutdown.await;
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
+    nvml_stop.store(true, std::sync::atomic::Ordering::Release);
+    for t in nvml_threads {
+        if t.join().is_err() {
+            tracing::error!("an NVML thread panicked");
+        }
+    }
     report_join("ingest", ingest.await.map(|r| r.map_err(|e| e.to_string())));
     if let Ok(t) = tracker.await {
         tracing::debug!(processes = t.ledger().len(), "tracker drained");
@@ -134,6 +145,66 @@ pub async fn run(
         tracing::error!("probe manager panicked");
     }
     Ok(())
+}
+
+/// Opens NVML and starts the sampler and XID threads; without NVML the agent runs on, says so
+/// once and exports `inferscope_source_up{source="nvml"} 0`.
+fn start_nvml(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+    history: &Arc<GpuHistory>,
+    tracker: &mpsc::Sender<track::Input>,
+    stop: &Arc<AtomicBool>,
+) -> Vec<std::thread::JoinHandle<()>> {
+    if !config.nvml.enabled {
+        return Vec::new();
+    }
+    let nvml = match gpu::nvml::open(config.nvml.lib.as_deref()) {
+        Ok(n) => Arc::new(n),
+        Err(e) => {
+            let cause = std::error::Error::source(&e)
+                .map(|s| s.to_string())
+                .unwrap_or_default();
+            tracing::warn!(error = %e, cause, "NVML unavailable: no GPU telemetry (the probes still run)");
+            gpu::nvml::set_source_up(metrics, false);
+            return Vec::new();
+        }
+    };
+    let sampler = match gpu::nvml::Sampler::new(
+        nvml.clone(),
+        metrics.clone(),
+        history.clone(),
+        Some(tracker.clone()),
+        ProcFs::new(&config.proc_root),
+    ) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "NVML cannot list GPUs: no GPU telemetry");
+            gpu::nvml::set_source_up(metrics, false);
+            return Vec::new();
+        }
+    };
+    gpu::nvml::set_source_up(metrics, true);
+    let gpus = sampler.gpu_labels();
+    let interval = Duration::from_millis(config.nvml.interval_ms);
+    let mut threads = Vec::new();
+    let s = stop.clone();
+    match std::thread::Builder::new()
+        .name("nvml-sampler".into())
+        .spawn(move || sampler.run(interval, s))
+    {
+        Ok(t) => threads.push(t),
+        Err(e) => tracing::error!(error = %e, "cannot start the NVML sampler thread"),
+    }
+    let (m, s) = (metrics.clone(), stop.clone());
+    match std::thread::Builder::new()
+        .name("nvml-events".into())
+        .spawn(move || gpu::xid::run(nvml, gpus, m, s))
+    {
+        Ok(t) => threads.push(t),
+        Err(e) => tracing::error!(error = %e, "cannot start the NVML event thread"),
+    }
+    threads
 }
 
 fn report_join(stage: &str, r: Result<Result<(), String>, tokio::task::JoinError>) {

@@ -72,6 +72,8 @@ pub struct Config {
     pub proc_root: PathBuf,
     /// eBPF probes.
     pub probes: ProbesConfig,
+    /// GPU telemetry from NVML.
+    pub nvml: NvmlConfig,
     /// Cardinality and memory limits.
     pub limits: LimitsConfig,
 }
@@ -96,6 +98,31 @@ pub struct ProbesConfig {
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
+pub struct NvmlConfig {
+    /// Sample GPUs through NVML (off: no GPU series, no annotations).
+    pub enabled: bool,
+    /// NVML library to load; default: `libnvidia-ml.so.1` from the loader's search path, then
+    /// the standard driver directories.
+    pub lib: Option<PathBuf>,
+    /// Sampling interval in milliseconds (sub-second works; 100 ms is the practical floor).
+    pub interval_ms: u64,
+    /// How much sample history per GPU is kept for correlation, in seconds.
+    pub history_secs: u64,
+}
+
+impl Default for NvmlConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            lib: None,
+            interval_ms: 1000,
+            history_secs: 600,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     /// Processes tracked at once; events of further processes are counted and dropped.
     pub max_processes: usize,
@@ -113,6 +140,7 @@ impl Default for Config {
             cuda_libs: Vec::new(),
             proc_root: PathBuf::from("/proc"),
             probes: ProbesConfig::default(),
+            nvml: NvmlConfig::default(),
             limits: LimitsConfig::default(),
         }
     }
@@ -148,6 +176,7 @@ pub struct Overrides {
     pub forensics_dir: Option<PathBuf>,
     pub cuda_libs: Vec<PathBuf>,
     pub disable_probes: Vec<String>,
+    pub nvml_lib: Option<PathBuf>,
 }
 
 impl Config {
@@ -206,6 +235,12 @@ impl Config {
             return Err(ConfigError::Invalid(format!(
                 "probes.budget_core_share = {}: must be between 0 and 1",
                 self.probes.budget_core_share
+            )));
+        }
+        if self.nvml.interval_ms < 10 {
+            return Err(ConfigError::Invalid(format!(
+                "nvml.interval_ms = {}: must be at least 10",
+                self.nvml.interval_ms
             )));
         }
         if self.probes.poll_interval_ms == 0 || self.probes.discovery_interval_ms == 0 {

@@ -5,9 +5,11 @@
 //! → [`export`] (Prometheus `/metrics`). [`agent`] wires the stages and owns shutdown.
 
 pub mod agent;
+pub mod clock;
 pub mod config;
 pub mod cuda_error;
 pub mod export;
+pub mod gpu;
 pub mod ingest;
 pub mod probe;
 pub mod proc;

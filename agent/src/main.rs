@@ -40,6 +40,9 @@ struct RunArgs {
     /// Never attach this probe family (cuda, sched) or CUDA symbol (repeatable).
     #[arg(long = "disable-probe")]
     disable_probes: Vec<String>,
+    /// NVML library to load [default: libnvidia-ml.so.1 from the usual places].
+    #[arg(long)]
+    nvml_lib: Option<PathBuf>,
 }
 
 fn main() {
@@ -84,6 +87,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         forensics_dir: args.forensics_dir,
         cuda_libs: args.cuda_libs,
         disable_probes: args.disable_probes,
+        nvml_lib: args.nvml_lib,
     };
     let config = Config::load(args.config.as_deref(), &ProcessEnv, &overrides)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -22,10 +22,11 @@ use aya::{
 use inferscope::{
     config::Config,
     export::metrics::{Metrics, SourceLabels},
-    ingest::{self, Batch, Event},
+    gpu::history::GpuHistory,
+    ingest::{self, Event},
     probe::{self, cuda::CudaProbes, discover, floor::FloorProbes},
     proc::ProcFs,
-    track::{self, Tracker},
+    track::{self, Input, Tracker},
 };
 use tokio::{
     runtime::Runtime,
@@ -154,7 +155,8 @@ impl Pipeline {
             metrics.clone(),
             stop_rx,
         ));
-        let tracker = Tracker::new(metrics.clone(), ProcFs::default(), &config.limits);
+        let history = Arc::new(GpuHistory::new(config.nvml.history_secs));
+        let tracker = Tracker::new(metrics.clone(), ProcFs::default(), &config.limits, history);
         let tracker = if timed {
             rt.spawn(timed_track(tracker, rx))
         } else {
@@ -186,9 +188,12 @@ impl Pipeline {
     }
 }
 
-async fn timed_track(mut tracker: Tracker, mut rx: mpsc::Receiver<Batch>) -> (Tracker, Vec<u64>) {
+async fn timed_track(mut tracker: Tracker, mut rx: mpsc::Receiver<Input>) -> (Tracker, Vec<u64>) {
     let mut lat = Vec::new();
-    while let Some(batch) = rx.recv().await {
+    while let Some(input) = rx.recv().await {
+        let Input::Events(batch) = input else {
+            continue;
+        };
         for ev in &batch {
             tracker.handle(ev);
             if let Event::CudaMem(e) = ev {
@@ -199,15 +204,7 @@ async fn timed_track(mut tracker: Tracker, mut rx: mpsc::Receiver<Batch>) -> (Tr
     (tracker, lat)
 }
 
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
+pub use inferscope::clock::monotonic_ns;
 
 /// The agent's `cuda` family on every symbol of one library, with the agent's pipeline.
 pub struct AgentRun {

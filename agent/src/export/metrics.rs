@@ -1,11 +1,16 @@
 //! The catalogue of metrics the agent exports, in one place (names as in docs/metrics.md).
 //! Counters are registered without `_total`: the OpenMetrics encoder appends it.
 
+use std::sync::atomic::AtomicU64;
+
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
+
+pub type GaugeF = Gauge<f64, AtomicU64>;
+pub type CounterF = Counter<f64, AtomicU64>;
 
 use crate::ingest::DecodeError;
 
@@ -48,6 +53,65 @@ pub struct ProbeLabels {
     pub probe: &'static str,
 }
 
+/// Labels of every per-GPU series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GpuLabels {
+    pub gpu: u32,
+    pub gpu_uuid: String,
+    pub gpu_type: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GpuInfoLabels {
+    #[prometheus(flatten)]
+    pub gpu: GpuLabels,
+    pub driver_version: String,
+    pub cuda_version: String,
+    pub mig_mode: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GpuReasonLabels {
+    #[prometheus(flatten)]
+    pub gpu: GpuLabels,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GpuDirectionLabels {
+    #[prometheus(flatten)]
+    pub gpu: GpuLabels,
+    pub direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GpuEccLabels {
+    #[prometheus(flatten)]
+    pub gpu: GpuLabels,
+    /// `corrected` or `uncorrected`.
+    pub severity: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GpuXidLabels {
+    #[prometheus(flatten)]
+    pub gpu: GpuLabels,
+    pub xid: u64,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GpuCallLabels {
+    pub gpu: u32,
+    pub call: &'static str,
+}
+
+/// NVML's per-process series: pid labels only (comm is on the ledger's series).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PidGpuLabels {
+    pub pid: u32,
+    pub gpu: u32,
+}
+
 fn latency_histogram() -> Histogram {
     // 1 µs … ~4 s: pool hits take microseconds, a driver that must reclaim memory seconds.
     Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
@@ -74,6 +138,30 @@ pub struct Metrics {
     pub probe_shed: Family<ProbeLabels, Gauge>,
     pub cuda_libraries: Gauge,
     pub tracked_processes: Gauge,
+    pub source_up: Family<SourceLabels, Gauge>,
+    pub gpu_info: Family<GpuInfoLabels, Gauge>,
+    pub gpu_utilization: Family<GpuLabels, GaugeF>,
+    pub gpu_memory_utilization: Family<GpuLabels, GaugeF>,
+    pub gpu_memory_used: Family<GpuLabels, Gauge>,
+    pub gpu_memory_free: Family<GpuLabels, Gauge>,
+    pub gpu_memory_total: Family<GpuLabels, Gauge>,
+    pub gpu_power: Family<GpuLabels, GaugeF>,
+    pub gpu_power_limit: Family<GpuLabels, GaugeF>,
+    pub gpu_energy: Family<GpuLabels, CounterF>,
+    pub gpu_temperature: Family<GpuLabels, Gauge>,
+    pub gpu_sm_clock: Family<GpuLabels, Gauge>,
+    pub gpu_memory_clock: Family<GpuLabels, Gauge>,
+    pub gpu_throttle_active: Family<GpuReasonLabels, Gauge>,
+    pub gpu_pcie_throughput: Family<GpuDirectionLabels, Gauge>,
+    pub gpu_ecc_errors: Family<GpuEccLabels, Counter>,
+    pub gpu_xid_errors: Family<GpuXidLabels, Counter>,
+    pub gpu_idle_seconds: Family<GpuLabels, CounterF>,
+    pub gpu_lost: Family<GpuLabels, Gauge>,
+    pub nvml_unsupported: Family<GpuCallLabels, Gauge>,
+    pub nvml_errors: Family<GpuCallLabels, Counter>,
+    pub gpu_process_memory_used: Family<PidGpuLabels, Gauge>,
+    pub gpu_process_sm_utilization: Family<PidGpuLabels, GaugeF>,
+    pub gpu_process_memory_overhead: Family<ProcessGpuLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -103,8 +191,33 @@ impl Metrics {
             probe_shed: Family::default(),
             cuda_libraries: Gauge::default(),
             tracked_processes: Gauge::default(),
+            source_up: Family::default(),
+            gpu_info: Family::default(),
+            gpu_utilization: Family::default(),
+            gpu_memory_utilization: Family::default(),
+            gpu_memory_used: Family::default(),
+            gpu_memory_free: Family::default(),
+            gpu_memory_total: Family::default(),
+            gpu_power: Family::default(),
+            gpu_power_limit: Family::default(),
+            gpu_energy: Family::default(),
+            gpu_temperature: Family::default(),
+            gpu_sm_clock: Family::default(),
+            gpu_memory_clock: Family::default(),
+            gpu_throttle_active: Family::default(),
+            gpu_pcie_throughput: Family::default(),
+            gpu_ecc_errors: Family::default(),
+            gpu_xid_errors: Family::default(),
+            gpu_idle_seconds: Family::default(),
+            gpu_lost: Family::default(),
+            nvml_unsupported: Family::default(),
+            nvml_errors: Family::default(),
+            gpu_process_memory_used: Family::default(),
+            gpu_process_sm_utilization: Family::default(),
+            gpu_process_memory_overhead: Family::default(),
             registry: Registry::default(),
         };
+        m.register_gpu(&mut registry);
         registry.register(
             "gpu_cuda_alloc_calls",
             "CUDA driver allocation calls (successful or not), by API",
@@ -192,6 +305,130 @@ impl Metrics {
             m.tracked_processes.clone(),
         );
         Metrics { registry, ..m }
+    }
+
+    fn register_gpu(&self, r: &mut Registry) {
+        r.register(
+            "inferscope_source_up",
+            "1 when a telemetry source works (nvml), 0 when it is unavailable",
+            self.source_up.clone(),
+        );
+        r.register(
+            "gpu_info",
+            "GPU identity: driver and CUDA versions, MIG mode (value 1)",
+            self.gpu_info.clone(),
+        );
+        r.register(
+            "gpu_utilization",
+            "Fraction of the last sample period a kernel was running (NVML), 0-1",
+            self.gpu_utilization.clone(),
+        );
+        r.register(
+            "gpu_memory_utilization",
+            "Fraction of the last sample period device memory was read or written (NVML), 0-1",
+            self.gpu_memory_utilization.clone(),
+        );
+        r.register(
+            "gpu_memory_used_bytes",
+            "Device memory in use (NVML)",
+            self.gpu_memory_used.clone(),
+        );
+        r.register(
+            "gpu_memory_free_bytes",
+            "Device memory free (NVML)",
+            self.gpu_memory_free.clone(),
+        );
+        r.register(
+            "gpu_memory_total_bytes",
+            "Device memory installed (NVML)",
+            self.gpu_memory_total.clone(),
+        );
+        r.register(
+            "gpu_power_watts",
+            "Power draw (NVML)",
+            self.gpu_power.clone(),
+        );
+        r.register(
+            "gpu_power_limit_watts",
+            "Enforced power limit (NVML)",
+            self.gpu_power_limit.clone(),
+        );
+        r.register(
+            "gpu_energy_joules",
+            "Energy consumed since the driver was loaded (NVML)",
+            self.gpu_energy.clone(),
+        );
+        r.register(
+            "gpu_temperature_celsius",
+            "GPU die temperature (NVML)",
+            self.gpu_temperature.clone(),
+        );
+        r.register(
+            "gpu_sm_clock_hertz",
+            "SM clock (NVML)",
+            self.gpu_sm_clock.clone(),
+        );
+        r.register(
+            "gpu_memory_clock_hertz",
+            "Memory clock (NVML)",
+            self.gpu_memory_clock.clone(),
+        );
+        r.register(
+            "gpu_throttle_active",
+            "1 while a clock event (throttle) reason is active (NVML), per reason",
+            self.gpu_throttle_active.clone(),
+        );
+        r.register(
+            "gpu_pcie_throughput_bytes_per_second",
+            "PCIe throughput over the last 20 ms (NVML), per direction",
+            self.gpu_pcie_throughput.clone(),
+        );
+        r.register(
+            "gpu_ecc_errors",
+            "ECC errors since the driver was loaded (NVML), corrected and uncorrected",
+            self.gpu_ecc_errors.clone(),
+        );
+        r.register(
+            "gpu_xid_errors",
+            "XID critical errors (NVML events), per XID code",
+            self.gpu_xid_errors.clone(),
+        );
+        r.register(
+            "gpu_idle_seconds",
+            "Time the GPU spent at 0 % utilization, from the samples (idle-cost accounting)",
+            self.gpu_idle_seconds.clone(),
+        );
+        r.register(
+            "inferscope_gpu_lost",
+            "1 once NVML reports the GPU lost (fallen off the bus)",
+            self.gpu_lost.clone(),
+        );
+        r.register(
+            "inferscope_nvml_unsupported",
+            "1 for NVML calls the GPU or library does not support; they are no longer made",
+            self.nvml_unsupported.clone(),
+        );
+        r.register(
+            "inferscope_nvml_errors",
+            "NVML calls that failed, per call",
+            self.nvml_errors.clone(),
+        );
+        r.register(
+            "gpu_process_memory_used_bytes",
+            "Device memory the driver charges a process (NVML running compute processes)",
+            self.gpu_process_memory_used.clone(),
+        );
+        r.register(
+            "gpu_process_sm_utilization",
+            "SM utilization of a process over the last sample (NVML process samples), 0-1",
+            self.gpu_process_sm_utilization.clone(),
+        );
+        r.register(
+            "gpu_process_memory_overhead_bytes",
+            "NVML's bytes for a process minus its allocation ledger: context, library workspaces, \
+             allocations made before the agent started",
+            self.gpu_process_memory_overhead.clone(),
+        );
     }
 
     pub fn record_dropped(&self, e: &DecodeError) {

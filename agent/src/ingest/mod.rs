@@ -15,7 +15,7 @@ use tokio::{
 
 pub use decode::{decode, DecodeError, Event};
 
-use crate::export::metrics::Metrics;
+use crate::{export::metrics::Metrics, track::Input};
 
 const MAX_BATCH: usize = 4096;
 
@@ -25,7 +25,7 @@ pub type Batch = Vec<Event>;
 pub async fn run(
     ring: RingBuf<MapData>,
     poll: Duration,
-    out: mpsc::Sender<Batch>,
+    out: mpsc::Sender<Input>,
     metrics: std::sync::Arc<Metrics>,
     mut stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
@@ -52,7 +52,7 @@ pub async fn run(
 }
 
 /// Reads every available record. Returns false when the tracker has gone away.
-async fn drain(ring: &mut RingBuf<MapData>, out: &mpsc::Sender<Batch>, metrics: &Metrics) -> bool {
+async fn drain(ring: &mut RingBuf<MapData>, out: &mpsc::Sender<Input>, metrics: &Metrics) -> bool {
     loop {
         let mut batch = Vec::with_capacity(64);
         while batch.len() < MAX_BATCH {
@@ -68,7 +68,7 @@ async fn drain(ring: &mut RingBuf<MapData>, out: &mpsc::Sender<Batch>, metrics: 
         let full = batch.len() == MAX_BATCH;
         // Backpressure: a full channel slows the reader; the ring absorbs bursts and counts
         // what it cannot hold (inferscope_events_lost_total).
-        if out.send(batch).await.is_err() {
+        if out.send(Input::Events(batch)).await.is_err() {
             return false;
         }
         if !full {

@@ -1,22 +1,47 @@
-//! The tracker: the one owner of per-process state. Applies decoded events to the ledger and
-//! keeps the exported counters and gauges in step with it.
+//! The tracker: the one owner of per-process state. Applies decoded events to the ledger,
+//! keeps the exported counters and gauges in step with it, and sets the ledger next to NVML's
+//! per-process view (their difference is the process's overhead).
 
 pub mod ledger;
 
-use std::{collections::HashSet, sync::Arc, time::Duration};
+use std::{
+    collections::{HashMap, HashSet, VecDeque},
+    sync::Arc,
+    time::Duration,
+};
 
-use agent_common::cuda::{CudaApi, CudaMemEvent, Role};
+use agent_common::cuda::{CudaApi, CudaMemEvent, Role, FLAG_DEVICE_UNKNOWN};
 use tokio::sync::mpsc;
 
 use crate::{
     cuda_error,
     export::metrics::{
-        ApiErrorLabels, ApiLabels, Metrics, ProcessGpuLabels, ProcessLabels, SourceLabels,
+        ApiErrorLabels, ApiLabels, Metrics, PidGpuLabels, ProcessGpuLabels, ProcessLabels,
+        SourceLabels,
     },
+    gpu::{history::GpuHistory, GpuProcesses, GpuSample},
     ingest::{Batch, Event},
     proc::ProcFs,
 };
 use ledger::{Ledger, Outcome};
+
+/// What reaches the tracker.
+#[derive(Debug)]
+pub enum Input {
+    Events(Batch),
+    GpuProcesses(GpuProcesses),
+}
+
+/// A failed CUDA call with the GPU's state at that instant, kept for forensics.
+#[derive(Clone, Debug)]
+pub struct FailureRecord {
+    pub event: CudaMemEvent,
+    pub comm: String,
+    pub gpu_state: Option<GpuSample>,
+}
+
+/// Failures kept in memory for forensics.
+const FAILURES_KEPT: usize = 1024;
 
 /// How often the ledgers of processes whose exit was missed are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(2);
@@ -28,6 +53,13 @@ pub struct Tracker {
     max_label_len: usize,
     /// (tgid, api, CUresult) already logged: one line per kind of failure per process.
     logged_failures: HashSet<(u32, u32, u32)>,
+    history: Arc<GpuHistory>,
+    failures: VecDeque<FailureRecord>,
+    /// NVML's last view: pid → (gpu → bytes).
+    nvml: HashMap<u32, HashMap<u32, Option<u64>>>,
+    /// (pid, gpu) series set from NVML's view, to remove those that go away.
+    nvml_series: HashSet<(u32, u32)>,
+    overhead_series: HashSet<ProcessGpuLabels>,
 }
 
 impl Tracker {
@@ -35,6 +67,7 @@ impl Tracker {
         metrics: Arc<Metrics>,
         procfs: ProcFs,
         limits: &crate::config::LimitsConfig,
+        history: Arc<GpuHistory>,
     ) -> Self {
         Self {
             ledger: Ledger::new(limits.max_processes, limits.max_allocations_per_process),
@@ -42,6 +75,23 @@ impl Tracker {
             procfs,
             max_label_len: limits.max_label_len,
             logged_failures: HashSet::new(),
+            history,
+            failures: VecDeque::new(),
+            nvml: HashMap::new(),
+            nvml_series: HashSet::new(),
+            overhead_series: HashSet::new(),
+        }
+    }
+
+    /// Recent failed calls with the GPU state at each, oldest first.
+    pub fn recent_failures(&self) -> impl Iterator<Item = &FailureRecord> {
+        self.failures.iter()
+    }
+
+    pub fn input(&mut self, input: Input) {
+        match input {
+            Input::Events(batch) => batch.iter().for_each(|ev| self.handle(ev)),
+            Input::GpuProcesses(p) => self.gpu_processes(p),
         }
     }
 
@@ -63,6 +113,17 @@ impl Tracker {
     }
 
     fn cuda(&mut self, e: &CudaMemEvent) {
+        let mut e = *e;
+        if e.flags & FLAG_DEVICE_UNKNOWN != 0 {
+            // The context predates the probes. A process NVML sees on one GPU only is on that one.
+            if let Some(gpus) = self.nvml.get(&e.header.tgid) {
+                if gpus.len() == 1 {
+                    e.device = *gpus.keys().next().unwrap_or(&0) as i32;
+                    e.flags &= !FLAG_DEVICE_UNKNOWN;
+                }
+            }
+        }
+        let e = &e;
         let Some(api) = CudaApi::from_u32(e.api) else {
             self.metrics.drop_reason("unknown_api");
             return;
@@ -119,17 +180,32 @@ impl Tracker {
     }
 
     fn log_failure(&mut self, e: &CudaMemEvent, api: CudaApi, error: &str) {
+        let comm = self
+            .ledger
+            .process(e.header.tgid)
+            .map(|p| p.comm.clone())
+            .unwrap_or_else(|| comm_label(&self.procfs, e.header.tgid, self.max_label_len));
+        let gpu_state = u32::try_from(e.device)
+            .ok()
+            .and_then(|gpu| self.history.at(gpu, e.header.ts_ns));
+        let described = gpu_state.as_ref().map_or_else(
+            || "unknown (no NVML sample)".to_string(),
+            GpuSample::describe,
+        );
+        if self.failures.len() == FAILURES_KEPT {
+            self.failures.pop_front();
+        }
+        self.failures.push_back(FailureRecord {
+            event: *e,
+            comm: comm.clone(),
+            gpu_state,
+        });
         if !self
             .logged_failures
             .insert((e.header.tgid, e.api, e.result))
         {
             return;
         }
-        let comm = self
-            .ledger
-            .process(e.header.tgid)
-            .map(|p| p.comm.clone())
-            .unwrap_or_else(|| comm_label(&self.procfs, e.header.tgid, self.max_label_len));
         tracing::warn!(
             pid = e.header.tgid,
             tid = e.header.pid,
@@ -140,6 +216,7 @@ impl Tracker {
             error,
             code = e.result,
             stack_id = e.stack_id,
+            gpu_state = described,
             "CUDA call failed (further failures of this kind in this process are only counted)"
         );
     }
@@ -200,6 +277,73 @@ impl Tracker {
         tracing::debug!(pid = tgid, comm = p.comm, "process exited, ledger released");
     }
 
+    /// NVML's per-process view: export it, and the difference to the ledger.
+    fn gpu_processes(&mut self, snapshot: GpuProcesses) {
+        self.nvml.clear();
+        let mut series = HashSet::new();
+        for p in &snapshot.entries {
+            self.nvml
+                .entry(p.pid)
+                .or_default()
+                .insert(p.gpu, p.used_bytes);
+            let labels = PidGpuLabels {
+                pid: p.pid,
+                gpu: p.gpu,
+            };
+            if let Some(b) = p.used_bytes {
+                self.metrics
+                    .gpu_process_memory_used
+                    .get_or_create(&labels)
+                    .set(b as i64);
+            }
+            if let Some(u) = p.sm_util {
+                self.metrics
+                    .gpu_process_sm_utilization
+                    .get_or_create(&labels)
+                    .set(f64::from(u) / 100.0);
+            }
+            series.insert((p.pid, p.gpu));
+        }
+        for (pid, gpu) in self.nvml_series.difference(&series) {
+            let labels = PidGpuLabels {
+                pid: *pid,
+                gpu: *gpu,
+            };
+            self.metrics.gpu_process_memory_used.remove(&labels);
+            self.metrics.gpu_process_sm_utilization.remove(&labels);
+        }
+        self.nvml_series = series;
+        self.publish_overheads();
+    }
+
+    /// `gpu_process_memory_overhead_bytes` for processes both views know.
+    fn publish_overheads(&mut self) {
+        let mut now = HashSet::new();
+        for (pid, gpus) in &self.nvml {
+            let Some(p) = self.ledger.process(*pid) else {
+                continue;
+            };
+            for (gpu, bytes) in gpus {
+                let Some(bytes) = bytes else { continue };
+                let ledger = p.device_bytes().get(&(*gpu as i32)).copied().unwrap_or(0);
+                let labels = ProcessGpuLabels {
+                    pid: *pid,
+                    comm: p.comm.clone(),
+                    gpu: *gpu as i32,
+                };
+                self.metrics
+                    .gpu_process_memory_overhead
+                    .get_or_create(&labels)
+                    .set(*bytes as i64 - ledger as i64);
+                now.insert(labels);
+            }
+        }
+        for gone in self.overhead_series.difference(&now) {
+            self.metrics.gpu_process_memory_overhead.remove(gone);
+        }
+        self.overhead_series = now;
+    }
+
     /// Drops ledgers of processes that are gone but whose exit event was lost.
     pub fn sweep(&mut self) {
         let gone: Vec<u32> = self
@@ -227,13 +371,13 @@ fn comm_label(procfs: &ProcFs, tgid: u32, max: usize) -> String {
 }
 
 /// Runs until the ingest side closes the channel, then returns the tracker (drained).
-pub async fn run(mut tracker: Tracker, mut rx: mpsc::Receiver<Batch>) -> Tracker {
+pub async fn run(mut tracker: Tracker, mut rx: mpsc::Receiver<Input>) -> Tracker {
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            batch = rx.recv() => match batch {
-                Some(batch) => batch.iter().for_each(|ev| tracker.handle(ev)),
+            input = rx.recv() => match input {
+                Some(input) => tracker.input(input),
                 None => return tracker,
             },
             _ = sweep.tick() => tracker.sweep(),
@@ -265,6 +409,7 @@ mod tests {
             metrics.clone(),
             ProcFs::new(dir.path()),
             &LimitsConfig::default(),
+            Arc::new(GpuHistory::new(600)),
         );
         t.handle(&event(7, CudaApi::MemAlloc, 0x10, 1000, 0));
         t.handle(&event(7, CudaApi::MemAlloc, 0, 5000, 2));
@@ -288,5 +433,80 @@ mod tests {
         assert!(!metrics
             .encode()
             .contains("gpu_process_memory_allocated_bytes{"));
+    }
+
+    #[test]
+    fn ledger_meets_nvml_and_failures_carry_the_gpu_state() {
+        use crate::gpu::GpuProcess;
+        let metrics = Arc::new(Metrics::new());
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("7")).unwrap();
+        std::fs::write(dir.path().join("7/comm"), "vllm\n").unwrap();
+        let history = Arc::new(GpuHistory::new(600));
+        let mut t = Tracker::new(
+            metrics.clone(),
+            ProcFs::new(dir.path()),
+            &LimitsConfig::default(),
+            history.clone(),
+        );
+        // NVML sees pid 7 on GPU 1 only, with its context overhead.
+        t.input(Input::GpuProcesses(GpuProcesses {
+            ts_ns: 1,
+            entries: vec![GpuProcess {
+                pid: 7,
+                gpu: 1,
+                used_bytes: Some(5000),
+                sm_util: Some(40),
+            }],
+        }));
+        // An allocation from a context the probes never saw created: device unknown → GPU 1.
+        let Event::CudaMem(mut e) = event(7, CudaApi::MemAlloc, 0x10, 1000, 0) else {
+            unreachable!()
+        };
+        e.flags = FLAG_DEVICE_UNKNOWN;
+        t.handle(&Event::CudaMem(e));
+        t.input(Input::GpuProcesses(GpuProcesses {
+            ts_ns: 2,
+            entries: vec![GpuProcess {
+                pid: 7,
+                gpu: 1,
+                used_bytes: Some(5000),
+                sm_util: None,
+            }],
+        }));
+        let text = metrics.encode();
+        for line in [
+            "gpu_process_memory_allocated_bytes{pid=\"7\",comm=\"vllm\",gpu=\"1\"} 1000",
+            "gpu_process_memory_used_bytes{pid=\"7\",gpu=\"1\"} 5000",
+            "gpu_process_memory_overhead_bytes{pid=\"7\",comm=\"vllm\",gpu=\"1\"} 4000",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+        // The GPU's state at the failure's instant is attached to it.
+        for (ts, util) in [(100, 10), (200, 87), (300, 5)] {
+            history.push(GpuSample {
+                gpu: 1,
+                ts_ns: ts,
+                utilization: Some(util),
+                ..Default::default()
+            });
+        }
+        let Event::CudaMem(mut e) = event(7, CudaApi::MemAlloc, 0, 1 << 30, 2) else {
+            unreachable!()
+        };
+        e.device = 1;
+        e.header.ts_ns = 250;
+        t.handle(&Event::CudaMem(e));
+        let f = t.recent_failures().last().unwrap();
+        assert_eq!(f.gpu_state.as_ref().unwrap().utilization, Some(87));
+        assert_eq!(f.comm, "vllm");
+        // The process leaves NVML's list: its NVML series go.
+        t.input(Input::GpuProcesses(GpuProcesses::default()));
+        let text = metrics.encode();
+        assert!(!text.contains("gpu_process_memory_used_bytes{"), "{text}");
+        assert!(
+            !text.contains("gpu_process_memory_overhead_bytes{"),
+            "{text}"
+        );
     }
 }
