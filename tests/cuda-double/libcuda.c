@@ -12,10 +12,10 @@
  *        cuMemAddressFree) and cuMemAllocFromPoolAsync, like an older driver.
  *
  * Environment (read once, by the first cuInit):
- *   INFERSCOPE_FAKE_GPU_COUNT  number of devices (default 1, max 64)
- *   INFERSCOPE_FAKE_GPU_MEM    bytes of memory per device (default 1073741824);
+ *   FAKEGPU_COUNT  number of devices (default 1, max 64)
+ *   FAKEGPU_MEM    bytes of memory per device (default 1073741824);
  *                              decimal or 0x hex, optional K/M/G/T (binary) suffix
- *   INFERSCOPE_FAKE_GPU_STATE  path of a shared state file; when set, the
+ *   FAKEGPU_STATE  path of a shared state file; when set, the
  *                              per-device used-bytes counters live in that file
  *                              (mmap'd MAP_SHARED, updated atomically), so that
  *                              several processes share the devices' memory.
@@ -29,7 +29,7 @@
  *   0       8     magic          ASCII "ISFAKGPU" (no terminator)
  *   8       4     version        u32 = 1
  *   12      4     max_devices    u32 = 64 (device slots in the file)
- *   16      4     device_count   u32, highest INFERSCOPE_FAKE_GPU_COUNT seen (atomic max)
+ *   16      4     device_count   u32, highest FAKEGPU_COUNT seen (atomic max)
  *   20      4     dev_slot_size  u32 = 64
  *   24      4     proc_offset    u32 = 4160 (offset of the process table)
  *   28      4     max_procs      u32 = 256
@@ -37,11 +37,15 @@
  *   36      28    reserved       zero
  *   64 + 64*d     device slot d (0 <= d < 64):
  *     +0    8     used_bytes     u64, device memory charged by all live processes
- *     +8    8     total_bytes    u64, INFERSCOPE_FAKE_GPU_MEM of the last process to init
+ *     +8    8     total_bytes    u64, FAKEGPU_MEM of the last process to init
  *     +16   48    reserved       zero
  *   4160 + 528*i  process slot i (0 <= i < 256), pid 0 = free:
  *     +0    4     pid            u32
- *     +4    4     reserved       zero
+ *     +4    4     ctx_mask       u32, bit d set once the process created
+ *                                  (cuCtxCreate_v2) or retained
+ *                                  (cuDevicePrimaryCtxRetain) a context on
+ *                                  device d (d < 32; sticky until the slot is
+ *                                  freed; set with __atomic_fetch_or)
  *     +8    8     start_time     u64, field 22 of /proc/<pid>/stat (guards pid reuse)
  *     +16   8*64  used[d]        u64, bytes this process holds on device d
  *
@@ -56,8 +60,9 @@
  * used[d] from used_bytes and clearing the slot.  A reader (e.g. an NVML
  * double) should report used_bytes minus used[d] of dead slots (or reap them
  * the same way, under flock), and can report per-process usage from the
- * table.  Each process checks allocations against its own
- * INFERSCOPE_FAKE_GPU_MEM.  Delete the file to reset everything.
+ * table; ctx_mask tells which devices a process has a context on (what
+ * NVML's running-compute-process list shows; tests/nvml-double reads it).  Each process checks allocations against its own
+ * FAKEGPU_MEM.  Delete the file to reset everything.
  *
  * Semantics in brief: device allocations charge the device of the calling
  * thread's current context (cuMemAllocAsync: the stream's context if a stream
@@ -179,7 +184,7 @@ struct state_slot {
 };
 struct proc_slot {
     uint32_t pid;
-    uint32_t reserved;
+    uint32_t ctx_mask; /* bit d: context created/retained on device d (d < 32) */
     uint64_t start_time;
     uint64_t used[MAX_DEVICES];
 };
@@ -262,6 +267,7 @@ static void reap_dead(void)
             if (u)
                 __atomic_sub_fetch(&g_slots[d].used_bytes, u, __ATOMIC_ACQ_REL);
         }
+        __atomic_store_n(&ps->ctx_mask, 0, __ATOMIC_RELAXED);
         __atomic_store_n(&ps->pid, 0, __ATOMIC_RELEASE);
     }
 }
@@ -322,6 +328,7 @@ static int open_shared_state(const char *path)
         if (g_procs[i].pid == 0) {
             g_myproc = &g_procs[i];
             memset(g_myproc->used, 0, sizeof(g_myproc->used));
+            __atomic_store_n(&g_myproc->ctx_mask, 0, __ATOMIC_RELAXED);
             g_myproc->start_time = proc_start_time(me);
             __atomic_store_n(&g_myproc->pid, me, __ATOMIC_RELEASE);
             break;
@@ -347,6 +354,7 @@ __attribute__((destructor)) static void release_at_exit(void)
         if (u)
             __atomic_sub_fetch(&g_slots[d].used_bytes, u, __ATOMIC_ACQ_REL);
     }
+    __atomic_store_n(&g_myproc->ctx_mask, 0, __ATOMIC_RELAXED);
     __atomic_store_n(&g_myproc->pid, 0, __ATOMIC_RELEASE);
     g_myproc = NULL;
     if (g_state_fd >= 0)
@@ -355,12 +363,12 @@ __attribute__((destructor)) static void release_at_exit(void)
 
 static void do_init(void)
 {
-    uint64_t n = env_u64("INFERSCOPE_FAKE_GPU_COUNT", 1);
+    uint64_t n = env_u64("FAKEGPU_COUNT", 1);
     if (n > MAX_DEVICES)
         n = MAX_DEVICES;
     g_device_count = (int)n;
-    g_device_mem = env_u64("INFERSCOPE_FAKE_GPU_MEM", 1073741824ull);
-    const char *path = getenv("INFERSCOPE_FAKE_GPU_STATE");
+    g_device_mem = env_u64("FAKEGPU_MEM", 1073741824ull);
+    const char *path = getenv("FAKEGPU_STATE");
     if (path && *path && open_shared_state(path) != 0) {
         g_init_result = CUDA_ERROR_OPERATING_SYSTEM;
         return;
@@ -385,6 +393,13 @@ static int charge(int dev, uint64_t size)
     if (g_myproc)
         __atomic_add_fetch(&g_myproc->used[dev], size, __ATOMIC_RELAXED);
     return 1;
+}
+
+/* Record in the shared process table that this process has a context on dev. */
+static void mark_ctx(int dev)
+{
+    if (g_myproc && dev >= 0 && dev < 32)
+        __atomic_fetch_or(&g_myproc->ctx_mask, 1u << dev, __ATOMIC_RELEASE);
 }
 
 static void uncharge(int dev, uint64_t size)
@@ -863,6 +878,7 @@ API CUresult cuDevicePrimaryCtxRetain(CUcontext *pctx, CUdevice dev)
     struct fake_ctx *c = primary_of(dev);
     c->refcount++;
     pthread_mutex_unlock(&g_ctx_lock);
+    mark_ctx(dev);
     *pctx = c;
     return CUDA_SUCCESS;
 }
@@ -945,6 +961,7 @@ API CUresult cuCtxCreate_v2(CUcontext *pctx, unsigned int flags, CUdevice dev)
     c->device = dev;
     c->flags = flags;
     t_stack[t_depth++] = c;
+    mark_ctx(dev);
     *pctx = c;
     return CUDA_SUCCESS;
 }

@@ -9,6 +9,11 @@
 //! * `novmm` – like `push` plus `-DOMIT_VMM` (no cuMemCreate/cuMemMap/... symbols).
 //!
 //! Each lands in `$OUT_DIR/<variant>/libcuda.so.1` with a `libcuda.so` symlink.
+//!
+//! It also compiles the NVML double `../nvml-double/libnvml.c` twice:
+//! `$OUT_DIR/nvml/libnvidia-ml.so.1` and, with `-DOLD_DRIVER` (no energy counter,
+//! process utilization or clocks event/throttle reasons symbols),
+//! `$OUT_DIR/nvml-old/libnvidia-ml.so.1`, each with a `libnvidia-ml.so` symlink.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -34,10 +39,27 @@ fn cc() -> String {
 }
 
 fn link_dir(dir: &Path) {
-    let link = dir.join("libcuda.so");
+    symlink(dir, "libcuda.so.1", "libcuda.so");
+}
+
+fn symlink(dir: &Path, target: &str, name: &str) {
+    let link = dir.join(name);
     let _ = std::fs::remove_file(&link);
-    std::os::unix::fs::symlink("libcuda.so.1", &link)
+    std::os::unix::fs::symlink(target, &link)
         .unwrap_or_else(|e| panic!("symlink {}: {e}", link.display()));
+}
+
+fn build_nvml(src: &Path, dir: &Path, flags: &[&str]) {
+    std::fs::create_dir_all(dir).expect("create nvml dir");
+    run(Command::new(cc())
+        .args(["-Wall", "-Wextra", "-O2", "-fPIC", "-shared"])
+        .arg("-Wl,-soname,libnvidia-ml.so.1")
+        .args(flags)
+        .arg("-o")
+        .arg(dir.join("libnvidia-ml.so.1"))
+        .arg(src)
+        .arg("-lpthread"));
+    symlink(dir, "libnvidia-ml.so.1", "libnvidia-ml.so");
 }
 
 fn build_direct(src: &Path, dir: &Path, flags: &[&str]) {
@@ -107,4 +129,10 @@ fn main() {
         }
         link_dir(&dir);
     }
+
+    let nvml_src = manifest.join("../nvml-double/libnvml.c");
+    let nvml_src = nvml_src.canonicalize().unwrap_or(nvml_src);
+    println!("cargo:rerun-if-changed={}", nvml_src.display());
+    build_nvml(&nvml_src, &out.join("nvml"), &[]);
+    build_nvml(&nvml_src, &out.join("nvml-old"), &["-DOLD_DRIVER"]);
 }

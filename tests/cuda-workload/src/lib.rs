@@ -5,6 +5,18 @@
 //!
 //! This library exposes where the double variants live and the truth types, so that
 //! tests can start the workload and parse its JSON-lines output.
+//!
+//! It also exposes the NVML double (`libnvidia-ml.so.1`, built from
+//! `tests/nvml-double/libnvml.c`): [`nvml_double_path`], [`nvml_old_double_path`] and
+//! [`NvmlControl`], the writer of its control file.
+
+mod nvml_control;
+
+pub use nvml_control::{
+    nvml_double_dir, nvml_double_path, nvml_old_double_dir, nvml_old_double_path, NvmlControl,
+    DEFAULT_NVML_CTX_OVERHEAD, ENV_NVML_CONTROL, ENV_NVML_CTX_OVERHEAD, ENV_NVML_FAIL_INIT,
+    NVML_UNSUPPORTED_GROUPS,
+};
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -12,11 +24,11 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 /// Number of simulated devices (default 1, at most 64).
-pub const ENV_GPU_COUNT: &str = "INFERSCOPE_FAKE_GPU_COUNT";
+pub const ENV_GPU_COUNT: &str = "FAKEGPU_COUNT";
 /// Bytes of memory per simulated device (default 1073741824).
-pub const ENV_GPU_MEM: &str = "INFERSCOPE_FAKE_GPU_MEM";
+pub const ENV_GPU_MEM: &str = "FAKEGPU_MEM";
 /// Path of the shared device-memory state file (see the top of `libcuda.c`).
-pub const ENV_GPU_STATE: &str = "INFERSCOPE_FAKE_GPU_STATE";
+pub const ENV_GPU_STATE: &str = "FAKEGPU_STATE";
 
 /// Name of the workload binary (`target/<profile>/cuda-workload`).
 pub const WORKLOAD_BIN_NAME: &str = "cuda-workload";

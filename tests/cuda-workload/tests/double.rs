@@ -8,9 +8,9 @@ fn run_plan(v: Variant, plan: &str, gpus: u32) -> Vec<OutputLine> {
     let out = Command::new(env!("CARGO_BIN_EXE_cuda-workload"))
         .args(["--plan", plan])
         .env("LD_LIBRARY_PATH", double_dir(v))
-        .env("INFERSCOPE_FAKE_GPU_COUNT", gpus.to_string())
-        .env("INFERSCOPE_FAKE_GPU_MEM", "1073741824")
-        .env_remove("INFERSCOPE_FAKE_GPU_STATE")
+        .env("FAKEGPU_COUNT", gpus.to_string())
+        .env("FAKEGPU_MEM", "1073741824")
+        .env_remove("FAKEGPU_STATE")
         .output()
         .expect("run cuda-workload");
     assert!(
