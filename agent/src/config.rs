@@ -220,6 +220,9 @@ impl Config {
             .probes
             .disabled
             .extend(overrides.disable_probes.iter().cloned());
+        if let Some(lib) = &overrides.nvml_lib {
+            config.nvml.lib = Some(lib.clone());
+        }
         config.validate()?;
         Ok(config)
     }
@@ -348,6 +351,7 @@ mod tests {
         let flags = Overrides {
             prometheus_listen: Some("127.0.0.1:2000".parse().unwrap()),
             disable_probes: vec!["sched".into()],
+            nvml_lib: Some("/opt/nvml.so".into()),
             ..Default::default()
         };
         let c = Config::load(Some(&path), &e, &flags).unwrap();
@@ -355,6 +359,7 @@ mod tests {
         assert_eq!(c.probes.stack_sample_every, 16);
         assert_eq!(c.forensics_dir, PathBuf::from("/tmp/f"));
         assert_eq!(c.probes.disabled, vec!["cuMemHostAlloc", "sched"]);
+        assert_eq!(c.nvml.lib, Some(PathBuf::from("/opt/nvml.so")));
     }
 
     #[test]

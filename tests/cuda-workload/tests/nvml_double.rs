@@ -627,4 +627,3 @@ fn shutdown_then_uninitialized_and_refcounted_init() {
         },
     );
 }
-
