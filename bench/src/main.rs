@@ -8,6 +8,7 @@
 
 mod agentproc;
 mod driver;
+mod nvml;
 mod probes;
 mod report;
 
@@ -101,6 +102,7 @@ pub struct Memory {
 }
 
 pub struct Results {
+    pub nvml: nvml::NvmlCost,
     pub overhead: Vec<Overhead>,
     pub throughput: Throughput,
     pub latency: Latency,
@@ -121,12 +123,27 @@ fn run(quick: bool) -> anyhow::Result<()> {
         bail!("must run as root (it loads and attaches eBPF programs)");
     }
     let sizes = Sizes::new(quick);
+    let started = Instant::now();
+    // First, while this process is single-threaded: the NVML double reads its environment.
+    eprintln!(
+        "bench: [  0 s] NVML sampling, {} simulated GPUs",
+        nvml::GPUS
+    );
+    let scratch =
+        std::env::temp_dir().join(format!("inferscope-bench-nvml-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch)?;
+    let nvml_cost = nvml::measure(
+        &scratch,
+        if quick { 50 } else { 500 },
+        if quick { 1.0 } else { 3.0 },
+    );
+    let _ = std::fs::remove_dir_all(&scratch);
+    let nvml_cost = nvml_cost?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("tokio runtime")?;
-    let started = Instant::now();
 
     let mut overhead = Vec::new();
     for variant in [Variant::Nop5, Variant::Push, Variant::Endbr] {
@@ -168,6 +185,7 @@ fn run(quick: bool) -> anyhow::Result<()> {
     drop(rt);
 
     let results = Results {
+        nvml: nvml_cost,
         overhead,
         throughput,
         latency,

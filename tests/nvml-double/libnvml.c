@@ -32,7 +32,7 @@
  * Processes and memory: a process is a running compute process on device d if
  * its live slot in the state file has ctx_mask bit d set (or, for any d, holds
  * used[d] > 0); usedGpuMemory = used[d] + overhead.  Device memory used = sum
- * of those + gpu.<d>.reserved_bytes; free = total - used (saturating).  Slots
+ * of those + gpu.<d>.reserved_bytes, at most total; free = total - used (saturating).  Slots
  * of dead pids (or pids whose start time differs) are ignored.
  *
  * Control file: text, one key=value per line, lines starting with '#' are
@@ -1065,7 +1065,9 @@ static void memory_of(int d, uint64_t *total, uint64_t *used, uint64_t *free_)
     uint64_t sum = g_ctl.dev[d].reserved;
     device_procs(d, NULL, 0, &sum);
     *total = g_dev_mem;
-    *used = sum;
+    /* The CUDA double limits allocations only; a real device's contexts live inside its
+     * memory, so used never passes total. */
+    *used = sum > g_dev_mem ? g_dev_mem : sum;
     *free_ = sum >= g_dev_mem ? 0 : g_dev_mem - sum;
 }
 

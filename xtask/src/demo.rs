@@ -1,8 +1,10 @@
 //! `cargo xtask demo`: the agent on its embedded defaults watching a scripted scenario on the
-//! CUDA driver double. Two processes share one simulated 16 GiB GPU: an inference server
-//! that loads weights through the VMM API (as PyTorch's expandable segments do) and fills a
-//! KV cache, and a second job that takes a slice; then the server asks for more than is left
-//! and gets CUDA_ERROR_OUT_OF_MEMORY. The demo prints what the agent sees at each step.
+//! CUDA driver and NVML doubles. Two processes share one simulated 16 GiB GPU: an inference
+//! server that loads weights through the VMM API (as PyTorch's expandable segments do) and
+//! fills a KV cache, and a second job that takes a slice; the GPU heats up until it throttles,
+//! then the server asks for more than is left and gets CUDA_ERROR_OUT_OF_MEMORY. The agent
+//! finds the driver the processes mapped and NVML through the loader's search path, as it
+//! would on a node. The demo prints what the agent sees at each step.
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -24,6 +26,43 @@ const SERVER_PLAN: &str =
     exhaust dev=0 size=1073741824; checkpoint name=oom";
 const JOB_PLAN: &str = "alloc dev=0 size=536870912 count=8; checkpoint name=held";
 
+/// The simulated GPU, shared by the CUDA driver double (in the workloads) and the NVML double
+/// (in the agent).
+struct Gpu {
+    state: PathBuf,
+    control: PathBuf,
+}
+
+impl Gpu {
+    fn env(&self) -> [(&'static str, String); 4] {
+        [
+            ("FAKEGPU_COUNT", "1".into()),
+            ("FAKEGPU_MEM", (16u64 << 30).to_string()),
+            ("FAKEGPU_STATE", self.state.display().to_string()),
+            ("FAKEGPU_NVML_CONTROL", self.control.display().to_string()),
+        ]
+    }
+
+    /// Sets NVML readings of GPU 0 (`key=value` lines of the NVML double's control file).
+    fn set(&self, values: &[(&str, &str)]) -> anyhow::Result<()> {
+        let text: String = values
+            .iter()
+            .map(|(k, v)| format!("gpu.0.{k}={v}\n"))
+            .collect();
+        let tmp = self.control.with_extension("tmp");
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, &self.control)?;
+        Ok(())
+    }
+}
+
+impl Drop for Gpu {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.state);
+        let _ = std::fs::remove_file(&self.control);
+    }
+}
+
 struct Proc {
     child: Child,
     stdin: ChildStdin,
@@ -31,13 +70,11 @@ struct Proc {
 }
 
 impl Proc {
-    fn start(bin: &Path, lib_dir: &str, state: &Path, plan: &str) -> anyhow::Result<Proc> {
+    fn start(bin: &Path, lib_dir: &str, gpu: &Gpu, plan: &str) -> anyhow::Result<Proc> {
         let mut child = Command::new(bin)
             .args(["--plan", plan, "--pause"])
             .env("LD_LIBRARY_PATH", lib_dir)
-            .env("FAKEGPU_COUNT", "1")
-            .env("FAKEGPU_MEM", (16u64 << 30).to_string())
-            .env("FAKEGPU_STATE", state)
+            .envs(gpu.env())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -90,6 +127,13 @@ impl Drop for AgentProc {
     }
 }
 
+fn double_dir(workload_bin: &Path, which: &str) -> anyhow::Result<String> {
+    let out = Command::new(workload_bin)
+        .args(["--double-dir", which])
+        .output()?;
+    Ok(String::from_utf8(out.stdout)?.trim().to_string())
+}
+
 pub fn run() -> anyhow::Result<()> {
     if !crate::util::is_root() {
         bail!("the demo loads eBPF programs: run it as root");
@@ -97,27 +141,33 @@ pub fn run() -> anyhow::Result<()> {
     let release = crate::util::root_dir().join("target/release");
     let agent_bin = release.join("inferscope");
     let workload_bin = release.join("cuda-workload");
-    let lib_dir = String::from_utf8(
-        Command::new(&workload_bin)
-            .args(["--double-dir", "push"])
-            .output()?
-            .stdout,
-    )?
-    .trim()
-    .to_string();
-    let state = std::env::temp_dir().join(format!("inferscope-demo-gpu-{}", std::process::id()));
-    let _ = std::fs::remove_file(&state);
+    let cuda_dir = double_dir(&workload_bin, "push")?;
+    let nvml_dir = double_dir(&workload_bin, "nvml")?;
+    let tmp = std::env::temp_dir();
+    let gpu = Gpu {
+        state: tmp.join(format!("inferscope-demo-gpu-{}", std::process::id())),
+        control: tmp.join(format!("inferscope-demo-nvml-{}", std::process::id())),
+    };
+    let _ = std::fs::remove_file(&gpu.state);
+    gpu.set(&[
+        ("utilization", "35"),
+        ("temperature", "58"),
+        ("power_mw", "310000"),
+    ])?;
 
     println!("== inferscope demo ==");
     println!(
         "agent:    {} run   (embedded defaults)",
         agent_bin.display()
     );
-    println!("driver:   CUDA driver test double, 1 simulated GPU of 16 GiB ({lib_dir})");
+    println!("GPU:      1 simulated GPU of 16 GiB: CUDA driver double ({cuda_dir}),");
+    println!("          NVML double on the agent's library search path ({nvml_dir})");
     let mut agent = AgentProc(
         Command::new(&agent_bin)
             .arg("run")
             .env("INFERSCOPE_LOG", "warn")
+            .env("LD_LIBRARY_PATH", &nvml_dir)
+            .envs(gpu.env())
             .spawn()
             .context("start the agent")?,
     );
@@ -126,8 +176,8 @@ pub fn run() -> anyhow::Result<()> {
     })?;
     println!("metrics:  http://127.0.0.1:{PORT}/metrics\n");
 
-    let mut server = Proc::start(&workload_bin, &lib_dir, &state, SERVER_PLAN)?;
-    let mut job = Proc::start(&workload_bin, &lib_dir, &state, JOB_PLAN)?;
+    let mut server = Proc::start(&workload_bin, &cuda_dir, &gpu, SERVER_PLAN)?;
+    let mut job = Proc::start(&workload_bin, &cuda_dir, &gpu, JOB_PLAN)?;
     // Nothing was said to the agent about these processes: it finds the driver library they
     // mapped on its own.
     wait(&mut agent, "the agent to discover the driver", |_| {
@@ -140,6 +190,11 @@ pub fn run() -> anyhow::Result<()> {
     );
 
     server.step()?;
+    gpu.set(&[
+        ("utilization", "71"),
+        ("temperature", "69"),
+        ("power_mw", "455000"),
+    ])?;
     show(
         &mut agent,
         "1. server loaded weights (VMM) and KV cache",
@@ -152,9 +207,15 @@ pub fn run() -> anyhow::Result<()> {
         &[&server, &job],
     )?;
     server.step()?;
+    gpu.set(&[
+        ("utilization", "97"),
+        ("temperature", "88"),
+        ("power_mw", "698000"),
+        ("throttle", "0x44"),
+    ])?;
     show(
         &mut agent,
-        "3. server frees and reallocates while serving",
+        "3. server serves; the GPU heats up and throttles",
         &[&server, &job],
     )?;
     server.step()?;
@@ -169,7 +230,6 @@ pub fn run() -> anyhow::Result<()> {
     std::thread::sleep(Duration::from_secs(10));
     drop(server);
     drop(job);
-    let _ = std::fs::remove_file(&state);
     // SAFETY: signalling our own child.
     unsafe { libc::kill(agent.0.id() as i32, libc::SIGTERM) };
     let status = agent.0.wait()?;
@@ -205,32 +265,65 @@ fn wait(
     Ok(())
 }
 
-/// Prints the per-process ledger and the per-API counters once the agent has caught up.
+/// Prints the GPU, the per-process ledger next to NVML's view, and the per-API counters once
+/// the agent has caught up.
 fn show(agent: &mut AgentProc, title: &str, procs: &[&Proc]) -> anyhow::Result<()> {
-    // Events reach the ledger within milliseconds; give the scrape a moment to settle.
+    // Events reach the ledger within milliseconds and NVML is sampled every second: wait for
+    // two scrapes a sampling interval apart to agree.
     let mut last = String::new();
     wait(agent, "the agent to settle", |_| {
+        std::thread::sleep(Duration::from_millis(1100));
         let text = scrape().map(|s| s.text).unwrap_or_default();
-        let settled = text == last;
+        let strip = |t: &str| {
+            t.lines()
+                .filter(|l| {
+                    !l.starts_with("gpu_energy")
+                        && !l.starts_with("gpu_idle")
+                        && !l.starts_with("inferscope_nvml_samples")
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        let settled = strip(&text) == strip(&last);
         last = text;
         settled
     })?;
     let s = Scrape::parse(&last);
+    let g = [("gpu", "0")];
+    let throttle: Vec<String> = s
+        .label_values("gpu_throttle_active", "reason")
+        .into_iter()
+        .filter(|r| s.sum("gpu_throttle_active", &[("gpu", "0"), ("reason", r)]) == 1.0)
+        .collect();
     println!("-- {title}");
     println!(
-        "   {:>8}  {:<14} {:>4} {:>10} {:>7} {:>10}",
-        "pid", "comm", "gpu", "held GiB", "allocs", "pinned MiB"
+        "   GPU 0: {:.2}/{:.2} GiB used, utilization {:.0}%, {:.0} C, {:.0} W, throttle: {}",
+        s.sum("gpu_memory_used_bytes", &g) / GIB,
+        s.sum("gpu_memory_total_bytes", &g) / GIB,
+        s.sum("gpu_utilization", &g) * 100.0,
+        s.sum("gpu_temperature_celsius", &g),
+        s.sum("gpu_power_watts", &g),
+        if throttle.is_empty() {
+            "none".into()
+        } else {
+            throttle.join(", ")
+        },
+    );
+    println!(
+        "   {:>8}  {:<14} {:>11} {:>7} {:>10} {:>13} {:>10}",
+        "pid", "comm", "ledger GiB", "allocs", "NVML GiB", "overhead GiB", "pinned MiB"
     );
     for p in procs {
         let pid = p.pid().to_string();
         let l = [("pid", pid.as_str()), ("gpu", "0")];
         println!(
-            "   {:>8}  {:<14} {:>4} {:>10.2} {:>7} {:>10.0}",
+            "   {:>8}  {:<14} {:>11.2} {:>7} {:>10.2} {:>13.2} {:>10.0}",
             pid,
             comm(p.pid()),
-            0,
             s.sum("gpu_process_memory_allocated_bytes", &l) / GIB,
             s.sum("gpu_process_allocations", &l),
+            s.sum("gpu_process_memory_used_bytes", &l) / GIB,
+            s.sum("gpu_process_memory_overhead_bytes", &l) / GIB,
             s.sum("gpu_process_host_pinned_bytes", &[("pid", pid.as_str())]) / (1u64 << 20) as f64,
         );
     }
@@ -238,9 +331,7 @@ fn show(agent: &mut AgentProc, title: &str, procs: &[&Proc]) -> anyhow::Result<(
         "   {:<26} {:>7} {:>10} {:>9}",
         "api", "calls", "GiB", "failures"
     );
-    let mut apis: Vec<String> = s.label_values("gpu_cuda_alloc_calls_total", "api");
-    apis.sort();
-    for api in apis {
+    for api in s.label_values("gpu_cuda_alloc_calls_total", "api") {
         let l = [("api", api.as_str())];
         println!(
             "   {:<26} {:>7} {:>10.2} {:>9}",

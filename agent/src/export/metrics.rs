@@ -159,6 +159,7 @@ pub struct Metrics {
     pub gpu_lost: Family<GpuLabels, Gauge>,
     pub nvml_unsupported: Family<GpuCallLabels, Gauge>,
     pub nvml_errors: Family<GpuCallLabels, Counter>,
+    pub nvml_samples: Counter,
     pub gpu_process_memory_used: Family<PidGpuLabels, Gauge>,
     pub gpu_process_sm_utilization: Family<PidGpuLabels, GaugeF>,
     pub gpu_process_memory_overhead: Family<ProcessGpuLabels, Gauge>,
@@ -212,6 +213,7 @@ impl Metrics {
             gpu_lost: Family::default(),
             nvml_unsupported: Family::default(),
             nvml_errors: Family::default(),
+            nvml_samples: Counter::default(),
             gpu_process_memory_used: Family::default(),
             gpu_process_sm_utilization: Family::default(),
             gpu_process_memory_overhead: Family::default(),
@@ -412,6 +414,11 @@ impl Metrics {
             "inferscope_nvml_errors",
             "NVML calls that failed, per call",
             self.nvml_errors.clone(),
+        );
+        r.register(
+            "inferscope_nvml_samples",
+            "Sampling rounds over all GPUs",
+            self.nvml_samples.clone(),
         );
         r.register(
             "gpu_process_memory_used_bytes",

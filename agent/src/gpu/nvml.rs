@@ -249,6 +249,7 @@ impl Sampler {
                 Err(Lost) => self.mark_lost(i),
             }
         }
+        self.metrics.nvml_samples.inc();
         if let Some(tx) = &self.tracker {
             // Never block sampling on the tracker; a snapshot skipped is replaced next tick.
             let _ = tx.try_send(Input::GpuProcesses(processes));

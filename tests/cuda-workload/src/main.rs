@@ -16,7 +16,7 @@ use cudarc::driver::{CudaContext, CudaStream};
 type CuResult = sys::CUresult;
 
 const USAGE: &str = "usage: cuda-workload (--plan \"step; step; ...\" | --plan-file FILE) [--pause]
-       cuda-workload --double-dir (nop5|push|endbr|novmm)";
+       cuda-workload --double-dir (nop5|push|endbr|novmm|nvml)";
 
 // ------------------------------------------------------------------ plan
 
@@ -829,9 +829,13 @@ fn main() {
             // For scripts that cannot link this crate: where the double of a variant lives.
             "--double-dir" => {
                 let name = args.next().unwrap_or_else(|| fatal(USAGE));
-                let v = Variant::from_name(&name)
-                    .unwrap_or_else(|| fatal(&format!("unknown variant {name:?}")));
-                println!("{}", v.dir().display());
+                let dir = match name.as_str() {
+                    "nvml" => cuda_workload::nvml_double_dir(),
+                    _ => Variant::from_name(&name)
+                        .unwrap_or_else(|| fatal(&format!("unknown variant {name:?}")))
+                        .dir(),
+                };
+                println!("{}", dir.display());
                 return;
             }
             "-h" | "--help" => {

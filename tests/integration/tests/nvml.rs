@@ -124,6 +124,7 @@ fn every_series_equals_the_simulated_value() {
     ] {
         assert_eq!(s.sum(name, &l), want, "{name} {l:?}\n{}", s.text);
     }
+    assert!(s.sum("inferscope_nvml_samples_total", &[]) >= 1.0);
     assert_eq!(
         s.sum(
             "gpu_pcie_throughput_bytes_per_second",
