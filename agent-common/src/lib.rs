@@ -6,6 +6,7 @@
 #![no_std]
 
 pub mod cuda;
+pub mod http;
 pub mod sched;
 
 /// Kinds of ring-buffer records. Ranges per family; ids are never reused.
@@ -14,6 +15,12 @@ pub mod sched;
 pub enum EventKind {
     /// [`cuda::CudaMemEvent`]
     CudaMem = 100,
+    /// [`http::HttpDataEvent`] (variable length: header and the captured bytes)
+    HttpData = 200,
+    /// [`http::HttpAcceptEvent`]
+    HttpAccept = 201,
+    /// [`http::HttpCloseEvent`]
+    HttpClose = 202,
     /// [`sched::ProcessExitEvent`]
     ProcessExit = 300,
 }
@@ -22,6 +29,9 @@ impl EventKind {
     pub fn from_u32(v: u32) -> Option<Self> {
         match v {
             100 => Some(Self::CudaMem),
+            200 => Some(Self::HttpData),
+            201 => Some(Self::HttpAccept),
+            202 => Some(Self::HttpClose),
             300 => Some(Self::ProcessExit),
             _ => None,
         }
@@ -45,7 +55,8 @@ pub mod lost {
     pub const CUDA: u32 = 0;
     pub const SCHED: u32 = 1;
     pub const STASH: u32 = 2;
-    pub const COUNT: u32 = 3;
+    pub const HTTP: u32 = 4;
+    pub const COUNT: u32 = 8;
 }
 
 /// Indexes of the `CONFIG` array that userspace writes at run time.
@@ -68,5 +79,6 @@ mod pod {
     unsafe impl aya::Pod for crate::EventHeader {}
     unsafe impl aya::Pod for crate::cuda::CudaMemEvent {}
     unsafe impl aya::Pod for crate::cuda::CtxKey {}
+    unsafe impl aya::Pod for crate::http::ConnKey {}
     unsafe impl aya::Pod for crate::sched::ProcessExitEvent {}
 }

@@ -71,6 +71,11 @@ pub async fn run(
     if family_enabled(&config, "sched") {
         probe::sched::attach(&mut loaded.ebpf)?;
     }
+    let http_maps = if family_enabled(&config, "http") {
+        Some(probe::http::attach(&mut loaded.ebpf, config.http.capture_bytes)?)
+    } else {
+        None
+    };
     let cuda = if family_enabled(&config, "cuda") {
         Some(CudaProbes::load(&mut loaded.ebpf, &config.probes.disabled)?)
     } else {
@@ -92,10 +97,13 @@ pub async fn run(
     let history = Arc::new(GpuHistory::new(config.nvml.history_secs));
     let nvml_stop = Arc::new(AtomicBool::new(false));
     let nvml_threads = start_nvml(&config, &metrics, &history, &batch_tx, &nvml_stop);
-    let ingest = tokio::spawn(ingest::run(
+    let http_stage = crate::http::Stage::start(http_maps, &config, metrics.clone())
+        .map_err(StartError::Thread)?;
+    let ingest = tokio::spawn(ingest::run_with_http(
         loaded.events,
         Duration::from_millis(config.probes.poll_interval_ms),
         batch_tx,
+        http_stage.sender(),
         metrics.clone(),
         stop_rx.clone(),
     ));
@@ -133,6 +141,7 @@ pub async fn run(
         }
     }
     report_join("ingest", ingest.await.map(|r| r.map_err(|e| e.to_string())));
+    http_stage.stop().await;
     if let Ok(t) = tracker.await {
         tracing::debug!(processes = t.ledger().len(), "tracker drained");
     }

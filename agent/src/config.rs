@@ -76,6 +76,8 @@ pub struct Config {
     pub nvml: NvmlConfig,
     /// Cardinality and memory limits.
     pub limits: LimitsConfig,
+    /// Requests timed on the wire (probe family `http`).
+    pub http: crate::http::HttpConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -142,6 +144,7 @@ impl Default for Config {
             probes: ProbesConfig::default(),
             nvml: NvmlConfig::default(),
             limits: LimitsConfig::default(),
+            http: Default::default(),
         }
     }
 }
@@ -177,6 +180,8 @@ pub struct Overrides {
     pub cuda_libs: Vec<PathBuf>,
     pub disable_probes: Vec<String>,
     pub nvml_lib: Option<PathBuf>,
+    /// `--watch-port`: ports whose listeners are watched as inference servers.
+    pub watch_ports: Vec<u16>,
 }
 
 impl Config {
@@ -216,6 +221,7 @@ impl Config {
             config.forensics_dir = dir.clone();
         }
         config.cuda_libs.extend(overrides.cuda_libs.iter().cloned());
+        config.http.watch_ports.extend(overrides.watch_ports.iter().copied());
         config
             .probes
             .disabled

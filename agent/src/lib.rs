@@ -10,6 +10,7 @@ pub mod config;
 pub mod cuda_error;
 pub mod export;
 pub mod gpu;
+pub mod http;
 pub mod ingest;
 pub mod probe;
 pub mod proc;

@@ -43,6 +43,9 @@ struct RunArgs {
     /// NVML library to load [default: libnvidia-ml.so.1 from the usual places].
     #[arg(long)]
     nvml_lib: Option<PathBuf>,
+    /// Watch the process listening on this port as an inference server (repeatable).
+    #[arg(long = "watch-port")]
+    watch_ports: Vec<u16>,
 }
 
 fn main() {
@@ -88,6 +91,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         cuda_libs: args.cuda_libs,
         disable_probes: args.disable_probes,
         nvml_lib: args.nvml_lib,
+        watch_ports: args.watch_ports,
     };
     let config = Config::load(args.config.as_deref(), &ProcessEnv, &overrides)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -1,3 +1,4 @@
 pub mod cuda;
 pub mod floor;
+pub mod http;
 pub mod sched;

@@ -163,6 +163,8 @@ pub struct Metrics {
     pub gpu_process_memory_used: Family<PidGpuLabels, Gauge>,
     pub gpu_process_sm_utilization: Family<PidGpuLabels, GaugeF>,
     pub gpu_process_memory_overhead: Family<ProcessGpuLabels, Gauge>,
+    /// Family `http`: requests timed on the wire (`crate::http::metrics`).
+    pub http: crate::http::metrics::HttpMetrics,
 }
 
 impl Default for Metrics {
@@ -217,9 +219,11 @@ impl Metrics {
             gpu_process_memory_used: Family::default(),
             gpu_process_sm_utilization: Family::default(),
             gpu_process_memory_overhead: Family::default(),
+            http: Default::default(),
             registry: Registry::default(),
         };
         m.register_gpu(&mut registry);
+        m.http.register(&mut registry);
         registry.register(
             "gpu_cuda_alloc_calls",
             "CUDA driver allocation calls (successful or not), by API",

@@ -59,6 +59,10 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         EventKind::ProcessExit => {
             Event::ProcessExit(read(bytes).ok_or_else(|| truncated(size_of::<ProcessExitEvent>()))?)
         }
+        // Routed to the http stage by the reader before decoding (`crate::http::record`).
+        EventKind::HttpData | EventKind::HttpAccept | EventKind::HttpClose => {
+            return Err(DecodeError::UnknownKind { kind: header.kind })
+        }
     })
 }
 

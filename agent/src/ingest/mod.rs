@@ -27,6 +27,19 @@ pub async fn run(
     poll: Duration,
     out: mpsc::Sender<Input>,
     metrics: std::sync::Arc<Metrics>,
+    stop: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    run_with_http(ring, poll, out, None, metrics, stop).await
+}
+
+/// As [`run`], with the `http` family's records sent to their own stage (records of that
+/// family are counted as dropped when there is none).
+pub async fn run_with_http(
+    ring: RingBuf<MapData>,
+    poll: Duration,
+    out: mpsc::Sender<Input>,
+    http: Option<mpsc::Sender<crate::http::tracker::Input>>,
+    metrics: std::sync::Arc<Metrics>,
     mut stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     // SAFETY: the ring buffer owns its fd and moves into the AsyncFd, which drops it last.
@@ -44,28 +57,57 @@ pub async fn run(
             _ = tick.tick() => false,
             _ = stop.changed() => true,
         };
-        if !drain(fd.get_mut(), &out, &metrics).await || stopping || *stop.borrow() {
-            drain(fd.get_mut(), &out, &metrics).await;
+        if !drain(fd.get_mut(), &out, http.as_ref(), &metrics).await
+            || stopping
+            || *stop.borrow()
+        {
+            drain(fd.get_mut(), &out, http.as_ref(), &metrics).await;
             return Ok(());
         }
     }
 }
 
 /// Reads every available record. Returns false when the tracker has gone away.
-async fn drain(ring: &mut RingBuf<MapData>, out: &mpsc::Sender<Input>, metrics: &Metrics) -> bool {
+async fn drain(
+    ring: &mut RingBuf<MapData>,
+    out: &mpsc::Sender<Input>,
+    http: Option<&mpsc::Sender<crate::http::tracker::Input>>,
+    metrics: &Metrics,
+) -> bool {
     loop {
         let mut batch = Vec::with_capacity(64);
-        while batch.len() < MAX_BATCH {
+        let mut http_batch = Vec::new();
+        while batch.len() + http_batch.len() < MAX_BATCH {
             let Some(item) = ring.next() else { break };
+            if let Some(r) = crate::http::record(&item) {
+                match r {
+                    Ok(r) if http.is_some() => http_batch.push(r),
+                    Ok(_) => metrics.drop_reason("no_http_stage"),
+                    Err(e) => metrics.record_dropped(&e),
+                }
+                continue;
+            }
             match decode(&item) {
                 Ok(ev) => batch.push(ev),
                 Err(e) => metrics.record_dropped(&e),
             }
         }
+        let full = batch.len() + http_batch.len() == MAX_BATCH;
+        if let (Some(tx), false) = (http, http_batch.is_empty()) {
+            if tx
+                .send(crate::http::tracker::Input::Records(http_batch))
+                .await
+                .is_err()
+            {
+                return false;
+            }
+        }
         if batch.is_empty() {
+            if full {
+                continue;
+            }
             return true;
         }
-        let full = batch.len() == MAX_BATCH;
         // Backpressure: a full channel slows the reader; the ring absorbs bursts and counts
         // what it cannot hold (inferscope_events_lost_total).
         if out.send(Input::Events(batch)).await.is_err() {

@@ -155,6 +155,7 @@ impl Manager {
             (lost::CUDA, "cuda"),
             (lost::SCHED, "sched"),
             (lost::STASH, "cuda_stash"),
+            (lost::HTTP, "http"),
         ] {
             let now = per_cpu_sum(&self.lost_map, index);
             let seen = &mut self.lost_seen[index as usize];

@@ -10,6 +10,7 @@ pub mod cuda;
 pub mod discover;
 pub mod elf;
 pub mod floor;
+pub mod http;
 pub mod manager;
 pub mod sched;
 
@@ -23,7 +24,7 @@ use aya::{
 static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/inferscope.bpf.o"));
 
-pub const FAMILIES: &[&str] = &["cuda", "sched"];
+pub const FAMILIES: &[&str] = &["cuda", "sched", "http"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {

@@ -1,0 +1,95 @@
+//! Socket syscall records of the `http` family (`probes/http.rs` in agent-ebpf): accepted
+//! connections of watched processes, the bytes read from and written to them, their close.
+
+use crate::EventHeader;
+
+/// Most payload bytes one record carries (the capture cap userspace sets is at most this).
+pub const CAPTURE_MAX: usize = 4096;
+/// Default capture cap: an HTTP header block and an SSE event fit.
+pub const CAPTURE_DEFAULT: u32 = 4096;
+/// Iovecs of one `readv`/`writev`/`recvmsg`/`sendmsg` that are captured (one record each).
+pub const IOV_MAX: u32 = 8;
+
+/// Bytes read by the watched process (the request side).
+pub const DIR_IN: u32 = 0;
+/// Bytes written by the watched process (the response side).
+pub const DIR_OUT: u32 = 1;
+
+/// The syscall moved more bytes than the record carries.
+pub const FLAG_TRUNCATED: u32 = 1;
+/// A vectored call moved more iovecs than [`IOV_MAX`]: bytes beyond them are not captured.
+pub const FLAG_IOV_LEFT: u32 = 2;
+
+/// Indexes of the family's own config array (`HTTP_CONFIG`).
+pub mod config {
+    /// Payload bytes captured per record (at most [`super::CAPTURE_MAX`]).
+    pub const CAPTURE_BYTES: u32 = 0;
+    pub const COUNT: u32 = 4;
+}
+
+/// Key of the watched-connection map: an accepted socket of a watched process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    pub tgid: u32,
+    pub fd: u32,
+}
+const _: () = assert!(core::mem::size_of::<ConnKey>() == 8);
+
+/// Bytes moved on a watched connection. Only the first 48 + `captured` bytes of the record
+/// travel through the ring buffer: `data` is a maximum, not a fixed size.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HttpDataEvent {
+    pub header: EventHeader,
+    pub fd: u32,
+    /// [`DIR_IN`] or [`DIR_OUT`].
+    pub direction: u32,
+    /// Bytes the syscall moved for this record (for a vectored call: this iovec's share).
+    pub len: u64,
+    /// Bytes of `data` that are valid.
+    pub captured: u32,
+    pub flags: u32,
+    pub data: [u8; CAPTURE_MAX],
+}
+pub const HTTP_DATA_PREFIX: usize = 48;
+const _: () = assert!(core::mem::size_of::<HttpDataEvent>() == HTTP_DATA_PREFIX + CAPTURE_MAX);
+
+impl Default for HttpDataEvent {
+    fn default() -> Self {
+        Self {
+            header: EventHeader::default(),
+            fd: 0,
+            direction: 0,
+            len: 0,
+            captured: 0,
+            flags: 0,
+            data: [0; CAPTURE_MAX],
+        }
+    }
+}
+
+/// A watched process accepted a connection (`accept`/`accept4` returned `fd`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HttpAcceptEvent {
+    pub header: EventHeader,
+    pub fd: u32,
+    /// The listening socket.
+    pub listen_fd: u32,
+    /// The peer's `sockaddr_in`/`sockaddr_in6` as the kernel wrote it (zeros when the caller
+    /// passed no address buffer).
+    pub peer: [u8; 28],
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<HttpAcceptEvent>() == 64);
+
+/// A watched connection was closed by the process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HttpCloseEvent {
+    pub header: EventHeader,
+    pub fd: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<HttpCloseEvent>() == 32);

@@ -1,0 +1,646 @@
+//! One watched connection: HTTP/1.1 requests read by the server, responses it writes, paired
+//! in order (keep-alive and pipelining), with the instants the metrics are made of. Input is
+//! what the probes captured: each syscall's first bytes and its full length; a part that was
+//! not captured is a hole the framing skips where it can.
+
+use std::collections::VecDeque;
+
+use super::{
+    body::{Body, Framing},
+    payload::{self, Sse, Usage},
+};
+
+/// Longest header block accepted (across records).
+const MAX_HEAD: usize = 16 * 1024;
+/// Body bytes kept for metadata (request JSON, non-streamed response, error message).
+const MAX_BODY: usize = 64 * 1024;
+const MAX_HEADERS: usize = 64;
+const MAX_ROUTE: usize = 64;
+/// Requests received and not answered kept per connection (pipelining depth).
+const MAX_PENDING: usize = 64;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ErrorType {
+    Http4xx,
+    Http5xx,
+    RateLimited,
+    ContextLength,
+    Timeout,
+    ConnectionReset,
+}
+
+impl ErrorType {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Http4xx => "http_4xx",
+            Self::Http5xx => "http_5xx",
+            Self::RateLimited => "rate_limited",
+            Self::ContextLength => "context_length",
+            Self::Timeout => "timeout",
+            Self::ConnectionReset => "connection_reset",
+        }
+    }
+}
+
+/// Bad input, by kind (the label of `inferscope_http_bad_input_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Bad {
+    /// Bytes that are not an HTTP/1.x request or response.
+    NotHttp,
+    /// A header block longer than the capture or than the limit.
+    HeaderTruncated,
+    /// Chunked framing that cannot be followed.
+    BadFraming,
+    /// A response with no request to pair it with.
+    UnmatchedResponse,
+    /// An SSE event over the size limit.
+    EventTooLarge,
+    /// More pipelined requests than kept.
+    PipelineOverflow,
+}
+
+impl Bad {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::NotHttp => "not_http",
+            Self::HeaderTruncated => "header_truncated",
+            Self::BadFraming => "bad_framing",
+            Self::UnmatchedResponse => "unmatched_response",
+            Self::EventTooLarge => "event_too_large",
+            Self::PipelineOverflow => "pipeline_overflow",
+        }
+    }
+}
+
+/// One request and its response.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Exchange {
+    pub method: String,
+    pub route: String,
+    pub model: Option<String>,
+    /// The request asked for a stream, or the response was an event stream.
+    pub stream: bool,
+    pub status: Option<u16>,
+    /// First byte in.
+    pub start_ns: u64,
+    /// Last byte in.
+    pub request_end_ns: u64,
+    pub first_byte_out_ns: Option<u64>,
+    pub first_token_ns: Option<u64>,
+    pub last_token_ns: Option<u64>,
+    /// Gaps between consecutive token events.
+    pub token_gaps_ns: Vec<u64>,
+    pub token_events: u64,
+    /// Last byte out (or the instant the exchange was given up).
+    pub end_ns: u64,
+    pub usage: Usage,
+    pub error: Option<ErrorType>,
+    /// The request was read in full (and counted in flight).
+    pub received: bool,
+}
+
+impl Exchange {
+    /// Output tokens: `usage` when the response had it, else counted stream events.
+    pub fn output_tokens(&self) -> Option<u64> {
+        self.usage
+            .completion
+            .or((self.stream && self.status.is_some()).then_some(self.token_events))
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Output {
+    /// A request was read in full (it is in flight until `Finished`).
+    Received {
+        model: Option<String>,
+    },
+    Finished(Exchange),
+    Bad(Bad),
+}
+
+#[derive(Debug)]
+enum In {
+    Head(Vec<u8>),
+    Body {
+        body: Body,
+        buf: Vec<u8>,
+        complete: bool,
+    },
+    Desync,
+}
+
+#[derive(Debug)]
+enum Out {
+    Head(Vec<u8>),
+    Body {
+        body: Body,
+        sse: Option<Sse>,
+        buf: Vec<u8>,
+        complete: bool,
+    },
+    Desync,
+}
+
+#[derive(Debug)]
+pub struct Conn {
+    inp: In,
+    out: Out,
+    /// The request being read.
+    reading: Option<Exchange>,
+    /// Requests read in full, waiting for their response.
+    pending: VecDeque<Exchange>,
+    /// The exchange whose response is being written (None: a response nobody asked for).
+    writing: Option<Exchange>,
+    /// Instant of the last record (for expiry).
+    pub last_ns: u64,
+}
+
+const METHODS: &[&[u8]] = &[
+    b"GET ",
+    b"POST ",
+    b"PUT ",
+    b"DELETE ",
+    b"HEAD ",
+    b"OPTIONS ",
+    b"PATCH ",
+];
+
+impl Conn {
+    /// A connection seen from its start (accepted while the agent watched).
+    pub fn new(ts: u64) -> Self {
+        Self {
+            inp: In::Head(Vec::new()),
+            out: Out::Head(Vec::new()),
+            reading: None,
+            pending: VecDeque::new(),
+            writing: None,
+            last_ns: ts,
+        }
+    }
+
+    /// A connection that existed before the agent: both directions wait for the start of
+    /// a message at a record boundary.
+    pub fn joined(ts: u64) -> Self {
+        Self {
+            inp: In::Desync,
+            out: Out::Desync,
+            ..Self::new(ts)
+        }
+    }
+
+    /// Requests in flight on this connection (read, not answered in full).
+    pub fn in_flight(&self) -> usize {
+        self.pending.len() + usize::from(self.writing.is_some())
+    }
+
+    /// Bytes read by the server (the captured part of one record; see [`Conn::read_hole`]).
+    pub fn read(&mut self, ts: u64, data: &[u8], out: &mut Vec<Output>) {
+        self.last_ns = ts;
+        if matches!(self.inp, In::Desync) && METHODS.iter().any(|m| data.starts_with(m)) {
+            self.inp = In::Head(Vec::new());
+        }
+        let mut data = data;
+        while !data.is_empty() {
+            let used = self.read_some(ts, data, out);
+            if used == 0 {
+                break; // defensive: every state consumes input or changes
+            }
+            data = &data[used..];
+        }
+    }
+
+    fn read_some(&mut self, ts: u64, data: &[u8], out: &mut Vec<Output>) -> usize {
+        match &mut self.inp {
+            In::Desync => data.len(),
+            In::Head(buf) => {
+                if buf.is_empty() {
+                    self.reading = Some(Exchange {
+                        start_ns: ts,
+                        ..Exchange::default()
+                    });
+                }
+                let before = buf.len();
+                let take = data.len().min(MAX_HEAD + 1 - before.min(MAX_HEAD));
+                buf.extend_from_slice(&data[..take]);
+                let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                let mut req = httparse::Request::new(&mut headers);
+                match req.parse(buf) {
+                    Ok(httparse::Status::Complete(n)) => {
+                        let method = req.method.unwrap_or("").to_string();
+                        let path = req.path.unwrap_or("");
+                        let route = path.split('?').next().unwrap_or("");
+                        let framing = request_framing(req.headers);
+                        let x = self.reading.get_or_insert_with(Exchange::default);
+                        x.method = method;
+                        x.route = clip(route, MAX_ROUTE);
+                        let used = n - before;
+                        let body = Body::new(framing);
+                        if body.is_empty() {
+                            self.inp = In::Head(Vec::new());
+                            self.request_done(ts, &[], true, out);
+                        } else {
+                            self.inp = In::Body {
+                                body,
+                                buf: Vec::new(),
+                                complete: true,
+                            };
+                        }
+                        used
+                    }
+                    Ok(httparse::Status::Partial) if buf.len() <= MAX_HEAD => take,
+                    Ok(httparse::Status::Partial) => {
+                        self.bad_in(Bad::HeaderTruncated, out);
+                        data.len()
+                    }
+                    Err(_) => {
+                        self.bad_in(Bad::NotHttp, out);
+                        data.len()
+                    }
+                }
+            }
+            In::Body {
+                body,
+                buf,
+                complete,
+            } => {
+                let fed = body.feed(data, &mut |b| keep(buf, complete, b));
+                if fed.desync {
+                    self.bad_in(Bad::BadFraming, out);
+                    return data.len();
+                }
+                if fed.done {
+                    let (buf, complete) = (std::mem::take(buf), *complete);
+                    self.inp = In::Head(Vec::new());
+                    self.request_done(ts, &buf, complete, out);
+                }
+                fed.consumed
+            }
+        }
+    }
+
+    /// `len` bytes read that were not captured.
+    pub fn read_hole(&mut self, ts: u64, len: u64, out: &mut Vec<Output>) {
+        if len == 0 {
+            return;
+        }
+        match &mut self.inp {
+            In::Desync => {}
+            In::Head(buf) if buf.is_empty() => self.inp = In::Desync,
+            In::Head(_) => self.bad_in(Bad::HeaderTruncated, out),
+            In::Body {
+                body,
+                buf,
+                complete,
+            } => match body.hole(len) {
+                None => self.bad_in(Bad::BadFraming, out),
+                Some((n, done)) => {
+                    *complete = false;
+                    if done {
+                        let buf = std::mem::take(buf);
+                        // Whatever followed in the hole (a pipelined request) is lost.
+                        self.inp = if n < len {
+                            In::Desync
+                        } else {
+                            In::Head(Vec::new())
+                        };
+                        self.request_done(ts, &buf, false, out);
+                    }
+                }
+            },
+        }
+    }
+
+    fn bad_in(&mut self, bad: Bad, out: &mut Vec<Output>) {
+        out.push(Output::Bad(bad));
+        self.inp = In::Desync;
+        self.reading = None;
+    }
+
+    fn request_done(&mut self, ts: u64, body: &[u8], complete: bool, out: &mut Vec<Output>) {
+        let Some(mut x) = self.reading.take() else {
+            return;
+        };
+        x.request_end_ns = ts;
+        if !body.is_empty() {
+            let meta = payload::request_meta(body, complete);
+            x.model = meta.model;
+            x.stream = meta.stream.unwrap_or(false);
+        }
+        if x.route.ends_with("_stream") {
+            x.stream = true;
+        }
+        if self.pending.len() >= MAX_PENDING {
+            out.push(Output::Bad(Bad::PipelineOverflow));
+            return;
+        }
+        x.received = true;
+        out.push(Output::Received {
+            model: x.model.clone(),
+        });
+        self.pending.push_back(x);
+    }
+
+    /// Bytes written by the server.
+    pub fn write(&mut self, ts: u64, data: &[u8], out: &mut Vec<Output>) {
+        self.last_ns = ts;
+        if matches!(self.out, Out::Desync) && data.starts_with(b"HTTP/1.") {
+            self.out = Out::Head(Vec::new());
+        }
+        let mut data = data;
+        while !data.is_empty() {
+            let used = self.write_some(ts, data, out);
+            if used == 0 {
+                break; // defensive: every state consumes input or changes
+            }
+            data = &data[used..];
+        }
+    }
+
+    fn write_some(&mut self, ts: u64, data: &[u8], out: &mut Vec<Output>) -> usize {
+        match &mut self.out {
+            Out::Desync => data.len(),
+            Out::Head(buf) => {
+                if buf.is_empty() && self.writing.is_none() {
+                    self.writing = self.pending.pop_front().or_else(|| self.reading.take());
+                    match &mut self.writing {
+                        Some(x) => x.first_byte_out_ns = Some(ts),
+                        None => out.push(Output::Bad(Bad::UnmatchedResponse)),
+                    }
+                }
+                let before = buf.len();
+                let take = data.len().min(MAX_HEAD + 1 - before.min(MAX_HEAD));
+                buf.extend_from_slice(&data[..take]);
+                let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                let mut resp = httparse::Response::new(&mut headers);
+                match resp.parse(buf) {
+                    Ok(httparse::Status::Complete(n)) => {
+                        let used = n - before;
+                        let status = resp.code.unwrap_or(0);
+                        if (100..200).contains(&status) {
+                            // Informational (100 Continue): the real response follows.
+                            buf.clear();
+                            return used;
+                        }
+                        let head = self.writing.as_ref().is_some_and(|x| x.method == "HEAD");
+                        let framing = response_framing(status, head, resp.headers);
+                        let sse = header(resp.headers, "content-type")
+                            .is_some_and(|v| contains_ci(v, b"text/event-stream"));
+                        if let Some(x) = &mut self.writing {
+                            x.status = Some(status);
+                            x.stream |= sse;
+                        }
+                        let body = Body::new(framing);
+                        if body.is_empty() {
+                            self.out = Out::Head(Vec::new());
+                            self.response_done(ts, &[], true, out);
+                        } else {
+                            self.out = Out::Body {
+                                body,
+                                sse: sse.then(Sse::default),
+                                buf: Vec::new(),
+                                complete: true,
+                            };
+                        }
+                        used
+                    }
+                    Ok(httparse::Status::Partial) if buf.len() <= MAX_HEAD => take,
+                    Ok(httparse::Status::Partial) => {
+                        self.bad_out(ts, Bad::HeaderTruncated, out);
+                        data.len()
+                    }
+                    Err(_) => {
+                        self.bad_out(ts, Bad::NotHttp, out);
+                        data.len()
+                    }
+                }
+            }
+            Out::Body {
+                body,
+                sse,
+                buf,
+                complete,
+            } => {
+                let writing = &mut self.writing;
+                let mut overflow = 0;
+                let fed = body.feed(data, &mut |b| match sse {
+                    Some(sse) => {
+                        overflow += sse.feed(b, &mut |ev| {
+                            if let Some(x) = writing.as_mut() {
+                                if ev.token {
+                                    token(x, ts);
+                                }
+                            }
+                        })
+                    }
+                    None => keep(buf, complete, b),
+                });
+                for _ in 0..overflow {
+                    out.push(Output::Bad(Bad::EventTooLarge));
+                }
+                if fed.desync {
+                    self.bad_out(ts, Bad::BadFraming, out);
+                    return data.len();
+                }
+                if fed.done {
+                    let buf = std::mem::take(buf);
+                    let complete = *complete;
+                    if let (Some(x), Some(sse)) = (self.writing.as_mut(), sse.as_ref()) {
+                        x.usage = sse.usage;
+                    }
+                    self.out = Out::Head(Vec::new());
+                    self.response_done(ts, &buf, complete, out);
+                }
+                fed.consumed
+            }
+        }
+    }
+
+    /// `len` bytes written that were not captured.
+    pub fn write_hole(&mut self, ts: u64, len: u64, out: &mut Vec<Output>) {
+        if len == 0 {
+            return;
+        }
+        match &mut self.out {
+            Out::Desync => {}
+            Out::Head(buf) if buf.is_empty() => self.out = Out::Desync,
+            Out::Head(_) => self.bad_out(ts, Bad::HeaderTruncated, out),
+            Out::Body {
+                body,
+                sse,
+                buf,
+                complete,
+            } => match body.hole(len) {
+                None => self.bad_out(ts, Bad::BadFraming, out),
+                Some((n, done)) => {
+                    *complete = false;
+                    if let Some(sse) = sse {
+                        sse.hole();
+                    }
+                    if done {
+                        let buf = std::mem::take(buf);
+                        if let (Some(x), Some(sse)) = (self.writing.as_mut(), sse.as_ref()) {
+                            x.usage = sse.usage;
+                        }
+                        self.out = if n < len {
+                            Out::Desync
+                        } else {
+                            Out::Head(Vec::new())
+                        };
+                        self.response_done(ts, &buf, false, out);
+                    }
+                }
+            },
+        }
+    }
+
+    /// The response cannot be followed: the exchange ends here with what is known.
+    fn bad_out(&mut self, ts: u64, bad: Bad, out: &mut Vec<Output>) {
+        out.push(Output::Bad(bad));
+        self.out = Out::Desync;
+        if let Some(mut x) = self.writing.take() {
+            x.end_ns = ts;
+            if x.status.is_some() {
+                out.push(Output::Finished(x));
+            } else {
+                // No status: it cannot be counted as a request of any code; still not in flight.
+                x.error = Some(ErrorType::ConnectionReset);
+                out.push(Output::Finished(x));
+            }
+        }
+    }
+
+    fn response_done(&mut self, ts: u64, body: &[u8], complete: bool, out: &mut Vec<Output>) {
+        let Some(mut x) = self.writing.take() else {
+            return;
+        };
+        x.end_ns = ts;
+        if !x.stream || x.usage == Usage::default() {
+            let u = payload::body_usage(body, complete);
+            x.usage.prompt = x.usage.prompt.or(u.prompt);
+            x.usage.completion = x.usage.completion.or(u.completion);
+        }
+        x.error = match x.status {
+            Some(429) => Some(ErrorType::RateLimited),
+            Some(s @ 400..=499) => {
+                if (s == 400 || s == 413 || s == 422) && payload::is_context_length(body) {
+                    Some(ErrorType::ContextLength)
+                } else {
+                    Some(ErrorType::Http4xx)
+                }
+            }
+            Some(500..) => Some(ErrorType::Http5xx),
+            _ => None,
+        };
+        out.push(Output::Finished(x));
+    }
+
+    /// The server closed the connection (or its process ended): a response delimited by the
+    /// close ends well; everything else still open ends as `connection_reset`.
+    pub fn close(&mut self, ts: u64, out: &mut Vec<Output>) {
+        if let Out::Body { body, buf, .. } = &mut self.out {
+            if body.hole(0).is_some() && matches!(framing_of(body), Framing::UntilClose) {
+                let buf = std::mem::take(buf);
+                let end = self.last_ns;
+                self.response_done(end, &buf, true, out);
+            }
+        }
+        self.abandon(ts, ErrorType::ConnectionReset, out);
+    }
+
+    /// Ends every exchange still open with `error`.
+    pub fn abandon(&mut self, ts: u64, error: ErrorType, out: &mut Vec<Output>) {
+        for mut x in self
+            .writing
+            .take()
+            .into_iter()
+            .chain(self.pending.drain(..))
+        {
+            x.end_ns = ts;
+            x.error = Some(error);
+            out.push(Output::Finished(x));
+        }
+        self.reading = None;
+        self.inp = In::Desync;
+        self.out = Out::Desync;
+    }
+}
+
+fn framing_of(body: &Body) -> Framing {
+    body.framing()
+}
+
+fn token(x: &mut Exchange, ts: u64) {
+    if let Some(last) = x.last_token_ns {
+        x.token_gaps_ns.push(ts.saturating_sub(last));
+    } else {
+        x.first_token_ns = Some(ts);
+    }
+    x.last_token_ns = Some(ts);
+    x.token_events += 1;
+}
+
+fn keep(buf: &mut Vec<u8>, complete: &mut bool, b: &[u8]) {
+    if buf.len() + b.len() > MAX_BODY {
+        *complete = false;
+        let room = MAX_BODY - buf.len();
+        buf.extend_from_slice(&b[..room]);
+    } else {
+        buf.extend_from_slice(b);
+    }
+}
+
+fn clip(s: &str, max: usize) -> String {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
+}
+
+fn header<'a>(headers: &'a [httparse::Header<'a>], name: &str) -> Option<&'a [u8]> {
+    headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case(name))
+        .map(|h| h.value)
+}
+
+fn contains_ci(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len())
+        .any(|w| w.eq_ignore_ascii_case(needle))
+}
+
+fn chunked(headers: &[httparse::Header]) -> bool {
+    header(headers, "transfer-encoding").is_some_and(|v| contains_ci(v, b"chunked"))
+}
+
+fn content_length(headers: &[httparse::Header]) -> Option<u64> {
+    std::str::from_utf8(header(headers, "content-length")?)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn request_framing(headers: &[httparse::Header]) -> Framing {
+    if chunked(headers) {
+        Framing::Chunked
+    } else {
+        match content_length(headers) {
+            Some(n) => Framing::Length(n),
+            None => Framing::None,
+        }
+    }
+}
+
+fn response_framing(status: u16, head: bool, headers: &[httparse::Header]) -> Framing {
+    if head || status == 204 || status == 304 {
+        Framing::None
+    } else if chunked(headers) {
+        Framing::Chunked
+    } else {
+        match content_length(headers) {
+            Some(n) => Framing::Length(n),
+            None => Framing::UntilClose,
+        }
+    }
+}

@@ -1,0 +1,315 @@
+//! Which processes are inference servers: recognised by their command line (vLLM, TGI,
+//! SGLang, llama.cpp's server, Triton) or listening on a port given with `--watch-port`; and
+//! which of their sockets are connections accepted before the agent started (seeded into the
+//! probes' connection map so that the next request on them is seen).
+
+use std::{
+    collections::{HashMap, HashSet},
+    path::Path,
+};
+
+use crate::proc::ProcFs;
+
+/// A watched server process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Server {
+    /// `vllm`, `tgi`, `sglang`, `llamacpp`, `triton`, or `openai-compatible` (found by port).
+    pub kind: &'static str,
+    /// The model it serves according to its command line (the `model` label of requests
+    /// that do not name one).
+    pub model: Option<String>,
+}
+
+/// Recognises an inference server from its argv.
+pub fn classify(argv: &[String]) -> Option<Server> {
+    let base = |s: &str| s.rsplit('/').next().unwrap_or(s).to_string();
+    let argv0 = argv.first().map(|a| base(a)).unwrap_or_default();
+    let has = |s: &str| argv.iter().any(|a| a == s);
+    let opt = |names: &[&str]| -> Option<String> {
+        for (i, a) in argv.iter().enumerate() {
+            for n in names {
+                if a == n {
+                    if let Some(v) = argv.get(i + 1) {
+                        return Some(v.clone());
+                    }
+                }
+                if let Some(v) = a.strip_prefix(&format!("{n}=")) {
+                    return Some(v.to_string());
+                }
+            }
+        }
+        None
+    };
+    let served = || opt(&["--served-model-name"]);
+    let python_module =
+        |m: &str| argv.windows(2).any(|w| w[0] == "-m" && w[1] == m) || argv.iter().any(|a| a == m);
+    if python_module("vllm.entrypoints.openai.api_server")
+        || ((argv0 == "vllm" || argv.get(1).is_some_and(|a| base(a) == "vllm")) && has("serve"))
+    {
+        let positional = argv
+            .iter()
+            .position(|a| a == "serve")
+            .and_then(|i| argv.get(i + 1))
+            .filter(|a| !a.starts_with('-'))
+            .cloned();
+        let model = served().or_else(|| opt(&["--model"])).or(positional);
+        return Some(Server {
+            kind: "vllm",
+            model,
+        });
+    }
+    if argv0 == "text-generation-router" || argv0 == "text-generation-launcher" {
+        return Some(Server {
+            kind: "tgi",
+            model: served().or_else(|| opt(&["--model-id", "--tokenizer-name"])),
+        });
+    }
+    if python_module("sglang.launch_server") {
+        return Some(Server {
+            kind: "sglang",
+            model: served().or_else(|| opt(&["--model-path", "--model"])),
+        });
+    }
+    if argv0 == "llama-server" {
+        let model = opt(&["--alias", "-a"]).or_else(|| {
+            opt(&["--model", "-m"]).map(|p| {
+                let file = base(&p);
+                file.strip_suffix(".gguf").unwrap_or(&file).to_string()
+            })
+        });
+        return Some(Server {
+            kind: "llamacpp",
+            model,
+        });
+    }
+    if argv0 == "tritonserver" {
+        return Some(Server {
+            kind: "triton",
+            model: None,
+        });
+    }
+    None
+}
+
+pub fn argv(procfs: &ProcFs, pid: u32) -> Option<Vec<String>> {
+    let raw = std::fs::read(procfs.root().join(pid.to_string()).join("cmdline")).ok()?;
+    Some(
+        raw.split(|&b| b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect(),
+    )
+}
+
+/// A TCP socket from `/proc/<pid>/net/tcp{,6}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpSocket {
+    pub local_port: u16,
+    pub listening: bool,
+    pub established: bool,
+    pub inode: u64,
+}
+
+/// Parses `/proc/net/tcp` or `tcp6`.
+pub fn parse_tcp(text: &str) -> Vec<TcpSocket> {
+    let mut out = Vec::new();
+    for line in text.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 10 {
+            continue;
+        }
+        let Some(port) = f[1]
+            .rsplit(':')
+            .next()
+            .and_then(|p| u16::from_str_radix(p, 16).ok())
+        else {
+            continue;
+        };
+        let state = u8::from_str_radix(f[3], 16).unwrap_or(0);
+        let Ok(inode) = f[9].parse() else { continue };
+        out.push(TcpSocket {
+            local_port: port,
+            listening: state == 0x0A,
+            established: state == 0x01,
+            inode,
+        });
+    }
+    out
+}
+
+/// TCP sockets in the network namespace of `pid` (the host's when `pid` is None).
+pub fn tcp_sockets(procfs: &ProcFs, pid: Option<u32>) -> Vec<TcpSocket> {
+    let dir = match pid {
+        Some(p) => procfs.root().join(p.to_string()).join("net"),
+        None => procfs.root().join("net"),
+    };
+    let mut all = Vec::new();
+    for f in ["tcp", "tcp6"] {
+        if let Ok(text) = std::fs::read_to_string(dir.join(f)) {
+            all.extend(parse_tcp(&text));
+        }
+    }
+    all
+}
+
+/// The process's socket descriptors: fd → socket inode.
+pub fn socket_fds(procfs: &ProcFs, pid: u32) -> Vec<(u32, u64)> {
+    let dir = procfs.root().join(pid.to_string()).join("fd");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let fd: u32 = e.file_name().to_str()?.parse().ok()?;
+            let target = std::fs::read_link(e.path()).ok()?;
+            Some((fd, socket_inode(&target)?))
+        })
+        .collect()
+}
+
+fn socket_inode(target: &Path) -> Option<u64> {
+    target
+        .to_str()?
+        .strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
+}
+
+/// Established connections on the process's listening ports: (fd) to seed.
+pub fn accepted_fds(procfs: &ProcFs, pid: u32) -> Vec<u32> {
+    let sockets = tcp_sockets(procfs, Some(pid));
+    let fds = socket_fds(procfs, pid);
+    let by_inode: HashMap<u64, &TcpSocket> = sockets.iter().map(|s| (s.inode, s)).collect();
+    let ports: HashSet<u16> = fds
+        .iter()
+        .filter_map(|(_, ino)| by_inode.get(ino))
+        .filter(|s| s.listening)
+        .map(|s| s.local_port)
+        .collect();
+    fds.iter()
+        .filter(|(_, ino)| {
+            by_inode
+                .get(ino)
+                .is_some_and(|s| s.established && ports.contains(&s.local_port))
+        })
+        .map(|(fd, _)| *fd)
+        .collect()
+}
+
+/// Pids that hold a socket listening on one of `ports` (in the agent's network namespace).
+pub fn listeners(procfs: &ProcFs, ports: &[u16]) -> HashSet<u32> {
+    if ports.is_empty() {
+        return HashSet::new();
+    }
+    let inodes: HashSet<u64> = tcp_sockets(procfs, None)
+        .into_iter()
+        .filter(|s| s.listening && ports.contains(&s.local_port))
+        .map(|s| s.inode)
+        .collect();
+    if inodes.is_empty() {
+        return HashSet::new();
+    }
+    procfs
+        .pids()
+        .filter(|pid| {
+            socket_fds(procfs, *pid)
+                .iter()
+                .any(|(_, ino)| inodes.contains(ino))
+        })
+        .collect()
+}
+
+/// Every watched server now: by command line (pids already classified are not read again:
+/// `seen` caches each pid's verdict), then by port.
+pub fn scan(
+    procfs: &ProcFs,
+    ports: &[u16],
+    seen: &mut HashMap<u32, Option<Server>>,
+) -> HashMap<u32, Server> {
+    let pids: HashSet<u32> = procfs.pids().collect();
+    seen.retain(|pid, _| pids.contains(pid));
+    for pid in &pids {
+        if !seen.contains_key(pid) {
+            let verdict = argv(procfs, *pid).and_then(|a| classify(&a));
+            seen.insert(*pid, verdict);
+        }
+    }
+    let mut out: HashMap<u32, Server> = seen
+        .iter()
+        .filter_map(|(pid, s)| Some((*pid, s.clone()?)))
+        .collect();
+    for pid in listeners(procfs, ports) {
+        out.entry(pid).or_insert(Server {
+            kind: "openai-compatible",
+            model: None,
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(s: &str) -> Vec<String> {
+        s.split(' ').map(str::to_string).collect()
+    }
+
+    #[test]
+    fn recognises_servers() {
+        let cases = [
+            ("/usr/bin/python3 /usr/local/bin/vllm serve meta-llama/Llama-3-8B --port 8000", "vllm", Some("meta-llama/Llama-3-8B")),
+            ("python3 -m vllm.entrypoints.openai.api_server --model m1 --served-model-name alias", "vllm", Some("alias")),
+            ("text-generation-router --model-id bigscience/bloom --port 80", "tgi", Some("bigscience/bloom")),
+            ("/usr/bin/text-generation-launcher --model-id=x/y", "tgi", Some("x/y")),
+            ("python -m sglang.launch_server --model-path Qwen/Qwen2-7B", "sglang", Some("Qwen/Qwen2-7B")),
+            ("./llama-server -m /models/llama-7b.Q4.gguf --port 8080", "llamacpp", Some("llama-7b.Q4")),
+            ("/opt/tritonserver/bin/tritonserver --model-repository=/m", "triton", None),
+        ];
+        for (cmd, kind, model) in cases {
+            let s = classify(&v(cmd)).unwrap_or_else(|| panic!("{cmd}"));
+            assert_eq!((s.kind, s.model.as_deref()), (kind, model), "{cmd}");
+        }
+        for cmd in [
+            "bash",
+            "python3 serve.py",
+            "vim vllm",
+            "grep sglang.launch_server2",
+        ] {
+            assert_eq!(classify(&v(cmd)), None, "{cmd}");
+        }
+    }
+
+    #[test]
+    fn parses_proc_net_tcp() {
+        let text = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 12345 1 0000000000000000 100 0 0 10 0\n   1: 0100007F:1F90 0100007F:C350 01 00000000:00000000 00:00000000 00000000     0        0 12346 1 0000000000000000 20 4 30 10 -1\n garbage\n";
+        let s = parse_tcp(text);
+        assert_eq!(s.len(), 2);
+        assert_eq!(
+            (s[0].local_port, s[0].listening, s[0].inode),
+            (8080, true, 12345)
+        );
+        assert!(s[1].established && !s[1].listening);
+    }
+
+    #[test]
+    fn seeds_connections_from_a_proc_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("42");
+        std::fs::create_dir_all(p.join("fd")).unwrap();
+        std::fs::create_dir_all(p.join("net")).unwrap();
+        std::fs::write(p.join("net/tcp"), "header\n 0: 0100007F:1F90 00000000:0000 0A 0:0 0:0 0 0 0 100 1\n 1: 0100007F:1F90 0100007F:C350 01 0:0 0:0 0 0 0 101 1\n 2: 0100007F:C351 0100007F:1F91 01 0:0 0:0 0 0 0 102 1\n").unwrap();
+        std::os::unix::fs::symlink("socket:[100]", p.join("fd/3")).unwrap();
+        std::os::unix::fs::symlink("socket:[101]", p.join("fd/7")).unwrap();
+        std::os::unix::fs::symlink("socket:[102]", p.join("fd/8")).unwrap();
+        std::os::unix::fs::symlink("/dev/null", p.join("fd/0")).unwrap();
+        std::fs::write(p.join("cmdline"), b"llama-server\0--alias\0tiny\0").unwrap();
+        let procfs = ProcFs::new(dir.path());
+        assert_eq!(accepted_fds(&procfs, 42), vec![7]);
+        let mut seen = HashMap::new();
+        let servers = scan(&procfs, &[], &mut seen);
+        assert_eq!(servers[&42].model.as_deref(), Some("tiny"));
+    }
+}

@@ -1,0 +1,301 @@
+//! Family `http`: inference requests timed on the wire. The probes capture the socket
+//! syscalls of watched processes ([`discover`] finds the servers and seeds connections that
+//! predate the agent); the reader routes the family's records here ([`record`]); the
+//! [`tracker`] stage keeps one [`conn::Conn`] per connection and turns finished exchanges into
+//! the `llm_*` metrics ([`metrics`]).
+
+pub mod body;
+pub mod conn;
+pub mod discover;
+pub mod metrics;
+pub mod payload;
+pub mod tracker;
+
+use agent_common::{
+    http::{HttpAcceptEvent, HttpCloseEvent, DIR_IN, HTTP_DATA_PREFIX},
+    EventHeader, EventKind,
+};
+
+use crate::ingest::DecodeError;
+
+/// A decoded record of the family.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Record {
+    Data {
+        header: EventHeader,
+        fd: u32,
+        inbound: bool,
+        /// Bytes the syscall moved for this record.
+        len: u64,
+        /// The captured prefix of them.
+        bytes: Vec<u8>,
+    },
+    Accept {
+        header: EventHeader,
+        fd: u32,
+        peer: Option<std::net::SocketAddr>,
+    },
+    Close {
+        header: EventHeader,
+        fd: u32,
+    },
+}
+
+impl Record {
+    pub fn header(&self) -> &EventHeader {
+        match self {
+            Record::Data { header, .. }
+            | Record::Accept { header, .. }
+            | Record::Close { header, .. } => header,
+        }
+    }
+}
+
+pub type Batch = Vec<Record>;
+
+/// Decodes a ring-buffer record of the `http` family; None when the record is of another
+/// family (or too short to say: the generic decoder counts it).
+pub fn record(bytes: &[u8]) -> Option<Result<Record, DecodeError>> {
+    let header: EventHeader = read(bytes)?;
+    let kind = EventKind::from_u32(header.kind)?;
+    let truncated = |expected| DecodeError::Truncated {
+        kind: header.kind,
+        len: bytes.len(),
+        expected,
+    };
+    Some(match kind {
+        EventKind::HttpData => (|| {
+            if bytes.len() < HTTP_DATA_PREFIX {
+                return Err(truncated(HTTP_DATA_PREFIX));
+            }
+            let u32_at =
+                |o: usize| u32::from_ne_bytes(bytes[o..o + 4].try_into().unwrap_or([0; 4]));
+            let fd = u32_at(24);
+            let direction = u32_at(28);
+            let len = u64::from_ne_bytes(bytes[32..40].try_into().unwrap_or([0; 8]));
+            let captured = u32_at(40) as usize;
+            let data = &bytes[HTTP_DATA_PREFIX..];
+            if data.len() < captured {
+                return Err(truncated(HTTP_DATA_PREFIX + captured));
+            }
+            Ok(Record::Data {
+                header,
+                fd,
+                inbound: direction == DIR_IN,
+                len: len.max(captured as u64),
+                bytes: data[..captured].to_vec(),
+            })
+        })(),
+        EventKind::HttpAccept => read::<HttpAcceptEvent>(bytes)
+            .map(|e| Record::Accept {
+                header,
+                fd: e.fd,
+                peer: sockaddr(&e.peer),
+            })
+            .ok_or_else(|| truncated(size_of::<HttpAcceptEvent>())),
+        EventKind::HttpClose => read::<HttpCloseEvent>(bytes)
+            .map(|e| Record::Close { header, fd: e.fd })
+            .ok_or_else(|| truncated(size_of::<HttpCloseEvent>())),
+        _ => return None,
+    })
+}
+
+/// `sockaddr_in` / `sockaddr_in6` bytes as the kernel wrote them.
+fn sockaddr(b: &[u8; 28]) -> Option<std::net::SocketAddr> {
+    let family = u16::from_ne_bytes([b[0], b[1]]);
+    let port = u16::from_be_bytes([b[2], b[3]]);
+    match family as i32 {
+        libc::AF_INET => {
+            let ip = std::net::Ipv4Addr::new(b[4], b[5], b[6], b[7]);
+            Some((ip, port).into())
+        }
+        libc::AF_INET6 => {
+            let mut a = [0u8; 16];
+            a.copy_from_slice(&b[8..24]);
+            Some((std::net::Ipv6Addr::from(a), port).into())
+        }
+        _ => None,
+    }
+}
+
+fn read<T: Copy>(bytes: &[u8]) -> Option<T> {
+    if bytes.len() < size_of::<T>() {
+        return None;
+    }
+    // SAFETY: length checked; T is a plain-data record of agent-common.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agent_common::http::HttpDataEvent;
+
+    fn data_record(captured: &[u8], len: u64) -> Vec<u8> {
+        let mut ev = HttpDataEvent::default();
+        ev.header.kind = EventKind::HttpData as u32;
+        ev.fd = 9;
+        ev.direction = agent_common::http::DIR_OUT;
+        ev.len = len;
+        ev.captured = captured.len() as u32;
+        ev.data[..captured.len()].copy_from_slice(captured);
+        // SAFETY: plain-data bytes.
+        let all = unsafe {
+            std::slice::from_raw_parts(
+                (&ev as *const HttpDataEvent).cast::<u8>(),
+                size_of::<HttpDataEvent>(),
+            )
+        };
+        all[..HTTP_DATA_PREFIX + captured.len()].to_vec()
+    }
+
+    #[test]
+    fn decodes_variable_length_data() {
+        let r = record(&data_record(b"HTTP/1.1 200 OK\r\n", 5000))
+            .unwrap()
+            .unwrap();
+        let Record::Data {
+            fd,
+            inbound,
+            len,
+            bytes,
+            ..
+        } = r
+        else {
+            panic!("{r:?}")
+        };
+        assert_eq!((fd, inbound, len), (9, false, 5000));
+        assert_eq!(bytes, b"HTTP/1.1 200 OK\r\n");
+        let mut cut = data_record(b"abcdef", 6);
+        cut.truncate(HTTP_DATA_PREFIX + 2);
+        assert!(matches!(
+            record(&cut),
+            Some(Err(DecodeError::Truncated { .. }))
+        ));
+        // Other families are not ours.
+        let h = EventHeader {
+            kind: EventKind::CudaMem as u32,
+            ..Default::default()
+        };
+        let bytes = crate::ingest::decode::as_bytes(&h);
+        assert!(record(&bytes).is_none());
+    }
+
+    #[test]
+    fn reads_sockaddrs() {
+        let mut b = [0u8; 28];
+        b[..2].copy_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
+        b[2..4].copy_from_slice(&8080u16.to_be_bytes());
+        b[4..8].copy_from_slice(&[127, 0, 0, 1]);
+        assert_eq!(sockaddr(&b), Some("127.0.0.1:8080".parse().unwrap()));
+        assert_eq!(sockaddr(&[0; 28]), None);
+    }
+}
+
+/// The `[http]` section of the config file.
+#[derive(Debug, Clone, serde::Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Ports whose listening processes are watched as inference servers (as `--watch-port`).
+    pub watch_ports: Vec<u16>,
+    /// Payload bytes captured per syscall buffer (at most 4096): enough for a header block
+    /// and an SSE event.
+    pub capture_bytes: u32,
+    /// Connections with parser state; further ones are counted and ignored.
+    pub max_connections: usize,
+    /// A connection without traffic for this long is dropped; its open requests end as
+    /// `timeout`.
+    pub idle_timeout_secs: u64,
+    /// Distinct `model` label values; further models are exported as `other`.
+    pub max_models: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        let limits = tracker::Limits::default();
+        Self {
+            watch_ports: Vec::new(),
+            capture_bytes: agent_common::http::CAPTURE_DEFAULT,
+            max_connections: limits.max_connections,
+            idle_timeout_secs: limits.idle_timeout.as_secs(),
+            max_models: limits.max_models,
+        }
+    }
+}
+
+impl HttpConfig {
+    pub fn limits(&self) -> tracker::Limits {
+        tracker::Limits {
+            max_connections: self.max_connections,
+            idle_timeout: std::time::Duration::from_secs(self.idle_timeout_secs),
+            max_models: self.max_models,
+        }
+    }
+}
+
+/// The running family: the tracker task and the watcher thread.
+pub struct Stage {
+    tx: Option<tokio::sync::mpsc::Sender<tracker::Input>>,
+    task: Option<tokio::task::JoinHandle<tracker::HttpTracker>>,
+    watcher: Option<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)>,
+}
+
+impl Stage {
+    /// Starts the tracker and, when the probes are attached (`maps`), the watcher thread.
+    /// Without the probes it is inert.
+    pub fn start(
+        maps: Option<crate::probe::http::HttpMaps>,
+        config: &crate::config::Config,
+        metrics: std::sync::Arc<crate::export::metrics::Metrics>,
+    ) -> std::io::Result<Stage> {
+        let Some(maps) = maps else {
+            return Ok(Stage {
+                tx: None,
+                task: None,
+                watcher: None,
+            });
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        let t =
+            tracker::HttpTracker::new(metrics.clone(), metrics.http.clone(), config.http.limits());
+        let task = tokio::spawn(tracker::run(t, rx));
+        let watcher = crate::probe::http::Watcher::new(
+            maps,
+            crate::proc::ProcFs::new(&config.proc_root),
+            config.http.watch_ports.clone(),
+            tx.clone(),
+        );
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel();
+        let interval = std::time::Duration::from_millis(config.probes.discovery_interval_ms);
+        let handle = std::thread::Builder::new()
+            .name("http-watcher".into())
+            .spawn(move || watcher.run(interval, stop_rx))?;
+        Ok(Stage {
+            tx: Some(tx),
+            task: Some(task),
+            watcher: Some((stop_tx, handle)),
+        })
+    }
+
+    /// Where the reader sends the family's records.
+    pub fn sender(&self) -> Option<tokio::sync::mpsc::Sender<tracker::Input>> {
+        self.tx.clone()
+    }
+
+    /// After the reader has stopped: stops the watcher, lets the tracker drain.
+    pub async fn stop(mut self) {
+        if let Some((stop, handle)) = self.watcher.take() {
+            let _ = stop.send(());
+            if handle.join().is_err() {
+                tracing::error!("http watcher panicked");
+            }
+        }
+        drop(self.tx.take());
+        if let Some(task) = self.task.take() {
+            match task.await {
+                Ok(t) => tracing::debug!(connections = t.connections(), "http tracker drained"),
+                Err(e) => tracing::error!(error = %e, "http tracker panicked"),
+            }
+        }
+    }
+}

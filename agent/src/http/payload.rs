@@ -1,0 +1,416 @@
+//! What the agent reads out of bodies: the request's `model` and `stream`, the response's
+//! `usage`, Server-Sent Events and whether each carries output. Text is looked at in memory
+//! and dropped: nothing here keeps prompt or completion content.
+
+use serde::de::IgnoredAny;
+use serde::Deserialize;
+
+/// Request metadata from a JSON body.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RequestMeta {
+    pub model: Option<String>,
+    pub stream: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct RequestJson<'a> {
+    #[serde(borrow, default)]
+    model: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default)]
+    stream: Option<bool>,
+    /// TGI's `/generate_stream` takes `inputs` and `parameters`.
+    #[serde(default)]
+    parameters: Option<IgnoredAny>,
+}
+
+/// Longest model name kept.
+const MAX_MODEL: usize = 128;
+
+/// `complete`: the body was captured whole (no holes, not cut). A complete body is parsed as
+/// JSON; otherwise, or when that fails, the top-level keys are looked for in the text.
+pub fn request_meta(body: &[u8], complete: bool) -> RequestMeta {
+    if complete {
+        if let Ok(j) = serde_json::from_slice::<RequestJson>(body) {
+            let _ = j.parameters;
+            return RequestMeta {
+                model: j.model.map(|m| clip(&m)),
+                stream: j.stream,
+            };
+        }
+    }
+    RequestMeta {
+        model: scan_string(body, b"\"model\"").map(|m| clip(&m)),
+        stream: scan_bool(body, b"\"stream\""),
+    }
+}
+
+fn clip(s: &str) -> String {
+    let mut end = s.len().min(MAX_MODEL);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
+}
+
+/// Position just after `key` followed by optional blanks and `:`, for an occurrence of `key`
+/// that is a JSON key (a quote inside a JSON string is always escaped, so an unescaped
+/// `"model"` is structural).
+fn after_key(body: &[u8], key: &[u8]) -> Option<usize> {
+    let mut from = 0;
+    while let Some(p) = find(&body[from..], key) {
+        let at = from + p;
+        let escaped = at > 0 && body[at - 1] == b'\\';
+        let mut i = at + key.len();
+        while i < body.len() && body[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        if !escaped && i < body.len() && body[i] == b':' {
+            i += 1;
+            while i < body.len() && body[i].is_ascii_whitespace() {
+                i += 1;
+            }
+            return Some(i);
+        }
+        from = at + 1;
+    }
+    None
+}
+
+fn scan_string(body: &[u8], key: &[u8]) -> Option<String> {
+    let i = after_key(body, key)?;
+    if body.get(i) != Some(&b'"') {
+        return None;
+    }
+    let rest = &body[i + 1..];
+    let end = rest.iter().position(|&b| b == b'"' || b == b'\\')?;
+    if rest[end] != b'"' {
+        return None;
+    }
+    std::str::from_utf8(&rest[..end]).ok().map(str::to_string)
+}
+
+fn scan_bool(body: &[u8], key: &[u8]) -> Option<bool> {
+    let i = after_key(body, key)?;
+    let rest = &body[i..];
+    if rest.starts_with(b"true") {
+        Some(true)
+    } else if rest.starts_with(b"false") {
+        Some(false)
+    } else {
+        None
+    }
+}
+
+fn scan_u64(body: &[u8], key: &[u8]) -> Option<u64> {
+    let i = after_key(body, key)?;
+    let digits = body[i..].iter().take_while(|b| b.is_ascii_digit()).count();
+    std::str::from_utf8(&body[i..i + digits]).ok()?.parse().ok()
+}
+
+pub fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    if needle.is_empty() || hay.len() < needle.len() {
+        return None;
+    }
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Token counts a response reported.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt: Option<u64>,
+    pub completion: Option<u64>,
+}
+
+impl Usage {
+    fn merge(&mut self, other: Usage) {
+        self.prompt = other.prompt.or(self.prompt);
+        self.completion = other.completion.or(self.completion);
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct UsageJson {
+    #[serde(default)]
+    prompt_tokens: Option<u64>,
+    #[serde(default)]
+    completion_tokens: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+struct DetailsJson {
+    #[serde(default)]
+    generated_tokens: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct Delta<'a> {
+    #[serde(borrow, default)]
+    content: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default)]
+    reasoning_content: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default)]
+    tool_calls: Option<IgnoredAny>,
+}
+
+#[derive(Deserialize)]
+struct Choice<'a> {
+    #[serde(borrow, default)]
+    delta: Option<Delta<'a>>,
+    #[serde(borrow, default)]
+    text: Option<std::borrow::Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct Token<'a> {
+    #[serde(borrow, default)]
+    text: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default)]
+    special: bool,
+}
+
+#[derive(Deserialize)]
+struct EventJson<'a> {
+    #[serde(borrow, default)]
+    choices: Option<Vec<Choice<'a>>>,
+    #[serde(default)]
+    usage: Option<UsageJson>,
+    #[serde(borrow, default)]
+    token: Option<Token<'a>>,
+    #[serde(default)]
+    details: Option<DetailsJson>,
+    #[serde(default)]
+    error: Option<IgnoredAny>,
+}
+
+/// One SSE event's `data`, read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventInfo {
+    /// Carries output (text, reasoning or tool-call deltas; a non-special TGI token).
+    pub token: bool,
+    pub usage: Usage,
+    pub done: bool,
+    pub error: bool,
+}
+
+pub fn event_info(data: &[u8]) -> EventInfo {
+    let trimmed = data.trim_ascii();
+    if trimmed == b"[DONE]" {
+        return EventInfo {
+            done: true,
+            ..Default::default()
+        };
+    }
+    let Ok(j) = serde_json::from_slice::<EventJson>(trimmed) else {
+        return EventInfo::default();
+    };
+    let nonempty = |s: &Option<std::borrow::Cow<str>>| s.as_deref().is_some_and(|s| !s.is_empty());
+    let mut token = j.choices.iter().flatten().any(|c| {
+        nonempty(&c.text)
+            || c.delta.as_ref().is_some_and(|d| {
+                nonempty(&d.content) || nonempty(&d.reasoning_content) || d.tool_calls.is_some()
+            })
+    });
+    if let Some(t) = &j.token {
+        token |= !t.special && nonempty(&t.text);
+    }
+    let mut usage = Usage::default();
+    if let Some(u) = j.usage {
+        usage = Usage {
+            prompt: u.prompt_tokens,
+            completion: u.completion_tokens,
+        };
+    }
+    if let Some(d) = j.details {
+        usage.completion = usage.completion.or(d.generated_tokens);
+    }
+    EventInfo {
+        token,
+        usage,
+        done: false,
+        error: j.error.is_some(),
+    }
+}
+
+/// `usage` of a whole (non-streamed) response body; looked for in the text when the body is
+/// not complete JSON.
+pub fn body_usage(body: &[u8], complete: bool) -> Usage {
+    if complete {
+        if let Ok(j) = serde_json::from_slice::<EventJson>(body) {
+            let mut u = Usage::default();
+            if let Some(x) = j.usage {
+                u = Usage {
+                    prompt: x.prompt_tokens,
+                    completion: x.completion_tokens,
+                };
+            }
+            if let Some(d) = j.details {
+                u.completion = u.completion.or(d.generated_tokens);
+            }
+            return u;
+        }
+    }
+    Usage {
+        prompt: scan_u64(body, b"\"prompt_tokens\""),
+        completion: scan_u64(body, b"\"completion_tokens\"")
+            .or_else(|| scan_u64(body, b"\"generated_tokens\"")),
+    }
+}
+
+/// Whether an error body says the input was over the model's context length (the messages
+/// of vLLM, SGLang, TGI, llama.cpp and OpenAI's error code).
+pub fn is_context_length(body: &[u8]) -> bool {
+    const NEEDLES: &[&[u8]] = &[
+        b"maximum context length",
+        b"context length",
+        b"context_length_exceeded",
+        b"exceeds the available context size",
+        b"must be <=",
+    ];
+    let lower: Vec<u8> = body.iter().map(u8::to_ascii_lowercase).collect();
+    NEEDLES.iter().any(|n| find(&lower, n).is_some())
+}
+
+/// Splits a Server-Sent Events stream into events (across any piece boundaries) and hands
+/// each event's joined `data` to a callback. Lines are bounded; an over-long event is dropped
+/// and counted by the caller.
+#[derive(Debug, Default)]
+pub struct Sse {
+    line: Vec<u8>,
+    data: Vec<u8>,
+    has_data: bool,
+    overflow: bool,
+    pub usage: Usage,
+}
+
+/// Longest SSE event kept for parsing.
+const MAX_EVENT: usize = 64 * 1024;
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SseOut {
+    pub tokens: u32,
+    pub overflow: u32,
+    pub done: bool,
+}
+
+impl Sse {
+    /// Feeds decoded body bytes; `on_event` gets each finished event's info.
+    pub fn feed(&mut self, mut bytes: &[u8], on_event: &mut impl FnMut(EventInfo)) -> u32 {
+        let mut overflows = 0;
+        while !bytes.is_empty() {
+            let nl = bytes.iter().position(|&b| b == b'\n');
+            let (part, rest, eol) = match nl {
+                Some(i) => (&bytes[..i], &bytes[i + 1..], true),
+                None => (bytes, &bytes[bytes.len()..], false),
+            };
+            if self.line.len() + part.len() > MAX_EVENT {
+                self.overflow = true;
+            } else {
+                self.line.extend_from_slice(part);
+            }
+            bytes = rest;
+            if !eol {
+                break;
+            }
+            let line = std::mem::take(&mut self.line);
+            let line = line.strip_suffix(b"\r").unwrap_or(&line);
+            if line.is_empty() {
+                if self.overflow {
+                    overflows += 1;
+                } else if self.has_data {
+                    let info = event_info(&self.data);
+                    self.usage.merge(info.usage);
+                    on_event(info);
+                }
+                self.data.clear();
+                self.has_data = false;
+                self.overflow = false;
+            } else if let Some(v) = line.strip_prefix(b"data:") {
+                let v = v.strip_prefix(b" ").unwrap_or(v);
+                if self.has_data {
+                    self.data.push(b'\n');
+                }
+                if self.data.len() + v.len() > MAX_EVENT {
+                    self.overflow = true;
+                } else {
+                    self.data.extend_from_slice(v);
+                }
+                self.has_data = true;
+            }
+            // `event:`, `id:`, `retry:` and comments carry nothing the agent needs.
+        }
+        overflows
+    }
+
+    /// A hole in the stream: the event being read is lost.
+    pub fn hole(&mut self) {
+        self.line.clear();
+        self.data.clear();
+        self.has_data = false;
+        self.overflow = true;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_metadata() {
+        let m = request_meta(br#"{"messages":[{"role":"user","content":"say \"model\": x"}],"model":"llama","stream":true}"#, true);
+        assert_eq!(m.model.as_deref(), Some("llama"));
+        assert_eq!(m.stream, Some(true));
+        // Cut body: scanned; the escaped key in the prompt is not taken.
+        let m = request_meta(
+            br#"{"prompt":"\"model\": \"evil\"","model" : "m2", "stream":false, "x": ["#,
+            false,
+        );
+        assert_eq!(m.model.as_deref(), Some("m2"));
+        assert_eq!(m.stream, Some(false));
+        assert_eq!(
+            request_meta(b"\x00\xff garbage", true),
+            RequestMeta::default()
+        );
+    }
+
+    #[test]
+    fn sse_events_across_pieces() {
+        let stream = concat!(
+            "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n",
+            "data: {\"choices\":[{\"delta\":{\"content\":\"Hel\"}}]}\r\n\r\n",
+            "data: {\"choices\":[{\"text\":\"lo\"}]}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":2}}\n\n",
+            "data:{\"token\":{\"id\":1,\"text\":\"x\",\"special\":false}}\n\n",
+            "data:{\"token\":{\"id\":2,\"text\":\"</s>\",\"special\":true},\"details\":{\"generated_tokens\":3}}\n\n",
+            "data: [DONE]\n\n"
+        )
+        .as_bytes();
+        for split in [1, 3, 7, 50, stream.len()] {
+            let mut sse = Sse::default();
+            let mut events = Vec::new();
+            for piece in stream.chunks(split) {
+                sse.feed(piece, &mut |e| events.push(e));
+            }
+            let tokens = events.iter().filter(|e| e.token).count();
+            assert_eq!(tokens, 3, "split {split}");
+            assert!(events.last().unwrap().done);
+            assert_eq!(sse.usage.prompt, Some(7));
+            assert_eq!(sse.usage.completion, Some(3));
+        }
+    }
+
+    #[test]
+    fn usage_and_errors() {
+        let body = br#"{"id":"x","choices":[{"message":{"content":"hi"}}],"usage":{"prompt_tokens":5,"completion_tokens":9,"total_tokens":14}}"#;
+        assert_eq!(
+            body_usage(body, true),
+            Usage {
+                prompt: Some(5),
+                completion: Some(9)
+            }
+        );
+        assert_eq!(body_usage(&body[20..], false).completion, Some(9));
+        assert!(is_context_length(
+            br#"{"message":"This model's maximum context length is 2048 tokens."}"#
+        ));
+        assert!(!is_context_length(br#"{"message":"bad role"}"#));
+    }
+}
