@@ -23,6 +23,38 @@ pub fn run() -> anyhow::Result<()> {
     if !succeeds("bpf-linker", &["--version"]) {
         install_bpf_linker(aya_toolchain)?;
     }
+    python_fixtures()?;
+    Ok(())
+}
+
+/// The http tests' stand-in server and clients: uvicorn + FastAPI (vLLM's stack) and the
+/// official openai client.
+fn python_fixtures() -> anyhow::Result<()> {
+    if succeeds("python3", &["-c", "import fastapi, uvicorn, openai"]) {
+        return Ok(());
+    }
+    if !succeeds("python3", &["-m", "pip", "--version"]) {
+        apt_install(&["python3", "python3-pip"])?;
+    }
+    eprintln!("xtask setup: installing fastapi, uvicorn, openai (pip)");
+    let mut cmd = Command::new("python3");
+    cmd.args([
+        "-m", "pip", "install", "--quiet", "fastapi", "uvicorn", "openai",
+    ]);
+    if util::run(&mut cmd).is_err() {
+        // Debian's system Python refuses pip without this (PEP 668).
+        util::run(Command::new("python3").args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--break-system-packages",
+            "fastapi",
+            "uvicorn",
+            "openai",
+        ]))
+        .context("pip install fastapi uvicorn openai failed")?;
+    }
     Ok(())
 }
 

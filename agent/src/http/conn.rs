@@ -644,3 +644,204 @@ fn response_framing(status: u16, head: bool, headers: &[httparse::Header]) -> Fr
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn finished(out: &[Output]) -> Vec<&Exchange> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Finished(x) => Some(x),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn bad(out: &[Output]) -> Vec<Bad> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Bad(b) => Some(*b),
+                _ => None,
+            })
+            .collect()
+    }
+
+    const REQ: &[u8] = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 34\r\n\r\n{\"model\":\"llama\",\"stream\":true}   ";
+
+    #[test]
+    fn streamed_chat_with_timings() {
+        let mut c = Conn::new(0);
+        let mut out = Vec::new();
+        c.read(1000, &REQ[..30], &mut out);
+        c.read(2000, &REQ[30..], &mut out);
+        assert_eq!(
+            out,
+            vec![Output::Received {
+                model: Some("llama".into())
+            }]
+        );
+        c.write(3000, b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n", &mut out);
+        let ev = |s: &str| format!("{:x}\r\n{s}\r\n", s.len());
+        c.write(
+            4000,
+            ev("data: {\"choices\":[{\"delta\":{\"role\":\"assistant\"}}]}\n\n").as_bytes(),
+            &mut out,
+        );
+        c.write(
+            5000,
+            ev("data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n").as_bytes(),
+            &mut out,
+        );
+        // Two events in one write, then one split over two writes.
+        let two = ev("data: {\"choices\":[{\"delta\":{\"content\":\"b\"}}]}\n\ndata: {\"choices\":[{\"delta\":{\"content\":\"c\"}}]}\n\n");
+        c.write(7000, two.as_bytes(), &mut out);
+        c.write(
+            8000,
+            ev("data: {\"choices\":[{\"delta\":").as_bytes(),
+            &mut out,
+        );
+        c.write(9500, ev("{\"content\":\"d\"}}]}\n\n").as_bytes(), &mut out);
+        c.write(
+            9600,
+            format!("{}0\r\n\r\n", ev("data: [DONE]\n\n")).as_bytes(),
+            &mut out,
+        );
+        let f = finished(&out);
+        assert_eq!(f.len(), 1);
+        let x = f[0];
+        assert_eq!(x.status, Some(200));
+        assert_eq!(x.route, "/v1/chat/completions");
+        assert!(x.stream);
+        assert_eq!((x.start_ns, x.request_end_ns), (1000, 2000));
+        assert_eq!(x.first_byte_out_ns, Some(3000));
+        assert_eq!(x.first_token_ns, Some(5000));
+        assert_eq!(x.token_gaps_ns, vec![2000, 0, 2500]);
+        assert_eq!(x.end_ns, 9600);
+        assert_eq!(x.output_tokens(), Some(4));
+        assert_eq!(c.in_flight(), 0);
+    }
+
+    #[test]
+    fn keep_alive_pipelining_and_errors() {
+        let mut c = Conn::new(0);
+        let mut out = Vec::new();
+        let mut two = REQ.to_vec();
+        two.extend_from_slice(b"GET /health HTTP/1.1\r\n\r\n");
+        c.read(10, &two, &mut out);
+        assert_eq!(c.in_flight(), 2);
+        let body = br#"{"error":{"message":"This model's maximum context length is 4096 tokens"}}"#;
+        let resp = format!(
+            "HTTP/1.1 400 Bad Request\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        let mut w = resp.into_bytes();
+        w.extend_from_slice(body);
+        w.extend_from_slice(b"HTTP/1.1 429 Too Many Requests\r\ncontent-length: 0\r\n\r\n");
+        c.write(20, &w, &mut out);
+        let f = finished(&out);
+        assert_eq!(f.len(), 2);
+        assert_eq!(f[0].error, Some(ErrorType::ContextLength));
+        assert_eq!(f[1].error, Some(ErrorType::RateLimited));
+        assert_eq!(f[1].route, "/health");
+    }
+
+    #[test]
+    fn holes_and_resets() {
+        let mut c = Conn::new(0);
+        let mut out = Vec::new();
+        c.read(1, REQ, &mut out);
+        // A long non-streamed body: only its start was captured; usage is lost, framing holds.
+        c.write(
+            2,
+            b"HTTP/1.1 200 OK\r\ncontent-length: 10000\r\n\r\n{\"id\":",
+            &mut out,
+        );
+        c.write_hole(2, 10000 - 6, &mut out);
+        assert_eq!(finished(&out).len(), 1);
+        // The next request on the connection is followed again.
+        out.clear();
+        c.read(3, REQ, &mut out);
+        c.write(4, b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-type: text/event-stream\r\n\r\n", &mut out);
+        c.close(5, &mut out);
+        let f = finished(&out);
+        assert_eq!(f[0].error, Some(ErrorType::ConnectionReset));
+        assert_eq!(f[0].status, Some(200));
+    }
+
+    #[test]
+    fn garbage_is_counted_and_recovers_at_the_next_request() {
+        let mut c = Conn::new(0);
+        let mut out = Vec::new();
+        c.read(1, b"\x16\x03\x01\x02\x00 TLS hello", &mut out);
+        c.read(2, b"more garbage\r\n\r\n", &mut out);
+        assert_eq!(bad(&out), vec![Bad::NotHttp]);
+        c.read(3, REQ, &mut out);
+        c.write(
+            4,
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}",
+            &mut out,
+        );
+        assert_eq!(finished(&out).len(), 1);
+        // A header block longer than the capture.
+        let mut c = Conn::new(0);
+        out.clear();
+        c.read(1, b"POST / HTTP/1.1\r\nX-Big: aaaa", &mut out);
+        c.read_hole(1, 10_000, &mut out);
+        assert_eq!(bad(&out), vec![Bad::HeaderTruncated]);
+        // Joined mid-stream: the tail of an old response is ignored, then all is followed.
+        let mut c = Conn::joined(0);
+        out.clear();
+        c.write(1, b"data: {\"choices\":[{\"text\":\"x\"}]}\n\n", &mut out);
+        c.read(2, REQ, &mut out);
+        c.write(
+            3,
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}",
+            &mut out,
+        );
+        assert_eq!(finished(&out).len(), 1);
+        assert!(bad(&out).is_empty());
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic() {
+        let mut state = 0x2545F4914F6CDD1Du64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let seeds: [&[u8]; 4] = [
+            REQ,
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+            b"data: {}\n\n",
+            b"5\r\nhello\r\n0\r\n\r\n",
+        ];
+        for _ in 0..2000 {
+            let mut c = if next() % 2 == 0 {
+                Conn::new(0)
+            } else {
+                Conn::joined(0)
+            };
+            let mut out = Vec::new();
+            for step in 0..20u64 {
+                let mut buf = seeds[(next() % 4) as usize].to_vec();
+                for _ in 0..(next() % 8) {
+                    let i = (next() as usize) % buf.len();
+                    buf[i] = next() as u8;
+                }
+                let cut = (next() as usize) % (buf.len() + 1);
+                match next() % 5 {
+                    0 => c.read(step, &buf[..cut], &mut out),
+                    1 => c.write(step, &buf[..cut], &mut out),
+                    2 => c.read_hole(step, next() % 5000, &mut out),
+                    3 => c.write_hole(step, next() % 5000, &mut out),
+                    _ => c.write(step, &buf, &mut out),
+                }
+            }
+            c.close(99, &mut out);
+            assert_eq!(c.in_flight(), 0);
+        }
+    }
+}

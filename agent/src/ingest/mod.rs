@@ -57,10 +57,7 @@ pub async fn run_with_http(
             _ = tick.tick() => false,
             _ = stop.changed() => true,
         };
-        if !drain(fd.get_mut(), &out, http.as_ref(), &metrics).await
-            || stopping
-            || *stop.borrow()
-        {
+        if !drain(fd.get_mut(), &out, http.as_ref(), &metrics).await || stopping || *stop.borrow() {
             drain(fd.get_mut(), &out, http.as_ref(), &metrics).await;
             return Ok(());
         }

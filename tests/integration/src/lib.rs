@@ -180,7 +180,20 @@ impl Drop for Agent {
 
 /// Fails if any of the agent's programs is still loaded in the kernel.
 pub fn assert_no_probe_programs() {
-    let names = ["cuda_enter", "cuda_return", "sched_process_exit"];
+    let names = [
+        "cuda_enter",
+        "cuda_return",
+        "sched_process_exit",
+        "http_exit",
+        "http_enter_accept",
+        "http_enter_read",
+        "http_enter_write",
+        "http_enter_readv",
+        "http_enter_writev",
+        "http_enter_recvmsg",
+        "http_enter_sendmsg",
+        "http_close",
+    ];
     let left: Vec<String> = aya::programs::loaded_programs()
         .filter_map(Result::ok)
         .filter_map(|p| p.name_as_str().map(str::to_string))

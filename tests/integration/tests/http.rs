@@ -1,0 +1,310 @@
+//! Root tier of the `http` family: the real agent watches a real uvicorn + FastAPI server
+//! (tests/servers/openai_server.py) and is compared with what its clients saw.
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use integration::*;
+
+fn servers_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../servers")
+}
+
+/// The OpenAI-compatible stand-in, listening on its own port.
+struct Server {
+    child: Child,
+    port: u16,
+}
+
+impl Server {
+    fn start(model: &str) -> Server {
+        let port = free_port();
+        let child = Command::new("python3")
+            .arg(servers_dir().join("openai_server.py"))
+            .args(["--port", &port.to_string(), "--model", model])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3 (run `cargo xtask setup` for fastapi, uvicorn, openai)");
+        eventually("the stand-in server", Duration::from_secs(30), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        });
+        Server { child, port }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn client(args: &[&str]) -> serde_json::Value {
+    let out = Command::new("python3")
+        .arg(servers_dir().join("client.py"))
+        .args(args)
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "client {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("client JSON")
+}
+
+fn start_agent(server: &Server) -> Agent {
+    let agent = Agent::start(&["--watch-port", &server.port.to_string()]);
+    agent.wait_for("the server to be watched", |s| {
+        s.sum("inferscope_http_watched_processes", &[]) >= 1.0
+    });
+    agent
+}
+
+#[test]
+fn counts_status_codes_models_and_tokens_are_exact() {
+    if !root_tier() {
+        return;
+    }
+    let server = Server::start("stand-in");
+    let agent = start_agent(&server);
+    let port = server.port.to_string();
+    let truth = client(&["openai", &port, "stand-in"]);
+    let requests: HashMap<String, u64> = serde_json::from_value(truth["requests"].clone()).unwrap();
+    let total: u64 = requests.values().sum();
+    let s = agent.wait_for("every request", |s| {
+        s.sum("llm_requests_total", &[]) >= total as f64
+            && s.sum("llm_requests_in_flight", &[]) == 0.0
+    });
+    for (key, n) in &requests {
+        let (model, status) = key.split_once('|').unwrap();
+        let got = s.sum(
+            "llm_requests_total",
+            &[("model", model), ("status_code", status)],
+        );
+        assert_eq!(got, *n as f64, "{key}\n{}", s.text);
+    }
+    assert_eq!(s.sum("llm_requests_total", &[]), total as f64, "{}", s.text);
+    let errors: HashMap<String, u64> = serde_json::from_value(truth["errors"].clone()).unwrap();
+    for (key, n) in &errors {
+        let (model, error) = key.split_once('|').unwrap();
+        let got = s.sum(
+            "llm_request_errors_total",
+            &[("model", model), ("error_type", error)],
+        );
+        assert_eq!(got, *n as f64, "{key}\n{}", s.text);
+    }
+    let want_in = truth["input"].as_u64().unwrap() as f64;
+    let want_out = truth["output"].as_u64().unwrap() as f64;
+    assert_eq!(s.sum("llm_tokens_input_total", &[]), want_in, "{}", s.text);
+    assert_eq!(
+        s.sum("llm_tokens_output_total", &[]),
+        want_out,
+        "{}",
+        s.text
+    );
+    assert_eq!(
+        s.sum("inferscope_http_bad_input_total", &[]),
+        0.0,
+        "{}",
+        s.text
+    );
+    assert!(agent.stop().success());
+}
+
+/// `http request finished` debug lines of the agent, in order: (ttft, gaps, latency) in µs.
+fn finished_lines(log: &str, model: &str) -> Vec<(u64, Vec<u64>, u64)> {
+    let field = |line: &str, name: &str| -> Option<String> {
+        let at = line.find(&format!(" {name}="))? + name.len() + 2;
+        let rest = &line[at..];
+        let end = if rest.starts_with('[') {
+            rest.find(']')? + 1
+        } else {
+            rest.find(' ').unwrap_or(rest.len())
+        };
+        Some(rest[..end].trim_matches('"').to_string())
+    };
+    log.lines()
+        .filter(|l| {
+            l.contains("http request finished") && l.contains(&format!("model=\"{model}\""))
+                || l.contains("http request finished") && l.contains(&format!("model={model} "))
+        })
+        .map(|l| {
+            let ttft = field(l, "ttft_us")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            let gaps = field(l, "gaps_us")
+                .unwrap_or_default()
+                .trim_matches(['[', ']'])
+                .split(',')
+                .filter_map(|g| g.trim().parse().ok())
+                .collect();
+            let latency = field(l, "latency_us")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            (ttft, gaps, latency)
+        })
+        .collect()
+}
+
+#[test]
+fn ttft_token_gaps_and_latency_match_the_client_within_2ms() {
+    if !root_tier() {
+        return;
+    }
+    let server = Server::start("stand-in");
+    let agent = start_agent(&server);
+    let n = 8;
+    let truth = client(&["timing", &server.port.to_string(), &n.to_string()]);
+    let truth = truth.as_array().unwrap().clone();
+    agent.wait_for("the timed requests", |s| {
+        s.sum("llm_requests_total", &[("model", "timed")]) >= n as f64
+    });
+    let seen = finished_lines(&agent.log(), "timed");
+    assert_eq!(seen.len(), n, "agent lines:\n{}", agent.log());
+    let close = |what: &str, agent_us: u64, client_ms: f64| {
+        let diff = (agent_us as f64 / 1000.0 - client_ms).abs();
+        assert!(
+            diff <= 2.0,
+            "{what}: agent {} ms, client {client_ms:.3} ms",
+            agent_us as f64 / 1000.0
+        );
+    };
+    for (i, (t, (ttft, gaps, latency))) in truth.iter().zip(&seen).enumerate() {
+        close(
+            &format!("request {i} TTFT"),
+            *ttft,
+            t["ttft_ms"].as_f64().unwrap(),
+        );
+        close(
+            &format!("request {i} latency"),
+            *latency,
+            t["latency_ms"].as_f64().unwrap(),
+        );
+        let want: Vec<f64> = t["gaps_ms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| g.as_f64().unwrap())
+            .collect();
+        assert_eq!(gaps.len(), want.len(), "request {i} token gaps");
+        for (j, (g, w)) in gaps.iter().zip(&want).enumerate() {
+            close(&format!("request {i} gap {j}"), *g, *w);
+        }
+    }
+    // The histograms agree with the lines.
+    let s = agent.scrape();
+    let ttft_sum: f64 = seen.iter().map(|x| x.0 as f64 / 1e6).sum();
+    let got = s.sum("llm_time_to_first_token_seconds_sum", &[("model", "timed")]);
+    assert!((got - ttft_sum).abs() < 1e-3, "{got} vs {ttft_sum}");
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn sixty_four_keep_alive_connections_at_once() {
+    if !root_tier() {
+        return;
+    }
+    let server = Server::start("stand-in");
+    let agent = start_agent(&server);
+    let truth = client(&["concurrent", &server.port.to_string(), "64", "3"]);
+    let want = truth["requests"].as_u64().unwrap() as f64;
+    assert_eq!(want, 192.0);
+    let s = agent.wait_for("192 requests", |s| {
+        s.sum("llm_requests_total", &[]) >= want && s.sum("llm_requests_in_flight", &[]) == 0.0
+    });
+    assert_eq!(
+        s.sum("llm_requests_total", &[("status_code", "200")]),
+        want,
+        "{}",
+        s.text
+    );
+    assert_eq!(
+        s.sum("llm_tokens_output_total", &[]),
+        truth["tokens"].as_u64().unwrap() as f64
+    );
+    assert_eq!(s.sum("llm_time_to_first_token_seconds_count", &[]), want);
+    assert_eq!(
+        s.sum("inferscope_events_lost_total", &[("source", "http")]),
+        0.0
+    );
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn a_connection_open_before_the_agent_recovers_on_its_next_request() {
+    if !root_tier() {
+        return;
+    }
+    let server = Server::start("stand-in");
+    // A keep-alive connection that already carried a request, then waits.
+    let mut py = Command::new("python3")
+        .arg("-c")
+        .arg(format!(
+            "import sys; sys.path.insert(0, {dir:?}); import client, json\n\
+             c = client.Conn({port}); c.stream('before', 2, 1, 1)\n\
+             print('ready', flush=True); sys.stdin.readline()\n\
+             print(json.dumps(c.stream('after', 3, 1, 1)), flush=True)",
+            dir = servers_dir().display().to_string(),
+            port = server.port
+        ))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(py.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+    let agent = start_agent(&server);
+    std::io::Write::write_all(py.stdin.as_mut().unwrap(), b"\n").unwrap();
+    line.clear();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    assert!(py.wait().unwrap().success());
+    let s = agent.wait_for("the request on the old connection", |s| {
+        s.sum("llm_requests_total", &[("model", "after")]) >= 1.0
+    });
+    assert_eq!(s.sum("llm_tokens_output_total", &[("model", "after")]), 3.0);
+    assert_eq!(s.sum("llm_requests_total", &[("model", "before")]), 0.0);
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn bad_input_is_counted_and_the_agent_goes_on() {
+    if !root_tier() {
+        return;
+    }
+    let server = Server::start("stand-in");
+    let agent = start_agent(&server);
+    let truth = client(&["bad", &server.port.to_string()]);
+    assert_eq!(truth["good_tokens"].as_u64(), Some(2));
+    let s = agent.wait_for("the good request after the bad input", |s| {
+        s.sum("llm_requests_total", &[("model", "after")]) >= 1.0
+    });
+    assert!(
+        s.sum("inferscope_http_bad_input_total", &[("kind", "not_http")]) >= 3.0,
+        "{}",
+        s.text
+    );
+    assert!(
+        s.sum(
+            "inferscope_http_bad_input_total",
+            &[("kind", "header_truncated")]
+        ) >= 1.0,
+        "{}",
+        s.text
+    );
+    let s = agent.wait_for("the reset request", |s| {
+        s.sum(
+            "llm_request_errors_total",
+            &[("model", "reset"), ("error_type", "connection_reset")],
+        ) >= 1.0
+    });
+    assert_eq!(s.sum("llm_requests_in_flight", &[]), 0.0, "{}", s.text);
+    assert!(agent.stop().success());
+}

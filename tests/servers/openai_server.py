@@ -1,0 +1,130 @@
+"""OpenAI-compatible stand-in on vLLM's stack (uvicorn + FastAPI) for the http probe tests.
+
+Streamed and non-streamed /v1/completions and /v1/chat/completions. Timing and errors are set
+per server (flags) or per request (headers):
+  x-ttft-ms     delay before the first token (default --ttft-ms)
+  x-token-ms    delay between tokens (default --token-ms)
+  x-error       400 | 429 | 500 | context  (answer with that error instead)
+Output tokens = max_tokens (default 8); prompt tokens = whitespace-separated words of the prompt.
+"""
+
+import argparse
+import asyncio
+import json
+import time
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--port", type=int, required=True)
+parser.add_argument("--model", default="stand-in")
+parser.add_argument("--ttft-ms", type=float, default=20.0)
+parser.add_argument("--token-ms", type=float, default=5.0)
+args = parser.parse_args()
+
+app = FastAPI()
+
+
+def prompt_tokens(body):
+    if "messages" in body:
+        text = " ".join(str(m.get("content", "")) for m in body["messages"])
+    else:
+        p = body.get("prompt", "")
+        text = " ".join(p) if isinstance(p, list) else str(p)
+    return len(text.split())
+
+
+def error(kind):
+    if kind == "context":
+        return JSONResponse(
+            status_code=400,
+            content={
+                "object": "error",
+                "message": "This model's maximum context length is 2048 tokens. However, you "
+                "requested 4096 tokens in the messages. Please reduce the length.",
+                "type": "BadRequestError",
+                "code": 400,
+            },
+        )
+    code = int(kind)
+    return JSONResponse(
+        status_code=code,
+        content={"object": "error", "message": f"stand-in error {code}", "code": code},
+    )
+
+
+async def handle(request: Request, chat: bool):
+    body = await request.json()
+    h = request.headers
+    if h.get("x-error"):
+        return error(h["x-error"])
+    ttft = float(h.get("x-ttft-ms", args.ttft_ms)) / 1000
+    pace = float(h.get("x-token-ms", args.token_ms)) / 1000
+    n = int(body.get("max_tokens") or 8)
+    model = body.get("model", args.model)
+    usage = {
+        "prompt_tokens": prompt_tokens(body),
+        "completion_tokens": n,
+        "total_tokens": prompt_tokens(body) + n,
+    }
+    created = int(time.time())
+    kind = "chat.completion" if chat else "text_completion"
+    if not body.get("stream"):
+        await asyncio.sleep(ttft + pace * max(n - 1, 0))
+        text = " ".join(f"tok{i}" for i in range(n))
+        choice = (
+            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}
+            if chat
+            else {"index": 0, "text": text, "finish_reason": "length"}
+        )
+        return JSONResponse(
+            {"id": "cmpl-1", "object": kind, "created": created, "model": model,
+             "choices": [choice], "usage": usage}
+        )
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+
+    async def events():
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(choices, **extra):
+            d = {"id": "cmpl-1", "object": obj, "created": created, "model": model,
+                 "choices": choices, **extra}
+            return f"data: {json.dumps(d)}\n\n"
+
+        if chat:
+            yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}}])
+        await asyncio.sleep(ttft)
+        for i in range(n):
+            if i:
+                await asyncio.sleep(pace)
+            piece = f"tok{i} "
+            if chat:
+                yield chunk([{"index": 0, "delta": {"content": piece}, "finish_reason": None}])
+            else:
+                yield chunk([{"index": 0, "text": piece, "finish_reason": None}])
+        if include_usage:
+            yield chunk([], usage=usage)
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+@app.post("/v1/chat/completions")
+async def chat_completions(request: Request):
+    return await handle(request, True)
+
+
+@app.post("/v1/completions")
+async def completions(request: Request):
+    return await handle(request, False)
+
+
+@app.get("/health")
+async def health():
+    return {"ok": True}
+
+
+if __name__ == "__main__":
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
