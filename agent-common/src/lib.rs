@@ -7,6 +7,7 @@
 
 pub mod cuda;
 pub mod http;
+pub mod oom;
 pub mod sched;
 
 /// Kinds of ring-buffer records. Ranges per family; ids are never reused.
@@ -23,6 +24,8 @@ pub enum EventKind {
     HttpClose = 202,
     /// [`sched::ProcessExitEvent`]
     ProcessExit = 300,
+    /// [`oom::OomKillEvent`]
+    OomKill = 400,
 }
 
 impl EventKind {
@@ -33,6 +36,7 @@ impl EventKind {
             201 => Some(Self::HttpAccept),
             202 => Some(Self::HttpClose),
             300 => Some(Self::ProcessExit),
+            400 => Some(Self::OomKill),
             _ => None,
         }
     }
@@ -55,6 +59,7 @@ pub mod lost {
     pub const CUDA: u32 = 0;
     pub const SCHED: u32 = 1;
     pub const STASH: u32 = 2;
+    pub const OOM: u32 = 3;
     pub const HTTP: u32 = 4;
     pub const COUNT: u32 = 8;
 }
@@ -81,4 +86,6 @@ mod pod {
     unsafe impl aya::Pod for crate::cuda::CtxKey {}
     unsafe impl aya::Pod for crate::http::ConnKey {}
     unsafe impl aya::Pod for crate::sched::ProcessExitEvent {}
+    unsafe impl aya::Pod for crate::sched::ExitInfo {}
+    unsafe impl aya::Pod for crate::oom::OomKillEvent {}
 }

@@ -13,6 +13,7 @@ use tokio::sync::{mpsc, watch};
 use crate::{
     config::Config,
     export::{http, metrics::Metrics},
+    forensics,
     gpu::{self, history::GpuHistory},
     ingest,
     probe::{self, cuda::CudaProbes, manager::Manager},
@@ -71,8 +72,14 @@ pub async fn run(
     if family_enabled(&config, "sched") {
         probe::sched::attach(&mut loaded.ebpf)?;
     }
+    if family_enabled(&config, "oom") {
+        probe::oom::attach(&mut loaded.ebpf)?;
+    }
     let http_maps = if family_enabled(&config, "http") {
-        Some(probe::http::attach(&mut loaded.ebpf, config.http.capture_bytes)?)
+        Some(probe::http::attach(
+            &mut loaded.ebpf,
+            config.http.capture_bytes,
+        )?)
     } else {
         None
     };
@@ -107,11 +114,37 @@ pub async fn run(
         metrics.clone(),
         stop_rx.clone(),
     ));
+    let (draft_tx, draft_rx) = std::sync::mpsc::sync_channel(64);
+    let writer = forensics::assemble::Writer {
+        store: forensics::store::Store::new(
+            &config.forensics_dir,
+            config.forensics.max_reports,
+            config.forensics.max_bytes,
+        ),
+        stack_map: loaded.stacks.take(),
+        history: history.clone(),
+        metrics: metrics.clone(),
+        settings: forensics::Settings {
+            max_reports: config.forensics.max_reports,
+            max_bytes: config.forensics.max_bytes,
+            window_secs: config.forensics.window_secs,
+            timeline_secs: config.forensics.timeline_secs,
+        },
+        seq: 0,
+    };
+    let writer = std::thread::Builder::new()
+        .name("forensics".into())
+        .spawn(move || writer.run(draft_rx))
+        .map_err(StartError::Thread)?;
     let tracker = Tracker::new(
         metrics.clone(),
         ProcFs::new(&config.proc_root),
         &config.limits,
         history,
+    )
+    .with_forensics(
+        forensics::Forensics::new(draft_tx, metrics.clone()),
+        &config.forensics,
     );
     let tracker = tokio::spawn(track::run(tracker, batch_rx));
     let server = tokio::spawn(http::serve(
@@ -144,6 +177,10 @@ pub async fn run(
     http_stage.stop().await;
     if let Ok(t) = tracker.await {
         tracing::debug!(processes = t.ledger().len(), "tracker drained");
+    }
+    // The tracker held the last draft sender: the writer finishes what it has and ends.
+    if writer.join().is_err() {
+        tracing::error!("the forensics writer panicked");
     }
     report_join(
         "exporter",
@@ -208,8 +245,10 @@ fn start_nvml(
     let (m, s) = (metrics.clone(), stop.clone());
     match std::thread::Builder::new()
         .name("nvml-events".into())
-        .spawn(move || gpu::xid::run(nvml, gpus, m, s))
-    {
+        .spawn({
+            let tracker = tracker.clone();
+            move || gpu::xid::run(nvml, gpus, m, s, Some(tracker))
+        }) {
         Ok(t) => threads.push(t),
         Err(e) => tracing::error!(error = %e, "cannot start the NVML event thread"),
     }

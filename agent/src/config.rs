@@ -74,6 +74,8 @@ pub struct Config {
     pub probes: ProbesConfig,
     /// GPU telemetry from NVML.
     pub nvml: NvmlConfig,
+    /// Forensic reports.
+    pub forensics: ForensicsConfig,
     /// Cardinality and memory limits.
     pub limits: LimitsConfig,
     /// Requests timed on the wire (probe family `http`).
@@ -96,6 +98,30 @@ pub struct ProbesConfig {
     pub ring_buffer_bytes: u32,
     /// Longest time an event may wait in the ring buffer before userspace reads it, in ms.
     pub poll_interval_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ForensicsConfig {
+    /// Reports kept in `forensics_dir`; the oldest go first.
+    pub max_reports: usize,
+    /// Bytes the reports may take in `forensics_dir`.
+    pub max_bytes: u64,
+    /// One report per process and kind per window, in seconds; further events are counted.
+    pub window_secs: u64,
+    /// How far back a report's timeline reaches, in seconds.
+    pub timeline_secs: u64,
+}
+
+impl Default for ForensicsConfig {
+    fn default() -> Self {
+        Self {
+            max_reports: 200,
+            max_bytes: 64 * 1024 * 1024,
+            window_secs: 60,
+            timeline_secs: 300,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -143,6 +169,7 @@ impl Default for Config {
             proc_root: PathBuf::from("/proc"),
             probes: ProbesConfig::default(),
             nvml: NvmlConfig::default(),
+            forensics: ForensicsConfig::default(),
             limits: LimitsConfig::default(),
             http: Default::default(),
         }
@@ -221,7 +248,10 @@ impl Config {
             config.forensics_dir = dir.clone();
         }
         config.cuda_libs.extend(overrides.cuda_libs.iter().cloned());
-        config.http.watch_ports.extend(overrides.watch_ports.iter().copied());
+        config
+            .http
+            .watch_ports
+            .extend(overrides.watch_ports.iter().copied());
         config
             .probes
             .disabled

@@ -9,6 +9,7 @@ pub mod clock;
 pub mod config;
 pub mod cuda_error;
 pub mod export;
+pub mod forensics;
 pub mod gpu;
 pub mod http;
 pub mod ingest;

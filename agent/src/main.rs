@@ -21,6 +21,48 @@ struct Cli {
 enum Command {
     /// Run the agent (as root).
     Run(RunArgs),
+    /// Read the forensic reports the agent wrote.
+    Forensics {
+        #[command(subcommand)]
+        command: ForensicsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ForensicsCommand {
+    /// Reports, newest first: id, time, kind, pid, comm, GPU, summary.
+    List {
+        #[command(flatten)]
+        dir: ForensicsDir,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+    /// One report.
+    Show {
+        /// Report id (from `list`).
+        id: String,
+        #[command(flatten)]
+        dir: ForensicsDir,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+}
+
+#[derive(clap::Args)]
+struct ForensicsDir {
+    /// TOML config file whose forensics_dir to read.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Directory of the reports [default: /var/lib/inferscope/forensics].
+    #[arg(long)]
+    forensics_dir: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Format {
+    Text,
+    Json,
+    Html,
 }
 
 #[derive(clap::Args)]
@@ -61,6 +103,7 @@ fn main() {
     }));
     let result = match cli.command {
         Command::Run(args) => run(args),
+        Command::Forensics { command } => forensics(command),
     };
     if let Err(e) = result {
         // One line: the cause chain, with the multi-line messages of parsers folded.
@@ -116,4 +159,58 @@ async fn shutdown_signal() {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
+}
+
+fn forensics(command: ForensicsCommand) -> anyhow::Result<()> {
+    use inferscope::forensics::{render, store::Store};
+    let store = |dir: ForensicsDir| -> anyhow::Result<Store> {
+        let overrides = Overrides {
+            forensics_dir: dir.forensics_dir,
+            ..Default::default()
+        };
+        let config = Config::load(dir.config.as_deref(), &ProcessEnv, &overrides)?;
+        Ok(Store::new(config.forensics_dir, usize::MAX, u64::MAX))
+    };
+    match command {
+        ForensicsCommand::List { dir, format } => {
+            let store = store(dir)?;
+            let (reports, errors) = store.list();
+            for e in &errors {
+                eprintln!("inferscope: skipped: {e}");
+            }
+            match format {
+                Format::Json => {
+                    let rows: Vec<serde_json::Value> = reports
+                        .iter()
+                        .map(|r| {
+                            serde_json::json!({
+                                "id": r.id, "time": r.time, "kind": r.kind, "pid": r.process.pid,
+                                "comm": r.process.comm, "gpu": r.gpu.as_ref().map(|g| g.index),
+                                "summary": r.summary,
+                            })
+                        })
+                        .collect();
+                    println!("{}", serde_json::to_string_pretty(&rows)?);
+                }
+                Format::Text => {
+                    if reports.is_empty() {
+                        println!("no reports in {}", store.dir().display());
+                    }
+                    for r in &reports {
+                        println!("{}", render::list_line(r));
+                    }
+                }
+                Format::Html => anyhow::bail!("--format html is for `forensics show`"),
+            }
+        }
+        ForensicsCommand::Show { id, dir, format } => {
+            let report = store(dir)?.get(&id)?;
+            match format {
+                Format::Text => print!("{}", render::text(&report)),
+                Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+                Format::Html => print!("{}", render::html(&report)),
+            }
+        }
+    }
+    Ok(())
 }

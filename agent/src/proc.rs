@@ -40,3 +40,48 @@ impl ProcFs {
             .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
     }
 }
+
+/// The cgroup a process's memory is accounted to, from `/proc/<pid>/cgroup`: the v1 memory
+/// controller's path if there is one, else the v2 path.
+pub fn memory_cgroup(text: &str) -> String {
+    let mut v2 = None;
+    for line in text.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next(), parts.next(), parts.next());
+        let (Some(controllers), Some(path)) = (controllers, path) else {
+            continue;
+        };
+        if controllers.split(',').any(|c| c == "memory") {
+            return path.to_string();
+        }
+        if controllers.is_empty() {
+            v2 = Some(path.to_string());
+        }
+    }
+    v2.unwrap_or_default()
+}
+
+/// The container id in a cgroup path (Docker, containerd, CRI-O; systemd and cgroupfs
+/// drivers): the last 64-hex-digit run in the path.
+pub fn container_id(path: &str) -> Option<String> {
+    path.split(['/', '-', '.', ':'])
+        .rev()
+        .find(|s| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()))
+        .map(str::to_string)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_memory_cgroup_and_container() {
+        let v1 = "12:memory:/kubepods/burstable/pod1/0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\n3:cpu:/x\n0::/\n";
+        assert!(memory_cgroup(v1).starts_with("/kubepods/burstable/pod1/"));
+        let v2 = "0::/kubepods.slice/kubepods-pod2.slice/cri-containerd-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa.scope\n";
+        let path = memory_cgroup(v2);
+        assert_eq!(container_id(&path).unwrap(), "a".repeat(64));
+        assert_eq!(container_id("/user.slice"), None);
+        assert_eq!(memory_cgroup("garbage"), "");
+    }
+}

@@ -49,6 +49,11 @@ pub struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProbeLabels {
     pub probe: &'static str,
 }
@@ -139,6 +144,11 @@ pub struct Metrics {
     pub cuda_libraries: Gauge,
     pub tracked_processes: Gauge,
     pub source_up: Family<SourceLabels, Gauge>,
+    pub oom_events: Family<KindLabels, Counter>,
+    pub forensics_reports: Family<KindLabels, Counter>,
+    pub forensics_suppressed: Family<KindLabels, Counter>,
+    pub forensics_dropped: Family<KindLabels, Counter>,
+    pub forensics_errors: Family<KindLabels, Counter>,
     pub gpu_info: Family<GpuInfoLabels, Gauge>,
     pub gpu_utilization: Family<GpuLabels, GaugeF>,
     pub gpu_memory_utilization: Family<GpuLabels, GaugeF>,
@@ -195,6 +205,11 @@ impl Metrics {
             cuda_libraries: Gauge::default(),
             tracked_processes: Gauge::default(),
             source_up: Family::default(),
+            oom_events: Family::default(),
+            forensics_reports: Family::default(),
+            forensics_suppressed: Family::default(),
+            forensics_dropped: Family::default(),
+            forensics_errors: Family::default(),
             gpu_info: Family::default(),
             gpu_utilization: Family::default(),
             gpu_memory_utilization: Family::default(),
@@ -224,6 +239,7 @@ impl Metrics {
         };
         m.register_gpu(&mut registry);
         m.http.register(&mut registry);
+        m.register_forensics(&mut registry);
         registry.register(
             "gpu_cuda_alloc_calls",
             "CUDA driver allocation calls (successful or not), by API",
@@ -311,6 +327,34 @@ impl Metrics {
             m.tracked_processes.clone(),
         );
         Metrics { registry, ..m }
+    }
+
+    fn register_forensics(&self, r: &mut Registry) {
+        r.register(
+            "llm_oom_events",
+            "Out-of-memory events: cuda (allocation failed), host_oom_kill, gpu_process_crash, xid",
+            self.oom_events.clone(),
+        );
+        r.register(
+            "inferscope_forensics_reports",
+            "Forensic reports produced, by kind",
+            self.forensics_reports.clone(),
+        );
+        r.register(
+            "inferscope_forensics_suppressed",
+            "Events that got no report of their own (one per process and kind per window)",
+            self.forensics_suppressed.clone(),
+        );
+        r.register(
+            "inferscope_forensics_dropped",
+            "Reports dropped because the writer was behind",
+            self.forensics_dropped.clone(),
+        );
+        r.register(
+            "inferscope_forensics_errors",
+            "Forensic reports that could not be written to disk (kept in memory)",
+            self.forensics_errors.clone(),
+        );
     }
 
     fn register_gpu(&self, r: &mut Registry) {

@@ -11,6 +11,8 @@ use super::GpuSample;
 pub struct GpuHistory {
     retention_ns: u64,
     rings: RwLock<HashMap<u32, VecDeque<GpuSample>>>,
+    /// (uuid, name) per GPU, set once by the sampler.
+    identity: RwLock<HashMap<u32, (String, String)>>,
 }
 
 impl GpuHistory {
@@ -18,7 +20,24 @@ impl GpuHistory {
         Self {
             retention_ns: retention_secs.saturating_mul(1_000_000_000),
             rings: RwLock::new(HashMap::new()),
+            identity: RwLock::new(HashMap::new()),
         }
+    }
+
+    pub fn set_identity(&self, gpu: u32, uuid: String, name: String) {
+        self.identity
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(gpu, (uuid, name));
+    }
+
+    /// (uuid, name) of a GPU NVML has seen.
+    pub fn identity(&self, gpu: u32) -> Option<(String, String)> {
+        self.identity
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&gpu)
+            .cloned()
     }
 
     pub fn push(&self, sample: GpuSample) {

@@ -194,6 +194,7 @@ impl Sampler {
                 mig_mode,
                 "GPU found"
             );
+            history.set_identity(index, labels.gpu_uuid.clone(), labels.gpu_type.clone());
             gpus.push(Gpu {
                 index,
                 labels,

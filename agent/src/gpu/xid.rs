@@ -13,7 +13,13 @@ use crate::export::metrics::{GpuLabels, GpuXidLabels, Metrics};
 const WAIT_MS: u32 = 200;
 
 /// Waits for XID events until `stop` is set. `gpus` are the labels of the GPUs to watch.
-pub fn run(nvml: Arc<Nvml>, gpus: Vec<GpuLabels>, metrics: Arc<Metrics>, stop: Arc<AtomicBool>) {
+pub fn run(
+    nvml: Arc<Nvml>,
+    gpus: Vec<GpuLabels>,
+    metrics: Arc<Metrics>,
+    stop: Arc<AtomicBool>,
+    tracker: Option<tokio::sync::mpsc::Sender<crate::track::Input>>,
+) {
     let mut set = match nvml.create_event_set() {
         Ok(s) => s,
         Err(e) => {
@@ -76,6 +82,13 @@ pub fn run(nvml: Arc<Nvml>, gpus: Vec<GpuLabels>, metrics: Arc<Metrics>, stop: A
                     xid,
                     "XID critical error"
                 );
+                if let Some(tx) = &tracker {
+                    let _ = tx.try_send(crate::track::Input::Xid {
+                        gpu: labels.gpu,
+                        xid,
+                        ts_ns: crate::clock::monotonic_ns(),
+                    });
+                }
             }
             Err(NvmlError::Timeout) => {}
             Err(e) => {

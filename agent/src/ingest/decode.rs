@@ -1,12 +1,15 @@
 //! Ring-buffer records → typed events. Records come from the kernel, but a version skew or a
 //! bug must not take the agent down: short or unknown records are errors the caller counts.
 
-use agent_common::{cuda::CudaMemEvent, sched::ProcessExitEvent, EventHeader, EventKind};
+use agent_common::{
+    cuda::CudaMemEvent, oom::OomKillEvent, sched::ProcessExitEvent, EventHeader, EventKind,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Event {
     CudaMem(CudaMemEvent),
     ProcessExit(ProcessExitEvent),
+    OomKill(OomKillEvent),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -39,6 +42,7 @@ impl Event {
         match self {
             Event::CudaMem(_) => "cuda",
             Event::ProcessExit(_) => "sched",
+            Event::OomKill(_) => "oom",
         }
     }
 }
@@ -58,6 +62,9 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         }
         EventKind::ProcessExit => {
             Event::ProcessExit(read(bytes).ok_or_else(|| truncated(size_of::<ProcessExitEvent>()))?)
+        }
+        EventKind::OomKill => {
+            Event::OomKill(read(bytes).ok_or_else(|| truncated(size_of::<OomKillEvent>()))?)
         }
         // Routed to the http stage by the reader before decoding (`crate::http::record`).
         EventKind::HttpData | EventKind::HttpAccept | EventKind::HttpClose => {

@@ -12,11 +12,12 @@ pub mod elf;
 pub mod floor;
 pub mod http;
 pub mod manager;
+pub mod oom;
 pub mod sched;
 
 use agent_common::{config, cuda::APIS};
 use aya::{
-    maps::{Array, MapData, PerCpuArray, RingBuf},
+    maps::{Array, MapData, PerCpuArray, RingBuf, StackTraceMap},
     Ebpf, EbpfLoader,
 };
 
@@ -24,7 +25,7 @@ use aya::{
 static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/inferscope.bpf.o"));
 
-pub const FAMILIES: &[&str] = &["cuda", "sched", "http"];
+pub const FAMILIES: &[&str] = &["cuda", "sched", "oom", "http"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
@@ -59,6 +60,8 @@ pub struct Loaded {
     pub lost: PerCpuArray<MapData, u64>,
     pub config: Array<MapData, u64>,
     pub hits: PerCpuArray<MapData, u64>,
+    /// User stacks of CUDA calls, read by forensics.
+    pub stacks: Option<StackTraceMap<MapData>>,
 }
 
 pub fn load(ring_buffer_bytes: u32, group_dead_offset: u32) -> Result<Loaded, ProbeError> {
@@ -71,12 +74,14 @@ pub fn load(ring_buffer_bytes: u32, group_dead_offset: u32) -> Result<Loaded, Pr
     let lost = take(&mut ebpf, "EVENTS_LOST")?;
     let config = take(&mut ebpf, "CONFIG")?;
     let hits = take(&mut ebpf, "CUDA_HITS")?;
+    let stacks = take(&mut ebpf, "CUDA_STACKS").ok();
     Ok(Loaded {
         ebpf,
         events,
         lost,
         config,
         hits,
+        stacks,
     })
 }
 

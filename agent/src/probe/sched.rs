@@ -7,23 +7,33 @@ use super::ProbeError;
 const PROGRAM: &str = "sched_process_exit";
 
 pub fn attach(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
+    // The exit status probes first: an exit between the attaches still finds its status.
+    for (name, category, event) in [
+        ("sys_enter_exit_group", "syscalls", "sys_enter_exit_group"),
+        ("signal_deliver", "signal", "signal_deliver"),
+        (PROGRAM, "sched", "sched_process_exit"),
+    ] {
+        attach_tracepoint(ebpf, name, category, event)?;
+    }
+    Ok(())
+}
+
+/// Loads and attaches one tracepoint program of the object.
+pub fn attach_tracepoint(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    category: &str,
+    event: &str,
+) -> Result<(), ProbeError> {
     let prog: &mut TracePoint = ebpf
-        .program_mut(PROGRAM)
-        .ok_or(ProbeError::MissingProgram { name: PROGRAM })?
+        .program_mut(name)
+        .ok_or(ProbeError::MissingProgram { name })?
         .try_into()
-        .map_err(|source| ProbeError::Program {
-            name: PROGRAM,
-            source,
-        })?;
-    prog.load().map_err(|source| ProbeError::Program {
-        name: PROGRAM,
-        source,
-    })?;
-    prog.attach("sched", "sched_process_exit")
-        .map_err(|source| ProbeError::Program {
-            name: PROGRAM,
-            source,
-        })?;
+        .map_err(|source| ProbeError::Program { name, source })?;
+    prog.load()
+        .map_err(|source| ProbeError::Program { name, source })?;
+    prog.attach(category, event)
+        .map_err(|source| ProbeError::Program { name, source })?;
     Ok(())
 }
 

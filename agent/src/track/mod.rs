@@ -3,6 +3,7 @@
 //! per-process view (their difference is the process's overhead).
 
 pub mod ledger;
+mod triggers;
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
@@ -30,6 +31,12 @@ use ledger::{Ledger, Outcome};
 pub enum Input {
     Events(Batch),
     GpuProcesses(GpuProcesses),
+    /// An XID critical error NVML reported (CLOCK_MONOTONIC ns).
+    Xid {
+        gpu: u32,
+        xid: u64,
+        ts_ns: u64,
+    },
 }
 
 /// A failed CUDA call with the GPU's state at that instant, kept for forensics.
@@ -60,6 +67,7 @@ pub struct Tracker {
     /// (pid, gpu) series set from NVML's view, to remove those that go away.
     nvml_series: HashSet<(u32, u32)>,
     overhead_series: HashSet<ProcessGpuLabels>,
+    forensics: Option<triggers::ForensicsState>,
 }
 
 impl Tracker {
@@ -80,7 +88,18 @@ impl Tracker {
             nvml: HashMap::new(),
             nvml_series: HashSet::new(),
             overhead_series: HashSet::new(),
+            forensics: None,
         }
+    }
+
+    /// Sends a forensic report draft for every trigger from now on.
+    pub fn with_forensics(
+        mut self,
+        forensics: crate::forensics::Forensics,
+        config: &crate::config::ForensicsConfig,
+    ) -> Self {
+        self.forensics = Some(triggers::ForensicsState::new(forensics, config));
+        self
     }
 
     /// Recent failed calls with the GPU state at each, oldest first.
@@ -92,6 +111,7 @@ impl Tracker {
         match input {
             Input::Events(batch) => batch.iter().for_each(|ev| self.handle(ev)),
             Input::GpuProcesses(p) => self.gpu_processes(p),
+            Input::Xid { gpu, xid, ts_ns } => self.xid(gpu, xid, ts_ns),
         }
     }
 
@@ -108,7 +128,11 @@ impl Tracker {
             .inc();
         match ev {
             Event::CudaMem(e) => self.cuda(e),
-            Event::ProcessExit(e) => self.exit(e.header.tgid),
+            Event::ProcessExit(e) => {
+                self.process_exit(e);
+                self.exit(e.header.tgid)
+            }
+            Event::OomKill(e) => self.oom_kill(e),
         }
     }
 
@@ -162,10 +186,16 @@ impl Tracker {
             self.log_failure(e, api, &error);
         }
 
+        let tgid = e.header.tgid;
+        let new_process = self.ledger.process(tgid).is_none();
         let (procfs, max) = (&self.procfs, self.max_label_len);
         let outcome = self
             .ledger
             .apply(e, api, || comm_label(procfs, e.header.tgid, max));
+        if new_process && self.ledger.process(tgid).is_some() {
+            self.seen_process(tgid);
+        }
+        self.count_call(e, api, &outcome);
         match outcome {
             Outcome::Device { device } => self.publish_device(e.header.tgid, device),
             Outcome::Host => self.publish_host(e.header.tgid),
@@ -257,6 +287,7 @@ impl Tracker {
     /// Releases a process's ledger and its series.
     pub fn exit(&mut self, tgid: u32) {
         self.logged_failures.retain(|(t, _, _)| *t != tgid);
+        self.forget_process(tgid);
         let Some(p) = self.ledger.remove(tgid) else {
             return;
         };
@@ -374,6 +405,8 @@ fn comm_label(procfs: &ProcFs, tgid: u32, max: usize) -> String {
 pub async fn run(mut tracker: Tracker, mut rx: mpsc::Receiver<Input>) -> Tracker {
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut timeline = tokio::time::interval(Duration::from_secs(1));
+    timeline.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             input = rx.recv() => match input {
@@ -381,6 +414,7 @@ pub async fn run(mut tracker: Tracker, mut rx: mpsc::Receiver<Input>) -> Tracker
                 None => return tracker,
             },
             _ = sweep.tick() => tracker.sweep(),
+            _ = timeline.tick() => tracker.record_timeline(),
         }
     }
 }

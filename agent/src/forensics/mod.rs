@@ -1,0 +1,153 @@
+//! OOM forensics: a report for every CUDA out-of-memory, host OOM kill, crash of a process
+//! holding GPU memory, and XID error. The tracker notices the trigger and takes a snapshot
+//! of what only it knows (the ledger, rates, failures) as a [`Draft`]; a writer thread turns
+//! it into a [`report::Report`] (`assemble`: GPU timeline from the NVML ring, call stacks symbolized with
+//! blazesym, cgroup and node memory) and stores it (`store`). `render` prints it.
+
+pub mod assemble;
+pub mod render;
+pub mod report;
+pub mod store;
+pub mod symbolize;
+
+use std::{
+    collections::HashMap,
+    sync::{mpsc, Arc},
+    time::SystemTime,
+};
+
+use agent_common::{cuda::CudaMemEvent, oom::OomKillEvent};
+
+use crate::{
+    export::metrics::{KindLabels, Metrics},
+    track::ledger::Allocation,
+};
+pub use report::Kind;
+use report::{GpuProcessRow, ProcessInfo};
+
+/// Forensics knobs (config section `[forensics]`).
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub max_reports: usize,
+    pub max_bytes: u64,
+    /// One report per (process, kind) per window; more events are counted.
+    pub window_secs: u64,
+    pub timeline_secs: u64,
+}
+
+/// Ledger bytes of one process on one GPU over time (absolute CLOCK_MONOTONIC ns).
+#[derive(Clone, Debug, Default)]
+pub struct LedgerSeries {
+    pub pid: u32,
+    pub comm: String,
+    pub points: Vec<(u64, u64)>,
+}
+
+/// What the tracker knows at the instant of a trigger.
+#[derive(Clone, Debug)]
+pub struct Draft {
+    pub kind: Kind,
+    pub ts_ns: u64,
+    pub wall: SystemTime,
+    pub process: ProcessInfo,
+    pub gpu: Option<u32>,
+    pub cuda: Option<CudaMemEvent>,
+    pub exit: Option<(Option<i32>, i32)>,
+    pub host_oom: Option<OomKillEvent>,
+    pub xid: Option<u64>,
+    /// The process's live device allocations.
+    pub allocations: Vec<Allocation>,
+    /// Allocations and frees per second over the last minute.
+    pub rates: (f64, f64),
+    pub gpu_processes: Vec<GpuProcessRow>,
+    pub ledger: Vec<LedgerSeries>,
+    /// (ts_ns, pid, api, requested, error) of recent failures on the GPU.
+    pub failures: Vec<(u64, u32, String, u64, String)>,
+    pub suppressed_before: u64,
+    /// The process's executable mappings at the instant, to symbolize its stacks later.
+    pub maps: Vec<symbolize::Mapping>,
+}
+
+/// Decides which triggers become reports: one per (process, kind) per window.
+pub struct Limiter {
+    window_ns: u64,
+    last: HashMap<(u32, Kind), (u64, u64)>,
+}
+
+impl Limiter {
+    pub fn new(window_secs: u64) -> Self {
+        Self {
+            window_ns: window_secs.saturating_mul(1_000_000_000),
+            last: HashMap::new(),
+        }
+    }
+
+    /// `Some(suppressed since the last report)` when this trigger gets a report.
+    pub fn admit(&mut self, pid: u32, kind: Kind, ts_ns: u64) -> Option<u64> {
+        if self.last.len() > 10_000 {
+            let horizon = ts_ns.saturating_sub(self.window_ns);
+            self.last.retain(|_, (t, _)| *t >= horizon);
+        }
+        match self.last.get_mut(&(pid, kind)) {
+            Some((t, suppressed)) if ts_ns.saturating_sub(*t) < self.window_ns => {
+                *suppressed += 1;
+                None
+            }
+            entry => {
+                let before = entry.map_or(0, |(_, s)| *s);
+                self.last.insert((pid, kind), (ts_ns, 0));
+                Some(before)
+            }
+        }
+    }
+}
+
+/// The handle the tracker sends drafts to.
+#[derive(Clone)]
+pub struct Forensics {
+    tx: mpsc::SyncSender<Draft>,
+    metrics: Arc<Metrics>,
+}
+
+impl Forensics {
+    pub fn new(tx: mpsc::SyncSender<Draft>, metrics: Arc<Metrics>) -> Self {
+        Self { tx, metrics }
+    }
+
+    pub fn submit(&self, draft: Draft) {
+        let kind = draft.kind.as_str();
+        if self.tx.try_send(draft).is_err() {
+            // The writer is behind (a storm across many processes): counted, never blocking.
+            self.metrics
+                .forensics_dropped
+                .get_or_create(&KindLabels { kind })
+                .inc();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_report_per_process_and_kind_per_window() {
+        let mut l = Limiter::new(60);
+        let s = 1_000_000_000;
+        assert_eq!(l.admit(1, Kind::Cuda, 0), Some(0));
+        for i in 1..1000 {
+            assert_eq!(l.admit(1, Kind::Cuda, i * s / 1000), None);
+        }
+        assert_eq!(l.admit(2, Kind::Cuda, s), Some(0), "another process");
+        assert_eq!(
+            l.admit(1, Kind::GpuProcessCrash, s),
+            Some(0),
+            "another kind"
+        );
+        assert_eq!(
+            l.admit(1, Kind::Cuda, 61 * s),
+            Some(999),
+            "next window says what it skipped"
+        );
+    }
+}

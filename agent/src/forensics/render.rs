@@ -1,0 +1,420 @@
+//! Reports for people: a text page for terminals and a self-contained HTML page (no network,
+//! inline SVG chart of the memory timeline with the event marked, then the tables).
+
+use std::fmt::Write;
+
+use super::report::{Frame, Report};
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+pub fn bytes(b: u64) -> String {
+    let b = b as f64;
+    if b >= GIB {
+        format!("{:.2} GiB", b / GIB)
+    } else if b >= (1 << 20) as f64 {
+        format!("{:.1} MiB", b / (1u64 << 20) as f64)
+    } else if b >= 1024.0 {
+        format!("{:.1} KiB", b / 1024.0)
+    } else {
+        format!("{b:.0} B")
+    }
+}
+
+pub fn frame(f: &Frame) -> String {
+    let mut s = f
+        .function
+        .clone()
+        .unwrap_or_else(|| format!("{:#x}", f.address));
+    match (&f.file, f.line) {
+        (Some(file), Some(line)) => {
+            let _ = write!(s, " ({file}:{line})");
+        }
+        _ => {
+            if let (Some(module), Some(off)) = (&f.module, f.offset) {
+                let _ = write!(s, " ({module}+{off:#x})");
+            }
+        }
+    }
+    s
+}
+
+/// One line per report for `forensics list`.
+pub fn list_line(r: &Report) -> String {
+    let gpu = r.gpu.as_ref().map_or("-".into(), |g| g.index.to_string());
+    format!(
+        "{}  {}  {:<17} pid {:<7} {:<15} gpu {:<3} {}",
+        r.id,
+        r.time,
+        r.kind.as_str(),
+        r.process.pid,
+        r.process.comm,
+        gpu,
+        r.summary
+    )
+}
+
+pub fn text(r: &Report) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "{}\n", r.summary);
+    let _ = writeln!(
+        s,
+        "report   {} ({}, schema {})",
+        r.id,
+        r.kind.as_str(),
+        r.schema_version
+    );
+    let _ = writeln!(s, "time     {}", r.time);
+    let p = &r.process;
+    let _ = writeln!(s, "process  pid {} ({}) {}", p.pid, p.comm, p.cmdline);
+    if !p.cgroup.is_empty() {
+        let _ = writeln!(s, "cgroup   {}", p.cgroup);
+    }
+    if let Some(g) = &r.gpu {
+        let _ = writeln!(
+            s,
+            "gpu      {} {} {}: {} of {} used, utilization {}, {} C, throttle {}",
+            g.index,
+            g.name.as_deref().unwrap_or("?"),
+            g.uuid.as_deref().unwrap_or(""),
+            g.memory_used_bytes.map_or("?".into(), bytes),
+            g.memory_total_bytes.map_or("?".into(), bytes),
+            g.utilization.map_or("?".into(), |u| format!("{u}%")),
+            g.temperature_c.map_or("?".into(), |t| t.to_string()),
+            if g.throttle_reasons.is_empty() {
+                "none".into()
+            } else {
+                g.throttle_reasons.join(",")
+            },
+        );
+    }
+    if let Some(c) = &r.cuda {
+        let _ = writeln!(
+            s,
+            "\nfailed call: {} of {} -> {} ({}), thread {}",
+            c.api,
+            bytes(c.requested_bytes),
+            c.error,
+            c.code,
+            c.thread
+        );
+        for f in &c.stack {
+            let _ = writeln!(s, "    {}", frame(f));
+        }
+    }
+    if let Some(e) = &r.exit {
+        let _ = writeln!(
+            s,
+            "\nexit: status {} signal {}",
+            e.exit_code.map_or("-".into(), |c| c.to_string()),
+            e.signal_name.clone().unwrap_or_else(|| "-".into())
+        );
+    }
+    if let Some(h) = &r.host_oom {
+        let _ = writeln!(
+            s,
+            "\nhost OOM kill: rss anon {} file {} shmem {}, vm {}, oom_score_adj {}",
+            bytes(h.anon_rss_bytes),
+            bytes(h.file_rss_bytes),
+            bytes(h.shmem_rss_bytes),
+            bytes(h.total_vm_bytes),
+            h.oom_score_adj
+        );
+        let _ = writeln!(
+            s,
+            "cgroup limit {} usage {}; node {} available of {}",
+            h.cgroup_limit_bytes.map_or("?".into(), bytes),
+            h.cgroup_usage_bytes.map_or("?".into(), bytes),
+            h.node_memory_available_bytes.map_or("?".into(), bytes),
+            h.node_memory_total_bytes.map_or("?".into(), bytes),
+        );
+        for row in &h.largest_processes {
+            let _ = writeln!(
+                s,
+                "    {:>8} {:<16} {}",
+                row.pid,
+                row.comm,
+                bytes(row.rss_bytes)
+            );
+        }
+    }
+    if let Some(a) = &r.allocations {
+        let _ = writeln!(
+            s,
+            "\nlive allocations: {} in {} ({} in {} older than 10 min); {:.1} allocs/s, {:.1} frees/s over the last minute",
+            bytes(a.bytes), a.count, bytes(a.old_bytes), a.old_count, a.alloc_rate_per_s, a.free_rate_per_s
+        );
+        for c in &a.by_size_class {
+            let _ = writeln!(
+                s,
+                "    {:<14} {:>7} {:>12}",
+                c.class,
+                c.count,
+                bytes(c.bytes)
+            );
+        }
+        let _ = writeln!(s, "largest:");
+        for row in &a.largest {
+            let at = row
+                .stack
+                .first()
+                .map(frame)
+                .unwrap_or_else(|| "(stack not sampled)".into());
+            let _ = writeln!(
+                s,
+                "    {:>12} {:<22} gpu {} age {:>7.1} s  {}",
+                bytes(row.bytes),
+                row.api,
+                row.gpu,
+                row.age_seconds,
+                at
+            );
+        }
+    }
+    if !r.gpu_processes.is_empty() {
+        let _ = writeln!(s, "\nprocesses on this GPU:");
+        for row in &r.gpu_processes {
+            let _ = writeln!(
+                s,
+                "    {:>8} {:<16} ledger {:>12}  nvml {:>12}",
+                row.pid,
+                row.comm,
+                bytes(row.ledger_bytes),
+                row.nvml_bytes.map_or("-".into(), bytes)
+            );
+        }
+    }
+    let t = &r.timeline;
+    let _ = writeln!(
+        s,
+        "\ntimeline: {} GPU samples and {} failures in the last {} s",
+        t.gpu.len(),
+        t.failures.len(),
+        t.window_seconds
+    );
+    if r.suppressed_before > 0 {
+        let _ = writeln!(
+            s,
+            "({} more events of this kind were only counted)",
+            r.suppressed_before
+        );
+    }
+    s
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+const COLORS: &[&str] = &[
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b",
+];
+
+/// The memory timeline: GPU memory used (NVML) and each process's ledger bytes, with the
+/// event at t = 0 marked.
+pub fn svg(r: &Report) -> String {
+    let (w, h, pad) = (900.0, 320.0, 50.0);
+    let t = &r.timeline;
+    let t_min = -(t.window_seconds as f64).max(1.0);
+    let mut y_max: f64 = 1.0;
+    for p in &t.gpu {
+        y_max = y_max.max(p.memory_total_bytes.or(p.memory_used_bytes).unwrap_or(0) as f64);
+    }
+    for s in &t.processes {
+        for (_, b) in &s.points {
+            y_max = y_max.max(*b as f64);
+        }
+    }
+    let x = |tt: f64| pad + (tt - t_min) / (0.0 - t_min).max(1e-9) * (w - 2.0 * pad);
+    let y = |b: f64| h - pad - b / y_max * (h - 2.0 * pad);
+    let mut s = String::new();
+    let _ = write!(
+        s,
+        r#"<svg id="timeline" xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" aria-label="memory timeline">"#
+    );
+    let _ = write!(
+        s,
+        r##"<rect x="0" y="0" width="{w}" height="{h}" fill="#fff"/>"##
+    );
+    let _ = write!(
+        s,
+        r##"<line x1="{pad}" y1="{}" x2="{}" y2="{}" stroke="#999"/>"##,
+        h - pad,
+        w - pad,
+        h - pad
+    );
+    let _ = write!(
+        s,
+        r##"<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{}" stroke="#999"/>"##,
+        h - pad
+    );
+    let _ = write!(
+        s,
+        r##"<text x="{pad}" y="{}" font-size="11">{:.0} s</text>"##,
+        h - pad + 15.0,
+        t_min
+    );
+    let _ = write!(
+        s,
+        r##"<text x="4" y="{}" font-size="11">{}</text>"##,
+        pad - 5.0,
+        esc(&bytes(y_max as u64))
+    );
+    let mut legend = 0.0;
+    let mut series = |s: &mut String, name: &str, color: &str, pts: Vec<(f64, f64)>| {
+        if pts.is_empty() {
+            return;
+        }
+        let path: Vec<String> = pts
+            .iter()
+            .map(|(tt, b)| format!("{:.1},{:.1}", x(*tt), y(*b)))
+            .collect();
+        let _ = write!(
+            s,
+            r#"<polyline class="series" fill="none" stroke="{color}" stroke-width="2" points="{}"/>"#,
+            path.join(" ")
+        );
+        let _ = write!(
+            s,
+            r#"<text x="{}" y="{}" font-size="12" fill="{color}">{}</text>"#,
+            pad + 10.0,
+            pad + 14.0 + legend,
+            esc(name)
+        );
+        legend += 15.0;
+    };
+    series(
+        &mut s,
+        "GPU memory used (NVML)",
+        "#444",
+        t.gpu
+            .iter()
+            .filter_map(|p| Some((p.t, p.memory_used_bytes? as f64)))
+            .collect(),
+    );
+    for (i, p) in t.processes.iter().enumerate() {
+        series(
+            &mut s,
+            &format!("pid {} {} (ledger)", p.pid, p.comm),
+            COLORS[i % COLORS.len()],
+            p.points.iter().map(|(tt, b)| (*tt, *b as f64)).collect(),
+        );
+    }
+    for f in &t.failures {
+        let _ = write!(
+            s,
+            r##"<circle class="failure" cx="{:.1}" cy="{:.1}" r="3" fill="#d62728"/>"##,
+            x(f.t),
+            pad
+        );
+    }
+    let _ = write!(
+        s,
+        r##"<line id="event" x1="{0:.1}" y1="{pad}" x2="{0:.1}" y2="{1}" stroke="#d62728" stroke-dasharray="4 3"/><text x="{2:.1}" y="{3}" font-size="12" fill="#d62728">{4}</text>"##,
+        x(0.0),
+        h - pad,
+        x(0.0) - 60.0,
+        pad - 8.0,
+        esc(r.kind.as_str())
+    );
+    s.push_str("</svg>");
+    s
+}
+
+pub fn html(r: &Report) -> String {
+    let mut s = String::new();
+    let _ = write!(
+        s,
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>inferscope {}</title>\
+<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1000px}}table{{border-collapse:collapse;margin:1em 0}}\
+td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left;font-size:13px}}th{{background:#f3f3f3}}\
+.summary{{font-size:1.2em;background:#fff4f4;border-left:4px solid #d62728;padding:.6em}}code{{font-size:12px}}</style></head><body>",
+        esc(&r.id)
+    );
+    let _ = write!(
+        s,
+        "<h1>{} report</h1><p class=\"summary\">{}</p>",
+        esc(r.kind.as_str()),
+        esc(&r.summary)
+    );
+    let _ = write!(
+        s,
+        "<p>{} · pid {} ({}) <code>{}</code></p>",
+        esc(&r.time),
+        r.process.pid,
+        esc(&r.process.comm),
+        esc(&r.process.cmdline)
+    );
+    s.push_str("<h2>Memory timeline</h2>");
+    s.push_str(&svg(r));
+    if let Some(c) = &r.cuda {
+        let _ = write!(
+            s,
+            "<h2>Failed call</h2><p>{} of {} → {} ({})</p><ol>",
+            esc(&c.api),
+            bytes(c.requested_bytes),
+            esc(&c.error),
+            c.code
+        );
+        for f in &c.stack {
+            let _ = write!(s, "<li><code>{}</code></li>", esc(&frame(f)));
+        }
+        s.push_str("</ol>");
+    }
+    if let Some(a) = &r.allocations {
+        let _ = write!(s, "<h2>Live allocations</h2><p>{} in {} allocations; {:.1} allocs/s, {:.1} frees/s over the last minute</p>", bytes(a.bytes), a.count, a.alloc_rate_per_s, a.free_rate_per_s);
+        s.push_str("<table><tr><th>size class</th><th>count</th><th>bytes</th></tr>");
+        for c in &a.by_size_class {
+            let _ = write!(
+                s,
+                "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
+                esc(&c.class),
+                c.count,
+                bytes(c.bytes)
+            );
+        }
+        s.push_str("</table><table><tr><th>bytes</th><th>api</th><th>gpu</th><th>age (s)</th><th>allocated at</th></tr>");
+        for row in &a.largest {
+            let at = row
+                .stack
+                .first()
+                .map(frame)
+                .unwrap_or_else(|| "not sampled".into());
+            let _ = write!(
+                s,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{:.1}</td><td><code>{}</code></td></tr>",
+                bytes(row.bytes),
+                esc(&row.api),
+                row.gpu,
+                row.age_seconds,
+                esc(&at)
+            );
+        }
+        s.push_str("</table>");
+    }
+    if !r.gpu_processes.is_empty() {
+        s.push_str("<h2>Processes on the GPU</h2><table><tr><th>pid</th><th>comm</th><th>ledger</th><th>NVML</th></tr>");
+        for row in &r.gpu_processes {
+            let _ = write!(
+                s,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                row.pid,
+                esc(&row.comm),
+                bytes(row.ledger_bytes),
+                row.nvml_bytes.map_or("-".into(), bytes)
+            );
+        }
+        s.push_str("</table>");
+    }
+    if let Some(h) = &r.host_oom {
+        let _ = write!(s, "<h2>Host OOM kill</h2><p>anon rss {}, file rss {}, shmem {}, cgroup limit {}, usage {}</p>", bytes(h.anon_rss_bytes), bytes(h.file_rss_bytes), bytes(h.shmem_rss_bytes), h.cgroup_limit_bytes.map_or("?".into(), bytes), h.cgroup_usage_bytes.map_or("?".into(), bytes));
+    }
+    let _ = write!(
+        s,
+        "<h2>Details</h2><pre>{}</pre></body></html>",
+        esc(&text(r))
+    );
+    s
+}

@@ -1,0 +1,380 @@
+//! Root tier: forensic reports for a CUDA out-of-memory, a crash of a process holding GPU
+//! memory and a real host OOM kill, read back through `inferscope forensics`.
+
+use std::{path::Path, process::Command, time::Duration};
+
+use cuda_workload::{nvml_double_path, NvmlControl, ENV_NVML_CONTROL};
+use integration::*;
+use serde_json::Value;
+
+const MIB: u64 = 1 << 20;
+
+fn cli(dir: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(bin("inferscope"))
+        .arg("forensics")
+        .args(args)
+        .arg("--forensics-dir")
+        .arg(dir)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn list(dir: &Path) -> Vec<Value> {
+    let (ok, out, err) = cli(dir, &["list", "--format", "json"]);
+    assert!(ok, "{err}");
+    serde_json::from_str::<Value>(&out)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+fn show(dir: &Path, id: &str) -> Value {
+    let (ok, out, err) = cli(dir, &["show", id, "--format", "json"]);
+    assert!(ok, "{err}");
+    serde_json::from_str(&out).unwrap()
+}
+
+/// Waits for `n` reports in the agent's forensics directory and returns them, newest first.
+fn reports(agent: &Agent, n: usize) -> Vec<Value> {
+    let dir = agent.dir.path().join("forensics");
+    eventually("the forensic reports", Duration::from_secs(20), || {
+        let l = if dir.exists() { list(&dir) } else { Vec::new() };
+        (l.len() >= n).then_some(l)
+    })
+}
+
+struct Gpu {
+    _dir: tempfile::TempDir,
+    state: std::path::PathBuf,
+    control: NvmlControl,
+}
+
+impl Gpu {
+    fn new() -> Gpu {
+        let dir = tempfile::tempdir().unwrap();
+        Gpu {
+            state: dir.path().join("state"),
+            control: NvmlControl::new(dir.path().join("control")),
+            _dir: dir,
+        }
+    }
+
+    fn agent(&self, extra_env: &[(&str, &str)]) -> Agent {
+        let state = self.state.display().to_string();
+        let control = self.control.path().display().to_string();
+        let lib = Variant::Push.lib_path().display().to_string();
+        let nvml = nvml_double_path().display().to_string();
+        let mut env = vec![
+            (cuda_workload::ENV_GPU_COUNT, "1"),
+            (cuda_workload::ENV_GPU_MEM, "1073741824"),
+            (cuda_workload::ENV_GPU_STATE, state.as_str()),
+            (ENV_NVML_CONTROL, control.as_str()),
+            ("INFERSCOPE_NVML__INTERVAL_MS", "100"),
+            // Every successful allocation carries its stack in these tests.
+            ("INFERSCOPE_PROBES__STACK_SAMPLE_EVERY", "1"),
+        ];
+        env.extend(extra_env);
+        Agent::start_with_env(&["--cuda-lib", &lib, "--nvml-lib", &nvml], &env)
+    }
+
+    fn workload(&self, plan: &str) -> Workload {
+        let opts = WorkloadOptions {
+            variant: Variant::Push,
+            gpus: 1,
+            gpu_mem: 1 << 30,
+            state_file: Some(&self.state),
+        };
+        Workload::start(plan, &opts)
+    }
+}
+
+fn frames(v: &Value) -> Vec<String> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["function"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
+#[test]
+fn a_cuda_oom_report_holds_the_ground_truth() {
+    if !root_tier() {
+        return;
+    }
+    let gpu = Gpu::new();
+    gpu.control.set_gpu(0, "temperature", 77).unwrap();
+    gpu.control.set_gpu(0, "throttle", "0x4").unwrap();
+    let agent = gpu.agent(&[]);
+    agent.wait_for("NVML", |s| s.sum("gpu_temperature_celsius", &[]) == 77.0);
+    let mut w = gpu.workload(
+        "alloc dev=0 size=104857600 count=3; async dev=0 size=1048576 count=4; sleep ms=300; \
+         exhaust dev=0 size=134217728; checkpoint name=oom",
+    );
+    w.proceed();
+    let truth = w.truth();
+    let live_count = 3 + 4 + (truth.api("cuMemAlloc_v2").ok - 3);
+    let live_bytes = truth.live_device_bytes[&0];
+
+    let l = reports(&agent, 1);
+    assert_eq!(l.len(), 1, "{l:?}");
+    assert_eq!(l[0]["kind"], "cuda");
+    assert_eq!(l[0]["pid"], truth.pid);
+    let r = show(
+        &agent.dir.path().join("forensics"),
+        l[0]["id"].as_str().unwrap(),
+    );
+    assert_eq!(r["schema_version"], 1);
+    assert_eq!(r["process"]["comm"], "cuda-workload");
+    assert!(r["process"]["cmdline"].as_str().unwrap().contains("--plan"));
+    assert_eq!(r["cuda"]["api"], "cuMemAlloc_v2");
+    assert_eq!(r["cuda"]["requested_bytes"], 128 * MIB);
+    assert_eq!(r["cuda"]["error"], "out_of_memory");
+    let a = &r["allocations"];
+    assert_eq!(a["count"], live_count, "{a}");
+    assert_eq!(a["bytes"], live_bytes, "{a}");
+    assert_eq!(a["largest"][0]["bytes"], 128 * MIB);
+    assert_eq!(a["largest"].as_array().unwrap().len(), live_count as usize);
+    assert_eq!(a["largest"][live_count as usize - 1]["bytes"], MIB);
+    // The failing call's stack, and a sampled allocation's, name the workload's code.
+    let failing = frames(&r["cuda"]["stack"]);
+    assert!(
+        failing
+            .iter()
+            .any(|f| f.contains("Workload") && f.contains("run")),
+        "{failing:?}"
+    );
+    let sampled = frames(&a["largest"][0]["stack"]);
+    assert!(
+        sampled.iter().any(|f| f.contains("Workload")),
+        "{sampled:?}"
+    );
+    // The GPU as NVML showed it at that instant.
+    assert_eq!(r["gpu"]["temperature_c"], 77);
+    assert_eq!(r["gpu"]["name"], "NVIDIA H100 80GB HBM3");
+    assert_eq!(r["gpu"]["throttle_reasons"][0], "sw_power_cap");
+    assert_eq!(r["gpu_processes"][0]["pid"], truth.pid);
+    assert_eq!(r["gpu_processes"][0]["ledger_bytes"], live_bytes);
+    assert!(!r["timeline"]["gpu"].as_array().unwrap().is_empty());
+    let summary = r["summary"].as_str().unwrap();
+    assert!(
+        summary.starts_with("cuMemAlloc_v2 of 128.0 MiB failed on GPU 0 (1.00 GiB)"),
+        "{summary}"
+    );
+    assert!(
+        summary.contains(&format!("in {live_count} allocations")),
+        "{summary}"
+    );
+
+    let dir = agent.dir.path().join("forensics");
+    let id = l[0]["id"].as_str().unwrap();
+    let (ok, html, _) = cli(&dir, &["show", id, "--format", "html"]);
+    assert!(ok && html.contains("<svg id=\"timeline\"") && html.contains("class=\"series\""));
+    assert!(
+        !html.contains("http://")
+            || html
+                .matches("http://")
+                .all(|_| html.contains("xmlns=\"http://www.w3.org/2000/svg\""))
+    );
+    let (ok, text, _) = cli(&dir, &["show", id]);
+    assert!(ok && text.starts_with(summary), "{text}");
+    let s = agent.scrape();
+    assert_eq!(s.sum("llm_oom_events_total", &[("kind", "cuda")]), 1.0);
+    assert_eq!(
+        s.sum("inferscope_forensics_reports_total", &[("kind", "cuda")]),
+        1.0
+    );
+    w.proceed();
+    assert!(w.wait().success());
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn a_storm_of_failures_gives_one_report_per_process_and_counts_the_rest() {
+    if !root_tier() {
+        return;
+    }
+    let gpu = Gpu::new();
+    let agent = gpu.agent(&[]);
+    let plan = vec!["exhaust dev=0 size=268435456"; 40].join("; ") + "; checkpoint name=x";
+    let mut a = gpu.workload(&plan);
+    let mut b = gpu.workload(&plan);
+    a.proceed();
+    b.proceed();
+    let (ta, tb) = (a.truth(), b.truth());
+    let failures = ta.api("cuMemAlloc_v2").failed() + tb.api("cuMemAlloc_v2").failed();
+    assert_eq!(failures, 80);
+    let s = agent.wait_for("every failure counted", |s| {
+        s.sum("llm_oom_events_total", &[("kind", "cuda")]) == 80.0
+    });
+    assert_eq!(
+        s.sum("inferscope_forensics_suppressed_total", &[("kind", "cuda")]),
+        78.0
+    );
+    let l = reports(&agent, 2);
+    assert_eq!(l.len(), 2);
+    let mut pids: Vec<u64> = l.iter().map(|r| r["pid"].as_u64().unwrap()).collect();
+    pids.sort();
+    let mut want = vec![u64::from(ta.pid), u64::from(tb.pid)];
+    want.sort();
+    assert_eq!(pids, want);
+    a.proceed();
+    b.proceed();
+    assert!(a.wait().success() && b.wait().success());
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn a_gpu_process_that_dies_holding_memory_gets_a_crash_report() {
+    if !root_tier() {
+        return;
+    }
+    let gpu = Gpu::new();
+    let agent = gpu.agent(&[]);
+    let mut killed = gpu.workload("alloc dev=0 size=8388608 count=5; checkpoint name=held; kill");
+    let mut failed =
+        gpu.workload("alloc dev=0 size=4194304 count=2; checkpoint name=held; exit code=3");
+    let mut clean = gpu.workload("alloc dev=0 size=4194304 count=1; checkpoint name=held");
+    killed.proceed();
+    failed.proceed();
+    clean.proceed();
+    let tk = killed.truth();
+    let tf = failed.truth();
+    clean.truth();
+    agent.wait_for("the ledgers", |s| {
+        s.sum("inferscope_tracked_processes", &[]) == 3.0
+    });
+    killed.proceed();
+    failed.proceed();
+    clean.proceed();
+    assert!(!killed.wait().success());
+    assert_eq!(failed.wait().code(), Some(3));
+    assert!(clean.wait().success());
+    let l = reports(&agent, 2);
+    std::thread::sleep(Duration::from_millis(500));
+    let l2 = list(&agent.dir.path().join("forensics"));
+    assert_eq!(l2.len(), 2, "a clean exit makes no report: {l2:?}");
+    let by_pid = |pid: u32| {
+        l.iter()
+            .find(|r| r["pid"] == pid)
+            .unwrap_or_else(|| panic!("no report for {pid}: {l:?}"))
+    };
+    let dir = agent.dir.path().join("forensics");
+    let k = show(&dir, by_pid(tk.pid)["id"].as_str().unwrap());
+    assert_eq!(k["kind"], "gpu_process_crash");
+    assert_eq!(k["exit"]["signal"], 9);
+    assert_eq!(k["exit"]["signal_name"], "SIGKILL");
+    assert_eq!(k["allocations"]["bytes"], 40 * MIB);
+    assert_eq!(k["allocations"]["count"], 5);
+    assert!(k["summary"]
+        .as_str()
+        .unwrap()
+        .contains("was killed by SIGKILL holding GPU memory"));
+    let f = show(&dir, by_pid(tf.pid)["id"].as_str().unwrap());
+    assert_eq!(f["exit"]["exit_code"], 3);
+    assert_eq!(f["exit"]["signal"], Value::Null);
+    assert_eq!(f["allocations"]["bytes"], 8 * MIB);
+    assert_eq!(
+        agent
+            .scrape()
+            .sum("llm_oom_events_total", &[("kind", "gpu_process_crash")]),
+        2.0
+    );
+    assert!(agent.stop().success());
+}
+
+/// A memory cgroup (v1) with a limit, removed on drop.
+struct MemCgroup(std::path::PathBuf);
+
+impl MemCgroup {
+    fn new(limit: u64) -> MemCgroup {
+        let root = Path::new("/sys/fs/cgroup/memory");
+        let (base, limit_file) = if root.join("memory.limit_in_bytes").exists() {
+            (root.to_path_buf(), "memory.limit_in_bytes")
+        } else {
+            (Path::new("/sys/fs/cgroup").to_path_buf(), "memory.max")
+        };
+        let dir = base.join(format!("inferscope-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("create a memory cgroup");
+        std::fs::write(dir.join(limit_file), limit.to_string()).expect("set the limit");
+        MemCgroup(dir)
+    }
+}
+
+impl Drop for MemCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+#[test]
+fn a_host_oom_kill_is_reported_with_the_victim_and_its_cgroup() {
+    if !root_tier() {
+        return;
+    }
+    let agent = Agent::start(&["--disable-probe", "cuda"]);
+    let cg = MemCgroup::new(64 * MIB);
+    // The child joins the cgroup, then allocates (and touches) memory until the kernel kills it.
+    let script = format!(
+        "echo $$ > {}/cgroup.procs && exec python3 -c 'a=[]\nwhile True: a.append(bytearray(8<<20))'",
+        cg.0.display()
+    );
+    let mut child = Command::new("sh").args(["-c", &script]).spawn().unwrap();
+    let pid = child.id();
+    let status = child.wait().unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        status.signal(),
+        Some(9),
+        "the OOM killer should have killed it"
+    );
+    let l = reports(&agent, 1);
+    let r = l
+        .iter()
+        .find(|r| r["pid"] == pid)
+        .unwrap_or_else(|| panic!("no report for {pid}: {l:?}"));
+    assert_eq!(r["kind"], "host_oom_kill");
+    assert_eq!(r["comm"], "python3");
+    let full = show(
+        &agent.dir.path().join("forensics"),
+        r["id"].as_str().unwrap(),
+    );
+    let h = &full["host_oom"];
+    let rss = h["anon_rss_bytes"].as_u64().unwrap();
+    assert!(rss > 32 * MIB && rss <= 64 * MIB, "{h}");
+    assert_eq!(h["cgroup_limit_bytes"], 64 * MIB, "{h}");
+    assert!(full["process"]["cgroup"]
+        .as_str()
+        .unwrap()
+        .contains("inferscope-test-"));
+    assert!(h["node_memory_total_bytes"].as_u64().unwrap() > 0);
+    assert!(!h["largest_processes"].as_array().unwrap().is_empty());
+    assert!(full["summary"]
+        .as_str()
+        .unwrap()
+        .starts_with("the kernel OOM killer killed pid"));
+    assert!(
+        agent
+            .scrape()
+            .sum("llm_oom_events_total", &[("kind", "host_oom_kill")])
+            >= 1.0
+    );
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn the_cli_skips_damaged_files_and_reports_an_unknown_id() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("broken.json"), b"{\"schema_version\":1,").unwrap();
+    let (ok, out, err) = cli(dir.path(), &["list"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("no reports"), "{out}");
+    assert!(err.contains("broken.json"), "{err}");
+    let (ok, _, err) = cli(dir.path(), &["show", "nope"]);
+    assert!(!ok && err.contains("no report with id nope"), "{err}");
+}
