@@ -39,7 +39,7 @@ enum Cmd {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    setup::run()?;
+    setup::run(matches!(cli.command, Cmd::Test { .. } | Cmd::Setup))?;
     match cli.command {
         Cmd::Setup => Ok(()),
         Cmd::Build => build(),

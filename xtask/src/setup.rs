@@ -12,7 +12,8 @@ use crate::util::{self, succeeds};
 const DEBIAN_EBPF: &[&str] = &["rustc-web", "libstd-rust-web-dev-bpf", "llvm-22-dev"];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
-pub fn run() -> anyhow::Result<()> {
+/// `for_tests`: also what only the test suite needs (Python fixtures, Chromium).
+pub fn run(for_tests: bool) -> anyhow::Result<()> {
     let aya_toolchain = nightly_has_rust_src();
     if !aya_toolchain && !debian_ebpf_present() {
         apt_install(DEBIAN_EBPF)?;
@@ -23,7 +24,13 @@ pub fn run() -> anyhow::Result<()> {
     if !succeeds("bpf-linker", &["--version"]) {
         install_bpf_linker(aya_toolchain)?;
     }
-    python_fixtures()?;
+    if for_tests {
+        python_fixtures()?;
+        // The forensics test renders an HTML report in headless Chromium.
+        if !succeeds("chromium", &["--version"]) {
+            apt_install(&["chromium"])?;
+        }
+    }
     Ok(())
 }
 

@@ -217,7 +217,19 @@ const COLORS: &[&str] = &[
 pub fn svg(r: &Report) -> String {
     let (w, h, pad) = (900.0, 320.0, 50.0);
     let t = &r.timeline;
-    let t_min = -(t.window_seconds as f64).max(1.0);
+    // From the oldest point (at least 10 s back, at most the window) to the event.
+    let oldest = t
+        .gpu
+        .iter()
+        .map(|p| p.t)
+        .chain(
+            t.processes
+                .iter()
+                .flat_map(|s| s.points.iter().map(|(tt, _)| *tt)),
+        )
+        .chain(t.failures.iter().map(|f| f.t))
+        .fold(-10.0_f64, f64::min);
+    let t_min = oldest.max(-(t.window_seconds as f64).max(10.0));
     let mut y_max: f64 = 1.0;
     for p in &t.gpu {
         y_max = y_max.max(p.memory_total_bytes.or(p.memory_used_bytes).unwrap_or(0) as f64);
@@ -271,9 +283,18 @@ pub fn svg(r: &Report) -> String {
             .iter()
             .map(|(tt, b)| format!("{:.1},{:.1}", x(*tt), y(*b)))
             .collect();
+        // A series of one point (a process seen for under a second) is a dot.
+        if let [(tt, b)] = pts[..] {
+            let _ = write!(
+                s,
+                r#"<circle class="series" cx="{:.1}" cy="{:.1}" r="4" fill="{color}"/>"#,
+                x(tt),
+                y(b)
+            );
+        }
         let _ = write!(
             s,
-            r#"<polyline class="series" fill="none" stroke="{color}" stroke-width="2" points="{}"/>"#,
+            r#"<polyline class="series" fill="none" stroke="{color}" stroke-width="3" points="{}"/>"#,
             path.join(" ")
         );
         let _ = write!(

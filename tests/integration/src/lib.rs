@@ -160,10 +160,11 @@ impl Agent {
     /// SIGTERM, then checks the exit code and that no probe program is left loaded.
     pub fn stop(mut self) -> ExitStatus {
         let mut child = self.child.take().unwrap();
+        let ids = program_ids(child.id());
         // SAFETY: signalling our own child.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         let status = child.wait().unwrap();
-        assert_no_probe_programs();
+        assert_no_probe_programs(&ids);
         status
     }
 }
@@ -178,26 +179,30 @@ impl Drop for Agent {
     }
 }
 
-/// Fails if any of the agent's programs is still loaded in the kernel.
-pub fn assert_no_probe_programs() {
-    let names = [
-        "cuda_enter",
-        "cuda_return",
-        "sched_process_exit",
-        "http_exit",
-        "http_enter_accept",
-        "http_enter_read",
-        "http_enter_write",
-        "http_enter_readv",
-        "http_enter_writev",
-        "http_enter_recvmsg",
-        "http_enter_sendmsg",
-        "http_close",
-    ];
+/// Ids of the eBPF programs a process holds open (from `/proc/<pid>/fdinfo`).
+pub fn program_ids(pid: u32) -> Vec<u32> {
+    let dir = format!("/proc/{pid}/fdinfo");
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .filter_map(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("prog_id:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .collect()
+}
+
+/// Fails if any of these programs (the agent's, listed while it ran) is still loaded.
+/// Only the agent under test is checked: other agents may run beside it.
+pub fn assert_no_probe_programs(ids: &[u32]) {
+    assert!(!ids.is_empty(), "the agent held no eBPF programs");
     let left: Vec<String> = aya::programs::loaded_programs()
         .filter_map(Result::ok)
-        .filter_map(|p| p.name_as_str().map(str::to_string))
-        .filter(|n| names.iter().any(|x| n.starts_with(&x[..x.len().min(15)])))
+        .filter(|p| ids.contains(&p.id()))
+        .map(|p| format!("{} ({})", p.name_as_str().unwrap_or("?"), p.id()))
         .collect();
     assert!(
         left.is_empty(),

@@ -113,7 +113,7 @@ fn a_cuda_oom_report_holds_the_ground_truth() {
     let agent = gpu.agent(&[]);
     agent.wait_for("NVML", |s| s.sum("gpu_temperature_celsius", &[]) == 77.0);
     let mut w = gpu.workload(
-        "alloc dev=0 size=104857600 count=3; async dev=0 size=1048576 count=4; sleep ms=300; \
+        "alloc dev=0 size=104857600 count=3; async dev=0 size=1048576 count=4; sleep ms=2500; \
          exhaust dev=0 size=134217728; checkpoint name=oom",
     );
     w.proceed();
@@ -181,6 +181,7 @@ fn a_cuda_oom_report_holds_the_ground_truth() {
                 .matches("http://")
                 .all(|_| html.contains("xmlns=\"http://www.w3.org/2000/svg\""))
     );
+    render_in_chromium(&html);
     let (ok, text, _) = cli(&dir, &["show", id]);
     assert!(ok && text.starts_with(summary), "{text}");
     let s = agent.scrape();
@@ -377,4 +378,73 @@ fn the_cli_skips_damaged_files_and_reports_an_unknown_id() {
     assert!(err.contains("broken.json"), "{err}");
     let (ok, _, err) = cli(dir.path(), &["show", "nope"]);
     assert!(!ok && err.contains("no report with id nope"), "{err}");
+}
+
+/// Renders the HTML report in headless Chromium: the browser's DOM must hold the chart, and
+/// the screenshot must show it (the event marker's red and a series' colour are painted).
+fn render_in_chromium(html: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let page = dir.path().join("report.html");
+    std::fs::write(&page, html).unwrap();
+    if let Some(keep) = std::env::var_os("KEEP_REPORT_HTML") {
+        std::fs::write(keep, html).unwrap();
+    }
+    let url = format!("file://{}", page.display());
+    let chromium = |extra: &[&str]| {
+        Command::new("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ])
+            .arg(format!(
+                "--user-data-dir={}",
+                dir.path().join("profile").display()
+            ))
+            .args(extra)
+            .arg(&url)
+            .output()
+            .expect("chromium (Debian package `chromium`, installed by cargo xtask setup)")
+    };
+    let dom = chromium(&["--dump-dom"]);
+    let dom = String::from_utf8_lossy(&dom.stdout);
+    assert!(
+        dom.contains("<svg id=\"timeline\"") && dom.contains("<polyline"),
+        "{dom}"
+    );
+    let png = dir.path().join("report.png");
+    let shot = chromium(&[
+        &format!("--screenshot={}", png.display()),
+        "--window-size=1000,1200",
+    ]);
+    assert!(
+        png.exists(),
+        "no screenshot: {}",
+        String::from_utf8_lossy(&shot.stderr)
+    );
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&png).unwrap()));
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    let px = info.color_type.samples();
+    let has = |rgb: [u8; 3]| {
+        buf[..info.buffer_size()]
+            .chunks(px)
+            .any(|p| p[..3].iter().zip(rgb).all(|(a, b)| a.abs_diff(b) <= 12))
+    };
+    let any = |f: &dyn Fn(i32, i32, i32) -> bool| {
+        buf[..info.buffer_size()]
+            .chunks(px)
+            .any(|p| f(i32::from(p[0]), i32::from(p[1]), i32::from(p[2])))
+    };
+    assert!(has([0xd6, 0x27, 0x28]), "the event marker is not painted");
+    // The first process series is blue (#1f77b4); antialiasing shifts exact values.
+    assert!(
+        any(&|r, g, b| b > 150 && b > r + 80 && b > g + 30),
+        "the process series is not painted"
+    );
 }
