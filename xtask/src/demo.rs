@@ -102,6 +102,17 @@ impl Proc {
         Ok(line)
     }
 
+    /// Lets the workload run to its end and exit.
+    fn finish(&mut self) -> anyhow::Result<()> {
+        writeln!(self.stdin)?;
+        self.stdin.flush()?;
+        let status = self.child.wait()?;
+        if !status.success() {
+            bail!("workload {} ended with {status}", self.pid());
+        }
+        Ok(())
+    }
+
     /// Lets the workload run to its next checkpoint.
     fn step(&mut self) -> anyhow::Result<()> {
         writeln!(self.stdin)?;
@@ -162,9 +173,14 @@ pub fn run() -> anyhow::Result<()> {
     );
     println!("GPU:      1 simulated GPU of 16 GiB: CUDA driver double ({cuda_dir}),");
     println!("          NVML double on the agent's library search path ({nvml_dir})");
+    // Reports go to a scratch directory rather than the default /var/lib/inferscope/forensics,
+    // so that the demo leaves nothing behind.
+    let reports = tmp.join(format!("inferscope-demo-forensics-{}", std::process::id()));
     let mut agent = AgentProc(
         Command::new(&agent_bin)
             .arg("run")
+            .arg("--forensics-dir")
+            .arg(&reports)
             .env("INFERSCOPE_LOG", "warn")
             .env("LD_LIBRARY_PATH", &nvml_dir)
             .envs(gpu.env())
@@ -224,15 +240,18 @@ pub fn run() -> anyhow::Result<()> {
         "4. server asks for 1 GiB more than is left",
         &[&server, &job],
     )?;
+    forensics(&agent_bin, &reports)?;
 
     println!("Try: curl -s http://127.0.0.1:{PORT}/metrics | grep -E '^gpu_'");
     println!("(the demo ends in 10 s, or on Ctrl-C)");
     std::thread::sleep(Duration::from_secs(10));
-    drop(server);
-    drop(job);
+    // Both end normally (a kill would be reported as a crash of a GPU process).
+    server.finish()?;
+    job.finish()?;
     // SAFETY: signalling our own child.
     unsafe { libc::kill(agent.0.id() as i32, libc::SIGTERM) };
     let status = agent.0.wait()?;
+    let _ = std::fs::remove_dir_all(&reports);
     println!("\nagent stopped ({status}); probes detached.");
     if !status.success() {
         bail!("the agent did not exit cleanly: {status}");
@@ -347,6 +366,48 @@ fn show(agent: &mut AgentProc, title: &str, procs: &[&Proc]) -> anyhow::Result<(
         &[("error", "out_of_memory")],
     );
     println!("   frees: {frees}   out-of-memory failures: {oom}\n");
+    Ok(())
+}
+
+/// The forensic report the OOM produced, as an operator would read it.
+fn forensics(agent_bin: &Path, dir: &Path) -> anyhow::Result<()> {
+    let cli = |args: &[&str]| -> anyhow::Result<String> {
+        let out = Command::new(agent_bin)
+            .arg("forensics")
+            .args(args)
+            .arg("--forensics-dir")
+            .arg(dir)
+            .output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let start = Instant::now();
+    let id = loop {
+        let list = cli(&["list"])?;
+        if let Some(id) = list
+            .lines()
+            .find(|l| l.contains(" cuda "))
+            .and_then(|l| l.split_whitespace().next())
+        {
+            println!("$ inferscope forensics list\n{list}");
+            break id.to_string();
+        }
+        if start.elapsed() > Duration::from_secs(15) {
+            bail!("no forensic report appeared in {}", dir.display());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let text = cli(&["show", &id])?;
+    println!("$ inferscope forensics show {id}");
+    for line in text.lines().take(40) {
+        println!("{line}");
+    }
+    // Outside the report directory, which the demo removes: the page stays to be opened.
+    let html = std::env::temp_dir().join("inferscope-demo-report.html");
+    std::fs::write(&html, cli(&["show", &id, "--format", "html"])?)?;
+    println!(
+        "\n(the HTML page with the memory timeline: {})\n",
+        html.display()
+    );
     Ok(())
 }
 
