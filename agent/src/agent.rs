@@ -104,7 +104,10 @@ pub async fn run(
     let history = Arc::new(GpuHistory::new(config.nvml.history_secs));
     let nvml_stop = Arc::new(AtomicBool::new(false));
     let nvml_threads = start_nvml(&config, &metrics, &history, &batch_tx, &nvml_stop);
-    let http_stage = crate::http::Stage::start(http_maps, &config, metrics.clone())
+    let load = Arc::new(crate::http::load::LoadBoard::new(
+        config.forensics.timeline_secs,
+    ));
+    let http_stage = crate::http::Stage::start(http_maps, &config, metrics.clone(), load.clone())
         .map_err(StartError::Thread)?;
     let ingest = tokio::spawn(ingest::run_with_http(
         loaded.events,
@@ -131,6 +134,7 @@ pub async fn run(
             timeline_secs: config.forensics.timeline_secs,
         },
         seq: 0,
+        load: Some(load),
     };
     let writer = std::thread::Builder::new()
         .name("forensics".into())

@@ -11,7 +11,8 @@ use super::{
     render::bytes,
     report::{
         AllocationRow, Allocations, CudaFailure, ExitInfo, FailurePoint, GpuInfo, GpuPoint,
-        HostOom, Kind, ProcessSeries, Report, RssRow, SizeClass, Timeline, SCHEMA_VERSION,
+        HostOom, Kind, ProcessSeries, Report, RequestSeries, RssRow, SizeClass, Timeline,
+        SCHEMA_VERSION,
     },
     store::Store,
     symbolize::Stacks,
@@ -34,6 +35,8 @@ pub struct Writer {
     pub metrics: Arc<Metrics>,
     pub settings: Settings,
     pub seq: u64,
+    /// Requests in flight per watched server, from the wire.
+    pub load: Option<Arc<crate::http::load::LoadBoard>>,
 }
 
 impl Writer {
@@ -214,6 +217,17 @@ impl Writer {
             })
             .collect();
 
+        if let Some(load) = &self.load {
+            timeline.requests = load
+                .range(d.ts_ns.saturating_sub(window_ns), d.ts_ns + 1_000_000_000)
+                .into_iter()
+                .map(|(pid, pts)| RequestSeries {
+                    pid,
+                    comm: crate::proc::ProcFs::default().comm(pid).unwrap_or_default(),
+                    points: pts.iter().map(|(t, n)| (rel(*t), *n)).collect(),
+                })
+                .collect();
+        }
         let exit = d.exit.map(|(code, signal)| ExitInfo {
             exit_code: code,
             signal: (signal != 0).then_some(signal),
@@ -331,6 +345,29 @@ pub fn summary(r: &Report) -> String {
         .collect();
     if !others.is_empty() {
         s.push_str(&format!("; also on the GPU: {}", others.join(", ")));
+    }
+    // Requests in flight on the watched servers at the instant, and five minutes earlier.
+    for srv in &r.timeline.requests {
+        let now = srv
+            .points
+            .iter()
+            .rev()
+            .find(|(t, _)| *t <= 0.5)
+            .map(|(_, n)| *n);
+        let before = srv
+            .points
+            .iter()
+            .find(|(t, _)| (-300.0..=-240.0).contains(t))
+            .map(|(_, n)| *n);
+        if let Some(n) = now {
+            s.push_str(&format!(
+                "; {n} requests in flight on pid {} ({})",
+                srv.pid, srv.comm
+            ));
+            if let Some(b) = before {
+                s.push_str(&format!(" (was {b} five minutes earlier)"));
+            }
+        }
     }
     s
 }

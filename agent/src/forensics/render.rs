@@ -183,6 +183,22 @@ pub fn text(r: &Report) -> String {
             );
         }
     }
+    if !r.timeline.requests.is_empty() {
+        let _ = writeln!(
+            s,
+            "\nrequests in flight (from the wire), now / peak over the timeline:"
+        );
+        for srv in &r.timeline.requests {
+            let now = srv
+                .points
+                .iter()
+                .rev()
+                .find(|(t, _)| *t <= 0.5)
+                .map_or(0, |(_, n)| *n);
+            let peak = srv.points.iter().map(|(_, n)| *n).max().unwrap_or(0);
+            let _ = writeln!(s, "    {:>8} {:<16} {now} / {peak}", srv.pid, srv.comm);
+        }
+    }
     let t = &r.timeline;
     let _ = writeln!(
         s,
@@ -431,6 +447,25 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left;font-size:13px}}th{
     }
     if let Some(h) = &r.host_oom {
         let _ = write!(s, "<h2>Host OOM kill</h2><p>anon rss {}, file rss {}, shmem {}, cgroup limit {}, usage {}</p>", bytes(h.anon_rss_bytes), bytes(h.file_rss_bytes), bytes(h.shmem_rss_bytes), h.cgroup_limit_bytes.map_or("?".into(), bytes), h.cgroup_usage_bytes.map_or("?".into(), bytes));
+    }
+    if !r.timeline.requests.is_empty() {
+        s.push_str("<h2>Requests in flight</h2><table><tr><th>server pid</th><th>comm</th><th>at the event</th><th>peak</th></tr>");
+        for srv in &r.timeline.requests {
+            let now = srv
+                .points
+                .iter()
+                .rev()
+                .find(|(t, _)| *t <= 0.5)
+                .map_or(0, |(_, n)| *n);
+            let peak = srv.points.iter().map(|(_, n)| *n).max().unwrap_or(0);
+            let _ = write!(
+                s,
+                "<tr><td>{}</td><td>{}</td><td>{now}</td><td>{peak}</td></tr>",
+                srv.pid,
+                esc(&srv.comm)
+            );
+        }
+        s.push_str("</table>");
     }
     let _ = write!(
         s,

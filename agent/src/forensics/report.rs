@@ -174,6 +174,17 @@ pub struct Timeline {
     pub gpu: Vec<GpuPoint>,
     pub processes: Vec<ProcessSeries>,
     pub failures: Vec<FailurePoint>,
+    /// Requests in flight on each watched inference server (from the wire), once a second.
+    #[serde(default)]
+    pub requests: Vec<RequestSeries>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RequestSeries {
+    pub pid: u32,
+    pub comm: String,
+    /// (t, requests in flight).
+    pub points: Vec<(f64, u32)>,
 }
 
 /// Times are seconds relative to the event (negative: before).

@@ -7,6 +7,7 @@
 pub mod body;
 pub mod conn;
 pub mod discover;
+pub mod load;
 pub mod metrics;
 pub mod payload;
 pub mod tracker;
@@ -247,6 +248,7 @@ impl Stage {
         maps: Option<crate::probe::http::HttpMaps>,
         config: &crate::config::Config,
         metrics: std::sync::Arc<crate::export::metrics::Metrics>,
+        load: std::sync::Arc<load::LoadBoard>,
     ) -> std::io::Result<Stage> {
         let Some(maps) = maps else {
             return Ok(Stage {
@@ -257,7 +259,8 @@ impl Stage {
         };
         let (tx, rx) = tokio::sync::mpsc::channel(256);
         let t =
-            tracker::HttpTracker::new(metrics.clone(), metrics.http.clone(), config.http.limits());
+            tracker::HttpTracker::new(metrics.clone(), metrics.http.clone(), config.http.limits())
+                .with_load(load);
         let task = tokio::spawn(tracker::run(t, rx));
         let watcher = crate::probe::http::Watcher::new(
             maps,

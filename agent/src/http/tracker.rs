@@ -53,6 +53,7 @@ pub struct HttpTracker {
     limits: Limits,
     models: std::collections::HashSet<String>,
     out: Vec<Output>,
+    load: Option<Arc<super::load::LoadBoard>>,
 }
 
 impl HttpTracker {
@@ -65,7 +66,14 @@ impl HttpTracker {
             limits,
             models: Default::default(),
             out: Vec::new(),
+            load: None,
         }
+    }
+
+    /// Records requests in flight per server every sweep, for forensics.
+    pub fn with_load(mut self, load: Arc<super::load::LoadBoard>) -> Self {
+        self.load = Some(load);
+        self
     }
 
     pub fn connections(&self) -> usize {
@@ -185,6 +193,13 @@ impl HttpTracker {
             self.flush(key.0);
         }
         self.http.connections.set(self.conns.len() as i64);
+        if let Some(load) = &self.load {
+            let mut counts: HashMap<u32, u32> = self.servers.keys().map(|t| (*t, 0)).collect();
+            for ((tgid, _), c) in &self.conns {
+                *counts.entry(*tgid).or_default() += c.in_flight() as u32;
+            }
+            load.record(now_ns, &counts);
+        }
     }
 
     fn model(&mut self, tgid: u32, model: Option<&str>) -> String {

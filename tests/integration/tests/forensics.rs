@@ -448,3 +448,116 @@ fn render_in_chromium(html: &str) {
         "the process series is not painted"
     );
 }
+
+/// The uvicorn + FastAPI stand-in of an OpenAI-compatible server (tests/servers).
+struct StandIn {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl StandIn {
+    fn start() -> StandIn {
+        let port = free_port();
+        let child = Command::new("python3")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../servers/openai_server.py"))
+            .args(["--port", &port.to_string(), "--model", "busy"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("python3 (cargo xtask setup installs fastapi and uvicorn)");
+        eventually("the stand-in server", Duration::from_secs(30), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        });
+        StandIn { child, port }
+    }
+}
+
+impl Drop for StandIn {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_cuda_oom_report_shows_the_requests_in_flight_on_the_servers() {
+    if !root_tier() {
+        return;
+    }
+    use std::io::Write;
+    let server = StandIn::start();
+    let gpu = Gpu::new();
+    let port = server.port.to_string();
+    let agent = {
+        let state = gpu.state.display().to_string();
+        let control = gpu.control.path().display().to_string();
+        let lib = Variant::Push.lib_path().display().to_string();
+        let nvml = nvml_double_path().display().to_string();
+        Agent::start_with_env(
+            &[
+                "--cuda-lib",
+                &lib,
+                "--nvml-lib",
+                &nvml,
+                "--watch-port",
+                &port,
+            ],
+            &[
+                (cuda_workload::ENV_GPU_COUNT, "1"),
+                (cuda_workload::ENV_GPU_MEM, "1073741824"),
+                (cuda_workload::ENV_GPU_STATE, state.as_str()),
+                (ENV_NVML_CONTROL, control.as_str()),
+            ],
+        )
+    };
+    agent.wait_for("the server to be watched", |s| {
+        s.sum("inferscope_http_watched_processes", &[]) >= 1.0
+    });
+    // Three slow streamed requests stay in flight (the stand-in paces 100 tokens at 100 ms).
+    let body = r#"{"model":"busy","stream":true,"max_tokens":100,"messages":[{"role":"user","content":"hi"}]}"#;
+    let conns: Vec<std::net::TcpStream> = (0..3)
+        .map(|_| {
+            let mut c = std::net::TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+            write!(
+                c,
+                "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nx-token-ms: 100\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .unwrap();
+            c
+        })
+        .collect();
+    agent.wait_for("the requests in flight", |s| {
+        s.sum("llm_requests_in_flight", &[("model", "busy")]) == 3.0
+    });
+    // Let the once-a-second record see them, then run out of memory.
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut w = gpu.workload("exhaust dev=0 size=268435456; checkpoint name=oom");
+    w.proceed();
+    w.truth();
+    let l = reports(&agent, 1);
+    let r = show(
+        &agent.dir.path().join("forensics"),
+        l[0]["id"].as_str().unwrap(),
+    );
+    let server_pid = server.child.id();
+    let series = r["timeline"]["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["pid"] == server_pid)
+        .unwrap_or_else(|| panic!("no request series for the server: {}", r["timeline"]));
+    let last = series["points"].as_array().unwrap().last().unwrap()[1]
+        .as_u64()
+        .unwrap();
+    assert_eq!(last, 3, "{series}");
+    let summary = r["summary"].as_str().unwrap();
+    assert!(
+        summary.contains(&format!("3 requests in flight on pid {server_pid}")),
+        "{summary}"
+    );
+    drop(conns);
+    w.proceed();
+    assert!(w.wait().success());
+    assert!(agent.stop().success());
+}
