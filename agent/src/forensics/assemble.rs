@@ -224,7 +224,7 @@ impl Writer {
                 .map(|(pid, pts)| RequestSeries {
                     pid,
                     comm: crate::proc::ProcFs::default().comm(pid).unwrap_or_default(),
-                    points: pts.iter().map(|(t, n)| (rel(*t), *n)).collect(),
+                    points: pts.iter().map(|(t, n, b)| (rel(*t), *n, *b)).collect(),
                 })
                 .collect();
         }
@@ -348,21 +348,18 @@ pub fn summary(r: &Report) -> String {
     }
     // Requests in flight on the watched servers at the instant, and five minutes earlier.
     for srv in &r.timeline.requests {
-        let now = srv
-            .points
-            .iter()
-            .rev()
-            .find(|(t, _)| *t <= 0.5)
-            .map(|(_, n)| *n);
+        let now = srv.points.iter().rev().find(|(t, _, _)| *t <= 0.5);
         let before = srv
             .points
             .iter()
-            .find(|(t, _)| (-300.0..=-240.0).contains(t))
-            .map(|(_, n)| *n);
-        if let Some(n) = now {
+            .find(|(t, _, _)| (-300.0..=-240.0).contains(t))
+            .map(|(_, n, _)| *n);
+        if let Some((_, n, bytes)) = now {
             s.push_str(&format!(
-                "; {n} requests in flight on pid {} ({})",
-                srv.pid, srv.comm
+                "; {n} requests in flight on pid {} ({}), {} of request bodies",
+                srv.pid,
+                srv.comm,
+                super::render::bytes(*bytes)
             ));
             if let Some(b) = before {
                 s.push_str(&format!(" (was {b} five minutes earlier)"));

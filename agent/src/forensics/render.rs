@@ -53,15 +53,16 @@ pub fn list_line(r: &Report) -> String {
     )
 }
 
-/// Requests in flight at the event and at their peak over the timeline.
-fn now_and_peak(srv: &super::report::RequestSeries) -> (u32, u32) {
+/// Requests in flight (and their body bytes) at the event, and the peak count over the
+/// timeline.
+fn now_and_peak(srv: &super::report::RequestSeries) -> ((u32, u64), u32) {
     let now = srv
         .points
         .iter()
         .rev()
-        .find(|(t, _)| *t <= 0.5)
-        .map_or(0, |(_, n)| *n);
-    let peak = srv.points.iter().map(|(_, n)| *n).max().unwrap_or(0);
+        .find(|(t, _, _)| *t <= 0.5)
+        .map_or((0, 0), |(_, n, b)| (*n, *b));
+    let peak = srv.points.iter().map(|(_, n, _)| *n).max().unwrap_or(0);
     (now, peak)
 }
 
@@ -201,8 +202,14 @@ pub fn text(r: &Report) -> String {
             "\nrequests in flight (from the wire), now / peak over the timeline:"
         );
         for srv in &r.timeline.requests {
-            let (now, peak) = now_and_peak(srv);
-            let _ = writeln!(s, "    {:>8} {:<16} {now} / {peak}", srv.pid, srv.comm);
+            let ((now, bytes_now), peak) = now_and_peak(srv);
+            let _ = writeln!(
+                s,
+                "    {:>8} {:<16} {now} / {peak}  ({} of request bodies at the event)",
+                srv.pid,
+                srv.comm,
+                bytes(bytes_now)
+            );
         }
     }
     let t = &r.timeline;
@@ -457,12 +464,13 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left;font-size:13px}}th{
     if !r.timeline.requests.is_empty() {
         s.push_str("<h2>Requests in flight</h2><table><tr><th>server pid</th><th>comm</th><th>at the event</th><th>peak</th></tr>");
         for srv in &r.timeline.requests {
-            let (now, peak) = now_and_peak(srv);
+            let ((now, body), peak) = now_and_peak(srv);
             let _ = write!(
                 s,
-                "<tr><td>{}</td><td>{}</td><td>{now}</td><td>{peak}</td></tr>",
+                "<tr><td>{}</td><td>{}</td><td>{now} ({})</td><td>{peak}</td></tr>",
                 srv.pid,
-                esc(&srv.comm)
+                esc(&srv.comm),
+                bytes(body)
             );
         }
         s.push_str("</table>");

@@ -183,8 +183,8 @@ pub struct Timeline {
 pub struct RequestSeries {
     pub pid: u32,
     pub comm: String,
-    /// (t, requests in flight).
-    pub points: Vec<(f64, u32)>,
+    /// (t, requests in flight, their request body bytes).
+    pub points: Vec<(f64, u32, u64)>,
 }
 
 /// Times are seconds relative to the event (negative: before).

@@ -97,6 +97,8 @@ pub struct Exchange {
     pub error: Option<ErrorType>,
     /// The request was read in full (and counted in flight).
     pub received: bool,
+    /// Bytes of the request body (the prompt's size on the wire).
+    pub request_bytes: u64,
 }
 
 impl Exchange {
@@ -193,6 +195,15 @@ impl Conn {
         self.pending.len() + usize::from(self.writing.is_some())
     }
 
+    /// Body bytes of the requests in flight on this connection.
+    pub fn in_flight_bytes(&self) -> u64 {
+        self.pending
+            .iter()
+            .chain(self.writing.as_ref())
+            .map(|x| x.request_bytes)
+            .sum()
+    }
+
     /// Bytes read by the server (the captured part of one record; see [`Conn::read_hole`]).
     pub fn read(&mut self, ts: u64, data: &[u8], out: &mut Vec<Output>) {
         self.last_ns = ts;
@@ -263,7 +274,13 @@ impl Conn {
                 buf,
                 complete,
             } => {
-                let fed = body.feed(data, &mut |b| keep(buf, complete, b));
+                let reading = &mut self.reading;
+                let fed = body.feed(data, &mut |b| {
+                    if let Some(x) = reading.as_mut() {
+                        x.request_bytes += b.len() as u64;
+                    }
+                    keep(buf, complete, b)
+                });
                 if fed.desync {
                     self.bad_in(Bad::BadFraming, out);
                     return data.len();

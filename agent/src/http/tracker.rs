@@ -194,9 +194,12 @@ impl HttpTracker {
         }
         self.http.connections.set(self.conns.len() as i64);
         if let Some(load) = &self.load {
-            let mut counts: HashMap<u32, u32> = self.servers.keys().map(|t| (*t, 0)).collect();
+            let mut counts: HashMap<u32, (u32, u64)> =
+                self.servers.keys().map(|t| (*t, (0, 0))).collect();
             for ((tgid, _), c) in &self.conns {
-                *counts.entry(*tgid).or_default() += c.in_flight() as u32;
+                let e = counts.entry(*tgid).or_default();
+                e.0 += c.in_flight() as u32;
+                e.1 += c.in_flight_bytes();
             }
             load.record(now_ns, &counts);
         }

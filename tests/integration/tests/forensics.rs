@@ -547,10 +547,13 @@ fn a_cuda_oom_report_shows_the_requests_in_flight_on_the_servers() {
         .iter()
         .find(|s| s["pid"] == server_pid)
         .unwrap_or_else(|| panic!("no request series for the server: {}", r["timeline"]));
-    let last = series["points"].as_array().unwrap().last().unwrap()[1]
-        .as_u64()
-        .unwrap();
-    assert_eq!(last, 3, "{series}");
+    let last = series["points"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last[1], 3, "{series}");
+    assert_eq!(
+        last[2],
+        3 * body.len() as u64,
+        "request body bytes in flight: {series}"
+    );
     let summary = r["summary"].as_str().unwrap();
     assert!(
         summary.contains(&format!("3 requests in flight on pid {server_pid}")),
