@@ -6,10 +6,13 @@ use std::{
     sync::RwLock,
 };
 
+/// (CLOCK_MONOTONIC ns, requests in flight, their body bytes).
+pub type Point = (u64, u32, u64);
+
 pub struct LoadBoard {
     retention_ns: u64,
     /// Server tgid → (CLOCK_MONOTONIC ns, requests in flight, their body bytes).
-    series: RwLock<HashMap<u32, VecDeque<(u64, u32, u64)>>>,
+    series: RwLock<HashMap<u32, VecDeque<Point>>>,
 }
 
 impl LoadBoard {
@@ -35,9 +38,9 @@ impl LoadBoard {
     }
 
     /// Each server's counts between two instants.
-    pub fn range(&self, from_ns: u64, to_ns: u64) -> Vec<(u32, Vec<(u64, u32, u64)>)> {
+    pub fn range(&self, from_ns: u64, to_ns: u64) -> Vec<(u32, Vec<Point>)> {
         let series = self.series.read().unwrap_or_else(|e| e.into_inner());
-        let mut out: Vec<(u32, Vec<(u64, u32, u64)>)> = series
+        let mut out: Vec<(u32, Vec<Point>)> = series
             .iter()
             .map(|(tgid, ring)| {
                 let pts = ring
@@ -47,7 +50,7 @@ impl LoadBoard {
                     .collect();
                 (*tgid, pts)
             })
-            .filter(|(_, pts): &(u32, Vec<(u64, u32, u64)>)| !pts.is_empty())
+            .filter(|(_, pts): &(u32, Vec<Point>)| !pts.is_empty())
             .collect();
         out.sort_by_key(|(tgid, _)| *tgid);
         out
