@@ -84,5 +84,37 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     // keeps each agent's view to its own workload.
     args.push("--test-threads=1");
     args.extend(extra.iter().map(String::as_str));
-    util::cargo(&args)
+    let tests = util::cargo(&args);
+    let fuzz = fuzz();
+    tests.and(fuzz)
+}
+
+/// Fuzz targets run for a bounded time (`INFERSCOPE_FUZZ_SECS`, default 60 per target); a
+/// crash or a failed check fails the run (the input is left in `fuzz/artifacts/`).
+fn fuzz() -> anyhow::Result<()> {
+    let secs = std::env::var("INFERSCOPE_FUZZ_SECS").unwrap_or_else(|_| "60".into());
+    let root = util::root_dir();
+    for target in ["http_parser"] {
+        let corpus = root.join("fuzz/corpus").join(target);
+        std::fs::create_dir_all(&corpus)?;
+        let seeds = root.join("fuzz/seeds").join(target);
+        // On rustup's nightly, not the stable cargo running xtask.
+        let mut cmd = std::process::Command::new("rustup");
+        for var in [
+            "CARGO",
+            "RUSTC",
+            "RUSTDOC",
+            "RUSTUP_TOOLCHAIN",
+            "CARGO_TARGET_DIR",
+        ] {
+            cmd.env_remove(var);
+        }
+        cmd.current_dir(&root)
+            .args(["run", "nightly", "cargo", "fuzz", "run", target])
+            .arg(&corpus)
+            .arg(&seeds)
+            .args(["--", &format!("-max_total_time={secs}")]);
+        util::run(&mut cmd)?;
+    }
+    Ok(())
 }

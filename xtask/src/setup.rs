@@ -30,6 +30,30 @@ pub fn run(for_tests: bool) -> anyhow::Result<()> {
         if !succeeds("chromium", &["--version"]) {
             apt_install(&["chromium"])?;
         }
+        fuzzing()?;
+    }
+    Ok(())
+}
+
+/// `cargo xtask test` runs the fuzz targets (`fuzz/`) for a bounded time: cargo-fuzz on a
+/// nightly toolchain (no rust-src needed: the sanitizers link against the prebuilt std).
+fn fuzzing() -> anyhow::Result<()> {
+    if !succeeds("rustup", &["run", "nightly", "rustc", "--version"]) {
+        eprintln!("xtask setup: installing the nightly toolchain (rustup) for cargo fuzz");
+        util::run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))
+        .context("rustup toolchain install nightly failed")?;
+    }
+    if !succeeds("cargo", &["fuzz", "--version"]) {
+        eprintln!("xtask setup: installing cargo-fuzz");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        util::run(Command::new(cargo).args(["install", "cargo-fuzz", "--locked"]))
+            .context("cargo install cargo-fuzz failed")?;
     }
     Ok(())
 }
