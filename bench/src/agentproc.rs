@@ -87,17 +87,7 @@ impl AgentProcess {
 
     /// User + system CPU of the agent process (all its threads, dead ones included), in ns.
     pub fn cpu_ns(&self) -> anyhow::Result<u64> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))?;
-        // Fields after the `(comm)`: state is field 3; utime and stime are fields 14 and 15.
-        let rest = stat
-            .rsplit_once(')')
-            .map(|(_, r)| r)
-            .context("bad /proc/pid/stat")?;
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let ticks: u64 = f[11].parse::<u64>()? + f[12].parse::<u64>()?;
-        // SAFETY: no preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-        Ok(ticks * 1_000_000_000 / hz)
+        proc_cpu_ns(self.pid())
     }
 
     /// `VmRSS` and `VmHWM` of the agent, in KiB.
@@ -153,6 +143,21 @@ impl Drop for AgentProcess {
     fn drop(&mut self) {
         self.terminate();
     }
+}
+
+/// User + system CPU of a process (all its threads, dead ones included), in ns.
+pub fn proc_cpu_ns(pid: u32) -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the `(comm)`: state is field 3; utime and stime are fields 14 and 15.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("bad /proc/pid/stat")?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>()? + f[12].parse::<u64>()?;
+    // SAFETY: no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Ok(ticks * 1_000_000_000 / hz)
 }
 
 /// Sum of every sample of `name` (with or without labels) in a Prometheus text scrape.

@@ -2,12 +2,14 @@
 //! in one run, what the agent's probes cost per CUDA memory call against the least a probe can
 //! do (the floor programs) and against no probe, on the three first-instruction kinds of the
 //! CUDA driver double; the event pipeline's throughput, CPU per event and wakeup latency; and
-//! the agent's memory with 10,000 live allocations in 100 processes. Prints the tables and
+//! the agent's memory with 10,000 live allocations in 100 processes; what the `http` family
+//! costs a streaming server (the TGI stand-in) as its clients see it. Prints the tables and
 //! writes them to `docs/performance.md`. Figures are reported against their targets; nothing
 //! is asserted.
 
 mod agentproc;
 mod driver;
+mod http;
 mod nvml;
 mod probes;
 mod report;
@@ -38,6 +40,10 @@ pub struct Sizes {
     pub latency_pairs: usize,
     pub processes: usize,
     pub allocs_per_process: usize,
+    /// Streamed requests per configuration (without / with the agent) for the http figures.
+    pub http_requests: usize,
+    pub http_concurrency: usize,
+    pub http_tokens: u64,
 }
 
 impl Sizes {
@@ -52,6 +58,9 @@ impl Sizes {
             latency_pairs: 1000 / div as usize,
             processes: 100,
             allocs_per_process: 100,
+            http_requests: 2000 / div as usize,
+            http_concurrency: 32,
+            http_tokens: 64,
         }
     }
 }
@@ -107,6 +116,7 @@ pub struct Results {
     pub throughput: Throughput,
     pub latency: Latency,
     pub memory: Memory,
+    pub http: http::HttpCost,
 }
 
 fn main() {
@@ -183,6 +193,19 @@ fn run(quick: bool) -> anyhow::Result<()> {
     );
     let memory = measure_memory(sizes.processes, sizes.allocs_per_process)?;
     drop(rt);
+    eprintln!(
+        "bench: [{:>3.0} s] http: {} streamed requests × {} token events, {} connections, without and with the agent",
+        started.elapsed().as_secs_f64(),
+        sizes.http_requests,
+        sizes.http_tokens,
+        sizes.http_concurrency
+    );
+    let http = http::measure(
+        &Variant::Nop5.lib_path(),
+        sizes.http_requests,
+        sizes.http_concurrency,
+        sizes.http_tokens,
+    )?;
 
     let results = Results {
         nvml: nvml_cost,
@@ -190,6 +213,7 @@ fn run(quick: bool) -> anyhow::Result<()> {
         throughput,
         latency,
         memory,
+        http,
     };
     let elapsed = started.elapsed();
     let tables = report::tables(&results);

@@ -12,6 +12,9 @@ const P99_TARGET_MS: f64 = 10.0;
 const RSS_TARGET_MIB: f64 = 64.0;
 /// Sampling 8 GPUs at 1 Hz: under 0.5 % of one core.
 const NVML_SHARE_TARGET: f64 = 0.005;
+/// Client latency added by the http family: p50 under 1 %, p99 under 3 %.
+const HTTP_P50_TARGET: f64 = 0.01;
+const HTTP_P99_TARGET: f64 = 0.03;
 
 fn verdict(ok: bool) -> &'static str {
     if ok {
@@ -174,7 +177,93 @@ pub fn tables(r: &Results) -> String {
         rss,
         verdict(rss <= RSS_TARGET_MIB)
     );
+    http_table(&mut s, r);
     s
+}
+
+fn added(without: f64, with: f64) -> f64 {
+    (with - without) / without
+}
+
+fn http_table(s: &mut String, r: &Results) {
+    let h = &r.http;
+    let _ = writeln!(
+        s,
+        "\n### HTTP wire timing: streamed requests to the TGI stand-in, without / with the agent\n"
+    );
+    let _ = writeln!(
+        s,
+        "{} `POST /generate_stream` per configuration, {} keep-alive connections at once, {} token \
+events each (first after {} ms, then every {} ms).\n",
+        thousands(h.requests as u64),
+        h.concurrency,
+        h.tokens,
+        h.ttft_ms,
+        h.token_ms
+    );
+    let _ = writeln!(s, "| figure | without | with agent | added | target | |");
+    let _ = writeln!(s, "|---|---:|---:|---:|---|---|");
+    let p50 = added(h.p50_ms.0, h.p50_ms.1);
+    let p99 = added(h.p99_ms.0, h.p99_ms.1);
+    let _ = writeln!(
+        s,
+        "| client latency per request, p50 | {:.2} ms | {:.2} ms | {:+.2} % | < 1 % | {} |",
+        h.p50_ms.0,
+        h.p50_ms.1,
+        p50 * 100.0,
+        verdict(p50 < HTTP_P50_TARGET)
+    );
+    let _ = writeln!(
+        s,
+        "| client latency per request, p99 | {:.2} ms | {:.2} ms | {:+.2} % | < 3 % | {} |",
+        h.p99_ms.0,
+        h.p99_ms.1,
+        p99 * 100.0,
+        verdict(p99 < HTTP_P99_TARGET)
+    );
+    let _ = writeln!(
+        s,
+        "| client TTFT, p50 | {:.2} ms | {:.2} ms | {:+.2} % | | |",
+        h.ttft_p50_ms.0,
+        h.ttft_p50_ms.1,
+        added(h.ttft_p50_ms.0, h.ttft_p50_ms.1) * 100.0
+    );
+    let _ = writeln!(
+        s,
+        "| server throughput (requests/s) | {:.0} | {:.0} | {:+.2} % | | |",
+        h.rps.0,
+        h.rps.1,
+        added(h.rps.0, h.rps.1) * 100.0
+    );
+    let _ = writeln!(
+        s,
+        "| server CPU per request (user + system of the server process) | {:.0} µs | {:.0} µs | {:+.0} µs | | |",
+        h.server_cpu_us.0,
+        h.server_cpu_us.1,
+        h.server_cpu_us.1 - h.server_cpu_us.0
+    );
+    let per_krps = h.agent_share / (h.rps.1 / 1000.0);
+    let _ = writeln!(
+        s,
+        "| agent CPU per 1,000 requests/s (share of one core; {:.1} % at {:.0} requests/s) | | {:.1} % | | | |",
+        h.agent_share * 100.0,
+        h.rps.1,
+        per_krps * 100.0
+    );
+    let _ = writeln!(
+        s,
+        "| agent: requests counted / sent; output tokens; http records (lost) | | {}/{}; {}; {} (lost {}) | | all, zero loss | {} |",
+        thousands(h.agent_requests.0),
+        thousands(h.agent_requests.1),
+        thousands(h.agent_tokens),
+        thousands(h.events),
+        h.agent_lost,
+        verdict(
+            h.agent_requests.0 == h.agent_requests.1
+                && h.agent_tokens == h.agent_requests.1 * h.tokens
+                && h.agent_lost == 0
+        )
+    );
 }
 
 fn machine() -> String {
@@ -227,7 +316,8 @@ pub fn document(sizes: &Sizes, r: &Results, tables: &str, elapsed: Duration) -> 
         d,
         "What inferscope costs the processes it watches and what its event pipeline sustains, \
 measured side by side in one run against the CUDA driver test double \
-(`tests/cuda-workload`, no GPU needed). This file is written by the benchmark; \
+(`tests/cuda-workload`, no GPU needed) and, for the `http` family, a TGI stand-in. \
+This file is written by the benchmark; \
 figures are reported against their targets, nothing is asserted. \
 Bare metal is cheaper than the nested virtual machine below: uprobe traps, and above all \
 single-stepping, are slower under a hypervisor.\n"
@@ -291,6 +381,18 @@ memory; a real driver's calls take longer (see the note in the reading).\n",
 make {} `cuMemAlloc_v2` of 4 KiB and stay alive; `VmRSS` of the agent once its metrics show \
 every process and allocation.\n",
         sizes.processes, sizes.allocs_per_process
+    );
+    let _ = writeln!(
+        d,
+        "- **HTTP.** The TGI stand-in (`tests/servers/tgi`: axum + hyper like TGI's router, \
+`TCP_NODELAY` on, 2 tokio workers on the same 2 cores as everything else) serves streamed \
+`POST /generate_stream` requests; {} client threads, one keep-alive connection each, send \
+{} requests per configuration in two interleaved halves (without, with, without, with; the \
+agent started afresh for each half with its defaults and found the server by its command \
+line). Client latency is send → last byte of the response, TTFT send → first token event, \
+both read on the client's monotonic clock; throughput is requests over the phases' wall time; \
+server and agent CPU from `/proc/<pid>/stat` over the phases.\n",
+        sizes.http_concurrency, sizes.http_requests
     );
     let _ = writeln!(d, "## Results\n\n{tables}");
     let _ = writeln!(d, "## Reading the figures\n\n{}", interpretation(r));
@@ -413,6 +515,7 @@ per-process metric series.",
         verdict(mib(m.rss_kib) <= RSS_TARGET_MIB),
         mib(m.idle_rss_kib),
     );
+    http_reading(&mut s, r);
     let n = &r.nvml;
     let share = n.cpu_per_gpu_sample_ns * f64::from(n.gpus) / 1e9;
     let _ = writeln!(
@@ -432,4 +535,38 @@ against {:.2} % with NVML off.",
         n.agent_share_off * 100.0,
     );
     s
+}
+
+fn http_reading(s: &mut String, r: &Results) {
+    let h = &r.http;
+    let p50 = added(h.p50_ms.0, h.p50_ms.1);
+    let p99 = added(h.p99_ms.0, h.p99_ms.1);
+    let per_request_events = h.events as f64 / h.agent_requests.1.max(1) as f64;
+    let _ = writeln!(
+        s,
+        "- **HTTP: client latency {:+.2} % at p50 (target < 1 %: {}), {:+.2} % at p99 (target < 3 %: \
+{}); throughput {:+.2} %.** Each request here is {:.0} ms of timed waits, so the added latency is \
+what the probes and the agent's CPU take from the server's syscalls and cores: the server's \
+CPU per request went from {:.0} to {:.0} µs (the syscall tracepoints run in its context: \
+{:.0} http records per request, one per `read`/`write`/`writev` iovec), and the agent used \
+{:.1} % of a core at {:.0} requests/s, i.e. {:.1} % of a core per 1,000 requests/s of \
+{} token events each. On 2 cores shared by the clients, the server and the agent, p99 is \
+the noisier figure; the agent counted {}/{} requests with {} lost records.",
+        p50 * 100.0,
+        verdict(p50 < HTTP_P50_TARGET),
+        p99 * 100.0,
+        verdict(p99 < HTTP_P99_TARGET),
+        added(h.rps.0, h.rps.1) * 100.0,
+        h.ttft_ms + h.token_ms * (h.tokens - 1) as f64,
+        h.server_cpu_us.0,
+        h.server_cpu_us.1,
+        per_request_events,
+        h.agent_share * 100.0,
+        h.rps.1,
+        h.agent_share / (h.rps.1 / 1000.0) * 100.0,
+        h.tokens,
+        thousands(h.agent_requests.0),
+        thousands(h.agent_requests.1),
+        h.agent_lost,
+    );
 }

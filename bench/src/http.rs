@@ -1,0 +1,225 @@
+//! What the `http` family costs an inference server: the same streamed load against the TGI
+//! stand-in (`text-generation-router`, axum + hyper) without the agent and with it, in
+//! interleaved halves, as its clients see it (latency per request), as the server does
+//! (throughput, its own CPU, which pays the syscall probes) and the agent's CPU.
+
+use std::{
+    net::TcpStream,
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context};
+use tgi_stand_in::{Client, Request};
+
+use crate::agentproc::{metric_sum, proc_cpu_ns, sibling_bin, AgentProcess};
+
+/// The load, and what it cost.
+pub struct HttpCost {
+    pub requests: usize,
+    pub concurrency: usize,
+    pub tokens: u64,
+    pub ttft_ms: f64,
+    pub token_ms: f64,
+    /// Client latency per request (send → last byte), without / with the agent.
+    pub p50_ms: (f64, f64),
+    pub p99_ms: (f64, f64),
+    /// Client TTFT, median, without / with.
+    pub ttft_p50_ms: (f64, f64),
+    /// Requests per second over the load phases, without / with.
+    pub rps: (f64, f64),
+    /// The server process's CPU (user + system) per request, without / with, µs.
+    pub server_cpu_us: (f64, f64),
+    /// The agent's CPU over the phases with it, as a share of one core.
+    pub agent_share: f64,
+    /// Requests the agent counted / sent in the phases with it; its lost http records.
+    pub agent_requests: (u64, u64),
+    pub agent_tokens: u64,
+    pub agent_lost: u64,
+    pub events: u64,
+}
+
+struct Server {
+    child: Child,
+    port: u16,
+}
+
+impl Server {
+    fn start(ttft_ms: f64, token_ms: f64) -> anyhow::Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let child = Command::new(sibling_bin("text-generation-router")?)
+            .args(["--port", &port.to_string(), "--model-id", "bench/tgi"])
+            .args(["--ttft-ms", &ttft_ms.to_string()])
+            .args(["--token-ms", &token_ms.to_string()])
+            .arg("--tcp-nodelay")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting the TGI stand-in")?;
+        let server = Self { child, port };
+        let start = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if start.elapsed() > Duration::from_secs(30) {
+                bail!("the TGI stand-in did not listen");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(server)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One phase: `requests` streamed requests over `concurrency` keep-alive connections.
+/// Returns (latencies, TTFTs, wall time).
+fn load(
+    port: u16,
+    requests: usize,
+    concurrency: usize,
+    tokens: u64,
+) -> anyhow::Result<(Vec<Duration>, Vec<Duration>, Duration)> {
+    let next = Mutex::new(0usize);
+    let out = Mutex::new((Vec::with_capacity(requests), Vec::with_capacity(requests)));
+    let start = Instant::now();
+    std::thread::scope(|s| -> anyhow::Result<()> {
+        let workers: Vec<_> = (0..concurrency)
+            .map(|_| {
+                s.spawn(|| -> anyhow::Result<()> {
+                    let mut c = Client::connect(port)?;
+                    let req = Request::new(true, tokens);
+                    loop {
+                        {
+                            let mut n = next.lock().unwrap();
+                            if *n >= requests {
+                                return Ok(());
+                            }
+                            *n += 1;
+                        }
+                        let t = c.send(&req)?;
+                        if t.status != 200 || t.token_events != tokens {
+                            bail!("bad response: {} with {} tokens", t.status, t.token_events);
+                        }
+                        let mut o = out.lock().unwrap();
+                        o.0.push(t.latency);
+                        o.1.push(t.ttft.unwrap_or_default());
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join()
+                .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+        }
+        Ok(())
+    })?;
+    let wall = start.elapsed();
+    let (lat, ttft) = out.into_inner().unwrap();
+    Ok((lat, ttft, wall))
+}
+
+fn pct(v: &mut [Duration], p: f64) -> f64 {
+    v.sort_unstable();
+    v[((v.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1000.0
+}
+
+/// Without and with the agent, in `halves` interleaved pairs of phases.
+pub fn measure(
+    lib: &Path,
+    requests: usize,
+    concurrency: usize,
+    tokens: u64,
+) -> anyhow::Result<HttpCost> {
+    let (ttft_ms, token_ms) = (10.0, 1.0);
+    let server = Server::start(ttft_ms, token_ms)?;
+    let pid = server.child.id();
+    // Warm the server and the connections' code paths.
+    load(server.port, concurrency * 2, concurrency, tokens)?;
+    let halves = 2;
+    let per = requests / halves;
+    let (mut lat, mut ttft) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
+    let (mut wall, mut server_cpu) = ([Duration::ZERO; 2], [0u64; 2]);
+    let (mut agent_cpu, mut agent_wall) = (0u64, Duration::ZERO);
+    let (mut counted, mut agent_tokens, mut lost, mut events) = (0u64, 0u64, 0u64, 0u64);
+    for _ in 0..halves {
+        for with in [false, true] {
+            let i = usize::from(with);
+            let agent = if with {
+                let a = AgentProcess::start(lib, &[])?;
+                a.wait_for(
+                    "the TGI stand-in to be watched",
+                    Duration::from_secs(30),
+                    |t| metric_sum(t, "inferscope_http_watched_processes") >= 1.0,
+                )
+                .with_context(|| a.log())?;
+                Some(a)
+            } else {
+                None
+            };
+            let before = match &agent {
+                Some(a) => Some((a.cpu_ns()?, metric_sum(&a.metrics()?, "llm_requests_total"))),
+                None => None,
+            };
+            let s0 = proc_cpu_ns(pid)?;
+            let (l, t, w) = load(server.port, per, concurrency, tokens)?;
+            server_cpu[i] += proc_cpu_ns(pid)? - s0;
+            wall[i] += w;
+            lat[i].extend(l);
+            ttft[i].extend(t);
+            if let (Some(a), Some((cpu0, r0))) = (agent, before) {
+                let want = r0 + per as f64;
+                let text = a
+                    .wait_for("every request counted", Duration::from_secs(30), |t| {
+                        metric_sum(t, "llm_requests_total") >= want
+                    })
+                    .or_else(|_| a.metrics())?;
+                agent_cpu += a.cpu_ns()? - cpu0;
+                agent_wall += w;
+                counted += (metric_sum(&text, "llm_requests_total") - r0) as u64;
+                agent_tokens += metric_sum(&text, "llm_tokens_output_total") as u64;
+                lost += metric_sum_labeled(&text, "inferscope_events_lost_total", "source=\"http\"")
+                    as u64;
+                events +=
+                    metric_sum_labeled(&text, "inferscope_events_total", "source=\"http\"") as u64;
+                a.stop()?;
+            }
+        }
+    }
+    let n = (requests / halves * halves) as f64;
+    Ok(HttpCost {
+        requests: requests / halves * halves,
+        concurrency,
+        tokens,
+        ttft_ms,
+        token_ms,
+        p50_ms: (pct(&mut lat[0], 0.5), pct(&mut lat[1], 0.5)),
+        p99_ms: (pct(&mut lat[0], 0.99), pct(&mut lat[1], 0.99)),
+        ttft_p50_ms: (pct(&mut ttft[0], 0.5), pct(&mut ttft[1], 0.5)),
+        rps: (n / wall[0].as_secs_f64(), n / wall[1].as_secs_f64()),
+        server_cpu_us: (
+            server_cpu[0] as f64 / n / 1e3,
+            server_cpu[1] as f64 / n / 1e3,
+        ),
+        agent_share: agent_cpu as f64 / agent_wall.as_nanos().max(1) as f64,
+        agent_requests: (counted, n as u64),
+        agent_tokens,
+        agent_lost: lost,
+        events,
+    })
+}
+
+/// Sum of the samples of `name` whose labels contain `label` (e.g. `source="http"`).
+fn metric_sum_labeled(text: &str, name: &str, label: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
