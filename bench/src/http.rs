@@ -1,6 +1,6 @@
 //! What the `http` family costs an inference server: the same streamed load against the TGI
 //! stand-in (`text-generation-router`, axum + hyper) without the agent and with it, in
-//! interleaved halves, as its clients see it (latency per request), as the server does
+//! interleaved rounds, as its clients see it (latency per request), as the server does
 //! (throughput, its own CPU, which pays the syscall probes) and the agent's CPU.
 
 use std::{
@@ -131,7 +131,8 @@ fn pct(v: &mut [Duration], p: f64) -> f64 {
     v[((v.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1000.0
 }
 
-/// Without and with the agent, in `halves` interleaved pairs of phases.
+/// Without and with the agent, in interleaved rounds (without, with, without, with, ...) so
+/// that drift on the machine falls on both alike.
 pub fn measure(
     lib: &Path,
     requests: usize,
@@ -143,13 +144,13 @@ pub fn measure(
     let pid = server.child.id();
     // Warm the server and the connections' code paths.
     load(server.port, concurrency * 2, concurrency, tokens)?;
-    let halves = 2;
-    let per = requests / halves;
+    let rounds = 4;
+    let per = requests / rounds;
     let (mut lat, mut ttft) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
     let (mut wall, mut server_cpu) = ([Duration::ZERO; 2], [0u64; 2]);
     let (mut agent_cpu, mut agent_wall) = (0u64, Duration::ZERO);
     let (mut counted, mut agent_tokens, mut lost, mut events) = (0u64, 0u64, 0u64, 0u64);
-    for _ in 0..halves {
+    for _ in 0..rounds {
         for with in [false, true] {
             let i = usize::from(with);
             let agent = if with {
@@ -193,9 +194,9 @@ pub fn measure(
             }
         }
     }
-    let n = (requests / halves * halves) as f64;
+    let n = (requests / rounds * rounds) as f64;
     Ok(HttpCost {
-        requests: requests / halves * halves,
+        requests: requests / rounds * rounds,
         concurrency,
         tokens,
         ttft_ms,

@@ -387,8 +387,8 @@ every process and allocation.\n",
         "- **HTTP.** The TGI stand-in (`tests/servers/tgi`: axum + hyper like TGI's router, \
 `TCP_NODELAY` on, 2 tokio workers on the same 2 cores as everything else) serves streamed \
 `POST /generate_stream` requests; {} client threads, one keep-alive connection each, send \
-{} requests per configuration in two interleaved halves (without, with, without, with; the \
-agent started afresh for each half with its defaults and found the server by its command \
+{} requests per configuration in four interleaved rounds (without, with, without, with, ...; \
+the agent started afresh for each round with its defaults and found the server by its command \
 line). Client latency is send → last byte of the response, TTFT send → first token event, \
 both read on the client's monotonic clock; throughput is requests over the phases' wall time; \
 server and agent CPU from `/proc/<pid>/stat` over the phases.\n",
@@ -545,8 +545,9 @@ fn http_reading(s: &mut String, r: &Results) {
     let _ = writeln!(
         s,
         "- **HTTP: client latency {:+.2} % at p50 (target < 1 %: {}), {:+.2} % at p99 (target < 3 %: \
-{}); throughput {:+.2} %.** Each request here is {:.0} ms of timed waits, so the added latency is \
-what the probes and the agent's CPU take from the server's syscalls and cores: the server's \
+{}); throughput {:+.2} %.** A request here is almost all the server's timed waits ({:.0} ms \
+asked for, {:.0} ms at p50 without the agent: tokio rounds each 1 ms sleep up to its next \
+timer tick), so the added latency is what the probes and the agent's CPU take from the server's syscalls and cores: the server's \
 CPU per request went from {:.0} to {:.0} µs (the syscall tracepoints run in its context: \
 {:.0} http records per request, one per `read`/`write`/`writev` iovec), and the agent used \
 {:.1} % of a core at {:.0} requests/s, i.e. {:.1} % of a core per 1,000 requests/s of \
@@ -558,6 +559,7 @@ the noisier figure; the agent counted {}/{} requests with {} lost records.",
         verdict(p99 < HTTP_P99_TARGET),
         added(h.rps.0, h.rps.1) * 100.0,
         h.ttft_ms + h.token_ms * (h.tokens - 1) as f64,
+        h.p50_ms.0,
         h.server_cpu_us.0,
         h.server_cpu_us.1,
         per_request_events,
