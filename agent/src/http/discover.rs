@@ -91,6 +91,33 @@ pub fn classify(argv: &[String]) -> Option<Server> {
     None
 }
 
+/// A process whose command line contains one of the configured matchers (`http.match_commands`)
+/// is watched as an OpenAI-compatible server; the model comes from the usual options.
+pub fn matched(argv: &[String], matchers: &[String]) -> Option<Server> {
+    let line = argv.join(" ");
+    if !matchers
+        .iter()
+        .any(|m| !m.is_empty() && line.contains(m.as_str()))
+    {
+        return None;
+    }
+    let model = argv.iter().enumerate().find_map(|(i, a)| {
+        for n in ["--served-model-name", "--model", "--model-id"] {
+            if a == n {
+                return argv.get(i + 1).cloned();
+            }
+            if let Some(v) = a.strip_prefix(&format!("{n}=")) {
+                return Some(v.to_string());
+            }
+        }
+        None
+    });
+    Some(Server {
+        kind: "openai-compatible",
+        model,
+    })
+}
+
 pub fn argv(procfs: &ProcFs, pid: u32) -> Option<Vec<String>> {
     let raw = std::fs::read(procfs.root().join(pid.to_string()).join("cmdline")).ok()?;
     Some(
@@ -226,13 +253,15 @@ pub fn listeners(procfs: &ProcFs, ports: &[u16]) -> HashSet<u32> {
 pub fn scan(
     procfs: &ProcFs,
     ports: &[u16],
+    matchers: &[String],
     seen: &mut HashMap<u32, Option<Server>>,
 ) -> HashMap<u32, Server> {
     let pids: HashSet<u32> = procfs.pids().collect();
     seen.retain(|pid, _| pids.contains(pid));
     for pid in &pids {
         if !seen.contains_key(pid) {
-            let verdict = argv(procfs, *pid).and_then(|a| classify(&a));
+            let verdict =
+                argv(procfs, *pid).and_then(|a| classify(&a).or_else(|| matched(&a, matchers)));
             seen.insert(*pid, verdict);
         }
     }
@@ -309,7 +338,24 @@ mod tests {
         let procfs = ProcFs::new(dir.path());
         assert_eq!(accepted_fds(&procfs, 42), vec![7]);
         let mut seen = HashMap::new();
-        let servers = scan(&procfs, &[], &mut seen);
+        let servers = scan(&procfs, &[], &[], &mut seen);
         assert_eq!(servers[&42].model.as_deref(), Some("tiny"));
+    }
+
+    #[test]
+    fn config_matchers_watch_other_servers() {
+        let m = vec!["my_server.py".to_string()];
+        let s = matched(
+            &v("python3 /srv/my_server.py --served-model-name m1 --port 8000"),
+            &m,
+        )
+        .unwrap();
+        assert_eq!(s.kind, "openai-compatible");
+        assert_eq!(s.model.as_deref(), Some("m1"));
+        assert!(matched(&v("python3 other.py"), &m).is_none());
+        assert!(
+            matched(&v("anything"), &[String::new()]).is_none(),
+            "an empty matcher matches nothing"
+        );
     }
 }

@@ -199,6 +199,9 @@ mod tests {
 pub struct HttpConfig {
     /// Ports whose listening processes are watched as inference servers (as `--watch-port`).
     pub watch_ports: Vec<u16>,
+    /// Substrings of command lines whose processes are watched as inference servers too (for
+    /// servers discovery does not know by name).
+    pub match_commands: Vec<String>,
     /// Payload bytes captured per syscall buffer (at most 4096): enough for a header block
     /// and an SSE event.
     pub capture_bytes: u32,
@@ -216,6 +219,7 @@ impl Default for HttpConfig {
         let limits = tracker::Limits::default();
         Self {
             watch_ports: Vec::new(),
+            match_commands: Vec::new(),
             capture_bytes: agent_common::http::CAPTURE_DEFAULT,
             max_connections: limits.max_connections,
             idle_timeout_secs: limits.idle_timeout.as_secs(),
@@ -266,6 +270,7 @@ impl Stage {
             maps,
             crate::proc::ProcFs::new(&config.proc_root),
             config.http.watch_ports.clone(),
+            config.http.match_commands.clone(),
             tx.clone(),
         );
         let (stop_tx, stop_rx) = std::sync::mpsc::channel();

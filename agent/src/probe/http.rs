@@ -97,6 +97,7 @@ pub struct Watcher {
     maps: HttpMaps,
     procfs: ProcFs,
     ports: Vec<u16>,
+    matchers: Vec<String>,
     seen: HashMap<u32, Option<Server>>,
     current: HashMap<u32, Server>,
     tracker: mpsc::Sender<Input>,
@@ -109,12 +110,14 @@ impl Watcher {
         maps: HttpMaps,
         procfs: ProcFs,
         ports: Vec<u16>,
+        matchers: Vec<String>,
         tracker: mpsc::Sender<Input>,
     ) -> Self {
         Self {
             maps,
             procfs,
             ports,
+            matchers,
             seen: HashMap::new(),
             current: HashMap::new(),
             tracker,
@@ -123,7 +126,7 @@ impl Watcher {
     }
 
     pub fn tick(&mut self) {
-        let mut now = discover::scan(&self.procfs, &self.ports, &mut self.seen);
+        let mut now = discover::scan(&self.procfs, &self.ports, &self.matchers, &mut self.seen);
         now.remove(&self.own);
         if now == self.current {
             return;

@@ -308,3 +308,42 @@ fn bad_input_is_counted_and_the_agent_goes_on() {
     assert_eq!(s.sum("llm_requests_in_flight", &[]), 0.0, "{}", s.text);
     assert!(agent.stop().success());
 }
+
+#[test]
+fn a_server_named_by_a_config_matcher_is_watched() {
+    if !root_tier() {
+        return;
+    }
+    use std::io::{Read, Write};
+    let server = Server::start("matched");
+    // No --watch-port: the command line matcher alone must find it.
+    let agent = Agent::start_with_env(
+        &[],
+        &[("INFERSCOPE_HTTP__MATCH_COMMANDS", "[\"openai_server.py\"]")],
+    );
+    agent.wait_for("the matched server to be watched", |s| {
+        s.sum("inferscope_http_watched_processes", &[]) >= 1.0
+    });
+    let body = r#"{"model":"matched","max_tokens":3,"messages":[{"role":"user","content":"a b"}]}"#;
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    write!(
+        c,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut response = String::new();
+    c.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    let s = agent.wait_for("the request", |s| {
+        s.sum(
+            "llm_requests_total",
+            &[("model", "matched"), ("status_code", "200")],
+        ) == 1.0
+    });
+    assert_eq!(
+        s.sum("llm_tokens_output_total", &[("model", "matched")]),
+        3.0
+    );
+    assert!(agent.stop().success());
+}
