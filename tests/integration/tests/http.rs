@@ -347,3 +347,45 @@ fn a_server_named_by_a_config_matcher_is_watched() {
     );
     assert!(agent.stop().success());
 }
+
+#[test]
+fn a_server_killed_mid_stream_ends_its_requests_as_connection_resets() {
+    if !root_tier() {
+        return;
+    }
+    use std::io::Write;
+    let mut server = Server::start("doomed");
+    let agent = start_agent(&server);
+    // Two slow streams in flight (100 tokens at 100 ms each).
+    let body = r#"{"model":"doomed","stream":true,"max_tokens":100,"messages":[{"role":"user","content":"x"}]}"#;
+    let _conns: Vec<std::net::TcpStream> = (0..2)
+        .map(|_| {
+            let mut c = std::net::TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+            write!(
+                c,
+                "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nx-token-ms: 100\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .unwrap();
+            c
+        })
+        .collect();
+    agent.wait_for("the streams in flight", |s| {
+        s.sum("llm_requests_in_flight", &[("model", "doomed")]) == 2.0
+    });
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+    let s = agent.wait_for("the requests to end as connection resets", |s| {
+        s.sum("llm_requests_in_flight", &[("model", "doomed")]) == 0.0
+            && s.sum(
+                "llm_request_errors_total",
+                &[("model", "doomed"), ("error_type", "connection_reset")],
+            ) == 2.0
+    });
+    assert!(
+        s.sum("llm_requests_total", &[("model", "doomed")]) >= 2.0,
+        "{}",
+        s.text
+    );
+    assert!(agent.stop().success());
+}
