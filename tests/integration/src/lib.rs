@@ -396,3 +396,59 @@ pub fn assert_agent_sees(agent: &Agent, truth: &Truth) -> Scrape {
         }
     }
 }
+
+/// Where the Python stand-ins live (`tests/servers`).
+pub fn servers_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../servers")
+}
+
+/// The OpenAI-compatible stand-in on uvicorn + FastAPI (vLLM's API stack), on its own port.
+pub struct OpenAiServer {
+    pub child: Child,
+    pub port: u16,
+}
+
+impl OpenAiServer {
+    pub fn start(model: &str) -> OpenAiServer {
+        let port = free_port();
+        let child = Command::new("python3")
+            .arg(servers_dir().join("openai_server.py"))
+            .args(["--port", &port.to_string(), "--model", model])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3 (run `cargo xtask setup` for fastapi, uvicorn, openai)");
+        eventually("the stand-in server", Duration::from_secs(30), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        });
+        OpenAiServer { child, port }
+    }
+
+    /// Opens `n` streamed chat completions of 100 tokens at 100 ms each and returns their
+    /// connections (the requests stay in flight while they are held) and the body sent.
+    pub fn slow_streams(&self, model: &str, n: usize) -> (Vec<std::net::TcpStream>, String) {
+        let body = format!(
+            r#"{{"model":"{model}","stream":true,"max_tokens":100,"messages":[{{"role":"user","content":"x"}}]}}"#
+        );
+        let conns = (0..n)
+            .map(|_| {
+                let mut c = std::net::TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+                write!(
+                    c,
+                    "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nx-token-ms: 100\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+                .unwrap();
+                c
+            })
+            .collect();
+        (conns, body)
+    }
+}
+
+impl Drop for OpenAiServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

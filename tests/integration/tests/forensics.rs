@@ -449,43 +449,12 @@ fn render_in_chromium(html: &str) {
     );
 }
 
-/// The uvicorn + FastAPI stand-in of an OpenAI-compatible server (tests/servers).
-struct StandIn {
-    child: std::process::Child,
-    port: u16,
-}
-
-impl StandIn {
-    fn start() -> StandIn {
-        let port = free_port();
-        let child = Command::new("python3")
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../servers/openai_server.py"))
-            .args(["--port", &port.to_string(), "--model", "busy"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("python3 (cargo xtask setup installs fastapi and uvicorn)");
-        eventually("the stand-in server", Duration::from_secs(30), || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
-        });
-        StandIn { child, port }
-    }
-}
-
-impl Drop for StandIn {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn a_cuda_oom_report_shows_the_requests_in_flight_on_the_servers() {
     if !root_tier() {
         return;
     }
-    use std::io::Write;
-    let server = StandIn::start();
+    let server = OpenAiServer::start("busy");
     let gpu = Gpu::new();
     let port = server.port.to_string();
     let agent = {
@@ -513,20 +482,8 @@ fn a_cuda_oom_report_shows_the_requests_in_flight_on_the_servers() {
     agent.wait_for("the server to be watched", |s| {
         s.sum("inferscope_http_watched_processes", &[]) >= 1.0
     });
-    // Three slow streamed requests stay in flight (the stand-in paces 100 tokens at 100 ms).
-    let body = r#"{"model":"busy","stream":true,"max_tokens":100,"messages":[{"role":"user","content":"hi"}]}"#;
-    let conns: Vec<std::net::TcpStream> = (0..3)
-        .map(|_| {
-            let mut c = std::net::TcpStream::connect(("127.0.0.1", server.port)).unwrap();
-            write!(
-                c,
-                "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nx-token-ms: 100\r\nContent-Length: {}\r\n\r\n{body}",
-                body.len()
-            )
-            .unwrap();
-            c
-        })
-        .collect();
+    // Three slow streamed requests stay in flight (100 tokens at 100 ms).
+    let (conns, body) = server.slow_streams("busy", 3);
     agent.wait_for("the requests in flight", |s| {
         s.sum("llm_requests_in_flight", &[("model", "busy")]) == 3.0
     });

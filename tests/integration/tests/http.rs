@@ -3,46 +3,12 @@
 
 use std::{
     collections::HashMap,
-    path::PathBuf,
-    process::{Child, Command, Stdio},
-    time::Duration,
+    process::{Command, Stdio},
 };
 
 use integration::*;
 
-fn servers_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../servers")
-}
-
-/// The OpenAI-compatible stand-in, listening on its own port.
-struct Server {
-    child: Child,
-    port: u16,
-}
-
-impl Server {
-    fn start(model: &str) -> Server {
-        let port = free_port();
-        let child = Command::new("python3")
-            .arg(servers_dir().join("openai_server.py"))
-            .args(["--port", &port.to_string(), "--model", model])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("python3 (run `cargo xtask setup` for fastapi, uvicorn, openai)");
-        eventually("the stand-in server", Duration::from_secs(30), || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
-        });
-        Server { child, port }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use integration::OpenAiServer as Server;
 
 fn client(args: &[&str]) -> serde_json::Value {
     let out = Command::new("python3")
@@ -353,23 +319,10 @@ fn a_server_killed_mid_stream_ends_its_requests_as_connection_resets() {
     if !root_tier() {
         return;
     }
-    use std::io::Write;
     let mut server = Server::start("doomed");
     let agent = start_agent(&server);
     // Two slow streams in flight (100 tokens at 100 ms each).
-    let body = r#"{"model":"doomed","stream":true,"max_tokens":100,"messages":[{"role":"user","content":"x"}]}"#;
-    let _conns: Vec<std::net::TcpStream> = (0..2)
-        .map(|_| {
-            let mut c = std::net::TcpStream::connect(("127.0.0.1", server.port)).unwrap();
-            write!(
-                c,
-                "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nx-token-ms: 100\r\nContent-Length: {}\r\n\r\n{body}",
-                body.len()
-            )
-            .unwrap();
-            c
-        })
-        .collect();
+    let (_conns, _) = server.slow_streams("doomed", 2);
     agent.wait_for("the streams in flight", |s| {
         s.sum("llm_requests_in_flight", &[("model", "doomed")]) == 2.0
     });
