@@ -290,7 +290,7 @@ impl Config {
         for name in &self.probes.disabled {
             if !crate::probe::is_known_probe(name) {
                 return Err(ConfigError::Invalid(format!(
-                    "probes.disabled: unknown probe {name:?} (families: cuda, sched; or a CUDA symbol)"
+                    "probes.disabled: unknown probe {name:?} (families: cuda, sched, oom, http; or a CUDA symbol)"
                 )));
             }
         }
