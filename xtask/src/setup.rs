@@ -12,7 +12,8 @@ use crate::util::{self, succeeds};
 const DEBIAN_EBPF: &[&str] = &["rustc-web", "libstd-rust-web-dev-bpf", "llvm-22-dev"];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
-/// `for_tests`: also what only the test suite needs (Python fixtures, Chromium).
+/// `for_tests`: also what only the test suite needs (Python fixtures, Chromium, the
+/// deploy/ checkers).
 pub fn run(for_tests: bool) -> anyhow::Result<()> {
     let aya_toolchain = nightly_has_rust_src();
     if !aya_toolchain && !debian_ebpf_present() {
@@ -31,8 +32,36 @@ pub fn run(for_tests: bool) -> anyhow::Result<()> {
             apt_install(&["chromium"])?;
         }
         fuzzing()?;
+        deploy_tools()?;
     }
     Ok(())
+}
+
+/// tests/integration/tests/deploy.rs checks deploy/ offline: promtool (Debian's
+/// `prometheus`), yamllint and kubernetes-validate (PyPI; schemas ship in the wheel).
+fn deploy_tools() -> anyhow::Result<()> {
+    if !succeeds("promtool", &["--version"]) {
+        apt_install(&["prometheus"])?;
+    }
+    let missing: Vec<&str> = ["yamllint", "kubernetes-validate"]
+        .into_iter()
+        .filter(|tool| !succeeds(tool, &["--version"]))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("xtask setup: installing {missing:?} (pip)");
+    let pip = |extra: &[&str]| {
+        let mut cmd = Command::new("python3");
+        cmd.args(["-m", "pip", "install", "--quiet"])
+            .args(extra)
+            .args(&missing);
+        util::run(&mut cmd)
+    };
+    // Debian's system Python refuses pip without the flag (PEP 668).
+    pip(&[])
+        .or_else(|_| pip(&["--break-system-packages"]))
+        .context("pip install yamllint kubernetes-validate failed")
 }
 
 /// `cargo xtask test` runs the fuzz targets (`fuzz/`) for a bounded time: cargo-fuzz on a
