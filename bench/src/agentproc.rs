@@ -2,8 +2,8 @@
 //! `cuda-workload` processes for the RSS figure.
 
 use std::{
-    io::{BufRead, BufReader, Read, Write},
-    net::{TcpListener, TcpStream},
+    io::{BufRead, BufReader, Write},
+    net::TcpListener,
     path::{Path, PathBuf},
     process::{Child, ChildStdin, ChildStdout, Command, Stdio},
     time::{Duration, Instant},
@@ -11,6 +11,7 @@ use std::{
 
 use anyhow::{bail, Context};
 use cuda_workload::{OutputLine, Variant};
+use prom_scrape::http_get;
 
 /// A sibling binary of this one (`target/release/<name>`), built by `cargo xtask bench`.
 pub fn sibling_bin(name: &str) -> anyhow::Result<PathBuf> {
@@ -172,40 +173,6 @@ pub fn metric_sum(text: &str, name: &str) -> f64 {
             l.rsplit_once(' ')?.1.parse::<f64>().ok()
         })
         .sum()
-}
-
-/// GET over plain HTTP/1.1: (status, body).
-fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).ok()?;
-    let status = raw.split_whitespace().nth(1)?.parse().ok()?;
-    let (head, body) = raw.split_once("\r\n\r\n")?;
-    let chunked = head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked");
-    Some((status, if chunked { dechunk(body) } else { body.into() }))
-}
-
-fn dechunk(mut rest: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, after)) = rest.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if n == 0 || after.len() < n {
-            break;
-        }
-        out.push_str(&after[..n]);
-        rest = after[n..].trim_start_matches("\r\n");
-    }
-    out
 }
 
 /// A `cuda-workload` process paused after its plan's checkpoint.
