@@ -390,6 +390,10 @@ fn host_oom(e: &agent_common::oom::OomKillEvent, cgroup: &str) -> HostOom {
 
 /// Limit and usage of a memory cgroup path (v1 memory controller, else v2).
 pub fn cgroup_memory(path: &str) -> (Option<u64>, Option<u64>) {
+    // Unknown (the victim was gone before its cgroup could be read): never the root's figures.
+    if path.is_empty() || path == "/" {
+        return (None, None);
+    }
     let read = |p: &Path| {
         std::fs::read_to_string(p)
             .ok()
