@@ -226,6 +226,7 @@ fn start_nvml(
         history.clone(),
         Some(tracker.clone()),
         ProcFs::new(&config.proc_root),
+        &config.cost,
     ) {
         Ok(s) => s,
         Err(e) => {

@@ -80,6 +80,39 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Requests timed on the wire (probe family `http`).
     pub http: crate::http::HttpConfig,
+    /// GPU prices for the cost rules in deploy/prometheus/.
+    pub cost: CostConfig,
+}
+
+/// Prices are exported per GPU (`inferscope_gpu_hour_price`) rather than kept in the
+/// Prometheus rules so that one value set by the installer (Helm values → this section)
+/// prices every node, and the rules stay the same everywhere.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CostConfig {
+    /// Price of one GPU-hour, in any currency, for GPU types not listed below. The default
+    /// 1.0 makes every cost figure read as GPU-hours until real prices are set.
+    pub gpu_hour_price: f64,
+    /// Price of one GPU-hour by NVML product name (`gpu_type`, e.g. "NVIDIA H100 80GB HBM3").
+    pub gpu_hour_price_by_type: std::collections::BTreeMap<String, f64>,
+}
+
+impl Default for CostConfig {
+    fn default() -> Self {
+        Self {
+            gpu_hour_price: 1.0,
+            gpu_hour_price_by_type: Default::default(),
+        }
+    }
+}
+
+impl CostConfig {
+    pub fn price_of(&self, gpu_type: &str) -> f64 {
+        self.gpu_hour_price_by_type
+            .get(gpu_type)
+            .copied()
+            .unwrap_or(self.gpu_hour_price)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -172,6 +205,7 @@ impl Default for Config {
             forensics: ForensicsConfig::default(),
             limits: LimitsConfig::default(),
             http: Default::default(),
+            cost: CostConfig::default(),
         }
     }
 }
@@ -286,6 +320,19 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "probes.poll_interval_ms and probes.discovery_interval_ms must be above 0".into(),
             ));
+        }
+        let prices = std::iter::once(("gpu_hour_price", &self.cost.gpu_hour_price)).chain(
+            self.cost
+                .gpu_hour_price_by_type
+                .iter()
+                .map(|(k, v)| (k.as_str(), v)),
+        );
+        for (what, price) in prices {
+            if !price.is_finite() || *price < 0.0 {
+                return Err(ConfigError::Invalid(format!(
+                    "cost: price {price} for {what:?} must be a number of at least 0"
+                )));
+            }
         }
         for name in &self.probes.disabled {
             if !crate::probe::is_known_probe(name) {
@@ -415,12 +462,28 @@ mod tests {
     }
 
     #[test]
+    fn gpu_prices_by_type_with_a_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "[cost]\ngpu_hour_price = 2.5\n[cost.gpu_hour_price_by_type]\n\"NVIDIA H100 80GB HBM3\" = 4.25\n",
+        )
+        .unwrap();
+        let c = Config::load(Some(&path), &env(&[]), &Overrides::default()).unwrap();
+        assert_eq!(c.cost.price_of("NVIDIA H100 80GB HBM3"), 4.25);
+        assert_eq!(c.cost.price_of("NVIDIA L4"), 2.5);
+        assert_eq!(Config::default().cost.price_of("NVIDIA L4"), 1.0);
+    }
+
+    #[test]
     fn bad_values_are_rejected() {
         let bad = [
             ("INFERSCOPE_PROBES__RING_BUFFER_BYTES", "5000"),
             ("INFERSCOPE_PROBES__BUDGET_CORE_SHARE", "2.0"),
             ("INFERSCOPE_PROBES__DISABLED", "[\"cuNothing\"]"),
             ("INFERSCOPE_PROMETHEUS_LISTEN", "not-an-address"),
+            ("INFERSCOPE_COST__GPU_HOUR_PRICE", "-1.0"),
         ];
         for (k, v) in bad {
             assert!(

@@ -62,7 +62,14 @@ pub fn measure(dir: &Path, samples: u64, seconds: f64) -> anyhow::Result<NvmlCos
     let nvml = Arc::new(nvml::open(Some(&lib)).context("opening the NVML double")?);
     let metrics = Arc::new(Metrics::new());
     let history = Arc::new(GpuHistory::new(600));
-    let mut sampler = nvml::Sampler::new(nvml, metrics, history, None, ProcFs::default())
+    let mut sampler = nvml::Sampler::new(
+        nvml,
+        metrics,
+        history,
+        None,
+        ProcFs::default(),
+        &Default::default(),
+    )
         .context("NVML sampler")?;
     for _ in 0..5 {
         sampler.sample();

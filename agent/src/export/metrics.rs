@@ -150,6 +150,7 @@ pub struct Metrics {
     pub forensics_dropped: Family<KindLabels, Counter>,
     pub forensics_errors: Family<KindLabels, Counter>,
     pub gpu_info: Family<GpuInfoLabels, Gauge>,
+    pub gpu_hour_price: Family<GpuLabels, GaugeF>,
     pub gpu_utilization: Family<GpuLabels, GaugeF>,
     pub gpu_memory_utilization: Family<GpuLabels, GaugeF>,
     pub gpu_memory_used: Family<GpuLabels, Gauge>,
@@ -211,6 +212,7 @@ impl Metrics {
             forensics_dropped: Family::default(),
             forensics_errors: Family::default(),
             gpu_info: Family::default(),
+            gpu_hour_price: Family::default(),
             gpu_utilization: Family::default(),
             gpu_memory_utilization: Family::default(),
             gpu_memory_used: Family::default(),
@@ -330,6 +332,15 @@ impl Metrics {
     }
 
     fn register_forensics(&self, r: &mut Registry) {
+        // Every kind from the start, at 0: `increase()` in the alerting rules then sees the
+        // first event of a kind as a step from 0 instead of a new series with no history.
+        for kind in crate::forensics::report::Kind::ALL {
+            let labels = KindLabels {
+                kind: kind.as_str(),
+            };
+            self.oom_events.get_or_create(&labels);
+            self.forensics_reports.get_or_create(&labels);
+        }
         r.register(
             "llm_oom_events",
             "Out-of-memory events: cuda (allocation failed), host_oom_kill, gpu_process_crash, xid",
@@ -367,6 +378,11 @@ impl Metrics {
             "gpu_info",
             "GPU identity: driver and CUDA versions, MIG mode (value 1)",
             self.gpu_info.clone(),
+        );
+        r.register(
+            "inferscope_gpu_hour_price",
+            "Configured price of one hour of this GPU (cost.gpu_hour_price*), for the cost rules",
+            self.gpu_hour_price.clone(),
         );
         r.register(
             "gpu_utilization",

@@ -148,6 +148,7 @@ impl Sampler {
         history: Arc<GpuHistory>,
         tracker: Option<mpsc::Sender<Input>>,
         procfs: ProcFs,
+        cost: &crate::config::CostConfig,
     ) -> Result<Self, NvmlError> {
         let driver = nvml
             .sys_driver_version()
@@ -185,6 +186,10 @@ impl Sampler {
                     mig_mode,
                 })
                 .set(1);
+            metrics
+                .gpu_hour_price
+                .get_or_create(&labels)
+                .set(cost.price_of(&labels.gpu_type));
             tracing::info!(
                 gpu = index,
                 uuid = labels.gpu_uuid,
