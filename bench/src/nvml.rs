@@ -70,7 +70,7 @@ pub fn measure(dir: &Path, samples: u64, seconds: f64) -> anyhow::Result<NvmlCos
         ProcFs::default(),
         &Default::default(),
     )
-        .context("NVML sampler")?;
+    .context("NVML sampler")?;
     for _ in 0..5 {
         sampler.sample();
     }

@@ -338,8 +338,8 @@ impl Metrics {
             let labels = KindLabels {
                 kind: kind.as_str(),
             };
-            self.oom_events.get_or_create(&labels);
-            self.forensics_reports.get_or_create(&labels);
+            let _ = self.oom_events.get_or_create(&labels);
+            let _ = self.forensics_reports.get_or_create(&labels);
         }
         r.register(
             "llm_oom_events",

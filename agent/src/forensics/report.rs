@@ -19,7 +19,12 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [Kind::Cuda, Kind::HostOomKill, Kind::GpuProcessCrash, Kind::Xid];
+    pub const ALL: [Kind; 4] = [
+        Kind::Cuda,
+        Kind::HostOomKill,
+        Kind::GpuProcessCrash,
+        Kind::Xid,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {

@@ -401,10 +401,10 @@ impl Sampler {
         let l = &gpu.labels;
         if let Some(u) = s.utilization {
             m.gpu_utilization.get_or_create(l).set(f64::from(u) / 100.0);
+            // Created at 0 on a busy GPU too, so that idle cost is 0 there, not absent.
+            let idle = m.gpu_idle_seconds.get_or_create(l);
             if let (0, Some(last)) = (u, gpu.last_ts_ns) {
-                m.gpu_idle_seconds
-                    .get_or_create(l)
-                    .inc_by(s.ts_ns.saturating_sub(last) as f64 / 1e9);
+                idle.inc_by(s.ts_ns.saturating_sub(last) as f64 / 1e9);
             }
         }
         gpu.last_ts_ns = Some(s.ts_ns);
