@@ -913,3 +913,40 @@ fn otel_collector_config_is_consistent() {
     assert_ne!(broken, text);
     check(&broken).unwrap_err();
 }
+
+/// values.yaml documents each value (a comment right above every top-level key), and its
+/// top-level keys are exactly those the templates read.
+#[test]
+fn chart_values_are_documented_and_used() {
+    let values = std::fs::read_to_string(chart().join("values.yaml")).unwrap();
+    let lines: Vec<&str> = values.lines().collect();
+    let mut keys = BTreeSet::new();
+    for (i, line) in lines.iter().enumerate() {
+        let Some((key, _)) = line.split_once(':') else {
+            continue;
+        };
+        if line.starts_with([' ', '#', '-']) || key.is_empty() {
+            continue;
+        }
+        assert!(
+            i > 0 && lines[i - 1].starts_with('#'),
+            "values.yaml: {key} has no comment"
+        );
+        keys.insert(key.to_string());
+    }
+    let mut used = BTreeSet::new();
+    for entry in std::fs::read_dir(chart().join("templates")).unwrap() {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        for part in text.split(".Values.").skip(1) {
+            let key: String = part
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric())
+                .collect();
+            used.insert(key);
+        }
+    }
+    assert_eq!(
+        keys, used,
+        "values.yaml keys vs. the keys the templates read"
+    );
+}
