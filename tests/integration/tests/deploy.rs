@@ -721,20 +721,15 @@ fn chart_non_default_values() {
     assert!(toml.contains("stack_sample_every = 16\n"), "{toml}");
 }
 
-/// The rendered flags are ones `inferscope run` accepts, with values it parses (clap
-/// validates everything before printing help).
+/// The agent takes what the chart renders: `inferscope run` accepts the flags and their values
+/// (clap validates everything before printing help), and its strict config loader (through
+/// `inferscope forensics list --config`, which needs no root) takes the ConfigMap's
+/// config.toml, typed as the agent expects (integers stay integers).
 #[test]
-fn chart_args_are_the_agents() {
+fn agent_accepts_the_rendered_args_and_config() {
     let agent = integration::bin("inferscope");
-    for values in [
-        &[][..],
-        &[
-            "agent.cudaLibs={/host/proc/1/root/usr/lib/libcuda.so.1}",
-            "agent.nvmlLib=/usr/local/nvidia/lib64/libnvidia-ml.so.1",
-            "agent.disableProbes={sched,cuMemHostAlloc}",
-            "metrics.port=9500",
-        ][..],
-    ] {
+    let dir = tempfile::tempdir().unwrap();
+    let accepts = |values: &[&str]| -> Result<(), String> {
         let docs = yaml_docs(&template(&chart(), values).unwrap());
         let args = strings(&daemonset_container(&docs)["args"]);
         let out = Command::new(&agent)
@@ -743,18 +738,48 @@ fn chart_args_are_the_agents() {
             .arg("--help")
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "inferscope run {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    // The same check refuses a flag the agent does not have.
-    let out = Command::new(&agent)
-        .args(["run", "--prometheus-port", "9464", "--help"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
+        if !out.status.success() {
+            return Err(format!(
+                "inferscope run {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        let toml = find(&docs, "ConfigMap").unwrap()["data"]["config.toml"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let file = dir.path().join("config.toml");
+        std::fs::write(&file, &toml).unwrap();
+        let out = Command::new(&agent)
+            .args(["forensics", "list", "--config"])
+            .arg(&file)
+            .arg("--forensics-dir")
+            .arg(dir.path().join("reports"))
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            return Err(format!(
+                "config.toml refused: {}\n{toml}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok(())
+    };
+    accepts(&[]).unwrap();
+    accepts(&[
+        "agent.cudaLibs={/host/proc/1/root/usr/lib/libcuda.so.1}",
+        "agent.nvmlLib=/usr/local/nvidia/lib64/libnvidia-ml.so.1",
+        "agent.disableProbes={sched,cuMemHostAlloc}",
+        "metrics.port=9500",
+        "config.probes.ring_buffer_bytes=16777216",
+        "config.http.match_commands={vllm}",
+        "config.limits.max_label_len=32",
+        "forensics.maxBytes=1073741824",
+    ])
+    .unwrap();
+    // The same checks refuse a flag or a key the agent does not have.
+    accepts(&["extraArgs={--prometheus-port,9464}"]).unwrap_err();
+    accepts(&["config.probes.no_such_key=1"]).unwrap_err();
 }
 
 #[test]
@@ -787,6 +812,8 @@ fn manifests_match_the_chart() {
         manifests::read_yaml_dir(&manifests::chart_rules(&chart())).unwrap_or_default();
     let rendered = manifests::render("helm", &fresh_chart).unwrap();
     let committed = manifests::read_yaml_dir(&root().join(manifests::MANIFESTS)).unwrap();
+    let helm_version = helm(&["version", "--short"]).unwrap();
+    let helm_version = helm_version.trim();
     let stale = |what: &str, now: &manifests::Files, then: &manifests::Files| {
         let differ: Vec<&String> = now
             .keys()
@@ -795,7 +822,8 @@ fn manifests_match_the_chart() {
             .collect();
         assert!(
             differ.is_empty(),
-            "{what} is stale ({differ:?} differ): run `cargo xtask manifests` and commit"
+            "{what} is stale ({differ:?} differ): run `cargo xtask manifests` and commit \
+             (rendered by {helm_version})"
         );
     };
     stale(
@@ -867,6 +895,38 @@ fn dockerfile_structure() {
     assert_eq!(
         last.last().unwrap(),
         &r#"ENTRYPOINT ["/inferscope", "run"]"#
+    );
+}
+
+/// The final stage has glibc, libgcc and libstdc++ only (distroless cc): the agent must need
+/// no other shared library.
+#[test]
+fn agent_needs_only_what_distroless_cc_has() {
+    const DISTROLESS_CC: &[&str] = &[
+        "ld-linux-x86-64.so.2",
+        "libc.so.6",
+        "libm.so.6",
+        "libdl.so.2",
+        "libpthread.so.0",
+        "librt.so.1",
+        "libgcc_s.so.1",
+        "libstdc++.so.6",
+    ];
+    let agent = integration::bin("inferscope");
+    let dynamic = tool("readelf", &["-d", agent.to_str().unwrap()], &root()).unwrap();
+    let needed: Vec<&str> = dynamic
+        .lines()
+        .filter(|l| l.contains("(NEEDED)"))
+        .filter_map(|l| l.split_once('[')?.1.strip_suffix(']'))
+        .collect();
+    assert!(needed.contains(&"libc.so.6"), "{dynamic}");
+    let missing: Vec<&&str> = needed
+        .iter()
+        .filter(|n| !DISTROLESS_CC.contains(n))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "not in gcr.io/distroless/cc-debian12: {missing:?}"
     );
 }
 
