@@ -452,12 +452,16 @@ fn chart_app_version() -> String {
         .to_string()
 }
 
-/// The groups of every rule file in deploy/prometheus/, in file name order.
+/// The groups of every rule file in deploy/prometheus/, in file name order (a file without
+/// groups adds none, as in the chart).
 fn rule_groups() -> Vec<Value> {
     manifests::read_yaml_dir(&root().join(manifests::RULES))
         .unwrap()
         .values()
-        .flat_map(|text| yaml_docs(text)[0]["groups"].as_array().unwrap().to_owned())
+        .flat_map(|text| {
+            let groups = &yaml_docs(text)[0]["groups"];
+            groups.as_array().cloned().unwrap_or_default()
+        })
         .collect()
 }
 
