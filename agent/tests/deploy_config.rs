@@ -1,5 +1,6 @@
-//! The ConfigMap's config.toml in deploy/manifests/inferscope.yaml loads with the agent's
-//! own loader: a key the agent does not know fails here, not on a cluster's nodes.
+//! The ConfigMap's config.toml in deploy/manifests/inferscope.yaml (the Helm chart's defaults,
+//! rendered by `cargo xtask manifests`) loads with the agent's own loader: a key the agent
+//! does not know fails here, not on a cluster's nodes.
 
 use std::path::Path;
 

@@ -1,8 +1,9 @@
-//! `cargo xtask setup | build | test | demo | bench`: everything a fresh machine needs, in
+//! `cargo xtask setup | build | test | demo | bench | manifests`: everything a fresh machine needs, in
 //! one place. Every command runs `setup` first; `setup` installs only what is missing.
 
 mod bench;
 mod demo;
+mod manifests;
 mod setup;
 mod util;
 
@@ -35,6 +36,10 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
     },
+    /// Render the Helm chart (deploy/helm/inferscope) into deploy/manifests/ and copy
+    /// deploy/prometheus/*.yaml into the chart (tests/integration/tests/deploy.rs fails on
+    /// drift).
+    Manifests,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -51,6 +56,10 @@ fn main() -> anyhow::Result<()> {
         Cmd::Bench { quick } => {
             build()?;
             bench::run(quick)
+        }
+        Cmd::Manifests => {
+            setup::helm()?;
+            manifests::run(&util::root_dir()).map_err(anyhow::Error::msg)
         }
     }
 }

