@@ -131,24 +131,40 @@ fn set<'a>(items: impl IntoIterator<Item = &'a str>) -> BTreeSet<&'a str> {
 
 // ---- Prometheus rules ----
 
-fn check_rules(deploy: &Path) -> Result<String, String> {
-    tool(
-        "promtool",
-        &["check", "rules", "prometheus/inferscope-rules.yaml"],
-        deploy,
-    )
+/// `deploy/<dir>`'s files ending in `suffix`, relative to deploy/, sorted.
+fn deploy_files(deploy: &Path, dir: &str, suffix: &str) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(deploy.join(dir))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(suffix))
+        .map(|n| format!("{dir}/{n}"))
+        .collect();
+    v.sort();
+    v
 }
 
+/// Every rule file: recording, alerting, SLO and cost rules.
+fn check_rules(deploy: &Path) -> Result<String, String> {
+    let files = deploy_files(deploy, "prometheus", ".yaml");
+    assert!(files.len() >= 3, "{files:?}");
+    let mut args = vec!["check", "rules"];
+    args.extend(files.iter().map(String::as_str));
+    tool("promtool", &args, deploy)
+}
+
+/// Every rule file has unit tests, and they pass.
 fn test_rules(deploy: &Path) -> Result<String, String> {
-    tool(
-        "promtool",
-        &[
-            "test",
-            "rules",
-            "prometheus/tests/inferscope-rules.test.yaml",
-        ],
-        deploy,
-    )
+    let tests = deploy_files(deploy, "prometheus/tests", ".test.yaml");
+    for rules in deploy_files(deploy, "prometheus", ".yaml") {
+        let name = rules.trim_start_matches("prometheus/").replace(".yaml", "");
+        assert!(
+            tests.contains(&format!("prometheus/tests/{name}.test.yaml")),
+            "{rules} has no promtool tests"
+        );
+    }
+    let mut args = vec!["test", "rules"];
+    args.extend(tests.iter().map(String::as_str));
+    tool("promtool", &args, deploy)
 }
 
 #[test]
@@ -172,19 +188,37 @@ fn prometheus_rules_unit_tests() {
         "gpu_memory_total_bytes{job=\"inferscope\"} > 0.97",
     );
     test_rules(broken.path()).unwrap_err();
+    // An SLO's budget and a cost figure that no longer match their tests.
+    for (file, from, to) in [
+        (
+            "prometheus/inferscope-slo.yaml",
+            "le=~\"30(\\\\.0)?\"}[1h]",
+            "le=~\"20(\\\\.0)?\"}[1h]",
+        ),
+        (
+            "prometheus/inferscope-cost.yaml",
+            "1000 * node:gpu_cost:rate1h",
+            "100 * node:gpu_cost:rate1h",
+        ),
+    ] {
+        test_rules(broken_copy(file, from, to).path()).unwrap_err();
+    }
 }
 
 /// Every alert names a runbook section that exists.
 #[test]
 fn alerts_have_runbooks() {
-    let rules =
-        std::fs::read_to_string(root().join("deploy/prometheus/inferscope-rules.yaml")).unwrap();
+    let deploy = root().join("deploy");
+    let rules: String = deploy_files(&deploy, "prometheus", ".yaml")
+        .iter()
+        .map(|f| std::fs::read_to_string(deploy.join(f)).unwrap())
+        .collect();
     let runbooks = std::fs::read_to_string(root().join("docs/runbooks.md")).unwrap();
     let alerts: Vec<&str> = rules
         .lines()
         .filter_map(|l| l.trim().strip_prefix("- alert: "))
         .collect();
-    assert!(alerts.len() >= 10, "{alerts:?}");
+    assert!(alerts.len() >= 20, "{alerts:?}");
     for alert in alerts {
         let anchor = alert.to_lowercase();
         assert!(
@@ -778,6 +812,8 @@ fn agent_accepts_the_rendered_args_and_config() {
         "config.probes.ring_buffer_bytes=16777216",
         "config.http.match_commands={vllm}",
         "config.limits.max_label_len=32",
+        "config.cost.gpu_hour_price=2",
+        "config.cost.gpu_hour_price_by_type.NVIDIA H100 80GB HBM3=4",
         "forensics.maxBytes=1073741824",
     ])
     .unwrap();

@@ -84,18 +84,24 @@ keys refuse.
 {{- range $key := keys $table | sortAlpha }}
 {{- $value := get $table $key }}
 {{- if not (kindIs "map" $value) }}
-{{ $key }} = {{ include "inferscope.tomlValue" $value }}
+{{ include "inferscope.tomlKey" $key }} = {{ include "inferscope.tomlValue" $value }}
 {{- end }}
 {{- end }}
 {{- range $key := keys $table | sortAlpha }}
 {{- $value := get $table $key }}
 {{- if kindIs "map" $value }}
-{{- $name := ternary $key (printf "%s.%s" $.prefix $key) (eq $.prefix "") }}
+{{- $k := include "inferscope.tomlKey" $key }}
+{{- $name := ternary $k (printf "%s.%s" $.prefix $k) (eq $.prefix "") }}
 
 [{{ $name }}]
 {{- include "inferscope.tomlTable" (dict "table" $value "prefix" $name) }}
 {{- end }}
 {{- end }}
+{{- end }}
+
+{{/* A TOML key: bare when it can be, else quoted (GPU type names have spaces). */}}
+{{- define "inferscope.tomlKey" -}}
+{{- if regexMatch "^[A-Za-z0-9_-]+$" . }}{{ . }}{{ else }}{{ toJson . }}{{ end }}
 {{- end }}
 
 {{/* A TOML value: integral numbers without a fraction, strings JSON-quoted. */}}
