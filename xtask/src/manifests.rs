@@ -1,6 +1,6 @@
 //! `cargo xtask manifests`: deploy/manifests/ is the Helm chart rendered with its default
-//! values, and the chart's files/prometheus/ holds copies of deploy/prometheus/*.yaml (Helm
-//! reads no file outside the chart). Standard library only: the drift test in
+//! values, and the chart's files/prometheus/ and files/grafana/ hold copies of
+//! deploy/prometheus/*.yaml and deploy/grafana/*.json (Helm reads no file outside the chart). Standard library only: the drift test in
 //! tests/integration/tests/deploy.rs includes this file and renders the same way.
 
 use std::{
@@ -15,6 +15,10 @@ pub const CHART: &str = "deploy/helm/inferscope";
 pub const RULES: &str = "deploy/prometheus";
 /// Their copies in the chart.
 pub const CHART_RULES: &str = "files/prometheus";
+/// The Grafana dashboards the chart ships as ConfigMaps.
+pub const DASHBOARDS: &str = "deploy/grafana";
+/// Their copies in the chart.
+pub const CHART_DASHBOARDS: &str = "files/grafana";
 /// The rendered plain manifests.
 pub const MANIFESTS: &str = "deploy/manifests";
 
@@ -26,6 +30,16 @@ pub type Files = BTreeMap<String, String>;
 
 /// The `*.yaml` files directly in `dir` (subdirectories such as tests/ are not read).
 pub fn read_yaml_dir(dir: &Path) -> Result<Files, String> {
+    read_dir_files(dir, ".yaml")
+}
+
+/// Makes `files` the `*.yaml` files of `dir`: writes them and removes any other.
+pub fn write_yaml_dir(dir: &Path, files: &Files) -> Result<(), String> {
+    write_dir_files(dir, ".yaml", files)
+}
+
+/// The files directly in `dir` whose names end in `suffix`.
+pub fn read_dir_files(dir: &Path, suffix: &str) -> Result<Files, String> {
     let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let mut files = Files::new();
     for entry in entries {
@@ -33,7 +47,7 @@ pub fn read_yaml_dir(dir: &Path) -> Result<Files, String> {
         let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
             continue;
         };
-        if path.is_file() && name.ends_with(".yaml") {
+        if path.is_file() && name.ends_with(suffix) {
             let text =
                 std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
             files.insert(name.to_string(), text);
@@ -42,10 +56,10 @@ pub fn read_yaml_dir(dir: &Path) -> Result<Files, String> {
     Ok(files)
 }
 
-/// Makes `files` the `*.yaml` files of `dir`: writes them and removes any other.
-pub fn write_yaml_dir(dir: &Path, files: &Files) -> Result<(), String> {
+/// Makes `files` the files of `dir` ending in `suffix`: writes them and removes any other.
+pub fn write_dir_files(dir: &Path, suffix: &str, files: &Files) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    for stale in read_yaml_dir(dir)?
+    for stale in read_dir_files(dir, suffix)?
         .keys()
         .filter(|n| !files.contains_key(*n))
     {
@@ -89,7 +103,11 @@ pub fn render(helm: &str, chart: &Path) -> Result<Files, String> {
             .lines()
             .find_map(|l| l.strip_prefix("kind: "))
             .ok_or_else(|| format!("a rendered document has no kind:\n{doc}"))?;
+        let dashboard = doc
+            .lines()
+            .any(|l| l.starts_with("  name: ") && l.contains("-dashboard-"));
         let name = match kind.trim() {
+            "ConfigMap" if dashboard => "grafana-dashboards.yaml",
             "ServiceMonitor" => "servicemonitor.yaml",
             "PodMonitor" => "podmonitor.yaml",
             "PrometheusRule" => "prometheusrule.yaml",
@@ -106,7 +124,9 @@ pub fn render(helm: &str, chart: &Path) -> Result<Files, String> {
 }
 
 fn header(name: &str) -> String {
-    let needs = if name == "inferscope.yaml" {
+    let needs = if name == "grafana-dashboards.yaml" {
+        " (for Grafana's dashboard sidecar)".to_string()
+    } else if name == "inferscope.yaml" {
         String::new()
     } else {
         " (needs the Prometheus Operator's CRDs)".to_string()
@@ -123,10 +143,21 @@ pub fn chart_rules(chart: &Path) -> PathBuf {
     chart.join(CHART_RULES)
 }
 
-/// Copies deploy/prometheus/*.yaml into the chart, then renders deploy/manifests/.
+/// Where the chart's dashboard copies live.
+pub fn chart_dashboards(chart: &Path) -> PathBuf {
+    chart.join(CHART_DASHBOARDS)
+}
+
+/// Copies deploy/prometheus/*.yaml and deploy/grafana/*.json into the chart, then renders
+/// deploy/manifests/.
 pub fn run(root: &Path) -> Result<(), String> {
     let chart = root.join(CHART);
     write_yaml_dir(&chart_rules(&chart), &read_yaml_dir(&root.join(RULES))?)?;
+    write_dir_files(
+        &chart_dashboards(&chart),
+        ".json",
+        &read_dir_files(&root.join(DASHBOARDS), ".json")?,
+    )?;
     let rendered = render("helm", &chart)?;
     write_yaml_dir(&root.join(MANIFESTS), &rendered)?;
     for name in rendered.keys() {

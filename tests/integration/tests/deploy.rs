@@ -850,6 +850,17 @@ fn manifests_match_the_chart() {
     manifests::write_yaml_dir(&manifests::chart_rules(&fresh_chart), &rules).unwrap();
     let committed_rules =
         manifests::read_yaml_dir(&manifests::chart_rules(&chart())).unwrap_or_default();
+    let dashboards =
+        manifests::read_dir_files(&root().join(manifests::DASHBOARDS), ".json").unwrap();
+    manifests::write_dir_files(
+        &manifests::chart_dashboards(&fresh_chart),
+        ".json",
+        &dashboards,
+    )
+    .unwrap();
+    let committed_dashboards =
+        manifests::read_dir_files(&manifests::chart_dashboards(&chart()), ".json")
+            .unwrap_or_default();
     let rendered = manifests::render("helm", &fresh_chart).unwrap();
     let committed = manifests::read_yaml_dir(&root().join(manifests::MANIFESTS)).unwrap();
     let helm_version = helm(&["version", "--short"]).unwrap();
@@ -871,8 +882,17 @@ fn manifests_match_the_chart() {
         &rules,
         &committed_rules,
     );
+    stale(
+        &format!("{}/{}", manifests::CHART, manifests::CHART_DASHBOARDS),
+        &dashboards,
+        &committed_dashboards,
+    );
     stale(manifests::MANIFESTS, &rendered, &committed);
     assert!(rendered.contains_key("inferscope.yaml"), "{rendered:?}");
+    assert!(
+        rendered.contains_key("grafana-dashboards.yaml"),
+        "{rendered:?}"
+    );
 }
 
 // ---- Image recipe ----

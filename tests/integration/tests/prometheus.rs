@@ -444,3 +444,62 @@ fn every_rule_and_dashboard_query_returns_data() {
     assert!(w.wait().success());
     assert!(agent.stop().success());
 }
+
+/// What Grafana needs to import and template the dashboards: a uid and title, the
+/// `datasource` variable used by every panel and query, unique panel ids, panels inside the
+/// 24-column grid, and node/model/GPU variables where their labels are queried.
+#[test]
+fn dashboards_are_well_formed() {
+    let mut uids = BTreeSet::new();
+    for file in files("grafana", "json") {
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+        let title = v["title"].as_str().unwrap();
+        assert!(
+            uids.insert(v["uid"].as_str().unwrap().to_string()),
+            "{title}"
+        );
+        let vars: BTreeSet<&str> = v["templating"]["list"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["name"].as_str().unwrap())
+            .collect();
+        assert!(
+            vars.contains("datasource") && vars.contains("node"),
+            "{title}: {vars:?}"
+        );
+        let mut ids = BTreeSet::new();
+        for p in v["panels"].as_array().unwrap() {
+            let what = format!("{title} / {}", p["title"]);
+            assert!(
+                ids.insert(p["id"].as_u64().unwrap()),
+                "{what}: duplicate id"
+            );
+            let g = &p["gridPos"];
+            assert!(
+                g["x"].as_u64().unwrap() + g["w"].as_u64().unwrap() <= 24,
+                "{what}: off the grid"
+            );
+            if p["type"] == "row" {
+                continue;
+            }
+            assert_eq!(p["datasource"]["uid"], "${datasource}", "{what}");
+            let targets = p["targets"].as_array().unwrap();
+            assert!(!targets.is_empty(), "{what}: no query");
+            for t in targets {
+                assert_eq!(t["datasource"]["uid"], "${datasource}", "{what}");
+                let expr = t["expr"].as_str().unwrap();
+                for (label, var) in [("node", "$node"), ("model", "$model"), ("gpu", "$gpu")] {
+                    if expr.contains(&format!("{label}=~")) {
+                        assert!(
+                            expr.contains(&format!("{label}=~\"{var}\""))
+                                && vars.contains(&var[1..]),
+                            "{what}: {label} not templated in {expr}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(uids.len(), 4);
+}
