@@ -80,6 +80,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Requests timed on the wire (probe family `http`).
     pub http: crate::http::HttpConfig,
+    /// The inference servers' own `/metrics`, scraped and re-exported.
+    pub scrape: crate::scrape::ScrapeConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -172,6 +174,7 @@ impl Default for Config {
             forensics: ForensicsConfig::default(),
             limits: LimitsConfig::default(),
             http: Default::default(),
+            scrape: Default::default(),
         }
     }
 }
@@ -287,6 +290,14 @@ impl Config {
                 "probes.poll_interval_ms and probes.discovery_interval_ms must be above 0".into(),
             ));
         }
+        let s = &self.scrape;
+        if s.interval_ms < 100 || s.timeout_ms == 0 || s.max_bytes == 0 || !s.path.starts_with('/')
+        {
+            return Err(ConfigError::Invalid(format!(
+                "scrape: interval_ms = {} (at least 100), timeout_ms = {} and max_bytes = {} (above 0), path = {:?} (starting with /)",
+                s.interval_ms, s.timeout_ms, s.max_bytes, s.path
+            )));
+        }
         for name in &self.probes.disabled {
             if !crate::probe::is_known_probe(name) {
                 return Err(ConfigError::Invalid(format!(
@@ -368,6 +379,15 @@ mod tests {
             PathBuf::from("/var/lib/inferscope/forensics")
         );
         assert_eq!(c.probes.stack_sample_every, 64);
+        assert!(c.scrape.enabled);
+        assert_eq!(c.scrape.interval_ms, 15_000);
+        let c = Config::load(
+            None,
+            &env(&[("INFERSCOPE_SCRAPE__INTERVAL_MS", "200")]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.scrape.interval_ms, 200);
     }
 
     #[test]
@@ -421,6 +441,8 @@ mod tests {
             ("INFERSCOPE_PROBES__BUDGET_CORE_SHARE", "2.0"),
             ("INFERSCOPE_PROBES__DISABLED", "[\"cuNothing\"]"),
             ("INFERSCOPE_PROMETHEUS_LISTEN", "not-an-address"),
+            ("INFERSCOPE_SCRAPE__INTERVAL_MS", "0"),
+            ("INFERSCOPE_SCRAPE__PATH", "metrics"),
         ];
         for (k, v) in bad {
             assert!(
