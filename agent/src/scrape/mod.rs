@@ -75,7 +75,8 @@ pub enum Servers {
 }
 
 struct Target {
-    server: Server,
+    /// The server kind, once told by its metric names when discovery found it by port.
+    kind: &'static str,
     argv: Vec<String>,
     model: Option<String>,
     /// The address that answered last.
@@ -169,7 +170,7 @@ impl Scraper {
                 let argv = discover::argv(&self.procfs, pid).unwrap_or_default();
                 Target {
                     model: target::model(&server, &argv),
-                    server,
+                    kind: server.kind,
                     argv,
                     addr: None,
                     up: None,
@@ -211,12 +212,12 @@ impl Scraper {
         };
         let port = o.addr.map_or(0, |a| a.port());
         let pid = o.pid;
-        let mut kind = t.server.kind;
+        let mut kind = t.kind;
         let ingested = o.body.and_then(|body| {
             parse::ingest(
                 &body,
                 |families| {
-                    kind = refine(t.server.kind, families);
+                    kind = refine(kind, families);
                     target::target_labels(kind, pid, port)
                 },
                 self.config.max_series,
@@ -226,6 +227,7 @@ impl Scraper {
                 "parse"
             })
         });
+        t.kind = kind;
         let up = ScrapeTargetLabels {
             server: kind.to_string(),
             pid,
