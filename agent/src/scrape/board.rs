@@ -229,6 +229,8 @@ x_seconds_bucket{le=\"0.5\"} 1\nx_seconds_bucket{le=\"+Inf\"} 3\nx_seconds_sum 4
             ),
             "{text}"
         );
+        openmetrics_parser::openmetrics::parse_openmetrics(&text)
+            .unwrap_or_else(|e| panic!("not OpenMetrics: {e:?}\n{text}"));
         board.remove(1);
         board.retain(|p| p != 2);
         let text = encode(board);

@@ -24,8 +24,11 @@ enum Combine {
     Mean,
 }
 
-/// (derived series, how, sources: (family, server)).
-const RULES: &[(ServerSeries, Combine, &[(&str, &str)])] = &[
+/// Families a derived series is read from, in order of preference: (family, server kind).
+type Sources = &'static [(&'static str, &'static str)];
+
+/// (derived series, how, sources).
+const RULES: &[(ServerSeries, Combine, Sources)] = &[
     (
         ServerSeries::BatchSize,
         Combine::Sum,

@@ -65,6 +65,9 @@ impl Family {
     }
 }
 
+/// A family left out: (name, why).
+pub type Skipped = (String, &'static str);
+
 /// What one scrape gave, after limits.
 #[derive(Debug, Default, PartialEq)]
 pub struct Ingested {
@@ -72,8 +75,7 @@ pub struct Ingested {
     pub families: Vec<Family>,
     /// The families as the server wrote them (before relabelling), for the derived series.
     pub original: Vec<Family>,
-    /// Families left out: (name, why).
-    pub skipped: Vec<(String, &'static str)>,
+    pub skipped: Vec<Skipped>,
     /// Series left out by `max_series`.
     pub truncated: usize,
 }
@@ -151,7 +153,7 @@ fn relabel(f: &Family, target: &[(&str, String)]) -> Family {
 }
 
 /// The families of a body, sorted by name, and those left out.
-pub fn parse(text: &str) -> Result<(Vec<Family>, Vec<(String, &'static str)>), ParseError> {
+pub fn parse(text: &str) -> Result<(Vec<Family>, Vec<Skipped>), ParseError> {
     if text.trim().is_empty() {
         return Ok((Vec::new(), Vec::new()));
     }

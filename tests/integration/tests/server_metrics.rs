@@ -94,15 +94,42 @@ fn vllm_metrics_are_reexported_and_derived_and_go_with_the_server() {
     exact("vllm:num_preemptions_total", &with(&[]), 7.0);
     exact("vllm:time_to_first_token_seconds_count", &with(&[]), 2.0);
     exact("vllm:time_to_first_token_seconds_sum", &with(&[]), 0.25);
-    exact("vllm:time_to_first_token_seconds_bucket", &with(&[("le", "0.1")]), 1.0);
-    exact("vllm:time_to_first_token_seconds_bucket", &with(&[("le", "+Inf")]), 2.0);
+    exact(
+        "vllm:time_to_first_token_seconds_bucket",
+        &with(&[("le", "0.1")]),
+        1.0,
+    );
+    exact(
+        "vllm:time_to_first_token_seconds_bucket",
+        &with(&[("le", "+Inf")]),
+        2.0,
+    );
     exact("vllm:inter_token_latency_seconds_count", &with(&[]), 1.0);
-    exact("vllm:e2e_request_latency_seconds_bucket", &with(&[("le", "1.0")]), 0.0);
-    exact("vllm:e2e_request_latency_seconds_bucket", &with(&[("le", "2.5")]), 1.0);
-    assert!(s.text.contains("# TYPE vllm:prompt_tokens counter\n"), "{}", s.text);
-    assert!(s.text.contains("# TYPE vllm:time_to_first_token_seconds histogram\n"), "{}", s.text);
+    exact(
+        "vllm:e2e_request_latency_seconds_bucket",
+        &with(&[("le", "1.0")]),
+        0.0,
+    );
+    exact(
+        "vllm:e2e_request_latency_seconds_bucket",
+        &with(&[("le", "2.5")]),
+        1.0,
+    );
     assert!(
-        s.text.contains("# HELP vllm:num_requests_running Number of requests in model execution batches.\n"),
+        s.text.contains("# TYPE vllm:prompt_tokens counter\n"),
+        "{}",
+        s.text
+    );
+    assert!(
+        s.text
+            .contains("# TYPE vllm:time_to_first_token_seconds histogram\n"),
+        "{}",
+        s.text
+    );
+    assert!(
+        s.text.contains(
+            "# HELP vllm:num_requests_running Number of requests in model execution batches.\n"
+        ),
         "{}",
         s.text
     );
@@ -180,9 +207,19 @@ fn older_vllm_names_tgi_and_sglang_map_onto_the_same_derived_series() {
     let (o, t, g) = (pids[0].as_str(), pids[1].as_str(), pids[2].as_str());
     assert_eq!(derived(o, "old-model", "vllm", "llm_batch_size"), 4.0);
     assert_eq!(derived(o, "old-model", "vllm", "llm_queue_depth"), 1.0);
-    assert_eq!(derived(o, "old-model", "vllm", "llm_kv_cache_usage_ratio"), 0.9);
-    assert_eq!(derived(o, "old-model", "vllm", "llm_preemptions_total"), 2.0);
-    assert!(!s.has("llm_kv_cache_hit_ratio", &[("pid", o)]), "no queries yet\n{}", s.text);
+    assert_eq!(
+        derived(o, "old-model", "vllm", "llm_kv_cache_usage_ratio"),
+        0.9
+    );
+    assert_eq!(
+        derived(o, "old-model", "vllm", "llm_preemptions_total"),
+        2.0
+    );
+    assert!(
+        !s.has("llm_kv_cache_hit_ratio", &[("pid", o)]),
+        "no queries yet\n{}",
+        s.text
+    );
     assert_eq!(
         s.sum("vllm:time_per_output_token_seconds_count", &[("pid", o)]),
         1.0,
@@ -191,8 +228,14 @@ fn older_vllm_names_tgi_and_sglang_map_onto_the_same_derived_series() {
     );
     // TGI's model comes from its command line.
     assert_eq!(derived(t, "bigscience/bloom", "tgi", "llm_batch_size"), 6.0);
-    assert_eq!(derived(t, "bigscience/bloom", "tgi", "llm_queue_depth"), 11.0);
-    assert_eq!(s.sum("tgi_queue_size", &[("pid", t), ("server", "tgi")]), 11.0);
+    assert_eq!(
+        derived(t, "bigscience/bloom", "tgi", "llm_queue_depth"),
+        11.0
+    );
+    assert_eq!(
+        s.sum("tgi_queue_size", &[("pid", t), ("server", "tgi")]),
+        11.0
+    );
     assert_eq!(s.sum("tgi_request_duration_count", &[("pid", t)]), 2.0);
     assert_eq!(
         s.sum("tgi_request_duration_bucket", &[("pid", t), ("le", "1.0")]),
@@ -206,10 +249,18 @@ fn older_vllm_names_tgi_and_sglang_map_onto_the_same_derived_series() {
         1.0
     );
     // TGI writes its counters without `_total`; OpenMetrics names the sample with it.
-    assert_eq!(s.sum("tgi_request_count_total", &[("pid", t)]), 9.0, "{}", s.text);
+    assert_eq!(
+        s.sum("tgi_request_count_total", &[("pid", t)]),
+        9.0,
+        "{}",
+        s.text
+    );
     assert_eq!(derived(g, "qwen", "sglang", "llm_batch_size"), 2.0);
     assert_eq!(derived(g, "qwen", "sglang", "llm_queue_depth"), 8.0);
-    assert_eq!(derived(g, "qwen", "sglang", "llm_kv_cache_usage_ratio"), 0.4);
+    assert_eq!(
+        derived(g, "qwen", "sglang", "llm_kv_cache_usage_ratio"),
+        0.4
+    );
     assert_eq!(derived(g, "qwen", "sglang", "llm_kv_cache_hit_ratio"), 0.6);
     promtool_accepts(&s.text);
 }
