@@ -14,7 +14,8 @@ time_per_output_token_seconds), TGI (tgi_*) or SGLang (sglang:*). Values come fr
 POST /control/metrics (JSON): gauges and counters by short name (running, waiting, kv,
 preemptions, queries, hits, prompt_tokens, generation_tokens, cache_hit_rate), histogram
 observations as lists (ttft, itl, e2e, queue, prefill, decode), and "break": "garbage" |
-"oversized" | null to make /metrics answer junk or a huge body.
+"oversized" | null to make /metrics answer junk or a huge body; --metrics-values sets the
+same at start.
 """
 
 import argparse
@@ -32,6 +33,7 @@ parser.add_argument("--model", default="stand-in")
 parser.add_argument("--ttft-ms", type=float, default=20.0)
 parser.add_argument("--token-ms", type=float, default=5.0)
 parser.add_argument("--metrics", choices=["vllm", "vllm-old", "tgi", "sglang"])
+parser.add_argument("--metrics-values", default="{}", help="initial values, as for /control/metrics")
 args = parser.parse_args()
 
 app = FastAPI()
@@ -40,6 +42,7 @@ if args.metrics:
     import server_metrics
 
     own_metrics = server_metrics.ServerMetrics(args.metrics, args.model)
+    own_metrics.apply(json.loads(args.metrics_values))
 
     @app.get("/metrics")
     async def metrics():

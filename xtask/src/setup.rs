@@ -90,6 +90,11 @@ fn fuzzing() -> anyhow::Result<()> {
 /// The http tests' stand-in server and clients: uvicorn + FastAPI (vLLM's stack), the
 /// official openai client, and prometheus_client (the servers' own metrics, as vLLM writes them).
 fn python_fixtures() -> anyhow::Result<()> {
+    // tests/integration/tests/server_metrics.rs puts a server in a network namespace of its
+    // own (`unshare`, util-linux; `ip`, iproute2).
+    if !succeeds("ip", &["-V"]) {
+        apt_install(&["iproute2"])?;
+    }
     if succeeds(
         "python3",
         &["-c", "import fastapi, uvicorn, openai, prometheus_client"],

@@ -299,3 +299,52 @@ fn garbage_and_oversized_bodies_are_counted_and_metrics_stay_valid() {
     promtool_accepts(&s.text);
     assert!(agent.stop().success());
 }
+
+/// A pod's server listens in the pod's network namespace, which the agent (host network) does
+/// not share: the agent connects from inside it. The server here is in a namespace of its
+/// own (`unshare --net`), unreachable from the test's; it is found by its command line.
+#[test]
+fn a_server_in_another_network_namespace_is_scraped_inside_it() {
+    if !root_tier() {
+        return;
+    }
+    let port = free_port().to_string();
+    // Unique on this machine: other tests' servers must not match.
+    let model = format!("netns-{}-{port}", std::process::id());
+    let script = servers_dir().join("openai_server.py");
+    let mut child = Command::new("unshare")
+        .args(["--net", "--", "sh", "-c"])
+        .arg(r#"ip link set lo up && exec python3 "$0" "$@""#)
+        .arg(&script)
+        .args(["--port", &port, "--model", &model, "--metrics", "vllm"])
+        .args(["--metrics-values", r#"{"running": 6, "waiting": 3}"#])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("unshare (util-linux) and ip (iproute2)");
+    let pid = child.id().to_string();
+    let matcher = format!(r#"["{model}"]"#);
+    let mut env = SCRAPE_ENV.to_vec();
+    env.push(("INFERSCOPE_HTTP__MATCH_COMMANDS", &matcher));
+    let agent = Agent::start_with_env(&[], &env);
+    let t = [("pid", pid.as_str()), ("port", port.as_str())];
+    let s = agent.wait_for("the namespaced server's metrics", |s| {
+        s.has("llm_batch_size", &t)
+    });
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port.parse::<u16>().unwrap())).is_err(),
+        "the server is reachable from the test's namespace: the test proves nothing"
+    );
+    assert_eq!(
+        s.sum("llm_batch_size", &[("pid", &pid), ("model", &model)]),
+        6.0,
+        "{}",
+        s.text
+    );
+    assert_eq!(s.sum("vllm:num_requests_waiting", &t), 3.0, "{}", s.text);
+    assert_eq!(s.sum("inferscope_scrape_up", &t), 1.0, "{}", s.text);
+    let _ = child.kill();
+    let _ = child.wait();
+    agent.wait_for("the series to go", |s| !s.has("llm_batch_size", &t));
+    assert!(agent.stop().success());
+}
