@@ -95,7 +95,7 @@ pub fn connect(
         return plain();
     }
     // A thread of its own: its namespace changes, and it ends with the connection made.
-    std::thread::Builder::new()
+    let entered = std::thread::Builder::new()
         .name("scrape-connect".into())
         .spawn(move || {
             // SAFETY: setns on a descriptor we own; affects only this thread.
@@ -109,7 +109,44 @@ pub fn connect(
         })
         .map_err(|_| ConnectError::Thread)?
         .join()
-        .map_err(|_| ConnectError::Thread)?
+        .map_err(|_| ConnectError::Thread)?;
+    match entered {
+        // Without CAP_SYS_ADMIN (the shipped DaemonSet) the namespace cannot be entered: a
+        // server bound to every address of its pod is reached on the pod's address instead.
+        Err(ConnectError::Namespace { source, .. })
+            if source.raw_os_error() == Some(libc::EPERM) && addr.ip().is_loopback() =>
+        {
+            let ip = pod_address(procfs, pid).ok_or(ConnectError::Namespace { pid, source })?;
+            let addr = SocketAddr::new(ip, addr.port());
+            TcpStream::connect_timeout(&addr, timeout)
+                .map_err(|source| ConnectError::Connect { addr, source })
+        }
+        other => other,
+    }
+}
+
+/// The first IPv4 address of the process's network namespace that is not loopback (the pod's
+/// address), from its `/proc/<pid>/net/fib_trie`.
+pub fn pod_address(procfs: &ProcFs, pid: u32) -> Option<IpAddr> {
+    let text =
+        std::fs::read_to_string(procfs.root().join(pid.to_string()).join("net/fib_trie")).ok()?;
+    local_address(&text)
+}
+
+/// In `fib_trie`, a local address is a leaf (`|-- a.b.c.d`) followed by `/32 host LOCAL`.
+fn local_address(fib_trie: &str) -> Option<IpAddr> {
+    let mut leaf: Option<Ipv4Addr> = None;
+    for line in fib_trie.lines() {
+        let line = line.trim();
+        if let Some(ip) = line.strip_prefix("|-- ") {
+            leaf = ip.parse().ok();
+        } else if line.starts_with("/32 host LOCAL") {
+            if let Some(ip) = leaf.filter(|ip| !ip.is_loopback()) {
+                return Some(IpAddr::V4(ip));
+            }
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -148,6 +185,23 @@ mod tests {
         };
         let argv: Vec<String> = ["python3", "x.py", "--model=abc"].map(String::from).into();
         assert_eq!(model(&server, &argv).as_deref(), Some("abc"));
+    }
+
+    #[test]
+    fn finds_the_pods_address_in_fib_trie() {
+        let trie = "Main:\n  +-- 0.0.0.0/0 3 0 5\n     |-- 0.0.0.0\n        /0 universe UNICAST\n\
+     +-- 127.0.0.0/8 2 0 2\n        +-- 127.0.0.0/31 1 0 0\n           |-- 127.0.0.0\n\
+              /8 host LOCAL\n           |-- 127.0.0.1\n              /32 host LOCAL\n\
+     +-- 10.244.1.0/24 2 0 2\n           |-- 10.244.1.0\n              /24 link UNICAST\n\
+           |-- 10.244.1.17\n              /32 host LOCAL\n        |-- 10.244.1.255\n\
+           /32 link BROADCAST\n";
+        assert_eq!(local_address(trie), Some("10.244.1.17".parse().unwrap()));
+        assert_eq!(
+            local_address(
+                "|-- 127.0.0.1\n   /32 host LOCAL\n|-- 10.0.0.255\n /32 link BROADCAST\n"
+            ),
+            None
+        );
     }
 
     #[test]
