@@ -233,12 +233,9 @@ impl Scraper {
             pid,
             port,
         };
-        if t.up.as_ref().is_some_and(|old| *old != up) {
-            let old = t.up.take();
-            if let Some(old) = old {
-                m.scrape_up.remove(&old);
-                m.scrape_duration.remove(&old);
-            }
+        if let Some(old) = t.up.take_if(|old| *old != up) {
+            m.scrape_up.remove(&old);
+            m.scrape_duration.remove(&old);
         }
         m.scrape_duration
             .get_or_create(&up)

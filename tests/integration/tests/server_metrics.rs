@@ -300,6 +300,32 @@ fn garbage_and_oversized_bodies_are_counted_and_metrics_stay_valid() {
     assert!(agent.stop().success());
 }
 
+/// With the `http` probe family off (no watcher), the scraper finds the servers itself.
+#[test]
+fn servers_are_scraped_with_the_http_family_disabled() {
+    if !root_tier() {
+        return;
+    }
+    let server = OpenAiServer::start_with("solo", &["--metrics", "vllm"]);
+    server.post("/control/metrics", r#"{"waiting": 9}"#);
+    let port = server.port.to_string();
+    let agent = Agent::start_with_env(
+        &["--disable-probe", "http", "--watch-port", &port],
+        SCRAPE_ENV,
+    );
+    let pid = server.pid().to_string();
+    let t = [("pid", pid.as_str()), ("model", "solo"), ("server", "vllm")];
+    let s = agent.wait_for("the server's queue depth", |s| s.has("llm_queue_depth", &t));
+    assert_eq!(s.sum("llm_queue_depth", &t), 9.0, "{}", s.text);
+    assert_eq!(
+        s.sum("inferscope_http_watched_processes", &[]),
+        0.0,
+        "{}",
+        s.text
+    );
+    assert!(agent.stop().success());
+}
+
 /// A pod's server listens in the pod's network namespace, which the agent (host network) does
 /// not share: the agent connects from inside it. The server here is in a namespace of its
 /// own (`unshare --net`), unreachable from the test's; it is found by its command line.
