@@ -107,8 +107,26 @@ pub async fn run(
     let load = Arc::new(crate::http::load::LoadBoard::new(
         config.forensics.timeline_secs,
     ));
-    let http_stage = crate::http::Stage::start(http_maps, &config, metrics.clone(), load.clone())
-        .map_err(StartError::Thread)?;
+    let servers = Arc::new(crate::http::discover::ServerBoard::default());
+    let http_stage = crate::http::Stage::start(
+        http_maps,
+        &config,
+        metrics.clone(),
+        load.clone(),
+        servers.clone(),
+    )
+    .map_err(StartError::Thread)?;
+    let scrape_servers = if http_stage.watching() {
+        crate::scrape::Servers::Board(servers)
+    } else {
+        crate::scrape::Servers::Scan {
+            ports: config.http.watch_ports.clone(),
+            matchers: config.http.match_commands.clone(),
+            seen: Default::default(),
+        }
+    };
+    let scraper =
+        crate::scrape::Stage::start(&config, metrics.clone(), scrape_servers, stop_rx.clone());
     let ingest = tokio::spawn(ingest::run_with_http(
         loaded.events,
         Duration::from_millis(config.probes.poll_interval_ms),
@@ -179,6 +197,7 @@ pub async fn run(
     }
     report_join("ingest", ingest.await.map(|r| r.map_err(|e| e.to_string())));
     http_stage.stop().await;
+    scraper.stop().await;
     if let Ok(t) = tracker.await {
         tracing::debug!(processes = t.ledger().len(), "tracker drained");
     }

@@ -82,6 +82,8 @@ pub struct Config {
     pub http: crate::http::HttpConfig,
     /// GPU prices for the cost rules in deploy/prometheus/.
     pub cost: CostConfig,
+    /// The inference servers' own `/metrics`, scraped and re-exported.
+    pub scrape: crate::scrape::ScrapeConfig,
 }
 
 /// Prices are exported per GPU (`inferscope_gpu_hour_price`) rather than kept in the
@@ -206,6 +208,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             http: Default::default(),
             cost: CostConfig::default(),
+            scrape: Default::default(),
         }
     }
 }
@@ -334,6 +337,14 @@ impl Config {
                 )));
             }
         }
+        let s = &self.scrape;
+        if s.interval_ms < 100 || s.timeout_ms == 0 || s.max_bytes == 0 || !s.path.starts_with('/')
+        {
+            return Err(ConfigError::Invalid(format!(
+                "scrape: interval_ms = {} (at least 100), timeout_ms = {} and max_bytes = {} (above 0), path = {:?} (starting with /)",
+                s.interval_ms, s.timeout_ms, s.max_bytes, s.path
+            )));
+        }
         for name in &self.probes.disabled {
             if !crate::probe::is_known_probe(name) {
                 return Err(ConfigError::Invalid(format!(
@@ -415,6 +426,15 @@ mod tests {
             PathBuf::from("/var/lib/inferscope/forensics")
         );
         assert_eq!(c.probes.stack_sample_every, 64);
+        assert!(c.scrape.enabled);
+        assert_eq!(c.scrape.interval_ms, 15_000);
+        let c = Config::load(
+            None,
+            &env(&[("INFERSCOPE_SCRAPE__INTERVAL_MS", "200")]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.scrape.interval_ms, 200);
     }
 
     #[test]
@@ -484,6 +504,8 @@ mod tests {
             ("INFERSCOPE_PROBES__DISABLED", "[\"cuNothing\"]"),
             ("INFERSCOPE_PROMETHEUS_LISTEN", "not-an-address"),
             ("INFERSCOPE_COST__GPU_HOUR_PRICE", "-1.0"),
+            ("INFERSCOPE_SCRAPE__INTERVAL_MS", "0"),
+            ("INFERSCOPE_SCRAPE__PATH", "metrics"),
         ];
         for (k, v) in bad {
             assert!(

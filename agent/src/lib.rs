@@ -2,7 +2,8 @@
 //!
 //! Data flows one way: [`probe`] (load and attach eBPF programs, discover CUDA libraries)
 //! → [`ingest`] (ring buffer → typed events) → [`track`] (per-process allocation ledger)
-//! → [`export`] (Prometheus `/metrics`). [`agent`] wires the stages and owns shutdown.
+//! → [`export`] (Prometheus `/metrics`). [`scrape`] reads the inference servers' own
+//! `/metrics` for the same exposition. [`agent`] wires the stages and owns shutdown.
 
 pub mod agent;
 pub mod clock;
@@ -15,4 +16,5 @@ pub mod http;
 pub mod ingest;
 pub mod probe;
 pub mod proc;
+pub mod scrape;
 pub mod track;

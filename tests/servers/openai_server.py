@@ -6,6 +6,16 @@ per server (flags) or per request (headers):
   x-token-ms    delay between tokens (default --token-ms)
   x-error       400 | 429 | 500 | context  (answer with that error instead)
 Output tokens = max_tokens (default 8); prompt tokens = whitespace-separated words of the prompt.
+
+With --metrics it also serves the server's own Prometheus /metrics on the same port, as vLLM
+and TGI do, written by the official prometheus_client package with the real names, types and
+labels of vLLM (current names; vllm-old: the older gpu_cache_usage_perc and
+time_per_output_token_seconds), TGI (tgi_*) or SGLang (sglang:*). Values come from
+POST /control/metrics (JSON): gauges and counters by short name (running, waiting, kv,
+preemptions, queries, hits, prompt_tokens, generation_tokens, cache_hit_rate), histogram
+observations as lists (ttft, itl, e2e, queue, prefill, decode), and "break": "garbage" |
+"oversized" | null to make /metrics answer junk or a huge body; --metrics-values sets the
+same at start.
 """
 
 import argparse
@@ -22,9 +32,26 @@ parser.add_argument("--port", type=int, required=True)
 parser.add_argument("--model", default="stand-in")
 parser.add_argument("--ttft-ms", type=float, default=20.0)
 parser.add_argument("--token-ms", type=float, default=5.0)
+parser.add_argument("--metrics", choices=["vllm", "vllm-old", "tgi", "sglang"])
+parser.add_argument("--metrics-values", default="{}", help="initial values, as for /control/metrics")
 args = parser.parse_args()
 
 app = FastAPI()
+
+if args.metrics:
+    import server_metrics
+
+    own_metrics = server_metrics.ServerMetrics(args.metrics, args.model)
+    own_metrics.apply(json.loads(args.metrics_values))
+
+    @app.get("/metrics")
+    async def metrics():
+        return own_metrics.response()
+
+    @app.post("/control/metrics")
+    async def control_metrics(request: Request):
+        own_metrics.apply(await request.json())
+        return {"ok": True}
 
 
 def prompt_tokens(body):

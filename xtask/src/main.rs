@@ -98,12 +98,17 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     tests.and(fuzz)
 }
 
-/// Fuzz targets run for a bounded time (`INFERSCOPE_FUZZ_SECS`, default 60 per target); a
-/// crash or a failed check fails the run (the input is left in `fuzz/artifacts/`).
+/// Fuzz targets run for a bounded time (`INFERSCOPE_FUZZ_SECS`, default 60, shared by the
+/// targets); a crash or a failed check fails the run (the input is left in `fuzz/artifacts/`).
 fn fuzz() -> anyhow::Result<()> {
-    let secs = std::env::var("INFERSCOPE_FUZZ_SECS").unwrap_or_else(|_| "60".into());
+    const TARGETS: [&str; 2] = ["http_parser", "server_metrics"];
+    let total: u64 = std::env::var("INFERSCOPE_FUZZ_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    let secs = (total / TARGETS.len() as u64).max(1);
     let root = util::root_dir();
-    for target in ["http_parser"] {
+    for target in TARGETS {
         let corpus = root.join("fuzz/corpus").join(target);
         std::fs::create_dir_all(&corpus)?;
         let seeds = root.join("fuzz/seeds").join(target);

@@ -163,19 +163,34 @@ fn fuzzing() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The http tests' stand-in server and clients: uvicorn + FastAPI (vLLM's stack) and the
-/// official openai client.
+/// The http tests' stand-in server and clients: uvicorn + FastAPI (vLLM's stack), the
+/// official openai client, and prometheus_client (the servers' own metrics, as vLLM writes them).
 fn python_fixtures() -> anyhow::Result<()> {
-    if succeeds("python3", &["-c", "import fastapi, uvicorn, openai"]) {
+    // tests/integration/tests/server_metrics.rs puts a server in a network namespace of its
+    // own (`unshare`, util-linux; `ip`, iproute2).
+    if !succeeds("ip", &["-V"]) {
+        apt_install(&["iproute2"])?;
+    }
+    if succeeds(
+        "python3",
+        &["-c", "import fastapi, uvicorn, openai, prometheus_client"],
+    ) {
         return Ok(());
     }
     if !succeeds("python3", &["-m", "pip", "--version"]) {
         apt_install(&["python3", "python3-pip"])?;
     }
-    eprintln!("xtask setup: installing fastapi, uvicorn, openai (pip)");
+    eprintln!("xtask setup: installing fastapi, uvicorn, openai, prometheus-client (pip)");
     let mut cmd = Command::new("python3");
     cmd.args([
-        "-m", "pip", "install", "--quiet", "fastapi", "uvicorn", "openai",
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "fastapi",
+        "uvicorn",
+        "openai",
+        "prometheus-client",
     ]);
     if util::run(&mut cmd).is_err() {
         // Debian's system Python refuses pip without this (PEP 668).
@@ -188,8 +203,9 @@ fn python_fixtures() -> anyhow::Result<()> {
             "fastapi",
             "uvicorn",
             "openai",
+            "prometheus-client",
         ]))
-        .context("pip install fastapi uvicorn openai failed")?;
+        .context("pip install fastapi uvicorn openai prometheus-client failed")?;
     }
     Ok(())
 }

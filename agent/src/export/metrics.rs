@@ -117,6 +117,73 @@ pub struct PidGpuLabels {
     pub gpu: u32,
 }
 
+/// A scraped inference server: `inferscope_scrape_up`, `inferscope_scrape_duration_seconds`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ScrapeTargetLabels {
+    pub server: String,
+    pub pid: u32,
+    pub port: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ScrapeErrorLabels {
+    pub server: String,
+    pub reason: &'static str,
+}
+
+/// Series derived from the inference servers' own metrics (`crate::scrape::derive` says from
+/// which), encoded by the scrape collector (`crate::scrape::board`) from its latest snapshot,
+/// with labels `model` and the target's (`server`, `pid`, `port`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ServerSeries {
+    BatchSize,
+    QueueDepth,
+    KvCacheUsage,
+    KvCacheHitRatio,
+    Preemptions,
+}
+
+impl ServerSeries {
+    pub const ALL: [ServerSeries; 5] = [
+        Self::BatchSize,
+        Self::QueueDepth,
+        Self::KvCacheUsage,
+        Self::KvCacheHitRatio,
+        Self::Preemptions,
+    ];
+
+    /// The family name (a counter's without `_total`, which the encoder appends).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::BatchSize => "llm_batch_size",
+            Self::QueueDepth => "llm_queue_depth",
+            Self::KvCacheUsage => "llm_kv_cache_usage_ratio",
+            Self::KvCacheHitRatio => "llm_kv_cache_hit_ratio",
+            Self::Preemptions => "llm_preemptions",
+        }
+    }
+
+    pub fn help(self) -> &'static str {
+        match self {
+            Self::BatchSize => {
+                "Requests the server is running (in its batch), from its own metrics"
+            }
+            Self::QueueDepth => "Requests waiting in the server's queue, from its own metrics",
+            Self::KvCacheUsage => {
+                "Fraction of the server's KV cache in use, 0-1, from its own metrics"
+            }
+            Self::KvCacheHitRatio => {
+                "Prefix-cache hits over queries since the server started, 0-1, from its own metrics"
+            }
+            Self::Preemptions => "Requests the server preempted, from its own metrics",
+        }
+    }
+
+    pub fn is_counter(self) -> bool {
+        self == Self::Preemptions
+    }
+}
+
 fn latency_histogram() -> Histogram {
     // 1 µs … ~4 s: pool hits take microseconds, a driver that must reclaim memory seconds.
     Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
@@ -176,6 +243,11 @@ pub struct Metrics {
     pub gpu_process_memory_overhead: Family<ProcessGpuLabels, Gauge>,
     /// Family `http`: requests timed on the wire (`crate::http::metrics`).
     pub http: crate::http::metrics::HttpMetrics,
+    pub scrape_up: Family<ScrapeTargetLabels, Gauge>,
+    pub scrape_duration: Family<ScrapeTargetLabels, GaugeF>,
+    pub scrape_errors: Family<ScrapeErrorLabels, Counter>,
+    /// The servers' own metrics, re-exported, and the [`ServerSeries`] derived from them.
+    pub scraped: std::sync::Arc<crate::scrape::board::ScrapeBoard>,
 }
 
 impl Default for Metrics {
@@ -237,8 +309,13 @@ impl Metrics {
             gpu_process_sm_utilization: Family::default(),
             gpu_process_memory_overhead: Family::default(),
             http: Default::default(),
+            scrape_up: Family::default(),
+            scrape_duration: Family::default(),
+            scrape_errors: Family::default(),
+            scraped: Default::default(),
             registry: Registry::default(),
         };
+        m.register_scrape(&mut registry);
         m.register_gpu(&mut registry);
         m.http.register(&mut registry);
         m.register_forensics(&mut registry);
@@ -329,6 +406,25 @@ impl Metrics {
             m.tracked_processes.clone(),
         );
         Metrics { registry, ..m }
+    }
+
+    fn register_scrape(&self, r: &mut Registry) {
+        r.register(
+            "inferscope_scrape_up",
+            "1 when the last scrape of the server's own /metrics succeeded, else 0",
+            self.scrape_up.clone(),
+        );
+        r.register(
+            "inferscope_scrape_duration_seconds",
+            "Duration of the last scrape of the server's own /metrics",
+            self.scrape_duration.clone(),
+        );
+        r.register(
+            "inferscope_scrape_errors",
+            "Failed or partial scrapes of servers' own /metrics, by reason",
+            self.scrape_errors.clone(),
+        );
+        r.register_collector(Box::new(self.scraped.clone()));
     }
 
     fn register_forensics(&self, r: &mut Registry) {

@@ -102,6 +102,12 @@ pub struct Exchange {
 }
 
 impl Exchange {
+    /// A Prometheus scrape of the server's own metrics (the agent's scraper's or anyone's):
+    /// parsed to keep requests and responses paired, never counted as an inference request.
+    pub fn is_monitoring(&self) -> bool {
+        self.method == "GET" && self.route.split('?').next() == Some("/metrics")
+    }
+
     /// Output tokens: `usage` when the response had it, else counted stream events.
     pub fn output_tokens(&self) -> Option<u64> {
         self.usage
@@ -350,10 +356,12 @@ impl Conn {
             out.push(Output::Bad(Bad::PipelineOverflow));
             return;
         }
-        x.received = true;
-        out.push(Output::Received {
-            model: x.model.clone(),
-        });
+        if !x.is_monitoring() {
+            x.received = true;
+            out.push(Output::Received {
+                model: x.model.clone(),
+            });
+        }
         self.pending.push_back(x);
     }
 
@@ -761,6 +769,31 @@ mod tests {
         assert_eq!(f[0].error, Some(ErrorType::ContextLength));
         assert_eq!(f[1].error, Some(ErrorType::RateLimited));
         assert_eq!(f[1].route, "/health");
+    }
+
+    #[test]
+    fn metrics_scrapes_are_paired_but_not_inference_requests() {
+        let mut c = Conn::new(0);
+        let mut out = Vec::new();
+        let mut two = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
+        two.extend_from_slice(REQ);
+        c.read(10, &two, &mut out);
+        assert_eq!(
+            out.iter()
+                .filter(|o| matches!(o, Output::Received { .. }))
+                .count(),
+            1
+        );
+        c.write(
+            20,
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nx HTTP/1.1 500 Oops\r\ncontent-length: 0\r\n\r\n",
+            &mut out,
+        );
+        let f = finished(&out);
+        assert_eq!(f.len(), 2);
+        assert!(f[0].is_monitoring() && !f[0].received);
+        assert!(!f[1].is_monitoring() && f[1].received);
+        assert_eq!(f[1].status, Some(500));
     }
 
     #[test]

@@ -101,8 +101,16 @@ pub fn matched(argv: &[String], matchers: &[String]) -> Option<Server> {
     {
         return None;
     }
-    let model = argv.iter().enumerate().find_map(|(i, a)| {
-        for n in ["--served-model-name", "--model", "--model-id"] {
+    Some(Server {
+        kind: "openai-compatible",
+        model: option(argv, &["--served-model-name", "--model", "--model-id"]),
+    })
+}
+
+/// The value of the first of `names` on the command line (`--name value` or `--name=value`).
+pub fn option(argv: &[String], names: &[&str]) -> Option<String> {
+    argv.iter().enumerate().find_map(|(i, a)| {
+        for n in names {
             if a == n {
                 return argv.get(i + 1).cloned();
             }
@@ -111,10 +119,6 @@ pub fn matched(argv: &[String], matchers: &[String]) -> Option<Server> {
             }
         }
         None
-    });
-    Some(Server {
-        kind: "openai-compatible",
-        model,
     })
 }
 
@@ -131,6 +135,7 @@ pub fn argv(procfs: &ProcFs, pid: u32) -> Option<Vec<String>> {
 /// A TCP socket from `/proc/<pid>/net/tcp{,6}`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TcpSocket {
+    pub local_ip: std::net::IpAddr,
     pub local_port: u16,
     pub listening: bool,
     pub established: bool,
@@ -145,16 +150,16 @@ pub fn parse_tcp(text: &str) -> Vec<TcpSocket> {
         if f.len() < 10 {
             continue;
         }
-        let Some(port) = f[1]
-            .rsplit(':')
-            .next()
-            .and_then(|p| u16::from_str_radix(p, 16).ok())
-        else {
+        let Some((ip, port)) = f[1].split_once(':') else {
+            continue;
+        };
+        let (Some(local_ip), Ok(port)) = (proc_net_ip(ip), u16::from_str_radix(port, 16)) else {
             continue;
         };
         let state = u8::from_str_radix(f[3], 16).unwrap_or(0);
         let Ok(inode) = f[9].parse() else { continue };
         out.push(TcpSocket {
+            local_ip,
             local_port: port,
             listening: state == 0x0A,
             established: state == 0x01,
@@ -162,6 +167,25 @@ pub fn parse_tcp(text: &str) -> Vec<TcpSocket> {
         });
     }
     out
+}
+
+/// An address as `/proc/net/tcp{,6}` writes it: 32-bit words in hex, each in host byte order.
+fn proc_net_ip(hex: &str) -> Option<std::net::IpAddr> {
+    let word = |i: usize| -> Option<[u8; 4]> {
+        let w = u32::from_str_radix(hex.get(i * 8..i * 8 + 8)?, 16).ok()?;
+        Some(w.to_ne_bytes())
+    };
+    match hex.len() {
+        8 => Some(std::net::Ipv4Addr::from(word(0)?).into()),
+        32 => {
+            let mut b = [0u8; 16];
+            for i in 0..4 {
+                b[i * 4..i * 4 + 4].copy_from_slice(&word(i)?);
+            }
+            Some(std::net::Ipv6Addr::from(b).into())
+        }
+        _ => None,
+    }
 }
 
 /// TCP sockets in the network namespace of `pid` (the host's when `pid` is None).
@@ -248,6 +272,43 @@ pub fn listeners(procfs: &ProcFs, ports: &[u16]) -> HashSet<u32> {
         .collect()
 }
 
+/// Ports (and bound addresses) the process listens on, from its own network namespace.
+pub fn listening(procfs: &ProcFs, pid: u32) -> Vec<(std::net::IpAddr, u16)> {
+    let by_inode: HashMap<u64, TcpSocket> = tcp_sockets(procfs, Some(pid))
+        .into_iter()
+        .filter(|s| s.listening)
+        .map(|s| (s.inode, s))
+        .collect();
+    let mut out: Vec<(std::net::IpAddr, u16)> = socket_fds(procfs, pid)
+        .iter()
+        .filter_map(|(_, ino)| by_inode.get(ino))
+        .map(|s| (s.local_ip, s.local_port))
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// The servers the `http` watcher found on its last scan, for other stages (the server
+/// metrics scraper) that need the same list without scanning `/proc` again.
+#[derive(Debug, Default)]
+pub struct ServerBoard {
+    servers: std::sync::RwLock<HashMap<u32, Server>>,
+}
+
+impl ServerBoard {
+    pub fn publish(&self, servers: &HashMap<u32, Server>) {
+        *self.servers.write().unwrap_or_else(|e| e.into_inner()) = servers.clone();
+    }
+
+    pub fn snapshot(&self) -> HashMap<u32, Server> {
+        self.servers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
 /// Every watched server now: by command line (pids already classified are not read again:
 /// `seen` caches each pid's verdict), then by port.
 pub fn scan(
@@ -320,6 +381,13 @@ mod tests {
             (s[0].local_port, s[0].listening, s[0].inode),
             (8080, true, 12345)
         );
+        assert_eq!(s[0].local_ip.to_string(), "127.0.0.1");
+        let v6 = "sl local rem st\n 0: 00000000000000000000000001000000:1F40 00000000000000000000000000000000:0000 0A 0:0 0:0 0 0 0 7 1\n";
+        let s6 = parse_tcp(v6);
+        assert_eq!(
+            (s6[0].local_ip.to_string(), s6[0].local_port),
+            ("::1".into(), 8000)
+        );
         assert!(s[1].established && !s[1].listening);
     }
 
@@ -337,6 +405,10 @@ mod tests {
         std::fs::write(p.join("cmdline"), b"llama-server\0--alias\0tiny\0").unwrap();
         let procfs = ProcFs::new(dir.path());
         assert_eq!(accepted_fds(&procfs, 42), vec![7]);
+        assert_eq!(
+            listening(&procfs, 42),
+            vec![("127.0.0.1".parse().unwrap(), 8080)]
+        );
         let mut seen = HashMap::new();
         let servers = scan(&procfs, &[], &[], &mut seen);
         assert_eq!(servers[&42].model.as_deref(), Some("tiny"));

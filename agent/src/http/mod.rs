@@ -253,6 +253,7 @@ impl Stage {
         config: &crate::config::Config,
         metrics: std::sync::Arc<crate::export::metrics::Metrics>,
         load: std::sync::Arc<load::LoadBoard>,
+        servers: std::sync::Arc<discover::ServerBoard>,
     ) -> std::io::Result<Stage> {
         let Some(maps) = maps else {
             return Ok(Stage {
@@ -272,7 +273,8 @@ impl Stage {
             config.http.watch_ports.clone(),
             config.http.match_commands.clone(),
             tx.clone(),
-        );
+        )
+        .with_board(servers);
         let (stop_tx, stop_rx) = std::sync::mpsc::channel();
         let interval = std::time::Duration::from_millis(config.probes.discovery_interval_ms);
         let handle = std::thread::Builder::new()
@@ -283,6 +285,11 @@ impl Stage {
             task: Some(task),
             watcher: Some((stop_tx, handle)),
         })
+    }
+
+    /// Whether the watcher runs (and so publishes the server list).
+    pub fn watching(&self) -> bool {
+        self.watcher.is_some()
     }
 
     /// Where the reader sends the family's records.

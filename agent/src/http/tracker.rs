@@ -247,6 +247,9 @@ impl HttpTracker {
     }
 
     fn finished(&mut self, tgid: u32, x: &Exchange) {
+        if x.is_monitoring() {
+            return;
+        }
         let model = self.model(tgid, x.model.as_deref());
         let h = &self.http;
         let labels = ModelLabels {

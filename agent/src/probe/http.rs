@@ -101,6 +101,8 @@ pub struct Watcher {
     seen: HashMap<u32, Option<Server>>,
     current: HashMap<u32, Server>,
     tracker: mpsc::Sender<Input>,
+    /// Where the list is published for other stages.
+    board: Option<std::sync::Arc<discover::ServerBoard>>,
     /// The agent's own pid is never watched.
     own: u32,
 }
@@ -121,8 +123,15 @@ impl Watcher {
             seen: HashMap::new(),
             current: HashMap::new(),
             tracker,
+            board: None,
             own: std::process::id(),
         }
+    }
+
+    /// Publishes every change of the server list on `board`.
+    pub fn with_board(mut self, board: std::sync::Arc<discover::ServerBoard>) -> Self {
+        self.board = Some(board);
+        self
     }
 
     pub fn tick(&mut self) {
@@ -185,6 +194,9 @@ impl Watcher {
             }
         }
         self.current = now;
+        if let Some(board) = &self.board {
+            board.publish(&self.current);
+        }
         if self
             .tracker
             .blocking_send(Input::Servers(self.current.clone()))

@@ -410,10 +410,16 @@ pub struct OpenAiServer {
 
 impl OpenAiServer {
     pub fn start(model: &str) -> OpenAiServer {
+        Self::start_with(model, &[])
+    }
+
+    /// With extra arguments (`--metrics vllm` serves vLLM's own metrics too).
+    pub fn start_with(model: &str, extra: &[&str]) -> OpenAiServer {
         let port = free_port();
         let child = Command::new("python3")
             .arg(servers_dir().join("openai_server.py"))
             .args(["--port", &port.to_string(), "--model", model])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -422,6 +428,25 @@ impl OpenAiServer {
             std::net::TcpStream::connect(("127.0.0.1", port)).ok()
         });
         OpenAiServer { child, port }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// POSTs a JSON body; panics unless the answer is 200.
+    pub fn post(&self, path: &str, json: &str) {
+        use std::io::Read;
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        write!(
+            c,
+            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{json}",
+            json.len()
+        )
+        .unwrap();
+        let mut answer = String::new();
+        c.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "POST {path}: {answer}");
     }
 
     /// Opens `n` streamed chat completions of 100 tokens at 100 ms each and returns their

@@ -1,0 +1,376 @@
+//! Server metrics: the inference servers' own Prometheus `/metrics`, scraped at an interval
+//! and re-exported on the agent's `/metrics` with the target's labels, plus the `llm_*`
+//! series derived from them. Servers come from the `http` family's discovery (its
+//! [`ServerBoard`]; a scan of our own when that family is off); [`target`] finds the port and
+//! connects inside the server's network namespace, [`fetch`] GETs the body, [`parse`] reads
+//! and relabels it, [`derive`] computes the `llm_*` series, [`board`] holds the latest
+//! snapshot per target and encodes it into the registry's output.
+
+pub mod board;
+pub mod derive;
+pub mod fetch;
+pub mod parse;
+pub mod target;
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tokio::sync::watch;
+
+use crate::{
+    export::metrics::{Metrics, ScrapeErrorLabels, ScrapeTargetLabels},
+    http::discover::{self, Server, ServerBoard},
+    proc::ProcFs,
+};
+
+/// The `[scrape]` section of the config file.
+#[derive(Debug, Clone, serde::Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScrapeConfig {
+    /// Scrape the discovered inference servers' own `/metrics`.
+    pub enabled: bool,
+    /// How often, in milliseconds.
+    pub interval_ms: u64,
+    /// Longest time one scrape (connect, request, body) may take, in milliseconds.
+    pub timeout_ms: u64,
+    /// Series kept per target (whole families, in name order); further ones are counted.
+    pub max_series: usize,
+    /// Largest body read per scrape; a larger one is counted and dropped.
+    pub max_bytes: usize,
+    /// The servers' metrics path.
+    pub path: String,
+}
+
+impl Default for ScrapeConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval_ms: 15_000,
+            timeout_ms: 5_000,
+            max_series: 20_000,
+            max_bytes: 8 * 1024 * 1024,
+            path: "/metrics".into(),
+        }
+    }
+}
+
+/// Ports tried for a server whose `/metrics` port is not known yet (API servers also listen
+/// on internal ports: ZMQ, NCCL, the TGI shards' gRPC).
+const MAX_CANDIDATES: usize = 3;
+
+/// Where the list of servers comes from.
+pub enum Servers {
+    /// The `http` watcher's list.
+    Board(Arc<ServerBoard>),
+    /// A scan of our own, for when the `http` family is off.
+    Scan {
+        ports: Vec<u16>,
+        matchers: Vec<String>,
+        seen: HashMap<u32, Option<Server>>,
+    },
+}
+
+struct Target {
+    /// The server kind, once told by its metric names when discovery found it by port.
+    kind: &'static str,
+    argv: Vec<String>,
+    model: Option<String>,
+    /// The address that answered last.
+    addr: Option<SocketAddr>,
+    /// Labels of its `inferscope_scrape_up` series, to remove when they change.
+    up: Option<ScrapeTargetLabels>,
+}
+
+pub struct Scraper {
+    config: ScrapeConfig,
+    procfs: ProcFs,
+    metrics: Arc<Metrics>,
+    servers: Servers,
+    targets: HashMap<u32, Target>,
+    own: u32,
+}
+
+/// What one target's scrape gave.
+struct Outcome {
+    pid: u32,
+    addr: Option<SocketAddr>,
+    body: Result<String, &'static str>,
+    took: Duration,
+}
+
+impl Scraper {
+    pub fn new(
+        config: ScrapeConfig,
+        procfs: ProcFs,
+        metrics: Arc<Metrics>,
+        servers: Servers,
+    ) -> Self {
+        Self {
+            config,
+            procfs,
+            metrics,
+            servers,
+            targets: HashMap::new(),
+            own: std::process::id(),
+        }
+    }
+
+    pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(self.config.interval_ms));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => self.round().await,
+                changed = stop.changed() => {
+                    if changed.is_err() || *stop.borrow() {
+                        break;
+                    }
+                }
+            }
+        }
+        // The agent is stopping: its last exposition shows no stale server series.
+        self.metrics.scraped.retain(|_| false);
+    }
+
+    fn current(&mut self) -> HashMap<u32, Server> {
+        let mut now = match &mut self.servers {
+            Servers::Board(b) => b.snapshot(),
+            Servers::Scan {
+                ports,
+                matchers,
+                seen,
+            } => discover::scan(&self.procfs, ports, matchers, seen),
+        };
+        now.remove(&self.own);
+        now
+    }
+
+    /// One scrape of every target, concurrently.
+    pub async fn round(&mut self) {
+        let now = self.current();
+        let gone: Vec<u32> = self
+            .targets
+            .keys()
+            .filter(|p| !now.contains_key(p))
+            .copied()
+            .collect();
+        for pid in gone {
+            if let Some(t) = self.targets.remove(&pid) {
+                self.forget_up(&t);
+            }
+            self.metrics.scraped.remove(pid);
+        }
+        let mut jobs = tokio::task::JoinSet::new();
+        for (pid, server) in now {
+            let target = self.targets.entry(pid).or_insert_with(|| {
+                let argv = discover::argv(&self.procfs, pid).unwrap_or_default();
+                Target {
+                    model: target::model(&server, &argv),
+                    kind: server.kind,
+                    argv,
+                    addr: None,
+                    up: None,
+                }
+            });
+            let mut addrs: Vec<SocketAddr> = target.addr.into_iter().collect();
+            for a in target::candidates(&self.procfs, pid, &target.argv) {
+                if addrs.len() >= MAX_CANDIDATES {
+                    break;
+                }
+                if !addrs.contains(&a) {
+                    addrs.push(a);
+                }
+            }
+            let procfs = self.procfs.clone();
+            let config = self.config.clone();
+            jobs.spawn(scrape_one(procfs, pid, addrs, config));
+        }
+        while let Some(done) = jobs.join_next().await {
+            match done {
+                Ok(outcome) => self.record(outcome),
+                Err(e) => tracing::error!(error = %e, "scrape task failed"),
+            }
+        }
+    }
+
+    fn record(&mut self, o: Outcome) {
+        let Some(t) = self.targets.get_mut(&o.pid) else {
+            return;
+        };
+        let m = &self.metrics;
+        let count = |server: &str, reason: &'static str| {
+            m.scrape_errors
+                .get_or_create(&ScrapeErrorLabels {
+                    server: server.to_string(),
+                    reason,
+                })
+                .inc();
+        };
+        let port = o.addr.map_or(0, |a| a.port());
+        let pid = o.pid;
+        let mut kind = t.kind;
+        let ingested = o.body.and_then(|body| {
+            parse::ingest(
+                &body,
+                |families| {
+                    kind = refine(kind, families);
+                    target::target_labels(kind, pid, port)
+                },
+                self.config.max_series,
+            )
+            .map_err(|e| {
+                tracing::debug!(pid, error = %e, "server metrics unreadable");
+                "parse"
+            })
+        });
+        t.kind = kind;
+        let up = ScrapeTargetLabels {
+            server: kind.to_string(),
+            pid,
+            port,
+        };
+        if let Some(old) = t.up.take_if(|old| *old != up) {
+            m.scrape_up.remove(&old);
+            m.scrape_duration.remove(&old);
+        }
+        m.scrape_duration
+            .get_or_create(&up)
+            .set(o.took.as_secs_f64());
+        match ingested {
+            Ok(got) => {
+                if !got.skipped.is_empty() {
+                    count(kind, "skipped_family");
+                }
+                if got.truncated > 0 {
+                    count(kind, "max_series");
+                }
+                t.addr = o.addr;
+                let view = board::TargetView {
+                    derived: derive::derive(&got.original, t.model.as_deref()),
+                    families: got.families,
+                    labels: target::target_labels(kind, pid, port),
+                };
+                m.scraped.set(pid, view);
+                m.scrape_up.get_or_create(&up).set(1);
+            }
+            Err(reason) => {
+                count(kind, reason);
+                // A failed scrape leaves no stale series behind.
+                m.scraped.remove(pid);
+                m.scrape_up.get_or_create(&up).set(0);
+            }
+        }
+        t.up = Some(up);
+    }
+
+    fn forget_up(&self, t: &Target) {
+        if let Some(up) = &t.up {
+            self.metrics.scrape_up.remove(up);
+            self.metrics.scrape_duration.remove(up);
+        }
+    }
+}
+
+/// A server found by port only is named after the metrics it writes.
+fn refine(kind: &'static str, families: &[parse::Family]) -> &'static str {
+    if kind != "openai-compatible" {
+        return kind;
+    }
+    let has = |prefix: &str| families.iter().any(|f| f.name.starts_with(prefix));
+    if has("vllm:") {
+        "vllm"
+    } else if has("tgi_") {
+        "tgi"
+    } else if has("sglang:") {
+        "sglang"
+    } else {
+        kind
+    }
+}
+
+/// Tries the addresses in order; the first that answers 200 wins.
+async fn scrape_one(
+    procfs: ProcFs,
+    pid: u32,
+    addrs: Vec<SocketAddr>,
+    config: ScrapeConfig,
+) -> Outcome {
+    let start = Instant::now();
+    let timeout = Duration::from_millis(config.timeout_ms);
+    let mut last: Result<String, &'static str> = Err("no_port");
+    let mut used = addrs.first().copied();
+    for addr in addrs {
+        let p = procfs.clone();
+        let stream =
+            tokio::task::spawn_blocking(move || target::connect(&p, pid, addr, timeout)).await;
+        let body = match stream {
+            Ok(Ok(s)) => fetch::get(s, addr, &config.path, timeout, config.max_bytes)
+                .await
+                .map_err(|e| {
+                    tracing::debug!(pid, %addr, error = %e, "scrape failed");
+                    e.reason()
+                }),
+            Ok(Err(e)) => {
+                tracing::debug!(pid, %addr, error = %e, "scrape connect failed");
+                Err("connect")
+            }
+            Err(_) => Err("connect"),
+        };
+        let ok = body.is_ok();
+        // The first failure is the one reported (the likeliest port), unless one answers.
+        if ok || used == Some(addr) {
+            last = body;
+        }
+        if ok {
+            used = Some(addr);
+            break;
+        }
+    }
+    Outcome {
+        pid,
+        addr: used,
+        body: last,
+        took: start.elapsed(),
+    }
+}
+
+/// The running scraper task.
+pub struct Stage {
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Stage {
+    /// Starts the scraper (nothing when `scrape.enabled` is off); it ends when `stop` turns
+    /// true.
+    pub fn start(
+        config: &crate::config::Config,
+        metrics: Arc<Metrics>,
+        servers: Servers,
+        stop: watch::Receiver<bool>,
+    ) -> Stage {
+        if !config.scrape.enabled {
+            return Stage { task: None };
+        }
+        let scraper = Scraper::new(
+            config.scrape.clone(),
+            ProcFs::new(&config.proc_root),
+            metrics,
+            servers,
+        );
+        Stage {
+            task: Some(tokio::spawn(scraper.run(stop))),
+        }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(task) = self.task.take() {
+            if let Err(e) = task.await {
+                tracing::error!(error = %e, "scraper panicked");
+            }
+        }
+    }
+}
