@@ -332,7 +332,17 @@ fn every_rule_and_dashboard_query_returns_data() {
     }
     control.set_gpu(1, "utilization", "0").unwrap();
 
-    let server = OpenAiServer::start("prom-model");
+    // A vLLM-like server: its own /metrics (scheduler, KV cache, prefix cache) is scraped
+    // and re-exported by the agent.
+    let server = OpenAiServer::start_with(
+        "prom-model",
+        &[
+            "--metrics",
+            "vllm",
+            "--metrics-values",
+            r#"{"running": 4, "waiting": 3, "kv": 0.5, "queries": 200, "hits": 50, "preemptions": 1}"#,
+        ],
+    );
     let lib = Variant::Push.lib_path().display().to_string();
     let nvml = nvml_double_path().display().to_string();
     let state_s = state.display().to_string();
@@ -352,6 +362,7 @@ fn every_rule_and_dashboard_query_returns_data() {
             (cuda_workload::ENV_GPU_STATE, state_s.as_str()),
             (ENV_NVML_CONTROL, control_s.as_str()),
             ("INFERSCOPE_NVML__INTERVAL_MS", "200"),
+            ("INFERSCOPE_SCRAPE__INTERVAL_MS", "500"),
         ],
     );
     let prometheus = Prometheus::start(agent.port, &files("prometheus", "yaml"));
@@ -399,6 +410,7 @@ fn every_rule_and_dashboard_query_returns_data() {
             && s.sum("gpu_xid_errors_total", &[]) >= 1.0
             && s.sum("llm_requests_total", &[]) > 0.0
             && s.sum("gpu_process_memory_overhead_bytes", &[]) != 0.0
+            && s.sum("llm_kv_cache_hit_ratio", &[]) == 0.25
     });
 
     let dash = dashboards();
