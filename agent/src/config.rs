@@ -338,11 +338,15 @@ impl Config {
             }
         }
         let s = &self.scrape;
-        if s.interval_ms < 100 || s.timeout_ms == 0 || s.max_bytes == 0 || !s.path.starts_with('/')
+        if s.interval_ms < 100
+            || s.timeout_ms == 0
+            || s.max_bytes == 0
+            || s.max_samples == 0
+            || !s.path.starts_with('/')
         {
             return Err(ConfigError::Invalid(format!(
-                "scrape: interval_ms = {} (at least 100), timeout_ms = {} and max_bytes = {} (above 0), path = {:?} (starting with /)",
-                s.interval_ms, s.timeout_ms, s.max_bytes, s.path
+                "scrape: interval_ms = {} (at least 100), timeout_ms = {}, max_bytes = {} and max_samples = {} (above 0), path = {:?} (starting with /)",
+                s.interval_ms, s.timeout_ms, s.max_bytes, s.max_samples, s.path
             )));
         }
         for name in &self.probes.disabled {

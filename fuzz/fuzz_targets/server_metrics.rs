@@ -21,7 +21,11 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let labels = target::target_labels("vllm", 42, 8000);
-    let Ok(got) = parse::ingest(text, |_| labels.clone(), MAX_SERIES) else {
+    let limits = parse::Limits {
+        max_samples: 20_000,
+        max_series: MAX_SERIES,
+    };
+    let Ok(got) = parse::ingest(text, |_| labels.clone(), limits) else {
         return;
     };
     let kept: usize = got.families.iter().map(|f| f.series.len()).sum();

@@ -160,7 +160,11 @@ mod tests {
             ("pid", pid.to_string()),
             ("port", "8000".to_string()),
         ];
-        let got = ingest(body, |_| labels.clone(), 100).unwrap();
+        let limits = crate::scrape::parse::Limits {
+            max_samples: 1000,
+            max_series: 100,
+        };
+        let got = ingest(body, |_| labels.clone(), limits).unwrap();
         TargetView {
             derived: derive(&got.original, None),
             families: got.families,

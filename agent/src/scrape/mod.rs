@@ -39,6 +39,10 @@ pub struct ScrapeConfig {
     pub timeout_ms: u64,
     /// Series kept per target (whole families, in name order); further ones are counted.
     pub max_series: usize,
+    /// Sample lines a body may have (and at most 4096 in a row without a `#` line); a larger
+    /// body is counted and dropped unparsed (the parser's cost grows with the square of a
+    /// family's size).
+    pub max_samples: usize,
     /// Largest body read per scrape; a larger one is counted and dropped.
     pub max_bytes: usize,
     /// The servers' metrics path.
@@ -52,6 +56,7 @@ impl Default for ScrapeConfig {
             interval_ms: 15_000,
             timeout_ms: 5_000,
             max_series: 20_000,
+            max_samples: 20_000,
             max_bytes: 8 * 1024 * 1024,
             path: "/metrics".into(),
         }
@@ -94,11 +99,12 @@ pub struct Scraper {
     own: u32,
 }
 
-/// What one target's scrape gave.
+/// What one target's scrape gave: the body read, relabelled, and the server kind it told.
 struct Outcome {
     pid: u32,
     addr: Option<SocketAddr>,
-    body: Result<String, &'static str>,
+    kind: &'static str,
+    result: Result<parse::Ingested, &'static str>,
     took: Duration,
 }
 
@@ -185,9 +191,14 @@ impl Scraper {
                     addrs.push(a);
                 }
             }
-            let procfs = self.procfs.clone();
-            let config = self.config.clone();
-            jobs.spawn(scrape_one(procfs, pid, addrs, config));
+            let job = Job {
+                procfs: self.procfs.clone(),
+                pid,
+                kind: target.kind,
+                addrs,
+                config: self.config.clone(),
+            };
+            jobs.spawn(job.run());
         }
         while let Some(done) = jobs.join_next().await {
             match done {
@@ -212,21 +223,7 @@ impl Scraper {
         };
         let port = o.addr.map_or(0, |a| a.port());
         let pid = o.pid;
-        let mut kind = t.kind;
-        let ingested = o.body.and_then(|body| {
-            parse::ingest(
-                &body,
-                |families| {
-                    kind = refine(kind, families);
-                    target::target_labels(kind, pid, port)
-                },
-                self.config.max_series,
-            )
-            .map_err(|e| {
-                tracing::debug!(pid, error = %e, "server metrics unreadable");
-                "parse"
-            })
-        });
+        let kind = o.kind;
         t.kind = kind;
         let up = ScrapeTargetLabels {
             server: kind.to_string(),
@@ -240,7 +237,7 @@ impl Scraper {
         m.scrape_duration
             .get_or_create(&up)
             .set(o.took.as_secs_f64());
-        match ingested {
+        match o.result {
             Ok(got) => {
                 if !got.skipped.is_empty() {
                     count(kind, "skipped_family");
@@ -292,49 +289,91 @@ fn refine(kind: &'static str, families: &[parse::Family]) -> &'static str {
     }
 }
 
-/// Tries the addresses in order; the first that answers 200 wins.
-async fn scrape_one(
+/// One target's scrape, on its own task.
+struct Job {
     procfs: ProcFs,
     pid: u32,
+    kind: &'static str,
+    /// Tried in order; the first that answers 200 wins.
     addrs: Vec<SocketAddr>,
     config: ScrapeConfig,
-) -> Outcome {
-    let start = Instant::now();
-    let timeout = Duration::from_millis(config.timeout_ms);
-    let mut last: Result<String, &'static str> = Err("no_port");
-    let mut used = addrs.first().copied();
-    for addr in addrs {
-        let p = procfs.clone();
-        let stream =
-            tokio::task::spawn_blocking(move || target::connect(&p, pid, addr, timeout)).await;
-        let body = match stream {
-            Ok(Ok(s)) => fetch::get(s, addr, &config.path, timeout, config.max_bytes)
-                .await
-                .map_err(|e| {
-                    tracing::debug!(pid, %addr, error = %e, "scrape failed");
-                    e.reason()
-                }),
-            Ok(Err(e)) => {
-                tracing::debug!(pid, %addr, error = %e, "scrape connect failed");
-                Err("connect")
-            }
-            Err(_) => Err("connect"),
+}
+
+impl Job {
+    async fn run(self) -> Outcome {
+        let start = Instant::now();
+        let (addr, body) = self.fetch().await;
+        let (pid, mut kind) = (self.pid, self.kind);
+        let port = addr.map_or(0, |a| a.port());
+        let limits = parse::Limits {
+            max_samples: self.config.max_samples,
+            max_series: self.config.max_series,
         };
-        let ok = body.is_ok();
-        // The first failure is the one reported (the likeliest port), unless one answers.
-        if ok || used == Some(addr) {
-            last = body;
-        }
-        if ok {
-            used = Some(addr);
-            break;
+        let result = match body {
+            // Parsing costs CPU time: off the runtime's threads.
+            Ok(body) => tokio::task::spawn_blocking(move || {
+                let got = parse::ingest(
+                    &body,
+                    |families| {
+                        kind = refine(kind, families);
+                        target::target_labels(kind, pid, port)
+                    },
+                    limits,
+                );
+                (got, kind)
+            })
+            .await
+            .map_err(|_| "parse")
+            .and_then(|(got, k)| {
+                kind = k;
+                got.map_err(|e| {
+                    tracing::debug!(pid, error = %e, "server metrics unreadable");
+                    e.reason()
+                })
+            }),
+            Err(reason) => Err(reason),
+        };
+        Outcome {
+            pid,
+            addr,
+            kind,
+            result,
+            took: start.elapsed(),
         }
     }
-    Outcome {
-        pid,
-        addr: used,
-        body: last,
-        took: start.elapsed(),
+
+    /// The body from the first address that answers; else the first address's failure.
+    async fn fetch(&self) -> (Option<SocketAddr>, Result<String, &'static str>) {
+        let timeout = Duration::from_millis(self.config.timeout_ms);
+        let mut first: Option<(SocketAddr, &'static str)> = None;
+        for &addr in &self.addrs {
+            let (p, pid) = (self.procfs.clone(), self.pid);
+            let stream =
+                tokio::task::spawn_blocking(move || target::connect(&p, pid, addr, timeout)).await;
+            let body = match stream {
+                Ok(Ok(s)) => fetch::get(s, addr, &self.config.path, timeout, self.config.max_bytes)
+                    .await
+                    .map_err(|e| {
+                        tracing::debug!(pid, %addr, error = %e, "scrape failed");
+                        e.reason()
+                    }),
+                Ok(Err(e)) => {
+                    tracing::debug!(pid, %addr, error = %e, "scrape connect failed");
+                    Err("connect")
+                }
+                Err(_) => Err("connect"),
+            };
+            match body {
+                Ok(body) => return (Some(addr), Ok(body)),
+                Err(reason) => {
+                    first.get_or_insert((addr, reason));
+                }
+            }
+        }
+        match first {
+            Some((addr, reason)) => (Some(addr), Err(reason)),
+            None => (None, Err("no_port")),
+        }
     }
 }
 
