@@ -100,6 +100,8 @@ pub async fn run(
     manager.discover();
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    let (attributor, attrib_tasks) =
+        crate::attrib::start(&config, metrics.clone(), stop_rx.clone());
     let (batch_tx, batch_rx) = mpsc::channel(256);
     let history = Arc::new(GpuHistory::new(config.nvml.history_secs));
     let nvml_stop = Arc::new(AtomicBool::new(false));
@@ -107,8 +109,14 @@ pub async fn run(
     let load = Arc::new(crate::http::load::LoadBoard::new(
         config.forensics.timeline_secs,
     ));
-    let http_stage = crate::http::Stage::start(http_maps, &config, metrics.clone(), load.clone())
-        .map_err(StartError::Thread)?;
+    let http_stage = crate::http::Stage::start(
+        http_maps,
+        &config,
+        metrics.clone(),
+        load.clone(),
+        Some(attributor.clone()),
+    )
+    .map_err(StartError::Thread)?;
     let ingest = tokio::spawn(ingest::run_with_http(
         loaded.events,
         Duration::from_millis(config.probes.poll_interval_ms),
@@ -149,7 +157,8 @@ pub async fn run(
     .with_forensics(
         forensics::Forensics::new(draft_tx, metrics.clone()),
         &config.forensics,
-    );
+    )
+    .with_attribution(attributor);
     let tracker = tokio::spawn(track::run(tracker, batch_rx));
     let server = tokio::spawn(http::serve(
         listener,
@@ -190,6 +199,9 @@ pub async fn run(
         "exporter",
         server.await.map(|r| r.map_err(|e| e.to_string())),
     );
+    for t in attrib_tasks {
+        report_join("attribution", t.await.map(Ok));
+    }
     let _ = manager_stop.send(());
     if manager.join().is_err() {
         tracing::error!("probe manager panicked");

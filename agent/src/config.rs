@@ -80,6 +80,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Requests timed on the wire (probe family `http`).
     pub http: crate::http::HttpConfig,
+    /// Pods, containers and their GPUs (Kubernetes).
+    pub attribution: crate::attrib::AttributionConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -172,6 +174,7 @@ impl Default for Config {
             forensics: ForensicsConfig::default(),
             limits: LimitsConfig::default(),
             http: Default::default(),
+            attribution: Default::default(),
         }
     }
 }

@@ -30,12 +30,18 @@ pub struct ProcessGpuLabels {
     pub pid: u32,
     pub comm: String,
     pub gpu: i32,
+    /// node, namespace, pod, container (attribution); empty ones are left out.
+    #[prometheus(flatten)]
+    pub workload: crate::attrib::WorkloadLabels,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProcessLabels {
     pub pid: u32,
     pub comm: String,
+    /// node, namespace, pod, container (attribution); empty ones are left out.
+    #[prometheus(flatten)]
+    pub workload: crate::attrib::WorkloadLabels,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -115,6 +121,9 @@ pub struct GpuCallLabels {
 pub struct PidGpuLabels {
     pub pid: u32,
     pub gpu: u32,
+    /// node, namespace, pod, container (attribution); empty ones are left out.
+    #[prometheus(flatten)]
+    pub workload: crate::attrib::WorkloadLabels,
 }
 
 fn latency_histogram() -> Histogram {
@@ -175,6 +184,8 @@ pub struct Metrics {
     pub gpu_process_memory_overhead: Family<ProcessGpuLabels, Gauge>,
     /// Family `http`: requests timed on the wire (`crate::http::metrics`).
     pub http: crate::http::metrics::HttpMetrics,
+    /// Attribution: `llm_server_info`, `inferscope_pod_gpu_assigned` (`crate::attrib::metrics`).
+    pub attrib: crate::attrib::metrics::AttribMetrics,
 }
 
 impl Default for Metrics {
@@ -235,10 +246,12 @@ impl Metrics {
             gpu_process_sm_utilization: Family::default(),
             gpu_process_memory_overhead: Family::default(),
             http: Default::default(),
+            attrib: Default::default(),
             registry: Registry::default(),
         };
         m.register_gpu(&mut registry);
         m.http.register(&mut registry);
+        m.attrib.register(&mut registry);
         m.register_forensics(&mut registry);
         registry.register(
             "gpu_cuda_alloc_calls",

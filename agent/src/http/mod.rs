@@ -253,6 +253,7 @@ impl Stage {
         config: &crate::config::Config,
         metrics: std::sync::Arc<crate::export::metrics::Metrics>,
         load: std::sync::Arc<load::LoadBoard>,
+        attrib: Option<std::sync::Arc<crate::attrib::Attributor>>,
     ) -> std::io::Result<Stage> {
         let Some(maps) = maps else {
             return Ok(Stage {
@@ -272,7 +273,8 @@ impl Stage {
             config.http.watch_ports.clone(),
             config.http.match_commands.clone(),
             tx.clone(),
-        );
+        )
+        .with_attribution(attrib);
         let (stop_tx, stop_rx) = std::sync::mpsc::channel();
         let interval = std::time::Duration::from_millis(config.probes.discovery_interval_ms);
         let handle = std::thread::Builder::new()

@@ -103,6 +103,8 @@ pub struct Watcher {
     tracker: mpsc::Sender<Input>,
     /// The agent's own pid is never watched.
     own: u32,
+    /// Told the watched servers (for `llm_server_info`).
+    attrib: Option<std::sync::Arc<crate::attrib::Attributor>>,
 }
 
 impl Watcher {
@@ -122,7 +124,16 @@ impl Watcher {
             current: HashMap::new(),
             tracker,
             own: std::process::id(),
+            attrib: None,
         }
+    }
+
+    pub fn with_attribution(
+        mut self,
+        a: Option<std::sync::Arc<crate::attrib::Attributor>>,
+    ) -> Self {
+        self.attrib = a;
+        self
     }
 
     pub fn tick(&mut self) {
@@ -185,6 +196,9 @@ impl Watcher {
             }
         }
         self.current = now;
+        if let Some(a) = &self.attrib {
+            a.set_servers(&self.current);
+        }
         if self
             .tracker
             .blocking_send(Input::Servers(self.current.clone()))

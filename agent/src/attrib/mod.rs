@@ -1,0 +1,595 @@
+//! Attribution: which node, namespace, pod and container a process belongs to, and which
+//! GPUs its container was assigned.
+//!
+//! pid → `/proc/<pid>/cgroup` ([`cgroup`]: pod UID and container id from the path) → the pod
+//! of that UID from the API server ([`apiserver`]: list/watch of this node's pods; the
+//! container id names the container through the pod's container statuses) → the GPUs the
+//! kubelet assigned to that container ([`podresources`]). Everything is fetched off the
+//! event path; [`Attributor::lookup`] reads memory only, except for the first lookup of a
+//! pid, which reads its cgroup file once. Outside Kubernetes (no API server, no kubelet
+//! socket) identities carry the node only, and that is said once in the log.
+
+pub mod apiserver;
+pub mod cgroup;
+pub mod metrics;
+pub mod podresources;
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::{Arc, Mutex, RwLock},
+    time::Duration,
+};
+
+use prometheus_client::encoding::{EncodeLabel, EncodeLabelSet, LabelSetEncoder};
+use serde::Deserialize;
+
+use crate::{export::metrics::Metrics, http::discover::Server, proc::ProcFs};
+use metrics::{PodGpuLabels, ServerInfoLabels};
+use podresources::Assignments;
+
+/// How often cached identities are re-read (cgroup moves, pods arriving) and dead pids dropped.
+const REFRESH_EVERY: Duration = Duration::from_secs(2);
+
+/// The `[attribution]` section of the config file.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AttributionConfig {
+    /// Look processes up in Kubernetes at all (off: `node`, `pid` and `comm` labels only).
+    pub enabled: bool,
+    /// The node's name (the `node` label and the pods' `spec.nodeName`); default: the
+    /// `NODE_NAME` environment variable (set from the downward API), else the hostname.
+    pub node_name: Option<String>,
+    /// The kubelet's pod-resources socket; not there at start: GPU assignments are off.
+    pub pod_resources_socket: PathBuf,
+    /// How often pod-resources is listed, in seconds (it has no watch).
+    pub pod_resources_interval_secs: u64,
+    /// Resource names whose devices are GPUs, by prefix (`nvidia.com/` covers `nvidia.com/gpu`
+    /// and the MIG resources).
+    pub gpu_resource_prefixes: Vec<String>,
+    /// Where the pods' metadata comes from.
+    pub api_server: ApiServerConfig,
+    /// The pod watch is restarted with a fresh list this often, in seconds.
+    pub resync_secs: u64,
+    /// Pods kept; further pods are counted and get no names.
+    pub max_pods: usize,
+    /// Longest `namespace`, `pod` and `container` label value; longer ones are cut.
+    pub max_label_len: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiServerConfig {
+    /// The API server's URL; default: in-cluster, `https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT`.
+    /// Neither set: pod metadata is off.
+    pub url: Option<String>,
+    /// The service-account token (sent as a bearer token when the file exists).
+    pub token_path: PathBuf,
+    /// CA bundle that signs the API server's certificate.
+    pub ca_path: PathBuf,
+}
+
+const SERVICE_ACCOUNT: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+impl Default for AttributionConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            node_name: None,
+            pod_resources_socket: PathBuf::from("/var/lib/kubelet/pod-resources/kubelet.sock"),
+            pod_resources_interval_secs: 10,
+            gpu_resource_prefixes: vec!["nvidia.com/".into()],
+            api_server: ApiServerConfig::default(),
+            resync_secs: 300,
+            max_pods: 1024,
+            max_label_len: 128,
+        }
+    }
+}
+
+impl Default for ApiServerConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            token_path: PathBuf::from(SERVICE_ACCOUNT).join("token"),
+            ca_path: PathBuf::from(SERVICE_ACCOUNT).join("ca.crt"),
+        }
+    }
+}
+
+/// The workload labels every per-process series carries. Empty values are left out of the
+/// exposition (Prometheus treats an empty label as absent), so outside Kubernetes the series
+/// keep their process labels only.
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq)]
+pub struct WorkloadLabels {
+    pub node: String,
+    pub namespace: String,
+    pub pod: String,
+    pub container: String,
+}
+
+impl EncodeLabelSet for WorkloadLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        for (k, v) in [
+            ("node", &self.node),
+            ("namespace", &self.namespace),
+            ("pod", &self.pod),
+            ("container", &self.container),
+        ] {
+            if !v.is_empty() {
+                (k, v.as_str()).encode(encoder.encode_label())?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Who a process is.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Identity {
+    pub labels: WorkloadLabels,
+    pub pod_uid: Option<String>,
+    pub container_id: Option<String>,
+    /// GPU (or MIG) UUIDs the kubelet assigned to the container.
+    pub gpus: Vec<String>,
+}
+
+/// A pod as attribution needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pod {
+    pub namespace: String,
+    pub name: String,
+    /// (container id without runtime prefix, container name).
+    pub containers: Vec<(String, String)>,
+}
+
+/// This node's pods by UID, bounded by `max_pods`.
+pub struct PodStore {
+    pods: RwLock<HashMap<String, Pod>>,
+    max: usize,
+    metrics: Arc<Metrics>,
+}
+
+impl PodStore {
+    pub fn new(max: usize, metrics: Arc<Metrics>) -> Self {
+        Self {
+            pods: RwLock::new(HashMap::new()),
+            max,
+            metrics,
+        }
+    }
+
+    pub fn get(&self, uid: &str) -> Option<Pod> {
+        read(&self.pods).get(uid).cloned()
+    }
+
+    pub fn len(&self) -> usize {
+        read(&self.pods).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn replace(&self, pods: HashMap<String, Pod>) {
+        let over = pods.len().saturating_sub(self.max);
+        let kept = pods.into_iter().take(self.max).collect::<HashMap<_, _>>();
+        self.dropped(over);
+        *write(&self.pods) = kept;
+        self.gauge();
+    }
+
+    pub fn upsert(&self, uid: String, pod: Pod) {
+        {
+            let mut pods = write(&self.pods);
+            if pods.len() >= self.max && !pods.contains_key(&uid) {
+                drop(pods);
+                self.dropped(1);
+                return;
+            }
+            pods.insert(uid, pod);
+        }
+        self.gauge();
+    }
+
+    pub fn delete(&self, uid: &str) {
+        write(&self.pods).remove(uid);
+        self.gauge();
+    }
+
+    pub fn count_error(&self) {
+        self.metrics.attrib.errors("kube_apiserver");
+    }
+
+    fn dropped(&self, n: usize) {
+        if n > 0 {
+            self.metrics.attrib.dropped("pod_limit", n as u64);
+        }
+    }
+
+    fn gauge(&self) {
+        self.metrics.attrib.pods.set(self.len() as i64);
+    }
+}
+
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn lock<T>(l: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    l.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Cuts a label value to at most `max` bytes on a character boundary.
+pub fn truncate(s: &str, max: usize) -> String {
+    let mut cut = max.min(s.len());
+    while !s.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    s[..cut].to_string()
+}
+
+/// The error's causes, joined (for one log field).
+fn cause(e: &dyn std::error::Error) -> String {
+    let mut out = Vec::new();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push(s.to_string());
+        cur = s.source();
+    }
+    out.join(": ")
+}
+
+/// The node's name: configured, else `NODE_NAME`, else the hostname.
+pub fn node_name(configured: Option<&str>, env: Option<String>) -> String {
+    configured
+        .map(str::to_string)
+        .or(env.filter(|n| !n.is_empty()))
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+        })
+        .unwrap_or_default()
+}
+
+/// Identities of processes, and the series that are about workloads rather than processes
+/// (`llm_server_info`, `inferscope_pod_gpu_assigned`).
+pub struct Attributor {
+    node: String,
+    max_label_len: usize,
+    max_processes: usize,
+    procfs: ProcFs,
+    pods: Arc<PodStore>,
+    gpus: RwLock<Assignments>,
+    cache: Mutex<HashMap<u32, Arc<Identity>>>,
+    /// Watched inference servers, and the `llm_server_info` series published for them.
+    servers: Mutex<(HashMap<u32, Server>, Vec<ServerInfoLabels>)>,
+    metrics: Arc<Metrics>,
+}
+
+impl Attributor {
+    pub fn new(
+        node: String,
+        config: &AttributionConfig,
+        max_processes: usize,
+        procfs: ProcFs,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            node: truncate(&node, config.max_label_len),
+            max_label_len: config.max_label_len,
+            max_processes,
+            procfs,
+            pods: Arc::new(PodStore::new(config.max_pods, metrics.clone())),
+            gpus: RwLock::new(Assignments::new()),
+            cache: Mutex::new(HashMap::new()),
+            servers: Mutex::new((HashMap::new(), Vec::new())),
+            metrics,
+        }
+    }
+
+    pub fn pods(&self) -> &Arc<PodStore> {
+        &self.pods
+    }
+
+    /// The identity of `pid`: from the cache, else resolved now (one cgroup file read) and
+    /// cached while under the process limit.
+    pub fn lookup(&self, pid: u32) -> Arc<Identity> {
+        if let Some(id) = lock(&self.cache).get(&pid) {
+            return id.clone();
+        }
+        let id = Arc::new(self.resolve(pid).unwrap_or_else(|| self.node_only()));
+        let mut cache = lock(&self.cache);
+        if cache.len() < self.max_processes {
+            cache.insert(pid, id.clone());
+        } else {
+            self.metrics.attrib.dropped("process_limit", 1);
+        }
+        id
+    }
+
+    /// The labels of `pid`'s series.
+    pub fn labels(&self, pid: u32) -> WorkloadLabels {
+        self.lookup(pid).labels.clone()
+    }
+
+    fn node_only(&self) -> Identity {
+        Identity {
+            labels: WorkloadLabels {
+                node: self.node.clone(),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    /// Resolves `pid` now; `None` when the process is gone.
+    fn resolve(&self, pid: u32) -> Option<Identity> {
+        let path = self.procfs.root().join(pid.to_string()).join("cgroup");
+        let text = std::fs::read_to_string(path).ok()?;
+        let cg = cgroup::parse_proc_cgroup(&text);
+        let mut id = self.node_only();
+        if let Some(pod) = cg.pod_uid.as_deref().and_then(|uid| self.pods.get(uid)) {
+            let container = cg.container_id.as_deref().and_then(|cid| {
+                pod.containers
+                    .iter()
+                    .find(|(id, _)| id == cid)
+                    .map(|(_, name)| name.clone())
+            });
+            let container = container.unwrap_or_default();
+            id.gpus = read(&self.gpus)
+                .get(&(pod.namespace.clone(), pod.name.clone(), container.clone()))
+                .cloned()
+                .unwrap_or_default();
+            let max = self.max_label_len;
+            id.labels.namespace = truncate(&pod.namespace, max);
+            id.labels.pod = truncate(&pod.name, max);
+            id.labels.container = truncate(&container, max);
+        }
+        id.pod_uid = cg.pod_uid;
+        id.container_id = cg.container_id;
+        Some(id)
+    }
+
+    /// Re-resolves every cached pid (pods arrive and go, processes move), drops dead ones, and
+    /// republishes `llm_server_info`.
+    pub fn refresh(&self) {
+        let pids: Vec<u32> = lock(&self.cache).keys().copied().collect();
+        for pid in pids {
+            match self.resolve(pid) {
+                Some(id) => {
+                    lock(&self.cache).insert(pid, Arc::new(id));
+                }
+                None => {
+                    lock(&self.cache).remove(&pid);
+                }
+            }
+        }
+        self.publish_servers();
+    }
+
+    /// The watched inference servers changed.
+    pub fn set_servers(&self, servers: &HashMap<u32, Server>) {
+        lock(&self.servers).0 = servers.clone();
+        self.publish_servers();
+    }
+
+    fn publish_servers(&self) {
+        let mut state = lock(&self.servers);
+        let now: Vec<ServerInfoLabels> = state
+            .0
+            .iter()
+            .map(|(pid, s)| {
+                let max = self.max_label_len;
+                ServerInfoLabels {
+                    pid: *pid,
+                    server: s.kind,
+                    model: truncate(s.model.as_deref().unwrap_or(""), max),
+                    model_version: truncate(s.model_version.as_deref().unwrap_or(""), max),
+                    tensor_parallelism: s
+                        .tensor_parallelism
+                        .map(|t| t.to_string())
+                        .unwrap_or_default(),
+                    workload: self.labels(*pid),
+                }
+            })
+            .collect();
+        let family = &self.metrics.attrib.server_info;
+        for gone in state.1.iter().filter(|l| !now.contains(l)) {
+            family.remove(gone);
+        }
+        for l in &now {
+            family.get_or_create(l).set(1);
+        }
+        state.1 = now;
+    }
+
+    /// New GPU assignments from pod-resources: kept for lookups, exported as
+    /// `inferscope_pod_gpu_assigned`.
+    pub fn set_assignments(&self, assignments: Assignments) {
+        let series = |a: &Assignments| -> Vec<PodGpuLabels> {
+            let max = self.max_label_len;
+            a.iter()
+                .flat_map(|((ns, pod, container), ids)| {
+                    ids.iter().map(move |id| PodGpuLabels {
+                        namespace: truncate(ns, max),
+                        pod: truncate(pod, max),
+                        container: truncate(container, max),
+                        gpu_uuid: id.clone(),
+                    })
+                })
+                .collect()
+        };
+        let family = &self.metrics.attrib.pod_gpu_assigned;
+        let mut gpus = write(&self.gpus);
+        let new = series(&assignments);
+        for old in series(&*gpus) {
+            if !new.contains(&old) {
+                family.remove(&old);
+            }
+        }
+        for l in &new {
+            family.get_or_create(l).set(1);
+        }
+        *gpus = assignments;
+    }
+}
+
+/// Starts attribution's background tasks: the pod list/watch, the pod-resources poll and
+/// the cache refresh. They end when `stop` turns true.
+pub fn start(
+    config: &crate::config::Config,
+    metrics: Arc<Metrics>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> (Arc<Attributor>, Vec<tokio::task::JoinHandle<()>>) {
+    let a = &config.attribution;
+    let node = node_name(a.node_name.as_deref(), std::env::var("NODE_NAME").ok());
+    let attributor = Arc::new(Attributor::new(
+        node.clone(),
+        a,
+        config.limits.max_processes,
+        ProcFs::new(&config.proc_root),
+        metrics.clone(),
+    ));
+    let mut tasks = Vec::new();
+    if !a.enabled {
+        tracing::info!("attribution off (attribution.enabled = false): process labels only");
+        return (attributor, tasks);
+    }
+    let url = a.api_server.url.clone().or_else(|| {
+        let host = std::env::var("KUBERNETES_SERVICE_HOST").ok()?;
+        let port = std::env::var("KUBERNETES_SERVICE_PORT").unwrap_or_else(|_| "443".into());
+        let host = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host
+        };
+        Some(format!("https://{host}:{port}"))
+    });
+    let socket = a
+        .pod_resources_socket
+        .exists()
+        .then(|| a.pod_resources_socket.clone());
+    if url.is_none() && socket.is_none() {
+        tracing::info!(
+            node,
+            "not in Kubernetes (no API server configured or in the environment, no kubelet \
+             pod-resources socket): process labels only"
+        );
+    }
+    if let Some(url) = url {
+        let exists = |p: &PathBuf| p.exists().then(|| p.clone());
+        let endpoint = apiserver::Endpoint {
+            token_path: exists(&a.api_server.token_path),
+            ca_path: url
+                .starts_with("https://")
+                .then(|| exists(&a.api_server.ca_path))
+                .flatten(),
+            url,
+            node: node.clone(),
+            resync: Duration::from_secs(a.resync_secs.max(1)),
+        };
+        tracing::info!(url = endpoint.url, node, "pod metadata from the API server");
+        let m = metrics.clone();
+        tasks.push(tokio::spawn(apiserver::run(
+            endpoint,
+            attributor.pods().clone(),
+            move |up| set_source(&m, "kube_apiserver", up),
+            stop.clone(),
+        )));
+    }
+    match socket {
+        Some(socket) => {
+            tracing::info!(socket = %socket.display(), "GPU assignments from the kubelet's pod-resources API");
+            tasks.push(tokio::spawn(poll_pod_resources(
+                attributor.clone(),
+                socket,
+                a.gpu_resource_prefixes.clone(),
+                a.max_pods,
+                Duration::from_secs(a.pod_resources_interval_secs.max(1)),
+                stop.clone(),
+            )));
+        }
+        None => tracing::debug!(
+            socket = %a.pod_resources_socket.display(),
+            "no kubelet pod-resources socket: GPU assignments off"
+        ),
+    }
+    let refresher = attributor.clone();
+    let mut stop_refresh = stop;
+    tasks.push(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(REFRESH_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    let r = refresher.clone();
+                    // File reads: off the runtime's worker threads.
+                    let _ = tokio::task::spawn_blocking(move || r.refresh()).await;
+                }
+                _ = stop_refresh.changed() => return,
+            }
+        }
+    }));
+    (attributor, tasks)
+}
+
+async fn poll_pod_resources(
+    attributor: Arc<Attributor>,
+    socket: PathBuf,
+    prefixes: Vec<String>,
+    max_pods: usize,
+    every: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let metrics = attributor.metrics.clone();
+    let mut failing = false;
+    loop {
+        let listed = tokio::select! {
+            r = podresources::list(&socket, &prefixes, max_pods) => r,
+            _ = stop.changed() => return,
+        };
+        match listed {
+            Ok((assignments, left_out)) => {
+                if failing {
+                    tracing::info!("pod-resources reachable again");
+                }
+                failing = false;
+                if left_out > 0 {
+                    metrics.attrib.dropped("pod_limit", left_out as u64);
+                }
+                set_source(&metrics, "pod_resources", true);
+                attributor.set_assignments(assignments);
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(error = %e, cause = cause(&e),
+                        "pod-resources List failed (retrying; further failures are counted)");
+                }
+                failing = true;
+                metrics.attrib.errors("pod_resources");
+                set_source(&metrics, "pod_resources", false);
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// `inferscope_source_up{source}` for the attribution sources.
+fn set_source(metrics: &Metrics, source: &'static str, up: bool) {
+    metrics
+        .source_up
+        .get_or_create(&crate::export::metrics::SourceLabels { source })
+        .set(i64::from(up));
+}
+
+#[cfg(test)]
+mod tests;
