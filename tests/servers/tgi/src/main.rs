@@ -60,11 +60,9 @@ struct Args {
     worker_threads: Option<usize>,
     /// The model's revision, as TGI takes it (only read from the command line by the agent).
     #[arg(long)]
-    #[expect(dead_code, reason = "accepted for the command line only")]
     revision: Option<String>,
     /// Shards (tensor parallelism), as TGI's launcher takes it (read by the agent only).
     #[arg(long)]
-    #[expect(dead_code, reason = "accepted for the command line only")]
     num_shard: Option<u32>,
 }
 
