@@ -105,7 +105,14 @@ pub async fn run(
     let (batch_tx, batch_rx) = mpsc::channel(256);
     let history = Arc::new(GpuHistory::new(config.nvml.history_secs));
     let nvml_stop = Arc::new(AtomicBool::new(false));
-    let nvml_threads = start_nvml(&config, &metrics, &history, &batch_tx, &nvml_stop);
+    let nvml_threads = start_nvml(
+        &config,
+        &metrics,
+        &history,
+        &batch_tx,
+        &nvml_stop,
+        &attributor,
+    );
     let load = Arc::new(crate::http::load::LoadBoard::new(
         config.forensics.timeline_secs,
     ));
@@ -217,6 +224,7 @@ fn start_nvml(
     history: &Arc<GpuHistory>,
     tracker: &mpsc::Sender<track::Input>,
     stop: &Arc<AtomicBool>,
+    attributor: &crate::attrib::Attributor,
 ) -> Vec<std::thread::JoinHandle<()>> {
     if !config.nvml.enabled {
         return Vec::new();
@@ -248,6 +256,7 @@ fn start_nvml(
     };
     gpu::nvml::set_source_up(metrics, true);
     let gpus = sampler.gpu_labels();
+    attributor.set_gpu_uuids(gpus.iter().map(|g| (g.gpu, g.gpu_uuid.clone())));
     let interval = Duration::from_millis(config.nvml.interval_ms);
     let mut threads = Vec::new();
     let s = stop.clone();

@@ -328,7 +328,14 @@ pub async fn run(
             _ = stop.changed() => return,
         };
         match result {
-            Ok(()) => backoff = Duration::from_secs(1),
+            Ok(()) => {
+                backoff = Duration::from_secs(1);
+                // A server that ends watches at once must not make this a busy loop.
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = stop.changed() => return,
+                }
+            }
             Err(e) => {
                 if !failing {
                     tracing::warn!(url = endpoint.url, error = %e, cause = super::cause(&e),

@@ -266,6 +266,10 @@ pub struct Attributor {
     procfs: ProcFs,
     pods: Arc<PodStore>,
     gpus: RwLock<Assignments>,
+    /// NVML's GPUs, index → UUID, and its last per-process view, pid → GPU indices: they name
+    /// a pod's process from pod-resources alone when the API server does not know the pod.
+    gpu_uuids: RwLock<HashMap<u32, String>>,
+    process_gpus: RwLock<HashMap<u32, Vec<u32>>>,
     cache: Mutex<HashMap<u32, Arc<Identity>>>,
     /// Watched inference servers, and the `llm_server_info` series published for them.
     servers: Mutex<(HashMap<u32, Server>, Vec<ServerInfoLabels>)>,
@@ -287,6 +291,8 @@ impl Attributor {
             procfs,
             pods: Arc::new(PodStore::new(config.max_pods, metrics.clone())),
             gpus: RwLock::new(Assignments::new()),
+            gpu_uuids: RwLock::new(HashMap::new()),
+            process_gpus: RwLock::new(HashMap::new()),
             cache: Mutex::new(HashMap::new()),
             servers: Mutex::new((HashMap::new(), Vec::new())),
             metrics,
@@ -334,7 +340,17 @@ impl Attributor {
         let text = std::fs::read_to_string(path).ok()?;
         let cg = cgroup::parse_proc_cgroup(&text);
         let mut id = self.node_only();
-        if let Some(pod) = cg.pod_uid.as_deref().and_then(|uid| self.pods.get(uid)) {
+        let max = self.max_label_len;
+        let pod = cg.pod_uid.as_deref().and_then(|uid| self.pods.get(uid));
+        if let (None, Some(_)) = (&pod, &cg.pod_uid) {
+            if let Some(((ns, pod, container), gpus)) = self.by_gpus(pid) {
+                id.labels.namespace = truncate(&ns, max);
+                id.labels.pod = truncate(&pod, max);
+                id.labels.container = truncate(&container, max);
+                id.gpus = gpus;
+            }
+        }
+        if let Some(pod) = pod {
             let container = cg.container_id.as_deref().and_then(|cid| {
                 pod.containers
                     .iter()
@@ -346,7 +362,6 @@ impl Attributor {
                 .get(&(pod.namespace.clone(), pod.name.clone(), container.clone()))
                 .cloned()
                 .unwrap_or_default();
-            let max = self.max_label_len;
             id.labels.namespace = truncate(&pod.namespace, max);
             id.labels.pod = truncate(&pod.name, max);
             id.labels.container = truncate(&container, max);
@@ -354,6 +369,45 @@ impl Attributor {
         id.pod_uid = cg.pod_uid;
         id.container_id = cg.container_id;
         Some(id)
+    }
+
+    /// The one container whose assigned GPUs include every GPU NVML shows `pid` on; none when
+    /// NVML does not show it or GPUs are shared (time-slicing): then the match is ambiguous.
+    fn by_gpus(&self, pid: u32) -> Option<((String, String, String), Vec<String>)> {
+        let uuids: Vec<String> = {
+            let names = read(&self.gpu_uuids);
+            read(&self.process_gpus)
+                .get(&pid)?
+                .iter()
+                .filter_map(|i| names.get(i).cloned())
+                .collect()
+        };
+        if uuids.is_empty() {
+            return None;
+        }
+        let gpus = read(&self.gpus);
+        let mut found = gpus
+            .iter()
+            .filter(|(_, ids)| uuids.iter().all(|u| ids.contains(u)));
+        let (key, ids) = found.next()?;
+        if found.next().is_some() {
+            return None;
+        }
+        Some((key.clone(), ids.clone()))
+    }
+
+    /// NVML's GPUs (index, UUID).
+    pub fn set_gpu_uuids(&self, gpus: impl IntoIterator<Item = (u32, String)>) {
+        *write(&self.gpu_uuids) = gpus.into_iter().collect();
+    }
+
+    /// NVML's per-process view of the last sample.
+    pub fn note_gpu_processes(&self, snapshot: &crate::gpu::GpuProcesses) {
+        let mut map: HashMap<u32, Vec<u32>> = HashMap::new();
+        for p in &snapshot.entries {
+            map.entry(p.pid).or_default().push(p.gpu);
+        }
+        *write(&self.process_gpus) = map;
     }
 
     /// Re-resolves every cached pid (pods arrive and go, processes move), drops dead ones, and
@@ -428,7 +482,7 @@ impl Attributor {
         let family = &self.metrics.attrib.pod_gpu_assigned;
         let mut gpus = write(&self.gpus);
         let new = series(&assignments);
-        for old in series(&*gpus) {
+        for old in series(&gpus) {
             if !new.contains(&old) {
                 family.remove(&old);
             }

@@ -119,13 +119,11 @@ mod tests {
                         ),
                         container("sidecar", vec![dev("example.com/nic", &["eth2"])]),
                     ],
-                    ..Default::default()
                 },
                 PodResources {
                     name: "other".into(),
                     namespace: "ml".into(),
                     containers: vec![container("c", vec![dev("nvidia.com/gpu", &["GPU-z"])])],
-                    ..Default::default()
                 },
             ],
         };

@@ -226,3 +226,50 @@ fn node_name_precedence() {
             .trim()
     );
 }
+
+#[test]
+fn without_the_api_server_a_pod_process_is_named_by_its_gpus() {
+    use crate::gpu::{GpuProcess, GpuProcesses};
+    let dir = proc_tree(&[(10, pod_cgroup(&cid('a'))), (11, "0::/user.slice\n".into())]);
+    let a = attributor(&dir, 128, 100);
+    a.set_gpu_uuids([(0, "GPU-0".to_string()), (1, "GPU-1".to_string())]);
+    let key = |p: &str, c: &str| ("ml".to_string(), p.to_string(), c.to_string());
+    let mut assigned = Assignments::from([
+        (key("p1", "c1"), vec!["GPU-0".to_string()]),
+        (
+            key("p2", "c2"),
+            vec!["GPU-1".to_string(), "GPU-2".to_string()],
+        ),
+    ]);
+    a.set_assignments(assigned.clone());
+    let on = |pid, gpu| GpuProcess {
+        pid,
+        gpu,
+        used_bytes: Some(1),
+        sm_util: None,
+    };
+    a.note_gpu_processes(&GpuProcesses {
+        ts_ns: 0,
+        entries: vec![on(10, 1), on(11, 0)],
+    });
+    let id = a.lookup(10);
+    assert_eq!(
+        (
+            id.labels.namespace.as_str(),
+            id.labels.pod.as_str(),
+            id.labels.container.as_str()
+        ),
+        ("ml", "p2", "c2")
+    );
+    assert_eq!(id.gpus, vec!["GPU-1", "GPU-2"]);
+    assert_eq!(a.labels(11).pod, "", "not in a pod: never matched by GPU");
+    // A shared GPU matches two containers: no names rather than a guess.
+    assigned.insert(key("p3", "c3"), vec!["GPU-1".to_string()]);
+    a.set_assignments(assigned);
+    a.refresh();
+    assert_eq!(a.labels(10).pod, "");
+    // The API server's word wins over the GPU match.
+    a.pods().upsert(UID.into(), pod("llm-0"));
+    a.refresh();
+    assert_eq!(a.labels(10).pod, "llm-0");
+}

@@ -376,6 +376,9 @@ impl Tracker {
 
     /// NVML's per-process view: export it, and the difference to the ledger.
     fn gpu_processes(&mut self, snapshot: GpuProcesses) {
+        if let Some(a) = &self.attrib {
+            a.note_gpu_processes(&snapshot);
+        }
         self.nvml.clear();
         let mut series = HashSet::new();
         for p in &snapshot.entries {

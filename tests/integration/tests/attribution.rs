@@ -676,6 +676,71 @@ fn pods_name_the_series_of_their_processes_until_they_go() {
 }
 
 #[test]
+fn without_the_api_server_pod_resources_names_a_pod_process_by_its_gpu() {
+    if !root_tier() {
+        return;
+    }
+    let Some((_, v2)) = hierarchies() else {
+        assert!(std::env::var_os("CI").is_none(), "no cgroup v2 hierarchy");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (uid, cid) = ids(3);
+    let kubelet = Kubelet::default();
+    // Two containers with a GPU each: the process is on GPU0 (NVML), so it is llm-c's.
+    *kubelet.pods.lock().unwrap() = vec![
+        pod_resources("team-c", "llm-c", "server", "nvidia.com/gpu", &[GPU0]),
+        pod_resources(
+            "team-d",
+            "llm-d",
+            "server",
+            "nvidia.com/gpu",
+            &["GPU-not-this-one"],
+        ),
+    ];
+    let socket = dir.path().join("kubelet.sock");
+    let _stands = start_stands(kubelet, &socket, ApiServer::new());
+    let gpu = Gpu::new();
+    let agent = start_agent(
+        &gpu,
+        &[
+            (
+                "INFERSCOPE_ATTRIBUTION__POD_RESOURCES_SOCKET",
+                socket.display().to_string(),
+            ),
+            (
+                "INFERSCOPE_ATTRIBUTION__POD_RESOURCES_INTERVAL_SECS",
+                "1".into(),
+            ),
+            ("INFERSCOPE_ATTRIBUTION__NODE_NAME", NODE.into()),
+        ],
+    );
+    let cg = Cgroup::create(
+        &v2,
+        &format!(
+            "kubepods.slice/kubepods-pod{}.slice/cri-containerd-{cid}.scope",
+            uid.replace('-', "_")
+        ),
+    );
+    let mut w = gpu.workload("alloc dev=0 size=1048576 count=1; checkpoint name=held");
+    cg.add(w.pid);
+    w.proceed();
+    let t = w.truth();
+    let want = [Some(NODE), Some("team-c"), Some("llm-c"), Some("server")];
+    agent.wait_for("the process named by its GPU", |s| {
+        workload_is(s, "gpu_process_memory_allocated_bytes", t.pid, want)
+            && workload_is(s, "gpu_process_memory_used_bytes", t.pid, want)
+    });
+    w.proceed();
+    assert!(w.wait().success());
+    drop(cg);
+    let log = agent.log();
+    assert!(!log.contains("not in Kubernetes"), "{log}");
+    assert!(attribution_complaints(&log).is_empty(), "{log}");
+    assert!(agent.stop().success());
+}
+
+#[test]
 fn outside_kubernetes_series_keep_process_labels_and_the_log_says_so_once() {
     if !root_tier() {
         return;
