@@ -266,7 +266,11 @@ impl Client {
                 "&watch=1&allowWatchBookmarks=true&resourceVersion={rv}&timeoutSeconds={secs}"
             ))?
             .timeout(self.endpoint.resync + Duration::from_secs(30));
-        let mut resp = self.send(req).await?;
+        // 410 Gone: the resourceVersion is too old (routine after a long watch); list again.
+        let mut resp = match self.send(req).await {
+            Err(ApiError::Status { status: 410 }) => return Ok(()),
+            r => r?,
+        };
         let mut buf: Vec<u8> = Vec::new();
         while let Some(chunk) = resp.chunk().await.map_err(ApiError::Request)? {
             buf.extend_from_slice(&chunk);
@@ -275,7 +279,10 @@ impl Client {
                 if line.iter().all(u8::is_ascii_whitespace) {
                     continue;
                 }
-                let (change, new_rv) = decode_event(&line)?;
+                let (change, new_rv) = match decode_event(&line) {
+                    Err(ApiError::WatchError { code: 410 }) => return Ok(()),
+                    r => r?,
+                };
                 match change {
                     Change::Upsert(uid, pod) => store.upsert(uid, pod),
                     Change::Delete(uid) => store.delete(&uid),

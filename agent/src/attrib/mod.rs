@@ -163,6 +163,13 @@ impl PodStore {
         read(&self.pods).get(uid).cloned()
     }
 
+    /// Whether the store knows pod `ns/name` under another UID than `uid`.
+    pub fn known_as_other(&self, ns: &str, name: &str, uid: &str) -> bool {
+        read(&self.pods)
+            .iter()
+            .any(|(u, p)| p.namespace == ns && p.name == name && u != uid)
+    }
+
     pub fn len(&self) -> usize {
         read(&self.pods).len()
     }
@@ -342,8 +349,8 @@ impl Attributor {
         let mut id = self.node_only();
         let max = self.max_label_len;
         let pod = cg.pod_uid.as_deref().and_then(|uid| self.pods.get(uid));
-        if let (None, Some(_)) = (&pod, &cg.pod_uid) {
-            if let Some(((ns, pod, container), gpus)) = self.by_gpus(pid) {
+        if let (None, Some(uid)) = (&pod, &cg.pod_uid) {
+            if let Some(((ns, pod, container), gpus)) = self.by_gpus(pid, uid) {
                 id.labels.namespace = truncate(&ns, max);
                 id.labels.pod = truncate(&pod, max);
                 id.labels.container = truncate(&container, max);
@@ -373,7 +380,8 @@ impl Attributor {
 
     /// The one container whose assigned GPUs include every GPU NVML shows `pid` on; none when
     /// NVML does not show it or GPUs are shared (time-slicing): then the match is ambiguous.
-    fn by_gpus(&self, pid: u32) -> Option<((String, String, String), Vec<String>)> {
+    /// Pods the API server knows under another UID than `uid` (the process's) are not candidates.
+    fn by_gpus(&self, pid: u32, uid: &str) -> Option<((String, String, String), Vec<String>)> {
         let uuids: Vec<String> = {
             let names = read(&self.gpu_uuids);
             read(&self.process_gpus)
@@ -386,9 +394,9 @@ impl Attributor {
             return None;
         }
         let gpus = read(&self.gpus);
-        let mut found = gpus
-            .iter()
-            .filter(|(_, ids)| uuids.iter().all(|u| ids.contains(u)));
+        let mut found = gpus.iter().filter(|((ns, pod, _), ids)| {
+            uuids.iter().all(|u| ids.contains(u)) && !self.pods.known_as_other(ns, pod, uid)
+        });
         let (key, ids) = found.next()?;
         if found.next().is_some() {
             return None;

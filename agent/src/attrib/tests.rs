@@ -263,6 +263,20 @@ fn without_the_api_server_a_pod_process_is_named_by_its_gpus() {
     );
     assert_eq!(id.gpus, vec!["GPU-1", "GPU-2"]);
     assert_eq!(a.labels(11).pod, "", "not in a pod: never matched by GPU");
+    // A pod the API server knows under another UID is not this process's.
+    a.pods().upsert(
+        "99999999-2222-3333-4444-555555555555".into(),
+        Pod {
+            namespace: "ml".into(),
+            name: "p2".into(),
+            containers: Vec::new(),
+        },
+    );
+    a.refresh();
+    assert_eq!(a.labels(10).pod, "");
+    a.pods().delete("99999999-2222-3333-4444-555555555555");
+    a.refresh();
+    assert_eq!(a.labels(10).pod, "p2");
     // A shared GPU matches two containers: no names rather than a guess.
     assigned.insert(key("p3", "c3"), vec!["GPU-1".to_string()]);
     a.set_assignments(assigned);

@@ -214,7 +214,8 @@ fn pod_resources(
 struct ApiServer {
     pods: Arc<Mutex<(u64, Vec<serde_json::Value>)>>,
     events: tokio::sync::broadcast::Sender<String>,
-    seen: Arc<Mutex<Vec<(String, String)>>>,
+    /// (Authorization header, fieldSelector, is a watch) of every request.
+    seen: Arc<Mutex<Vec<(String, String, bool)>>>,
 }
 
 fn pod_json(
@@ -259,8 +260,20 @@ impl ApiServer {
         let _ = self.events.send(format!("{event}\n"));
     }
 
-    fn watchers(&self) -> usize {
-        self.events.receiver_count()
+    fn requests(&self, watch: bool) -> usize {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.2 == watch)
+            .count()
+    }
+
+    /// Ends the watches the way the real one does when their resourceVersion is too old.
+    fn expire(&self) {
+        let gone = serde_json::json!({"type": "ERROR", "object":
+            {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Expired", "code": 410}});
+        let _ = self.events.send(format!("{gone}\n"));
     }
 }
 
@@ -275,9 +288,11 @@ async fn pods(
         .unwrap_or("")
         .to_string();
     let selector = q.get("fieldSelector").cloned().unwrap_or_default();
-    api.seen.lock().unwrap().push((auth, selector));
-    if q.get("watch").is_some_and(|w| w == "1" || w == "true") {
-        let rx = api.events.subscribe();
+    let watch = q.get("watch").is_some_and(|w| w == "1" || w == "true");
+    // Subscribed before the request is counted: a counted watch gets every later event.
+    let rx = api.events.subscribe();
+    api.seen.lock().unwrap().push((auth, selector, watch));
+    if watch {
         let stream = tokio_stream::wrappers::BroadcastStream::new(rx)
             .filter_map(|r| r.ok())
             .map(Ok::<_, Infallible>);
@@ -527,13 +542,13 @@ fn pods_name_the_series_of_their_processes_until_they_go() {
         ],
     );
     eventually("the agent's pod watch", Duration::from_secs(15), || {
-        (api.watchers() > 0).then_some(())
+        (api.requests(true) > 0).then_some(())
     });
     {
         let seen = api.seen.lock().unwrap();
         assert!(
             seen.iter()
-                .all(|(auth, selector)| auth == &format!("Bearer {TOKEN}")
+                .all(|(auth, selector, _)| auth == &format!("Bearer {TOKEN}")
                     && selector == &format!("spec.nodeName={NODE}")),
             "requests without the token or the node's field selector: {seen:?}"
         );
@@ -601,16 +616,29 @@ fn pods_name_the_series_of_their_processes_until_they_go() {
             ("gpu_uuid", MIG)
         ]
     ));
-    // Pod B is not known to the API server yet: its process has the node only.
-    assert!(
+    // Pod B is not known to the API server yet: its process has the node only (the kubelet's
+    // GPU for it is a MIG device NVML does not show, and GPU0 is pod A's, a pod of another UID).
+    agent.wait_for("pod B's process with the node only", |s| {
         workload_is(
-            &s,
+            s,
             "gpu_process_memory_allocated_bytes",
             tb.pid,
-            [Some(NODE), None, None, None]
-        ),
-        "{:?}",
-        series_of(&s, "gpu_process_memory_allocated_bytes", tb.pid)
+            [Some(NODE), None, None, None],
+        ) && workload_is(
+            s,
+            "gpu_process_memory_used_bytes",
+            tb.pid,
+            [Some(NODE), None, None, None],
+        )
+    });
+
+    // The watch expires (410 Gone): the agent lists again and watches on, without complaint.
+    let (lists, watches) = (api.requests(false), api.requests(true));
+    api.expire();
+    eventually(
+        "a new list and watch after 410 Gone",
+        Duration::from_secs(15),
+        || (api.requests(false) > lists && api.requests(true) > watches).then_some(()),
     );
 
     // Pod B arrives through the watch: the process's series move to its names, none stay behind.
