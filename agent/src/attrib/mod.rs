@@ -11,8 +11,13 @@
 
 pub mod apiserver;
 pub mod cgroup;
+mod config;
 pub mod metrics;
 pub mod podresources;
+mod pods;
+
+pub use config::{ApiServerConfig, AttributionConfig};
+pub use pods::{Pod, PodStore};
 
 use std::{
     collections::HashMap,
@@ -22,7 +27,6 @@ use std::{
 };
 
 use prometheus_client::encoding::{EncodeLabel, EncodeLabelSet, LabelSetEncoder};
-use serde::Deserialize;
 
 use crate::{export::metrics::Metrics, http::discover::Server, proc::ProcFs};
 use metrics::{PodGpuLabels, ServerInfoLabels};
@@ -30,72 +34,6 @@ use podresources::Assignments;
 
 /// How often cached identities are re-read (cgroup moves, pods arriving) and dead pids dropped.
 const REFRESH_EVERY: Duration = Duration::from_secs(2);
-
-/// The `[attribution]` section of the config file.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct AttributionConfig {
-    /// Look processes up in Kubernetes at all (off: `node`, `pid` and `comm` labels only).
-    pub enabled: bool,
-    /// The node's name (the `node` label and the pods' `spec.nodeName`); default: the
-    /// `NODE_NAME` environment variable (set from the downward API), else the hostname.
-    pub node_name: Option<String>,
-    /// The kubelet's pod-resources socket; not there at start: GPU assignments are off.
-    pub pod_resources_socket: PathBuf,
-    /// How often pod-resources is listed, in seconds (it has no watch).
-    pub pod_resources_interval_secs: u64,
-    /// Resource names whose devices are GPUs, by prefix (`nvidia.com/` covers `nvidia.com/gpu`
-    /// and the MIG resources).
-    pub gpu_resource_prefixes: Vec<String>,
-    /// Where the pods' metadata comes from.
-    pub api_server: ApiServerConfig,
-    /// The pod watch is restarted with a fresh list this often, in seconds.
-    pub resync_secs: u64,
-    /// Pods kept; further pods are counted and get no names.
-    pub max_pods: usize,
-    /// Longest `namespace`, `pod` and `container` label value; longer ones are cut.
-    pub max_label_len: usize,
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct ApiServerConfig {
-    /// The API server's URL; default: in-cluster, `https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT`.
-    /// Neither set: pod metadata is off.
-    pub url: Option<String>,
-    /// The service-account token (sent as a bearer token when the file exists).
-    pub token_path: PathBuf,
-    /// CA bundle that signs the API server's certificate.
-    pub ca_path: PathBuf,
-}
-
-const SERVICE_ACCOUNT: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
-
-impl Default for AttributionConfig {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            node_name: None,
-            pod_resources_socket: PathBuf::from("/var/lib/kubelet/pod-resources/kubelet.sock"),
-            pod_resources_interval_secs: 10,
-            gpu_resource_prefixes: vec!["nvidia.com/".into()],
-            api_server: ApiServerConfig::default(),
-            resync_secs: 300,
-            max_pods: 1024,
-            max_label_len: 128,
-        }
-    }
-}
-
-impl Default for ApiServerConfig {
-    fn default() -> Self {
-        Self {
-            url: None,
-            token_path: PathBuf::from(SERVICE_ACCOUNT).join("token"),
-            ca_path: PathBuf::from(SERVICE_ACCOUNT).join("ca.crt"),
-        }
-    }
-}
 
 /// The workload labels every per-process series carries. Empty values are left out of the
 /// exposition (Prometheus treats an empty label as absent), so outside Kubernetes the series
@@ -132,91 +70,6 @@ pub struct Identity {
     pub container_id: Option<String>,
     /// GPU (or MIG) UUIDs the kubelet assigned to the container.
     pub gpus: Vec<String>,
-}
-
-/// A pod as attribution needs it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Pod {
-    pub namespace: String,
-    pub name: String,
-    /// (container id without runtime prefix, container name).
-    pub containers: Vec<(String, String)>,
-}
-
-/// This node's pods by UID, bounded by `max_pods`.
-pub struct PodStore {
-    pods: RwLock<HashMap<String, Pod>>,
-    max: usize,
-    metrics: Arc<Metrics>,
-}
-
-impl PodStore {
-    pub fn new(max: usize, metrics: Arc<Metrics>) -> Self {
-        Self {
-            pods: RwLock::new(HashMap::new()),
-            max,
-            metrics,
-        }
-    }
-
-    pub fn get(&self, uid: &str) -> Option<Pod> {
-        read(&self.pods).get(uid).cloned()
-    }
-
-    /// Whether the store knows pod `ns/name` under another UID than `uid`.
-    pub fn known_as_other(&self, ns: &str, name: &str, uid: &str) -> bool {
-        read(&self.pods)
-            .iter()
-            .any(|(u, p)| p.namespace == ns && p.name == name && u != uid)
-    }
-
-    pub fn len(&self) -> usize {
-        read(&self.pods).len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    pub fn replace(&self, pods: HashMap<String, Pod>) {
-        let over = pods.len().saturating_sub(self.max);
-        let kept = pods.into_iter().take(self.max).collect::<HashMap<_, _>>();
-        self.dropped(over);
-        *write(&self.pods) = kept;
-        self.gauge();
-    }
-
-    pub fn upsert(&self, uid: String, pod: Pod) {
-        {
-            let mut pods = write(&self.pods);
-            if pods.len() >= self.max && !pods.contains_key(&uid) {
-                drop(pods);
-                self.dropped(1);
-                return;
-            }
-            pods.insert(uid, pod);
-        }
-        self.gauge();
-    }
-
-    pub fn delete(&self, uid: &str) {
-        write(&self.pods).remove(uid);
-        self.gauge();
-    }
-
-    pub fn count_error(&self) {
-        self.metrics.attrib.errors("kube_apiserver");
-    }
-
-    fn dropped(&self, n: usize) {
-        if n > 0 {
-            self.metrics.attrib.dropped("pod_limit", n as u64);
-        }
-    }
-
-    fn gauge(&self) {
-        self.metrics.attrib.pods.set(self.len() as i64);
-    }
 }
 
 fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
