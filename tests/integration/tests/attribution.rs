@@ -819,3 +819,55 @@ fn outside_kubernetes_series_keep_process_labels_and_the_log_says_so_once() {
     assert!(w.wait().success());
     assert!(agent.stop().success());
 }
+
+#[test]
+fn unreachable_sources_are_logged_once_and_counted() {
+    if !root_tier() {
+        return;
+    }
+    let gpu = Gpu::new();
+    let dir = tempfile::tempdir().unwrap();
+    // Nothing listens on the port; the "socket" is a plain file.
+    let closed = free_port();
+    let socket = dir.path().join("kubelet.sock");
+    std::fs::write(&socket, "not a socket").unwrap();
+    let agent = start_agent(
+        &gpu,
+        &[
+            (
+                "INFERSCOPE_ATTRIBUTION__API_SERVER__URL",
+                format!("http://127.0.0.1:{closed}"),
+            ),
+            (
+                "INFERSCOPE_ATTRIBUTION__POD_RESOURCES_SOCKET",
+                socket.display().to_string(),
+            ),
+            (
+                "INFERSCOPE_ATTRIBUTION__POD_RESOURCES_INTERVAL_SECS",
+                "1".into(),
+            ),
+        ],
+    );
+    let s = agent.wait_for("several failures of each source", |s| {
+        s.sum(
+            "inferscope_attribution_errors_total",
+            &[("source", "kube_apiserver")],
+        ) >= 3.0
+            && s.sum(
+                "inferscope_attribution_errors_total",
+                &[("source", "pod_resources")],
+            ) >= 3.0
+    });
+    for source in ["kube_apiserver", "pod_resources"] {
+        assert_eq!(
+            s.sum("inferscope_source_up", &[("source", source)]),
+            0.0,
+            "{source}"
+        );
+    }
+    let log = agent.log();
+    assert_eq!(log.matches("cannot list/watch pods").count(), 1, "{log}");
+    assert_eq!(log.matches("pod-resources List failed").count(), 1, "{log}");
+    assert!(!log.contains("not in Kubernetes"), "{log}");
+    assert!(agent.stop().success());
+}
