@@ -15,6 +15,7 @@ use std::{
 const TARGET: &str = "bpfel-unknown-none";
 
 fn main() {
+    pod_resources_proto();
     let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").unwrap());
     let root = manifest.parent().unwrap().to_path_buf();
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").unwrap());
@@ -59,6 +60,17 @@ fn main() {
         .join("inferscope-ebpf");
     std::fs::copy(&obj, &dest)
         .unwrap_or_else(|e| panic!("copy {} to {}: {e}", obj.display(), dest.display()));
+}
+
+/// The kubelet's `PodResourcesLister` (v1) client.
+fn pod_resources_proto() {
+    let proto = "proto/k8s.io/kubelet/pkg/apis/podresources/v1/api.proto";
+    println!("cargo:rerun-if-changed={proto}");
+    let fds = protox::compile([proto], ["proto"]).expect("compile the pod-resources proto");
+    tonic_prost_build::configure()
+        .build_server(false)
+        .compile_fds(fds)
+        .expect("generate the pod-resources client");
 }
 
 fn toolchain_command() -> Command {

@@ -100,10 +100,19 @@ pub async fn run(
     manager.discover();
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    let (attributor, attrib_tasks) =
+        crate::attrib::start(&config, metrics.clone(), stop_rx.clone());
     let (batch_tx, batch_rx) = mpsc::channel(256);
     let history = Arc::new(GpuHistory::new(config.nvml.history_secs));
     let nvml_stop = Arc::new(AtomicBool::new(false));
-    let nvml_threads = start_nvml(&config, &metrics, &history, &batch_tx, &nvml_stop);
+    let nvml_threads = start_nvml(
+        &config,
+        &metrics,
+        &history,
+        &batch_tx,
+        &nvml_stop,
+        &attributor,
+    );
     let load = Arc::new(crate::http::load::LoadBoard::new(
         config.forensics.timeline_secs,
     ));
@@ -114,6 +123,7 @@ pub async fn run(
         metrics.clone(),
         load.clone(),
         servers.clone(),
+        Some(attributor.clone()),
     )
     .map_err(StartError::Thread)?;
     let scrape_servers = if http_stage.watching() {
@@ -167,7 +177,8 @@ pub async fn run(
     .with_forensics(
         forensics::Forensics::new(draft_tx, metrics.clone()),
         &config.forensics,
-    );
+    )
+    .with_attribution(attributor);
     let tracker = tokio::spawn(track::run(tracker, batch_rx));
     let server = tokio::spawn(http::serve(
         listener,
@@ -209,6 +220,9 @@ pub async fn run(
         "exporter",
         server.await.map(|r| r.map_err(|e| e.to_string())),
     );
+    for t in attrib_tasks {
+        report_join("attribution", t.await.map(Ok));
+    }
     let _ = manager_stop.send(());
     if manager.join().is_err() {
         tracing::error!("probe manager panicked");
@@ -224,6 +238,7 @@ fn start_nvml(
     history: &Arc<GpuHistory>,
     tracker: &mpsc::Sender<track::Input>,
     stop: &Arc<AtomicBool>,
+    attributor: &crate::attrib::Attributor,
 ) -> Vec<std::thread::JoinHandle<()>> {
     if !config.nvml.enabled {
         return Vec::new();
@@ -256,6 +271,7 @@ fn start_nvml(
     };
     gpu::nvml::set_source_up(metrics, true);
     let gpus = sampler.gpu_labels();
+    attributor.set_gpu_uuids(gpus.iter().map(|g| (g.gpu, g.gpu_uuid.clone())));
     let interval = Duration::from_millis(config.nvml.interval_ms);
     let mut threads = Vec::new();
     let s = stop.clone();

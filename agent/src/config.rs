@@ -84,6 +84,8 @@ pub struct Config {
     pub cost: CostConfig,
     /// The inference servers' own `/metrics`, scraped and re-exported.
     pub scrape: crate::scrape::ScrapeConfig,
+    /// Pods, containers and their GPUs (Kubernetes).
+    pub attribution: crate::attrib::AttributionConfig,
 }
 
 /// Prices are exported per GPU (`inferscope_gpu_hour_price`) rather than kept in the
@@ -209,6 +211,7 @@ impl Default for Config {
             http: Default::default(),
             cost: CostConfig::default(),
             scrape: Default::default(),
+            attribution: Default::default(),
         }
     }
 }

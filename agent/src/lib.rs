@@ -2,10 +2,12 @@
 //!
 //! Data flows one way: [`probe`] (load and attach eBPF programs, discover CUDA libraries)
 //! → [`ingest`] (ring buffer → typed events) → [`track`] (per-process allocation ledger)
-//! → [`export`] (Prometheus `/metrics`). [`scrape`] reads the inference servers' own
-//! `/metrics` for the same exposition. [`agent`] wires the stages and owns shutdown.
+//! → [`export`] (Prometheus `/metrics`); [`attrib`] names the pod and container of a process.
+//! [`scrape`] reads the inference servers' own `/metrics` for the same exposition. [`agent`]
+//! wires the stages and owns shutdown.
 
 pub mod agent;
+pub mod attrib;
 pub mod clock;
 pub mod config;
 pub mod cuda_error;

@@ -30,12 +30,18 @@ pub struct ProcessGpuLabels {
     pub pid: u32,
     pub comm: String,
     pub gpu: i32,
+    /// node, namespace, pod, container (attribution); empty ones are left out.
+    #[prometheus(flatten)]
+    pub workload: crate::attrib::WorkloadLabels,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProcessLabels {
     pub pid: u32,
     pub comm: String,
+    /// node, namespace, pod, container (attribution); empty ones are left out.
+    #[prometheus(flatten)]
+    pub workload: crate::attrib::WorkloadLabels,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -115,6 +121,9 @@ pub struct GpuCallLabels {
 pub struct PidGpuLabels {
     pub pid: u32,
     pub gpu: u32,
+    /// node, namespace, pod, container (attribution); empty ones are left out.
+    #[prometheus(flatten)]
+    pub workload: crate::attrib::WorkloadLabels,
 }
 
 /// A scraped inference server: `inferscope_scrape_up`, `inferscope_scrape_duration_seconds`.
@@ -248,6 +257,8 @@ pub struct Metrics {
     pub scrape_errors: Family<ScrapeErrorLabels, Counter>,
     /// The servers' own metrics, re-exported, and the [`ServerSeries`] derived from them.
     pub scraped: std::sync::Arc<crate::scrape::board::ScrapeBoard>,
+    /// Attribution: `llm_server_info`, `inferscope_pod_gpu_assigned` (`crate::attrib::metrics`).
+    pub attrib: crate::attrib::metrics::AttribMetrics,
 }
 
 impl Default for Metrics {
@@ -313,11 +324,13 @@ impl Metrics {
             scrape_duration: Family::default(),
             scrape_errors: Family::default(),
             scraped: Default::default(),
+            attrib: Default::default(),
             registry: Registry::default(),
         };
         m.register_scrape(&mut registry);
         m.register_gpu(&mut registry);
         m.http.register(&mut registry);
+        m.attrib.register(&mut registry);
         m.register_forensics(&mut registry);
         registry.register(
             "gpu_cuda_alloc_calls",

@@ -11,17 +11,44 @@ use std::{
 use crate::proc::ProcFs;
 
 /// A watched server process.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Server {
     /// `vllm`, `tgi`, `sglang`, `llamacpp`, `triton`, or `openai-compatible` (found by port).
     pub kind: &'static str,
     /// The model it serves according to its command line (the `model` label of requests
-    /// that do not name one).
+    /// that do not name one): the served model name where one is given.
     pub model: Option<String>,
+    /// The model's revision (`--revision`, `--model-revision`).
+    pub model_version: Option<String>,
+    /// Tensor parallel size (vLLM `--tensor-parallel-size`/`-tp`, SGLang `--tp-size`/`--tp`,
+    /// TGI `--num-shard`).
+    pub tensor_parallelism: Option<u32>,
+}
+
+/// Adds what every server's command line may say besides the model: revision and tensor
+/// parallelism (the option names do not collide across the servers).
+fn with_details(mut s: Server, argv: &[String]) -> Server {
+    s.model_version = option(argv, &["--revision", "--model-revision"]);
+    s.tensor_parallelism = option(
+        argv,
+        &[
+            "--tensor-parallel-size",
+            "-tp",
+            "--tp-size",
+            "--tp",
+            "--num-shard",
+        ],
+    )
+    .and_then(|v| v.parse().ok());
+    s
 }
 
 /// Recognises an inference server from its argv.
 pub fn classify(argv: &[String]) -> Option<Server> {
+    classify_kind(argv).map(|s| with_details(s, argv))
+}
+
+fn classify_kind(argv: &[String]) -> Option<Server> {
     let base = |s: &str| s.rsplit('/').next().unwrap_or(s).to_string();
     let argv0 = argv.first().map(|a| base(a)).unwrap_or_default();
     let has = |s: &str| argv.iter().any(|a| a == s);
@@ -56,18 +83,21 @@ pub fn classify(argv: &[String]) -> Option<Server> {
         return Some(Server {
             kind: "vllm",
             model,
+            ..Default::default()
         });
     }
     if argv0 == "text-generation-router" || argv0 == "text-generation-launcher" {
         return Some(Server {
             kind: "tgi",
             model: served().or_else(|| opt(&["--model-id", "--tokenizer-name"])),
+            ..Default::default()
         });
     }
     if python_module("sglang.launch_server") {
         return Some(Server {
             kind: "sglang",
             model: served().or_else(|| opt(&["--model-path", "--model"])),
+            ..Default::default()
         });
     }
     if argv0 == "llama-server" {
@@ -80,12 +110,14 @@ pub fn classify(argv: &[String]) -> Option<Server> {
         return Some(Server {
             kind: "llamacpp",
             model,
+            ..Default::default()
         });
     }
     if argv0 == "tritonserver" {
         return Some(Server {
             kind: "triton",
             model: None,
+            ..Default::default()
         });
     }
     None
@@ -94,6 +126,10 @@ pub fn classify(argv: &[String]) -> Option<Server> {
 /// A process whose command line contains one of the configured matchers (`http.match_commands`)
 /// is watched as an OpenAI-compatible server; the model comes from the usual options.
 pub fn matched(argv: &[String], matchers: &[String]) -> Option<Server> {
+    matched_kind(argv, matchers).map(|s| with_details(s, argv))
+}
+
+fn matched_kind(argv: &[String], matchers: &[String]) -> Option<Server> {
     let line = argv.join(" ");
     if !matchers
         .iter()
@@ -104,6 +140,7 @@ pub fn matched(argv: &[String], matchers: &[String]) -> Option<Server> {
     Some(Server {
         kind: "openai-compatible",
         model: option(argv, &["--served-model-name", "--model", "--model-id"]),
+        ..Default::default()
     })
 }
 
@@ -334,6 +371,7 @@ pub fn scan(
         out.entry(pid).or_insert(Server {
             kind: "openai-compatible",
             model: None,
+            ..Default::default()
         });
     }
     out
@@ -412,6 +450,52 @@ mod tests {
         let mut seen = HashMap::new();
         let servers = scan(&procfs, &[], &[], &mut seen);
         assert_eq!(servers[&42].model.as_deref(), Some("tiny"));
+    }
+
+    #[test]
+    fn reads_revision_and_tensor_parallelism() {
+        let cases = [
+            (
+                "vllm serve org/m --revision abc123 --tensor-parallel-size 4",
+                Some("abc123"),
+                Some(4),
+            ),
+            (
+                "python3 -m vllm.entrypoints.openai.api_server --model m -tp=2 --model-revision v2",
+                Some("v2"),
+                Some(2),
+            ),
+            (
+                "text-generation-launcher --model-id m --revision main --num-shard 8",
+                Some("main"),
+                Some(8),
+            ),
+            (
+                "python -m sglang.launch_server --model-path m --tp-size 2",
+                None,
+                Some(2),
+            ),
+            (
+                "python -m sglang.launch_server --model-path m --tp 4 --revision=r1",
+                Some("r1"),
+                Some(4),
+            ),
+            ("vllm serve m --tensor-parallel-size four", None, None),
+            ("./llama-server -m /models/x.gguf", None, None),
+        ];
+        for (cmd, version, tp) in cases {
+            let s = classify(&v(cmd)).unwrap_or_else(|| panic!("{cmd}"));
+            assert_eq!(
+                (s.model_version.as_deref(), s.tensor_parallelism),
+                (version, tp),
+                "{cmd}"
+            );
+        }
+        let s = matched(&v("my.py --revision r --tp-size 2"), &["my.py".into()]).unwrap();
+        assert_eq!(
+            (s.model_version.as_deref(), s.tensor_parallelism),
+            (Some("r"), Some(2))
+        );
     }
 
     #[test]

@@ -254,6 +254,7 @@ impl Stage {
         metrics: std::sync::Arc<crate::export::metrics::Metrics>,
         load: std::sync::Arc<load::LoadBoard>,
         servers: std::sync::Arc<discover::ServerBoard>,
+        attrib: Option<std::sync::Arc<crate::attrib::Attributor>>,
     ) -> std::io::Result<Stage> {
         let Some(maps) = maps else {
             return Ok(Stage {
@@ -274,7 +275,8 @@ impl Stage {
             config.http.match_commands.clone(),
             tx.clone(),
         )
-        .with_board(servers);
+        .with_board(servers)
+        .with_attribution(attrib);
         let (stop_tx, stop_rx) = std::sync::mpsc::channel();
         let interval = std::time::Duration::from_millis(config.probes.discovery_interval_ms);
         let handle = std::thread::Builder::new()

@@ -105,6 +105,8 @@ pub struct Watcher {
     board: Option<std::sync::Arc<discover::ServerBoard>>,
     /// The agent's own pid is never watched.
     own: u32,
+    /// Told the watched servers (for `llm_server_info`).
+    attrib: Option<std::sync::Arc<crate::attrib::Attributor>>,
 }
 
 impl Watcher {
@@ -125,12 +127,21 @@ impl Watcher {
             tracker,
             board: None,
             own: std::process::id(),
+            attrib: None,
         }
     }
 
     /// Publishes every change of the server list on `board`.
     pub fn with_board(mut self, board: std::sync::Arc<discover::ServerBoard>) -> Self {
         self.board = Some(board);
+        self
+    }
+
+    pub fn with_attribution(
+        mut self,
+        a: Option<std::sync::Arc<crate::attrib::Attributor>>,
+    ) -> Self {
+        self.attrib = a;
         self
     }
 
@@ -196,6 +207,9 @@ impl Watcher {
         self.current = now;
         if let Some(board) = &self.board {
             board.publish(&self.current);
+        }
+        if let Some(a) = &self.attrib {
+            a.set_servers(&self.current);
         }
         if self
             .tracker

@@ -182,6 +182,7 @@ mod tests {
         let server = Server {
             kind: "openai-compatible",
             model: None,
+            ..Default::default()
         };
         let argv: Vec<String> = ["python3", "x.py", "--model=abc"].map(String::from).into();
         assert_eq!(model(&server, &argv).as_deref(), Some("abc"));

@@ -14,6 +14,7 @@ use std::{
 use agent_common::cuda::{CudaApi, CudaMemEvent, Role, FLAG_DEVICE_UNKNOWN};
 use tokio::sync::mpsc;
 
+use crate::attrib::{Attributor, WorkloadLabels};
 use crate::{
     cuda_error,
     export::metrics::{
@@ -64,10 +65,13 @@ pub struct Tracker {
     failures: VecDeque<FailureRecord>,
     /// NVML's last view: pid → (gpu → bytes).
     nvml: HashMap<u32, HashMap<u32, Option<u64>>>,
-    /// (pid, gpu) series set from NVML's view, to remove those that go away.
-    nvml_series: HashSet<(u32, u32)>,
+    /// Series set from NVML's view, to remove those that go away.
+    nvml_series: HashSet<PidGpuLabels>,
     overhead_series: HashSet<ProcessGpuLabels>,
     forensics: Option<triggers::ForensicsState>,
+    /// Who each process in the ledger is (node, namespace, pod, container).
+    attrib: Option<Arc<Attributor>>,
+    workload: HashMap<u32, WorkloadLabels>,
 }
 
 impl Tracker {
@@ -89,6 +93,23 @@ impl Tracker {
             nvml_series: HashSet::new(),
             overhead_series: HashSet::new(),
             forensics: None,
+            attrib: None,
+            workload: HashMap::new(),
+        }
+    }
+
+    /// Labels per-process series with the process's workload from now on.
+    pub fn with_attribution(mut self, attrib: Arc<Attributor>) -> Self {
+        self.attrib = Some(attrib);
+        self
+    }
+
+    /// The workload labels of `pid`: as last set for a process in the ledger, else asked.
+    fn workload_of(&self, pid: u32) -> WorkloadLabels {
+        match (self.workload.get(&pid), &self.attrib) {
+            (Some(w), _) => w.clone(),
+            (None, Some(a)) => a.labels(pid),
+            (None, None) => WorkloadLabels::default(),
         }
     }
 
@@ -193,6 +214,9 @@ impl Tracker {
             .ledger
             .apply(e, api, || comm_label(procfs, e.header.tgid, max));
         if new_process && self.ledger.process(tgid).is_some() {
+            if let Some(a) = &self.attrib {
+                self.workload.insert(tgid, a.labels(tgid));
+            }
             self.seen_process(tgid);
         }
         self.count_call(e, api, &outcome);
@@ -259,6 +283,7 @@ impl Tracker {
             pid: tgid,
             comm: p.comm.clone(),
             gpu: device,
+            workload: self.workload_of(tgid),
         };
         let bytes = p.device_bytes().get(&device).copied().unwrap_or(0);
         self.metrics
@@ -280,6 +305,7 @@ impl Tracker {
             .get_or_create(&ProcessLabels {
                 pid: tgid,
                 comm: p.comm.clone(),
+                workload: self.workload_of(tgid),
             })
             .set(p.host_bytes() as i64);
     }
@@ -288,14 +314,27 @@ impl Tracker {
     pub fn exit(&mut self, tgid: u32) {
         self.logged_failures.retain(|(t, _, _)| *t != tgid);
         self.forget_process(tgid);
+        self.unpublish(tgid);
+        self.workload.remove(&tgid);
         let Some(p) = self.ledger.remove(tgid) else {
             return;
         };
+        self.metrics.tracked_processes.set(self.ledger.len() as i64);
+        tracing::debug!(pid = tgid, comm = p.comm, "process exited, ledger released");
+    }
+
+    /// Removes the ledger's series of a process.
+    fn unpublish(&self, tgid: u32) {
+        let Some(p) = self.ledger.process(tgid) else {
+            return;
+        };
+        let workload = self.workload_of(tgid);
         for device in p.device_bytes().keys() {
             let labels = ProcessGpuLabels {
                 pid: tgid,
                 comm: p.comm.clone(),
                 gpu: *device,
+                workload: workload.clone(),
             };
             self.metrics.process_memory_allocated.remove(&labels);
             self.metrics.process_allocations.remove(&labels);
@@ -303,13 +342,43 @@ impl Tracker {
         self.metrics.process_host_pinned.remove(&ProcessLabels {
             pid: tgid,
             comm: p.comm.clone(),
+            workload,
         });
-        self.metrics.tracked_processes.set(self.ledger.len() as i64);
-        tracing::debug!(pid = tgid, comm = p.comm, "process exited, ledger released");
+    }
+
+    /// Moves the series of processes whose workload changed (their pod became known, or they
+    /// moved to another cgroup) to the new labels.
+    fn relabel(&mut self) {
+        let Some(a) = self.attrib.clone() else {
+            return;
+        };
+        let pids: Vec<u32> = self.ledger.processes().map(|(tgid, _)| tgid).collect();
+        for tgid in pids {
+            let now = a.labels(tgid);
+            if self.workload.get(&tgid) == Some(&now) {
+                continue;
+            }
+            self.unpublish(tgid);
+            self.workload.insert(tgid, now);
+            let Some(p) = self.ledger.process(tgid) else {
+                continue;
+            };
+            let devices: Vec<i32> = p.device_bytes().keys().copied().collect();
+            let host = p.host_bytes() > 0;
+            for d in devices {
+                self.publish_device(tgid, d);
+            }
+            if host {
+                self.publish_host(tgid);
+            }
+        }
     }
 
     /// NVML's per-process view: export it, and the difference to the ledger.
     fn gpu_processes(&mut self, snapshot: GpuProcesses) {
+        if let Some(a) = &self.attrib {
+            a.note_gpu_processes(&snapshot);
+        }
         self.nvml.clear();
         let mut series = HashSet::new();
         for p in &snapshot.entries {
@@ -320,6 +389,7 @@ impl Tracker {
             let labels = PidGpuLabels {
                 pid: p.pid,
                 gpu: p.gpu,
+                workload: self.workload_of(p.pid),
             };
             if let Some(b) = p.used_bytes {
                 self.metrics
@@ -333,15 +403,11 @@ impl Tracker {
                     .get_or_create(&labels)
                     .set(f64::from(u) / 100.0);
             }
-            series.insert((p.pid, p.gpu));
+            series.insert(labels);
         }
-        for (pid, gpu) in self.nvml_series.difference(&series) {
-            let labels = PidGpuLabels {
-                pid: *pid,
-                gpu: *gpu,
-            };
-            self.metrics.gpu_process_memory_used.remove(&labels);
-            self.metrics.gpu_process_sm_utilization.remove(&labels);
+        for labels in self.nvml_series.difference(&series) {
+            self.metrics.gpu_process_memory_used.remove(labels);
+            self.metrics.gpu_process_sm_utilization.remove(labels);
         }
         self.nvml_series = series;
         self.publish_overheads();
@@ -361,6 +427,7 @@ impl Tracker {
                     pid: *pid,
                     comm: p.comm.clone(),
                     gpu: *gpu as i32,
+                    workload: self.workload_of(*pid),
                 };
                 self.metrics
                     .gpu_process_memory_overhead
@@ -386,6 +453,7 @@ impl Tracker {
         for tgid in gone {
             self.exit(tgid);
         }
+        self.relabel();
     }
 }
 

@@ -58,6 +58,12 @@ struct Args {
     /// Tokio worker threads (default: one per core).
     #[arg(long)]
     worker_threads: Option<usize>,
+    /// The model's revision, as TGI takes it (only read from the command line by the agent).
+    #[arg(long)]
+    revision: Option<String>,
+    /// Shards (tensor parallelism), as TGI's launcher takes it (read by the agent only).
+    #[arg(long)]
+    num_shard: Option<u32>,
 }
 
 #[derive(Deserialize)]
