@@ -135,8 +135,13 @@ pub async fn run(
             seen: Default::default(),
         }
     };
-    let scraper =
-        crate::scrape::Stage::start(&config, metrics.clone(), scrape_servers, stop_rx.clone());
+    let scraper = crate::scrape::Stage::start(
+        &config,
+        metrics.clone(),
+        scrape_servers,
+        Some(attributor.clone()),
+        stop_rx.clone(),
+    );
     let ingest = tokio::spawn(ingest::run_with_http(
         loaded.events,
         Duration::from_millis(config.probes.poll_interval_ms),

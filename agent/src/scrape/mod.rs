@@ -97,6 +97,7 @@ pub struct Scraper {
     servers: Servers,
     targets: HashMap<u32, Target>,
     own: u32,
+    attrib: Option<Arc<crate::attrib::Attributor>>,
 }
 
 /// What one target's scrape gave: the body read, relabelled, and the server kind it told.
@@ -106,6 +107,7 @@ struct Outcome {
     kind: &'static str,
     result: Result<parse::Ingested, &'static str>,
     took: Duration,
+    workload: crate::attrib::WorkloadLabels,
 }
 
 impl Scraper {
@@ -122,7 +124,21 @@ impl Scraper {
             servers,
             targets: HashMap::new(),
             own: std::process::id(),
+            attrib: None,
         }
+    }
+
+    /// Names the workload (pod, container) of each target on its series.
+    pub fn with_attribution(mut self, attrib: Option<Arc<crate::attrib::Attributor>>) -> Self {
+        self.attrib = attrib;
+        self
+    }
+
+    fn workload(&self, pid: u32) -> crate::attrib::WorkloadLabels {
+        self.attrib
+            .as_ref()
+            .map(|a| a.labels(pid))
+            .unwrap_or_default()
     }
 
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
@@ -197,6 +213,7 @@ impl Scraper {
                 kind: target.kind,
                 addrs,
                 config: self.config.clone(),
+                workload: self.workload(pid),
             };
             jobs.spawn(job.run());
         }
@@ -249,7 +266,7 @@ impl Scraper {
                 let view = board::TargetView {
                     derived: derive::derive(&got.original, t.model.as_deref()),
                     families: got.families,
-                    labels: target::target_labels(kind, pid, port),
+                    labels: target::target_labels(kind, pid, port, &o.workload),
                 };
                 m.scraped.set(pid, view);
                 m.scrape_up.get_or_create(&up).set(1);
@@ -297,6 +314,7 @@ struct Job {
     /// Tried in order; the first that answers 200 wins.
     addrs: Vec<SocketAddr>,
     config: ScrapeConfig,
+    workload: crate::attrib::WorkloadLabels,
 }
 
 impl Job {
@@ -304,6 +322,7 @@ impl Job {
         let start = Instant::now();
         let (addr, body) = self.fetch().await;
         let (pid, mut kind) = (self.pid, self.kind);
+        let workload = self.workload.clone();
         let port = addr.map_or(0, |a| a.port());
         let limits = parse::Limits {
             max_samples: self.config.max_samples,
@@ -316,7 +335,7 @@ impl Job {
                     &body,
                     |families| {
                         kind = refine(kind, families);
-                        target::target_labels(kind, pid, port)
+                        target::target_labels(kind, pid, port, &workload)
                     },
                     limits,
                 );
@@ -339,6 +358,7 @@ impl Job {
             kind,
             result,
             took: start.elapsed(),
+            workload: self.workload,
         }
     }
 
@@ -389,6 +409,7 @@ impl Stage {
         config: &crate::config::Config,
         metrics: Arc<Metrics>,
         servers: Servers,
+        attrib: Option<Arc<crate::attrib::Attributor>>,
         stop: watch::Receiver<bool>,
     ) -> Stage {
         if !config.scrape.enabled {
@@ -399,7 +420,8 @@ impl Stage {
             ProcFs::new(&config.proc_root),
             metrics,
             servers,
-        );
+        )
+        .with_attribution(attrib);
         Stage {
             task: Some(tokio::spawn(scraper.run(stop))),
         }

@@ -15,13 +15,30 @@ use crate::{
 };
 
 /// The labels added to every series scraped from a target, and to the series derived from
-/// it. The one place where further target labels (node, pod, container) belong.
-pub fn target_labels(server: &str, pid: u32, port: u16) -> Vec<(&'static str, String)> {
-    vec![
+/// it: the server, and the workload it runs in (node, namespace, pod, container, where known;
+/// the same labels as the agent's per-process series, so rules can join on them).
+pub fn target_labels(
+    server: &str,
+    pid: u32,
+    port: u16,
+    workload: &crate::attrib::WorkloadLabels,
+) -> Vec<(&'static str, String)> {
+    let mut labels = vec![
         ("server", server.to_string()),
         ("pid", pid.to_string()),
         ("port", port.to_string()),
-    ]
+    ];
+    for (name, value) in [
+        ("node", &workload.node),
+        ("namespace", &workload.namespace),
+        ("pod", &workload.pod),
+        ("container", &workload.container),
+    ] {
+        if !value.is_empty() {
+            labels.push((name, value.clone()));
+        }
+    }
+    labels
 }
 
 /// Addresses to try for a server's `/metrics`, best first: the listening sockets, the one on
@@ -152,6 +169,34 @@ fn local_address(fib_trie: &str) -> Option<IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn target_labels_name_the_workload_where_known() {
+        let outside = target_labels("vllm", 7, 8000, &Default::default());
+        assert_eq!(
+            outside,
+            [
+                ("server", "vllm".to_string()),
+                ("pid", "7".into()),
+                ("port", "8000".into())
+            ]
+        );
+        let workload = crate::attrib::WorkloadLabels {
+            node: "n1".into(),
+            namespace: "llm".into(),
+            pod: "vllm-0".into(),
+            container: String::new(),
+        };
+        let inside = target_labels("vllm", 7, 8000, &workload);
+        assert_eq!(
+            inside[3..],
+            [
+                ("node", "n1".to_string()),
+                ("namespace", "llm".into()),
+                ("pod", "vllm-0".into())
+            ]
+        );
+    }
 
     #[test]
     fn prefers_the_command_line_port_and_reaches_wildcards_on_loopback() {
