@@ -34,7 +34,32 @@ parser.add_argument("--ttft-ms", type=float, default=20.0)
 parser.add_argument("--token-ms", type=float, default=5.0)
 parser.add_argument("--metrics", choices=["vllm", "vllm-old", "tgi", "sglang"])
 parser.add_argument("--metrics-values", default="{}", help="initial values, as for /control/metrics")
+parser.add_argument("--cuda-lib", help="CUDA driver (the test double) to hold GPU memory through")
+parser.add_argument("--cuda-mem", type=int, default=0,
+                    help="bytes to allocate on GPU 0 at start and hold, as a server's weights")
 args = parser.parse_args()
+
+
+def hold_gpu_memory(lib, size):
+    """Allocates through the driver API like a server loading its weights: the process then
+    holds GPU memory, which NVML (the double) reports for its pid."""
+    import ctypes
+
+    cuda = ctypes.CDLL(lib)
+    dev, ctx, ptr = ctypes.c_int(), ctypes.c_void_p(), ctypes.c_uint64()
+    for call, rc in [
+        ("cuInit", cuda.cuInit(0)),
+        ("cuDeviceGet", cuda.cuDeviceGet(ctypes.byref(dev), 0)),
+        ("cuCtxCreate_v2", cuda.cuCtxCreate_v2(ctypes.byref(ctx), 0, dev)),
+        ("cuMemAlloc_v2", cuda.cuMemAlloc_v2(ctypes.byref(ptr), ctypes.c_size_t(size))),
+    ]:
+        if rc != 0:
+            raise SystemExit(f"{call} failed: CUresult {rc}")
+    return cuda
+
+
+if args.cuda_lib and args.cuda_mem:
+    _cuda = hold_gpu_memory(args.cuda_lib, args.cuda_mem)
 
 app = FastAPI()
 

@@ -137,11 +137,16 @@ fn matched_kind(argv: &[String], matchers: &[String]) -> Option<Server> {
     {
         return None;
     }
-    Some(Server {
+    Some(openai_compatible(argv))
+}
+
+/// A server of no known kind: the model from the usual options.
+fn openai_compatible(argv: &[String]) -> Server {
+    Server {
         kind: "openai-compatible",
         model: option(argv, &["--served-model-name", "--model", "--model-id"]),
         ..Default::default()
-    })
+    }
 }
 
 /// The value of the first of `names` on the command line (`--name value` or `--name=value`).
@@ -368,13 +373,16 @@ pub fn scan(
         .filter_map(|(pid, s)| Some((*pid, s.clone()?)))
         .collect();
     for pid in listeners(procfs, ports) {
-        out.entry(pid).or_insert(Server {
-            kind: "openai-compatible",
-            model: None,
-            ..Default::default()
-        });
+        out.entry(pid)
+            .or_insert_with(|| by_port(argv(procfs, pid).as_deref().unwrap_or_default()));
     }
     out
+}
+
+/// A server found only by its port: the model and details still come from the usual
+/// options of its command line, when it has them.
+fn by_port(argv: &[String]) -> Server {
+    with_details(openai_compatible(argv), argv)
 }
 
 #[cfg(test)]
@@ -496,6 +504,18 @@ mod tests {
             (s.model_version.as_deref(), s.tensor_parallelism),
             (Some("r"), Some(2))
         );
+    }
+
+    #[test]
+    fn a_server_found_by_port_takes_its_model_from_its_command_line() {
+        let s = by_port(&v(
+            "python3 server.py --port 9000 --model org/m --revision r7 --tensor-parallel-size 2",
+        ));
+        assert_eq!(s.kind, "openai-compatible");
+        assert_eq!(s.model.as_deref(), Some("org/m"));
+        assert_eq!(s.model_version.as_deref(), Some("r7"));
+        assert_eq!(s.tensor_parallelism, Some(2));
+        assert_eq!(by_port(&[]).model, None);
     }
 
     #[test]

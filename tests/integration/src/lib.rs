@@ -415,11 +415,17 @@ impl OpenAiServer {
 
     /// With extra arguments (`--metrics vllm` serves vLLM's own metrics too).
     pub fn start_with(model: &str, extra: &[&str]) -> OpenAiServer {
+        Self::start_with_env(model, extra, &[])
+    }
+
+    /// With extra arguments and environment (the CUDA double's, with `--cuda-lib`).
+    pub fn start_with_env(model: &str, extra: &[&str], env: &[(&str, &str)]) -> OpenAiServer {
         let port = free_port();
         let child = Command::new("python3")
             .arg(servers_dir().join("openai_server.py"))
             .args(["--port", &port.to_string(), "--model", model])
             .args(extra)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -334,18 +334,29 @@ fn every_rule_and_dashboard_query_returns_data() {
 
     // A vLLM-like server: its own /metrics (scheduler, KV cache, prefix cache) is scraped
     // and re-exported by the agent.
-    let server = OpenAiServer::start_with(
+    // and it holds 256 MiB of GPU 0 through the driver, as a server holds its weights.
+    let lib = Variant::Push.lib_path().display().to_string();
+    let state_s = state.display().to_string();
+    let gpu_env = [
+        (cuda_workload::ENV_GPU_COUNT, "2"),
+        (cuda_workload::ENV_GPU_MEM, "1073741824"),
+        (cuda_workload::ENV_GPU_STATE, state_s.as_str()),
+    ];
+    let server = OpenAiServer::start_with_env(
         "prom-model",
         &[
             "--metrics",
             "vllm",
             "--metrics-values",
             r#"{"running": 4, "waiting": 3, "kv": 0.5, "queries": 200, "hits": 50, "preemptions": 1}"#,
+            "--cuda-lib",
+            &lib,
+            "--cuda-mem",
+            "268435456",
         ],
+        &gpu_env,
     );
-    let lib = Variant::Push.lib_path().display().to_string();
     let nvml = nvml_double_path().display().to_string();
-    let state_s = state.display().to_string();
     let control_s = control.path().display().to_string();
     let agent = Agent::start_with_env(
         &[
@@ -357,9 +368,9 @@ fn every_rule_and_dashboard_query_returns_data() {
             &server.port.to_string(),
         ],
         &[
-            (cuda_workload::ENV_GPU_COUNT, "2"),
-            (cuda_workload::ENV_GPU_MEM, "1073741824"),
-            (cuda_workload::ENV_GPU_STATE, state_s.as_str()),
+            gpu_env[0],
+            gpu_env[1],
+            gpu_env[2],
             (ENV_NVML_CONTROL, control_s.as_str()),
             ("INFERSCOPE_NVML__INTERVAL_MS", "200"),
             ("INFERSCOPE_SCRAPE__INTERVAL_MS", "500"),
@@ -411,6 +422,11 @@ fn every_rule_and_dashboard_query_returns_data() {
             && s.sum("llm_requests_total", &[]) > 0.0
             && s.sum("gpu_process_memory_overhead_bytes", &[]) != 0.0
             && s.sum("llm_kv_cache_hit_ratio", &[]) == 0.25
+            && s.has("llm_server_info", &[("model", "prom-model")])
+            && s.has(
+                "gpu_process_memory_used_bytes",
+                &[("pid", &server.pid().to_string())],
+            )
     });
 
     let dash = dashboards();
