@@ -37,6 +37,8 @@ pub enum ConfigError {
     EnvShape { var: String },
     #[error("invalid configuration: {0}")]
     Invalid(String),
+    #[error(transparent)]
+    Otlp(#[from] crate::export::otlp::config::OtlpConfigError),
 }
 
 /// Where environment variables come from.
@@ -80,6 +82,12 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Requests timed on the wire (probe family `http`).
     pub http: crate::http::HttpConfig,
+    /// OTLP export (off unless an endpoint is set; `OTEL_*` variables complete it).
+    pub otlp: crate::export::otlp::config::OtlpConfig,
+    /// The OTLP settings resolved from `otlp`, `--otlp-endpoint` and the `OTEL_*` variables
+    /// (None: OTLP off).
+    #[serde(skip)]
+    pub otlp_settings: Option<crate::export::otlp::config::Settings>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -172,6 +180,8 @@ impl Default for Config {
             forensics: ForensicsConfig::default(),
             limits: LimitsConfig::default(),
             http: Default::default(),
+            otlp: Default::default(),
+            otlp_settings: None,
         }
     }
 }
@@ -209,6 +219,8 @@ pub struct Overrides {
     pub nvml_lib: Option<PathBuf>,
     /// `--watch-port`: ports whose listeners are watched as inference servers.
     pub watch_ports: Vec<u16>,
+    /// `--otlp-endpoint`: the collector (beats the config file and `OTEL_EXPORTER_OTLP_*`).
+    pub otlp_endpoint: Option<String>,
 }
 
 impl Config {
@@ -259,7 +271,15 @@ impl Config {
         if let Some(lib) = &overrides.nvml_lib {
             config.nvml.lib = Some(lib.clone());
         }
+        if let Some(url) = &overrides.otlp_endpoint {
+            config.otlp.endpoint = Some(url.clone());
+        }
         config.validate()?;
+        config.otlp_settings = crate::export::otlp::config::resolve(
+            &config.otlp,
+            env,
+            &crate::export::otlp::config::Host::current(),
+        )?;
         Ok(config)
     }
 

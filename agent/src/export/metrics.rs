@@ -44,6 +44,12 @@ pub struct SourceLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SignalLabels {
+    /// `metrics`, `traces` or `logs`.
+    pub signal: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub reason: &'static str,
 }
@@ -175,6 +181,9 @@ pub struct Metrics {
     pub gpu_process_memory_overhead: Family<ProcessGpuLabels, Gauge>,
     /// Family `http`: requests timed on the wire (`crate::http::metrics`).
     pub http: crate::http::metrics::HttpMetrics,
+    /// OTLP: spans and log records dropped (queue full, rate limit, export failed), and failed
+    /// metric pushes.
+    pub export_dropped: Family<SignalLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -235,6 +244,7 @@ impl Metrics {
             gpu_process_sm_utilization: Family::default(),
             gpu_process_memory_overhead: Family::default(),
             http: Default::default(),
+            export_dropped: Family::default(),
             registry: Registry::default(),
         };
         m.register_gpu(&mut registry);
@@ -320,6 +330,12 @@ impl Metrics {
             "inferscope_cuda_libraries",
             "CUDA driver library files being probed",
             m.cuda_libraries.clone(),
+        );
+        registry.register(
+            "inferscope_export_dropped",
+            "OTLP: spans and log records dropped (queue full, over the rate, collector \
+             unreachable after retries) and metric pushes that failed, by signal",
+            m.export_dropped.clone(),
         );
         registry.register(
             "inferscope_tracked_processes",

@@ -57,6 +57,8 @@ pub enum Bad {
     EventTooLarge,
     /// More pipelined requests than kept.
     PipelineOverflow,
+    /// A `traceparent` header that is not a valid W3C trace context (ignored).
+    BadTraceparent,
 }
 
 impl Bad {
@@ -68,6 +70,7 @@ impl Bad {
             Self::UnmatchedResponse => "unmatched_response",
             Self::EventTooLarge => "event_too_large",
             Self::PipelineOverflow => "pipeline_overflow",
+            Self::BadTraceparent => "bad_traceparent",
         }
     }
 }
@@ -99,6 +102,8 @@ pub struct Exchange {
     pub received: bool,
     /// Bytes of the request body (the prompt's size on the wire).
     pub request_bytes: u64,
+    /// The caller's trace context, when the request carried a valid `traceparent`.
+    pub traceparent: Option<super::traceparent::TraceParent>,
 }
 
 impl Exchange {
@@ -244,6 +249,12 @@ impl Conn {
                         let x = self.reading.get_or_insert_with(Exchange::default);
                         x.method = method;
                         x.route = clip(route, MAX_ROUTE);
+                        if let Some(v) = header(req.headers, "traceparent") {
+                            x.traceparent = super::traceparent::TraceParent::parse(v);
+                            if x.traceparent.is_none() {
+                                out.push(Output::Bad(Bad::BadTraceparent));
+                            }
+                        }
                         let used = n - before;
                         let body = Body::new(framing);
                         if body.is_empty() {

@@ -68,6 +68,8 @@ pub struct Tracker {
     nvml_series: HashSet<(u32, u32)>,
     overhead_series: HashSet<ProcessGpuLabels>,
     forensics: Option<triggers::ForensicsState>,
+    /// OTLP: failed calls as log records, rate-limited per process.
+    failure_logs: Option<crate::export::otlp::logs::RateLimited>,
 }
 
 impl Tracker {
@@ -89,7 +91,17 @@ impl Tracker {
             nvml_series: HashSet::new(),
             overhead_series: HashSet::new(),
             forensics: None,
+            failure_logs: None,
         }
+    }
+
+    /// Sends failed CUDA calls to OTLP log export (rate-limited).
+    pub fn with_failure_logs(
+        mut self,
+        logs: Option<crate::export::otlp::logs::RateLimited>,
+    ) -> Self {
+        self.failure_logs = logs;
+        self
     }
 
     /// Sends a forensic report draft for every trigger from now on.
@@ -230,6 +242,18 @@ impl Tracker {
             comm: comm.clone(),
             gpu_state,
         });
+        if let Some(logs) = &mut self.failure_logs {
+            logs.offer(e.header.tgid, e.header.ts_ns, || {
+                crate::export::otlp::logs::alloc_failure(&crate::export::otlp::logs::AllocFailure {
+                    pid: e.header.tgid,
+                    comm: &comm,
+                    api: api.symbol(),
+                    error,
+                    size: e.size,
+                    device: e.device,
+                })
+            });
+        }
         if !self
             .logged_failures
             .insert((e.header.tgid, e.api, e.result))
