@@ -449,4 +449,34 @@ mod tests {
             );
         }
     }
+
+    #[test]
+    fn otlp_flag_beats_file_and_environment() {
+        let e = env(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://env:4318"),
+            ("INFERSCOPE_OTLP__ENDPOINT", "http://file:4318"),
+        ]);
+        let c = Config::load(None, &e, &Overrides::default()).unwrap();
+        let s = c.otlp_settings.unwrap();
+        assert_eq!(s.metrics.unwrap().url, "http://file:4318/v1/metrics");
+        let flags = Overrides {
+            otlp_endpoint: Some("http://flag:4318".into()),
+            ..Default::default()
+        };
+        let c = Config::load(None, &e, &flags).unwrap();
+        assert_eq!(
+            c.otlp_settings.unwrap().traces.unwrap().url,
+            "http://flag:4318/v1/traces"
+        );
+        assert!(Config::load(None, &env(&[]), &Overrides::default())
+            .unwrap()
+            .otlp_settings
+            .is_none());
+        let bad = env(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://env:4318"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "carrier-pigeon"),
+        ]);
+        let err = Config::load(None, &bad, &Overrides::default()).unwrap_err();
+        assert!(chain(&err).contains("carrier-pigeon"), "{err}");
+    }
 }
