@@ -102,8 +102,9 @@ pub struct Exchange {
     pub received: bool,
     /// Bytes of the request body (the prompt's size on the wire).
     pub request_bytes: u64,
-    /// The caller's trace context, when the request carried a valid `traceparent`.
-    pub traceparent: Option<super::traceparent::TraceParent>,
+    /// The caller's trace context, when the request carried a valid `traceparent` (boxed:
+    /// most requests carry none).
+    pub traceparent: Option<Box<super::traceparent::TraceParent>>,
 }
 
 impl Exchange {
@@ -121,7 +122,7 @@ pub enum Output {
     Received {
         model: Option<String>,
     },
-    Finished(Exchange),
+    Finished(Box<Exchange>),
     Bad(Bad),
 }
 
@@ -250,7 +251,7 @@ impl Conn {
                         x.method = method;
                         x.route = clip(route, MAX_ROUTE);
                         if let Some(v) = header(req.headers, "traceparent") {
-                            x.traceparent = super::traceparent::TraceParent::parse(v);
+                            x.traceparent = super::traceparent::TraceParent::parse(v).map(Box::new);
                             if x.traceparent.is_none() {
                                 out.push(Output::Bad(Bad::BadTraceparent));
                             }
@@ -528,11 +529,11 @@ impl Conn {
         if let Some(mut x) = self.writing.take() {
             x.end_ns = ts;
             if x.status.is_some() {
-                out.push(Output::Finished(x));
+                out.push(Output::Finished(Box::new(x)));
             } else {
                 // No status: it cannot be counted as a request of any code; still not in flight.
                 x.error = Some(ErrorType::ConnectionReset);
-                out.push(Output::Finished(x));
+                out.push(Output::Finished(Box::new(x)));
             }
         }
     }
@@ -559,7 +560,7 @@ impl Conn {
             Some(500..) => Some(ErrorType::Http5xx),
             _ => None,
         };
-        out.push(Output::Finished(x));
+        out.push(Output::Finished(Box::new(x)));
     }
 
     /// The server closed the connection (or its process ended): a response delimited by the
@@ -585,7 +586,7 @@ impl Conn {
         {
             x.end_ns = ts;
             x.error = Some(error);
-            out.push(Output::Finished(x));
+            out.push(Output::Finished(Box::new(x)));
         }
         self.reading = None;
         self.inp = In::Desync;
@@ -680,7 +681,7 @@ mod tests {
     fn finished(out: &[Output]) -> Vec<&Exchange> {
         out.iter()
             .filter_map(|o| match o {
-                Output::Finished(x) => Some(x),
+                Output::Finished(x) => Some(&**x),
                 _ => None,
             })
             .collect()

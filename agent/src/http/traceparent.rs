@@ -42,7 +42,7 @@ impl TraceParent {
 
 /// Lowercase hex only, as the recommendation requires.
 fn hex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0
+    if !s.len().is_multiple_of(2)
         || !s
             .bytes()
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))

@@ -329,7 +329,7 @@ impl HttpTracker {
                 input_tokens: x.usage.prompt,
                 output_tokens: x.output_tokens(),
                 stream: x.stream,
-                parent: x.traceparent,
+                parent: x.traceparent.as_deref().copied(),
             });
         }
         tracing::debug!(

@@ -99,6 +99,9 @@ pub async fn send_with_retry(
     }
 }
 
+/// Turns a batch into a request.
+pub type Build<T> = Box<dyn Fn(&[T]) -> Payload + Send + Sync>;
+
 /// What a batcher needs besides its queue.
 pub struct Batcher<T> {
     pub client: Client,
@@ -107,8 +110,7 @@ pub struct Batcher<T> {
     pub batch_timeout: Duration,
     pub backoff: Backoff,
     pub dropped: Counter,
-    /// Turns a batch into a request.
-    pub build: Box<dyn Fn(&[T]) -> Payload + Send + Sync>,
+    pub build: Build<T>,
 }
 
 impl<T: Send + Sync + 'static> Batcher<T> {
