@@ -120,9 +120,10 @@ fn serve(conn: TcpStream) {
         if r.read_exact(&mut body).is_err() {
             return;
         }
-        if w
-            .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n")
-            .is_err()
+        if w.write_all(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n",
+        )
+        .is_err()
         {
             return;
         }
@@ -134,6 +135,7 @@ fn spans(n: usize) -> Vec<traces::RequestSpan> {
         .map(|i| traces::RequestSpan {
             model: format!("model-{}", i % 4),
             server: Some("vllm"),
+            port: Some(8000),
             method: "POST".into(),
             route: "/v1/chat/completions".into(),
             status: Some(200),
@@ -264,14 +266,17 @@ fn collector_down(secs: u64, lib: &std::path::Path) -> anyhow::Result<DownRun> {
     let server = crate::http::Server::start(5.0, 1.0)?;
     let closed = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let endpoint = format!("http://127.0.0.1:{closed}");
-    let agent = AgentProcess::start(
-        lib,
+    // BENCH_OTLP_OFF=1: the same run without OTLP, for comparison.
+    let env: &[(&str, &str)] = if std::env::var_os("BENCH_OTLP_OFF").is_some() {
+        &[]
+    } else {
         &[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
             ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
             ("OTEL_METRIC_EXPORT_INTERVAL", "5000"),
-        ],
-    )?;
+        ]
+    };
+    let agent = AgentProcess::start(lib, env)?;
     agent
         .wait_for(
             "the TGI stand-in to be watched",

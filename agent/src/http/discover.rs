@@ -18,6 +18,8 @@ pub struct Server {
     /// The model it serves according to its command line (the `model` label of requests
     /// that do not name one).
     pub model: Option<String>,
+    /// Its lowest listening TCP port, once the watcher has looked (`server.port` of spans).
+    pub port: Option<u16>,
 }
 
 /// Recognises an inference server from its argv.
@@ -54,18 +56,21 @@ pub fn classify(argv: &[String]) -> Option<Server> {
             .cloned();
         let model = served().or_else(|| opt(&["--model"])).or(positional);
         return Some(Server {
+            port: None,
             kind: "vllm",
             model,
         });
     }
     if argv0 == "text-generation-router" || argv0 == "text-generation-launcher" {
         return Some(Server {
+            port: None,
             kind: "tgi",
             model: served().or_else(|| opt(&["--model-id", "--tokenizer-name"])),
         });
     }
     if python_module("sglang.launch_server") {
         return Some(Server {
+            port: None,
             kind: "sglang",
             model: served().or_else(|| opt(&["--model-path", "--model"])),
         });
@@ -78,12 +83,14 @@ pub fn classify(argv: &[String]) -> Option<Server> {
             })
         });
         return Some(Server {
+            port: None,
             kind: "llamacpp",
             model,
         });
     }
     if argv0 == "tritonserver" {
         return Some(Server {
+            port: None,
             kind: "triton",
             model: None,
         });
@@ -113,6 +120,7 @@ pub fn matched(argv: &[String], matchers: &[String]) -> Option<Server> {
         None
     });
     Some(Server {
+        port: None,
         kind: "openai-compatible",
         model,
     })
@@ -225,6 +233,17 @@ pub fn accepted_fds(procfs: &ProcFs, pid: u32) -> Vec<u32> {
         .collect()
 }
 
+/// The lowest TCP port the process listens on.
+pub fn listening_port(procfs: &ProcFs, pid: u32) -> Option<u16> {
+    let sockets = tcp_sockets(procfs, Some(pid));
+    let inodes: HashSet<u64> = socket_fds(procfs, pid).iter().map(|(_, i)| *i).collect();
+    sockets
+        .iter()
+        .filter(|s| s.listening && inodes.contains(&s.inode))
+        .map(|s| s.local_port)
+        .min()
+}
+
 /// Pids that hold a socket listening on one of `ports` (in the agent's network namespace).
 pub fn listeners(procfs: &ProcFs, ports: &[u16]) -> HashSet<u32> {
     if ports.is_empty() {
@@ -271,6 +290,7 @@ pub fn scan(
         .collect();
     for pid in listeners(procfs, ports) {
         out.entry(pid).or_insert(Server {
+            port: None,
             kind: "openai-compatible",
             model: None,
         });

@@ -318,6 +318,7 @@ impl HttpTracker {
             spans.offer(crate::export::otlp::traces::RequestSpan {
                 model: model.clone(),
                 server: self.servers.get(&tgid).map(|s| s.kind),
+                port: self.servers.get(&tgid).and_then(|s| s.port),
                 method: x.method.clone(),
                 route: x.route.clone(),
                 status: x.status,

@@ -21,6 +21,8 @@ pub struct RequestSpan {
     pub model: String,
     /// `vllm`, `tgi`, ... (from discovery), when known.
     pub server: Option<&'static str>,
+    /// The server's listening port, when discovery found it.
+    pub port: Option<u16>,
     pub method: String,
     pub route: String,
     pub status: Option<u16>,
@@ -138,6 +140,9 @@ pub fn span(r: &RequestSpan, clock: WallClock, history: Option<&GpuHistory>) -> 
     if let Some(s) = r.server {
         attributes.push(kv("inferscope.server", s));
     }
+    if let Some(p) = r.port {
+        attributes.push(kv("server.port", i64::from(p)));
+    }
     if let Some(s) = r.status {
         attributes.push(kv("http.response.status_code", s as i64));
     }
@@ -218,6 +223,7 @@ mod tests {
         RequestSpan {
             model: "llama".into(),
             server: Some("vllm"),
+            port: Some(8000),
             method: "POST".into(),
             route: "/v1/chat/completions".into(),
             status: Some(200),
@@ -263,6 +269,7 @@ mod tests {
         assert_eq!(int(&s, "gen_ai.usage.input_tokens"), Some(12));
         assert_eq!(int(&s, "gen_ai.usage.output_tokens"), Some(3));
         assert_eq!(int(&s, "http.response.status_code"), Some(200));
+        assert_eq!(int(&s, "server.port"), Some(8000));
         assert!(s.parent_span_id.is_empty());
         assert_eq!(s.trace_id.len(), 16);
         assert_eq!(s.events[0].name, "gen_ai.first_token");
