@@ -56,6 +56,11 @@ pub struct DownRun {
     pub dropped_traces: u64,
     pub dropped_metrics: u64,
     pub counted: u64,
+    /// The agent's CPU over the load, as a share of one core.
+    pub agent_share: f64,
+    /// Forensic reports the agent wrote meanwhile (about other processes on the machine:
+    /// symbolizing their stacks costs memory of its own).
+    pub reports: u64,
 }
 
 fn thread_cpu() -> Duration {
@@ -267,10 +272,14 @@ fn collector_down(secs: u64, lib: &std::path::Path) -> anyhow::Result<DownRun> {
     let closed = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let endpoint = format!("http://127.0.0.1:{closed}");
     // BENCH_OTLP_OFF=1: the same run without OTLP, for comparison.
+    // Only the http family: forensic reports about other processes on the machine (their
+    // stacks symbolized) would otherwise show in the memory figure.
+    let only_http = ("INFERSCOPE_PROBES__DISABLED", r#"["cuda", "sched", "oom"]"#);
     let env: &[(&str, &str)] = if std::env::var_os("BENCH_OTLP_OFF").is_some() {
-        &[]
+        &[only_http]
     } else {
         &[
+            only_http,
             ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
             ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
             ("OTEL_METRIC_EXPORT_INTERVAL", "5000"),
@@ -288,6 +297,7 @@ fn collector_down(secs: u64, lib: &std::path::Path) -> anyhow::Result<DownRun> {
     let period = Duration::from_secs_f64(conns as f64 / rps);
     let stop = AtomicBool::new(false);
     let sent = std::sync::atomic::AtomicU64::new(0);
+    let cpu0 = agent.cpu_ns()?;
     let start = Instant::now();
     let warm = Duration::from_secs(5.min(secs / 4).max(1));
     let mut samples = Vec::new();
@@ -328,6 +338,7 @@ fn collector_down(secs: u64, lib: &std::path::Path) -> anyhow::Result<DownRun> {
         Ok(())
     })?;
     let seconds = start.elapsed().as_secs_f64();
+    let agent_share = (agent.cpu_ns()? - cpu0) as f64 / 1e9 / seconds;
     let requests = sent.load(Ordering::Relaxed);
     let text = agent
         .wait_for("every request counted", Duration::from_secs(30), |t| {
@@ -354,6 +365,8 @@ fn collector_down(secs: u64, lib: &std::path::Path) -> anyhow::Result<DownRun> {
         dropped_traces: dropped("traces"),
         dropped_metrics: dropped("metrics"),
         counted: metric_sum(&text, "llm_requests_total") as u64,
+        agent_share,
+        reports: metric_sum(&text, "inferscope_forensics_reports_total") as u64,
     };
     agent.stop()?;
     Ok(out)

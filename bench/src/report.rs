@@ -351,6 +351,12 @@ pub fn otlp_table(s: &mut String, o: &crate::otlp::OtlpCost) {
         thousands(d.dropped_traces),
         d.dropped_metrics
     );
+    let _ = writeln!(
+        s,
+        "| agent CPU meanwhile (share of one core); forensic reports it wrote | {:.1} %; {} |",
+        d.agent_share * 100.0,
+        d.reports
+    );
 }
 
 /// `docs/performance.md`.
@@ -452,9 +458,11 @@ counter and 5,000 gauge series with model/pid/gpu labels, beside the empty catal
 snapshot through the Prometheus→OTLP mapping and encoded, each timed by thread CPU, then \
 again with the send (`reqwest`, HTTP/protobuf) to a local sink that reads the request and \
 answers 200; median of {} rounds. Then the agent binary exporting to a port where nothing \
-listens (metrics every 5 s, spans on) while 16 keep-alive clients send 200 streamed \
-requests/s in total to the TGI stand-in for {} s: `VmRSS` every second after a warm-up, and \
-the counted drops.\n",
+listens (metrics every 5 s, spans on; only the `http` probe family, so that forensic reports \
+about other processes cannot move the memory figure) while 16 keep-alive clients send 200 \
+streamed requests/s in total to the TGI stand-in for {} s: `VmRSS` every second after a \
+warm-up, and the counted drops. (`BENCH_OTLP_OFF=1 inferscope-bench --otlp-only SECS` runs the \
+same without OTLP, for comparison.)\n",
         r.otlp.rounds, sizes.otlp_down_secs
     );
     let _ = writeln!(d, "## Results\n\n{tables}");

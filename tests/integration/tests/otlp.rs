@@ -119,7 +119,8 @@ struct SpanSeen {
     name: String,
     kind: String,
     attrs: BTreeMap<String, String>,
-    events: Vec<String>,
+    /// (name, attributes) of each event.
+    events: Vec<(String, BTreeMap<String, String>)>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -233,9 +234,11 @@ impl Received {
                         }
                     }
                     At::SpanEvent => {
-                        if k == "Name" {
-                            if let Some(s) = r.spans.last_mut() {
-                                s.events.push(v);
+                        if let Some(s) = r.spans.last_mut() {
+                            if k == "Name" {
+                                s.events.push((v, BTreeMap::new()));
+                            } else if let Some(e) = s.events.last_mut() {
+                                e.1.insert(k, v);
                             }
                         }
                     }
@@ -530,7 +533,9 @@ fn one_span_per_request_over_http_with_the_callers_trace() {
     let rotel = Rotel::start();
     let server = OpenAiServer::start("stand-in");
     let endpoint = format!("http://127.0.0.1:{}", rotel.http);
-    let env = vec![
+    let dir = tempfile::tempdir().unwrap();
+    let (_control, mut env) = nvml_env(dir.path());
+    env.extend([
         (
             "OTEL_EXPORTER_OTLP_PROTOCOL".to_string(),
             "http/protobuf".to_string(),
@@ -540,16 +545,20 @@ fn one_span_per_request_over_http_with_the_callers_trace() {
             "INFERSCOPE_OTLP__BATCH_TIMEOUT_MS".to_string(),
             "200".to_string(),
         ),
-    ];
+    ]);
+    let nvml = nvml_double_path().display().to_string();
     let agent = start_agent(
         &[
             "--watch-port",
             &server.port.to_string(),
             "--disable-probe",
             "cuda",
+            "--nvml-lib",
+            &nvml,
         ],
         &env,
     );
+    agent.wait_for("NVML", |s| s.sum("gpu_temperature_celsius", &[]) == 66.0);
     agent.wait_for("the server to be watched", |s| {
         s.sum("inferscope_http_watched_processes", &[]) >= 1.0
     });
@@ -597,7 +606,24 @@ fn one_span_per_request_over_http_with_the_callers_trace() {
     assert_eq!(t.attrs["server.port"], server.port.to_string());
     assert_eq!(t.attrs["gen_ai.usage.output_tokens"], "4");
     assert_eq!(t.attrs["gen_ai.usage.input_tokens"], "3");
-    assert!(t.events.iter().any(|e| e == "gen_ai.first_token"), "{t:?}");
+    assert!(
+        t.events.iter().any(|e| e.0 == "gen_ai.first_token"),
+        "{t:?}"
+    );
+    // The one simulated GPU's state at the request's start and at its end.
+    let gpu: Vec<_> = t
+        .events
+        .iter()
+        .filter(|e| e.0 == "inferscope.gpu.state")
+        .map(|e| &e.1)
+        .collect();
+    assert_eq!(gpu.len(), 2, "{t:?}");
+    for (e, phase) in gpu.iter().zip(["start", "end"]) {
+        assert_eq!(e["inferscope.phase"], phase);
+        assert_eq!(e["hw.id"], "0");
+        assert_eq!(e["hw.temperature"], "66");
+        assert_eq!(e["hw.gpu.utilization"], "0.42");
+    }
     let plain: Vec<_> = r.spans.iter().filter(|s| s.name == "chat plain").collect();
     assert_eq!(plain.len(), 4);
     for p in &plain {
@@ -609,7 +635,7 @@ fn one_span_per_request_over_http_with_the_callers_trace() {
     assert_eq!(
         plain
             .iter()
-            .filter(|p| p.events.iter().any(|e| e == "gen_ai.first_token"))
+            .filter(|p| p.events.iter().any(|e| e.0 == "gen_ai.first_token"))
             .count(),
         3
     );
