@@ -605,7 +605,31 @@ against {:.2} % with NVML off.",
         n.agent_share_nvml * 100.0,
         n.agent_share_off * 100.0,
     );
+    otlp_reading(&mut s, &r.otlp);
     s
+}
+
+fn otlp_reading(s: &mut String, o: &crate::otlp::OtlpCost) {
+    let d = &o.down;
+    let per_span_us = o.spans_build_us / 1000.0;
+    let _ = writeln!(
+        s,
+        "- **OTLP: {:.1} µs of CPU per span, {:.1} ms per 10,000 metric points.** At 200 \
+requests/s spans cost {:.2} % of a core to build and encode; a 60 s metrics interval makes \
+the snapshot negligible. With the collector down for {:.0} s the agent's RSS went from \
+{:.1} to {:.1} MiB (highest {:.1}): the span queue is bounded ({} spans dropped and counted, \
+{} failed metric pushes counted) and nothing else accumulates; the pushes resume with the \
+cumulative totals once the collector is back (tests/integration/tests/otlp.rs).",
+        per_span_us,
+        o.points_build_ms,
+        per_span_us * 200.0 / 1e4,
+        d.seconds,
+        mib(d.rss_start_kib),
+        mib(d.rss_end_kib),
+        mib(d.rss_max_kib),
+        thousands(d.dropped_traces),
+        d.dropped_metrics,
+    );
 }
 
 fn http_reading(s: &mut String, r: &Results) {
