@@ -214,3 +214,46 @@ impl Client {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(url: &str, protocol: Protocol) -> Target {
+        Target {
+            url: url.into(),
+            protocol,
+            headers: vec![("x-tenant".into(), "a".into())],
+            timeout: std::time::Duration::from_secs(1),
+            tls: Default::default(),
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn bad_tls_files_and_headers_are_errors_at_start() {
+        for protocol in [Protocol::Grpc, Protocol::HttpProtobuf] {
+            let mut t = target("https://collector:4317", protocol);
+            t.tls.ca_file = Some("/nonexistent/ca.pem".into());
+            assert!(
+                matches!(Client::new(&t), Err(TransportError::TlsFile { .. })),
+                "{protocol:?}"
+            );
+            let mut t = target("http://collector:4317", protocol);
+            t.headers = vec![("bad header".into(), "v".into())];
+            assert!(
+                matches!(Client::new(&t), Err(TransportError::Header(_))),
+                "{protocol:?}"
+            );
+            assert!(Client::new(&target("http://collector:4317", protocol)).is_ok());
+        }
+    }
+
+    #[test]
+    fn retryable_errors() {
+        assert!(SendError::HttpStatus(503).retryable());
+        assert!(SendError::HttpStatus(429).retryable());
+        assert!(!SendError::HttpStatus(400).retryable());
+        assert!(SendError::Grpc(tonic::Status::unavailable("down")).retryable());
+        assert!(!SendError::Grpc(tonic::Status::invalid_argument("bad")).retryable());
+    }
+}
