@@ -742,6 +742,7 @@ fn a_collector_down_at_start_then_up_gets_the_data() {
         return;
     }
     let (grpc, http) = Rotel::ports();
+    let server = OpenAiServer::start("stand-in");
     let env = vec![
         (
             "OTEL_EXPORTER_OTLP_PROTOCOL".to_string(),
@@ -749,26 +750,58 @@ fn a_collector_down_at_start_then_up_gets_the_data() {
         ),
         ("OTEL_METRIC_EXPORT_INTERVAL".to_string(), "300".to_string()),
         ("OTEL_EXPORTER_OTLP_TIMEOUT".to_string(), "500".to_string()),
+        (
+            "INFERSCOPE_OTLP__BATCH_TIMEOUT_MS".to_string(),
+            "200".to_string(),
+        ),
     ];
     let endpoint = format!("http://127.0.0.1:{grpc}");
-    let agent = start_agent(&["--otlp-endpoint", &endpoint], &env);
-    let s = agent.wait_for("failed pushes to be counted", |s| {
+    let agent = start_agent(
+        &[
+            "--otlp-endpoint",
+            &endpoint,
+            "--watch-port",
+            &server.port.to_string(),
+            "--disable-probe",
+            "cuda",
+        ],
+        &env,
+    );
+    agent.wait_for("the server to be watched", |s| {
+        s.sum("inferscope_http_watched_processes", &[]) >= 1.0
+    });
+    // While the collector is down: spans are retried, then dropped and counted.
+    for _ in 0..2 {
+        chat(server.port, "early", true, 3, None);
+    }
+    let s = agent.wait_for("failed pushes and dropped spans to be counted", |s| {
         s.sum("inferscope_export_dropped_total", &[("signal", "metrics")]) >= 2.0
+            && s.sum("inferscope_export_dropped_total", &[("signal", "traces")]) >= 2.0
     });
     // /metrics and /healthz keep serving meanwhile.
-    assert!(s.text.contains("inferscope_export_dropped_total"));
+    assert_eq!(s.sum("llm_requests_total", &[("model", "early")]), 2.0);
     assert_eq!(http_get(agent.port, "/healthz").map(|r| r.0), Some(200));
 
     let rotel = Rotel::start_on(grpc, http);
+    for _ in 0..3 {
+        chat(server.port, "late", true, 3, None);
+    }
+    let port = server.port.to_string();
     let r = eventually(
-        "metrics after the collector came up",
+        "metrics and spans after the collector came up",
         Duration::from_secs(30),
         || {
             let r = rotel.received();
-            r.last("inferscope.export_dropped", &[("signal", "metrics")])
+            let pushed = r
+                .last("inferscope.export_dropped", &[("signal", "metrics")])
                 .and_then(|p| p.value)
-                .filter(|v| *v >= 2.0)
-                .map(|_| r)
+                .is_some_and(|v| v >= 2.0);
+            let late = r
+                .spans
+                .iter()
+                .filter(|s| s.name == "chat late" && s.attrs.get("server.port") == Some(&port))
+                .count();
+            (pushed && late == 3).then_some(r)
         },
     );
     assert_eq!(
@@ -777,6 +810,15 @@ fn a_collector_down_at_start_then_up_gets_the_data() {
             .and_then(|res| res.get("service.name"))
             .map(String::as_str),
         Some("inferscope")
+    );
+    // The cumulative counter carries what happened while the collector was down.
+    assert_eq!(
+        r.last(
+            "inferscope.gen_ai.requests",
+            &[("gen_ai.request.model", "early")]
+        )
+        .and_then(|p| p.value),
+        Some(2.0)
     );
     // Once delivered, pushes stop failing: the count stays where it was.
     let dropped = agent
