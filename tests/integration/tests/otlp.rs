@@ -833,3 +833,68 @@ fn a_collector_down_at_start_then_up_gets_the_data() {
     );
     assert!(agent.stop().success());
 }
+
+#[test]
+fn sigterm_flushes_queued_spans_and_a_last_metrics_push() {
+    if !root_tier() {
+        return;
+    }
+    let rotel = Rotel::start();
+    let server = OpenAiServer::start("stand-in");
+    // Nothing would go out on its own within the test: batches wait 60 s, metrics 60 s.
+    let env = vec![
+        (
+            "OTEL_EXPORTER_OTLP_ENDPOINT".to_string(),
+            format!("http://127.0.0.1:{}", rotel.http),
+        ),
+        (
+            "INFERSCOPE_OTLP__BATCH_TIMEOUT_MS".to_string(),
+            "60000".to_string(),
+        ),
+    ];
+    let agent = start_agent(
+        &[
+            "--watch-port",
+            &server.port.to_string(),
+            "--disable-probe",
+            "cuda",
+        ],
+        &env,
+    );
+    agent.wait_for("the server to be watched", |s| {
+        s.sum("inferscope_http_watched_processes", &[]) >= 1.0
+    });
+    for _ in 0..2 {
+        chat(server.port, "flushed", true, 3, None);
+    }
+    agent.wait_for("the requests", |s| {
+        s.sum("llm_requests_total", &[("model", "flushed")]) == 2.0
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let port = server.port.to_string();
+    let ours = |r: &Received| {
+        r.spans
+            .iter()
+            .filter(|s| s.name == "chat flushed" && s.attrs.get("server.port") == Some(&port))
+            .count()
+    };
+    let before = rotel.received();
+    assert_eq!(ours(&before), 0, "nothing is sent before the batch is due");
+    assert!(before.points.is_empty());
+    assert!(agent.stop().success());
+    // The collector prints what it received a moment after answering.
+    let r = eventually("the flushed data", Duration::from_secs(10), || {
+        let r = rotel.received();
+        (ours(&r) >= 2 && !r.points.is_empty()).then_some(r)
+    });
+    assert_eq!(ours(&r), 2, "queued spans are flushed at SIGTERM");
+    assert_eq!(
+        r.last(
+            "inferscope.gen_ai.requests",
+            &[("gen_ai.request.model", "flushed")]
+        )
+        .and_then(|p| p.value),
+        Some(2.0),
+        "a last metrics push at SIGTERM"
+    );
+}
