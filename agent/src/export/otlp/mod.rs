@@ -270,6 +270,9 @@ async fn push_metrics(
             Err(_) => {
                 tracing::error!("cannot encode the registry for OTLP");
                 dropped.inc();
+                if stopping {
+                    return;
+                }
                 continue;
             }
         };
