@@ -1,6 +1,6 @@
 //! Wiring of the pipeline and its shutdown. Order on the way out: stop the ring-buffer
 //! reader (it drains what is left), let the tracker drain its channel, stop the exporter,
-//! detach the probes.
+//! flush OTLP (bounded), detach the probes.
 
 use std::{
     path::Path,
@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::{
     config::Config,
-    export::{http, metrics::Metrics},
+    export::{http, metrics::Metrics, otlp},
     forensics,
     gpu::{self, history::GpuHistory},
     ingest,
@@ -33,6 +33,8 @@ pub enum StartError {
     Probe(#[from] probe::ProbeError),
     #[error("cannot start the probe manager thread")]
     Thread(#[source] std::io::Error),
+    #[error(transparent)]
+    Otlp(#[from] otlp::OtlpError),
 }
 
 pub fn preflight() -> Result<(), StartError> {
@@ -45,6 +47,9 @@ pub fn preflight() -> Result<(), StartError> {
     }
     Ok(())
 }
+
+/// How long the OTLP flush may hold up shutdown.
+const OTLP_FLUSH: Duration = Duration::from_secs(5);
 
 fn family_enabled(config: &Config, family: &str) -> bool {
     !config.probes.disabled.iter().any(|d| d == family)
@@ -104,6 +109,18 @@ pub async fn run(
         crate::attrib::start(&config, metrics.clone(), stop_rx.clone());
     let (batch_tx, batch_rx) = mpsc::channel(256);
     let history = Arc::new(GpuHistory::new(config.nvml.history_secs));
+    let exporter = match config.otlp_settings.clone() {
+        Some(s) => Some(otlp::Exporter::start(
+            s,
+            metrics.clone(),
+            Some(history.clone()),
+        )?),
+        None => None,
+    };
+    let sinks = exporter
+        .as_ref()
+        .map(otlp::Exporter::sinks)
+        .unwrap_or_default();
     let nvml_stop = Arc::new(AtomicBool::new(false));
     let nvml_threads = start_nvml(
         &config,
@@ -112,6 +129,7 @@ pub async fn run(
         &batch_tx,
         &nvml_stop,
         &attributor,
+        sinks.logs.clone(),
     );
     let load = Arc::new(crate::http::load::LoadBoard::new(
         config.forensics.timeline_secs,
@@ -124,6 +142,7 @@ pub async fn run(
         load.clone(),
         servers.clone(),
         Some(attributor.clone()),
+        sinks.spans.clone(),
     )
     .map_err(StartError::Thread)?;
     let scrape_servers = if http_stage.watching() {
@@ -168,6 +187,7 @@ pub async fn run(
         },
         seq: 0,
         load: Some(load),
+        logs: sinks.logs.clone(),
     };
     let writer = std::thread::Builder::new()
         .name("forensics".into())
@@ -183,7 +203,9 @@ pub async fn run(
         forensics::Forensics::new(draft_tx, metrics.clone()),
         &config.forensics,
     )
-    .with_attribution(attributor);
+    .with_attribution(attributor)
+    .with_failure_logs(sinks.alloc_failures());
+    drop(sinks);
     let tracker = tokio::spawn(track::run(tracker, batch_rx));
     let server = tokio::spawn(http::serve(
         listener,
@@ -228,6 +250,10 @@ pub async fn run(
     for t in attrib_tasks {
         report_join("attribution", t.await.map(Ok));
     }
+    // Every producer of spans and log records has ended: flush them and the last metrics.
+    if let Some(e) = exporter {
+        e.shutdown(OTLP_FLUSH).await;
+    }
     let _ = manager_stop.send(());
     if manager.join().is_err() {
         tracing::error!("probe manager panicked");
@@ -244,6 +270,7 @@ fn start_nvml(
     tracker: &mpsc::Sender<track::Input>,
     stop: &Arc<AtomicBool>,
     attributor: &crate::attrib::Attributor,
+    logs: Option<otlp::queue::Sink<otlp::logs::LogItem>>,
 ) -> Vec<std::thread::JoinHandle<()>> {
     if !config.nvml.enabled {
         return Vec::new();
@@ -292,7 +319,7 @@ fn start_nvml(
         .name("nvml-events".into())
         .spawn({
             let tracker = tracker.clone();
-            move || gpu::xid::run(nvml, gpus, m, s, Some(tracker))
+            move || gpu::xid::run(nvml, gpus, m, s, Some(tracker), logs)
         }) {
         Ok(t) => threads.push(t),
         Err(e) => tracing::error!(error = %e, "cannot start the NVML event thread"),

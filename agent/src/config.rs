@@ -37,6 +37,8 @@ pub enum ConfigError {
     EnvShape { var: String },
     #[error("invalid configuration: {0}")]
     Invalid(String),
+    #[error(transparent)]
+    Otlp(#[from] crate::export::otlp::config::OtlpConfigError),
 }
 
 /// Where environment variables come from.
@@ -86,6 +88,12 @@ pub struct Config {
     pub scrape: crate::scrape::ScrapeConfig,
     /// Pods, containers and their GPUs (Kubernetes).
     pub attribution: crate::attrib::AttributionConfig,
+    /// OTLP export (off unless an endpoint is set; `OTEL_*` variables complete it).
+    pub otlp: crate::export::otlp::config::OtlpConfig,
+    /// The OTLP settings resolved from `otlp`, `--otlp-endpoint` and the `OTEL_*` variables
+    /// (None: OTLP off).
+    #[serde(skip)]
+    pub otlp_settings: Option<crate::export::otlp::config::Settings>,
 }
 
 /// Prices are exported per GPU (`inferscope_gpu_hour_price`) rather than kept in the
@@ -212,6 +220,8 @@ impl Default for Config {
             cost: CostConfig::default(),
             scrape: Default::default(),
             attribution: Default::default(),
+            otlp: Default::default(),
+            otlp_settings: None,
         }
     }
 }
@@ -249,6 +259,8 @@ pub struct Overrides {
     pub nvml_lib: Option<PathBuf>,
     /// `--watch-port`: ports whose listeners are watched as inference servers.
     pub watch_ports: Vec<u16>,
+    /// `--otlp-endpoint`: the collector (beats the config file and `OTEL_EXPORTER_OTLP_*`).
+    pub otlp_endpoint: Option<String>,
 }
 
 impl Config {
@@ -299,7 +311,15 @@ impl Config {
         if let Some(lib) = &overrides.nvml_lib {
             config.nvml.lib = Some(lib.clone());
         }
+        if let Some(url) = &overrides.otlp_endpoint {
+            config.otlp.endpoint = Some(url.clone());
+        }
         config.validate()?;
+        config.otlp_settings = crate::export::otlp::config::resolve(
+            &config.otlp,
+            env,
+            &crate::export::otlp::config::Host::current(),
+        )?;
         Ok(config)
     }
 
@@ -520,5 +540,35 @@ mod tests {
                 "{k}={v} accepted"
             );
         }
+    }
+
+    #[test]
+    fn otlp_flag_beats_file_and_environment() {
+        let e = env(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://env:4318"),
+            ("INFERSCOPE_OTLP__ENDPOINT", "http://file:4318"),
+        ]);
+        let c = Config::load(None, &e, &Overrides::default()).unwrap();
+        let s = c.otlp_settings.unwrap();
+        assert_eq!(s.metrics.unwrap().url, "http://file:4318/v1/metrics");
+        let flags = Overrides {
+            otlp_endpoint: Some("http://flag:4318".into()),
+            ..Default::default()
+        };
+        let c = Config::load(None, &e, &flags).unwrap();
+        assert_eq!(
+            c.otlp_settings.unwrap().traces.unwrap().url,
+            "http://flag:4318/v1/traces"
+        );
+        assert!(Config::load(None, &env(&[]), &Overrides::default())
+            .unwrap()
+            .otlp_settings
+            .is_none());
+        let bad = env(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://env:4318"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "carrier-pigeon"),
+        ]);
+        let err = Config::load(None, &bad, &Overrides::default()).unwrap_err();
+        assert!(chain(&err).contains("carrier-pigeon"), "{err}");
     }
 }

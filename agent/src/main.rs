@@ -88,6 +88,10 @@ struct RunArgs {
     /// Watch the process listening on this port as an inference server (repeatable).
     #[arg(long = "watch-port")]
     watch_ports: Vec<u16>,
+    /// Export metrics, traces and logs over OTLP to this collector (beats the config file and
+    /// OTEL_EXPORTER_OTLP_ENDPOINT) [default: off].
+    #[arg(long, value_name = "URL")]
+    otlp_endpoint: Option<String>,
 }
 
 fn main() {
@@ -135,6 +139,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         disable_probes: args.disable_probes,
         nvml_lib: args.nvml_lib,
         watch_ports: args.watch_ports,
+        otlp_endpoint: args.otlp_endpoint,
     };
     let config = Config::load(args.config.as_deref(), &ProcessEnv, &overrides)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()

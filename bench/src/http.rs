@@ -41,13 +41,13 @@ pub struct HttpCost {
     pub events: u64,
 }
 
-struct Server {
+pub(crate) struct Server {
     child: Child,
-    port: u16,
+    pub(crate) port: u16,
 }
 
 impl Server {
-    fn start(ttft_ms: f64, token_ms: f64) -> anyhow::Result<Self> {
+    pub(crate) fn start(ttft_ms: f64, token_ms: f64) -> anyhow::Result<Self> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();

@@ -11,6 +11,7 @@ mod agentproc;
 mod driver;
 mod http;
 mod nvml;
+mod otlp;
 mod probes;
 mod report;
 
@@ -44,6 +45,10 @@ pub struct Sizes {
     pub http_requests: usize,
     pub http_concurrency: usize,
     pub http_tokens: u64,
+    /// Rounds of the in-process OTLP export measurements.
+    pub otlp_rounds: usize,
+    /// How long the agent runs with its collector down, at 200 requests/s.
+    pub otlp_down_secs: u64,
 }
 
 impl Sizes {
@@ -61,6 +66,8 @@ impl Sizes {
             http_requests: 2000 / div as usize,
             http_concurrency: 32,
             http_tokens: 64,
+            otlp_rounds: if quick { 5 } else { 21 },
+            otlp_down_secs: if quick { 20 } else { 600 },
         }
     }
 }
@@ -117,10 +124,29 @@ pub struct Results {
     pub latency: Latency,
     pub memory: Memory,
     pub http: http::HttpCost,
+    pub otlp: otlp::OtlpCost,
 }
 
 fn main() {
     let quick = std::env::args().skip(1).any(|a| a == "--quick");
+    // `--otlp-only [SECS]`: only the OTLP figures, printed, docs/performance.md untouched.
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--otlp-only") {
+        let secs = args.get(i + 1).and_then(|s| s.parse().ok()).unwrap_or(20);
+        let sizes = Sizes::new(quick);
+        match otlp::measure(sizes.otlp_rounds, secs, &Variant::Nop5.lib_path()) {
+            Ok(o) => {
+                let mut s = String::new();
+                report::otlp_table(&mut s, &o);
+                println!("{s}");
+                return;
+            }
+            Err(e) => {
+                eprintln!("inferscope-bench: {e:#}");
+                std::process::exit(1);
+            }
+        }
+    }
     if let Err(e) = run(quick) {
         eprintln!("inferscope-bench: {e:#}");
         std::process::exit(1);
@@ -207,6 +233,18 @@ fn run(quick: bool) -> anyhow::Result<()> {
         sizes.http_tokens,
     )?;
 
+    eprintln!(
+        "bench: [{:>3.0} s] otlp: export cost ({} rounds), then {} s with the collector down at 200 requests/s",
+        started.elapsed().as_secs_f64(),
+        sizes.otlp_rounds,
+        sizes.otlp_down_secs
+    );
+    let otlp = otlp::measure(
+        sizes.otlp_rounds,
+        sizes.otlp_down_secs,
+        &Variant::Nop5.lib_path(),
+    )?;
+
     let results = Results {
         nvml: nvml_cost,
         overhead,
@@ -214,6 +252,7 @@ fn run(quick: bool) -> anyhow::Result<()> {
         latency,
         memory,
         http,
+        otlp,
     };
     let elapsed = started.elapsed();
     let tables = report::tables(&results);

@@ -33,8 +33,31 @@ pub fn run(for_tests: bool) -> anyhow::Result<()> {
         }
         fuzzing()?;
         deploy_tools()?;
+        otlp_collector()?;
     }
     Ok(())
+}
+
+/// tests/integration/tests/otlp.rs sends OTLP to a real collector: `rotel-agent`, shipped in
+/// the `rotel` wheel (a static binary, no Python runtime needed beyond locating it).
+fn otlp_collector() -> anyhow::Result<()> {
+    let find = "import rotel, os, sys; \
+                sys.exit(not os.path.exists(os.path.join(os.path.dirname(rotel.__file__), 'rotel-agent')))";
+    if succeeds("python3", &["-c", find]) {
+        return Ok(());
+    }
+    eprintln!("xtask setup: installing rotel (pip) for the OTLP tests");
+    let pip = |extra: &[&str]| {
+        let mut cmd = Command::new("python3");
+        cmd.args(["-m", "pip", "install", "--quiet"])
+            .args(extra)
+            .arg("rotel");
+        util::run(&mut cmd)
+    };
+    // Debian's system Python refuses pip without the flag (PEP 668).
+    pip(&[])
+        .or_else(|_| pip(&["--break-system-packages"]))
+        .context("pip install rotel failed")
 }
 
 /// tests/integration/tests/deploy.rs checks deploy/ offline: promtool (Debian's

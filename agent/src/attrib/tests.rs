@@ -162,6 +162,7 @@ fn series_about_workloads_follow_their_sources() {
             model: Some("llama".into()),
             model_version: Some("rev1".into()),
             tensor_parallelism: Some(2),
+            ..Default::default()
         },
     )]));
     let text = a.metrics.encode();

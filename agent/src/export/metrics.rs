@@ -50,6 +50,12 @@ pub struct SourceLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SignalLabels {
+    /// `metrics`, `traces` or `logs`.
+    pub signal: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub reason: &'static str,
 }
@@ -259,6 +265,9 @@ pub struct Metrics {
     pub scraped: std::sync::Arc<crate::scrape::board::ScrapeBoard>,
     /// Attribution: `llm_server_info`, `inferscope_pod_gpu_assigned` (`crate::attrib::metrics`).
     pub attrib: crate::attrib::metrics::AttribMetrics,
+    /// OTLP: spans and log records dropped (queue full, rate limit, export failed), and failed
+    /// metric pushes.
+    pub export_dropped: Family<SignalLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -325,6 +334,7 @@ impl Metrics {
             scrape_errors: Family::default(),
             scraped: Default::default(),
             attrib: Default::default(),
+            export_dropped: Family::default(),
             registry: Registry::default(),
         };
         m.register_scrape(&mut registry);
@@ -412,6 +422,12 @@ impl Metrics {
             "inferscope_cuda_libraries",
             "CUDA driver library files being probed",
             m.cuda_libraries.clone(),
+        );
+        registry.register(
+            "inferscope_export_dropped",
+            "OTLP: spans and log records dropped (queue full, over the rate, collector \
+             unreachable after retries) and metric pushes that failed, by signal",
+            m.export_dropped.clone(),
         );
         registry.register(
             "inferscope_tracked_processes",

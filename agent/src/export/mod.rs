@@ -1,4 +1,6 @@
-//! Exporters: the metric catalogue (`metrics`) and the Prometheus listener (`http`).
+//! Exporters: the metric catalogue (`metrics`), the Prometheus listener (`http`) and OTLP
+//! (`otlp`).
 
 pub mod http;
 pub mod metrics;
+pub mod otlp;

@@ -37,6 +37,8 @@ pub struct Writer {
     pub seq: u64,
     /// Requests in flight per watched server, from the wire.
     pub load: Option<Arc<crate::http::load::LoadBoard>>,
+    /// OTLP: one log record per report.
+    pub logs: Option<crate::export::otlp::queue::Sink<crate::export::otlp::logs::LogItem>>,
 }
 
 impl Writer {
@@ -46,7 +48,14 @@ impl Writer {
         while let Ok(draft) = rx.recv() {
             let report = self.assemble(&mut stacks, draft);
             let kind = report.kind.as_str();
-            match self.store.save(&report) {
+            let saved = self.store.save(&report);
+            if let Some(logs) = &self.logs {
+                logs.offer(crate::export::otlp::logs::report(
+                    &report,
+                    saved.as_ref().ok().map(|p| p.as_path()),
+                ));
+            }
+            match saved {
                 Ok(path) => {
                     tracing::warn!(id = report.id, kind, path = %path.display(), summary = report.summary, "forensic report written");
                 }

@@ -19,6 +19,7 @@ pub fn run(
     metrics: Arc<Metrics>,
     stop: Arc<AtomicBool>,
     tracker: Option<tokio::sync::mpsc::Sender<crate::track::Input>>,
+    logs: Option<crate::export::otlp::queue::Sink<crate::export::otlp::logs::LogItem>>,
 ) {
     let mut set = match nvml.create_event_set() {
         Ok(s) => s,
@@ -82,6 +83,13 @@ pub fn run(
                     xid,
                     "XID critical error"
                 );
+                if let Some(logs) = &logs {
+                    logs.offer(crate::export::otlp::logs::xid(
+                        labels.gpu,
+                        &labels.gpu_uuid,
+                        xid,
+                    ));
+                }
                 if let Some(tx) = &tracker {
                     let _ = tx.try_send(crate::track::Input::Xid {
                         gpu: labels.gpu,

@@ -57,6 +57,8 @@ pub enum Bad {
     EventTooLarge,
     /// More pipelined requests than kept.
     PipelineOverflow,
+    /// A `traceparent` header that is not a valid W3C trace context (ignored).
+    BadTraceparent,
 }
 
 impl Bad {
@@ -68,6 +70,7 @@ impl Bad {
             Self::UnmatchedResponse => "unmatched_response",
             Self::EventTooLarge => "event_too_large",
             Self::PipelineOverflow => "pipeline_overflow",
+            Self::BadTraceparent => "bad_traceparent",
         }
     }
 }
@@ -99,6 +102,9 @@ pub struct Exchange {
     pub received: bool,
     /// Bytes of the request body (the prompt's size on the wire).
     pub request_bytes: u64,
+    /// The caller's trace context, when the request carried a valid `traceparent` (boxed:
+    /// most requests carry none).
+    pub traceparent: Option<Box<super::traceparent::TraceParent>>,
 }
 
 impl Exchange {
@@ -122,7 +128,7 @@ pub enum Output {
     Received {
         model: Option<String>,
     },
-    Finished(Exchange),
+    Finished(Box<Exchange>),
     Bad(Bad),
 }
 
@@ -250,6 +256,12 @@ impl Conn {
                         let x = self.reading.get_or_insert_with(Exchange::default);
                         x.method = method;
                         x.route = clip(route, MAX_ROUTE);
+                        if let Some(v) = header(req.headers, "traceparent") {
+                            x.traceparent = super::traceparent::TraceParent::parse(v).map(Box::new);
+                            if x.traceparent.is_none() {
+                                out.push(Output::Bad(Bad::BadTraceparent));
+                            }
+                        }
                         let used = n - before;
                         let body = Body::new(framing);
                         if body.is_empty() {
@@ -525,11 +537,11 @@ impl Conn {
         if let Some(mut x) = self.writing.take() {
             x.end_ns = ts;
             if x.status.is_some() {
-                out.push(Output::Finished(x));
+                out.push(Output::Finished(Box::new(x)));
             } else {
                 // No status: it cannot be counted as a request of any code; still not in flight.
                 x.error = Some(ErrorType::ConnectionReset);
-                out.push(Output::Finished(x));
+                out.push(Output::Finished(Box::new(x)));
             }
         }
     }
@@ -556,7 +568,7 @@ impl Conn {
             Some(500..) => Some(ErrorType::Http5xx),
             _ => None,
         };
-        out.push(Output::Finished(x));
+        out.push(Output::Finished(Box::new(x)));
     }
 
     /// The server closed the connection (or its process ended): a response delimited by the
@@ -582,7 +594,7 @@ impl Conn {
         {
             x.end_ns = ts;
             x.error = Some(error);
-            out.push(Output::Finished(x));
+            out.push(Output::Finished(Box::new(x)));
         }
         self.reading = None;
         self.inp = In::Desync;
@@ -677,7 +689,7 @@ mod tests {
     fn finished(out: &[Output]) -> Vec<&Exchange> {
         out.iter()
             .filter_map(|o| match o {
-                Output::Finished(x) => Some(x),
+                Output::Finished(x) => Some(&**x),
                 _ => None,
             })
             .collect()

@@ -23,6 +23,8 @@ pub struct Server {
     /// Tensor parallel size (vLLM `--tensor-parallel-size`/`-tp`, SGLang `--tp-size`/`--tp`,
     /// TGI `--num-shard`).
     pub tensor_parallelism: Option<u32>,
+    /// Its lowest listening TCP port, once the watcher has looked (`server.port` of spans).
+    pub port: Option<u16>,
 }
 
 /// Adds what every server's command line may say besides the model: revision and tensor
@@ -81,6 +83,7 @@ fn classify_kind(argv: &[String]) -> Option<Server> {
             .cloned();
         let model = served().or_else(|| opt(&["--model"])).or(positional);
         return Some(Server {
+            port: None,
             kind: "vllm",
             model,
             ..Default::default()
@@ -88,6 +91,7 @@ fn classify_kind(argv: &[String]) -> Option<Server> {
     }
     if argv0 == "text-generation-router" || argv0 == "text-generation-launcher" {
         return Some(Server {
+            port: None,
             kind: "tgi",
             model: served().or_else(|| opt(&["--model-id", "--tokenizer-name"])),
             ..Default::default()
@@ -95,6 +99,7 @@ fn classify_kind(argv: &[String]) -> Option<Server> {
     }
     if python_module("sglang.launch_server") {
         return Some(Server {
+            port: None,
             kind: "sglang",
             model: served().or_else(|| opt(&["--model-path", "--model"])),
             ..Default::default()
@@ -108,6 +113,7 @@ fn classify_kind(argv: &[String]) -> Option<Server> {
             })
         });
         return Some(Server {
+            port: None,
             kind: "llamacpp",
             model,
             ..Default::default()
@@ -115,6 +121,7 @@ fn classify_kind(argv: &[String]) -> Option<Server> {
     }
     if argv0 == "tritonserver" {
         return Some(Server {
+            port: None,
             kind: "triton",
             model: None,
             ..Default::default()
@@ -289,6 +296,17 @@ pub fn accepted_fds(procfs: &ProcFs, pid: u32) -> Vec<u32> {
         })
         .map(|(fd, _)| *fd)
         .collect()
+}
+
+/// The lowest TCP port the process listens on.
+pub fn listening_port(procfs: &ProcFs, pid: u32) -> Option<u16> {
+    let sockets = tcp_sockets(procfs, Some(pid));
+    let inodes: HashSet<u64> = socket_fds(procfs, pid).iter().map(|(_, i)| *i).collect();
+    sockets
+        .iter()
+        .filter(|s| s.listening && inodes.contains(&s.inode))
+        .map(|s| s.local_port)
+        .min()
 }
 
 /// Pids that hold a socket listening on one of `ports` (in the agent's network namespace).

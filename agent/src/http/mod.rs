@@ -10,6 +10,7 @@ pub mod discover;
 pub mod load;
 pub mod metrics;
 pub mod payload;
+pub mod traceparent;
 pub mod tracker;
 
 use agent_common::{
@@ -255,6 +256,7 @@ impl Stage {
         load: std::sync::Arc<load::LoadBoard>,
         servers: std::sync::Arc<discover::ServerBoard>,
         attrib: Option<std::sync::Arc<crate::attrib::Attributor>>,
+        spans: Option<crate::export::otlp::queue::Sink<crate::export::otlp::traces::RequestSpan>>,
     ) -> std::io::Result<Stage> {
         let Some(maps) = maps else {
             return Ok(Stage {
@@ -266,7 +268,8 @@ impl Stage {
         let (tx, rx) = tokio::sync::mpsc::channel(256);
         let t =
             tracker::HttpTracker::new(metrics.clone(), metrics.http.clone(), config.http.limits())
-                .with_load(load);
+                .with_load(load)
+                .with_spans(spans);
         let task = tokio::spawn(tracker::run(t, rx));
         let watcher = crate::probe::http::Watcher::new(
             maps,

@@ -54,6 +54,8 @@ pub struct HttpTracker {
     models: std::collections::HashSet<String>,
     out: Vec<Output>,
     load: Option<Arc<super::load::LoadBoard>>,
+    /// OTLP: one span per finished request.
+    spans: Option<crate::export::otlp::queue::Sink<crate::export::otlp::traces::RequestSpan>>,
 }
 
 impl HttpTracker {
@@ -67,7 +69,17 @@ impl HttpTracker {
             models: Default::default(),
             out: Vec::new(),
             load: None,
+            spans: None,
         }
+    }
+
+    /// Hands every finished request to OTLP trace export.
+    pub fn with_spans(
+        mut self,
+        spans: Option<crate::export::otlp::queue::Sink<crate::export::otlp::traces::RequestSpan>>,
+    ) -> Self {
+        self.spans = spans;
+        self
     }
 
     /// Records requests in flight per server every sweep, for forensics.
@@ -304,6 +316,25 @@ impl HttpTracker {
             h.request_output_tokens
                 .get_or_create(&labels)
                 .observe(c as f64);
+        }
+        if let Some(spans) = &self.spans {
+            spans.offer(crate::export::otlp::traces::RequestSpan {
+                model: model.clone(),
+                server: self.servers.get(&tgid).map(|s| s.kind),
+                port: self.servers.get(&tgid).and_then(|s| s.port),
+                method: x.method.clone(),
+                route: x.route.clone(),
+                status: x.status,
+                error: x.error.map(ErrorType::label),
+                pid: tgid,
+                start_ns: x.start_ns,
+                first_token_ns: x.first_token_ns,
+                end_ns: x.end_ns,
+                input_tokens: x.usage.prompt,
+                output_tokens: x.output_tokens(),
+                stream: x.stream,
+                parent: x.traceparent.as_deref().copied(),
+            });
         }
         tracing::debug!(
             pid = tgid,

@@ -148,6 +148,12 @@ impl Watcher {
     pub fn tick(&mut self) {
         let mut now = discover::scan(&self.procfs, &self.ports, &self.matchers, &mut self.seen);
         now.remove(&self.own);
+        for (pid, s) in now.iter_mut() {
+            s.port = match self.current.get(pid) {
+                Some(known) if known.port.is_some() => known.port,
+                _ => discover::listening_port(&self.procfs, *pid),
+            };
+        }
         if now == self.current {
             return;
         }

@@ -72,6 +72,8 @@ pub struct Tracker {
     /// Who each process in the ledger is (node, namespace, pod, container).
     attrib: Option<Arc<Attributor>>,
     workload: HashMap<u32, WorkloadLabels>,
+    /// OTLP: failed calls as log records, rate-limited per process.
+    failure_logs: Option<crate::export::otlp::logs::RateLimited>,
 }
 
 impl Tracker {
@@ -95,6 +97,7 @@ impl Tracker {
             forensics: None,
             attrib: None,
             workload: HashMap::new(),
+            failure_logs: None,
         }
     }
 
@@ -111,6 +114,15 @@ impl Tracker {
             (None, Some(a)) => a.labels(pid),
             (None, None) => WorkloadLabels::default(),
         }
+    }
+
+    /// Sends failed CUDA calls to OTLP log export (rate-limited).
+    pub fn with_failure_logs(
+        mut self,
+        logs: Option<crate::export::otlp::logs::RateLimited>,
+    ) -> Self {
+        self.failure_logs = logs;
+        self
     }
 
     /// Sends a forensic report draft for every trigger from now on.
@@ -254,6 +266,18 @@ impl Tracker {
             comm: comm.clone(),
             gpu_state,
         });
+        if let Some(logs) = &mut self.failure_logs {
+            logs.offer(e.header.tgid, e.header.ts_ns, || {
+                crate::export::otlp::logs::alloc_failure(&crate::export::otlp::logs::AllocFailure {
+                    pid: e.header.tgid,
+                    comm: &comm,
+                    api: api.symbol(),
+                    error,
+                    size: e.size,
+                    device: e.device,
+                })
+            });
+        }
         if !self
             .logged_failures
             .insert((e.header.tgid, e.api, e.result))

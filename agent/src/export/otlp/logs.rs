@@ -1,0 +1,228 @@
+//! Logs: forensic reports (`inferscope.oom` for out-of-memory and crash reports), XID errors
+//! and failed CUDA calls (rate-limited per process) as OTLP log records.
+
+use std::collections::HashMap;
+
+use opentelemetry_proto::tonic::{
+    collector::logs::v1::ExportLogsServiceRequest,
+    common::v1::{AnyValue, KeyValue},
+    logs::v1::{LogRecord, ResourceLogs, ScopeLogs, SeverityNumber},
+    resource::v1::Resource,
+};
+
+use super::{kv, queue::Sink};
+use crate::forensics::report::{Kind, Report};
+
+/// One log record, built by the producer (off the probe path) and batched by the exporter.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LogItem {
+    pub time_unix_nano: u64,
+    pub severity: SeverityNumber,
+    pub event_name: &'static str,
+    pub body: String,
+    pub attributes: Vec<KeyValue>,
+}
+
+fn now_unix_nano() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// A forensic report: `inferscope.oom` for the out-of-memory and crash kinds, else
+/// `inferscope.forensics.report`.
+pub fn report(r: &Report, path: Option<&std::path::Path>) -> LogItem {
+    let event_name = match r.kind {
+        Kind::Cuda | Kind::HostOomKill | Kind::GpuProcessCrash => "inferscope.oom",
+        Kind::Xid => "inferscope.forensics.report",
+    };
+    let mut attributes = vec![
+        kv("inferscope.report.id", r.id.as_str()),
+        kv("inferscope.report.kind", r.kind.as_str()),
+        kv("process.pid", r.process.pid as i64),
+        kv("process.executable.name", r.process.comm.as_str()),
+    ];
+    if let Some(g) = &r.gpu {
+        attributes.push(kv("hw.id", g.index.to_string()));
+    }
+    if let Some(x) = r.xid {
+        attributes.push(kv("error.type", x.to_string()));
+    }
+    if let Some(p) = path {
+        attributes.push(kv("inferscope.report.path", p.display().to_string()));
+    }
+    LogItem {
+        time_unix_nano: r.time_unix_ms.saturating_mul(1_000_000),
+        severity: SeverityNumber::Error,
+        event_name,
+        body: r.summary.clone(),
+        attributes,
+    }
+}
+
+pub fn xid(gpu: u32, uuid: &str, xid: u64) -> LogItem {
+    LogItem {
+        time_unix_nano: now_unix_nano(),
+        severity: SeverityNumber::Error,
+        event_name: "inferscope.gpu.xid",
+        body: format!("XID {xid} on GPU {gpu}"),
+        attributes: vec![
+            kv("hw.id", gpu.to_string()),
+            kv("inferscope.gpu.uuid", uuid),
+            kv("error.type", xid.to_string()),
+        ],
+    }
+}
+
+/// A failed CUDA driver call.
+pub struct AllocFailure<'a> {
+    pub pid: u32,
+    pub comm: &'a str,
+    pub api: &'static str,
+    pub error: &'a str,
+    pub size: u64,
+    pub device: i32,
+}
+
+pub fn alloc_failure(f: &AllocFailure) -> LogItem {
+    LogItem {
+        time_unix_nano: now_unix_nano(),
+        severity: SeverityNumber::Warn,
+        event_name: "inferscope.cuda.alloc.failure",
+        body: format!(
+            "{} of {} bytes failed: {} (pid {})",
+            f.api, f.size, f.error, f.pid
+        ),
+        attributes: vec![
+            kv("process.pid", f.pid as i64),
+            kv("process.executable.name", f.comm),
+            kv("inferscope.cuda.api", f.api),
+            kv("error.type", f.error),
+            kv("inferscope.cuda.size", f.size as i64),
+            kv("hw.id", f.device.to_string()),
+        ],
+    }
+}
+
+/// At most `per_sec` records per process per second; the rest are counted as dropped.
+pub struct RateLimited {
+    sink: Sink<LogItem>,
+    per_sec: u32,
+    /// pid → (second, records sent in it).
+    windows: HashMap<u32, (u64, u32)>,
+    dropped: prometheus_client::metrics::counter::Counter,
+}
+
+impl RateLimited {
+    pub fn new(
+        sink: Sink<LogItem>,
+        per_sec: u32,
+        dropped: prometheus_client::metrics::counter::Counter,
+    ) -> Self {
+        Self {
+            sink,
+            per_sec,
+            windows: HashMap::new(),
+            dropped,
+        }
+    }
+
+    /// Offers a record for `pid` at `now_ns` (any monotonic clock); `make` runs only when
+    /// the record is within the rate.
+    pub fn offer(&mut self, pid: u32, now_ns: u64, make: impl FnOnce() -> LogItem) {
+        let second = now_ns / 1_000_000_000;
+        if self.windows.len() > 4096 {
+            self.windows.retain(|_, (s, _)| *s == second);
+        }
+        let w = self.windows.entry(pid).or_insert((second, 0));
+        if w.0 != second {
+            *w = (second, 0);
+        }
+        if w.1 >= self.per_sec {
+            self.dropped.inc();
+            return;
+        }
+        w.1 += 1;
+        self.sink.offer(make());
+    }
+}
+
+pub fn record(item: &LogItem) -> LogRecord {
+    LogRecord {
+        time_unix_nano: item.time_unix_nano,
+        observed_time_unix_nano: now_unix_nano(),
+        severity_number: item.severity as i32,
+        severity_text: item
+            .severity
+            .as_str_name()
+            .trim_start_matches("SEVERITY_NUMBER_")
+            .into(),
+        event_name: item.event_name.into(),
+        body: Some(AnyValue {
+            value: Some(
+                opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(
+                    item.body.clone(),
+                ),
+            ),
+        }),
+        attributes: item.attributes.clone(),
+        ..Default::default()
+    }
+}
+
+pub fn request(items: &[LogItem], resource: &[(String, String)]) -> ExportLogsServiceRequest {
+    ExportLogsServiceRequest {
+        resource_logs: vec![ResourceLogs {
+            resource: Some(Resource {
+                attributes: resource.iter().map(|(k, v)| kv(k, v.as_str())).collect(),
+                ..Default::default()
+            }),
+            scope_logs: vec![ScopeLogs {
+                scope: Some(super::metrics::scope()),
+                log_records: items.iter().map(record).collect(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prometheus_client::metrics::counter::Counter;
+
+    use super::*;
+
+    #[test]
+    fn allocation_failures_are_rate_limited_per_process() {
+        let dropped = Counter::default();
+        let (sink, mut rx) = super::super::queue::channel(100, Counter::default());
+        let mut r = RateLimited::new(sink, 2, dropped.clone());
+        let f = |pid| AllocFailure {
+            pid,
+            comm: "python",
+            api: "cuMemAlloc_v2",
+            error: "out_of_memory",
+            size: 1 << 20,
+            device: 0,
+        };
+        for i in 0..5 {
+            r.offer(1, 1_000_000_000 + i, || alloc_failure(&f(1)));
+        }
+        r.offer(2, 1_000_000_000, || alloc_failure(&f(2)));
+        r.offer(1, 2_000_000_000, || alloc_failure(&f(1)));
+        let mut n = 0;
+        while rx.try_recv().is_ok() {
+            n += 1;
+        }
+        assert_eq!(
+            n, 4,
+            "2 for pid 1, 1 for pid 2, 1 for pid 1 in the next second"
+        );
+        assert_eq!(dropped.get(), 3);
+        let rec = record(&alloc_failure(&f(7)));
+        assert_eq!(rec.event_name, "inferscope.cuda.alloc.failure");
+        assert_eq!(rec.severity_text, "WARN");
+    }
+}
