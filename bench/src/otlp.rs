@@ -153,6 +153,7 @@ fn spans(n: usize) -> Vec<traces::RequestSpan> {
             output_tokens: Some(64),
             stream: true,
             parent: None,
+            workload: Default::default(),
         })
         .collect()
 }

@@ -269,7 +269,8 @@ impl Stage {
         let t =
             tracker::HttpTracker::new(metrics.clone(), metrics.http.clone(), config.http.limits())
                 .with_load(load)
-                .with_spans(spans);
+                .with_spans(spans)
+                .with_attribution(attrib.clone());
         let task = tokio::spawn(tracker::run(t, rx));
         let watcher = crate::probe::http::Watcher::new(
             maps,

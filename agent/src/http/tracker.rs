@@ -56,6 +56,8 @@ pub struct HttpTracker {
     load: Option<Arc<super::load::LoadBoard>>,
     /// OTLP: one span per finished request.
     spans: Option<crate::export::otlp::queue::Sink<crate::export::otlp::traces::RequestSpan>>,
+    /// Names the pod of each span's server.
+    attrib: Option<Arc<crate::attrib::Attributor>>,
 }
 
 impl HttpTracker {
@@ -70,6 +72,7 @@ impl HttpTracker {
             out: Vec::new(),
             load: None,
             spans: None,
+            attrib: None,
         }
     }
 
@@ -79,6 +82,12 @@ impl HttpTracker {
         spans: Option<crate::export::otlp::queue::Sink<crate::export::otlp::traces::RequestSpan>>,
     ) -> Self {
         self.spans = spans;
+        self
+    }
+
+    /// Spans name their server's pod (namespace, pod, container).
+    pub fn with_attribution(mut self, attrib: Option<Arc<crate::attrib::Attributor>>) -> Self {
+        self.attrib = attrib;
         self
     }
 
@@ -334,6 +343,11 @@ impl HttpTracker {
                 output_tokens: x.output_tokens(),
                 stream: x.stream,
                 parent: x.traceparent.as_deref().copied(),
+                workload: self
+                    .attrib
+                    .as_ref()
+                    .map(|a| a.labels(tgid))
+                    .unwrap_or_default(),
             });
         }
         tracing::debug!(

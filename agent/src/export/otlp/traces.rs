@@ -35,6 +35,8 @@ pub struct RequestSpan {
     pub output_tokens: Option<u64>,
     pub stream: bool,
     pub parent: Option<TraceParent>,
+    /// The server's pod (attribution); empty outside Kubernetes.
+    pub workload: crate::attrib::WorkloadLabels,
 }
 
 /// `gen_ai.operation.name` from the route (the OpenAI and TGI routes the parser knows).
@@ -155,6 +157,17 @@ pub fn span(r: &RequestSpan, clock: WallClock, history: Option<&GpuHistory>) -> 
     if let Some(e) = r.error {
         attributes.push(kv("error.type", e));
     }
+    let w = &r.workload;
+    for (key, value) in [
+        ("k8s.node.name", &w.node),
+        ("k8s.namespace.name", &w.namespace),
+        ("k8s.pod.name", &w.pod),
+        ("k8s.container.name", &w.container),
+    ] {
+        if !value.is_empty() {
+            attributes.push(kv(key, value.as_str()));
+        }
+    }
     let mut events = Vec::new();
     if let Some(first) = r.first_token_ns {
         events.push(span::Event {
@@ -236,7 +249,23 @@ mod tests {
             output_tokens: Some(3),
             stream: true,
             parent: None,
+            workload: crate::attrib::WorkloadLabels {
+                node: "n1".into(),
+                namespace: "llm".into(),
+                pod: "vllm-0".into(),
+                container: String::new(),
+            },
         }
+    }
+
+    fn string(s: &Span, k: &str) -> Option<String> {
+        use opentelemetry_proto::tonic::common::v1::any_value::Value;
+        s.attributes.iter().find(|a| a.key == k).and_then(|a| {
+            match a.value.as_ref()?.value.as_ref()? {
+                Value::StringValue(v) => Some(v.clone()),
+                _ => None,
+            }
+        })
     }
 
     fn int(s: &Span, k: &str) -> Option<i64> {
@@ -270,6 +299,9 @@ mod tests {
         assert_eq!(int(&s, "gen_ai.usage.output_tokens"), Some(3));
         assert_eq!(int(&s, "http.response.status_code"), Some(200));
         assert_eq!(int(&s, "server.port"), Some(8000));
+        assert_eq!(string(&s, "k8s.pod.name").as_deref(), Some("vllm-0"));
+        assert_eq!(string(&s, "k8s.namespace.name").as_deref(), Some("llm"));
+        assert_eq!(string(&s, "k8s.container.name"), None, "empty: left out");
         assert!(s.parent_span_id.is_empty());
         assert_eq!(s.trace_id.len(), 16);
         assert_eq!(s.events[0].name, "gen_ai.first_token");
