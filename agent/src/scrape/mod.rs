@@ -10,6 +10,7 @@ pub mod board;
 pub mod derive;
 pub mod fetch;
 pub mod parse;
+pub mod text;
 pub mod target;
 
 use std::{
