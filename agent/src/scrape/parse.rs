@@ -180,7 +180,7 @@ fn relabel(f: &Family, target: &[(&str, String)]) -> Family {
                 labels.push((name, v.clone()));
             }
             // Two series that differ only by a renamed label would collide; keep the first.
-            seen.insert(labels.clone()).then(|| Series {
+            seen.insert(key(&labels)).then(|| Series {
                 labels,
                 value: s.value.clone(),
             })
@@ -471,7 +471,8 @@ h_sum{b=\"2\",a=\"1\"} 4.5\nh_count{a=\"1\",b=\"2\"} 3\nh_created{a=\"1\",b=\"2\
     #[test]
     fn clashing_and_duplicate_names_are_resolved() {
         let body = "# TYPE x_total counter\nx_total 1\n# TYPE x gauge\nx 2\n\
-up{server=\"a\",exported_server=\"b\"} 1\nup{server=\"a\",exported_server=\"b\"} 2\n";
+up{server=\"a\",exported_server=\"b\"} 1\nup{server=\"a\",exported_server=\"b\"} 2\n\
+up{exported_server=\"b\",exported_exported_server=\"a\"} 3\n";
         let got = ingest(body, |_| vec![("server", "vllm".into())], limits(100)).unwrap();
         assert_eq!(family(&got.families, "x").kind, Kind::Counter);
         assert!(got.skipped.contains(&("x".to_string(), "duplicate_name")));
