@@ -66,7 +66,13 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(b.series.len(), f.series.len(), "{}\n{out}", f.name);
         for (s, r) in f.series.iter().zip(&b.series) {
             assert_eq!(s.labels, r.labels, "{}\n{out}", f.name);
-            assert!(same(&s.value, &r.value), "{}: {:?} != {:?}\n{out}", f.name, s.value, r.value);
+            assert!(
+                same(&s.value, &r.value),
+                "{}: {:?} != {:?}\n{out}",
+                f.name,
+                s.value,
+                r.value
+            );
         }
     }
 });
@@ -79,14 +85,24 @@ fn same(a: &parse::Value, b: &parse::Value) -> bool {
     use parse::Value::*;
     match (a, b) {
         (Counter(x), Counter(y)) | (Gauge(x), Gauge(y)) => same_f64(*x, *y),
-        (Histogram { sum: s1, buckets: b1 }, Histogram { sum: s2, buckets: b2 }) => {
+        (
+            Histogram {
+                sum: s1,
+                buckets: b1,
+            },
+            Histogram {
+                sum: s2,
+                buckets: b2,
+            },
+        ) => {
             // Counts travel as cumulative integers read back as f64: exact below 2^53.
-            let exact = b1.iter().map(|(_, c)| *c).sum::<u64>() < 1 << 53;
+            let exact = b1.iter().fold(0u64, |t, (_, c)| t.saturating_add(*c)) < 1 << 53;
             same_f64(*s1, *s2)
                 && b1.len() == b2.len()
-                && b1.iter().zip(b2).all(|((l1, c1), (l2, c2))| {
-                    same_f64(*l1, *l2) && (!exact || c1 == c2)
-                })
+                && b1
+                    .iter()
+                    .zip(b2)
+                    .all(|((l1, c1), (l2, c2))| same_f64(*l1, *l2) && (!exact || c1 == c2))
         }
         _ => false,
     }

@@ -234,8 +234,12 @@ x_seconds_bucket{le=\"0.5\"} 1\nx_seconds_bucket{le=\"+Inf\"} 3\nx_seconds_sum 4
             "{text}"
         );
         // The exposition reads back as the families that went in.
-        let (back, _) = crate::scrape::parse::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
-        let preemptions = back.iter().find(|f| f.name == "vllm:num_preemptions").unwrap();
+        let (back, _) =
+            crate::scrape::parse::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let preemptions = back
+            .iter()
+            .find(|f| f.name == "vllm:num_preemptions")
+            .unwrap();
         assert_eq!(preemptions.kind, Kind::Counter);
         let values: Vec<f64> = preemptions.scalars().map(|(_, v)| v).collect();
         assert_eq!(values, [2.0, 2.0]);

@@ -10,8 +10,8 @@ pub mod board;
 pub mod derive;
 pub mod fetch;
 pub mod parse;
-pub mod text;
 pub mod target;
+pub mod text;
 
 use std::{
     collections::HashMap,

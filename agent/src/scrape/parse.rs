@@ -296,7 +296,12 @@ fn histograms(family: &MetricFamily) -> Vec<Series> {
         if !matches!(suffix, "_bucket" | "_sum" | "_count") {
             continue;
         }
-        let labels: Labels = s.labels.iter().filter(|(k, _)| k != "le").cloned().collect();
+        let labels: Labels = s
+            .labels
+            .iter()
+            .filter(|(k, _)| k != "le")
+            .cloned()
+            .collect();
         let i = *index.entry(key(&labels)).or_insert_with(|| {
             partial.push(Partial {
                 labels,

@@ -85,7 +85,8 @@ impl Builder {
             samples: Vec::new(),
         });
         self.typed.push(false);
-        self.by_name.insert(name.to_string(), self.families.len() - 1);
+        self.by_name
+            .insert(name.to_string(), self.families.len() - 1);
         self.families.len() - 1
     }
 
@@ -225,7 +226,10 @@ fn label_name(s: &str) -> Option<(&str, &str)> {
 
 fn name(s: &str, colons: bool) -> Option<(&str, &str)> {
     let ok = |b: u8, first: bool| {
-        b.is_ascii_alphabetic() || b == b'_' || (colons && b == b':') || (!first && b.is_ascii_digit())
+        b.is_ascii_alphabetic()
+            || b == b'_'
+            || (colons && b == b':')
+            || (!first && b.is_ascii_digit())
     };
     let bytes = s.as_bytes();
     if !bytes.first().is_some_and(|b| ok(*b, true)) {
@@ -370,7 +374,15 @@ mod tests {
         let fs = parse("a NaN\na +Inf\na -Inf\na Inf\na 1e400\na nan\n").unwrap();
         let v: Vec<f64> = fs[0].samples.iter().map(|s| s.value).collect();
         assert!(v[0].is_nan() && v[5].is_nan());
-        assert_eq!(&v[1..5], [f64::INFINITY, f64::NEG_INFINITY, f64::INFINITY, f64::INFINITY]);
+        assert_eq!(
+            &v[1..5],
+            [
+                f64::INFINITY,
+                f64::NEG_INFINITY,
+                f64::INFINITY,
+                f64::INFINITY
+            ]
+        );
     }
 
     #[test]
@@ -394,20 +406,21 @@ mod tests {
         let h = &fs[0];
         assert_eq!(h.help.as_deref(), Some("Latency."));
         let samples: Vec<&str> = h.samples.iter().map(|s| s.name.as_str()).collect();
-        assert_eq!(samples, ["h_bucket", "h_bucket", "h_sum", "h_count", "h_created"]);
+        assert_eq!(
+            samples,
+            ["h_bucket", "h_bucket", "h_sum", "h_count", "h_created"]
+        );
         assert_eq!(h.samples[1].labels, labels(&[("le", "+Inf")]));
         // Lines next to their TYPE line belong to it before a family of their own name.
-        let fs = parse("# TYPE h_sum gauge\nh_sum 1\n# TYPE h histogram\nh_sum 2\nh_count 1\n")
-            .unwrap();
+        let fs =
+            parse("# TYPE h_sum gauge\nh_sum 1\n# TYPE h histogram\nh_sum 2\nh_count 1\n").unwrap();
         assert_eq!((fs[0].samples.len(), fs[1].samples.len()), (1, 2));
     }
 
     #[test]
     fn counters_in_both_spellings() {
-        let fs = parse(
-            "# TYPE a_total counter\na_total 1\n# TYPE b counter\nb_total 2\n# EOF\n",
-        )
-        .unwrap();
+        let fs = parse("# TYPE a_total counter\na_total 1\n# TYPE b counter\nb_total 2\n# EOF\n")
+            .unwrap();
         assert_eq!(fs[0].samples[0].name, "a_total");
         assert_eq!(fs[1].name, "b");
         assert_eq!(fs[1].samples[0].name, "b_total");
