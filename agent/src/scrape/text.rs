@@ -42,12 +42,14 @@ impl Type {
     }
 }
 
+/// (name, value) pairs in the order written, values unescaped.
+pub type Labels = Vec<(String, String)>;
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Sample {
     /// The sample's own name (`x_bucket`, `x_sum`, ...).
     pub name: String,
-    /// In the order written, values unescaped.
-    pub labels: Vec<(String, String)>,
+    pub labels: Labels,
     pub value: f64,
     /// Milliseconds since the epoch.
     pub timestamp: Option<i64>,
@@ -277,8 +279,8 @@ fn parse_value(s: &str) -> Option<f64> {
 }
 
 /// The labels after `{` up to and including `}`, and the rest of the line.
-fn labels(mut s: &str) -> Result<(Vec<(String, String)>, &str), &'static str> {
-    let mut out: Vec<(String, String)> = Vec::new();
+fn labels(mut s: &str) -> Result<(Labels, &str), &'static str> {
+    let mut out = Labels::new();
     loop {
         s = s.trim_start_matches(is_blank);
         if let Some(rest) = s.strip_prefix('}') {
