@@ -233,8 +233,30 @@ x_seconds_bucket{le=\"0.5\"} 1\nx_seconds_bucket{le=\"+Inf\"} 3\nx_seconds_sum 4
             ),
             "{text}"
         );
-        openmetrics_parser::openmetrics::parse_openmetrics(&text)
-            .unwrap_or_else(|e| panic!("not OpenMetrics: {e:?}\n{text}"));
+        // The exposition reads back as the families that went in.
+        let (back, _) =
+            crate::scrape::parse::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let preemptions = back
+            .iter()
+            .find(|f| f.name == "vllm:num_preemptions")
+            .unwrap();
+        assert_eq!(preemptions.kind, Kind::Counter);
+        let values: Vec<f64> = preemptions.scalars().map(|(_, v)| v).collect();
+        assert_eq!(values, [2.0, 2.0]);
+        let x = back.iter().find(|f| f.name == "x_seconds").unwrap();
+        assert_eq!(
+            x.series[0].value,
+            Value::Histogram {
+                sum: 4.5,
+                buckets: vec![(0.5, 1), (f64::INFINITY, 2)]
+            }
+        );
+        assert_eq!(
+            x.series[1].labels,
+            [("server", "vllm"), ("pid", "2"), ("port", "8000")]
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+        );
+        assert!(back.iter().any(|f| f.name == "llm_batch_size"), "{back:#?}");
         board.remove(1);
         board.retain(|p| p != 2);
         let text = encode(board);

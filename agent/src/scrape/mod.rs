@@ -11,6 +11,7 @@ pub mod derive;
 pub mod fetch;
 pub mod parse;
 pub mod target;
+pub mod text;
 
 use std::{
     collections::HashMap,
@@ -39,9 +40,7 @@ pub struct ScrapeConfig {
     pub timeout_ms: u64,
     /// Series kept per target (whole families, in name order); further ones are counted.
     pub max_series: usize,
-    /// Sample lines a body may have (and at most 4096 in a row without a `#` line); a larger
-    /// body is counted and dropped unparsed (the parser's cost grows with the square of a
-    /// family's size).
+    /// Sample lines a body may have; a larger body is counted and dropped unparsed.
     pub max_samples: usize,
     /// Largest body read per scrape; a larger one is counted and dropped.
     pub max_bytes: usize,

@@ -8,19 +8,15 @@
 //! `promtool` reject `unknown`). Summaries are dropped (the encoder has no summary type), and
 //! so are `prometheus_client`'s `_created` gauges that stand beside a counter or histogram.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
-use openmetrics_parser::{
-    prometheus::parse_prometheus, MetricNumber, PrometheusType, PrometheusValue,
-};
+use super::text::{self, MetricFamily, TextError, Type};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ParseError {
     #[error("not Prometheus text format: {0}")]
-    Syntax(String),
-    #[error(
-        "more than {limit} samples in the body, or {MAX_FAMILY_LINES} in a row without a `#` line"
-    )]
+    Syntax(#[from] TextError),
+    #[error("more than {limit} samples in the body")]
     TooManySamples { limit: usize },
 }
 
@@ -34,22 +30,14 @@ impl ParseError {
     }
 }
 
-/// The parser finds each sample's series by a linear search of its family: a family of n
-/// series costs n² (5,000: 0.2 s; 200,000: minutes). Runs of sample lines are bounded before
-/// parsing, so one body costs at most `max_samples / MAX_FAMILY_LINES` such families.
-pub const MAX_FAMILY_LINES: usize = 4096;
-
-/// Counts sample lines (the body as a whole and in runs between `#` lines) without parsing.
+/// Counts sample lines without parsing: a body over the limit costs no allocation per line.
 fn check_size(text: &str, max_samples: usize) -> Result<(), ParseError> {
-    let (mut total, mut run) = (0usize, 0usize);
+    let mut total = 0usize;
     for line in text.lines() {
         let line = line.trim_start();
-        if line.starts_with('#') {
-            run = 0;
-        } else if !line.is_empty() {
+        if !line.is_empty() && !line.starts_with('#') {
             total += 1;
-            run += 1;
-            if total > max_samples || run > MAX_FAMILY_LINES {
+            if total > max_samples {
                 return Err(ParseError::TooManySamples { limit: max_samples });
             }
         }
@@ -179,14 +167,20 @@ fn relabel(f: &Family, target: &[(&str, String)]) -> Family {
                 .map(|(k, v)| ((*k).to_string(), v.clone()))
                 .collect();
             for (k, v) in &s.labels {
-                if target.iter().any(|(t, _)| t == k) {
-                    labels.push((format!("exported_{k}"), v.clone()));
-                } else {
+                if !target.iter().any(|(t, _)| t == k) {
                     labels.push((k.clone(), v.clone()));
+                    continue;
                 }
+                // As Prometheus resolves a clash with a target label: `exported_` as many
+                // times as it takes to find a name the series does not have.
+                let mut name = format!("exported_{k}");
+                while s.labels.iter().chain(&labels).any(|(l, _)| *l == name) {
+                    name.insert_str(0, "exported_");
+                }
+                labels.push((name, v.clone()));
             }
             // Two series that differ only by a renamed label would collide; keep the first.
-            seen.insert(labels.clone()).then(|| Series {
+            seen.insert(key(&labels)).then(|| Series {
                 labels,
                 value: s.value.clone(),
             })
@@ -202,73 +196,55 @@ fn relabel(f: &Family, target: &[(&str, String)]) -> Family {
 
 /// The families of a body, sorted by name, and those left out.
 pub fn parse(text: &str) -> Result<(Vec<Family>, Vec<Skipped>), ParseError> {
-    if text.trim().is_empty() {
-        return Ok((Vec::new(), Vec::new()));
-    }
-    let exposition = parse_prometheus(text).map_err(|e| ParseError::Syntax(format!("{e:?}")))?;
+    let parsed = text::parse(text)?;
     let mut out = BTreeMap::new();
     let mut skipped = Vec::new();
-    let names: HashSet<&String> = exposition.families.keys().collect();
-    for (name, family) in &exposition.families {
-        let kind = match family.family_type {
-            PrometheusType::Counter => Kind::Counter,
-            PrometheusType::Gauge | PrometheusType::Unknown => Kind::Gauge,
-            PrometheusType::Histogram => Kind::Histogram,
-            PrometheusType::Summary => {
-                skipped.push((name.clone(), "summary"));
+    let names: HashSet<&str> = parsed.iter().map(|f| f.name.as_str()).collect();
+    for family in &parsed {
+        let name = family.name.as_str();
+        let kind = match family.kind {
+            Type::Counter => Kind::Counter,
+            Type::Gauge | Type::Untyped => Kind::Gauge,
+            Type::Histogram => Kind::Histogram,
+            Type::Summary => {
+                skipped.push((name.to_string(), "summary"));
                 continue;
             }
         };
         if let Some(base) = name.strip_suffix("_created") {
-            let total = format!("{base}_total");
-            if kind == Kind::Gauge && (names.contains(&total) || names.contains(&base.to_string()))
+            if kind == Kind::Gauge
+                && (names.contains(format!("{base}_total").as_str()) || names.contains(base))
             {
                 continue;
             }
         }
-        let label_names = family.get_label_names();
-        let mut series = Vec::new();
-        for sample in family.iter_samples() {
-            let Ok(set) = sample.get_labelset() else {
-                continue;
-            };
-            let labels: Labels = set
-                .iter()
-                .filter(|(k, _)| !label_names.is_empty() || !k.is_empty())
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
-            let value = match (&sample.value, kind) {
-                (PrometheusValue::Counter(c), Kind::Counter) => Value::Counter(number(&c.value)),
-                (PrometheusValue::Gauge(g), Kind::Gauge)
-                | (PrometheusValue::Unknown(g), Kind::Gauge) => Value::Gauge(number(g)),
-                (PrometheusValue::Histogram(h), Kind::Histogram) => {
-                    let mut cumulative: Vec<(f64, f64)> = h
-                        .buckets
-                        .iter()
-                        .map(|b| (b.upper_bound, number(&b.count)))
-                        .filter(|(le, _)| !le.is_nan())
-                        .collect();
-                    cumulative.sort_by(|a, b| a.0.total_cmp(&b.0));
-                    let count = h.count.map(|c| c as f64);
-                    Value::Histogram {
-                        sum: h.sum.as_ref().map(number).unwrap_or(0.0),
-                        buckets: per_bucket(&cumulative, count),
-                    }
-                }
-                _ => continue,
-            };
-            series.push(Series { labels, value });
-        }
-        let om_name = match kind {
-            Kind::Counter => name.strip_suffix("_total").unwrap_or(name),
-            _ => name.as_str(),
+        let series = match kind {
+            Kind::Histogram => histograms(family),
+            _ => scalars(family, kind),
         };
+        let om_name = match kind {
+            // 0.0.4 names the family as its samples (`x_total`), OpenMetrics without the
+            // suffix its samples carry (`x` → `x_total`).
+            Kind::Counter
+                if !family
+                    .samples
+                    .iter()
+                    .any(|s| s.name.strip_prefix(name) == Some("_total")) =>
+            {
+                name.strip_suffix("_total").unwrap_or(name)
+            }
+            _ => name,
+        };
+        if out.contains_key(om_name) {
+            skipped.push((name.to_string(), "duplicate_name"));
+            continue;
+        }
         out.insert(
             om_name.to_string(),
             Family {
                 name: om_name.to_string(),
                 kind,
-                help: help_text(&family.help),
+                help: help_text(family.help.as_deref().unwrap_or("")),
                 series,
             },
         );
@@ -276,8 +252,95 @@ pub fn parse(text: &str) -> Result<(Vec<Family>, Vec<Skipped>), ParseError> {
     Ok((out.into_values().collect(), skipped))
 }
 
-fn number(n: &MetricNumber) -> f64 {
-    n.as_f64()
+/// A label set as a key: sorted, so that the order a server writes them in does not matter.
+fn key(labels: &[(String, String)]) -> Labels {
+    let mut k = labels.to_vec();
+    k.sort();
+    k
+}
+
+/// One series per label set (the first sample of a set wins), named as the family or, for a
+/// counter, with `_total` (`_created` samples are not values).
+fn scalars(family: &MetricFamily, kind: Kind) -> Vec<Series> {
+    let total = format!("{}_total", family.name);
+    let mut seen = HashSet::new();
+    family
+        .samples
+        .iter()
+        .filter(|s| s.name == family.name || (kind == Kind::Counter && s.name == total))
+        .filter(|s| seen.insert(key(&s.labels)))
+        .map(|s| Series {
+            labels: s.labels.clone(),
+            value: match kind {
+                Kind::Counter => Value::Counter(s.value),
+                _ => Value::Gauge(s.value),
+            },
+        })
+        .collect()
+}
+
+/// A histogram family's `_bucket`, `_sum` and `_count` samples joined by their labels (less
+/// `le`), wherever they stand in the family.
+fn histograms(family: &MetricFamily) -> Vec<Series> {
+    struct Partial {
+        labels: Labels,
+        cumulative: Vec<(f64, f64)>,
+        sum: Option<f64>,
+        count: Option<f64>,
+    }
+    let name = family.name.as_str();
+    let mut index: HashMap<Labels, usize> = HashMap::new();
+    let mut partial: Vec<Partial> = Vec::new();
+    for s in &family.samples {
+        let suffix = s.name.strip_prefix(name).unwrap_or("");
+        if !matches!(suffix, "_bucket" | "_sum" | "_count") {
+            continue;
+        }
+        let labels: Labels = s
+            .labels
+            .iter()
+            .filter(|(k, _)| k != "le")
+            .cloned()
+            .collect();
+        let i = *index.entry(key(&labels)).or_insert_with(|| {
+            partial.push(Partial {
+                labels,
+                cumulative: Vec::new(),
+                sum: None,
+                count: None,
+            });
+            partial.len() - 1
+        });
+        let p = &mut partial[i];
+        match suffix {
+            "_bucket" => {
+                let le = s.labels.iter().find(|(k, _)| k == "le");
+                if let Some(le) = le.and_then(|(_, v)| v.trim().parse::<f64>().ok()) {
+                    if !le.is_nan() {
+                        p.cumulative.push((le, s.value));
+                    }
+                }
+            }
+            "_sum" => p.sum = p.sum.or(Some(s.value)),
+            "_count" => p.count = p.count.or(Some(s.value)),
+            _ => {}
+        }
+    }
+    partial
+        .into_iter()
+        .map(|mut p| {
+            p.cumulative.sort_by(|a, b| a.0.total_cmp(&b.0));
+            // One bucket per bound: the encoder would write a bound twice.
+            p.cumulative.dedup_by(|b, a| a.0 == b.0);
+            Series {
+                labels: p.labels,
+                value: Value::Histogram {
+                    sum: p.sum.unwrap_or(0.0),
+                    buckets: per_bucket(&p.cumulative, p.count),
+                },
+            }
+        })
+        .collect()
 }
 
 /// Cumulative buckets → per-bucket counts ending in `+Inf` (added when the server left it out).
@@ -356,7 +419,7 @@ untyped_thing{server=\"x\"} 4\n";
     }
 
     #[test]
-    fn bodies_too_large_to_parse_quickly_are_refused_unparsed() {
+    fn large_families_parse_and_bodies_over_max_samples_are_refused_unparsed() {
         let run = |n: usize| {
             let mut body = String::from("# TYPE p gauge\n");
             for i in 0..n {
@@ -364,16 +427,72 @@ untyped_thing{server=\"x\"} 4\n";
             }
             body
         };
-        assert!(ingest(&run(MAX_FAMILY_LINES), |_| vec![], limits(1 << 20)).is_ok());
-        let e = ingest(&run(MAX_FAMILY_LINES + 1), |_| vec![], limits(1 << 20)).unwrap_err();
-        assert_eq!(e.reason(), "max_series");
+        let got = ingest(&run(50_000), |_| vec![], limits(1 << 20));
+        assert!(got.is_err(), "over limits(..).max_samples");
+        let big = Limits {
+            max_samples: 50_000,
+            max_series: 1 << 20,
+        };
+        let got = ingest(&run(50_000), |_| vec![], big).unwrap();
+        assert_eq!(got.families[0].series.len(), 50_000);
         let two = format!("{}{}", run(3000), run(3000).replace('p', "q"));
         assert!(ingest(&two, |_| vec![], limits(1 << 20)).is_ok());
         let small = Limits {
             max_samples: 5000,
             max_series: 1 << 20,
         };
-        assert!(ingest(&two, |_| vec![], small).is_err());
+        let e = ingest(&two, |_| vec![], small).unwrap_err();
+        assert_eq!(e.reason(), "max_series");
+    }
+
+    #[test]
+    fn histograms_split_in_two_blocks_and_labels_in_any_order_are_one_series() {
+        let body = "# HELP h Latency \\ \"s\".\n# TYPE h histogram\n\
+h_bucket{a=\"1\",le=\"0.5\",b=\"2\"} 1 1700000000000\n\
+# TYPE g gauge\ng NaN\ng{x=\"1\"} +Inf\ng{x=\"2\"} -Inf\n\
+# TYPE h histogram\n\
+h_bucket{b=\"2\",a=\"1\",le=\"+Inf\"} 3\nh_bucket{le=\"0.5\",b=\"2\",a=\"1\"} 9\n\
+h_sum{b=\"2\",a=\"1\"} 4.5\nh_count{a=\"1\",b=\"2\"} 3\nh_created{a=\"1\",b=\"2\"} 1\n";
+        let (fs, _) = parse(body).unwrap();
+        let h = family(&fs, "h");
+        assert_eq!(h.help, "Latency \\\\ 's'.");
+        assert_eq!(h.series.len(), 1, "{h:#?}");
+        assert_eq!(
+            h.series[0].labels,
+            vec![("a".to_string(), "1".to_string()), ("b".into(), "2".into())]
+        );
+        assert_eq!(
+            h.series[0].value,
+            Value::Histogram {
+                sum: 4.5,
+                buckets: vec![(0.5, 1), (f64::INFINITY, 2)]
+            }
+        );
+        let g: Vec<f64> = family(&fs, "g").scalars().map(|(_, v)| v).collect();
+        assert!(g[0].is_nan());
+        assert_eq!(g[1..], [f64::INFINITY, f64::NEG_INFINITY]);
+    }
+
+    #[test]
+    fn clashing_and_duplicate_names_are_resolved() {
+        let body = "# TYPE x_total counter\nx_total 1\n# TYPE x gauge\nx 2\n\
+up{server=\"a\",exported_server=\"b\"} 1\nup{server=\"a\",exported_server=\"b\"} 2\n\
+up{exported_server=\"b\",exported_exported_server=\"a\"} 3\n";
+        let got = ingest(body, |_| vec![("server", "vllm".into())], limits(100)).unwrap();
+        assert_eq!(family(&got.families, "x").kind, Kind::Counter);
+        assert!(got.skipped.contains(&("x".to_string(), "duplicate_name")));
+        let up = family(&got.families, "up");
+        assert_eq!(up.series.len(), 1);
+        assert_eq!(
+            up.series[0].labels,
+            [
+                ("server", "vllm"),
+                ("exported_exported_server", "a"),
+                ("exported_server", "b")
+            ]
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+        );
+        assert_eq!(up.series[0].value, Value::Gauge(1.0));
     }
 
     fn family<'a>(fs: &'a [Family], name: &str) -> &'a Family {
@@ -456,6 +575,9 @@ untyped_thing{server=\"x\"} 4\n";
             "x{a=\"b} 1\n",
             "\u{0}\u{1}",
             "# TYPE x counter\nx_total abc\n",
+            "x{a=\"\\q\"} 1\n",
+            "x{a=\"1\",a=\"2\"} 1\n",
+            "x 1 not_a_timestamp\n",
         ] {
             assert!(parse(body).is_err(), "{body:?} accepted");
         }
