@@ -21,7 +21,14 @@ fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    let labels = target::target_labels("vllm", 42, 8000);
+    // A pod's labels too: they join the relabelling the fuzzer exercises.
+    let workload = inferscope::attrib::WorkloadLabels {
+        node: "n1".into(),
+        namespace: "llm".into(),
+        pod: "vllm-0".into(),
+        container: "server".into(),
+    };
+    let labels = target::target_labels("vllm", 42, 8000, &workload);
     let limits = parse::Limits {
         max_samples: 20_000,
         max_series: MAX_SERIES,
