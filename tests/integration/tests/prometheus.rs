@@ -374,6 +374,12 @@ fn every_rule_and_dashboard_query_returns_data() {
             (ENV_NVML_CONTROL, control_s.as_str()),
             ("INFERSCOPE_NVML__INTERVAL_MS", "200"),
             ("INFERSCOPE_SCRAPE__INTERVAL_MS", "500"),
+            // The double's GPUs are H100s: the by-type price wins over the default.
+            ("INFERSCOPE_COST__GPU_HOUR_PRICE", "2.5"),
+            (
+                "INFERSCOPE_COST__GPU_HOUR_PRICE_BY_TYPE",
+                r#"{ "NVIDIA H100 80GB HBM3" = 3.0 }"#,
+            ),
         ],
     );
     let prometheus = Prometheus::start(agent.port, &files("prometheus", "yaml"));
@@ -428,6 +434,21 @@ fn every_rule_and_dashboard_query_returns_data() {
                 &[("pid", &server.pid().to_string())],
             )
     });
+    let s = agent.scrape();
+    assert_eq!(
+        s.sum("inferscope_gpu_hour_price", &[]),
+        6.0,
+        "2 GPUs at 3.0"
+    );
+    // Busy GPU 0's idle counter exists at 0, so its idle cost is 0 rather than absent.
+    assert!(s.has("gpu_idle_seconds_total", &[("gpu", "0")]));
+    assert_eq!(s.sum("gpu_idle_seconds_total", &[("gpu", "0")]), 0.0);
+    // Every OOM kind exists from the start, at 0 until it happens.
+    assert_eq!(
+        s.sum("llm_oom_events_total", &[("kind", "host_oom_kill")]),
+        0.0
+    );
+    assert!(s.has("llm_oom_events_total", &[("kind", "host_oom_kill")]));
 
     let dash = dashboards();
     assert!(dash.queries.len() >= 40, "{} queries", dash.queries.len());
@@ -457,6 +478,9 @@ fn every_rule_and_dashboard_query_returns_data() {
         })
         .sum();
     assert_eq!(rules.groups, groups, "Prometheus did not load every group");
+    // The cost rules price the node at the configured 2 × 3.0 per hour.
+    let cost = prometheus.query("node:gpu_cost:rate1h").unwrap();
+    assert_eq!(cost[0]["value"][1], "6", "{cost:?}");
     assert!(rules.records.len() >= 40 && rules.alerts.len() >= 20);
 
     // The scenario's events trip their alerts (no `for`), and a healthy agent trips none
