@@ -19,4 +19,5 @@ pub mod ingest;
 pub mod probe;
 pub mod proc;
 pub mod scrape;
+pub mod tls;
 pub mod track;

@@ -17,7 +17,7 @@ use anyhow::Context;
 use inferscope::export::{
     metrics::Metrics,
     otlp::{
-        config::{Protocol, Target},
+        config::{Protocol, Signal, Target},
         metrics as om, traces,
         transport::{Client, Payload},
     },
@@ -195,14 +195,33 @@ pub fn measure(rounds: usize, down_secs: u64, lib: &std::path::Path) -> anyhow::
         ("service.name".to_string(), "inferscope".to_string()),
         ("host.name".to_string(), "bench".to_string()),
     ];
-    let spans_client = rt.block_on(async { Client::new(&target("/v1/traces")) })?;
-    let metrics_client = rt.block_on(async { Client::new(&target("/v1/metrics")) })?;
+    let sdk_resource = opentelemetry_sdk::Resource::builder_empty()
+        .with_attributes(
+            resource
+                .iter()
+                .map(|(k, v)| opentelemetry::KeyValue::new(k.clone(), v.clone())),
+        )
+        .build();
+    let spans_client =
+        rt.block_on(async { Client::new(&target("/v1/traces"), Signal::Traces, &sdk_resource) })?;
+    let metrics_client =
+        rt.block_on(async { Client::new(&target("/v1/metrics"), Signal::Metrics, &sdk_resource) })?;
     let input = spans(1000);
     let clock = traces::WallClock::now();
-    let build_spans = || {
-        let s = input.iter().map(|r| traces::span(r, clock, None)).collect();
-        traces::request(s, &resource)
+    let build_spans = || -> Vec<opentelemetry_sdk::trace::SpanData> {
+        input.iter().map(|r| traces::span(r, clock, None)).collect()
     };
+    // What the exporter does with a batch before it sends it.
+    let wire = opentelemetry_proto::transform::common::tonic::ResourceAttributesWithSchema::from(
+        &sdk_resource,
+    );
+    let encode_spans =
+        |spans| opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest {
+            resource_spans:
+                opentelemetry_proto::transform::trace::tonic::group_spans_by_resource_and_scope(
+                    spans, &wire,
+                ),
+        };
     let metrics = registry();
     let times = om::Times {
         start_unix_nano: 1,
@@ -210,7 +229,7 @@ pub fn measure(rounds: usize, down_secs: u64, lib: &std::path::Path) -> anyhow::
     };
     let build_points = || om::snapshot(&metrics.registry, &resource, times);
     // Warm-up (connections, allocator).
-    let spans_bytes = build_spans().encoded_len();
+    let spans_bytes = encode_spans(build_spans()).encoded_len();
     let first = build_points().context("snapshot")?;
     let points: usize = first.resource_metrics[0].scope_metrics[0]
         .metrics
@@ -234,7 +253,7 @@ pub fn measure(rounds: usize, down_secs: u64, lib: &std::path::Path) -> anyhow::
     let (mut sb, mut ss, mut pb, mut ps) = (vec![], vec![], vec![], vec![]);
     for _ in 0..rounds {
         let c = thread_cpu();
-        let bytes = build_spans().encode_to_vec();
+        let bytes = encode_spans(build_spans()).encode_to_vec();
         std::hint::black_box(bytes);
         sb.push((thread_cpu() - c).as_secs_f64() * 1e6);
         let t = Instant::now();

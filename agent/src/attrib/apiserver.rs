@@ -193,6 +193,7 @@ pub struct Client {
 
 impl Client {
     pub fn new(endpoint: Endpoint) -> Result<Self, ApiError> {
+        crate::tls::install_crypto_provider();
         let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .http1_only();

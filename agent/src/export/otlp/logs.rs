@@ -3,24 +3,24 @@
 
 use std::collections::HashMap;
 
-use opentelemetry_proto::tonic::{
-    collector::logs::v1::ExportLogsServiceRequest,
-    common::v1::{AnyValue, KeyValue},
-    logs::v1::{LogRecord, ResourceLogs, ScopeLogs, SeverityNumber},
-    resource::v1::Resource,
-};
+use opentelemetry::logs::{AnyValue, LogRecord as _, Logger as _, LoggerProvider as _, Severity};
+use opentelemetry_sdk::logs::{SdkLogRecord, SdkLogger, SdkLoggerProvider};
 
-use super::{kv, queue::Sink};
+use super::queue::Sink;
 use crate::forensics::report::{Kind, Report};
 
 /// One log record, built by the producer (off the probe path) and batched by the exporter.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LogItem {
     pub time_unix_nano: u64,
-    pub severity: SeverityNumber,
+    pub severity: Severity,
     pub event_name: &'static str,
     pub body: String,
-    pub attributes: Vec<KeyValue>,
+    pub attributes: Vec<(&'static str, AnyValue)>,
+}
+
+fn kv(key: &'static str, value: impl Into<AnyValue>) -> (&'static str, AnyValue) {
+    (key, value.into())
 }
 
 fn now_unix_nano() -> u64 {
@@ -38,10 +38,10 @@ pub fn report(r: &Report, path: Option<&std::path::Path>) -> LogItem {
         Kind::Xid => "inferscope.forensics.report",
     };
     let mut attributes = vec![
-        kv("inferscope.report.id", r.id.as_str()),
+        kv("inferscope.report.id", r.id.clone()),
         kv("inferscope.report.kind", r.kind.as_str()),
         kv("process.pid", r.process.pid as i64),
-        kv("process.executable.name", r.process.comm.as_str()),
+        kv("process.executable.name", r.process.comm.clone()),
     ];
     if let Some(g) = &r.gpu {
         attributes.push(kv("hw.id", g.index.to_string()));
@@ -54,7 +54,7 @@ pub fn report(r: &Report, path: Option<&std::path::Path>) -> LogItem {
     }
     LogItem {
         time_unix_nano: r.time_unix_ms.saturating_mul(1_000_000),
-        severity: SeverityNumber::Error,
+        severity: Severity::Error,
         event_name,
         body: r.summary.clone(),
         attributes,
@@ -64,12 +64,12 @@ pub fn report(r: &Report, path: Option<&std::path::Path>) -> LogItem {
 pub fn xid(gpu: u32, uuid: &str, xid: u64) -> LogItem {
     LogItem {
         time_unix_nano: now_unix_nano(),
-        severity: SeverityNumber::Error,
+        severity: Severity::Error,
         event_name: "inferscope.gpu.xid",
         body: format!("XID {xid} on GPU {gpu}"),
         attributes: vec![
             kv("hw.id", gpu.to_string()),
-            kv("inferscope.gpu.uuid", uuid),
+            kv("inferscope.gpu.uuid", uuid.to_string()),
             kv("error.type", xid.to_string()),
         ],
     }
@@ -88,7 +88,7 @@ pub struct AllocFailure<'a> {
 pub fn alloc_failure(f: &AllocFailure) -> LogItem {
     LogItem {
         time_unix_nano: now_unix_nano(),
-        severity: SeverityNumber::Warn,
+        severity: Severity::Warn,
         event_name: "inferscope.cuda.alloc.failure",
         body: format!(
             "{} of {} bytes failed: {} (pid {})",
@@ -96,9 +96,9 @@ pub fn alloc_failure(f: &AllocFailure) -> LogItem {
         ),
         attributes: vec![
             kv("process.pid", f.pid as i64),
-            kv("process.executable.name", f.comm),
+            kv("process.executable.name", f.comm.to_string()),
             kv("inferscope.cuda.api", f.api),
-            kv("error.type", f.error),
+            kv("error.type", f.error.to_string()),
             kv("inferscope.cuda.size", f.size as i64),
             kv("hw.id", f.device.to_string()),
         ],
@@ -148,43 +148,35 @@ impl RateLimited {
     }
 }
 
-pub fn record(item: &LogItem) -> LogRecord {
-    LogRecord {
-        time_unix_nano: item.time_unix_nano,
-        observed_time_unix_nano: now_unix_nano(),
-        severity_number: item.severity as i32,
-        severity_text: item
-            .severity
-            .as_str_name()
-            .trim_start_matches("SEVERITY_NUMBER_")
-            .into(),
-        event_name: item.event_name.into(),
-        body: Some(AnyValue {
-            value: Some(
-                opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(
-                    item.body.clone(),
-                ),
-            ),
-        }),
-        attributes: item.attributes.clone(),
-        ..Default::default()
+/// Makes the SDK's log records; records are only made here, never emitted through it
+/// (the batching and the retries are the exporter task's).
+pub struct Records {
+    logger: SdkLogger,
+}
+
+impl Default for Records {
+    fn default() -> Self {
+        let provider = SdkLoggerProvider::builder().build();
+        Self {
+            logger: provider.logger_with_scope(super::transport::scope()),
+        }
     }
 }
 
-pub fn request(items: &[LogItem], resource: &[(String, String)]) -> ExportLogsServiceRequest {
-    ExportLogsServiceRequest {
-        resource_logs: vec![ResourceLogs {
-            resource: Some(Resource {
-                attributes: resource.iter().map(|(k, v)| kv(k, v.as_str())).collect(),
-                ..Default::default()
-            }),
-            scope_logs: vec![ScopeLogs {
-                scope: Some(super::metrics::scope()),
-                log_records: items.iter().map(record).collect(),
-                ..Default::default()
-            }],
-            ..Default::default()
-        }],
+impl Records {
+    pub fn record(&self, item: &LogItem) -> SdkLogRecord {
+        let mut r = self.logger.create_log_record();
+        r.set_timestamp(
+            std::time::SystemTime::UNIX_EPOCH
+                + std::time::Duration::from_nanos(item.time_unix_nano),
+        );
+        r.set_observed_timestamp(std::time::SystemTime::now());
+        r.set_severity_number(item.severity);
+        r.set_severity_text(item.severity.name());
+        r.set_event_name(item.event_name);
+        r.set_body(AnyValue::String(item.body.clone().into()));
+        r.add_attributes(item.attributes.iter().cloned());
+        r
     }
 }
 
@@ -221,8 +213,23 @@ mod tests {
             "2 for pid 1, 1 for pid 2, 1 for pid 1 in the next second"
         );
         assert_eq!(dropped.get(), 3);
-        let rec = record(&alloc_failure(&f(7)));
+        let rec = opentelemetry_proto::tonic::logs::v1::LogRecord::from(
+            &Records::default().record(&alloc_failure(&f(7))),
+        );
         assert_eq!(rec.event_name, "inferscope.cuda.alloc.failure");
         assert_eq!(rec.severity_text, "WARN");
+        assert_eq!(
+            rec.severity_number,
+            opentelemetry_proto::tonic::logs::v1::SeverityNumber::Warn as i32
+        );
+        let size = rec
+            .attributes
+            .iter()
+            .find(|a| a.key == "inferscope.cuda.size")
+            .and_then(|a| a.value.clone());
+        assert_eq!(
+            size.and_then(|v| v.value),
+            Some(opentelemetry_proto::tonic::common::v1::any_value::Value::IntValue(1 << 20))
+        );
     }
 }

@@ -119,10 +119,14 @@ fn dropped(metrics: &Metrics, s: Signal) -> prometheus_client::metrics::counter:
         .clone()
 }
 
-fn client(settings: &Settings, s: Signal) -> Result<Option<Client>, OtlpError> {
+fn client(
+    settings: &Settings,
+    s: Signal,
+    resource: &opentelemetry_sdk::Resource,
+) -> Result<Option<Client>, OtlpError> {
     settings
         .target(s)
-        .map(Client::new)
+        .map(|t| Client::new(t, s, resource))
         .transpose()
         .map_err(|source| OtlpError::Transport {
             signal: s.label(),
@@ -144,12 +148,20 @@ impl Exporter {
             ..Default::default()
         };
         let resource = Arc::new(settings.resource.clone());
+        let sdk_resource = opentelemetry_sdk::Resource::builder_empty()
+            .with_attributes(
+                settings
+                    .resource
+                    .iter()
+                    .map(|(k, v)| opentelemetry::KeyValue::new(k.clone(), v.clone())),
+            )
+            .build();
         for s in Signal::ALL {
             if let Some(t) = settings.target(s) {
                 tracing::info!(signal = s.label(), url = t.url, protocol = ?t.protocol, "OTLP export on");
             }
         }
-        if let Some(c) = client(&settings, Signal::Metrics)? {
+        if let Some(c) = client(&settings, Signal::Metrics, &sdk_resource)? {
             tasks.push(tokio::spawn(push_metrics(
                 c,
                 metrics.clone(),
@@ -159,10 +171,9 @@ impl Exporter {
                 stop_rx.clone(),
             )));
         }
-        if let Some(c) = client(&settings, Signal::Traces)? {
+        if let Some(c) = client(&settings, Signal::Traces, &sdk_resource)? {
             let d = dropped(&metrics, Signal::Traces);
             let (sink, rx) = queue::channel(settings.queue_size, d.clone());
-            let resource = resource.clone();
             let b = Batcher {
                 client: c,
                 signal: "traces",
@@ -172,20 +183,21 @@ impl Exporter {
                 dropped: d,
                 build: Box::new(move |batch: &[traces::RequestSpan]| {
                     let clock = traces::WallClock::now();
-                    let spans = batch
-                        .iter()
-                        .map(|r| traces::span(r, clock, history.as_deref()))
-                        .collect();
-                    Payload::Traces(traces::request(spans, &resource))
+                    Payload::Traces(
+                        batch
+                            .iter()
+                            .map(|r| traces::span(r, clock, history.as_deref()))
+                            .collect(),
+                    )
                 }),
             };
             tasks.push(tokio::spawn(b.run(rx, stop_rx.clone())));
             sinks.spans = Some(sink);
         }
-        if let Some(c) = client(&settings, Signal::Logs)? {
+        if let Some(c) = client(&settings, Signal::Logs, &sdk_resource)? {
             let d = dropped(&metrics, Signal::Logs);
             let (sink, rx) = queue::channel(settings.queue_size, d.clone());
-            let resource = resource.clone();
+            let records = logs::Records::default();
             let b = Batcher {
                 client: c,
                 signal: "logs",
@@ -194,7 +206,7 @@ impl Exporter {
                 backoff: Backoff::default(),
                 dropped: d.clone(),
                 build: Box::new(move |batch: &[logs::LogItem]| {
-                    Payload::Logs(logs::request(batch, &resource))
+                    Payload::Logs(batch.iter().map(|i| records.record(i)).collect())
                 }),
             };
             tasks.push(tokio::spawn(b.run(rx, stop_rx.clone())));

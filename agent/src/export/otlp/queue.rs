@@ -210,8 +210,14 @@ mod tests {
         };
         let dropped = Counter::default();
         let (sink, rx) = channel::<u32>(100, dropped.clone());
+        let records = super::super::logs::Records::default();
         let b = Batcher {
-            client: Client::new(&target).unwrap(),
+            client: Client::new(
+                &target,
+                super::super::config::Signal::Logs,
+                &opentelemetry_sdk::Resource::builder_empty().build(),
+            )
+            .unwrap(),
             signal: "logs",
             batch_size: 4,
             batch_timeout: Duration::from_millis(50),
@@ -221,7 +227,14 @@ mod tests {
                 attempts: 2,
             },
             dropped: dropped.clone(),
-            build: Box::new(|_| Payload::Logs(Default::default())),
+            build: Box::new(move |batch| {
+                Payload::Logs(
+                    batch
+                        .iter()
+                        .map(|i| records.record(&super::super::logs::xid(*i, "GPU-0", 79)))
+                        .collect(),
+                )
+            }),
         };
         let (stop_tx, stop_rx) = watch::channel(false);
         for i in 0..10 {

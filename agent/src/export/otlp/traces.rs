@@ -2,14 +2,14 @@
 //! exchange (its CLOCK_MONOTONIC instants turned into wall-clock time), with an event at the
 //! first token and the GPUs' state at the request's start and end (from the NVML ring).
 
-use opentelemetry_proto::tonic::{
-    collector::trace::v1::ExportTraceServiceRequest,
-    common::v1::KeyValue,
-    resource::v1::Resource,
-    trace::v1::{span, status, ResourceSpans, ScopeSpans, Span, Status},
-};
+use std::{borrow::Cow, time::SystemTime};
 
-use super::kv;
+use opentelemetry::{
+    trace::{Event, SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState},
+    KeyValue,
+};
+use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanLinks};
+
 use crate::{
     gpu::{history::GpuHistory, GpuSample},
     http::traceparent::TraceParent,
@@ -78,6 +78,9 @@ impl WallClock {
     pub fn unix_nano(&self, mono_ns: u64) -> u64 {
         (mono_ns as i128 + self.offset_ns).max(0) as u64
     }
+    pub fn system_time(&self, mono_ns: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + std::time::Duration::from_nanos(self.unix_nano(mono_ns))
+    }
 }
 
 /// Ids for spans without a parent: random, never zero.
@@ -103,59 +106,56 @@ pub fn new_ids(parent: Option<&TraceParent>) -> ([u8; 16], [u8; 8]) {
 /// The GPUs a span is annotated with: every GPU the ring knows, at most this many.
 const MAX_GPUS: u32 = 16;
 
-fn gpu_event(s: &GpuSample, phase: &'static str, time: u64) -> span::Event {
+fn gpu_event(s: &GpuSample, phase: &'static str, time: SystemTime) -> Event {
     let mut attributes = vec![
-        kv("inferscope.phase", phase),
-        kv("hw.id", s.gpu.to_string()),
+        KeyValue::new("inferscope.phase", phase),
+        KeyValue::new("hw.id", s.gpu.to_string()),
     ];
     if let Some(u) = s.utilization {
-        attributes.push(kv("hw.gpu.utilization", u as f64 / 100.0));
+        attributes.push(KeyValue::new("hw.gpu.utilization", u as f64 / 100.0));
     }
     if let Some(m) = s.memory_used {
-        attributes.push(kv("hw.gpu.memory.usage", m as i64));
+        attributes.push(KeyValue::new("hw.gpu.memory.usage", m as i64));
     }
     if let Some(t) = s.temperature_c {
-        attributes.push(kv("hw.temperature", t as i64));
+        attributes.push(KeyValue::new("hw.temperature", t as i64));
     }
     if let Some(p) = s.power_mw {
-        attributes.push(kv("hw.power", p as f64 / 1000.0));
+        attributes.push(KeyValue::new("hw.power", p as f64 / 1000.0));
     }
-    span::Event {
-        time_unix_nano: time,
-        name: "inferscope.gpu.state".into(),
-        attributes,
-        ..Default::default()
-    }
+    Event::new("inferscope.gpu.state", time, attributes, 0)
 }
 
-pub fn span(r: &RequestSpan, clock: WallClock, history: Option<&GpuHistory>) -> Span {
+/// The span of one finished request, with its own ids (a child of the caller's
+/// `traceparent` when there was one) and the times seen on the wire.
+pub fn span(r: &RequestSpan, clock: WallClock, history: Option<&GpuHistory>) -> SpanData {
     let op = operation(&r.route);
     let (trace_id, span_id) = new_ids(r.parent.as_ref());
-    let mut attributes: Vec<KeyValue> = vec![
-        kv("gen_ai.operation.name", op),
-        kv("gen_ai.request.model", r.model.as_str()),
-        kv("http.request.method", r.method.as_str()),
-        kv("url.path", r.route.as_str()),
-        kv("process.pid", r.pid as i64),
-        kv("inferscope.stream", r.stream),
+    let mut attributes = vec![
+        KeyValue::new("gen_ai.operation.name", op),
+        KeyValue::new("gen_ai.request.model", r.model.clone()),
+        KeyValue::new("http.request.method", r.method.clone()),
+        KeyValue::new("url.path", r.route.clone()),
+        KeyValue::new("process.pid", i64::from(r.pid)),
+        KeyValue::new("inferscope.stream", r.stream),
     ];
     if let Some(s) = r.server {
-        attributes.push(kv("inferscope.server", s));
+        attributes.push(KeyValue::new("inferscope.server", s));
     }
     if let Some(p) = r.port {
-        attributes.push(kv("server.port", i64::from(p)));
+        attributes.push(KeyValue::new("server.port", i64::from(p)));
     }
     if let Some(s) = r.status {
-        attributes.push(kv("http.response.status_code", s as i64));
+        attributes.push(KeyValue::new("http.response.status_code", i64::from(s)));
     }
     if let Some(t) = r.input_tokens {
-        attributes.push(kv("gen_ai.usage.input_tokens", t as i64));
+        attributes.push(KeyValue::new("gen_ai.usage.input_tokens", t as i64));
     }
     if let Some(t) = r.output_tokens {
-        attributes.push(kv("gen_ai.usage.output_tokens", t as i64));
+        attributes.push(KeyValue::new("gen_ai.usage.output_tokens", t as i64));
     }
     if let Some(e) = r.error {
-        attributes.push(kv("error.type", e));
+        attributes.push(KeyValue::new("error.type", e));
     }
     let w = &r.workload;
     for (key, value) in [
@@ -165,26 +165,26 @@ pub fn span(r: &RequestSpan, clock: WallClock, history: Option<&GpuHistory>) -> 
         ("k8s.container.name", &w.container),
     ] {
         if !value.is_empty() {
-            attributes.push(kv(key, value.as_str()));
+            attributes.push(KeyValue::new(key, value.clone()));
         }
     }
     let mut events = Vec::new();
     if let Some(first) = r.first_token_ns {
-        events.push(span::Event {
-            time_unix_nano: clock.unix_nano(first),
-            name: "gen_ai.first_token".into(),
-            attributes: vec![kv(
+        events.push(Event::new(
+            "gen_ai.first_token",
+            clock.system_time(first),
+            vec![KeyValue::new(
                 "gen_ai.server.time_to_first_token",
                 first.saturating_sub(r.start_ns) as f64 / 1e9,
             )],
-            ..Default::default()
-        });
+            0,
+        ));
     }
     if let Some(h) = history {
         for (phase, at) in [("start", r.start_ns), ("end", r.end_ns)] {
             for gpu in 0..MAX_GPUS {
                 match h.at(gpu, at) {
-                    Some(s) => events.push(gpu_event(&s, phase, clock.unix_nano(at))),
+                    Some(s) => events.push(gpu_event(&s, phase, clock.system_time(at))),
                     None if h.identity(gpu).is_none() => break,
                     None => {}
                 }
@@ -192,39 +192,40 @@ pub fn span(r: &RequestSpan, clock: WallClock, history: Option<&GpuHistory>) -> 
         }
     }
     let failed = r.error.is_some() || r.status.is_some_and(|s| s >= 500);
-    Span {
-        trace_id: trace_id.to_vec(),
-        span_id: span_id.to_vec(),
-        parent_span_id: r.parent.map(|p| p.parent_id.to_vec()).unwrap_or_default(),
-        flags: r.parent.map_or(1, |p| u32::from(p.flags)) | 0x100,
-        name: format!("{op} {}", r.model),
-        kind: span::SpanKind::Server as i32,
-        start_time_unix_nano: clock.unix_nano(r.start_ns),
-        end_time_unix_nano: clock.unix_nano(r.end_ns.max(r.start_ns)),
+    let flags = r
+        .parent
+        .map_or(TraceFlags::SAMPLED, |p| TraceFlags::new(p.flags));
+    SpanData {
+        span_context: SpanContext::new(
+            TraceId::from_bytes(trace_id),
+            SpanId::from_bytes(span_id),
+            flags,
+            false,
+            TraceState::default(),
+        ),
+        parent_span_id: r
+            .parent
+            .map_or(SpanId::INVALID, |p| SpanId::from_bytes(p.parent_id)),
+        parent_span_is_remote: r.parent.is_some(),
+        span_kind: SpanKind::Server,
+        name: Cow::Owned(format!("{op} {}", r.model)),
+        start_time: clock.system_time(r.start_ns),
+        end_time: clock.system_time(r.end_ns.max(r.start_ns)),
         attributes,
-        events,
-        status: failed.then(|| Status {
-            code: status::StatusCode::Error as i32,
-            message: r.error.unwrap_or("").to_string(),
-        }),
-        ..Default::default()
-    }
-}
-
-pub fn request(spans: Vec<Span>, resource: &[(String, String)]) -> ExportTraceServiceRequest {
-    ExportTraceServiceRequest {
-        resource_spans: vec![ResourceSpans {
-            resource: Some(Resource {
-                attributes: resource.iter().map(|(k, v)| kv(k, v.as_str())).collect(),
-                ..Default::default()
-            }),
-            scope_spans: vec![ScopeSpans {
-                scope: Some(super::metrics::scope()),
-                spans,
-                ..Default::default()
-            }],
-            ..Default::default()
-        }],
+        dropped_attributes_count: 0,
+        events: {
+            // Non-exhaustive: filled in, not built.
+            let mut e = SpanEvents::default();
+            e.events = events;
+            e
+        },
+        links: SpanLinks::default(),
+        status: if failed {
+            Status::error(r.error.unwrap_or(""))
+        } else {
+            Status::Unset
+        },
+        instrumentation_scope: super::transport::scope(),
     }
 }
 
@@ -256,6 +257,13 @@ mod tests {
                 container: String::new(),
             },
         }
+    }
+
+    use opentelemetry_proto::tonic::trace::v1::{span, status, Span};
+
+    /// The span as it goes on the wire.
+    fn wire(r: &RequestSpan, clock: WallClock, history: Option<&GpuHistory>) -> Span {
+        Span::from(span(r, clock, history))
     }
 
     fn string(s: &Span, k: &str) -> Option<String> {
@@ -290,7 +298,7 @@ mod tests {
             temperature_c: Some(55),
             ..Default::default()
         });
-        let s = span(&req(), WallClock::fixed(1_000_000), Some(&history));
+        let s = wire(&req(), WallClock::fixed(1_000_000), Some(&history));
         assert_eq!(s.name, "chat llama");
         assert_eq!(s.kind, span::SpanKind::Server as i32);
         assert_eq!(s.start_time_unix_nano, 1_001_000);
@@ -312,7 +320,11 @@ mod tests {
             vec!["inferscope.gpu.state"; 2],
             "GPU 0 at start and end"
         );
-        assert!(s.status.is_none());
+        assert_eq!(
+            s.status.map(|st| st.code),
+            Some(status::StatusCode::Unset as i32)
+        );
+        assert_eq!(s.flags, 0x101, "sampled; parent known not to be remote");
     }
 
     #[test]
@@ -323,11 +335,12 @@ mod tests {
         r.parent = Some(p);
         r.error = Some("http_5xx");
         r.status = Some(503);
-        let s = span(&r, WallClock::fixed(0), None);
+        let s = wire(&r, WallClock::fixed(0), None);
         assert_eq!(s.trace_id, p.trace_id.to_vec());
         assert_eq!(s.parent_span_id, p.parent_id.to_vec());
         assert_ne!(s.span_id, p.parent_id.to_vec());
         assert_eq!(s.status.unwrap().code, status::StatusCode::Error as i32);
+        assert_eq!(s.flags, 0x301, "the caller's flags; the parent is remote");
         assert_eq!(operation("/generate_stream"), "text_completion");
         assert_eq!(operation("/v1/completions"), "text_completion");
     }

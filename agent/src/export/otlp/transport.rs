@@ -1,10 +1,21 @@
-//! Sending one OTLP request to the collector: gRPC (the generated tonic clients of
-//! `opentelemetry-proto`) or HTTP/protobuf (`POST`, `application/x-protobuf`).
+//! Sending one OTLP request to the collector over gRPC or HTTP/protobuf. Spans and log
+//! records go through `opentelemetry-otlp`'s exporters, handed the connection built here (so
+//! that TLS and headers come from the agent's own resolved settings). Metrics are a request
+//! built from the Prometheus registry (see `metrics.rs`), sent with `opentelemetry-proto`'s
+//! tonic client or `reqwest`.
 
-use opentelemetry_proto::tonic::collector::{
-    logs::v1::{logs_service_client::LogsServiceClient, ExportLogsServiceRequest},
-    metrics::v1::{metrics_service_client::MetricsServiceClient, ExportMetricsServiceRequest},
-    trace::v1::{trace_service_client::TraceServiceClient, ExportTraceServiceRequest},
+use std::sync::Arc;
+
+use opentelemetry_otlp::{WithExportConfig, WithHttpConfig, WithTonicConfig};
+use opentelemetry_sdk::{
+    error::OTelSdkError,
+    logs::{LogBatch, LogExporter as _, SdkLogRecord},
+    trace::{SpanData, SpanExporter as _},
+    Resource,
+};
+
+use opentelemetry_proto::tonic::collector::metrics::v1::{
+    metrics_service_client::MetricsServiceClient, ExportMetricsServiceRequest,
 };
 use prost::Message;
 use tonic::{
@@ -12,7 +23,7 @@ use tonic::{
     transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
 };
 
-use super::config::{Protocol, Target};
+use super::config::{Protocol, Signal, Target};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
@@ -32,6 +43,8 @@ pub enum TransportError {
     Header(String),
     #[error("cannot build the HTTP client")]
     HttpClient(#[source] reqwest::Error),
+    #[error("cannot build the OTLP exporter")]
+    Exporter(#[source] opentelemetry_otlp::ExporterBuildError),
 }
 
 /// Why an export failed; `retryable` says whether the same request may succeed later.
@@ -43,6 +56,10 @@ pub enum SendError {
     Http(#[from] reqwest::Error),
     #[error("HTTP export answered {0}")]
     HttpStatus(u16),
+    #[error("OTLP export failed: {0}")]
+    Exporter(OTelSdkError),
+    #[error("a payload was given to another signal's client")]
+    WrongSignal,
 }
 
 impl SendError {
@@ -63,6 +80,10 @@ impl SendError {
             ),
             SendError::Http(_) => true,
             SendError::HttpStatus(s) => matches!(s, 408 | 429 | 502 | 503 | 504),
+            // The exporters' errors do not say whether the collector refused the data or could
+            // not be reached; the attempts are bounded either way.
+            SendError::Exporter(e) => !matches!(e, OTelSdkError::AlreadyShutdown),
+            SendError::WrongSignal => false,
         }
     }
 }
@@ -70,12 +91,102 @@ impl SendError {
 /// One request of any signal.
 pub enum Payload {
     Metrics(ExportMetricsServiceRequest),
-    Traces(ExportTraceServiceRequest),
-    Logs(ExportLogsServiceRequest),
+    Traces(Vec<SpanData>),
+    Logs(Vec<SdkLogRecord>),
 }
 
+/// How one signal reaches the collector.
 #[derive(Clone)]
 pub enum Client {
+    Metrics(Connection),
+    Traces(Arc<opentelemetry_otlp::SpanExporter>),
+    Logs(Arc<opentelemetry_otlp::LogExporter>),
+}
+
+/// The scope every span and log record is reported under.
+pub fn scope() -> opentelemetry::InstrumentationScope {
+    opentelemetry::InstrumentationScope::builder("inferscope")
+        .with_version(env!("CARGO_PKG_VERSION"))
+        .build()
+}
+
+impl Client {
+    /// Builds the client of `signal`; it connects lazily, so a collector that is down does not
+    /// stop the agent from starting. Needs a Tokio runtime.
+    pub fn new(t: &Target, signal: Signal, resource: &Resource) -> Result<Self, TransportError> {
+        let conn = Connection::new(t)?;
+        let bad = TransportError::Exporter;
+        Ok(match signal {
+            Signal::Metrics => Client::Metrics(conn),
+            Signal::Traces => {
+                let mut e = match conn {
+                    Connection::Grpc { channel, headers } => {
+                        opentelemetry_otlp::SpanExporter::builder()
+                            .with_tonic()
+                            .with_channel(channel)
+                            .with_metadata(headers)
+                            .with_timeout(t.timeout)
+                            .build()
+                    }
+                    Connection::Http { client, url } => opentelemetry_otlp::SpanExporter::builder()
+                        .with_http()
+                        .with_http_client(client)
+                        .with_endpoint(url)
+                        .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                        .with_timeout(t.timeout)
+                        .build(),
+                }
+                .map_err(bad)?;
+                e.set_resource(resource);
+                Client::Traces(Arc::new(e))
+            }
+            Signal::Logs => {
+                let mut e = match conn {
+                    Connection::Grpc { channel, headers } => {
+                        opentelemetry_otlp::LogExporter::builder()
+                            .with_tonic()
+                            .with_channel(channel)
+                            .with_metadata(headers)
+                            .with_timeout(t.timeout)
+                            .build()
+                    }
+                    Connection::Http { client, url } => opentelemetry_otlp::LogExporter::builder()
+                        .with_http()
+                        .with_http_client(client)
+                        .with_endpoint(url)
+                        .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                        .with_timeout(t.timeout)
+                        .build(),
+                }
+                .map_err(bad)?;
+                e.set_resource(resource);
+                Client::Logs(Arc::new(e))
+            }
+        })
+    }
+
+    pub async fn send(&self, payload: Payload) -> Result<(), SendError> {
+        match (self, payload) {
+            (Client::Metrics(c), Payload::Metrics(m)) => c.send_metrics(m).await,
+            (Client::Traces(e), Payload::Traces(spans)) => {
+                e.export(spans).await.map_err(SendError::Exporter)
+            }
+            (Client::Logs(e), Payload::Logs(records)) => {
+                let scope = scope();
+                let batch: Vec<(&SdkLogRecord, &opentelemetry::InstrumentationScope)> =
+                    records.iter().map(|r| (r, &scope)).collect();
+                e.export(LogBatch::new(&batch))
+                    .await
+                    .map_err(SendError::Exporter)
+            }
+            _ => Err(SendError::WrongSignal),
+        }
+    }
+}
+
+/// A connection to the collector, with the agent's TLS settings and headers.
+#[derive(Clone)]
+pub enum Connection {
     Grpc {
         channel: Channel,
         headers: MetadataMap,
@@ -86,9 +197,7 @@ pub enum Client {
     },
 }
 
-impl Client {
-    /// Builds the client; it connects lazily, so a collector that is down does not stop the
-    /// agent from starting. Needs a Tokio runtime.
+impl Connection {
     pub fn new(t: &Target) -> Result<Self, TransportError> {
         let read = |p: &std::path::PathBuf| {
             std::fs::read(p).map_err(|source| TransportError::TlsFile {
@@ -124,7 +233,7 @@ impl Client {
                         .map_err(|_| TransportError::Header(k.clone()))?;
                     headers.insert(key, value);
                 }
-                Ok(Client::Grpc {
+                Ok(Connection::Grpc {
                     channel: ep.connect_lazy(),
                     headers,
                 })
@@ -138,6 +247,7 @@ impl Client {
                         .map_err(|_| TransportError::Header(k.clone()))?;
                     headers.insert(name, value);
                 }
+                crate::tls::install_crypto_provider();
                 let mut b = reqwest::Client::builder()
                     .timeout(t.timeout)
                     .connect_timeout(t.timeout)
@@ -155,7 +265,7 @@ impl Client {
                         reqwest::Identity::from_pem(&pem).map_err(TransportError::HttpClient)?;
                     b = b.identity(id);
                 }
-                Ok(Client::Http {
+                Ok(Connection::Http {
                     client: b.build().map_err(TransportError::HttpClient)?,
                     url: t.url.clone(),
                 })
@@ -163,43 +273,19 @@ impl Client {
         }
     }
 
-    pub async fn send(&self, payload: Payload) -> Result<(), SendError> {
+    async fn send_metrics(&self, m: ExportMetricsServiceRequest) -> Result<(), SendError> {
         match self {
-            Client::Grpc { channel, headers } => {
-                fn req<M>(m: M, headers: &MetadataMap) -> tonic::Request<M> {
-                    let mut r = tonic::Request::new(m);
-                    *r.metadata_mut() = headers.clone();
-                    r
-                }
-                match payload {
-                    Payload::Metrics(m) => {
-                        MetricsServiceClient::new(channel.clone())
-                            .export(req(m, headers))
-                            .await?;
-                    }
-                    Payload::Traces(m) => {
-                        TraceServiceClient::new(channel.clone())
-                            .export(req(m, headers))
-                            .await?;
-                    }
-                    Payload::Logs(m) => {
-                        LogsServiceClient::new(channel.clone())
-                            .export(req(m, headers))
-                            .await?;
-                    }
-                }
+            Connection::Grpc { channel, headers } => {
+                let mut r = tonic::Request::new(m);
+                *r.metadata_mut() = headers.clone();
+                MetricsServiceClient::new(channel.clone()).export(r).await?;
                 Ok(())
             }
-            Client::Http { client, url } => {
-                let body = match payload {
-                    Payload::Metrics(m) => m.encode_to_vec(),
-                    Payload::Traces(m) => m.encode_to_vec(),
-                    Payload::Logs(m) => m.encode_to_vec(),
-                };
+            Connection::Http { client, url } => {
                 let resp = client
                     .post(url)
                     .header(reqwest::header::CONTENT_TYPE, "application/x-protobuf")
-                    .body(body)
+                    .body(m.encode_to_vec())
                     .send()
                     .await?;
                 let status = resp.status();
@@ -235,16 +321,16 @@ mod tests {
             let mut t = target("https://collector:4317", protocol);
             t.tls.ca_file = Some("/nonexistent/ca.pem".into());
             assert!(
-                matches!(Client::new(&t), Err(TransportError::TlsFile { .. })),
+                matches!(Connection::new(&t), Err(TransportError::TlsFile { .. })),
                 "{protocol:?}"
             );
             let mut t = target("http://collector:4317", protocol);
             t.headers = vec![("bad header".into(), "v".into())];
             assert!(
-                matches!(Client::new(&t), Err(TransportError::Header(_))),
+                matches!(Connection::new(&t), Err(TransportError::Header(_))),
                 "{protocol:?}"
             );
-            assert!(Client::new(&target("http://collector:4317", protocol)).is_ok());
+            assert!(Connection::new(&target("http://collector:4317", protocol)).is_ok());
         }
     }
 
