@@ -32,6 +32,14 @@ impl ProcFs {
         self.root.join(pid.to_string()).exists()
     }
 
+    /// The parent's pid, from `/proc/<pid>/stat` (after the `comm` in parentheses, which may
+    /// hold spaces and parentheses itself).
+    pub fn ppid(&self, pid: u32) -> Option<u32> {
+        let stat = std::fs::read_to_string(self.root.join(pid.to_string()).join("stat")).ok()?;
+        let rest = &stat[stat.rfind(')')? + 1..];
+        rest.split_whitespace().nth(1)?.parse().ok()
+    }
+
     /// Numeric entries of the proc root.
     pub fn pids(&self) -> impl Iterator<Item = u32> {
         std::fs::read_dir(&self.root)

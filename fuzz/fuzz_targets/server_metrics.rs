@@ -28,7 +28,7 @@ fuzz_target!(|data: &[u8]| {
         pod: "vllm-0".into(),
         container: "server".into(),
     };
-    let labels = target::target_labels("vllm", 42, 8000, &workload);
+    let labels = target::target_labels("vllm", 42, 8000, &[0, 1], &workload);
     let limits = parse::Limits {
         max_samples: 20_000,
         max_series: MAX_SERIES,

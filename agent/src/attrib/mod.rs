@@ -257,6 +257,47 @@ impl Attributor {
         Some((key.clone(), ids.clone()))
     }
 
+    /// The GPUs an inference server uses, by index, ascending: those the kubelet assigned to
+    /// its container where NVML names them, else those NVML shows the server or one of its
+    /// descendants on (vLLM's engine and tensor-parallel workers are child processes).
+    pub fn server_gpus(&self, pid: u32) -> Vec<u32> {
+        let assigned = self.lookup(pid).gpus.clone();
+        let mut gpus: Vec<u32> = if assigned.is_empty() {
+            Vec::new()
+        } else {
+            read(&self.gpu_uuids)
+                .iter()
+                .filter(|(_, uuid)| assigned.contains(uuid))
+                .map(|(i, _)| *i)
+                .collect()
+        };
+        if gpus.is_empty() {
+            let process_gpus = read(&self.process_gpus);
+            for (p, on) in process_gpus.iter() {
+                if self.descends_from(*p, pid) {
+                    gpus.extend(on);
+                }
+            }
+        }
+        gpus.sort_unstable();
+        gpus.dedup();
+        gpus
+    }
+
+    /// Whether `pid` is `ancestor` or below it (a bounded walk up the parents).
+    fn descends_from(&self, mut pid: u32, ancestor: u32) -> bool {
+        for _ in 0..32 {
+            if pid == ancestor {
+                return true;
+            }
+            match self.procfs.ppid(pid) {
+                Some(parent) if parent > 1 && parent != pid => pid = parent,
+                _ => return false,
+            }
+        }
+        false
+    }
+
     /// NVML's GPUs (index, UUID).
     pub fn set_gpu_uuids(&self, gpus: impl IntoIterator<Item = (u32, String)>) {
         *write(&self.gpu_uuids) = gpus.into_iter().collect();

@@ -288,3 +288,58 @@ fn without_the_api_server_a_pod_process_is_named_by_its_gpus() {
     a.refresh();
     assert_eq!(a.labels(10).pod, "llm-0");
 }
+
+#[test]
+fn a_server_uses_its_assigned_gpus_else_those_of_its_descendants() {
+    use crate::gpu::{GpuProcess, GpuProcesses};
+    // 10: the API server (in the pod); 20: its engine (a child, comm with a space and a
+    // parenthesis); 30: a tensor-parallel worker below the engine; 40: someone else's.
+    let dir = proc_tree(&[
+        (10, "0::/user.slice\n".into()),
+        (20, "0::/user.slice\n".into()),
+        (30, "0::/user.slice\n".into()),
+        (40, "0::/user.slice\n".into()),
+    ]);
+    for (pid, stat) in [
+        (10, "10 (vllm) S 1 10 10"),
+        (20, "20 (VLLM::Engine) x) S 10 10 10"),
+        (30, "30 (worker) S 20 10 10"),
+        (40, "40 (python3) S 1 40 40"),
+    ] {
+        std::fs::write(dir.path().join(pid.to_string()).join("stat"), stat).unwrap();
+    }
+    let a = attributor(&dir, 128, 100);
+    a.set_gpu_uuids([
+        (0, "GPU-0".to_string()),
+        (1, "GPU-1".to_string()),
+        (2, "GPU-2".to_string()),
+    ]);
+    let on = |pid, gpu| GpuProcess {
+        pid,
+        gpu,
+        used_bytes: Some(1),
+        sm_util: None,
+    };
+    assert!(a.server_gpus(10).is_empty(), "no GPU use seen yet");
+    a.note_gpu_processes(&GpuProcesses {
+        ts_ns: 0,
+        entries: vec![on(30, 1), on(20, 0), on(40, 2), on(20, 1)],
+    });
+    assert_eq!(
+        a.server_gpus(10),
+        vec![0, 1],
+        "engine and worker, not pid 40"
+    );
+    assert_eq!(a.server_gpus(40), vec![2]);
+
+    // In a pod, the kubelet's assignment is the answer (NVML names the UUIDs).
+    let dir = proc_tree(&[(10, pod_cgroup(&cid('a')))]);
+    let a = attributor(&dir, 128, 100);
+    a.set_gpu_uuids([(0, "GPU-0".to_string()), (3, "GPU-3".to_string())]);
+    a.pods().upsert(UID.into(), pod("llm-0"));
+    a.set_assignments(Assignments::from([(
+        ("inference".into(), "llm-0".into(), "server".into()),
+        vec!["GPU-3".into(), "GPU-0".into()],
+    )]));
+    assert_eq!(a.server_gpus(10), vec![0, 3]);
+}

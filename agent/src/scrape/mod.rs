@@ -107,6 +107,7 @@ struct Outcome {
     result: Result<parse::Ingested, &'static str>,
     took: Duration,
     workload: crate::attrib::WorkloadLabels,
+    gpus: Vec<u32>,
 }
 
 impl Scraper {
@@ -137,6 +138,13 @@ impl Scraper {
         self.attrib
             .as_ref()
             .map(|a| a.labels(pid))
+            .unwrap_or_default()
+    }
+
+    fn gpus(&self, pid: u32) -> Vec<u32> {
+        self.attrib
+            .as_ref()
+            .map(|a| a.server_gpus(pid))
             .unwrap_or_default()
     }
 
@@ -213,6 +221,7 @@ impl Scraper {
                 addrs,
                 config: self.config.clone(),
                 workload: self.workload(pid),
+                gpus: self.gpus(pid),
             };
             jobs.spawn(job.run());
         }
@@ -265,7 +274,7 @@ impl Scraper {
                 let view = board::TargetView {
                     derived: derive::derive(&got.original, t.model.as_deref()),
                     families: got.families,
-                    labels: target::target_labels(kind, pid, port, &o.workload),
+                    labels: target::target_labels(kind, pid, port, &o.gpus, &o.workload),
                 };
                 m.scraped.set(pid, view);
                 m.scrape_up.get_or_create(&up).set(1);
@@ -314,6 +323,7 @@ struct Job {
     addrs: Vec<SocketAddr>,
     config: ScrapeConfig,
     workload: crate::attrib::WorkloadLabels,
+    gpus: Vec<u32>,
 }
 
 impl Job {
@@ -322,6 +332,7 @@ impl Job {
         let (addr, body) = self.fetch().await;
         let (pid, mut kind) = (self.pid, self.kind);
         let workload = self.workload.clone();
+        let gpus = self.gpus.clone();
         let port = addr.map_or(0, |a| a.port());
         let limits = parse::Limits {
             max_samples: self.config.max_samples,
@@ -334,7 +345,7 @@ impl Job {
                     &body,
                     |families| {
                         kind = refine(kind, families);
-                        target::target_labels(kind, pid, port, &workload)
+                        target::target_labels(kind, pid, port, &gpus, &workload)
                     },
                     limits,
                 );
@@ -358,6 +369,7 @@ impl Job {
             result,
             took: start.elapsed(),
             workload: self.workload,
+            gpus: self.gpus,
         }
     }
 

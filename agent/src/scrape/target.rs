@@ -17,10 +17,14 @@ use crate::{
 /// The labels added to every series scraped from a target, and to the series derived from
 /// it: the server, and the workload it runs in (node, namespace, pod, container, where known;
 /// the same labels as the agent's per-process series, so rules can join on them).
+///
+/// `gpu` names the GPUs the server uses (`"0"`, or `"0,1"` for a tensor-parallel server: one
+/// series per server, not per GPU, so sums over servers stay right); left out while unknown.
 pub fn target_labels(
     server: &str,
     pid: u32,
     port: u16,
+    gpus: &[u32],
     workload: &crate::attrib::WorkloadLabels,
 ) -> Vec<(&'static str, String)> {
     let mut labels = vec![
@@ -28,6 +32,10 @@ pub fn target_labels(
         ("pid", pid.to_string()),
         ("port", port.to_string()),
     ];
+    if !gpus.is_empty() {
+        let list: Vec<String> = gpus.iter().map(u32::to_string).collect();
+        labels.push(("gpu", list.join(",")));
+    }
     for (name, value) in [
         ("node", &workload.node),
         ("namespace", &workload.namespace),
@@ -172,7 +180,7 @@ mod tests {
 
     #[test]
     fn target_labels_name_the_workload_where_known() {
-        let outside = target_labels("vllm", 7, 8000, &Default::default());
+        let outside = target_labels("vllm", 7, 8000, &[], &Default::default());
         assert_eq!(
             outside,
             [
@@ -187,11 +195,12 @@ mod tests {
             pod: "vllm-0".into(),
             container: String::new(),
         };
-        let inside = target_labels("vllm", 7, 8000, &workload);
+        let inside = target_labels("vllm", 7, 8000, &[0, 1], &workload);
         assert_eq!(
             inside[3..],
             [
-                ("node", "n1".to_string()),
+                ("gpu", "0,1".to_string()),
+                ("node", "n1".into()),
                 ("namespace", "llm".into()),
                 ("pod", "vllm-0".into())
             ]
