@@ -9,6 +9,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod tls_proxy;
+
 pub use cuda_workload::{OutputLine, Truth, Variant};
 pub use prom_scrape::{http_get, Scrape};
 

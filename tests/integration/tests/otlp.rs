@@ -1,7 +1,8 @@
 //! Root tier of OTLP export: a real collector (`rotel-agent`, installed from PyPI by
 //! `cargo xtask setup`) receives the agent's metrics, spans and log records over gRPC and
 //! HTTP/protobuf and prints every item it receives (its debug log, detailed); the tests parse
-//! that and compare it with the agent's `/metrics` and the scenario.
+//! that and compare it with the agent's `/metrics` and the scenario. Over TLS, a terminator in
+//! the test (`integration::tls_proxy`) stands in front of the collector.
 
 use std::{
     collections::BTreeMap,
@@ -12,7 +13,10 @@ use std::{
 };
 
 use cuda_workload::{nvml_double_path, NvmlControl, ENV_NVML_CONTROL};
-use integration::*;
+use integration::{
+    tls_proxy::{ClientAuth, TestPki, TlsProxy},
+    *,
+};
 
 /// `rotel-agent` from the `rotel` wheel.
 fn rotel_bin() -> PathBuf {
@@ -896,5 +900,245 @@ fn sigterm_flushes_queued_spans_and_a_last_metrics_push() {
         .and_then(|p| p.value),
         Some(2.0),
         "a last metrics push at SIGTERM"
+    );
+}
+
+/// How the agent is given the TLS files: the `OTEL_*` variables or the config file.
+#[derive(Clone, Copy)]
+enum TlsFrom {
+    Env,
+    ConfigFile,
+}
+
+/// TLS settings for the agent: the CA (`ca`) and the client certificate (`client`), each
+/// given or left out; returns the environment and the `run` arguments.
+fn tls_settings(
+    pki: &TestPki,
+    from: TlsFrom,
+    ca: bool,
+    client: bool,
+    dir: &std::path::Path,
+) -> (Vec<(String, String)>, Vec<String>) {
+    let mut files = Vec::new();
+    if ca {
+        files.push(("CERTIFICATE", "ca_file", &pki.ca));
+    }
+    if client {
+        files.push(("CLIENT_CERTIFICATE", "cert_file", &pki.client_cert));
+        files.push(("CLIENT_KEY", "key_file", &pki.client_key));
+    }
+    match from {
+        TlsFrom::Env => (
+            files
+                .iter()
+                .map(|(var, _, path)| {
+                    (
+                        format!("OTEL_EXPORTER_OTLP_{var}"),
+                        path.display().to_string(),
+                    )
+                })
+                .collect(),
+            Vec::new(),
+        ),
+        TlsFrom::ConfigFile => {
+            let mut toml = String::from("[otlp.tls]\n");
+            for (_, key, path) in &files {
+                toml.push_str(&format!("{key} = {:?}\n", path.display().to_string()));
+            }
+            let config = dir.join("inferscope.toml");
+            std::fs::write(&config, toml).unwrap();
+            (
+                Vec::new(),
+                vec!["--config".to_string(), config.display().to_string()],
+            )
+        }
+    }
+}
+
+/// The collector's port behind the terminator for `protocol`.
+fn plaintext_port(rotel: &Rotel, protocol: &str) -> u16 {
+    if protocol == "grpc" {
+        rotel.grpc
+    } else {
+        rotel.http
+    }
+}
+
+/// Requests through a watched server, with metrics and spans exported over mutual TLS to
+/// `https://localhost` (the name the server certificate is for): the collector gets both,
+/// and the terminator saw only verified handshakes.
+fn exports_over_mutual_tls(protocol: &str, from: TlsFrom) {
+    let rotel = Rotel::start();
+    let pki = TestPki::generate();
+    let proxy = TlsProxy::start(&pki, plaintext_port(&rotel, protocol), ClientAuth::Required);
+    let server = OpenAiServer::start("stand-in");
+    let dir = tempfile::tempdir().unwrap();
+    let (mut env, args) = tls_settings(&pki, from, true, true, dir.path());
+    env.extend([
+        (
+            "OTEL_EXPORTER_OTLP_PROTOCOL".to_string(),
+            protocol.to_string(),
+        ),
+        (
+            "OTEL_EXPORTER_OTLP_ENDPOINT".to_string(),
+            format!("https://localhost:{}", proxy.port),
+        ),
+        ("OTEL_METRIC_EXPORT_INTERVAL".to_string(), "300".to_string()),
+        (
+            "INFERSCOPE_OTLP__BATCH_TIMEOUT_MS".to_string(),
+            "200".to_string(),
+        ),
+        (
+            "OTEL_RESOURCE_ATTRIBUTES".to_string(),
+            format!("deployment.environment=tls-{protocol}"),
+        ),
+    ]);
+    let watch = server.port.to_string();
+    let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+    args.extend(["--watch-port", &watch, "--disable-probe", "cuda"]);
+    let agent = start_agent(&args, &env);
+    agent.wait_for("the server to be watched", |s| {
+        s.sum("inferscope_http_watched_processes", &[]) >= 1.0
+    });
+    for _ in 0..3 {
+        chat(server.port, "mtls", true, 3, None);
+    }
+    agent.wait_for("the requests", |s| {
+        s.sum("llm_requests_total", &[("model", "mtls")]) == 3.0
+    });
+    let ours = |r: &Received| {
+        r.spans
+            .iter()
+            .filter(|s| s.name == "chat mtls" && s.attrs.get("server.port") == Some(&watch))
+            .count()
+    };
+    let r = eventually(
+        "metrics and spans through the TLS terminator",
+        Duration::from_secs(20),
+        || {
+            let r = rotel.received();
+            let requests = r
+                .last(
+                    "inferscope.gen_ai.requests",
+                    &[("gen_ai.request.model", "mtls")],
+                )
+                .and_then(|p| p.value);
+            (requests == Some(3.0) && ours(&r) >= 3).then_some(r)
+        },
+    );
+    assert_eq!(ours(&r), 3, "one span per request: {:?}", r.spans);
+    assert!(!r.resources.is_empty());
+    let env_attr = format!("tls-{protocol}");
+    for res in &r.resources {
+        assert_eq!(
+            res.get("service.name").map(String::as_str),
+            Some("inferscope")
+        );
+        assert_eq!(
+            res.get("deployment.environment"),
+            Some(&env_attr),
+            "{res:?}"
+        );
+    }
+    assert!(proxy.handshakes_ok() >= 1);
+    assert_eq!(proxy.handshake_errors(), Vec::<String>::new());
+    let s = agent.scrape();
+    for signal in ["metrics", "traces"] {
+        assert_eq!(
+            s.sum("inferscope_export_dropped_total", &[("signal", signal)]),
+            0.0,
+            "{signal}"
+        );
+    }
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn metrics_and_spans_over_grpc_with_mutual_tls() {
+    if !root_tier() {
+        return;
+    }
+    exports_over_mutual_tls("grpc", TlsFrom::Env);
+}
+
+#[test]
+fn metrics_and_spans_over_http_with_mutual_tls_from_the_config_file() {
+    if !root_tier() {
+        return;
+    }
+    exports_over_mutual_tls("http/protobuf", TlsFrom::ConfigFile);
+}
+
+/// One agent per protocol whose handshake with the terminator fails: its metric pushes are
+/// dropped and counted, nothing reaches the collector, and it keeps serving. Returns the
+/// handshake errors the terminators saw.
+fn tls_handshake_refused(auth: ClientAuth, ca: bool, client: bool) -> Vec<String> {
+    let rotel = Rotel::start();
+    let pki = TestPki::generate();
+    let dir = tempfile::tempdir().unwrap();
+    let (tls_env, _) = tls_settings(&pki, TlsFrom::Env, ca, client, dir.path());
+    // Both at once: each needs a few failed attempts before a push counts as dropped.
+    let agents: Vec<(TlsProxy, Agent)> = ["grpc", "http/protobuf"]
+        .into_iter()
+        .map(|protocol| {
+            let proxy = TlsProxy::start(&pki, plaintext_port(&rotel, protocol), auth);
+            let mut env = tls_env.clone();
+            env.extend([
+                (
+                    "OTEL_EXPORTER_OTLP_PROTOCOL".to_string(),
+                    protocol.to_string(),
+                ),
+                (
+                    "OTEL_EXPORTER_OTLP_ENDPOINT".to_string(),
+                    format!("https://localhost:{}", proxy.port),
+                ),
+                ("OTEL_METRIC_EXPORT_INTERVAL".to_string(), "300".to_string()),
+            ]);
+            let agent = start_agent(&["--disable-probe", "cuda"], &env);
+            (proxy, agent)
+        })
+        .collect();
+    let mut errors = Vec::new();
+    for (proxy, agent) in agents {
+        agent.wait_for("a failed push to be counted", |s| {
+            s.sum("inferscope_export_dropped_total", &[("signal", "metrics")]) >= 1.0
+        });
+        assert_eq!(http_get(agent.port, "/healthz").map(|r| r.0), Some(200));
+        assert_eq!(proxy.handshakes_ok(), 0);
+        let seen = proxy.handshake_errors();
+        assert!(!seen.is_empty(), "the agent never reached the terminator");
+        errors.extend(seen);
+        assert!(agent.stop().success());
+    }
+    let r = rotel.received();
+    assert!(
+        r.points.is_empty() && r.resources.is_empty(),
+        "{}",
+        rotel.output()
+    );
+    errors
+}
+
+#[test]
+fn an_untrusted_collector_certificate_gets_nothing_and_pushes_are_counted() {
+    if !root_tier() {
+        return;
+    }
+    // Plain TLS, no CA file: the system roots alone cannot verify the server.
+    let errors = tls_handshake_refused(ClientAuth::None, false, false);
+    // The agent, not the terminator, ended each handshake: it did not trust the server.
+    assert!(errors.iter().all(|e| e.contains("UnknownCA")), "{errors:?}");
+}
+
+#[test]
+fn mutual_tls_without_a_client_certificate_gets_nothing_and_pushes_are_counted() {
+    if !root_tier() {
+        return;
+    }
+    let errors = tls_handshake_refused(ClientAuth::Required, true, false);
+    // The agent trusted the server and went on; the terminator refused it.
+    assert!(
+        errors.iter().all(|e| e.contains("no certificates")),
+        "{errors:?}"
     );
 }
