@@ -48,6 +48,38 @@ pub fn preflight() -> Result<(), StartError> {
     Ok(())
 }
 
+/// BPF maps and ring buffers count against RLIMIT_MEMLOCK on kernels before 5.11 (later ones
+/// charge the memory cgroup instead), and a container's default limit is far below the ring
+/// buffer: the limit is lifted (CAP_SYS_RESOURCE, which the DaemonSet grants for this), else
+/// the soft limit is raised to the hard one.
+fn raise_memlock() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit and getrlimit only read or write the struct they are given.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } == 0 {
+        return;
+    }
+    let denied = std::io::Error::last_os_error();
+    let mut now = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: as above.
+    let raised = unsafe {
+        libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut now) == 0 && {
+            now.rlim_cur = now.rlim_max;
+            libc::setrlimit(libc::RLIMIT_MEMLOCK, &now) == 0
+        }
+    };
+    tracing::debug!(
+        error = %denied,
+        limit_bytes = raised.then_some(now.rlim_max),
+        "RLIMIT_MEMLOCK not lifted (no CAP_SYS_RESOURCE; only kernels before 5.11 need it)"
+    );
+}
+
 /// How long the OTLP flush may hold up shutdown.
 const OTLP_FLUSH: Duration = Duration::from_secs(5);
 
@@ -61,6 +93,7 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), StartError> {
     preflight()?;
+    raise_memlock();
     let listener = http::bind(config.prometheus_listen).await?;
     let metrics = Arc::new(Metrics::new());
     let ready = Arc::new(AtomicBool::new(false));

@@ -15,7 +15,7 @@ POST /control/metrics (JSON): gauges and counters by short name (running, waitin
 preemptions, queries, hits, prompt_tokens, generation_tokens, cache_hit_rate), histogram
 observations as lists (ttft, itl, e2e, queue, prefill, decode), and "break": "garbage" |
 "oversized" | null to make /metrics answer junk or a huge body; --metrics-values sets the
-same at start.
+same at start. GET /control/metrics-clients lists the addresses /metrics was fetched from.
 """
 
 import argparse
@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--port", type=int, required=True)
+parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all, as in a pod)")
 parser.add_argument("--model", default="stand-in")
 parser.add_argument("--ttft-ms", type=float, default=20.0)
 parser.add_argument("--token-ms", type=float, default=5.0)
@@ -69,9 +70,16 @@ if args.metrics:
     own_metrics = server_metrics.ServerMetrics(args.metrics, args.model)
     own_metrics.apply(json.loads(args.metrics_values))
 
+    metrics_clients = set()
+
     @app.get("/metrics")
-    async def metrics():
+    async def metrics(request: Request):
+        metrics_clients.add(request.client.host)
         return own_metrics.response()
+
+    @app.get("/control/metrics-clients")
+    async def control_metrics_clients():
+        return {"clients": sorted(metrics_clients)}
 
     @app.post("/control/metrics")
     async def control_metrics(request: Request):
@@ -179,4 +187,4 @@ async def health():
 
 
 if __name__ == "__main__":
-    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -93,6 +93,16 @@ pub enum ConnectError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "cannot enter the network namespace of pid {pid} (no CAP_SYS_ADMIN) nor connect to \
+         its pod address {addr} (a server listening on loopback only is out of reach)"
+    )]
+    PodAddress {
+        pid: u32,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the connecting thread could not be started or panicked")]
     Thread,
 }
@@ -143,8 +153,11 @@ pub fn connect(
         {
             let ip = pod_address(procfs, pid).ok_or(ConnectError::Namespace { pid, source })?;
             let addr = SocketAddr::new(ip, addr.port());
-            TcpStream::connect_timeout(&addr, timeout)
-                .map_err(|source| ConnectError::Connect { addr, source })
+            TcpStream::connect_timeout(&addr, timeout).map_err(|source| ConnectError::PodAddress {
+                pid,
+                addr,
+                source,
+            })
         }
         other => other,
     }

@@ -89,10 +89,25 @@ impl Agent {
     }
 
     pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Agent {
+        Self::start_under(&[], extra, env)
+    }
+
+    /// Started by `wrapper` (a program and its arguments, which execs the agent's binary
+    /// appended to them; `setpriv` to hold only some capabilities), so the child's pid is
+    /// the agent's.
+    pub fn start_under(wrapper: &[&str], extra: &[&str], env: &[(&str, &str)]) -> Agent {
         let port = free_port();
         let dir = tempfile::tempdir().unwrap();
         let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
-        let child = Command::new(bin("inferscope"))
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(bin("inferscope"));
+                c
+            }
+            None => Command::new(bin("inferscope")),
+        };
+        let child = command
             .arg("run")
             .args(["--prometheus-listen", &format!("127.0.0.1:{port}")])
             .arg("--forensics-dir")
@@ -125,6 +140,10 @@ impl Agent {
             std::thread::sleep(Duration::from_millis(50));
         }
         agent
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
     }
 
     pub fn log(&self) -> String {

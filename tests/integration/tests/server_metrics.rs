@@ -2,10 +2,15 @@
 //! own `/metrics` is written by the official `prometheus_client` with vLLM's, TGI's and
 //! SGLang's metric families (tests/servers/server_metrics.py), re-exports them with the
 //! target's labels and derives the `llm_*` series; `promtool` checks the whole exposition.
+//! A server in a network namespace of its own, joined by a veth pair as a pod's, is scraped
+//! by an agent holding only the shipped DaemonSet's capabilities.
 
 use std::{
-    io::Write,
-    process::{Command, Stdio},
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::Duration,
 };
 
 use integration::*;
@@ -326,7 +331,7 @@ fn servers_are_scraped_with_the_http_family_disabled() {
     assert!(agent.stop().success());
 }
 
-/// A pod's server listens in the pod's network namespace, which the agent (host network) does
+/// A pod's server listens in the pod's network namespace, which the agent (its own pod's) does
 /// not share: the agent connects from inside it. The server here is in a namespace of its
 /// own (`unshare --net`), unreachable from the test's; it is found by its command line.
 #[test]
@@ -373,4 +378,416 @@ fn a_server_in_another_network_namespace_is_scraped_inside_it() {
     let _ = child.wait();
     agent.wait_for("the series to go", |s| !s.has("llm_batch_size", &t));
     assert!(agent.stop().success());
+}
+
+/// The capabilities the shipped DaemonSet adds (deploy/manifests/inferscope.yaml, rendered
+/// from the chart; the deploy tests keep the two equal), by the names of `capabilities(7)`
+/// without `CAP_`.
+fn daemonset_capabilities() -> Vec<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/manifests/inferscope.yaml");
+    let text = std::fs::read_to_string(&path).expect("deploy/manifests/inferscope.yaml");
+    let mut lines = text.lines().map(str::trim);
+    lines
+        .find(|l| *l == "capabilities:")
+        .expect("the DaemonSet adds capabilities");
+    lines.find(|l| *l == "add:").expect("capabilities.add");
+    lines
+        .filter(|l| !l.starts_with('#'))
+        .map_while(|l| l.strip_prefix("- "))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Bit numbers (linux/capability.h) of the capabilities the chart may name.
+fn capability_bit(name: &str) -> u32 {
+    match name {
+        "SYS_PTRACE" => 19,
+        "SYS_ADMIN" => 21,
+        "SYS_RESOURCE" => 24,
+        "PERFMON" => 38,
+        "BPF" => 39,
+        "CHECKPOINT_RESTORE" => 40,
+        other => panic!("capability {other}: add its bit here"),
+    }
+}
+
+/// A capability set of `/proc/<pid>/status` (`CapEff`, `CapBnd`, ...).
+fn capability_set(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let hex = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(":"))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"));
+    u64::from_str_radix(hex.trim(), 16).unwrap()
+}
+
+/// The soft and hard RLIMIT_MEMLOCK of a process, as `/proc/<pid>/limits` writes them.
+fn memlock_limit(pid: u32) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find_map(|l| l.strip_prefix("Max locked memory"))
+        .expect("Max locked memory in /proc/<pid>/limits");
+    let mut words = line.split_whitespace();
+    let mut next = || words.next().unwrap_or_default().to_string();
+    (next(), next())
+}
+
+/// `setpriv` arguments that exec the agent as root holding `caps` only, as a container of
+/// the DaemonSet does: bounding set = permitted = effective = `caps`, nothing inheritable or
+/// ambient, no_new_privs (`allowPrivilegeEscalation: false`).
+fn setpriv_with(caps: &[String]) -> Vec<String> {
+    let list: String = caps
+        .iter()
+        .map(|c| format!(",+{}", c.to_lowercase()))
+        .collect();
+    vec![
+        "setpriv".into(),
+        "--no-new-privs".into(),
+        "--inh-caps=-all".into(),
+        "--ambient-caps=-all".into(),
+        format!("--bounding-set=-all{list}"),
+        "--".into(),
+    ]
+}
+
+/// A network namespace joined to the test's by a veth pair, as a pod's is to its node: the
+/// pod side has an address of a /30 of 10.213.0.0/16 that no interface here uses. Dropping
+/// it stops the processes started in it, then deletes the veth pair and the namespace.
+struct PodNet {
+    name: String,
+    host_if: String,
+    host_ip: Ipv4Addr,
+    pod_ip: Ipv4Addr,
+    servers: Vec<Child>,
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("ip (iproute2; `cargo xtask setup`)");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl PodNet {
+    fn new(tag: u32) -> PodNet {
+        let id = std::process::id();
+        let used = String::from_utf8(
+            Command::new("ip")
+                .args(["-o", "-4", "addr"])
+                .output()
+                .expect("ip (iproute2; `cargo xtask setup`)")
+                .stdout,
+        )
+        .unwrap();
+        let slot = (0..16384u32)
+            .map(|i| id.wrapping_mul(4).wrapping_add(tag).wrapping_add(i) % 16384)
+            .find(|s| {
+                let (c, d) = (s / 64, (s % 64) * 4);
+                (1..=2).all(|n| !used.contains(&format!("inet 10.213.{c}.{}/", d + n)))
+            })
+            .expect("a free /30 in 10.213.0.0/16");
+        let base = Ipv4Addr::new(10, 213, (slot / 64) as u8, ((slot % 64) * 4) as u8);
+        let at = |n: u32| Ipv4Addr::from(u32::from(base) + n);
+        // Interface names: at most 15 bytes.
+        let name = format!("isc{id}{tag}");
+        let net = PodNet {
+            host_if: format!("{name}h"),
+            name,
+            host_ip: at(1),
+            pod_ip: at(2),
+            servers: Vec::new(),
+        };
+        let (ns, host_if, pod_if) = (&net.name, &net.host_if, format!("{}p", net.name));
+        ip(&["netns", "add", ns]);
+        ip(&[
+            "link", "add", host_if, "type", "veth", "peer", "name", &pod_if, "netns", ns,
+        ]);
+        ip(&[
+            "addr",
+            "add",
+            &format!("{}/30", net.host_ip),
+            "dev",
+            host_if,
+        ]);
+        ip(&["link", "set", host_if, "up"]);
+        ip(&[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{}/30", net.pod_ip),
+            "dev",
+            &pod_if,
+        ]);
+        ip(&["-n", ns, "link", "set", &pod_if, "up"]);
+        ip(&["-n", ns, "link", "set", "lo", "up"]);
+        net
+    }
+
+    /// The OpenAI stand-in with vLLM's metrics, in the namespace (`ip netns exec` execs it:
+    /// the child is the server). Returns its pid.
+    fn server(&mut self, args: &[&str]) -> u32 {
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.name, "python3"])
+            .arg(servers_dir().join("openai_server.py"))
+            .args(["--metrics", "vllm"])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("ip (iproute2) and python3 (`cargo xtask setup`)");
+        let pid = child.id();
+        self.servers.push(child);
+        pid
+    }
+}
+
+impl Drop for PodNet {
+    fn drop(&mut self) {
+        for child in &mut self.servers {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // Either end's deletion takes the pair.
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .stderr(Stdio::null())
+            .status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// A GET over plain HTTP/1.1; the body of a 200 answer.
+fn get(addr: SocketAddr, path: &str) -> String {
+    let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+    write!(
+        c,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    c.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "GET {path}: {answer}");
+    answer
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default()
+}
+
+/// The addresses the stand-in's /metrics was fetched from.
+fn metrics_clients(server: SocketAddr) -> Vec<String> {
+    let body = get(server, "/control/metrics-clients");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// The shipped DaemonSet grants no CAP_SYS_ADMIN, so the agent cannot enter a pod's network
+/// namespace: a server listening on every address is scraped at its pod's address (from the
+/// server's `/proc/<pid>/net/fib_trie`), one listening on loopback only is counted as a
+/// connect failure; with CAP_SYS_ADMIN added the agent enters the namespace and scrapes both
+/// on loopback.
+#[test]
+fn with_the_daemonsets_capabilities_a_pod_server_is_scraped_at_the_pod_address() {
+    if !root_tier() {
+        return;
+    }
+    let shipped = daemonset_capabilities();
+    assert!(
+        shipped.iter().any(|c| c == "BPF") && !shipped.iter().any(|c| c == "SYS_ADMIN"),
+        "{shipped:?}"
+    );
+    // A capability this process does not hold cannot be handed on. The ones the agent uses
+    // here must be held; CAP_SYS_RESOURCE only raises RLIMIT_MEMLOCK, which BPF maps do not
+    // count against since Linux 5.11, so an agent without it proves the same.
+    let own = capability_set(std::process::id(), "CapBnd");
+    let missing: Vec<&String> = shipped
+        .iter()
+        .filter(|c| own & (1 << capability_bit(c)) == 0)
+        .collect();
+    if let Some(c) = missing.iter().find(|c| c.as_str() != "SYS_RESOURCE") {
+        let why = format!("this process does not hold CAP_{c}");
+        if std::env::var_os("CI").is_some() {
+            panic!("{why}");
+        }
+        eprintln!("skipping: {why}");
+        return;
+    }
+    let granted: Vec<String> = shipped
+        .iter()
+        .filter(|c| !missing.contains(c))
+        .cloned()
+        .collect();
+    if !missing.is_empty() {
+        eprintln!("the agent runs without {missing:?}, which this process does not hold");
+    }
+
+    let mut net = PodNet::new(0);
+    let run = std::process::id();
+    let (port, lo_port) = (free_port(), free_port());
+    // Unique on this machine: other tests' servers must not match.
+    let (model, lo_model) = (
+        format!("podnet-{run}-{port}"),
+        format!("podlo-{run}-{lo_port}"),
+    );
+    let pid = net
+        .server(&[
+            "--host",
+            "0.0.0.0",
+            "--port",
+            &port.to_string(),
+            "--model",
+            &model,
+            "--metrics-values",
+            r#"{"running": 6, "waiting": 3, "kv": 0.5, "preemptions": 4}"#,
+        ])
+        .to_string();
+    let lo_pid = net
+        .server(&[
+            "--port",
+            &lo_port.to_string(),
+            "--model",
+            &lo_model,
+            "--metrics-values",
+            r#"{"running": 2}"#,
+        ])
+        .to_string();
+    let at_pod = SocketAddr::from((net.pod_ip, port));
+    eventually("the pod's server", Duration::from_secs(30), || {
+        TcpStream::connect_timeout(&at_pod, Duration::from_secs(1)).ok()
+    });
+    assert!(
+        TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "the server is reachable on the test's loopback: the test proves nothing"
+    );
+
+    let matcher = format!(r#"["{model}", "{lo_model}"]"#);
+    let mut env = SCRAPE_ENV.to_vec();
+    env.push(("INFERSCOPE_HTTP__MATCH_COMMANDS", &matcher));
+    // A soft RLIMIT_MEMLOCK far below the ring buffer, which kernels before 5.11 charge to it.
+    let mut wrapper = vec!["prlimit".to_string(), "--memlock=4096:".into()];
+    wrapper.extend(setpriv_with(&granted));
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    let agent = Agent::start_under(&wrapper, &[], &env);
+
+    // It holds exactly what was granted: no CAP_SYS_ADMIN, so setns(CLONE_NEWNET) fails.
+    let eff = capability_set(agent.pid(), "CapEff");
+    let want = granted.iter().fold(0u64, |m, c| m | 1 << capability_bit(c));
+    assert_eq!(eff, want, "CapEff {eff:#x}, granted {granted:?}");
+    assert_eq!(eff & (1 << capability_bit("SYS_ADMIN")), 0);
+    assert_eq!(capability_set(agent.pid(), "CapBnd"), want);
+    // With them it loaded and attached its probes, and lifted its memlock limit (only as far
+    // as the hard limit without CAP_SYS_RESOURCE).
+    assert!(!program_ids(agent.pid()).is_empty(), "{}", agent.log());
+    let (soft, hard) = memlock_limit(agent.pid());
+    if granted.iter().any(|c| c == "SYS_RESOURCE") {
+        assert_eq!((soft.as_str(), hard.as_str()), ("unlimited", "unlimited"));
+    } else {
+        assert_eq!(soft, hard);
+        assert_ne!(soft, "4096");
+    }
+
+    let (port_s, lo_port_s) = (port.to_string(), lo_port.to_string());
+    let t = [("pid", pid.as_str()), ("port", port_s.as_str())];
+    let s = agent.wait_for("the pod server's metrics", |s| {
+        s.has("vllm:num_requests_running", &t) && s.has("llm_batch_size", &t)
+    });
+    let exact = |name: &str, extra: &[(&str, &str)], want: f64| {
+        let mut l = t.to_vec();
+        l.extend_from_slice(extra);
+        assert!(s.has(name, &l), "{name} {l:?} missing\n{}", s.text);
+        assert_eq!(s.sum(name, &l), want, "{name} {l:?}\n{}", s.text);
+    };
+    let scraped = [("server", "vllm"), ("model_name", model.as_str())];
+    exact("vllm:num_requests_running", &scraped, 6.0);
+    exact("vllm:num_requests_waiting", &scraped, 3.0);
+    exact("vllm:kv_cache_usage_perc", &scraped, 0.5);
+    exact("vllm:num_preemptions_total", &scraped, 4.0);
+    let derived = [("server", "vllm"), ("model", model.as_str())];
+    exact("llm_batch_size", &derived, 6.0);
+    exact("llm_queue_depth", &derived, 3.0);
+    exact("llm_kv_cache_usage_ratio", &derived, 0.5);
+    exact("llm_preemptions_total", &derived, 4.0);
+    exact("inferscope_scrape_up", &[("server", "vllm")], 1.0);
+    // The connection came from the node's end of the veth pair, to the pod's address.
+    assert_eq!(metrics_clients(at_pod), [net.host_ip.to_string()]);
+
+    // Loopback only: out of reach without CAP_SYS_ADMIN. Port = the listening socket's (it
+    // was found, so the failure is the connection's); never told apart as vLLM.
+    let lo = [("pid", lo_pid.as_str()), ("port", lo_port_s.as_str())];
+    let connect_errors = |s: &Scrape| {
+        s.sum(
+            "inferscope_scrape_errors_total",
+            &[("server", "openai-compatible"), ("reason", "connect")],
+        )
+    };
+    let s = agent.wait_for("the loopback server's connect failure", |s| {
+        s.has("inferscope_scrape_up", &lo) && connect_errors(s) >= 1.0
+    });
+    assert_eq!(s.sum("inferscope_scrape_up", &lo), 0.0, "{}", s.text);
+    assert!(!s.has("llm_batch_size", &[("pid", &lo_pid)]), "{}", s.text);
+    assert!(
+        !s.has("vllm:num_requests_running", &[("pid", &lo_pid)]),
+        "{}",
+        s.text
+    );
+    let log = agent.log();
+    let said = format!(
+        "scrape connect failed pid={lo_pid} addr=127.0.0.1:{lo_port} error=cannot enter the \
+         network namespace of pid {lo_pid} (no CAP_SYS_ADMIN) nor connect to its pod address \
+         {}:{lo_port}",
+        net.pod_ip
+    );
+    assert!(log.contains(&said), "{log}");
+
+    // CAP_SYS_ADMIN added: the agent enters the namespace and reaches both on loopback.
+    let mut with_admin = granted.clone();
+    with_admin.push("SYS_ADMIN".into());
+    let wrapper = setpriv_with(&with_admin);
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    let admin = Agent::start_under(&wrapper, &[], &env);
+    assert_ne!(
+        capability_set(admin.pid(), "CapEff") & (1 << capability_bit("SYS_ADMIN")),
+        0
+    );
+    let s = admin.wait_for("the loopback server's metrics", |s| {
+        s.has("llm_batch_size", &lo) && s.has("llm_batch_size", &t)
+    });
+    let lo_derived = [
+        ("pid", lo_pid.as_str()),
+        ("port", lo_port_s.as_str()),
+        ("model", lo_model.as_str()),
+        ("server", "vllm"),
+    ];
+    assert_eq!(s.sum("llm_batch_size", &lo_derived), 2.0, "{}", s.text);
+    assert_eq!(s.sum("llm_batch_size", &t), 6.0, "{}", s.text);
+    assert_eq!(s.sum("inferscope_scrape_up", &lo), 1.0, "{}", s.text);
+    let mut clients = metrics_clients(at_pod);
+    clients.sort();
+    let mut want = vec![net.host_ip.to_string(), "127.0.0.1".to_string()];
+    want.sort();
+    assert_eq!(clients, want);
+
+    // The loopback server answers now, and the agent without CAP_SYS_ADMIN still fails.
+    let before = connect_errors(&agent.scrape());
+    let s = agent.wait_for("another connect failure", |s| connect_errors(s) > before);
+    assert_eq!(s.sum("inferscope_scrape_up", &lo), 0.0, "{}", s.text);
+    assert!(!s.has("llm_batch_size", &[("pid", &lo_pid)]), "{}", s.text);
+
+    assert!(admin.stop().success());
+    assert!(agent.stop().success());
+    drop(net);
 }
