@@ -433,8 +433,15 @@ fn every_rule_and_dashboard_query_returns_data() {
                 "gpu_process_memory_used_bytes",
                 &[("pid", &server.pid().to_string())],
             )
+            // The server's own series name the GPU it holds memory on (GPU 0 only).
+            && s.has(
+                "llm_batch_size",
+                &[("pid", &server.pid().to_string()), ("gpu", "0")],
+            )
+            && s.has("vllm:num_requests_running", &[("gpu", "0")])
     });
     let s = agent.scrape();
+    assert_eq!(s.label_values("llm_batch_size", "gpu"), ["0"], "not GPU 1");
     assert_eq!(
         s.sum("inferscope_gpu_hour_price", &[]),
         6.0,
