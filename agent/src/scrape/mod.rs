@@ -87,6 +87,24 @@ struct Target {
     addr: Option<SocketAddr>,
     /// Labels of its `inferscope_scrape_up` series, to remove when they change.
     up: Option<ScrapeTargetLabels>,
+    /// Scrapes failed in a row, and whether that has been logged.
+    failures: u32,
+    warned: bool,
+}
+
+/// Failed scrapes in a row before a warning: a server loading its model does not listen yet.
+const WARN_AFTER: u32 = 4;
+
+/// An error with its causes, `a: b: c`.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
 }
 
 pub struct Scraper {
@@ -105,6 +123,8 @@ struct Outcome {
     addr: Option<SocketAddr>,
     kind: &'static str,
     result: Result<parse::Ingested, &'static str>,
+    /// Why the first address failed, in words, when it did.
+    detail: Option<String>,
     took: Duration,
     workload: crate::attrib::WorkloadLabels,
     gpus: Vec<u32>,
@@ -203,6 +223,8 @@ impl Scraper {
                     argv,
                     addr: None,
                     up: None,
+                    failures: 0,
+                    warned: false,
                 }
             });
             let mut addrs: Vec<SocketAddr> = target.addr.into_iter().collect();
@@ -278,9 +300,28 @@ impl Scraper {
                 };
                 m.scraped.set(pid, view);
                 m.scrape_up.get_or_create(&up).set(1);
+                if t.warned {
+                    tracing::info!(pid, server = kind, port, "server metrics scraped again");
+                }
+                t.failures = 0;
+                t.warned = false;
             }
             Err(reason) => {
                 count(kind, reason);
+                t.failures = t.failures.saturating_add(1);
+                if t.failures >= WARN_AFTER && !t.warned {
+                    t.warned = true;
+                    tracing::warn!(
+                        pid,
+                        server = kind,
+                        port,
+                        reason,
+                        error = o.detail.as_deref().unwrap_or(""),
+                        failures = t.failures,
+                        "cannot scrape the server's /metrics; still trying every interval \
+                         (inferscope_scrape_up 0, inferscope_scrape_errors_total)"
+                    );
+                }
                 // A failed scrape leaves no stale series behind.
                 m.scraped.remove(pid);
                 m.scrape_up.get_or_create(&up).set(0);
@@ -329,7 +370,7 @@ struct Job {
 impl Job {
     async fn run(self) -> Outcome {
         let start = Instant::now();
-        let (addr, body) = self.fetch().await;
+        let (addr, body, detail) = self.fetch().await;
         let (pid, mut kind) = (self.pid, self.kind);
         let workload = self.workload.clone();
         let gpus = self.gpus.clone();
@@ -367,6 +408,7 @@ impl Job {
             addr,
             kind,
             result,
+            detail,
             took: start.elapsed(),
             workload: self.workload,
             gpus: self.gpus,
@@ -374,9 +416,15 @@ impl Job {
     }
 
     /// The body from the first address that answers; else the first address's failure.
-    async fn fetch(&self) -> (Option<SocketAddr>, Result<String, &'static str>) {
+    async fn fetch(
+        &self,
+    ) -> (
+        Option<SocketAddr>,
+        Result<String, &'static str>,
+        Option<String>,
+    ) {
         let timeout = Duration::from_millis(self.config.timeout_ms);
-        let mut first: Option<(SocketAddr, &'static str)> = None;
+        let mut first: Option<(SocketAddr, &'static str, String)> = None;
         for &addr in &self.addrs {
             let (p, pid) = (self.procfs.clone(), self.pid);
             let stream =
@@ -386,24 +434,28 @@ impl Job {
                     .await
                     .map_err(|e| {
                         tracing::debug!(pid, %addr, error = %e, "scrape failed");
-                        e.reason()
+                        (e.reason(), chain(&e))
                     }),
                 Ok(Err(e)) => {
                     tracing::debug!(pid, %addr, error = %e, "scrape connect failed");
-                    Err("connect")
+                    Err(("connect", chain(&e)))
                 }
-                Err(_) => Err("connect"),
+                Err(e) => Err(("connect", chain(&e))),
             };
             match body {
-                Ok(body) => return (Some(addr), Ok(body)),
-                Err(reason) => {
-                    first.get_or_insert((addr, reason));
+                Ok(body) => return (Some(addr), Ok(body), None),
+                Err((reason, detail)) => {
+                    first.get_or_insert((addr, reason, detail));
                 }
             }
         }
         match first {
-            Some((addr, reason)) => (Some(addr), Err(reason)),
-            None => (None, Err("no_port")),
+            Some((addr, reason, detail)) => (Some(addr), Err(reason), Some(detail)),
+            None => (
+                None,
+                Err("no_port"),
+                Some("no listening TCP port found for the server".into()),
+            ),
         }
     }
 }

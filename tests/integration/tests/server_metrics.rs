@@ -786,6 +786,21 @@ fn with_the_daemonsets_capabilities_a_pod_server_is_scraped_at_the_pod_address()
     let s = agent.wait_for("another connect failure", |s| connect_errors(s) > before);
     assert_eq!(s.sum("inferscope_scrape_up", &lo), 0.0, "{}", s.text);
     assert!(!s.has("llm_batch_size", &[("pid", &lo_pid)]), "{}", s.text);
+    // Failing on: one warning, with the cause, once 4 scrapes in a row have failed.
+    agent.wait_for("4 connect failures", |s| connect_errors(s) >= 4.0);
+    let log = agent.log();
+    let warned: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("cannot scrape the server's /metrics"))
+        .collect();
+    assert_eq!(warned.len(), 1, "{log}");
+    assert!(
+        warned[0].contains(&format!("pid={lo_pid}"))
+            && warned[0].contains("reason=\"connect\"")
+            && warned[0].contains("no CAP_SYS_ADMIN"),
+        "{}",
+        warned[0]
+    );
 
     assert!(admin.stop().success());
     assert!(agent.stop().success());
