@@ -61,6 +61,19 @@ pub struct DownRun {
     /// Forensic reports the agent wrote meanwhile (about other processes on the machine:
     /// symbolizing their stacks costs memory of its own).
     pub reports: u64,
+    /// The collector back (a sink on the same port): seconds until its first metrics push
+    /// and its first spans (of requests sent after it came up), and what it then received.
+    pub back_metrics_s: Option<f64>,
+    pub back_spans_s: Option<f64>,
+    pub back_requests: Received,
+}
+
+/// Requests a sink answered, by OTLP path.
+#[derive(Default, Debug)]
+pub struct Received {
+    pub metrics: std::sync::atomic::AtomicU64,
+    pub traces: std::sync::atomic::AtomicU64,
+    pub logs: std::sync::atomic::AtomicU64,
 }
 
 fn thread_cpu() -> Duration {
@@ -78,25 +91,28 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// An OTLP/HTTP receiver that reads each request and answers `200` with an empty body.
-fn sink() -> anyhow::Result<(u16, Arc<AtomicBool>)> {
-    let listener = TcpListener::bind("127.0.0.1:0")?;
+/// An OTLP/HTTP receiver that reads each request, counts it by path and answers `200` with an
+/// empty body; on `port`, or a free one when 0.
+fn sink(port: u16) -> anyhow::Result<(u16, Arc<AtomicBool>, Arc<Received>)> {
+    let listener = TcpListener::bind(("127.0.0.1", port))?;
     let port = listener.local_addr()?.port();
     let stop = Arc::new(AtomicBool::new(false));
-    let s = stop.clone();
+    let received = Arc::new(Received::default());
+    let (s, r) = (stop.clone(), received.clone());
     std::thread::spawn(move || {
         for conn in listener.incoming() {
             if s.load(Ordering::Relaxed) {
                 return;
             }
             let Ok(conn) = conn else { continue };
-            std::thread::spawn(move || serve(conn));
+            let r = r.clone();
+            std::thread::spawn(move || serve(conn, &r));
         }
     });
-    Ok((port, stop))
+    Ok((port, stop, received))
 }
 
-fn serve(conn: TcpStream) {
+fn serve(conn: TcpStream, received: &Received) {
     let mut w = match conn.try_clone() {
         Ok(w) => w,
         Err(_) => return,
@@ -105,6 +121,7 @@ fn serve(conn: TcpStream) {
     loop {
         let mut len = 0usize;
         let mut line = String::new();
+        let mut first = true;
         loop {
             line.clear();
             match r.read_line(&mut line) {
@@ -114,6 +131,16 @@ fn serve(conn: TcpStream) {
             let l = line.trim_end();
             if l.is_empty() {
                 break;
+            }
+            if std::mem::take(&mut first) {
+                let counter = match l.split(' ').nth(1) {
+                    Some("/v1/metrics") => &received.metrics,
+                    Some("/v1/traces") => &received.traces,
+                    Some("/v1/logs") => &received.logs,
+                    _ => continue,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                continue;
             }
             if let Some((k, v)) = l.split_once(':') {
                 if k.eq_ignore_ascii_case("content-length") {
@@ -180,7 +207,7 @@ fn registry() -> Metrics {
 }
 
 pub fn measure(rounds: usize, down_secs: u64, lib: &std::path::Path) -> anyhow::Result<OtlpCost> {
-    let (port, stop) = sink()?;
+    let (port, stop, _) = sink(0)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -295,7 +322,8 @@ fn collector_down(secs: u64, lib: &std::path::Path) -> anyhow::Result<DownRun> {
     // Only the http family: forensic reports about other processes on the machine (their
     // stacks symbolized) would otherwise show in the memory figure.
     let only_http = ("INFERSCOPE_PROBES__DISABLED", r#"["cuda", "sched", "oom"]"#);
-    let env: &[(&str, &str)] = if std::env::var_os("BENCH_OTLP_OFF").is_some() {
+    let otlp_on = std::env::var_os("BENCH_OTLP_OFF").is_none();
+    let env: &[(&str, &str)] = if !otlp_on {
         &[only_http]
     } else {
         &[
@@ -374,6 +402,31 @@ fn collector_down(secs: u64, lib: &std::path::Path) -> anyhow::Result<DownRun> {
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum::<f64>() as u64
     };
+    // The collector comes back on the same port: pushes resume by themselves; spans of
+    // requests sent from then on arrive.
+    let (back_metrics_s, back_spans_s, back_requests) = if otlp_on {
+        let (_, stop_sink, received) = sink(closed)?;
+        let up = Instant::now();
+        let mut c = TgiClient::connect(server.port)?;
+        let req = Request::new(true, 8);
+        let (mut metrics_s, mut spans_s) = (None, None);
+        while up.elapsed() < Duration::from_secs(60) && (metrics_s.is_none() || spans_s.is_none()) {
+            c.send(&req)?;
+            if metrics_s.is_none() && received.metrics.load(Ordering::Relaxed) > 0 {
+                metrics_s = Some(up.elapsed().as_secs_f64());
+            }
+            if spans_s.is_none() && received.traces.load(Ordering::Relaxed) > 0 {
+                spans_s = Some(up.elapsed().as_secs_f64());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        stop_sink.store(true, Ordering::Relaxed);
+        let _ = TcpStream::connect(("127.0.0.1", closed));
+        let r = Arc::try_unwrap(received).unwrap_or_default();
+        (metrics_s, spans_s, r)
+    } else {
+        (None, None, Received::default())
+    };
     let out = DownRun {
         seconds,
         target_rps: rps,
@@ -387,6 +440,9 @@ fn collector_down(secs: u64, lib: &std::path::Path) -> anyhow::Result<DownRun> {
         counted: metric_sum(&text, "llm_requests_total") as u64,
         agent_share,
         reports: metric_sum(&text, "inferscope_forensics_reports_total") as u64,
+        back_metrics_s,
+        back_spans_s,
+        back_requests,
     };
     agent.stop()?;
     Ok(out)

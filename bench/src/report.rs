@@ -337,6 +337,13 @@ pub fn otlp_table(s: &mut String, o: &crate::otlp::OtlpCost) {
         "| collector down {:.0} s at {:.0} requests/s: requests sent / counted | {} / {} |",
         d.seconds, d.target_rps, d.requests, d.counted
     );
+    let secs = |v: Option<f64>| v.map_or("not within 60 s".to_string(), |v| format!("{v:.1} s"));
+    let _ = writeln!(
+        s,
+        "| collector back: first metrics push / first spans after | {} / {} |",
+        secs(d.back_metrics_s),
+        secs(d.back_spans_s)
+    );
     let _ = writeln!(
         s,
         "| agent RSS after warm-up / highest / last (VmHWM) | {:.1} / {:.1} / {:.1} MiB ({:.1} MiB) |",
@@ -618,8 +625,9 @@ fn otlp_reading(s: &mut String, o: &crate::otlp::OtlpCost) {
 requests/s spans cost {:.2} % of a core to build and encode; a 60 s metrics interval makes \
 the snapshot negligible. With the collector down for {:.0} s the agent's RSS went from \
 {:.1} to {:.1} MiB (highest {:.1}): the span queue is bounded ({} spans dropped and counted, \
-{} failed metric pushes counted) and nothing else accumulates; the pushes resume with the \
-cumulative totals once the collector is back (tests/integration/tests/otlp.rs).",
+{} failed metric pushes counted) and nothing else accumulates. With a collector back on the \
+same port the first metrics push (cumulative totals) arrived after {} and the first spans \
+after {} (also tested: tests/integration/tests/otlp.rs).",
         per_span_us,
         o.points_build_ms,
         per_span_us * 200.0 / 1e4,
@@ -629,6 +637,10 @@ cumulative totals once the collector is back (tests/integration/tests/otlp.rs)."
         mib(d.rss_max_kib),
         thousands(d.dropped_traces),
         d.dropped_metrics,
+        d.back_metrics_s
+            .map_or("more than 60 s".to_string(), |v| format!("{v:.1} s")),
+        d.back_spans_s
+            .map_or("more than 60 s".to_string(), |v| format!("{v:.1} s")),
     );
 }
 
