@@ -53,6 +53,8 @@ pub struct DownRun {
     pub rss_max_kib: u64,
     pub rss_end_kib: u64,
     pub hwm_kib: u64,
+    /// RSS at each tenth of the run after the warm-up (KiB): flat once the queue is full.
+    pub rss_tenths_kib: Vec<u64>,
     pub dropped_traces: u64,
     pub dropped_metrics: u64,
     pub counted: u64,
@@ -435,6 +437,12 @@ fn collector_down(secs: u64, lib: &std::path::Path) -> anyhow::Result<DownRun> {
         rss_max_kib: samples.iter().map(|s| s.0).max().unwrap_or(0),
         rss_end_kib: samples.last().map_or(0, |s| s.0),
         hwm_kib: samples.last().map_or(0, |s| s.1),
+        rss_tenths_kib: (1..=10)
+            .filter_map(|i| {
+                let at = (samples.len() * i / 10).checked_sub(1)?;
+                samples.get(at).map(|s| s.0)
+            })
+            .collect(),
         dropped_traces: dropped("traces"),
         dropped_metrics: dropped("metrics"),
         counted: metric_sum(&text, "llm_requests_total") as u64,

@@ -352,6 +352,16 @@ pub fn otlp_table(s: &mut String, o: &crate::otlp::OtlpCost) {
         mib(d.rss_end_kib),
         mib(d.hwm_kib)
     );
+    let tenths: Vec<String> = d
+        .rss_tenths_kib
+        .iter()
+        .map(|k| format!("{:.1}", mib(*k)))
+        .collect();
+    let _ = writeln!(
+        s,
+        "| agent RSS at each tenth of the run (MiB) | {} |",
+        tenths.join(", ")
+    );
     let _ = writeln!(
         s,
         "| dropped and counted: spans; failed metric pushes | {}; {} |",
