@@ -172,6 +172,8 @@ impl Client {
                 e.export(spans).await.map_err(SendError::Exporter)
             }
             (Client::Logs(e), Payload::Logs(records)) => {
+                // `LogBatch::new` is how a processor of one's own hands records to an exporter;
+                // the SDK's processors would drop a full queue's records without counting them.
                 let scope = scope();
                 let batch: Vec<(&SdkLogRecord, &opentelemetry::InstrumentationScope)> =
                     records.iter().map(|r| (r, &scope)).collect();
