@@ -45,6 +45,8 @@ pub struct OtlpCost {
 
 /// The agent with its collector down.
 pub struct DownRun {
+    /// False for the comparison run without OTLP (`BENCH_OTLP_OFF`).
+    pub otlp_on: bool,
     pub seconds: f64,
     pub target_rps: f64,
     pub requests: u64,
@@ -430,6 +432,7 @@ fn collector_down(secs: u64, lib: &std::path::Path) -> anyhow::Result<DownRun> {
         (None, None, Received::default())
     };
     let out = DownRun {
+        otlp_on,
         seconds,
         target_rps: rps,
         requests,

@@ -337,7 +337,11 @@ pub fn otlp_table(s: &mut String, o: &crate::otlp::OtlpCost) {
         "| collector down {:.0} s at {:.0} requests/s: requests sent / counted | {} / {} |",
         d.seconds, d.target_rps, d.requests, d.counted
     );
-    let secs = |v: Option<f64>| v.map_or("not within 60 s".to_string(), |v| format!("{v:.1} s"));
+    let secs = |v: Option<f64>| match (d.otlp_on, v) {
+        (false, _) => "OTLP off".to_string(),
+        (true, None) => "not within 60 s".to_string(),
+        (true, Some(v)) => format!("{v:.1} s"),
+    };
     let _ = writeln!(
         s,
         "| collector back: first metrics push / first spans after | {} / {} |",
