@@ -474,15 +474,18 @@ server and agent CPU from `/proc/<pid>/stat` over the phases.\n",
     let _ = writeln!(
         d,
         "- **OTLP.** In the bench process, the agent's own export code: 1,000 request spans \
-built (`export::otlp::traces`) and protobuf-encoded, and a registry of 10,000 points (5,000 \
+built (`export::otlp::traces`, the SDK's `SpanData`) and turned into the protobuf request as \
+`opentelemetry-otlp`'s exporter does (`opentelemetry-proto`'s transform) and encoded, and a registry of 10,000 points (5,000 \
 counter and 5,000 gauge series with model/pid/gpu labels, beside the empty catalogue) \
 snapshot through the Prometheus→OTLP mapping and encoded, each timed by thread CPU, then \
-again with the send (`reqwest`, HTTP/protobuf) to a local sink that reads the request and \
+again with the send (the exporter over HTTP/protobuf for spans, `reqwest` for metrics) to a local sink that reads the request and \
 answers 200; median of {} rounds. Then the agent binary exporting to a port where nothing \
 listens (metrics every 5 s, spans on; only the `http` probe family, so that forensic reports \
 about other processes cannot move the memory figure) while 16 keep-alive clients send 200 \
 streamed requests/s in total to the TGI stand-in for {} s: `VmRSS` every second after a \
-warm-up, and the counted drops. (`BENCH_OTLP_OFF=1 inferscope-bench --otlp-only SECS` runs the \
+warm-up (reported at each tenth of the run), and the counted drops. Then a collector (the \
+sink) comes up on that port while requests go on: the time to its first metrics push and its \
+first spans. (`BENCH_OTLP_OFF=1 inferscope-bench --otlp-only SECS` runs the \
 same without OTLP, for comparison.)\n",
         r.otlp.rounds, sizes.otlp_down_secs
     );
