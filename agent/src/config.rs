@@ -61,6 +61,15 @@ impl EnvSource for Vec<(String, String)> {
     }
 }
 
+/// An environment of `pairs`, for tests.
+#[cfg(test)]
+pub(crate) fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -425,13 +434,6 @@ fn parse_env_value(raw: &str) -> Result<toml::Value, toml::de::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
 
     fn chain(e: &dyn std::error::Error) -> String {
         let mut out = e.to_string();

@@ -85,6 +85,8 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
         "-D",
         "warnings",
     ])?;
+    // A fuzz target that no longer compiles fails here, not after the whole suite.
+    fuzz_build()?;
     // The root-tier tests start the agent and the workload binaries.
     util::cargo(&["build", "--workspace", "--bins"])?;
     let mut args = vec!["test", "--workspace", "--no-fail-fast"];
@@ -98,37 +100,54 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     tests.and(fuzz)
 }
 
+const FUZZ_TARGETS: [&str; 2] = ["http_parser", "server_metrics"];
+
+/// `cargo fuzz` on rustup's nightly, not the stable cargo running xtask, in the repository.
+fn cargo_fuzz(root: &std::path::Path) -> std::process::Command {
+    let mut cmd = std::process::Command::new("rustup");
+    for var in [
+        "CARGO",
+        "RUSTC",
+        "RUSTDOC",
+        "RUSTUP_TOOLCHAIN",
+        "CARGO_TARGET_DIR",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.current_dir(root)
+        .args(["run", "nightly", "cargo", "fuzz"]);
+    cmd
+}
+
+/// Builds each fuzz target as [`fuzz`] builds it before running it.
+fn fuzz_build() -> anyhow::Result<()> {
+    let root = util::root_dir();
+    for target in FUZZ_TARGETS {
+        util::run(cargo_fuzz(&root).args(["build", target]))?;
+    }
+    Ok(())
+}
+
 /// Fuzz targets run for a bounded time (`INFERSCOPE_FUZZ_SECS`, default 60, shared by the
 /// targets); a crash or a failed check fails the run (the input is left in `fuzz/artifacts/`).
 fn fuzz() -> anyhow::Result<()> {
-    const TARGETS: [&str; 2] = ["http_parser", "server_metrics"];
     let total: u64 = std::env::var("INFERSCOPE_FUZZ_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(60);
-    let secs = (total / TARGETS.len() as u64).max(1);
+    let secs = (total / FUZZ_TARGETS.len() as u64).max(1);
     let root = util::root_dir();
-    for target in TARGETS {
+    for target in FUZZ_TARGETS {
         let corpus = root.join("fuzz/corpus").join(target);
         std::fs::create_dir_all(&corpus)?;
         let seeds = root.join("fuzz/seeds").join(target);
-        // On rustup's nightly, not the stable cargo running xtask.
-        let mut cmd = std::process::Command::new("rustup");
-        for var in [
-            "CARGO",
-            "RUSTC",
-            "RUSTDOC",
-            "RUSTUP_TOOLCHAIN",
-            "CARGO_TARGET_DIR",
-        ] {
-            cmd.env_remove(var);
-        }
-        cmd.current_dir(&root)
-            .args(["run", "nightly", "cargo", "fuzz", "run", target])
-            .arg(&corpus)
-            .arg(&seeds)
-            .args(["--", &format!("-max_total_time={secs}")]);
-        util::run(&mut cmd)?;
+        util::run(
+            cargo_fuzz(&root)
+                .args(["run", target])
+                .arg(&corpus)
+                .arg(&seeds)
+                .args(["--", &format!("-max_total_time={secs}")]),
+        )?;
     }
     Ok(())
 }

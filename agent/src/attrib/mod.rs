@@ -62,6 +62,24 @@ impl EncodeLabelSet for WorkloadLabels {
     }
 }
 
+/// [`WorkloadLabels`] behind an `Arc`, for the label sets built per CUDA event and per NVML
+/// sample: cloning one copies a pointer, not four strings. Encodes, hashes and compares as
+/// the labels it holds.
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq)]
+pub struct SharedWorkload(pub Arc<WorkloadLabels>);
+
+impl From<WorkloadLabels> for SharedWorkload {
+    fn from(labels: WorkloadLabels) -> Self {
+        SharedWorkload(Arc::new(labels))
+    }
+}
+
+impl EncodeLabelSet for SharedWorkload {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        self.0.encode(encoder)
+    }
+}
+
 /// Who a process is.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Identity {

@@ -190,7 +190,7 @@ fn empty_workload_labels_are_left_out() {
         .get_or_create(&crate::export::metrics::ProcessLabels {
             pid: 1,
             comm: "a".into(),
-            workload: WorkloadLabels::default(),
+            workload: WorkloadLabels::default().into(),
         })
         .set(5);
     m.process_host_pinned
@@ -201,7 +201,8 @@ fn empty_workload_labels_are_left_out() {
                 node: "n".into(),
                 pod: "p".into(),
                 ..Default::default()
-            },
+            }
+            .into(),
         })
         .set(6);
     let text = m.encode();

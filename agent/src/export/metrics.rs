@@ -32,7 +32,7 @@ pub struct ProcessGpuLabels {
     pub gpu: i32,
     /// node, namespace, pod, container (attribution); empty ones are left out.
     #[prometheus(flatten)]
-    pub workload: crate::attrib::WorkloadLabels,
+    pub workload: crate::attrib::SharedWorkload,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -41,7 +41,7 @@ pub struct ProcessLabels {
     pub comm: String,
     /// node, namespace, pod, container (attribution); empty ones are left out.
     #[prometheus(flatten)]
-    pub workload: crate::attrib::WorkloadLabels,
+    pub workload: crate::attrib::SharedWorkload,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -129,7 +129,7 @@ pub struct PidGpuLabels {
     pub gpu: u32,
     /// node, namespace, pod, container (attribution); empty ones are left out.
     #[prometheus(flatten)]
-    pub workload: crate::attrib::WorkloadLabels,
+    pub workload: crate::attrib::SharedWorkload,
 }
 
 /// A scraped inference server: `inferscope_scrape_up`, `inferscope_scrape_duration_seconds`.

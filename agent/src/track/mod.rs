@@ -14,7 +14,7 @@ use std::{
 use agent_common::cuda::{CudaApi, CudaMemEvent, Role, FLAG_DEVICE_UNKNOWN};
 use tokio::sync::mpsc;
 
-use crate::attrib::{Attributor, WorkloadLabels};
+use crate::attrib::{Attributor, SharedWorkload};
 use crate::{
     cuda_error,
     export::metrics::{
@@ -71,7 +71,9 @@ pub struct Tracker {
     forensics: Option<triggers::ForensicsState>,
     /// Who each process in the ledger is (node, namespace, pod, container).
     attrib: Option<Arc<Attributor>>,
-    workload: HashMap<u32, WorkloadLabels>,
+    workload: HashMap<u32, SharedWorkload>,
+    /// The labels of a process nobody attributes, allocated once.
+    unattributed: SharedWorkload,
     /// OTLP: failed calls as log records, rate-limited per process.
     failure_logs: Option<crate::export::otlp::logs::RateLimited>,
 }
@@ -97,6 +99,7 @@ impl Tracker {
             forensics: None,
             attrib: None,
             workload: HashMap::new(),
+            unattributed: SharedWorkload::default(),
             failure_logs: None,
         }
     }
@@ -108,11 +111,11 @@ impl Tracker {
     }
 
     /// The workload labels of `pid`: as last set for a process in the ledger, else asked.
-    fn workload_of(&self, pid: u32) -> WorkloadLabels {
+    fn workload_of(&self, pid: u32) -> SharedWorkload {
         match (self.workload.get(&pid), &self.attrib) {
             (Some(w), _) => w.clone(),
-            (None, Some(a)) => a.labels(pid),
-            (None, None) => WorkloadLabels::default(),
+            (None, Some(a)) => a.labels(pid).into(),
+            (None, None) => self.unattributed.clone(),
         }
     }
 
@@ -227,7 +230,7 @@ impl Tracker {
             .apply(e, api, || comm_label(procfs, e.header.tgid, max));
         if new_process && self.ledger.process(tgid).is_some() {
             if let Some(a) = &self.attrib {
-                self.workload.insert(tgid, a.labels(tgid));
+                self.workload.insert(tgid, a.labels(tgid).into());
             }
             self.seen_process(tgid);
         }
@@ -378,7 +381,7 @@ impl Tracker {
         };
         let pids: Vec<u32> = self.ledger.processes().map(|(tgid, _)| tgid).collect();
         for tgid in pids {
-            let now = a.labels(tgid);
+            let now = SharedWorkload::from(a.labels(tgid));
             if self.workload.get(&tgid) == Some(&now) {
                 continue;
             }

@@ -9,7 +9,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod sim_gpus;
 pub mod tls_proxy;
+
+pub use sim_gpus::{str_pairs, SimGpus};
 
 pub use cuda_workload::{OutputLine, Truth, Variant};
 pub use prom_scrape::{http_get, Scrape};

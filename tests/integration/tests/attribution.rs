@@ -25,7 +25,6 @@ use axum::{
     routing::get,
     Router,
 };
-use cuda_workload::{nvml_double_path, NvmlControl, ENV_NVML_CONTROL};
 use integration::*;
 use tokio_stream::StreamExt;
 
@@ -373,60 +372,18 @@ fn attribution_complaints(log: &str) -> Vec<&str> {
         .collect()
 }
 
-/// A simulated GPU (the NVML double) shared by the workloads and the agent.
-struct Gpu {
-    _dir: tempfile::TempDir,
-    control: NvmlControl,
-    state: PathBuf,
+/// One simulated GPU of 8 GiB, GPU0, shared by the workloads and the agent.
+fn sim_gpu() -> SimGpus {
+    let gpu = SimGpus::new(1, 8 << 30);
+    gpu.control.set("driver_version", "550.54.15").unwrap();
+    gpu.control.set_gpu(0, "uuid", GPU0).unwrap();
+    gpu
 }
 
-impl Gpu {
-    fn new() -> Gpu {
-        let dir = tempfile::tempdir().unwrap();
-        let control = NvmlControl::new(dir.path().join("nvml.control"));
-        control.set("driver_version", "550.54.15").unwrap();
-        control.set_gpu(0, "uuid", GPU0).unwrap();
-        Gpu {
-            state: dir.path().join("gpu.state"),
-            control,
-            _dir: dir,
-        }
-    }
-
-    fn env(&self) -> Vec<(String, String)> {
-        vec![
-            (cuda_workload::ENV_GPU_COUNT.into(), "1".into()),
-            (cuda_workload::ENV_GPU_MEM.into(), (8u64 << 30).to_string()),
-            (
-                cuda_workload::ENV_GPU_STATE.into(),
-                self.state.display().to_string(),
-            ),
-            (
-                ENV_NVML_CONTROL.into(),
-                self.control.path().display().to_string(),
-            ),
-            ("INFERSCOPE_NVML__INTERVAL_MS".into(), "100".into()),
-        ]
-    }
-
-    fn workload(&self, plan: &str) -> Workload {
-        let opts = WorkloadOptions {
-            variant: Variant::Push,
-            gpus: 1,
-            gpu_mem: 8 << 30,
-            state_file: Some(&self.state),
-        };
-        Workload::start(plan, &opts)
-    }
-}
-
-fn start_agent(gpu: &Gpu, extra_env: &[(&str, String)]) -> Agent {
-    let lib = nvml_double_path().display().to_string();
+fn start_agent(gpu: &SimGpus, extra_env: &[(&str, String)]) -> Agent {
     let cuda = Variant::Push.lib_path().display().to_string();
-    let mut env = gpu.env();
-    env.extend(extra_env.iter().map(|(k, v)| (k.to_string(), v.clone())));
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    Agent::start_with_env(&["--nvml-lib", &lib, "--cuda-lib", &cuda], &env)
+    let env: Vec<(&str, &str)> = extra_env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    gpu.agent(&["--cuda-lib", &cuda], &env)
 }
 
 /// The TGI stand-in, placed in `cgroup` before it runs (so discovery finds it there).
@@ -516,7 +473,7 @@ fn pods_name_the_series_of_their_processes_until_they_go() {
     let token = dir.path().join("token");
     std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
 
-    let gpu = Gpu::new();
+    let gpu = sim_gpu();
     let agent = start_agent(
         &gpu,
         &[
@@ -728,7 +685,7 @@ fn without_the_api_server_pod_resources_names_a_pod_process_by_its_gpu() {
     ];
     let socket = dir.path().join("kubelet.sock");
     let _stands = start_stands(kubelet, &socket, ApiServer::new());
-    let gpu = Gpu::new();
+    let gpu = sim_gpu();
     let agent = start_agent(
         &gpu,
         &[
@@ -773,7 +730,7 @@ fn outside_kubernetes_series_keep_process_labels_and_the_log_says_so_once() {
     if !root_tier() {
         return;
     }
-    let gpu = Gpu::new();
+    let gpu = sim_gpu();
     let dir = tempfile::tempdir().unwrap();
     // Nothing of Kubernetes here: no API server in config or environment, no kubelet socket.
     let agent = start_agent(
@@ -825,7 +782,7 @@ fn unreachable_sources_are_logged_once_and_counted() {
     if !root_tier() {
         return;
     }
-    let gpu = Gpu::new();
+    let gpu = sim_gpu();
     let dir = tempfile::tempdir().unwrap();
     // Nothing listens on the port; the "socket" is a plain file.
     let closed = free_port();

@@ -3,7 +3,6 @@
 
 use std::{path::Path, process::Command, time::Duration};
 
-use cuda_workload::{nvml_double_path, NvmlControl, ENV_NVML_CONTROL};
 use integration::*;
 use serde_json::Value;
 
@@ -49,49 +48,14 @@ fn reports(agent: &Agent, n: usize) -> Vec<Value> {
     })
 }
 
-struct Gpu {
-    _dir: tempfile::TempDir,
-    state: std::path::PathBuf,
-    control: NvmlControl,
-}
-
-impl Gpu {
-    fn new() -> Gpu {
-        let dir = tempfile::tempdir().unwrap();
-        Gpu {
-            state: dir.path().join("state"),
-            control: NvmlControl::new(dir.path().join("control")),
-            _dir: dir,
-        }
-    }
-
-    fn agent(&self, extra_env: &[(&str, &str)]) -> Agent {
-        let state = self.state.display().to_string();
-        let control = self.control.path().display().to_string();
-        let lib = Variant::Push.lib_path().display().to_string();
-        let nvml = nvml_double_path().display().to_string();
-        let mut env = vec![
-            (cuda_workload::ENV_GPU_COUNT, "1"),
-            (cuda_workload::ENV_GPU_MEM, "1073741824"),
-            (cuda_workload::ENV_GPU_STATE, state.as_str()),
-            (ENV_NVML_CONTROL, control.as_str()),
-            ("INFERSCOPE_NVML__INTERVAL_MS", "100"),
-            // Every successful allocation carries its stack in these tests.
-            ("INFERSCOPE_PROBES__STACK_SAMPLE_EVERY", "1"),
-        ];
-        env.extend(extra_env);
-        Agent::start_with_env(&["--cuda-lib", &lib, "--nvml-lib", &nvml], &env)
-    }
-
-    fn workload(&self, plan: &str) -> Workload {
-        let opts = WorkloadOptions {
-            variant: Variant::Push,
-            gpus: 1,
-            gpu_mem: 1 << 30,
-            state_file: Some(&self.state),
-        };
-        Workload::start(plan, &opts)
-    }
+/// The agent on `gpu` and the CUDA double.
+fn start_agent(gpu: &SimGpus) -> Agent {
+    let lib = Variant::Push.lib_path().display().to_string();
+    // Every successful allocation carries its stack in these tests.
+    gpu.agent(
+        &["--cuda-lib", &lib],
+        &[("INFERSCOPE_PROBES__STACK_SAMPLE_EVERY", "1")],
+    )
 }
 
 fn frames(v: &Value) -> Vec<String> {
@@ -107,10 +71,10 @@ fn a_cuda_oom_report_holds_the_ground_truth() {
     if !root_tier() {
         return;
     }
-    let gpu = Gpu::new();
+    let gpu = SimGpus::new(1, 1 << 30);
     gpu.control.set_gpu(0, "temperature", 77).unwrap();
     gpu.control.set_gpu(0, "throttle", "0x4").unwrap();
-    let agent = gpu.agent(&[]);
+    let agent = start_agent(&gpu);
     agent.wait_for("NVML", |s| s.sum("gpu_temperature_celsius", &[]) == 77.0);
     let mut w = gpu.workload(
         "alloc dev=0 size=104857600 count=3; async dev=0 size=1048576 count=4; sleep ms=2500; \
@@ -200,8 +164,8 @@ fn a_storm_of_failures_gives_one_report_per_process_and_counts_the_rest() {
     if !root_tier() {
         return;
     }
-    let gpu = Gpu::new();
-    let agent = gpu.agent(&[]);
+    let gpu = SimGpus::new(1, 1 << 30);
+    let agent = start_agent(&gpu);
     let plan = vec!["exhaust dev=0 size=268435456"; 40].join("; ") + "; checkpoint name=x";
     let mut a = gpu.workload(&plan);
     let mut b = gpu.workload(&plan);
@@ -235,8 +199,8 @@ fn a_gpu_process_that_dies_holding_memory_gets_a_crash_report() {
     if !root_tier() {
         return;
     }
-    let gpu = Gpu::new();
-    let agent = gpu.agent(&[]);
+    let gpu = SimGpus::new(1, 1 << 30);
+    let agent = start_agent(&gpu);
     let mut killed = gpu.workload("alloc dev=0 size=8388608 count=5; checkpoint name=held; kill");
     let mut failed =
         gpu.workload("alloc dev=0 size=4194304 count=2; checkpoint name=held; exit code=3");
@@ -459,30 +423,10 @@ fn a_cuda_oom_report_shows_the_requests_in_flight_on_the_servers() {
         return;
     }
     let server = OpenAiServer::start("busy");
-    let gpu = Gpu::new();
+    let gpu = SimGpus::new(1, 1 << 30);
     let port = server.port.to_string();
-    let agent = {
-        let state = gpu.state.display().to_string();
-        let control = gpu.control.path().display().to_string();
-        let lib = Variant::Push.lib_path().display().to_string();
-        let nvml = nvml_double_path().display().to_string();
-        Agent::start_with_env(
-            &[
-                "--cuda-lib",
-                &lib,
-                "--nvml-lib",
-                &nvml,
-                "--watch-port",
-                &port,
-            ],
-            &[
-                (cuda_workload::ENV_GPU_COUNT, "1"),
-                (cuda_workload::ENV_GPU_MEM, "1073741824"),
-                (cuda_workload::ENV_GPU_STATE, state.as_str()),
-                (ENV_NVML_CONTROL, control.as_str()),
-            ],
-        )
-    };
+    let lib = Variant::Push.lib_path().display().to_string();
+    let agent = gpu.agent(&["--cuda-lib", &lib, "--watch-port", &port], &[]);
     agent.wait_for("the server to be watched", |s| {
         s.sum("inferscope_http_watched_processes", &[]) >= 1.0
     });

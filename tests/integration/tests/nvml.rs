@@ -4,73 +4,17 @@
 
 use std::path::PathBuf;
 
-use cuda_workload::{nvml_double_path, nvml_old_double_path, NvmlControl, ENV_NVML_CONTROL};
+use cuda_workload::{nvml_double_path, nvml_old_double_path};
 use integration::*;
 
 const MIB: u64 = 1 << 20;
 const OVERHEAD: u64 = cuda_workload::DEFAULT_NVML_CTX_OVERHEAD;
 
-/// Simulated GPUs: the control file, the state file shared with the CUDA double.
-struct Gpus {
-    _dir: tempfile::TempDir,
-    control: NvmlControl,
-    state: PathBuf,
-    count: u32,
-}
-
-impl Gpus {
-    fn new(count: u32) -> Gpus {
-        let dir = tempfile::tempdir().unwrap();
-        let control = NvmlControl::new(dir.path().join("nvml.control"));
-        control.set("driver_version", "550.54.15").unwrap();
-        Gpus {
-            state: dir.path().join("gpu.state"),
-            control,
-            _dir: dir,
-            count,
-        }
-    }
-
-    fn env(&self) -> Vec<(String, String)> {
-        vec![
-            (cuda_workload::ENV_GPU_COUNT.into(), self.count.to_string()),
-            (cuda_workload::ENV_GPU_MEM.into(), (8u64 << 30).to_string()),
-            (
-                cuda_workload::ENV_GPU_STATE.into(),
-                self.state.display().to_string(),
-            ),
-            (
-                ENV_NVML_CONTROL.into(),
-                self.control.path().display().to_string(),
-            ),
-            ("INFERSCOPE_NVML__INTERVAL_MS".into(), "100".into()),
-        ]
-    }
-
-    fn agent_with(&self, lib: PathBuf, args: &[&str], env: &[(&str, &str)]) -> Agent {
-        let lib = lib.display().to_string();
-        let mut all_args = vec!["--nvml-lib", lib.as_str()];
-        all_args.extend(args);
-        let own = self.env();
-        let mut all_env: Vec<(&str, &str)> =
-            own.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        all_env.extend(env);
-        Agent::start_with_env(&all_args, &all_env)
-    }
-
-    fn agent(&self, args: &[&str]) -> Agent {
-        self.agent_with(nvml_double_path(), args, &[])
-    }
-
-    fn workload(&self, plan: &str) -> Workload {
-        let opts = WorkloadOptions {
-            variant: Variant::Push,
-            gpus: self.count,
-            gpu_mem: 8 << 30,
-            state_file: Some(&self.state),
-        };
-        Workload::start(plan, &opts)
-    }
+/// `count` simulated GPUs of 8 GiB, on a known driver.
+fn sim_gpus(count: u32) -> SimGpus {
+    let gpus = SimGpus::new(count, 8 << 30);
+    gpus.control.set("driver_version", "550.54.15").unwrap();
+    gpus
 }
 
 #[test]
@@ -78,7 +22,7 @@ fn every_series_equals_the_simulated_value() {
     if !root_tier() {
         return;
     }
-    let gpus = Gpus::new(2);
+    let gpus = sim_gpus(2);
     let c = &gpus.control;
     for (key, v0, v1) in [
         ("utilization", 55, 0),
@@ -99,7 +43,7 @@ fn every_series_equals_the_simulated_value() {
         c.set_gpu(1, key, v1).unwrap();
     }
     c.set_gpu(1, "name", "NVIDIA A100-SXM4-40GB").unwrap();
-    let agent = gpus.agent(&["--disable-probe", "cuda"]);
+    let agent = gpus.agent(&["--disable-probe", "cuda"], &[]);
     let s = agent.wait_for("the simulated values", |s| {
         s.sum("gpu_temperature_celsius", &[("gpu", "0")]) == 71.0
             && s.sum("gpu_temperature_celsius", &[("gpu", "1")]) == 40.0
@@ -217,9 +161,9 @@ fn throttle_reasons_decode_for_every_bit() {
         "hw_power_brake_slowdown",
         "display_clock_setting",
     ];
-    let gpus = Gpus::new(1);
+    let gpus = sim_gpus(1);
     gpus.control.set_gpu(0, "throttle", "0x1ff").unwrap();
-    let agent = gpus.agent(&["--disable-probe", "cuda"]);
+    let agent = gpus.agent(&["--disable-probe", "cuda"], &[]);
     agent.wait_for("all reasons active", |s| {
         REASONS
             .iter()
@@ -245,8 +189,8 @@ fn an_xid_becomes_a_counter_increment_and_a_log_record() {
     if !root_tier() {
         return;
     }
-    let gpus = Gpus::new(2);
-    let agent = gpus.agent(&["--disable-probe", "cuda"]);
+    let gpus = sim_gpus(2);
+    let agent = gpus.agent(&["--disable-probe", "cuda"], &[]);
     gpus.control.inject_xid(1, 79).unwrap();
     gpus.control.inject_xid(1, 79).unwrap();
     gpus.control.inject_xid(0, 48).unwrap();
@@ -275,15 +219,18 @@ fn an_allocation_failure_carries_the_gpu_state_of_its_instant() {
     if !root_tier() {
         return;
     }
-    let gpus = Gpus::new(1);
+    let gpus = sim_gpus(1);
     let c = &gpus.control;
     c.set_gpu(0, "utilization", 87).unwrap();
     c.set_gpu(0, "temperature", 83).unwrap();
     c.set_gpu(0, "throttle", "0x40").unwrap();
-    let agent = gpus.agent(&[
-        "--cuda-lib",
-        &Variant::Push.lib_path().display().to_string(),
-    ]);
+    let agent = gpus.agent(
+        &[
+            "--cuda-lib",
+            &Variant::Push.lib_path().display().to_string(),
+        ],
+        &[],
+    );
     agent.wait_for("the GPU state", |s| {
         s.sum("gpu_temperature_celsius", &[("gpu", "0")]) == 83.0
     });
@@ -333,11 +280,14 @@ fn nvml_per_process_memory_meets_the_ledger() {
     if !root_tier() {
         return;
     }
-    let gpus = Gpus::new(1);
-    let agent = gpus.agent(&[
-        "--cuda-lib",
-        &Variant::Push.lib_path().display().to_string(),
-    ]);
+    let gpus = sim_gpus(1);
+    let agent = gpus.agent(
+        &[
+            "--cuda-lib",
+            &Variant::Push.lib_path().display().to_string(),
+        ],
+        &[],
+    );
     let mut w = gpus.workload("alloc dev=0 size=1048576 count=3; checkpoint name=held");
     w.proceed();
     let truth = w.truth();
@@ -381,13 +331,13 @@ fn a_context_created_before_the_agent_is_placed_on_the_gpu_nvml_sees() {
     if !root_tier() {
         return;
     }
-    let gpus = Gpus::new(2);
+    let gpus = sim_gpus(2);
     // The context on GPU 1 is created before the agent exists; the probes never see it.
     let mut w = gpus.workload("alloc dev=1 size=1048576 count=1; checkpoint name=before; alloc dev=1 size=2097152 count=2; checkpoint name=after");
     w.proceed();
     let before = w.truth();
     let pid = before.pid.to_string();
-    let agent = gpus.agent(&[]);
+    let agent = gpus.agent(&[], &[]);
     agent.wait_for("discovery and NVML's view", |s| {
         s.sum("inferscope_probe_attached", &[("probe", "cuMemAlloc_v2")]) == 1.0
             && s.has(
@@ -421,8 +371,8 @@ fn a_lost_gpu_stops_its_series_and_the_others_continue() {
     if !root_tier() {
         return;
     }
-    let gpus = Gpus::new(2);
-    let agent = gpus.agent(&["--disable-probe", "cuda"]);
+    let gpus = sim_gpus(2);
+    let agent = gpus.agent(&["--disable-probe", "cuda"], &[]);
     agent.wait_for("both GPUs", |s| {
         s.has("gpu_temperature_celsius", &[("gpu", "1")])
     });
@@ -447,7 +397,7 @@ fn without_nvml_the_agent_runs_and_says_so() {
     if !root_tier() {
         return;
     }
-    let gpus = Gpus::new(1);
+    let gpus = sim_gpus(1);
     for (lib, env) in [
         (
             nvml_double_path(),
@@ -455,7 +405,7 @@ fn without_nvml_the_agent_runs_and_says_so() {
         ),
         (PathBuf::from("/nonexistent/libnvidia-ml.so.1"), vec![]),
     ] {
-        let agent = gpus.agent_with(lib, &["--disable-probe", "cuda"], &env);
+        let agent = gpus.agent_on(&lib, &["--disable-probe", "cuda"], &env);
         let s = agent.scrape();
         assert_eq!(
             s.sum("inferscope_source_up", &[("source", "nvml")]),
@@ -475,10 +425,10 @@ fn readings_a_driver_lacks_are_reported_once_and_skipped() {
     if !root_tier() {
         return;
     }
-    let gpus = Gpus::new(2);
+    let gpus = sim_gpus(2);
     gpus.control.set_gpu(0, "unsupported", "ecc,pcie").unwrap();
     // An old driver library: no energy counter, no clock event reasons, no process samples.
-    let agent = gpus.agent_with(nvml_old_double_path(), &["--disable-probe", "cuda"], &[]);
+    let agent = gpus.agent_on(&nvml_old_double_path(), &["--disable-probe", "cuda"], &[]);
     let s = agent.wait_for("the unsupported readings", |s| {
         ["energy", "clocks_event_reasons", "process_utilization"]
             .iter()

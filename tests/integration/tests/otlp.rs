@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use cuda_workload::{nvml_double_path, NvmlControl, ENV_NVML_CONTROL};
+use cuda_workload::nvml_double_path;
 use integration::{
     tls_proxy::{ClientAuth, TestPki, TlsProxy},
     *,
@@ -351,36 +351,17 @@ fn chat(
     out
 }
 
-fn nvml_env(dir: &std::path::Path) -> (NvmlControl, Vec<(String, String)>) {
-    let control = NvmlControl::new(dir.join("nvml.control"));
-    control.set_gpu(0, "temperature", 66).unwrap();
-    control.set_gpu(0, "utilization", 42).unwrap();
-    control.set_gpu(0, "power_mw", 123_500).unwrap();
-    let env = vec![
-        (cuda_workload::ENV_GPU_COUNT.to_string(), "1".to_string()),
-        (
-            cuda_workload::ENV_GPU_MEM.to_string(),
-            (1u64 << 30).to_string(),
-        ),
-        (
-            cuda_workload::ENV_GPU_STATE.to_string(),
-            dir.join("gpu.state").display().to_string(),
-        ),
-        (
-            ENV_NVML_CONTROL.to_string(),
-            control.path().display().to_string(),
-        ),
-        (
-            "INFERSCOPE_NVML__INTERVAL_MS".to_string(),
-            "100".to_string(),
-        ),
-    ];
-    (control, env)
+/// One simulated GPU of 1 GiB, warm and busy.
+fn sim_gpu() -> SimGpus {
+    let gpu = SimGpus::new(1, 1 << 30);
+    gpu.control.set_gpu(0, "temperature", 66).unwrap();
+    gpu.control.set_gpu(0, "utilization", 42).unwrap();
+    gpu.control.set_gpu(0, "power_mw", 123_500).unwrap();
+    gpu
 }
 
 fn start_agent(args: &[&str], env: &[(String, String)]) -> Agent {
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    Agent::start_with_env(args, &env)
+    Agent::start_with_env(args, &str_pairs(env))
 }
 
 #[test]
@@ -390,8 +371,8 @@ fn metrics_over_grpc_equal_the_prometheus_endpoint() {
     }
     let rotel = Rotel::start();
     let server = OpenAiServer::start("stand-in");
-    let dir = tempfile::tempdir().unwrap();
-    let (_control, mut env) = nvml_env(dir.path());
+    let gpu = sim_gpu();
+    let mut env = gpu.agent_env();
     env.extend([
         (
             "OTEL_EXPORTER_OTLP_PROTOCOL".to_string(),
@@ -537,8 +518,8 @@ fn one_span_per_request_over_http_with_the_callers_trace() {
     let rotel = Rotel::start();
     let server = OpenAiServer::start("stand-in");
     let endpoint = format!("http://127.0.0.1:{}", rotel.http);
-    let dir = tempfile::tempdir().unwrap();
-    let (_control, mut env) = nvml_env(dir.path());
+    let gpu = sim_gpu();
+    let mut env = gpu.agent_env();
     env.extend([
         (
             "OTEL_EXPORTER_OTLP_PROTOCOL".to_string(),
@@ -664,8 +645,8 @@ fn a_cuda_oom_becomes_a_log_record_with_the_report_id() {
         return;
     }
     let rotel = Rotel::start();
-    let dir = tempfile::tempdir().unwrap();
-    let (_control, mut env) = nvml_env(dir.path());
+    let gpu = sim_gpu();
+    let mut env = gpu.agent_env();
     env.extend([
         (
             "OTEL_EXPORTER_OTLP_PROTOCOL".to_string(),
@@ -684,15 +665,8 @@ fn a_cuda_oom_becomes_a_log_record_with_the_report_id() {
     let nvml = nvml_double_path().display().to_string();
     let agent = start_agent(&["--cuda-lib", &lib, "--nvml-lib", &nvml], &env);
     agent.wait_for("NVML", |s| s.sum("gpu_temperature_celsius", &[]) == 66.0);
-    let opts = WorkloadOptions {
-        variant: Variant::Push,
-        gpus: 1,
-        gpu_mem: 1 << 30,
-        state_file: Some(&dir.path().join("gpu.state")),
-    };
-    let mut w = Workload::start(
+    let mut w = gpu.workload(
         "alloc dev=0 size=104857600 count=2; exhaust dev=0 size=134217728; checkpoint name=oom",
-        &opts,
     );
     w.proceed();
     let truth = w.truth();

@@ -13,7 +13,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use cuda_workload::{nvml_double_path, NvmlControl, ENV_NVML_CONTROL};
 use integration::*;
 use prom_scrape::http_get;
 use serde_json::Value;
@@ -317,9 +316,8 @@ fn every_rule_and_dashboard_query_returns_data() {
     if !root_tier() {
         return;
     }
-    let tmp = tempfile::tempdir().unwrap();
-    let state = tmp.path().join("state");
-    let control = NvmlControl::new(tmp.path().join("control"));
+    let gpus = SimGpus::new(2, 1 << 30);
+    let control = &gpus.control;
     // GPU 0 busy, hot and power-capped, with ECC errors; GPU 1 idle (idle cost).
     for (key, value) in [
         ("utilization", "85"),
@@ -336,12 +334,6 @@ fn every_rule_and_dashboard_query_returns_data() {
     // and re-exported by the agent.
     // and it holds 256 MiB of GPU 0 through the driver, as a server holds its weights.
     let lib = Variant::Push.lib_path().display().to_string();
-    let state_s = state.display().to_string();
-    let gpu_env = [
-        (cuda_workload::ENV_GPU_COUNT, "2"),
-        (cuda_workload::ENV_GPU_MEM, "1073741824"),
-        (cuda_workload::ENV_GPU_STATE, state_s.as_str()),
-    ];
     let server = OpenAiServer::start_with_env(
         "prom-model",
         &[
@@ -354,24 +346,11 @@ fn every_rule_and_dashboard_query_returns_data() {
             "--cuda-mem",
             "268435456",
         ],
-        &gpu_env,
+        &str_pairs(&gpus.cuda_env()),
     );
-    let nvml = nvml_double_path().display().to_string();
-    let control_s = control.path().display().to_string();
-    let agent = Agent::start_with_env(
+    let agent = gpus.agent(
+        &["--cuda-lib", &lib, "--watch-port", &server.port.to_string()],
         &[
-            "--cuda-lib",
-            &lib,
-            "--nvml-lib",
-            &nvml,
-            "--watch-port",
-            &server.port.to_string(),
-        ],
-        &[
-            gpu_env[0],
-            gpu_env[1],
-            gpu_env[2],
-            (ENV_NVML_CONTROL, control_s.as_str()),
             ("INFERSCOPE_NVML__INTERVAL_MS", "200"),
             ("INFERSCOPE_SCRAPE__INTERVAL_MS", "500"),
             // The double's GPUs are H100s: the by-type price wins over the default.
@@ -393,15 +372,9 @@ fn every_rule_and_dashboard_query_returns_data() {
     });
 
     // CUDA activity ending in an out-of-memory on GPU 0 (allocation failures, a report).
-    let mut w = Workload::start(
+    let mut w = gpus.workload(
         "alloc dev=0 size=104857600 count=3; async dev=0 size=1048576 count=4; \
          exhaust dev=0 size=134217728; checkpoint name=oom",
-        &WorkloadOptions {
-            variant: Variant::Push,
-            gpus: 2,
-            gpu_mem: 1 << 30,
-            state_file: Some(&state),
-        },
     );
     w.proceed();
     // Requests: streamed and not, with usage, and errors; twice, scrapes apart, so that
