@@ -336,7 +336,7 @@ fn start_nvml(
     };
     gpu::nvml::set_source_up(metrics, true);
     let gpus = sampler.gpu_labels();
-    attributor.set_gpu_uuids(gpus.iter().map(|g| (g.gpu, g.gpu_uuid.clone())));
+    attributor.set_gpus(&gpus);
     let interval = Duration::from_millis(config.nvml.interval_ms);
     let mut threads = Vec::new();
     let s = stop.clone();

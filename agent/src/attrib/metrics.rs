@@ -16,6 +16,9 @@ pub struct ServerInfoLabels {
     pub model: String,
     pub model_version: String,
     pub tensor_parallelism: String,
+    /// The GPUs the server uses (`"0,1"`) and their NVML product name; empty while unknown.
+    pub gpu: String,
+    pub gpu_type: String,
     #[prometheus(flatten)]
     pub workload: WorkloadLabels,
 }
@@ -53,7 +56,7 @@ impl AttribMetrics {
         r.register(
             "llm_server_info",
             "A watched inference server (value 1): model, model version, tensor parallelism \
-             from its command line, and its workload",
+             from its command line, the GPUs it uses and their type, and its workload",
             self.server_info.clone(),
         );
         r.register(

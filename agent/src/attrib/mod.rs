@@ -147,6 +147,8 @@ pub struct Attributor {
     /// NVML's GPUs, index → UUID, and its last per-process view, pid → GPU indices: they name
     /// a pod's process from pod-resources alone when the API server does not know the pod.
     gpu_uuids: RwLock<HashMap<u32, String>>,
+    /// NVML's product name per GPU index (`gpu_type` on `llm_server_info`).
+    gpu_types: RwLock<HashMap<u32, String>>,
     process_gpus: RwLock<HashMap<u32, Vec<u32>>>,
     cache: Mutex<HashMap<u32, Arc<Identity>>>,
     /// Watched inference servers, and the `llm_server_info` series published for them.
@@ -170,6 +172,7 @@ impl Attributor {
             pods: Arc::new(PodStore::new(config.max_pods, metrics.clone())),
             gpus: RwLock::new(Assignments::new()),
             gpu_uuids: RwLock::new(HashMap::new()),
+            gpu_types: RwLock::new(HashMap::new()),
             process_gpus: RwLock::new(HashMap::new()),
             cache: Mutex::new(HashMap::new()),
             servers: Mutex::new((HashMap::new(), Vec::new())),
@@ -321,13 +324,28 @@ impl Attributor {
         *write(&self.gpu_uuids) = gpus.into_iter().collect();
     }
 
+    /// NVML's GPUs: index, UUID and product name.
+    pub fn set_gpus(&self, gpus: &[crate::export::metrics::GpuLabels]) {
+        self.set_gpu_uuids(gpus.iter().map(|g| (g.gpu, g.gpu_uuid.clone())));
+        *write(&self.gpu_types) = gpus.iter().map(|g| (g.gpu, g.gpu_type.clone())).collect();
+    }
+
     /// NVML's per-process view of the last sample.
     pub fn note_gpu_processes(&self, snapshot: &crate::gpu::GpuProcesses) {
         let mut map: HashMap<u32, Vec<u32>> = HashMap::new();
         for p in &snapshot.entries {
             map.entry(p.pid).or_default().push(p.gpu);
         }
-        *write(&self.process_gpus) = map;
+        let changed = {
+            let mut current = write(&self.process_gpus);
+            let changed = *current != map;
+            *current = map;
+            changed
+        };
+        // A server's GPUs (on `llm_server_info`) follow NVML's view, not the next refresh.
+        if changed {
+            self.publish_servers();
+        }
     }
 
     /// Re-resolves every cached pid (pods arrive and go, processes move), drops dead ones, and
@@ -360,6 +378,14 @@ impl Attributor {
             .iter()
             .map(|(pid, s)| {
                 let max = self.max_label_len;
+                let gpus = self.server_gpus(*pid);
+                let mut types: Vec<String> = {
+                    let names = read(&self.gpu_types);
+                    gpus.iter().filter_map(|g| names.get(g).cloned()).collect()
+                };
+                types.sort();
+                types.dedup();
+                let list: Vec<String> = gpus.iter().map(u32::to_string).collect();
                 ServerInfoLabels {
                     pid: *pid,
                     server: s.kind,
@@ -369,6 +395,8 @@ impl Attributor {
                         .tensor_parallelism
                         .map(|t| t.to_string())
                         .unwrap_or_default(),
+                    gpu: list.join(","),
+                    gpu_type: truncate(&types.join(","), max),
                     workload: self.labels(*pid),
                 }
             })

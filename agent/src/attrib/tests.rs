@@ -168,7 +168,7 @@ fn series_about_workloads_follow_their_sources() {
     let text = a.metrics.encode();
     for line in [
         "inferscope_pod_gpu_assigned{namespace=\"inference\",pod=\"llm-0\",container=\"server\",gpu_uuid=\"GPU-1\"} 1",
-        "llm_server_info{pid=\"10\",server=\"vllm\",model=\"llama\",model_version=\"rev1\",tensor_parallelism=\"2\",node=\"node-1\",namespace=\"inference\",pod=\"llm-0\",container=\"server\"} 1",
+        "llm_server_info{pid=\"10\",server=\"vllm\",model=\"llama\",model_version=\"rev1\",tensor_parallelism=\"2\",gpu=\"\",gpu_type=\"\",node=\"node-1\",namespace=\"inference\",pod=\"llm-0\",container=\"server\"} 1",
     ] {
         assert!(text.contains(line), "missing {line}\n{text}");
     }
@@ -332,6 +332,36 @@ fn a_server_uses_its_assigned_gpus_else_those_of_its_descendants() {
         "engine and worker, not pid 40"
     );
     assert_eq!(a.server_gpus(40), vec![2]);
+    // llm_server_info names them, with their type, as soon as NVML shows them.
+    let gpu = |i: u32, t: &str| crate::export::metrics::GpuLabels {
+        gpu: i,
+        gpu_uuid: format!("GPU-{i}"),
+        gpu_type: t.into(),
+    };
+    a.set_gpus(&[
+        gpu(0, "NVIDIA H100"),
+        gpu(1, "NVIDIA H100"),
+        gpu(2, "NVIDIA L4"),
+    ]);
+    a.set_servers(&HashMap::from([(10, Server::default())]));
+    let text = a.metrics.encode();
+    assert!(
+        text.contains("gpu=\"0,1\",gpu_type=\"NVIDIA H100\""),
+        "{text}"
+    );
+    a.note_gpu_processes(&GpuProcesses {
+        ts_ns: 1,
+        entries: vec![on(30, 1), on(20, 2)],
+    });
+    let text = a.metrics.encode();
+    assert!(
+        text.contains("gpu=\"1,2\",gpu_type=\"NVIDIA H100,NVIDIA L4\""),
+        "{text}"
+    );
+    assert!(
+        !text.contains("gpu=\"0,1\""),
+        "the old series is gone\n{text}"
+    );
 
     // In a pod, the kubelet's assignment is the answer (NVML names the UUIDs).
     let dir = proc_tree(&[(10, pod_cgroup(&cid('a')))]);

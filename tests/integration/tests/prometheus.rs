@@ -401,7 +401,14 @@ fn every_rule_and_dashboard_query_returns_data() {
             && s.sum("llm_requests_total", &[]) > 0.0
             && s.sum("gpu_process_memory_overhead_bytes", &[]) != 0.0
             && s.sum("llm_kv_cache_hit_ratio", &[]) == 0.25
-            && s.has("llm_server_info", &[("model", "prom-model")])
+            && s.has(
+                "llm_server_info",
+                &[
+                    ("model", "prom-model"),
+                    ("gpu", "0"),
+                    ("gpu_type", "NVIDIA H100 80GB HBM3"),
+                ],
+            )
             && s.has(
                 "gpu_process_memory_used_bytes",
                 &[("pid", &server.pid().to_string())],
