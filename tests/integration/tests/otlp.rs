@@ -641,21 +641,31 @@ fn one_span_per_request_over_http_with_the_callers_trace() {
 
 #[test]
 fn a_cuda_oom_becomes_a_log_record_with_the_report_id() {
+    oom_log_record("grpc");
+}
+
+#[test]
+fn a_cuda_oom_becomes_a_log_record_over_http() {
+    oom_log_record("http/protobuf");
+}
+
+fn oom_log_record(protocol: &str) {
     if !root_tier() {
         return;
     }
     let rotel = Rotel::start();
     let gpu = sim_gpu();
     let mut env = gpu.agent_env();
+    let endpoint = match protocol {
+        "grpc" => format!("http://127.0.0.1:{}", rotel.grpc),
+        _ => format!("http://127.0.0.1:{}/v1/logs", rotel.http),
+    };
     env.extend([
         (
             "OTEL_EXPORTER_OTLP_PROTOCOL".to_string(),
-            "grpc".to_string(),
+            protocol.to_string(),
         ),
-        (
-            "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT".to_string(),
-            format!("http://127.0.0.1:{}", rotel.grpc),
-        ),
+        ("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT".to_string(), endpoint),
         (
             "INFERSCOPE_OTLP__BATCH_TIMEOUT_MS".to_string(),
             "200".to_string(),
