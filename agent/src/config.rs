@@ -435,16 +435,7 @@ fn parse_env_value(raw: &str) -> Result<toml::Value, toml::de::Error> {
 mod tests {
     use super::*;
 
-    fn chain(e: &dyn std::error::Error) -> String {
-        let mut out = e.to_string();
-        let mut cur = e.source();
-        while let Some(s) = cur {
-            out.push_str(": ");
-            out.push_str(&s.to_string());
-            cur = s.source();
-        }
-        out
-    }
+    use crate::error_chain as chain;
 
     #[test]
     fn defaults_match_the_contract() {

@@ -21,3 +21,15 @@ pub mod proc;
 pub mod scrape;
 pub mod tls;
 pub mod track;
+
+/// An error with its causes, `a: b: c` (what a log line or a test should show of it).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}

@@ -23,6 +23,7 @@ use std::{
 use tokio::sync::watch;
 
 use crate::{
+    error_chain as chain,
     export::metrics::{Metrics, ScrapeErrorLabels, ScrapeTargetLabels},
     http::discover::{self, Server, ServerBoard},
     proc::ProcFs,
@@ -95,17 +96,6 @@ struct Target {
 /// Failed scrapes in a row before a warning: a server loading its model does not listen yet.
 const WARN_AFTER: u32 = 4;
 
-/// An error with its causes, `a: b: c`.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cause = c.source();
-    }
-    s
-}
 
 pub struct Scraper {
     config: ScrapeConfig,

@@ -110,58 +110,50 @@ pub fn scope() -> opentelemetry::InstrumentationScope {
         .build()
 }
 
+/// An `opentelemetry-otlp` exporter (`SpanExporter` or `LogExporter`: their builders have the
+/// same methods but no common trait) on the agent's connection.
+macro_rules! exporter {
+    ($exporter:ty, $conn:expr, $t:expr, $resource:expr) => {{
+        let mut e = match $conn {
+            Connection::Grpc { channel, headers } => <$exporter>::builder()
+                .with_tonic()
+                .with_channel(channel)
+                .with_metadata(headers)
+                .with_timeout($t.timeout)
+                .build(),
+            Connection::Http { client, url } => <$exporter>::builder()
+                .with_http()
+                .with_http_client(client)
+                .with_endpoint(url)
+                .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                .with_timeout($t.timeout)
+                .build(),
+        }
+        .map_err(TransportError::Exporter)?;
+        e.set_resource($resource);
+        Arc::new(e)
+    }};
+}
+
 impl Client {
     /// Builds the client of `signal`; it connects lazily, so a collector that is down does not
     /// stop the agent from starting. Needs a Tokio runtime.
     pub fn new(t: &Target, signal: Signal, resource: &Resource) -> Result<Self, TransportError> {
         let conn = Connection::new(t)?;
-        let bad = TransportError::Exporter;
         Ok(match signal {
             Signal::Metrics => Client::Metrics(conn),
-            Signal::Traces => {
-                let mut e = match conn {
-                    Connection::Grpc { channel, headers } => {
-                        opentelemetry_otlp::SpanExporter::builder()
-                            .with_tonic()
-                            .with_channel(channel)
-                            .with_metadata(headers)
-                            .with_timeout(t.timeout)
-                            .build()
-                    }
-                    Connection::Http { client, url } => opentelemetry_otlp::SpanExporter::builder()
-                        .with_http()
-                        .with_http_client(client)
-                        .with_endpoint(url)
-                        .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-                        .with_timeout(t.timeout)
-                        .build(),
-                }
-                .map_err(bad)?;
-                e.set_resource(resource);
-                Client::Traces(Arc::new(e))
-            }
-            Signal::Logs => {
-                let mut e = match conn {
-                    Connection::Grpc { channel, headers } => {
-                        opentelemetry_otlp::LogExporter::builder()
-                            .with_tonic()
-                            .with_channel(channel)
-                            .with_metadata(headers)
-                            .with_timeout(t.timeout)
-                            .build()
-                    }
-                    Connection::Http { client, url } => opentelemetry_otlp::LogExporter::builder()
-                        .with_http()
-                        .with_http_client(client)
-                        .with_endpoint(url)
-                        .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-                        .with_timeout(t.timeout)
-                        .build(),
-                }
-                .map_err(bad)?;
-                e.set_resource(resource);
-                Client::Logs(Arc::new(e))
-            }
+            Signal::Traces => Client::Traces(exporter!(
+                opentelemetry_otlp::SpanExporter,
+                conn,
+                t,
+                resource
+            )),
+            Signal::Logs => Client::Logs(exporter!(
+                opentelemetry_otlp::LogExporter,
+                conn,
+                t,
+                resource
+            )),
         })
     }
 
