@@ -96,7 +96,6 @@ struct Target {
 /// Failed scrapes in a row before a warning: a server loading its model does not listen yet.
 const WARN_AFTER: u32 = 4;
 
-
 pub struct Scraper {
     config: ScrapeConfig,
     procfs: ProcFs,
