@@ -40,6 +40,36 @@ impl ProcFs {
         rest.split_whitespace().nth(1)?.parse().ok()
     }
 
+    /// The cgroup the process's memory is accounted to ([`memory_cgroup`]), empty when the
+    /// process is gone or cannot be told. On a v1 hierarchy the kernel shows an exiting
+    /// process (an OOM victim being killed, say) in the root cgroup, `/`: that answer is
+    /// believed only of a process that is not exiting.
+    pub fn memory_cgroup(&self, pid: u32) -> String {
+        let Ok(text) = std::fs::read_to_string(self.root.join(pid.to_string()).join("cgroup"))
+        else {
+            return String::new();
+        };
+        let path = memory_cgroup(&text);
+        let v1 = text.lines().any(|l| {
+            l.split(':')
+                .nth(1)
+                .is_some_and(|c| c.split(',').any(|c| c == "memory"))
+        });
+        if path == "/" && v1 && self.exiting(pid) != Some(false) {
+            return String::new();
+        }
+        path
+    }
+
+    /// Whether the process is exiting (`PF_EXITING` in the flags of `/proc/<pid>/stat`).
+    pub fn exiting(&self, pid: u32) -> Option<bool> {
+        const PF_EXITING: u64 = 0x4;
+        let stat = std::fs::read_to_string(self.root.join(pid.to_string()).join("stat")).ok()?;
+        let rest = &stat[stat.rfind(')')? + 1..];
+        let flags: u64 = rest.split_whitespace().nth(6)?.parse().ok()?;
+        Some(flags & PF_EXITING != 0)
+    }
+
     /// Numeric entries of the proc root.
     pub fn pids(&self) -> impl Iterator<Item = u32> {
         std::fs::read_dir(&self.root)
@@ -81,6 +111,35 @@ pub fn container_id(path: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_exiting_process_in_the_v1_root_has_no_cgroup() {
+        let dir = tempfile::tempdir().unwrap();
+        let procfs = ProcFs::new(dir.path());
+        let v1_root = "12:memory:/\n0::/user.slice\n";
+        for (pid, cgroup, flags, want) in [
+            // Killed by the OOM killer: exiting, shown in the v1 root.
+            (1, v1_root, "4194564", ""),
+            // Really in the root cgroup, alive.
+            (2, v1_root, "4194560", "/"),
+            (3, "12:memory:/job\n", "4194564", "/job"),
+            // v2 keeps the real path of an exiting process.
+            (4, "0::/\n", "4194564", "/"),
+        ] {
+            let p = dir.path().join(pid.to_string());
+            std::fs::create_dir_all(&p).unwrap();
+            std::fs::write(p.join("cgroup"), cgroup).unwrap();
+            std::fs::write(
+                p.join("stat"),
+                format!("{pid} (py (x)) R 1 {pid} {pid} 0 -1 {flags} 0 0"),
+            )
+            .unwrap();
+            assert_eq!(procfs.memory_cgroup(pid), want, "pid {pid}");
+        }
+        assert_eq!(procfs.memory_cgroup(99), "", "gone");
+        std::fs::remove_file(dir.path().join("1/stat")).unwrap();
+        assert_eq!(procfs.memory_cgroup(1), "", "cannot be told");
+    }
 
     #[test]
     fn finds_the_memory_cgroup_and_container() {

@@ -72,9 +72,7 @@ fn read_meta(procfs: &crate::proc::ProcFs, pid: u32) -> Meta {
             s.trim().chars().take(512).collect()
         })
         .unwrap_or_default();
-    let cgroup = std::fs::read_to_string(dir.join("cgroup"))
-        .map(|t| crate::proc::memory_cgroup(&t))
-        .unwrap_or_default();
+    let cgroup = procfs.memory_cgroup(pid);
     Meta { cmdline, cgroup }
 }
 
@@ -169,10 +167,7 @@ impl Tracker {
             .inc();
         let pid = e.victim_pid;
         // The victim's cgroup, now, while the process still exists.
-        let cgroup =
-            std::fs::read_to_string(self.procfs.root().join(pid.to_string()).join("cgroup"))
-                .map(|t| crate::proc::memory_cgroup(&t))
-                .unwrap_or_default();
+        let cgroup = self.procfs.memory_cgroup(pid);
         let gpu = self
             .ledger
             .process(pid)
