@@ -948,6 +948,22 @@ fn plaintext_port(rotel: &Rotel, protocol: &str) -> u16 {
     }
 }
 
+/// Export over `protocol` to the terminator at `https://localhost:port` (the name the server
+/// certificate is for), metrics every 300 ms.
+fn through_terminator(protocol: &str, port: u16) -> [(String, String); 3] {
+    [
+        (
+            "OTEL_EXPORTER_OTLP_PROTOCOL".to_string(),
+            protocol.to_string(),
+        ),
+        (
+            "OTEL_EXPORTER_OTLP_ENDPOINT".to_string(),
+            format!("https://localhost:{port}"),
+        ),
+        ("OTEL_METRIC_EXPORT_INTERVAL".to_string(), "300".to_string()),
+    ]
+}
+
 /// Requests through a watched server, with metrics and spans exported over mutual TLS to
 /// `https://localhost` (the name the server certificate is for): the collector gets both,
 /// and the terminator saw only verified handshakes.
@@ -958,16 +974,8 @@ fn exports_over_mutual_tls(protocol: &str, from: TlsFrom) {
     let server = OpenAiServer::start("stand-in");
     let dir = tempfile::tempdir().unwrap();
     let (mut env, args) = tls_settings(&pki, from, true, true, dir.path());
+    env.extend(through_terminator(protocol, proxy.port));
     env.extend([
-        (
-            "OTEL_EXPORTER_OTLP_PROTOCOL".to_string(),
-            protocol.to_string(),
-        ),
-        (
-            "OTEL_EXPORTER_OTLP_ENDPOINT".to_string(),
-            format!("https://localhost:{}", proxy.port),
-        ),
-        ("OTEL_METRIC_EXPORT_INTERVAL".to_string(), "300".to_string()),
         (
             "INFERSCOPE_OTLP__BATCH_TIMEOUT_MS".to_string(),
             "200".to_string(),
@@ -1067,17 +1075,7 @@ fn tls_handshake_refused(auth: ClientAuth, ca: bool, client: bool) -> Vec<String
         .map(|protocol| {
             let proxy = TlsProxy::start(&pki, plaintext_port(&rotel, protocol), auth);
             let mut env = tls_env.clone();
-            env.extend([
-                (
-                    "OTEL_EXPORTER_OTLP_PROTOCOL".to_string(),
-                    protocol.to_string(),
-                ),
-                (
-                    "OTEL_EXPORTER_OTLP_ENDPOINT".to_string(),
-                    format!("https://localhost:{}", proxy.port),
-                ),
-                ("OTEL_METRIC_EXPORT_INTERVAL".to_string(), "300".to_string()),
-            ]);
+            env.extend(through_terminator(protocol, proxy.port));
             let agent = start_agent(&["--disable-probe", "cuda"], &env);
             (proxy, agent)
         })
