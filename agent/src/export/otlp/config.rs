@@ -607,6 +607,45 @@ mod tests {
     }
 
     #[test]
+    fn tls_files_per_signal_then_general_and_the_file_first() {
+        let e = env(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "https://c:4318"),
+            ("OTEL_EXPORTER_OTLP_CERTIFICATE", "/env/ca.pem"),
+            (
+                "OTEL_EXPORTER_OTLP_METRICS_CERTIFICATE",
+                "/env/metrics-ca.pem",
+            ),
+            ("OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE", "/env/t.crt"),
+            ("OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY", "/env/t.key"),
+        ]);
+        let s = resolve(&OtlpConfig::default(), &e, &host())
+            .unwrap()
+            .unwrap();
+        let (m, t, l) = (s.metrics.unwrap(), s.traces.unwrap(), s.logs.unwrap());
+        assert_eq!(m.tls.ca_file, Some("/env/metrics-ca.pem".into()));
+        assert_eq!(t.tls.ca_file, Some("/env/ca.pem".into()));
+        assert_eq!(t.tls.cert_file, Some("/env/t.crt".into()));
+        assert_eq!(t.tls.key_file, Some("/env/t.key".into()));
+        assert_eq!(l.tls.cert_file, None, "mutual TLS only for traces");
+        // The config file's files beat the environment's, for every signal.
+        let cfg = OtlpConfig {
+            tls: TlsConfig {
+                ca_file: Some("/file/ca.pem".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let s = resolve(&cfg, &e, &host()).unwrap().unwrap();
+        assert_eq!(s.metrics.unwrap().tls.ca_file, Some("/file/ca.pem".into()));
+        // A client certificate without its key is an error at start.
+        let e = env(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "https://c:4318"),
+            ("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", "/env/c.crt"),
+        ]);
+        assert!(resolve(&OtlpConfig::default(), &e, &host()).is_err());
+    }
+
+    #[test]
     fn resource_attributes() {
         let cfg = OtlpConfig {
             endpoint: Some("http://c:4318".into()),
