@@ -35,9 +35,15 @@ impl ProcFs {
     /// The parent's pid, from `/proc/<pid>/stat` (after the `comm` in parentheses, which may
     /// hold spaces and parentheses itself).
     pub fn ppid(&self, pid: u32) -> Option<u32> {
+        self.stat_field(pid, 4)
+    }
+
+    /// Field `n` (1-based, as in proc(5)) of `/proc/<pid>/stat`, from the 3rd on: those after
+    /// the `comm` in parentheses, which may hold spaces and parentheses itself.
+    fn stat_field<T: std::str::FromStr>(&self, pid: u32, n: usize) -> Option<T> {
         let stat = std::fs::read_to_string(self.root.join(pid.to_string()).join("stat")).ok()?;
         let rest = &stat[stat.rfind(')')? + 1..];
-        rest.split_whitespace().nth(1)?.parse().ok()
+        rest.split_whitespace().nth(n.checked_sub(3)?)?.parse().ok()
     }
 
     /// The cgroup the process's memory is accounted to ([`memory_cgroup`]), empty when the
@@ -49,12 +55,7 @@ impl ProcFs {
         else {
             return String::new();
         };
-        let path = memory_cgroup(&text);
-        let v1 = text.lines().any(|l| {
-            l.split(':')
-                .nth(1)
-                .is_some_and(|c| c.split(',').any(|c| c == "memory"))
-        });
+        let (path, v1) = memory_path(&text);
         if path == "/" && v1 && self.exiting(pid) != Some(false) {
             return String::new();
         }
@@ -64,9 +65,7 @@ impl ProcFs {
     /// Whether the process is exiting (`PF_EXITING` in the flags of `/proc/<pid>/stat`).
     pub fn exiting(&self, pid: u32) -> Option<bool> {
         const PF_EXITING: u64 = 0x4;
-        let stat = std::fs::read_to_string(self.root.join(pid.to_string()).join("stat")).ok()?;
-        let rest = &stat[stat.rfind(')')? + 1..];
-        let flags: u64 = rest.split_whitespace().nth(6)?.parse().ok()?;
+        let flags: u64 = self.stat_field(pid, 9)?;
         Some(flags & PF_EXITING != 0)
     }
 
@@ -82,6 +81,11 @@ impl ProcFs {
 /// The cgroup a process's memory is accounted to, from `/proc/<pid>/cgroup`: the v1 memory
 /// controller's path if there is one, else the v2 path.
 pub fn memory_cgroup(text: &str) -> String {
+    memory_path(text).0
+}
+
+/// [`memory_cgroup`], and whether it is the v1 memory controller's.
+fn memory_path(text: &str) -> (String, bool) {
     let mut v2 = None;
     for line in text.lines() {
         let mut parts = line.splitn(3, ':');
@@ -90,13 +94,13 @@ pub fn memory_cgroup(text: &str) -> String {
             continue;
         };
         if controllers.split(',').any(|c| c == "memory") {
-            return path.to_string();
+            return (path.to_string(), true);
         }
         if controllers.is_empty() {
             v2 = Some(path.to_string());
         }
     }
-    v2.unwrap_or_default()
+    (v2.unwrap_or_default(), false)
 }
 
 /// The container id in a cgroup path (Docker, containerd, CRI-O; systemd and cgroupfs

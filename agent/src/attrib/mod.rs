@@ -305,6 +305,12 @@ impl Attributor {
         gpus
     }
 
+    /// [`Self::server_gpus`] as a label value: `"0,1"`; empty when none is known.
+    pub fn gpu_list(gpus: &[u32]) -> String {
+        let list: Vec<String> = gpus.iter().map(u32::to_string).collect();
+        list.join(",")
+    }
+
     /// Whether `pid` is `ancestor` or below it (a bounded walk up the parents).
     fn descends_from(&self, mut pid: u32, ancestor: u32) -> bool {
         for _ in 0..32 {
@@ -385,7 +391,6 @@ impl Attributor {
                 };
                 types.sort();
                 types.dedup();
-                let list: Vec<String> = gpus.iter().map(u32::to_string).collect();
                 ServerInfoLabels {
                     pid: *pid,
                     server: s.kind,
@@ -395,7 +400,7 @@ impl Attributor {
                         .tensor_parallelism
                         .map(|t| t.to_string())
                         .unwrap_or_default(),
-                    gpu: list.join(","),
+                    gpu: Self::gpu_list(&gpus),
                     gpu_type: truncate(&types.join(","), max),
                     workload: self.labels(*pid),
                 }

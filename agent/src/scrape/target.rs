@@ -33,8 +33,7 @@ pub fn target_labels(
         ("port", port.to_string()),
     ];
     if !gpus.is_empty() {
-        let list: Vec<String> = gpus.iter().map(u32::to_string).collect();
-        labels.push(("gpu", list.join(",")));
+        labels.push(("gpu", crate::attrib::Attributor::gpu_list(gpus)));
     }
     for (name, value) in [
         ("node", &workload.node),
