@@ -88,9 +88,8 @@ struct Target {
     addr: Option<SocketAddr>,
     /// Labels of its `inferscope_scrape_up` series, to remove when they change.
     up: Option<ScrapeTargetLabels>,
-    /// Scrapes failed in a row, and whether that has been logged.
+    /// Scrapes failed in a row (logged once, at [`WARN_AFTER`]).
     failures: u32,
-    warned: bool,
 }
 
 /// Failed scrapes in a row before a warning: a server loading its model does not listen yet.
@@ -213,7 +212,6 @@ impl Scraper {
                     addr: None,
                     up: None,
                     failures: 0,
-                    warned: false,
                 }
             });
             let mut addrs: Vec<SocketAddr> = target.addr.into_iter().collect();
@@ -289,17 +287,15 @@ impl Scraper {
                 };
                 m.scraped.set(pid, view);
                 m.scrape_up.get_or_create(&up).set(1);
-                if t.warned {
+                if t.failures >= WARN_AFTER {
                     tracing::info!(pid, server = kind, port, "server metrics scraped again");
                 }
                 t.failures = 0;
-                t.warned = false;
             }
             Err(reason) => {
                 count(kind, reason);
                 t.failures = t.failures.saturating_add(1);
-                if t.failures >= WARN_AFTER && !t.warned {
-                    t.warned = true;
+                if t.failures == WARN_AFTER {
                     tracing::warn!(
                         pid,
                         server = kind,

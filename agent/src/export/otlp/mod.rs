@@ -53,24 +53,9 @@ impl IntoValue for &str {
         Value::StringValue(self.to_string())
     }
 }
-impl IntoValue for String {
-    fn into_value(self) -> Value {
-        Value::StringValue(self)
-    }
-}
 impl IntoValue for i64 {
     fn into_value(self) -> Value {
         Value::IntValue(self)
-    }
-}
-impl IntoValue for f64 {
-    fn into_value(self) -> Value {
-        Value::DoubleValue(self)
-    }
-}
-impl IntoValue for bool {
-    fn into_value(self) -> Value {
-        Value::BoolValue(self)
     }
 }
 
