@@ -12,11 +12,20 @@ use tokio::sync::{mpsc, watch};
 
 use crate::{
     config::Config,
-    export::{http, metrics::Metrics, otlp},
+    export::{
+        http,
+        metrics::{FamilyLabels, Metrics},
+        otlp,
+    },
     forensics,
     gpu::{self, history::GpuHistory},
+    health::Health,
     ingest,
-    probe::{self, cuda::CudaProbes, manager::Manager},
+    probe::{
+        self,
+        cuda::CudaProbes,
+        manager::{Manager, ManagerMaps},
+    },
     proc::ProcFs,
     track::{self, Tracker},
 };
@@ -83,8 +92,56 @@ fn raise_memlock() {
 /// How long the OTLP flush may hold up shutdown.
 const OTLP_FLUSH: Duration = Duration::from_secs(5);
 
-fn family_enabled(config: &Config, family: &str) -> bool {
-    !config.probes.disabled.iter().any(|d| d == family)
+/// Starts the probe families one by one: one that cannot load or attach is logged once and
+/// left out (`inferscope_probe_family_up{family} 0`, named by `/healthz`), and the agent runs
+/// on with the others.
+struct Families<'a> {
+    config: &'a Config,
+    metrics: &'a Metrics,
+    health: &'a Health,
+    /// Why tracefs is unavailable, when it is: families of tracepoints cannot start.
+    tracefs: Option<&'a String>,
+}
+
+impl Families<'_> {
+    fn start<T>(
+        &mut self,
+        family: &'static str,
+        tracepoints: bool,
+        attach: impl FnOnce(&mut aya::Ebpf) -> Result<T, probe::ProbeError>,
+        ebpf: &mut aya::Ebpf,
+    ) -> Option<T> {
+        let up = |v: i64| {
+            self.metrics
+                .probe_family_up
+                .get_or_create(&FamilyLabels { family })
+                .set(v)
+        };
+        if self.config.probes.disabled.iter().any(|d| d == family) {
+            up(0);
+            return None;
+        }
+        let result = match self.tracefs {
+            Some(why) if tracepoints => Err(why.clone()),
+            _ => attach(ebpf).map_err(|e| crate::error_chain(&e)),
+        };
+        match result {
+            Ok(t) => {
+                up(1);
+                Some(t)
+            }
+            Err(reason) => {
+                tracing::warn!(
+                    family,
+                    error = reason,
+                    "probe family not started; the others run on"
+                );
+                self.health.degrade(family, reason);
+                up(0);
+                None
+            }
+        }
+    }
 }
 
 /// Runs the agent until `shutdown` resolves.
@@ -96,8 +153,10 @@ pub async fn run(
     raise_memlock();
     let listener = http::bind(config.prometheus_listen).await?;
     let metrics = Arc::new(Metrics::new());
-    let ready = Arc::new(AtomicBool::new(false));
+    let health = Arc::new(Health::new());
 
+    // Before the first tracepoint (and the format file read just below).
+    let tracefs = probe::tracefs::ensure().map_err(|e| crate::error_chain(&e));
     let mut loaded = probe::load(
         config.probes.ring_buffer_bytes,
         probe::sched::group_dead_offset(),
@@ -107,32 +166,36 @@ pub async fn run(
         config.probes.stack_sample_every,
         config.probes.ring_buffer_bytes,
     );
-    if family_enabled(&config, "sched") {
-        probe::sched::attach(&mut loaded.ebpf)?;
-    }
-    if family_enabled(&config, "oom") {
-        probe::oom::attach(&mut loaded.ebpf)?;
-    }
-    let http_maps = if family_enabled(&config, "http") {
-        Some(probe::http::attach(
-            &mut loaded.ebpf,
-            config.http.capture_bytes,
-        )?)
-    } else {
-        None
+    let mut families = Families {
+        config: &config,
+        metrics: &metrics,
+        health: &health,
+        tracefs: tracefs.as_ref().err(),
     };
-    let cuda = if family_enabled(&config, "cuda") {
-        Some(CudaProbes::load(&mut loaded.ebpf, &config.probes.disabled)?)
-    } else {
-        None
-    };
+    families.start("sched", true, probe::sched::attach, &mut loaded.ebpf);
+    families.start("oom", true, probe::oom::attach, &mut loaded.ebpf);
+    let http_maps = families.start(
+        "http",
+        true,
+        |ebpf| probe::http::attach(ebpf, config.http.capture_bytes),
+        &mut loaded.ebpf,
+    );
+    let cuda = families.start(
+        "cuda",
+        false,
+        |ebpf| CudaProbes::load(ebpf, &config.probes.disabled),
+        &mut loaded.ebpf,
+    );
     let mut manager = Manager::new(
         loaded.ebpf,
         cuda,
-        loaded.config,
-        loaded.lost,
-        loaded.hits,
+        ManagerMaps {
+            config: loaded.config,
+            lost: loaded.lost,
+            hits: loaded.hits,
+        },
         metrics.clone(),
+        health.clone(),
         &config,
     );
     manager.discover();
@@ -243,7 +306,7 @@ pub async fn run(
     let server = tokio::spawn(http::serve(
         listener,
         metrics.clone(),
-        ready.clone(),
+        health.clone(),
         stop_rx,
     ));
 
@@ -254,8 +317,13 @@ pub async fn run(
         .spawn(move || manager.run(interval, manager_rx))
         .map_err(StartError::Thread)?;
 
-    ready.store(true, std::sync::atomic::Ordering::Release);
-    tracing::info!(listen = %config.prometheus_listen, "probes attached, serving /metrics");
+    health.set_ready();
+    let degraded: Vec<&str> = health.degraded().into_iter().map(|(f, _)| f).collect();
+    tracing::info!(
+        listen = %config.prometheus_listen,
+        ?degraded,
+        "probes attached, serving /metrics"
+    );
 
     shutdown.await;
     tracing::info!("shutting down");

@@ -14,6 +14,7 @@ pub mod cuda_error;
 pub mod export;
 pub mod forensics;
 pub mod gpu;
+pub mod health;
 pub mod http;
 pub mod ingest;
 pub mod probe;

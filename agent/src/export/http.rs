@@ -1,25 +1,20 @@
-//! The Prometheus listener: `/metrics` (OpenMetrics text) and `/healthz` (200 once the
-//! probes are attached).
+//! The Prometheus listener: `/metrics` (OpenMetrics text) and `/healthz` (what
+//! [`crate::health::Health`] says).
 
-use std::{
-    net::SocketAddr,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
-};
+use std::{net::SocketAddr, sync::Arc};
 
 use axum::{extract::State, http::StatusCode, response::IntoResponse, routing::get, Router};
 use tokio::{net::TcpListener, sync::watch};
 
 use super::metrics::Metrics;
+use crate::health::Health;
 
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 #[derive(Clone)]
 struct AppState {
     metrics: Arc<Metrics>,
-    ready: Arc<AtomicBool>,
+    health: Arc<Health>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -39,13 +34,13 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, BindError> {
 pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
-    ready: Arc<AtomicBool>,
+    health: Arc<Health>,
     mut stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let app = Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(healthz))
-        .with_state(AppState { metrics, ready });
+        .with_state(AppState { metrics, health });
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             let _ = stop.wait_for(|s| *s).await;
@@ -61,9 +56,11 @@ async fn metrics_handler(State(s): State<AppState>) -> impl IntoResponse {
 }
 
 async fn healthz(State(s): State<AppState>) -> impl IntoResponse {
-    if s.ready.load(Ordering::Acquire) {
-        (StatusCode::OK, "ok\n")
+    let verdict = s.health.verdict();
+    let status = if verdict.ok {
+        StatusCode::OK
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "starting\n")
-    }
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, verdict.body)
 }

@@ -66,6 +66,11 @@ pub struct KindLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FamilyLabels {
+    pub family: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProbeLabels {
     pub probe: &'static str,
 }
@@ -223,6 +228,7 @@ pub struct Metrics {
     pub events_dropped: Family<ReasonLabels, Counter>,
     pub probe_attached: Family<ProbeLabels, Gauge>,
     pub probe_shed: Family<ProbeLabels, Gauge>,
+    pub probe_family_up: Family<FamilyLabels, Gauge>,
     pub cuda_libraries: Gauge,
     pub tracked_processes: Gauge,
     pub source_up: Family<SourceLabels, Gauge>,
@@ -295,6 +301,7 @@ impl Metrics {
             events_dropped: Family::default(),
             probe_attached: Family::default(),
             probe_shed: Family::default(),
+            probe_family_up: Family::default(),
             cuda_libraries: Gauge::default(),
             tracked_processes: Gauge::default(),
             source_up: Family::default(),
@@ -417,6 +424,11 @@ impl Metrics {
             "inferscope_probe_shed",
             "1 when the probe budget has shed this probe",
             m.probe_shed.clone(),
+        );
+        registry.register(
+            "inferscope_probe_family_up",
+            "1 when the probe family is loaded and attached, 0 when it is disabled or could not start",
+            m.probe_family_up.clone(),
         );
         registry.register(
             "inferscope_cuda_libraries",

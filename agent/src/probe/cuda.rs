@@ -41,6 +41,8 @@ pub struct AttachReport {
     pub missing: Vec<&'static str>,
     /// Symbols it exports whose attach failed, with the reason.
     pub failed: Vec<(&'static str, String)>,
+    /// Attaches the kernel refused for want of privilege (EACCES, EPERM).
+    pub denied: usize,
 }
 
 pub struct CudaProbes {
@@ -109,7 +111,12 @@ impl CudaProbes {
                     attached.links.push(link);
                     report.attached.push(api);
                 }
-                Err(e) => report.failed.push((sym, e)),
+                Err(e) => {
+                    if permission_denied(&e) {
+                        report.denied += 1;
+                    }
+                    report.failed.push((sym, crate::error_chain(&e)));
+                }
             }
         }
         self.libs.insert(lib.id, attached);
@@ -176,27 +183,41 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut UProbe,
         .map_err(|source| ProbeError::Program { name, source })
 }
 
+/// Whether the kernel refused an attach for want of privilege: since Linux 6.16 (and the
+/// stable kernels patched in mid-2025) a uprobe takes CAP_SYS_ADMIN, CAP_PERFMON no longer
+/// suffices.
+pub fn permission_denied(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if matches!(io.raw_os_error(), Some(libc::EACCES | libc::EPERM)) {
+                return true;
+            }
+        }
+        cur = err.source();
+    }
+    false
+}
+
 fn attach_symbol(
     ebpf: &mut Ebpf,
     lib: &Library,
     api: CudaApi,
     sym: &'static str,
-) -> Result<Attached, String> {
+) -> Result<Attached, ProbeError> {
     let point = || UProbeAttachPoint {
         location: UProbeAttachLocation::Symbol(sym),
         cookie: Some(api as u64),
     };
+    let attach_error = |name| move |source| ProbeError::Attach { name, source };
     // Return probe first: a call that enters between the two attaches leaves no stash behind.
-    let ret = program(ebpf, RETURN)
-        .map_err(|e| e.to_string())?
+    let ret = program(ebpf, RETURN)?
         .attach(point(), &lib.path, UProbeScope::AllProcesses)
-        .map_err(|e| e.to_string())?;
-    let enter = program(ebpf, ENTER)
-        .map_err(|e| e.to_string())
-        .and_then(|p| {
-            p.attach(point(), &lib.path, UProbeScope::AllProcesses)
-                .map_err(|e| e.to_string())
-        });
+        .map_err(attach_error(RETURN))?;
+    let enter = program(ebpf, ENTER).and_then(|p| {
+        p.attach(point(), &lib.path, UProbeScope::AllProcesses)
+            .map_err(attach_error(ENTER))
+    });
     match enter {
         Ok(enter) => Ok(Attached { api, enter, ret }),
         Err(e) => {

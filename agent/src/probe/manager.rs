@@ -26,7 +26,8 @@ use super::{
 };
 use crate::{
     config::Config,
-    export::metrics::{Metrics, ProbeLabels, SourceLabels},
+    export::metrics::{FamilyLabels, Metrics, ProbeLabels, SourceLabels},
+    health::Health,
     proc::ProcFs,
 };
 
@@ -37,6 +38,7 @@ pub struct Manager {
     lost_map: PerCpuArray<MapData, u64>,
     hits_map: PerCpuArray<MapData, u64>,
     metrics: Arc<Metrics>,
+    health: Arc<Health>,
     procfs: ProcFs,
     explicit: Vec<std::path::PathBuf>,
     /// Pids known to map an attached library: their maps are not read again.
@@ -48,23 +50,30 @@ pub struct Manager {
     budget_share: f64,
 }
 
+/// The maps the manager reads and writes, taken out of the loaded object.
+pub struct ManagerMaps {
+    pub config: Array<MapData, u64>,
+    pub lost: PerCpuArray<MapData, u64>,
+    pub hits: PerCpuArray<MapData, u64>,
+}
+
 impl Manager {
     pub fn new(
         ebpf: Ebpf,
         cuda: Option<CudaProbes>,
-        config_map: Array<MapData, u64>,
-        lost_map: PerCpuArray<MapData, u64>,
-        hits_map: PerCpuArray<MapData, u64>,
+        maps: ManagerMaps,
         metrics: Arc<Metrics>,
+        health: Arc<Health>,
         config: &Config,
     ) -> Self {
         Self {
             ebpf,
             cuda,
-            config_map,
-            lost_map,
-            hits_map,
+            config_map: maps.config,
+            lost_map: maps.lost,
+            hits_map: maps.hits,
             metrics,
+            health,
             procfs: ProcFs::new(&config.proc_root),
             explicit: config.cuda_libs.clone(),
             known_pids: HashSet::new(),
@@ -109,6 +118,24 @@ impl Manager {
             return;
         }
         let report = cuda.attach_library(&mut self.ebpf, lib);
+        if report.attached.is_empty() && report.denied > 0 {
+            // One line, not one per symbol: the next library would be refused alike.
+            let (_, error) = &report.failed[0];
+            let reason =
+                format!("the kernel refuses uprobes without CAP_SYS_ADMIN (Linux 6.16+): {error}");
+            tracing::warn!(
+                library = lib.display,
+                error = reason,
+                "no CUDA probe attached"
+            );
+            self.health.degrade("cuda", reason);
+            self.metrics
+                .probe_family_up
+                .get_or_create(&FamilyLabels { family: "cuda" })
+                .set(0);
+            self.publish_attach_state();
+            return;
+        }
         if report.attached.is_empty() {
             tracing::warn!(library = lib.display, failed = ?report.failed, "no CUDA probe attached");
         } else {

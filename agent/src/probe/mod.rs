@@ -14,6 +14,7 @@ pub mod http;
 pub mod manager;
 pub mod oom;
 pub mod sched;
+pub mod tracefs;
 
 use agent_common::{config, cuda::APIS};
 use aya::{
@@ -41,6 +42,12 @@ pub enum ProbeError {
     },
     #[error("cannot load eBPF program {name}")]
     Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("cannot attach eBPF program {name}")]
+    Attach {
         name: &'static str,
         #[source]
         source: aya::programs::ProgramError,

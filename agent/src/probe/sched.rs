@@ -33,7 +33,7 @@ pub fn attach_tracepoint(
     prog.load()
         .map_err(|source| ProbeError::Program { name, source })?;
     prog.attach(category, event)
-        .map_err(|source| ProbeError::Program { name, source })?;
+        .map_err(|source| ProbeError::Attach { name, source })?;
     Ok(())
 }
 

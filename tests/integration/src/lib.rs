@@ -58,6 +58,19 @@ pub fn root_tier() -> bool {
     false
 }
 
+/// Mounts the host's tracefs when it is not: what the chart's hostPath mount of
+/// `/sys/kernel/tracing` hands an agent that holds no CAP_SYS_ADMIN to mount it itself.
+pub fn ensure_host_tracefs() {
+    if Path::new("/sys/kernel/tracing/events").is_dir() {
+        return;
+    }
+    let status = Command::new("mount")
+        .args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"])
+        .status()
+        .expect("mount (util-linux)");
+    assert!(status.success(), "cannot mount tracefs: {status}");
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()

@@ -681,6 +681,7 @@ fn with_the_daemonsets_capabilities_a_pod_server_is_scraped_at_the_pod_address()
     let mut wrapper = vec!["prlimit".to_string(), "--memlock=4096:".into()];
     wrapper.extend(setpriv_with(&granted));
     let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    ensure_host_tracefs();
     let agent = Agent::start_under(&wrapper, &[], &env);
 
     // It holds exactly what was granted: no CAP_SYS_ADMIN, so setns(CLONE_NEWNET) fails.
