@@ -167,6 +167,8 @@ impl Store {
     }
 }
 
+/// A report file; secrets masked as it is read, so reports written before the agent masked
+/// them show none either.
 pub fn read(path: &Path) -> Result<Report, StoreError> {
     let bytes = fs::read(path).map_err(|source| StoreError::Read {
         path: path.to_path_buf(),
@@ -187,10 +189,12 @@ pub fn read(path: &Path) -> Result<Report, StoreError> {
             found,
         });
     }
-    serde_json::from_value(value).map_err(|source| StoreError::Parse {
+    let mut report: Report = serde_json::from_value(value).map_err(|source| StoreError::Parse {
         path: path.to_path_buf(),
         source,
-    })
+    })?;
+    report.redact();
+    Ok(report)
 }
 
 #[cfg(test)]
@@ -280,6 +284,20 @@ mod tests {
         assert!(errors
             .iter()
             .any(|e| matches!(e, StoreError::Schema { found: 99, .. })));
+    }
+
+    #[test]
+    fn secrets_in_a_report_on_disk_are_masked_as_it_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = report("old", 1);
+        r.process.cmdline = "server --api-key sk-live-1".into();
+        std::fs::write(dir.path().join("old.json"), serde_json::to_vec(&r).unwrap()).unwrap();
+        let s = Store::new(dir.path(), 10, u64::MAX);
+        assert_eq!(
+            s.get("old").unwrap().process.cmdline,
+            "server --api-key ***"
+        );
+        assert_eq!(s.list().0[0].process.cmdline, "server --api-key ***");
     }
 
     #[test]
