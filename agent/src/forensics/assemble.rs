@@ -44,6 +44,7 @@ pub struct Writer {
 impl Writer {
     /// Writes reports until every sender is gone.
     pub fn run(mut self, rx: mpsc::Receiver<Draft>) {
+        self.store.prepare();
         let mut stacks = Stacks::new(self.stack_map.take());
         while let Ok(draft) = rx.recv() {
             let report = self.assemble(&mut stacks, draft);
@@ -516,6 +517,8 @@ fn compact_time(t: SystemTime) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
     use crate::forensics::report::{GpuProcessRow, ProcessInfo};
 
@@ -586,6 +589,9 @@ mod tests {
             assert!(!log.contains(secret), "{secret} in the log record: {log}");
         }
         assert!(stored.contains("--api-key ***") && stored.contains("pid 7 (HF_TOKEN=***)"));
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&files[0]), 0o600);
+        assert_eq!(mode(&forensics), 0o700);
     }
 
     #[test]
