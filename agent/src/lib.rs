@@ -19,6 +19,7 @@ pub mod http;
 pub mod ingest;
 pub mod probe;
 pub mod proc;
+pub mod redact;
 pub mod scrape;
 pub mod tls;
 pub mod track;

@@ -181,7 +181,8 @@ fn forensics(command: ForensicsCommand) -> anyhow::Result<()> {
             let store = store(dir)?;
             let (reports, errors) = store.list();
             for e in &errors {
-                eprintln!("inferscope: skipped: {e}");
+                let e = e.to_string();
+                eprintln!("inferscope: skipped: {}", render::visible(&e).unwrap_or(e));
             }
             match format {
                 Format::Json => {
@@ -195,7 +196,7 @@ fn forensics(command: ForensicsCommand) -> anyhow::Result<()> {
                             })
                         })
                         .collect();
-                    println!("{}", serde_json::to_string_pretty(&rows)?);
+                    println!("{}", render::json(&rows)?);
                 }
                 Format::Text => {
                     if reports.is_empty() {
@@ -212,7 +213,7 @@ fn forensics(command: ForensicsCommand) -> anyhow::Result<()> {
             let report = store(dir)?.get(&id)?;
             match format {
                 Format::Text => print!("{}", render::text(&report)),
-                Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+                Format::Json => println!("{}", render::json(&report)?),
                 Format::Html => print!("{}", render::html(&report)),
             }
         }

@@ -44,6 +44,7 @@ pub struct Writer {
 impl Writer {
     /// Writes reports until every sender is gone.
     pub fn run(mut self, rx: mpsc::Receiver<Draft>) {
+        self.store.prepare();
         let mut stacks = Stacks::new(self.stack_map.take());
         while let Ok(draft) = rx.recv() {
             let report = self.assemble(&mut stacks, draft);
@@ -262,6 +263,9 @@ impl Writer {
             timeline,
             suppressed_before: d.suppressed_before,
         };
+        // Before anything is stored, logged or exported; the summary is made of the masked
+        // parts.
+        report.redact();
         report.summary = summary(&report);
         report
     }
@@ -513,7 +517,82 @@ fn compact_time(t: SystemTime) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
+    use crate::forensics::report::{GpuProcessRow, ProcessInfo};
+
+    #[test]
+    fn secrets_reach_neither_the_stored_report_nor_its_log_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let forensics = dir.path().join("forensics");
+        let (logs, mut log_rx) = crate::export::otlp::queue::channel(10, Default::default());
+        let metrics = Arc::new(Metrics::new());
+        let writer = Writer {
+            store: Store::new(&forensics, 10, u64::MAX),
+            stack_map: None,
+            history: Arc::new(GpuHistory::new(60)),
+            metrics: metrics.clone(),
+            settings: Settings {
+                max_reports: 10,
+                max_bytes: u64::MAX,
+                window_secs: 60,
+                timeline_secs: 60,
+            },
+            seq: 0,
+            load: None,
+            logs: Some(logs),
+        };
+        let draft = Draft {
+            kind: Kind::GpuProcessCrash,
+            ts_ns: 1,
+            wall: SystemTime::now(),
+            process: ProcessInfo {
+                pid: 7,
+                comm: "HF_TOKEN=s1".into(),
+                cmdline: "server --api-key s2 --model https://u:s3@hub/m".into(),
+                cgroup: String::new(),
+                container_id: None,
+            },
+            gpu: None,
+            cuda: None,
+            exit: Some((Some(1), 0)),
+            host_oom: None,
+            xid: None,
+            allocations: Vec::new(),
+            rates: (0.0, 0.0),
+            gpu_processes: vec![GpuProcessRow {
+                pid: 8,
+                comm: "db_password=s5".into(),
+                ledger_bytes: 1,
+                nvml_bytes: None,
+            }],
+            ledger: Vec::new(),
+            failures: Vec::new(),
+            suppressed_before: 0,
+            maps: Vec::new(),
+        };
+        let (tx, rx) = mpsc::sync_channel(1);
+        tx.send(draft).unwrap();
+        drop(tx);
+        writer.run(rx);
+
+        let files: Vec<_> = std::fs::read_dir(&forensics)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(files.len(), 1, "{files:?}");
+        let stored = std::fs::read_to_string(&files[0]).unwrap();
+        let log = format!("{:?}", log_rx.try_recv().unwrap());
+        for secret in ["s1", "s2", "s3", "s5"] {
+            assert!(!stored.contains(secret), "{secret} stored: {stored}");
+            assert!(!log.contains(secret), "{secret} in the log record: {log}");
+        }
+        assert!(stored.contains("--api-key ***") && stored.contains("pid 7 (HF_TOKEN=***)"));
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&files[0]), 0o600);
+        assert_eq!(mode(&forensics), 0o700);
+    }
 
     #[test]
     fn formats_times() {

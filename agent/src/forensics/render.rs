@@ -38,8 +38,68 @@ pub fn frame(f: &Frame) -> String {
     s
 }
 
+/// Text as a terminal may show it: control characters (C0, DEL, C1) and the bidirectional
+/// controls written as escapes (`\n`, `\x1b`, `\u{202e}`), so a name that a process chose
+/// cannot move the cursor, recolour the terminal or reorder what is shown. `None` when the
+/// text needs none.
+pub fn visible(s: &str) -> Option<String> {
+    if !s.chars().any(needs_escape) {
+        return None;
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        let _ = match c {
+            '\n' => write!(out, "\\n"),
+            '\r' => write!(out, "\\r"),
+            '\t' => write!(out, "\\t"),
+            c if needs_escape(c) && c.is_ascii() => write!(out, "\\x{:02x}", u32::from(c)),
+            c if needs_escape(c) => write!(out, "\\u{{{:x}}}", u32::from(c)),
+            c => write!(out, "{c}"),
+        };
+    }
+    Some(out)
+}
+
+fn needs_escape(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
+        )
+}
+
+/// The report with every text field [`visible`].
+fn printable(r: &Report) -> Report {
+    let mut r = r.clone();
+    r.strings_mut(&mut |s| {
+        if let Some(v) = visible(s) {
+            *s = v;
+        }
+    });
+    r
+}
+
+/// Pretty JSON that a terminal shows as it is: serde escapes C0 controls; DEL, C1 and the
+/// bidirectional controls (only ever inside strings) become `\u` escapes too.
+pub fn json<T: serde::Serialize>(v: &T) -> serde_json::Result<String> {
+    let s = serde_json::to_string_pretty(v)?;
+    if !s.chars().any(|c| needs_escape(c) && u32::from(c) >= 0x7f) {
+        return Ok(s);
+    }
+    let mut out = String::with_capacity(s.len() + 16);
+    for c in s.chars() {
+        if needs_escape(c) && u32::from(c) >= 0x7f {
+            let _ = write!(out, "\\u{:04x}", u32::from(c));
+        } else {
+            out.push(c);
+        }
+    }
+    Ok(out)
+}
+
 /// One line per report for `forensics list`.
 pub fn list_line(r: &Report) -> String {
+    let r = &printable(r);
     let gpu = r.gpu.as_ref().map_or("-".into(), |g| g.index.to_string());
     format!(
         "{}  {}  {:<17} pid {:<7} {:<15} gpu {:<3} {}",
@@ -67,6 +127,7 @@ fn now_and_peak(srv: &super::report::RequestSeries) -> ((u32, u64), u32) {
 }
 
 pub fn text(r: &Report) -> String {
+    let r = &printable(r);
     let mut s = String::new();
     let _ = writeln!(s, "{}\n", r.summary);
     let _ = writeln!(
@@ -374,6 +435,7 @@ pub fn svg(r: &Report) -> String {
 }
 
 pub fn html(r: &Report) -> String {
+    let r = &printable(r);
     let mut s = String::new();
     let _ = write!(
         s,
@@ -481,4 +543,47 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left;font-size:13px}}th{
         esc(&text(r))
     );
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::forensics::report::tests::full;
+
+    const HOSTILE: &str = "evil\x1b[2J\x1b]0;title\x07\nfake line\r\u{9b}31m\u{202e}txt.exe\x7f";
+
+    fn no_controls(s: &str, keep_newlines: bool) {
+        for c in s.chars() {
+            if keep_newlines && c == '\n' {
+                continue;
+            }
+            assert!(!needs_escape(c), "{c:?} reached the output: {s:?}");
+        }
+    }
+
+    #[test]
+    fn control_characters_are_made_visible() {
+        assert_eq!(visible("plain ünïcode 模型"), None);
+        assert_eq!(
+            visible(HOSTILE).unwrap(),
+            "evil\\x1b[2J\\x1b]0;title\\x07\\nfake line\\r\\u{9b}31m\\u{202e}txt.exe\\x7f"
+        );
+        assert_eq!(visible("a\tb").unwrap(), "a\\tb");
+    }
+
+    #[test]
+    fn every_rendering_escapes_every_field() {
+        let r = full(HOSTILE);
+        let text = text(&r);
+        no_controls(&text, true);
+        // Each field is on a line of its own making: none starts with the injected text.
+        assert!(!text.lines().any(|l| l.starts_with("fake line")), "{text}");
+        no_controls(&list_line(&r), false);
+        no_controls(&html(&r), true);
+        assert!(html(&r).contains("evil\\x1b[2J"));
+        let j = json(&r).unwrap();
+        no_controls(&j, true);
+        let back: Report = serde_json::from_str(&j).unwrap();
+        assert_eq!(back, r, "the JSON escapes are only a spelling");
+    }
 }

@@ -61,6 +61,68 @@ pub struct Report {
     pub suppressed_before: u64,
 }
 
+impl Report {
+    /// Masks secrets (`crate::redact`) in every text field: command line, names, symbols.
+    pub fn redact(&mut self) {
+        self.strings_mut(&mut |s| *s = crate::redact::text(s));
+    }
+
+    /// Every text field, for what must reach each of them: redaction before a report is
+    /// stored or exported, escaping before it is printed. A new text field goes here too
+    /// (the test below fails until it does).
+    pub fn strings_mut(&mut self, f: &mut impl FnMut(&mut String)) {
+        fn frames(stack: &mut [Frame], f: &mut dyn FnMut(&mut String)) {
+            for fr in stack {
+                fr.function.iter_mut().for_each(&mut *f);
+                fr.module.iter_mut().for_each(&mut *f);
+                fr.file.iter_mut().for_each(&mut *f);
+            }
+        }
+        f(&mut self.id);
+        f(&mut self.time);
+        f(&mut self.summary);
+        let p = &mut self.process;
+        f(&mut p.comm);
+        f(&mut p.cmdline);
+        f(&mut p.cgroup);
+        p.container_id.iter_mut().for_each(&mut *f);
+        if let Some(g) = &mut self.gpu {
+            g.uuid.iter_mut().for_each(&mut *f);
+            g.name.iter_mut().for_each(&mut *f);
+            g.throttle_reasons.iter_mut().for_each(&mut *f);
+        }
+        if let Some(c) = &mut self.cuda {
+            f(&mut c.api);
+            f(&mut c.error);
+            frames(&mut c.stack, f);
+        }
+        if let Some(e) = &mut self.exit {
+            e.signal_name.iter_mut().for_each(&mut *f);
+        }
+        if let Some(h) = &mut self.host_oom {
+            h.largest_processes.iter_mut().for_each(|r| f(&mut r.comm));
+        }
+        if let Some(a) = &mut self.allocations {
+            a.by_size_class.iter_mut().for_each(|c| f(&mut c.class));
+            for row in &mut a.largest {
+                f(&mut row.api);
+                frames(&mut row.stack, f);
+            }
+        }
+        self.gpu_processes.iter_mut().for_each(|r| f(&mut r.comm));
+        let t = &mut self.timeline;
+        for g in &mut t.gpu {
+            g.throttle_reasons.iter_mut().for_each(&mut *f);
+        }
+        t.processes.iter_mut().for_each(|s| f(&mut s.comm));
+        for x in &mut t.failures {
+            f(&mut x.api);
+            f(&mut x.error);
+        }
+        t.requests.iter_mut().for_each(|s| f(&mut s.comm));
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ProcessInfo {
     pub pid: u32,
@@ -221,4 +283,147 @@ pub struct FailurePoint {
     pub api: String,
     pub requested_bytes: u64,
     pub error: String,
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A report with every optional part present and every text field set to `text`.
+    pub(crate) fn full(text: &str) -> Report {
+        let t = || text.to_string();
+        let frame = || Frame {
+            address: 1,
+            function: Some(t()),
+            module: Some(t()),
+            file: Some(t()),
+            line: Some(1),
+            offset: Some(1),
+        };
+        Report {
+            schema_version: SCHEMA_VERSION,
+            id: t(),
+            kind: Kind::Cuda,
+            time: t(),
+            time_unix_ms: 1,
+            summary: t(),
+            process: ProcessInfo {
+                pid: 1,
+                comm: t(),
+                cmdline: t(),
+                cgroup: t(),
+                container_id: Some(t()),
+            },
+            gpu: Some(GpuInfo {
+                index: 0,
+                uuid: Some(t()),
+                name: Some(t()),
+                memory_total_bytes: Some(1),
+                memory_used_bytes: Some(1),
+                utilization: Some(1),
+                temperature_c: Some(1),
+                power_watts: Some(1.0),
+                throttle_reasons: vec![t()],
+            }),
+            cuda: Some(CudaFailure {
+                api: t(),
+                requested_bytes: 1,
+                error: t(),
+                code: 2,
+                thread: 1,
+                stack: vec![frame()],
+            }),
+            exit: Some(ExitInfo {
+                exit_code: Some(1),
+                signal: Some(9),
+                signal_name: Some(t()),
+            }),
+            host_oom: Some(HostOom {
+                largest_processes: vec![RssRow {
+                    pid: 1,
+                    comm: t(),
+                    rss_bytes: 1,
+                }],
+                ..Default::default()
+            }),
+            xid: Some(1),
+            allocations: Some(Allocations {
+                by_size_class: vec![SizeClass {
+                    class: t(),
+                    count: 1,
+                    bytes: 1,
+                }],
+                largest: vec![AllocationRow {
+                    bytes: 1,
+                    api: t(),
+                    gpu: 0,
+                    age_seconds: 1.0,
+                    stack: vec![frame()],
+                }],
+                ..Default::default()
+            }),
+            gpu_processes: vec![GpuProcessRow {
+                pid: 1,
+                comm: t(),
+                ledger_bytes: 1,
+                nvml_bytes: Some(1),
+            }],
+            timeline: Timeline {
+                window_seconds: 1,
+                gpu: vec![GpuPoint {
+                    t: 0.0,
+                    memory_used_bytes: None,
+                    memory_total_bytes: None,
+                    utilization: None,
+                    power_watts: None,
+                    temperature_c: None,
+                    throttle_reasons: vec![t()],
+                }],
+                processes: vec![ProcessSeries {
+                    pid: 1,
+                    comm: t(),
+                    points: vec![(0.0, 1)],
+                }],
+                failures: vec![FailurePoint {
+                    t: 0.0,
+                    pid: 1,
+                    api: t(),
+                    requested_bytes: 1,
+                    error: t(),
+                }],
+                requests: vec![RequestSeries {
+                    pid: 1,
+                    comm: t(),
+                    points: vec![(0.0, 1, 1)],
+                }],
+            },
+            suppressed_before: 0,
+        }
+    }
+
+    /// Every string value in a JSON document.
+    fn strings(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::String(s) => out.push(s.clone()),
+            serde_json::Value::Array(a) => a.iter().for_each(|x| strings(x, out)),
+            serde_json::Value::Object(o) => o.values().for_each(|x| strings(x, out)),
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn strings_mut_reaches_every_text_field() {
+        let mut r = full("before");
+        let mut n = 0;
+        r.strings_mut(&mut |s| {
+            *s = "after".into();
+            n += 1;
+        });
+        let mut all = Vec::new();
+        strings(&serde_json::to_value(&r).unwrap(), &mut all);
+        // `kind` is an enum: its name is the agent's, never a process's.
+        all.retain(|s| s != "cuda");
+        assert!(all.iter().all(|s| s == "after"), "{all:?}");
+        assert_eq!(n, all.len());
+    }
 }

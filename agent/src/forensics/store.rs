@@ -1,12 +1,15 @@
 //! Reports on disk: one JSON file per report under the forensics directory, written
 //! atomically (temporary file, fsync, rename), kept within a count and a byte budget (oldest
-//! go first). A directory that cannot be written keeps reports in memory (bounded) and says so;
-//! unreadable files are skipped with a warning, never fatal.
+//! go first, before the new one is written). Reports hold command lines and stacks: the
+//! directory is 0700 and each file 0600 from its creation, and a write that fails (disk full)
+//! leaves no temporary file. A directory that cannot be written keeps reports in memory
+//! (bounded) and says so; unreadable files are skipped with a warning, never fatal.
 
 use std::{
     collections::VecDeque,
     fs,
     io::Write,
+    os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
 };
 
@@ -41,6 +44,15 @@ pub enum StoreError {
 /// Reports kept in memory when the directory cannot be written.
 const IN_MEMORY: usize = 16;
 
+/// The directory's mode, and each report's: the agent's alone.
+const DIR_MODE: u32 = 0o700;
+const FILE_MODE: u32 = 0o600;
+
+/// `.<id>.json.tmp`: a report being written.
+fn is_temporary(name: &str) -> bool {
+    name.starts_with('.') && name.ends_with(".json.tmp")
+}
+
 pub struct Store {
     dir: PathBuf,
     max_reports: usize,
@@ -62,11 +74,85 @@ impl Store {
         &self.dir
     }
 
+    /// Readies the directory as the writer starts: creates it 0700, or tightens one the
+    /// agent owns to 0700 and its reports to 0600; removes the temporary files of writes that
+    /// a crash interrupted. A directory another user owns is left as it is, with a warning:
+    /// that user can list and remove the reports (not read them, they are 0600).
+    pub fn prepare(&self) {
+        let dir = self.dir.display().to_string();
+        if let Err(e) = self.create_dir() {
+            tracing::warn!(dir, error = %e, "cannot create the forensics directory; reports are kept in memory until it can be written");
+            return;
+        }
+        let meta = match fs::metadata(&self.dir) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(dir, error = %e, "cannot read the forensics directory's mode");
+                return;
+            }
+        };
+        // SAFETY: no preconditions.
+        let euid = unsafe { libc::geteuid() };
+        let ours = meta.uid() == euid;
+        let mode = meta.permissions().mode() & 0o777;
+        if !ours {
+            tracing::warn!(dir, owner = meta.uid(), mode = format!("{mode:o}"), "the forensics directory belongs to another user, who can list and remove the reports");
+        } else if mode != DIR_MODE {
+            match fs::set_permissions(&self.dir, fs::Permissions::from_mode(DIR_MODE)) {
+                Ok(()) => {
+                    tracing::info!(
+                        dir,
+                        was = format!("{mode:o}"),
+                        "forensics directory set to 0700"
+                    )
+                }
+                Err(e) => {
+                    tracing::warn!(dir, error = %e, "cannot set the forensics directory to 0700")
+                }
+            }
+        }
+        for entry in fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            let Ok(meta) = entry.metadata() else { continue };
+            if !meta.is_file() {
+                continue;
+            }
+            if is_temporary(&name) {
+                match fs::remove_file(entry.path()) {
+                    Ok(()) => {
+                        tracing::info!(path = %entry.path().display(), "removed the temporary file of an interrupted write")
+                    }
+                    Err(e) => {
+                        tracing::warn!(path = %entry.path().display(), error = %e, "cannot remove a temporary file")
+                    }
+                }
+            } else if ours
+                && name.ends_with(".json")
+                && meta.uid() == euid
+                && meta.permissions().mode() & 0o077 != 0
+            {
+                // Written by an agent before reports were private.
+                let _ = fs::set_permissions(entry.path(), fs::Permissions::from_mode(FILE_MODE));
+            }
+        }
+    }
+
+    /// The directory, 0700 where it is created (its missing parents too). The umask can only
+    /// take bits away.
+    fn create_dir(&self) -> std::io::Result<()> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(DIR_MODE)
+            .create(&self.dir)
+    }
+
     /// Writes a report; on failure keeps it in memory and returns the error.
     pub fn save(&mut self, report: &Report) -> Result<PathBuf, StoreError> {
         match self.write(report) {
             Ok(path) => {
-                self.enforce_retention();
+                // Only a report larger than the whole budget is over it here.
+                self.enforce_retention(0);
                 Ok(path)
             }
             Err(e) => {
@@ -85,14 +171,17 @@ impl Store {
             path: path.clone(),
             source,
         };
-        fs::create_dir_all(&self.dir).map_err(err)?;
-        let tmp = self.dir.join(format!(".{}.json.tmp", report.id));
         let body = serde_json::to_vec_pretty(report).map_err(|e| err(std::io::Error::other(e)))?;
-        let mut f = fs::File::create(&tmp).map_err(err)?;
-        f.write_all(&body).map_err(err)?;
-        f.sync_all().map_err(err)?;
-        drop(f);
-        fs::rename(&tmp, &path).map_err(err)?;
+        self.create_dir().map_err(err)?;
+        // Room first: a directory at its budget makes room before the new report is written.
+        self.enforce_retention(body.len() as u64);
+        let tmp = self.dir.join(format!(".{}.json.tmp", report.id));
+        let written = write_new(&tmp, &body).and_then(|()| fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            // A disk that filled up mid-write leaves nothing half-written behind.
+            let _ = fs::remove_file(&tmp);
+            return Err(err(e));
+        }
         // The rename is durable once the directory is.
         if let Ok(d) = fs::File::open(&self.dir) {
             let _ = d.sync_all();
@@ -111,16 +200,22 @@ impl Store {
                 let name = name.to_string_lossy();
                 name.ends_with(".json") && !name.starts_with('.')
             })
-            .filter_map(|e| Some((e.path(), e.metadata().ok()?.len())))
+            .filter_map(|e| Some((e.path(), e.metadata().ok().filter(|m| m.is_file())?.len())))
             .collect();
         out.sort();
         out
     }
 
-    fn enforce_retention(&self) {
+    /// Removes the oldest reports until the directory, with `incoming` bytes more (one more
+    /// report when not 0), is within the count and the byte budget.
+    fn enforce_retention(&self, incoming: u64) {
         let mut files = self.files();
         let mut total: u64 = files.iter().map(|(_, n)| n).sum();
-        while !files.is_empty() && (files.len() > self.max_reports || total > self.max_bytes) {
+        let one_more = usize::from(incoming > 0);
+        while !files.is_empty()
+            && (files.len() + one_more > self.max_reports
+                || total.saturating_add(incoming) > self.max_bytes)
+        {
             let (path, n) = files.remove(0);
             match fs::remove_file(&path) {
                 Ok(()) => total -= n,
@@ -167,6 +262,19 @@ impl Store {
     }
 }
 
+/// A new file, 0600 from its creation, written and synced.
+fn write_new(path: &Path, body: &[u8]) -> std::io::Result<()> {
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(FILE_MODE)
+        .open(path)?;
+    f.write_all(body)?;
+    f.sync_all()
+}
+
+/// A report file; secrets masked as it is read, so reports written before the agent masked
+/// them show none either.
 pub fn read(path: &Path) -> Result<Report, StoreError> {
     let bytes = fs::read(path).map_err(|source| StoreError::Read {
         path: path.to_path_buf(),
@@ -187,10 +295,12 @@ pub fn read(path: &Path) -> Result<Report, StoreError> {
             found,
         });
     }
-    serde_json::from_value(value).map_err(|source| StoreError::Parse {
+    let mut report: Report = serde_json::from_value(value).map_err(|source| StoreError::Parse {
         path: path.to_path_buf(),
         source,
-    })
+    })?;
+    report.redact();
+    Ok(report)
 }
 
 #[cfg(test)]
@@ -280,6 +390,111 @@ mod tests {
         assert!(errors
             .iter()
             .any(|e| matches!(e, StoreError::Schema { found: 99, .. })));
+    }
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn the_directory_is_0700_and_reports_0600_from_creation() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("a/forensics");
+        let mut s = Store::new(&dir, 10, u64::MAX);
+        let path = s.save(&report("r1", 1)).unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&root.path().join("a")), 0o700);
+        assert_eq!(mode(&path), 0o600);
+        let s = Store::new(root.path().join("b"), 10, u64::MAX);
+        s.prepare();
+        assert_eq!(mode(&root.path().join("b")), 0o700);
+    }
+
+    #[test]
+    fn prepare_tightens_the_directory_and_removes_interrupted_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::set_permissions(d, fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(d.join(".20260101-cuda-1-1.json.tmp"), b"{\"half").unwrap();
+        std::fs::write(d.join("old.json"), b"{}").unwrap();
+        std::fs::set_permissions(d.join("old.json"), fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::write(d.join("notes.tmp"), b"not ours").unwrap();
+        std::fs::create_dir(d.join(".x.json.tmp")).unwrap();
+        Store::new(d, 10, u64::MAX).prepare();
+        assert_eq!(mode(d), 0o700);
+        assert_eq!(mode(&d.join("old.json")), 0o600);
+        assert_eq!(names(d), [".x.json.tmp", "notes.tmp", "old.json"]);
+    }
+
+    #[test]
+    fn a_directory_of_another_user_is_left_as_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::set_permissions(d, fs::Permissions::from_mode(0o755)).unwrap();
+        // Only root can give a directory away; elsewhere there is nothing to check.
+        if std::os::unix::fs::chown(d, Some(65534), None).is_err() {
+            return;
+        }
+        Store::new(d, 10, u64::MAX).prepare();
+        assert_eq!(mode(d), 0o755);
+    }
+
+    #[test]
+    fn a_failed_write_leaves_no_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::new(dir.path(), 10, u64::MAX);
+        s.save(&report("r1", 1)).unwrap();
+        // The report's name is taken by a directory that is not empty: the rename fails
+        // after the temporary file was written and synced.
+        std::fs::create_dir_all(dir.path().join("r2.json/x")).unwrap();
+        let e = s.save(&report("r2", 2)).unwrap_err();
+        assert!(matches!(e, StoreError::Write { .. }), "{e:?}");
+        assert_eq!(names(dir.path()), ["r1.json", "r2.json"]);
+        assert_eq!(s.get("r2").unwrap().summary, "report r2", "kept in memory");
+    }
+
+    #[test]
+    fn retention_makes_room_before_the_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::new(dir.path(), 2, u64::MAX);
+        s.save(&report("r1", 1)).unwrap();
+        s.save(&report("r2", 2)).unwrap();
+        // The write of r3 fails at its rename: the oldest report has already made room.
+        std::fs::create_dir_all(dir.path().join("r3.json/x")).unwrap();
+        assert!(s.save(&report("r3", 3)).is_err());
+        assert_eq!(names(dir.path()), ["r2.json", "r3.json"]);
+        // Within bytes alike: room for the incoming report's size.
+        let dir = tempfile::tempdir().unwrap();
+        let one = serde_json::to_vec_pretty(&report("a", 0)).unwrap().len() as u64;
+        let mut s = Store::new(dir.path(), 100, one * 2);
+        s.save(&report("a", 1)).unwrap();
+        s.save(&report("b", 2)).unwrap();
+        std::fs::create_dir_all(dir.path().join("c.json/x")).unwrap();
+        assert!(s.save(&report("c", 3)).is_err());
+        assert_eq!(names(dir.path()), ["b.json", "c.json"]);
+    }
+
+    #[test]
+    fn secrets_in_a_report_on_disk_are_masked_as_it_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = report("old", 1);
+        r.process.cmdline = "server --api-key sk-live-1".into();
+        std::fs::write(dir.path().join("old.json"), serde_json::to_vec(&r).unwrap()).unwrap();
+        let s = Store::new(dir.path(), 10, u64::MAX);
+        assert_eq!(
+            s.get("old").unwrap().process.cmdline,
+            "server --api-key ***"
+        );
+        assert_eq!(s.list().0[0].process.cmdline, "server --api-key ***");
     }
 
     #[test]

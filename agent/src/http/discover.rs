@@ -171,14 +171,16 @@ pub fn option(argv: &[String], names: &[&str]) -> Option<String> {
     })
 }
 
+/// The process's arguments, secrets masked: the model, revision and port taken from them
+/// become labels and scrape targets.
 pub fn argv(procfs: &ProcFs, pid: u32) -> Option<Vec<String>> {
     let raw = std::fs::read(procfs.root().join(pid.to_string()).join("cmdline")).ok()?;
-    Some(
-        raw.split(|&b| b == 0)
-            .filter(|a| !a.is_empty())
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect(),
-    )
+    let args: Vec<String> = raw
+        .split(|&b| b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    Some(crate::redact::argv(&args))
 }
 
 /// A TCP socket from `/proc/<pid>/net/tcp{,6}`.
@@ -476,6 +478,30 @@ mod tests {
         let mut seen = HashMap::new();
         let servers = scan(&procfs, &[], &[], &mut seen);
         assert_eq!(servers[&42].model.as_deref(), Some("tiny"));
+    }
+
+    #[test]
+    fn secrets_on_a_command_line_reach_no_label() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("42");
+        std::fs::create_dir_all(&p).unwrap();
+        std::fs::write(
+            p.join("cmdline"),
+            b"vllm\0serve\0https://u:pw1@hub.example/m\0--api-key\0sk-2\0--port\08000\0",
+        )
+        .unwrap();
+        let procfs = ProcFs::new(dir.path());
+        let a = argv(&procfs, 42).unwrap();
+        assert!(
+            !a.join(" ").contains("pw1") && !a.join(" ").contains("sk-2"),
+            "{a:?}"
+        );
+        assert_eq!(option(&a, &["--port"]).as_deref(), Some("8000"));
+        let servers = scan(&procfs, &[], &[], &mut HashMap::new());
+        assert_eq!(
+            servers[&42].model.as_deref(),
+            Some("https://u:***@hub.example/m")
+        );
     }
 
     #[test]

@@ -66,14 +66,26 @@ impl ForensicsState {
 fn read_meta(procfs: &crate::proc::ProcFs, pid: u32) -> Meta {
     let dir = procfs.root().join(pid.to_string());
     let cmdline = std::fs::read(dir.join("cmdline"))
-        .map(|b| {
-            let s: String = String::from_utf8_lossy(&b).replace('\0', " ");
-            // Arguments can hold prompts or secrets on odd setups; keep the start.
-            s.trim().chars().take(512).collect()
-        })
+        .map(|b| cmdline(&b))
         .unwrap_or_default();
     let cgroup = procfs.memory_cgroup(pid);
     Meta { cmdline, cgroup }
+}
+
+/// `/proc/<pid>/cmdline` as a report shows it: secrets masked argument by argument, then
+/// joined and cut to its start (arguments can hold prompts on odd setups). Masking comes
+/// first, so the cut cannot leave a prefix of a secret.
+fn cmdline(raw: &[u8]) -> String {
+    let args: Vec<String> = raw
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    crate::redact::argv(&args)
+        .join(" ")
+        .trim()
+        .chars()
+        .take(512)
+        .collect()
 }
 
 impl Tracker {
@@ -392,4 +404,27 @@ impl Tracker {
 fn comm_of(raw: &[u8; 16]) -> String {
     let end = raw.iter().position(|b| *b == 0).unwrap_or(raw.len());
     String::from_utf8_lossy(&raw[..end]).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_command_line_is_masked_before_it_is_cut() {
+        let secret = "sk-".to_string() + &"x".repeat(600);
+        let raw =
+            format!("vllm\0serve\0m\0--api-key\0{secret}\0--hf-token=hf_abc\0HF_TOKEN=hf_def\0");
+        let line = cmdline(raw.as_bytes());
+        assert_eq!(
+            line,
+            "vllm serve m --api-key *** --hf-token=*** HF_TOKEN=***"
+        );
+        // A secret past the cut is masked too, not left as a prefix.
+        let long = format!("{}\0--token\0{secret}\0", "a".repeat(500));
+        let line = cmdline(long.as_bytes());
+        assert!(!line.contains("sk-"), "{line}");
+        assert_eq!(line.chars().count(), 512);
+        assert_eq!(cmdline(b""), "");
+    }
 }

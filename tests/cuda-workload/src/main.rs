@@ -1,7 +1,9 @@
 //! `cuda-workload`: drives libcuda (normally the test double) through `cudarc` following
 //! a plan and prints its own ground truth of the memory-API calls it made.
 //!
-//! Usage: `cuda-workload (--plan "step; step; ..." | --plan-file F) [--pause]`
+//! Usage: `cuda-workload (--plan "step; step; ..." | --plan-file F) [--pause] [-- ARG...]`
+//! (the arguments after `--` are ignored: they stand for an inference server's own options
+//! on its command line, `--api-key …`, for tests of what the agent makes of them).
 //! See README.md for the plan language and the output format.
 
 use std::collections::BTreeMap;
@@ -15,7 +17,8 @@ use cudarc::driver::{CudaContext, CudaStream};
 
 type CuResult = sys::CUresult;
 
-const USAGE: &str = "usage: cuda-workload (--plan \"step; step; ...\" | --plan-file FILE) [--pause]
+const USAGE: &str =
+    "usage: cuda-workload (--plan \"step; step; ...\" | --plan-file FILE) [--pause] [-- IGNORED...]
        cuda-workload --double-dir (nop5|push|endbr|novmm|nvml)";
 
 // ------------------------------------------------------------------ plan
@@ -826,6 +829,7 @@ fn main() {
                 );
             }
             "--pause" => pause = true,
+            "--" => break,
             // For scripts that cannot link this crate: where the double of a variant lives.
             "--double-dir" => {
                 let name = args.next().unwrap_or_else(|| fatal(USAGE));

@@ -280,8 +280,22 @@ impl Workload {
 
     /// Starts the workload on the driver library found in `lib_dir`.
     pub fn start_in(plan: &str, opts: &WorkloadOptions, lib_dir: &Path) -> Workload {
+        Self::start_with(plan, opts, lib_dir, &[], &[])
+    }
+
+    /// With `args` on its command line after `--` (the workload ignores them: a server's own
+    /// options, `--api-key …`) and `env` in its environment.
+    pub fn start_with(
+        plan: &str,
+        opts: &WorkloadOptions,
+        lib_dir: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Workload {
         let mut cmd = Command::new(bin(cuda_workload::WORKLOAD_BIN_NAME));
-        cmd.args(["--plan", plan, "--pause"])
+        cmd.args(["--plan", plan, "--pause", "--"])
+            .args(args)
+            .envs(env.iter().copied())
             .env("LD_LIBRARY_PATH", lib_dir)
             .env(cuda_workload::ENV_GPU_COUNT, opts.gpus.to_string())
             .env(cuda_workload::ENV_GPU_MEM, opts.gpu_mem.to_string())

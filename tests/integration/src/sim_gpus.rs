@@ -76,13 +76,18 @@ impl SimGpus {
 
     /// A workload on the CUDA double (push variant) using these GPUs.
     pub fn workload(&self, plan: &str) -> Workload {
+        self.workload_with(plan, &[], &[])
+    }
+
+    /// A workload with `args` on its command line (ignored by it) and `env`.
+    pub fn workload_with(&self, plan: &str, args: &[&str], env: &[(&str, &str)]) -> Workload {
         let opts = WorkloadOptions {
             variant: Variant::Push,
             gpus: self.count,
             gpu_mem: self.mem,
             state_file: Some(&self.state),
         };
-        Workload::start(plan, &opts)
+        Workload::start_with(plan, &opts, &opts.variant.dir(), args, env)
     }
 }
 

@@ -337,6 +337,180 @@ fn a_host_oom_kill_is_reported_with_the_victim_and_its_cgroup() {
     assert!(agent.stop().success());
 }
 
+fn mode(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+#[test]
+fn secrets_on_a_command_line_reach_no_report_output_or_log() {
+    if !root_tier() {
+        return;
+    }
+    // Unique, so that no other text on the machine can contain them by chance.
+    let nonce = format!(
+        "{}{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    let key = format!("sk-live-{nonce}");
+    let token = format!("hf_tok{nonce}");
+    let password = format!("pw{nonce}");
+    let env_token = format!("hf_env{nonce}");
+    let secrets = [&key, &token, &password, &env_token];
+    let gpu = SimGpus::new(1, 1 << 30);
+    let agent = start_agent(&gpu);
+    let model = format!("https://user:{password}@hub.example/org/m");
+    let hf_token = format!("--hf-token={token}");
+    let env_line = format!("HF_TOKEN={env_token}");
+    let mut w = gpu.workload_with(
+        "alloc dev=0 size=1048576 count=2; exhaust dev=0 size=134217728; checkpoint name=oom",
+        &["--model", &model, &hf_token, &env_line, "--api-key", &key],
+        &[("HF_TOKEN", &env_token)],
+    );
+    w.proceed();
+    let truth = w.truth();
+    let l = reports(&agent, 1);
+    assert_eq!(l[0]["pid"], truth.pid);
+    let dir = agent.dir.path().join("forensics");
+    let id = l[0]["id"].as_str().unwrap();
+    let r = show(&dir, id);
+    let cmdline = r["process"]["cmdline"].as_str().unwrap();
+    assert!(
+        cmdline.ends_with(
+            "--model https://user:***@hub.example/org/m --hf-token=*** HF_TOKEN=*** --api-key ***"
+        ),
+        "{cmdline}"
+    );
+    let clean = |what: &str, text: &str| {
+        for s in secrets {
+            assert!(!text.contains(s.as_str()), "{what} holds {s}:\n{text}");
+        }
+    };
+    // Every file the agent wrote, and its mode.
+    let files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    for f in &files {
+        clean(
+            &f.display().to_string(),
+            &std::fs::read_to_string(f).unwrap(),
+        );
+        assert_eq!(mode(f), 0o600, "{}", f.display());
+    }
+    assert_eq!(mode(&dir), 0o700);
+    for format in ["text", "json", "html"] {
+        let (ok, out, err) = cli(&dir, &["show", id, "--format", format]);
+        assert!(ok, "{err}");
+        clean(&format!("show --format {format}"), &(out + &err));
+    }
+    for format in ["text", "json"] {
+        let (ok, out, err) = cli(&dir, &["list", "--format", format]);
+        assert!(ok, "{err}");
+        clean(&format!("list --format {format}"), &(out + &err));
+    }
+    w.proceed();
+    assert!(w.wait().success());
+    let log = agent.log();
+    assert!(log.contains("forensic report written"), "{log}");
+    assert!(agent.stop().success());
+    clean("the agent's log", &log);
+}
+
+/// A tmpfs of `size` on `dir`, unmounted on drop.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .status()
+            .expect("mount")
+            .success();
+        assert!(ok, "cannot mount a tmpfs on {}", dir.display());
+        Tmpfs(dir.to_path_buf())
+    }
+
+    /// Fills it up: writes until the disk is full.
+    fn fill(&self) {
+        use std::io::Write;
+        let mut f = std::fs::File::create(self.0.join("filler")).unwrap();
+        let chunk = [0u8; 4096];
+        loop {
+            match f.write_all(&chunk) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => return,
+                Err(e) => panic!("filling the tmpfs: {e}"),
+            }
+        }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_leaves_no_temporary_file_and_counts_the_failure() {
+    if !root_tier() {
+        return;
+    }
+    let gpu = SimGpus::new(1, 1 << 30);
+    let agent = start_agent(&gpu);
+    let dir = agent.dir.path().join("forensics");
+    let disk = Tmpfs::mount(&dir, "64k");
+    disk.fill();
+    let mut w = gpu.workload(
+        "alloc dev=0 size=1048576 count=2; exhaust dev=0 size=134217728; checkpoint name=oom",
+    );
+    w.proceed();
+    w.truth();
+    let s = agent.wait_for("the failed write counted", |s| {
+        s.sum("inferscope_forensics_errors_total", &[("kind", "write")]) == 1.0
+    });
+    assert_eq!(
+        s.sum("inferscope_forensics_reports_total", &[("kind", "cuda")]),
+        1.0
+    );
+    let names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["filler"], "nothing but the filler is left");
+    assert!(
+        agent.log().contains("forensic report kept in memory only"),
+        "{}",
+        agent.log()
+    );
+    // Room again: the next report is written.
+    std::fs::remove_file(dir.join("filler")).unwrap();
+    let mut w2 = gpu.workload("exhaust dev=0 size=134217728; checkpoint name=oom");
+    w2.proceed();
+    let t2 = w2.truth();
+    let l = reports(&agent, 1);
+    assert_eq!(l[0]["pid"], t2.pid);
+    w.proceed();
+    w2.proceed();
+    assert!(w.wait().success() && w2.wait().success());
+    drop(disk);
+    assert!(agent.stop().success());
+}
+
 #[test]
 fn the_cli_skips_damaged_files_and_reports_an_unknown_id() {
     let dir = tempfile::tempdir().unwrap();
@@ -347,6 +521,54 @@ fn the_cli_skips_damaged_files_and_reports_an_unknown_id() {
     assert!(err.contains("broken.json"), "{err}");
     let (ok, _, err) = cli(dir.path(), &["show", "nope"]);
     assert!(!ok && err.contains("no report with id nope"), "{err}");
+}
+
+#[test]
+fn the_cli_prints_no_control_character_a_process_chose() {
+    let dir = tempfile::tempdir().unwrap();
+    // A process may name itself (prctl) and its arguments as it likes.
+    let report = serde_json::json!({
+        "schema_version": 1, "id": "20260101T000000000Z-cuda-7-1", "kind": "cuda",
+        "time": "2026-01-01T00:00:00.000Z", "time_unix_ms": 1,
+        "summary": "pid 7 (ev\u{1b}]0;pwned\u{7}il) failed\nfake: all good\u{202e}",
+        "process": {"pid": 7, "comm": "ev\u{1b}[2Jil\u{9b}31m", "cmdline": "x\r\u{7f}y", "cgroup": ""},
+        "gpu": null, "cuda": null, "exit": null, "host_oom": null, "xid": null,
+        "allocations": null, "gpu_processes": [],
+        "timeline": {"window_seconds": 0, "gpu": [], "processes": [], "failures": []},
+        "suppressed_before": 0
+    });
+    std::fs::write(
+        dir.path().join("20260101T000000000Z-cuda-7-1.json"),
+        report.to_string(),
+    )
+    .unwrap();
+    let raw = |c: char| c.is_control() && c != '\n' || c == '\u{202e}';
+    for args in [
+        &["list"][..],
+        &["list", "--format", "json"],
+        &["show", "20260101T000000000Z-cuda-7-1"],
+        &["show", "20260101T000000000Z-cuda-7-1", "--format", "json"],
+        &["show", "20260101T000000000Z-cuda-7-1", "--format", "html"],
+    ] {
+        let (ok, out, err) = cli(dir.path(), args);
+        assert!(ok, "{args:?}: {err}");
+        assert!(
+            !out.chars().any(raw),
+            "{args:?} printed a control character: {out:?}"
+        );
+        assert!(
+            !out.lines().any(|l| l.starts_with("fake")),
+            "{args:?}: {out}"
+        );
+    }
+    let (_, out, _) = cli(dir.path(), &["show", "20260101T000000000Z-cuda-7-1"]);
+    assert!(out.contains("ev\\x1b[2Jil\\u{9b}31m"), "{out}");
+    let (_, out, _) = cli(
+        dir.path(),
+        &["show", "20260101T000000000Z-cuda-7-1", "--format", "json"],
+    );
+    let back: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(back["process"]["comm"], report["process"]["comm"]);
 }
 
 /// Renders the HTML report in headless Chromium: the browser's DOM must hold the chart, and
