@@ -172,14 +172,27 @@ pub async fn run(
         health: &health,
         tracefs: tracefs.as_ref().err(),
     };
-    families.start("sched", true, probe::sched::attach, &mut loaded.ebpf);
-    families.start("oom", true, probe::oom::attach, &mut loaded.ebpf);
-    let http_maps = families.start(
-        "http",
-        true,
-        |ebpf| probe::http::attach(ebpf, config.http.capture_bytes),
-        &mut loaded.ebpf,
-    );
+    let mut links = probe::links::Links::default();
+    for family in [
+        families.start("sched", true, probe::sched::attach, &mut loaded.ebpf),
+        families.start("oom", true, probe::oom::attach, &mut loaded.ebpf),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        links.extend(family);
+    }
+    let http_maps = families
+        .start(
+            "http",
+            true,
+            |ebpf| probe::http::attach(ebpf, config.http.capture_bytes),
+            &mut loaded.ebpf,
+        )
+        .map(|(maps, http_links)| {
+            links.extend(http_links);
+            maps
+        });
     let cuda = families.start(
         "cuda",
         false,
@@ -194,6 +207,7 @@ pub async fn run(
             lost: loaded.lost,
             hits: loaded.hits,
         },
+        links,
         metrics.clone(),
         health.clone(),
         &config,

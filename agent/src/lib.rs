@@ -21,6 +21,7 @@ pub mod probe;
 pub mod proc;
 pub mod redact;
 pub mod scrape;
+pub mod tenant_file;
 pub mod tls;
 pub mod track;
 

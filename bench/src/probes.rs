@@ -219,9 +219,8 @@ impl AgentRun {
         let loaded = load_object()?;
         let mut ebpf = loaded.ebpf;
         let mut cuda = CudaProbes::load(&mut ebpf, &Config::default().probes.disabled)?;
-        let Some(library) = discover::library_at(lib, lib.display().to_string()) else {
-            bail!("cannot stat {}", lib.display());
-        };
+        let library = discover::library_at(lib, lib.display().to_string())
+            .map_err(|e| anyhow::anyhow!(inferscope::error_chain(&e)))?;
         let report = cuda.attach_library(&mut ebpf, &library);
         for api in [CudaApi::MemAlloc, CudaApi::MemFree] {
             if !report.attached.contains(&api) {
@@ -243,7 +242,7 @@ impl AgentRun {
 
     /// Detaches, drains the pipeline; returns what it delivered and (timed) the latencies.
     pub fn finish(mut self, rt: &Runtime) -> (Delivered, Vec<u64>) {
-        self.cuda.detach_all(&mut self.ebpf);
+        self.cuda.take_links().release();
         let (events, lat) = self.pipeline.finish(rt);
         let lost = lost_of(&self.lost);
         drop(self.ebpf);

@@ -65,6 +65,14 @@ pub struct KindLabels {
     pub kind: &'static str,
 }
 
+/// `inferscope_dropped_total`: what outside input would have made the agent store or open,
+/// and why it did not.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DroppedLabels {
+    pub what: &'static str,
+    pub reason: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FamilyLabels {
     pub family: &'static str,
@@ -229,6 +237,7 @@ pub struct Metrics {
     pub probe_attached: Family<ProbeLabels, Gauge>,
     pub probe_shed: Family<ProbeLabels, Gauge>,
     pub probe_family_up: Family<FamilyLabels, Gauge>,
+    pub dropped: Family<DroppedLabels, Counter>,
     pub cuda_libraries: Gauge,
     pub tracked_processes: Gauge,
     pub source_up: Family<SourceLabels, Gauge>,
@@ -302,6 +311,7 @@ impl Metrics {
             probe_attached: Family::default(),
             probe_shed: Family::default(),
             probe_family_up: Family::default(),
+            dropped: Family::default(),
             cuda_libraries: Gauge::default(),
             tracked_processes: Gauge::default(),
             source_up: Family::default(),
@@ -429,6 +439,11 @@ impl Metrics {
             "inferscope_probe_family_up",
             "1 when the probe family is loaded and attached, 0 when it is disabled or could not start",
             m.probe_family_up.clone(),
+        );
+        registry.register(
+            "inferscope_dropped",
+            "Outside input the agent refused to store or open (what, reason): a tenant's file that is not the mapped one, state past its budget",
+            m.dropped.clone(),
         );
         registry.register(
             "inferscope_cuda_libraries",

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use agent_common::cuda::{CudaApi, APIS};
 use aya::{
     programs::{
-        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope},
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLink, UProbeScope},
         UProbe,
     },
     Ebpf,
@@ -15,16 +15,18 @@ use aya::{
 use super::{
     discover::{FileId, Library},
     elf::{self, FirstInstruction},
+    links::Links,
     ProbeError,
 };
 
 const ENTER: &str = "cuda_enter";
 const RETURN: &str = "cuda_return";
 
+/// Owned links: dropping them detaches.
 struct Attached {
     api: CudaApi,
-    enter: UProbeLinkId,
-    ret: UProbeLinkId,
+    enter: UProbeLink,
+    ret: UProbeLink,
 }
 
 struct AttachedLibrary {
@@ -85,7 +87,8 @@ impl CudaProbes {
     pub fn attach_library(&mut self, ebpf: &mut Ebpf, lib: &Library) -> AttachReport {
         let mut report = AttachReport::default();
         let wanted: Vec<&str> = APIS.iter().map(|(_, s, _)| *s).collect();
-        let symbols = match elf::read_symbols(&lib.path, &wanted) {
+        let symbols = match elf::read_symbols(&lib.file.file, lib.file.size, &lib.display, &wanted)
+        {
             Ok(s) => s,
             Err(e) => {
                 report.failed.push(("*", e.to_string()));
@@ -98,15 +101,15 @@ impl CudaProbes {
             first: HashMap::new(),
         };
         for &(api, sym, _) in APIS {
-            let Some(first) = symbols.found.get(sym) else {
+            let Some(found) = symbols.found.get(sym) else {
                 report.missing.push(sym);
                 continue;
             };
-            attached.first.insert(api, *first);
+            attached.first.insert(api, found.first);
             if self.off.contains(&api) {
                 continue;
             }
-            match attach_symbol(ebpf, lib, api, sym) {
+            match attach_symbol(ebpf, lib, api, found.offset) {
                 Ok(link) => {
                     attached.links.push(link);
                     report.attached.push(api);
@@ -124,26 +127,30 @@ impl CudaProbes {
     }
 
     /// Detaches `api` from every library and keeps it off for libraries found later.
-    pub fn shed(&mut self, ebpf: &mut Ebpf, api: CudaApi) {
+    pub fn shed(&mut self, api: CudaApi) {
         self.off.insert(api);
+        let mut gone = Links::default();
         for lib in self.libs.values_mut() {
-            let (gone, kept): (Vec<_>, Vec<_>) = lib.links.drain(..).partition(|l| l.api == api);
+            let (off, kept): (Vec<_>, Vec<_>) = lib.links.drain(..).partition(|l| l.api == api);
             lib.links = kept;
-            for link in gone {
-                detach(ebpf, ENTER, link.enter);
-                detach(ebpf, RETURN, link.ret);
+            for link in off {
+                gone.hold(link.enter);
+                gone.hold(link.ret);
             }
         }
+        gone.release();
     }
 
-    /// Detaches everything (shutdown); dropping the object would too, this says so in order.
-    pub fn detach_all(&mut self, ebpf: &mut Ebpf) {
+    /// Every link, for the shutdown to release with the others.
+    pub fn take_links(&mut self) -> Links {
+        let mut out = Links::default();
         for (_, lib) in std::mem::take(&mut self.libs) {
             for link in lib.links {
-                detach(ebpf, ENTER, link.enter);
-                detach(ebpf, RETURN, link.ret);
+                out.hold(link.enter);
+                out.hold(link.ret);
             }
         }
+        out
     }
 
     /// Per attached api: the costliest first instruction among the libraries it is on.
@@ -199,41 +206,31 @@ pub fn permission_denied(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
+/// Attaches at the offset the agent's own bounded reader found, through the checked
+/// descriptor: aya's symbol lookup would map the whole file by path (and follow its debug
+/// link to another file).
 fn attach_symbol(
     ebpf: &mut Ebpf,
     lib: &Library,
     api: CudaApi,
-    sym: &'static str,
+    offset: u64,
 ) -> Result<Attached, ProbeError> {
     let point = || UProbeAttachPoint {
-        location: UProbeAttachLocation::Symbol(sym),
+        location: UProbeAttachLocation::AbsoluteOffset(offset),
         cookie: Some(api as u64),
     };
+    let path = lib.file.fd_path();
     let attach_error = |name| move |source| ProbeError::Attach { name, source };
+    let attach = |ebpf: &mut Ebpf, name| -> Result<UProbeLink, ProbeError> {
+        let prog = program(ebpf, name)?;
+        let id = prog
+            .attach(point(), &path, UProbeScope::AllProcesses)
+            .map_err(attach_error(name))?;
+        prog.take_link(id).map_err(attach_error(name))
+    };
     // Return probe first: a call that enters between the two attaches leaves no stash behind.
-    let ret = program(ebpf, RETURN)?
-        .attach(point(), &lib.path, UProbeScope::AllProcesses)
-        .map_err(attach_error(RETURN))?;
-    let enter = program(ebpf, ENTER).and_then(|p| {
-        p.attach(point(), &lib.path, UProbeScope::AllProcesses)
-            .map_err(attach_error(ENTER))
-    });
-    match enter {
-        Ok(enter) => Ok(Attached { api, enter, ret }),
-        Err(e) => {
-            detach(ebpf, RETURN, ret);
-            Err(e)
-        }
-    }
-}
-
-fn detach(ebpf: &mut Ebpf, name: &'static str, link: UProbeLinkId) {
-    match program(ebpf, name) {
-        Ok(p) => {
-            if let Err(e) = p.detach(link) {
-                tracing::warn!(program = name, error = %e, "detach failed");
-            }
-        }
-        Err(e) => tracing::warn!(program = name, error = %e, "detach failed"),
-    }
+    // On failure the return probe's link drops, which detaches it.
+    let ret = attach(ebpf, RETURN)?;
+    let enter = attach(ebpf, ENTER)?;
+    Ok(Attached { api, enter, ret })
 }

@@ -1,15 +1,16 @@
 //! Finding CUDA driver libraries: files named `libcuda.so*` mapped by running processes (seen
 //! through `/proc/<pid>/root`, so libraries inside containers are found too), in the standard
 //! driver locations, and given explicitly. Files are identified by (device, inode): a uprobe
-//! on a file covers every process that maps it, whatever path it was reached by.
+//! on a file covers every process that maps it, whatever path it was reached by. A process's
+//! files are opened as [`crate::tenant_file`] says, never by following its paths from here.
 
-use std::{
-    collections::HashSet,
-    os::unix::fs::MetadataExt,
-    path::{Path, PathBuf},
+use std::{collections::HashSet, io::Read, path::Path};
+
+pub use crate::tenant_file::FileId;
+use crate::{
+    proc::ProcFs,
+    tenant_file::{self, OpenError, TenantFile},
 };
-
-use crate::proc::ProcFs;
 
 /// Where drivers are installed on hosts, in NVIDIA's container images and by the GPU operator.
 pub const STANDARD_DIRS: &[&str] = &[
@@ -22,19 +23,30 @@ pub const STANDARD_DIRS: &[&str] = &[
     "/run/nvidia/driver/usr/lib64",
 ];
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct FileId {
-    pub dev: u64,
-    pub ino: u64,
-}
+/// The most of a process's maps text read: a process with more mappings than this names its
+/// driver within the first ones, and the rest cannot make the agent allocate.
+const MAPS_MAX: u64 = 16 << 20;
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A library opened for attaching: the descriptor the symbols are read from and the probes
+/// attached through.
+#[derive(Debug)]
 pub struct Library {
     pub id: FileId,
-    /// A path the agent can open (through `/proc/<pid>/root` or `map_files` when needed).
-    pub path: PathBuf,
-    /// The path as the mapping process sees it, for logs and labels.
+    pub file: TenantFile,
+    /// The path as the mapping process (or the operator) names it, for logs and labels.
     pub display: String,
+}
+
+/// A `libcuda.so*` mapping of a process, as its maps line has it (nothing opened yet).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mapped {
+    pub pid: u32,
+    /// `start-end`, the name of its `map_files` entry.
+    pub range: String,
+    pub id: FileId,
+    /// The path as the process sees it.
+    pub path: String,
+    pub deleted: bool,
 }
 
 pub fn is_cuda_driver(path: &str) -> bool {
@@ -42,14 +54,12 @@ pub fn is_cuda_driver(path: &str) -> bool {
     name == "libcuda.so" || name.starts_with("libcuda.so.")
 }
 
-pub fn library_at(path: &Path, display: impl Into<String>) -> Option<Library> {
-    let meta = std::fs::metadata(path).ok()?;
-    Some(Library {
-        id: FileId {
-            dev: meta.dev(),
-            ino: meta.ino(),
-        },
-        path: path.to_path_buf(),
+/// A library of the agent's own file tree (an explicit `--cuda-lib`, a standard directory).
+pub fn library_at(path: &Path, display: impl Into<String>) -> Result<Library, OpenError> {
+    let file = tenant_file::open_in_root(Path::new("/"), &path.to_string_lossy(), None)?;
+    Ok(Library {
+        id: file.id,
+        file,
         display: display.into(),
     })
 }
@@ -64,7 +74,7 @@ pub fn standard_libraries() -> Vec<Library> {
         for entry in entries.flatten() {
             let path = entry.path();
             if path.to_str().is_some_and(is_cuda_driver) {
-                if let Some(lib) = library_at(&path, path.display().to_string()) {
+                if let Ok(lib) = library_at(&path, path.display().to_string()) {
                     out.push(lib);
                 }
             }
@@ -73,44 +83,82 @@ pub fn standard_libraries() -> Vec<Library> {
     dedup(out)
 }
 
-/// Scans the memory maps of running processes for CUDA driver libraries. `skip` holds pids
-/// already known to map an attached library (their maps need not be read again).
-pub fn mapped_libraries(procfs: &ProcFs, skip: &HashSet<u32>) -> Vec<(u32, Library)> {
+/// Opens a process's mapping of a driver: by its path inside the process's root, else (a
+/// deleted file, a process that changed its root after mapping, a path that no longer leads
+/// to the mapped file) through `map_files`.
+pub fn open_mapped(procfs: &ProcFs, m: &Mapped) -> Result<Library, OpenError> {
+    let base = procfs.root().join(m.pid.to_string());
+    let by_path = if m.deleted {
+        None
+    } else {
+        Some(tenant_file::open_in_root(
+            &base.join("root"),
+            &m.path,
+            Some(m.id),
+        ))
+    };
+    let file = match by_path {
+        Some(Ok(f)) => f,
+        Some(Err(first)) => {
+            tenant_file::open_mapping(&base, &m.range, Some(m.id)).map_err(|_| first)?
+        }
+        None => tenant_file::open_mapping(&base, &m.range, Some(m.id))?,
+    };
+    Ok(Library {
+        id: file.id,
+        file,
+        display: m.path.clone(),
+    })
+}
+
+/// Scans the memory maps of running processes for CUDA driver mappings, one per file and
+/// process. `skip` holds pids already known to map an attached library (their maps need not
+/// be read again).
+pub fn mapped_libraries(procfs: &ProcFs, skip: &HashSet<u32>) -> Vec<Mapped> {
     let mut out = Vec::new();
     for pid in procfs.pids() {
         if skip.contains(&pid) {
             continue;
         }
-        let base = procfs.root().join(pid.to_string());
-        let Ok(maps) = std::fs::read(base.join("maps")) else {
+        let Some(maps) = read_maps(&procfs.root().join(pid.to_string()).join("maps")) else {
             continue;
         };
         if memchr_libcuda(&maps).is_none() {
             continue;
         }
         for line in String::from_utf8_lossy(&maps).lines() {
-            if let Some(lib) = parse_maps_line(&base, line) {
-                out.push((pid, lib));
+            if let Some(m) = parse_maps_line(pid, line) {
+                out.push(m);
             }
         }
     }
-    out.sort_by_key(|(pid, lib)| (lib.id, *pid));
-    out.dedup_by_key(|(_, lib)| lib.id);
+    out.sort_by_key(|m| (m.id, m.pid));
+    out.dedup_by_key(|m| (m.id, m.pid));
     out
+}
+
+fn read_maps(path: &Path) -> Option<Vec<u8>> {
+    let mut buf = Vec::new();
+    std::fs::File::open(path)
+        .ok()?
+        .take(MAPS_MAX)
+        .read_to_end(&mut buf)
+        .ok()?;
+    Some(buf)
 }
 
 fn memchr_libcuda(haystack: &[u8]) -> Option<usize> {
     haystack.windows(7).position(|w| w == b"libcuda")
 }
 
-/// One `/proc/<pid>/maps` line → the library it maps, if it is a CUDA driver.
-fn parse_maps_line(proc_pid: &Path, line: &str) -> Option<Library> {
+/// One `/proc/<pid>/maps` line → the CUDA driver mapping it describes, if it is one.
+pub fn parse_maps_line(pid: u32, line: &str) -> Option<Mapped> {
     let mut fields = line.splitn(6, char::is_whitespace);
     let range = fields.next()?;
     let _perms = fields.next()?;
     let _offset = fields.next()?;
-    let _dev = fields.next()?;
-    let _inode = fields.next()?;
+    let dev = fields.next()?;
+    let ino = fields.next()?.parse().ok()?;
     let path = fields.next()?.trim_start();
     let (path, deleted) = match path.strip_suffix(" (deleted)") {
         Some(p) => (p, true),
@@ -119,13 +167,25 @@ fn parse_maps_line(proc_pid: &Path, line: &str) -> Option<Library> {
     if !path.starts_with('/') || !is_cuda_driver(path) {
         return None;
     }
-    // A file replaced on disk is still reachable through the mapping itself.
-    let open_path = if deleted {
-        proc_pid.join("map_files").join(range)
-    } else {
-        proc_pid.join("root").join(path.trim_start_matches('/'))
-    };
-    library_at(&open_path, path)
+    let (major, minor) = dev.split_once(':')?;
+    let (major, minor) = (
+        u32::from_str_radix(major, 16).ok()?,
+        u32::from_str_radix(minor, 16).ok()?,
+    );
+    let (start, end) = range.split_once('-')?;
+    if u64::from_str_radix(start, 16).is_err() || u64::from_str_radix(end, 16).is_err() {
+        return None;
+    }
+    Some(Mapped {
+        pid,
+        range: range.to_string(),
+        id: FileId {
+            dev: libc::makedev(major, minor),
+            ino,
+        },
+        path: path.to_string(),
+        deleted,
+    })
 }
 
 pub fn dedup(mut libs: Vec<Library>) -> Vec<Library> {
@@ -136,6 +196,8 @@ pub fn dedup(mut libs: Vec<Library>) -> Vec<Library> {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::MetadataExt;
+
     use super::*;
 
     #[test]
@@ -148,17 +210,62 @@ mod tests {
     }
 
     #[test]
-    fn scans_a_captured_proc_tree() {
+    fn parses_maps_lines() {
+        let m =
+            parse_maps_line(7, "7f00-7f10 r-xp 00000000 fd:01 42 /opt/drv/libcuda.so.1").unwrap();
+        assert_eq!(
+            m,
+            Mapped {
+                pid: 7,
+                range: "7f00-7f10".into(),
+                id: FileId {
+                    dev: libc::makedev(0xfd, 1),
+                    ino: 42
+                },
+                path: "/opt/drv/libcuda.so.1".into(),
+                deleted: false,
+            }
+        );
+        let d = parse_maps_line(
+            7,
+            "7f00-7f10 r-xp 00000000 08:10 9 /x/libcuda.so.1 (deleted)",
+        )
+        .unwrap();
+        assert!(d.deleted && d.path == "/x/libcuda.so.1");
+        for bad in [
+            "7f00-7f10 r-xp 00000000 fd:01 42 /usr/lib/libc.so.6",
+            "7f00-7f10 r-xp 00000000 fd:01 x /a/libcuda.so.1",
+            "7f00-7f10 r-xp 00000000 zz:01 42 /a/libcuda.so.1",
+            "7f00 r-xp 00000000 fd:01 42 /a/libcuda.so.1",
+            "7f00-7f10 r-xp 00000000 fd:01 42 libcuda.so.1",
+            "garbage",
+            "",
+        ] {
+            assert_eq!(parse_maps_line(1, bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn scans_a_captured_proc_tree_and_opens_inside_the_root() {
         let dir = tempfile::tempdir().unwrap();
         let lib_dir = dir.path().join("1234/root/opt/drv");
         std::fs::create_dir_all(&lib_dir).unwrap();
         std::fs::write(lib_dir.join("libcuda.so.1"), b"\x7fELF").unwrap();
+        let meta = std::fs::metadata(lib_dir.join("libcuda.so.1")).unwrap();
+        let dev = format!(
+            "{:x}:{:x}",
+            libc::major(meta.dev()),
+            libc::minor(meta.dev())
+        );
         std::fs::write(
             dir.path().join("1234/maps"),
-            "7f00-7f10 r-xp 00000000 fd:01 42 /opt/drv/libcuda.so.1\n\
-             7f10-7f20 r--p 00010000 fd:01 42 /opt/drv/libcuda.so.1\n\
-             7f20-7f30 r-xp 00000000 fd:01 43 /usr/lib/libc.so.6\n\
-             7f30-7f40 rw-p 00000000 00:00 0 \n",
+            format!(
+                "7f00-7f10 r-xp 00000000 {dev} {ino} /opt/drv/libcuda.so.1\n\
+                 7f10-7f20 r--p 00010000 {dev} {ino} /opt/drv/libcuda.so.1\n\
+                 7f20-7f30 r-xp 00000000 fd:01 43 /usr/lib/libc.so.6\n\
+                 7f30-7f40 rw-p 00000000 00:00 0 \n",
+                ino = meta.ino()
+            ),
         )
         .unwrap();
         std::fs::create_dir_all(dir.path().join("99")).unwrap();
@@ -166,9 +273,17 @@ mod tests {
         let procfs = ProcFs::new(dir.path());
         let found = mapped_libraries(&procfs, &HashSet::new());
         assert_eq!(found.len(), 1, "{found:?}");
-        assert_eq!(found[0].0, 1234);
-        assert_eq!(found[0].1.display, "/opt/drv/libcuda.so.1");
-        assert_eq!(found[0].1.path, lib_dir.join("libcuda.so.1"));
+        assert_eq!(found[0].pid, 1234);
+        let lib = open_mapped(&procfs, &found[0]).unwrap();
+        assert_eq!(lib.display, "/opt/drv/libcuda.so.1");
+        assert_eq!(lib.id, found[0].id);
         assert!(mapped_libraries(&procfs, &HashSet::from([1234])).is_empty());
+
+        // The same name planted as a link out of the root is never followed out.
+        std::fs::remove_file(lib_dir.join("libcuda.so.1")).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("1234/maps"), lib_dir.join("libcuda.so.1"))
+            .unwrap();
+        let e = open_mapped(&procfs, &found[0]).unwrap_err();
+        assert_eq!(e.reason(), "unreachable", "{e}");
     }
 }

@@ -16,7 +16,7 @@ use aya::{
 };
 use tokio::sync::mpsc;
 
-use super::ProbeError;
+use super::{links::Links, ProbeError};
 use crate::{
     http::{
         discover::{self, Server},
@@ -68,7 +68,8 @@ pub struct HttpMaps {
 }
 
 /// Loads and attaches the family's programs, sets the capture size and takes its maps.
-pub fn attach(ebpf: &mut Ebpf, capture_bytes: u32) -> Result<HttpMaps, ProbeError> {
+pub fn attach(ebpf: &mut Ebpf, capture_bytes: u32) -> Result<(HttpMaps, Links), ProbeError> {
+    let mut links = Links::default();
     let mut config: Array<MapData, u64> = super::take(ebpf, "HTTP_CONFIG")?;
     let capture = u64::from(capture_bytes.min(CAPTURE_MAX as u32));
     if let Err(e) = config.set(knob::CAPTURE_BYTES, capture, 0) {
@@ -84,11 +85,13 @@ pub fn attach(ebpf: &mut Ebpf, capture_bytes: u32) -> Result<HttpMaps, ProbeErro
             .try_into()
             .map_err(program_error)?;
         prog.load().map_err(program_error)?;
+        let attach_error = |source| ProbeError::Attach { name, source };
         for tp in *tracepoints {
-            prog.attach("syscalls", tp).map_err(program_error)?;
+            let id = prog.attach("syscalls", tp).map_err(attach_error)?;
+            links.hold(prog.take_link(id).map_err(attach_error)?);
         }
     }
-    Ok(HttpMaps { watched, conns })
+    Ok((HttpMaps { watched, conns }, links))
 }
 
 /// The watcher: rescans servers every interval, keeps the kernel's watched set and the

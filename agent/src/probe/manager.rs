@@ -22,11 +22,12 @@ use super::{
     budget::{self, Shed},
     cuda::CudaProbes,
     discover::{self, FileId, Library},
+    links::Links,
     per_cpu_sum, set_config,
 };
 use crate::{
     config::Config,
-    export::metrics::{FamilyLabels, Metrics, ProbeLabels, SourceLabels},
+    export::metrics::{DroppedLabels, FamilyLabels, Metrics, ProbeLabels, SourceLabels},
     health::Health,
     proc::ProcFs,
 };
@@ -39,10 +40,14 @@ pub struct Manager {
     hits_map: PerCpuArray<MapData, u64>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
+    /// Tracepoint links of the families attached at start.
+    links: Links,
     procfs: ProcFs,
     explicit: Vec<std::path::PathBuf>,
-    /// Pids known to map an attached library: their maps are not read again.
+    /// Pids whose driver mappings were handled: their maps are not read again.
     known_pids: HashSet<u32>,
+    /// Reasons already logged for refusing a process's library.
+    refused_reasons: HashSet<&'static str>,
     lost_seen: [u64; lost::COUNT as usize],
     hits_seen: HashMap<CudaApi, u64>,
     last_budget: Instant,
@@ -62,6 +67,7 @@ impl Manager {
         ebpf: Ebpf,
         cuda: Option<CudaProbes>,
         maps: ManagerMaps,
+        links: Links,
         metrics: Arc<Metrics>,
         health: Arc<Health>,
         config: &Config,
@@ -74,9 +80,11 @@ impl Manager {
             hits_map: maps.hits,
             metrics,
             health,
+            links,
             procfs: ProcFs::new(&config.proc_root),
             explicit: config.cuda_libs.clone(),
             known_pids: HashSet::new(),
+            refused_reasons: HashSet::new(),
             lost_seen: [0; lost::COUNT as usize],
             hits_seen: HashMap::new(),
             last_budget: Instant::now(),
@@ -93,20 +101,55 @@ impl Manager {
         let mut found: Vec<Library> = Vec::new();
         for path in &self.explicit {
             match discover::library_at(path, path.display().to_string()) {
-                Some(lib) => found.push(lib),
-                None => tracing::warn!(path = %path.display(), "--cuda-lib: cannot stat file"),
+                Ok(lib) => found.push(lib),
+                Err(e) => tracing::warn!(
+                    path = %path.display(),
+                    error = crate::error_chain(&e),
+                    "--cuda-lib: cannot open"
+                ),
             }
         }
         found.extend(discover::standard_libraries());
         // Forget pids that are gone (pids are reused).
         let procfs = &self.procfs;
         self.known_pids.retain(|pid| procfs.alive(*pid));
-        for (pid, lib) in discover::mapped_libraries(&self.procfs, &self.known_pids) {
-            self.known_pids.insert(pid);
-            found.push(lib);
+        for mapped in discover::mapped_libraries(&self.procfs, &self.known_pids) {
+            // Tried once per process, whatever the outcome: a tenant's bad file is not
+            // reopened every tick.
+            self.known_pids.insert(mapped.pid);
+            if self.knows(mapped.id) {
+                continue;
+            }
+            match discover::open_mapped(&self.procfs, &mapped) {
+                Ok(lib) => found.push(lib),
+                Err(e) => self.refuse(&mapped, &e),
+            }
         }
         for lib in discover::dedup(found) {
             self.attach(&lib);
+        }
+    }
+
+    /// A process's driver mapping the agent will not open: counted, and logged once per
+    /// reason (a tenant can make many).
+    fn refuse(&mut self, mapped: &discover::Mapped, e: &crate::tenant_file::OpenError) {
+        let reason = e.reason();
+        self.metrics
+            .dropped
+            .get_or_create(&DroppedLabels {
+                what: "cuda_library",
+                reason,
+            })
+            .inc();
+        if self.refused_reasons.insert(reason) {
+            tracing::warn!(
+                pid = mapped.pid,
+                library = mapped.path,
+                error = crate::error_chain(e),
+                "a process's CUDA library is not probed (logged once per reason; counted in inferscope_dropped_total)"
+            );
+        } else {
+            tracing::debug!(pid = mapped.pid, library = mapped.path, error = %e, "CUDA library not probed");
         }
     }
 
@@ -232,7 +275,7 @@ impl Manager {
                 }
                 Shed::Api(api) => {
                     if let Some(cuda) = self.cuda.as_mut() {
-                        cuda.shed(&mut self.ebpf, api);
+                        cuda.shed(api);
                     }
                     self.publish_attach_state();
                 }
@@ -257,10 +300,14 @@ impl Manager {
             self.enforce_budget();
         }
         self.publish_lost();
+        let mut links = std::mem::take(&mut self.links);
         if let Some(cuda) = self.cuda.as_mut() {
-            cuda.detach_all(&mut self.ebpf);
+            links.extend(cuda.take_links());
         }
-        // Dropping the object closes every program, map and remaining link.
+        let n = links.len();
+        links.release();
+        tracing::debug!(links = n, "links released");
+        // Dropping the object closes every program and map.
         drop(self.ebpf);
         tracing::info!("probes detached");
     }

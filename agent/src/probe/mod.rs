@@ -11,6 +11,7 @@ pub mod discover;
 pub mod elf;
 pub mod floor;
 pub mod http;
+pub mod links;
 pub mod manager;
 pub mod oom;
 pub mod sched;

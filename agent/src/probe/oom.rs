@@ -2,7 +2,7 @@
 
 use aya::Ebpf;
 
-use super::{sched::attach_tracepoint, ProbeError};
+use super::{links::Links, sched::attach_tracepoint, ProbeError};
 
 /// Field offsets the program reads, as the kernel's format file must show them.
 const EXPECTED: &[(&str, u32)] = &[
@@ -19,7 +19,8 @@ const EXPECTED: &[(&str, u32)] = &[
 
 /// Attaches when the tracepoint's layout is the one the program reads; a kernel with another
 /// layout gets no OOM-kill reports rather than wrong ones.
-pub fn attach(ebpf: &mut Ebpf) -> Result<bool, ProbeError> {
+pub fn attach(ebpf: &mut Ebpf) -> Result<Links, ProbeError> {
+    let mut links = Links::default();
     let format = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
         .iter()
         .find_map(|root| {
@@ -28,11 +29,16 @@ pub fn attach(ebpf: &mut Ebpf) -> Result<bool, ProbeError> {
     if let Some(format) = &format {
         if !layout_matches(format) {
             tracing::warn!("oom/mark_victim has an unknown layout on this kernel: host OOM kills are not reported");
-            return Ok(false);
+            return Ok(links);
         }
     }
-    attach_tracepoint(ebpf, "oom_mark_victim", "oom", "mark_victim")?;
-    Ok(true)
+    links.hold(attach_tracepoint(
+        ebpf,
+        "oom_mark_victim",
+        "oom",
+        "mark_victim",
+    )?);
+    Ok(links)
 }
 
 fn layout_matches(format: &str) -> bool {

@@ -1,30 +1,34 @@
 //! The `sched/sched_process_exit` tracepoint (exits of processes with CUDA activity).
 
-use aya::{programs::TracePoint, Ebpf};
+use aya::{
+    programs::{trace_point::TracePointLink, TracePoint},
+    Ebpf,
+};
 
-use super::ProbeError;
+use super::{links::Links, ProbeError};
 
 const PROGRAM: &str = "sched_process_exit";
 
-pub fn attach(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
+pub fn attach(ebpf: &mut Ebpf) -> Result<Links, ProbeError> {
+    let mut links = Links::default();
     // The exit status probes first: an exit between the attaches still finds its status.
     for (name, category, event) in [
         ("sys_enter_exit_group", "syscalls", "sys_enter_exit_group"),
         ("signal_deliver", "signal", "signal_deliver"),
         (PROGRAM, "sched", "sched_process_exit"),
     ] {
-        attach_tracepoint(ebpf, name, category, event)?;
+        links.hold(attach_tracepoint(ebpf, name, category, event)?);
     }
-    Ok(())
+    Ok(links)
 }
 
-/// Loads and attaches one tracepoint program of the object.
+/// Loads and attaches one tracepoint program of the object; the link is the caller's.
 pub fn attach_tracepoint(
     ebpf: &mut Ebpf,
     name: &'static str,
     category: &str,
     event: &str,
-) -> Result<(), ProbeError> {
+) -> Result<TracePointLink, ProbeError> {
     let prog: &mut TracePoint = ebpf
         .program_mut(name)
         .ok_or(ProbeError::MissingProgram { name })?
@@ -32,9 +36,9 @@ pub fn attach_tracepoint(
         .map_err(|source| ProbeError::Program { name, source })?;
     prog.load()
         .map_err(|source| ProbeError::Program { name, source })?;
-    prog.attach(category, event)
-        .map_err(|source| ProbeError::Attach { name, source })?;
-    Ok(())
+    let attach_error = |source| ProbeError::Attach { name, source };
+    let id = prog.attach(category, event).map_err(attach_error)?;
+    prog.take_link(id).map_err(attach_error)
 }
 
 /// Offset of `group_dead` in the tracepoint record, from the kernel's format file; 0 (use the
