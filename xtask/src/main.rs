@@ -100,7 +100,7 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     tests.and(fuzz)
 }
 
-const FUZZ_TARGETS: [&str; 2] = ["http_parser", "server_metrics"];
+const FUZZ_TARGETS: [&str; 4] = ["http_parser", "server_metrics", "elf_symbols", "proc_maps"];
 
 /// `cargo fuzz` on rustup's nightly, not the stable cargo running xtask, in the repository.
 fn cargo_fuzz(root: &std::path::Path) -> std::process::Command {

@@ -3,8 +3,13 @@
 //! otherwise) with blazesym. Addresses are turned into file offsets with the process's
 //! executable mappings as captured at the trigger, so a process that is gone by the time the
 //! report is written (it crashed, or exited right after its OOM) still gets named frames.
+//!
+//! The files are the process's own, opened at the trigger inside its root with device and
+//! inode checked ([`crate::tenant_file`]), and symbolized through those descriptors: frames of
+//! a container resolve against its files, never against files of the same name on the host,
+//! and a tenant's path cannot name a host file for the agent to read.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, io::Read, path::Path, sync::Arc};
 
 use aya::maps::{MapData, StackTraceMap};
 use blazesym::symbolize::{
@@ -13,14 +18,61 @@ use blazesym::symbolize::{
 };
 
 use super::report::Frame;
+use crate::tenant_file::{self, FileId, TenantFile};
 
 /// One executable file mapping of a process (`/proc/<pid>/maps`).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct Mapping {
     pub start: u64,
     pub end: u64,
     pub offset: u64,
     pub path: String,
+    /// Device and inode, as the maps line names them.
+    pub id: FileId,
+    /// The mapped file, opened at capture; `None` when it could not be (its frames then
+    /// name the module and offset only).
+    pub file: Option<Arc<TenantFile>>,
+}
+
+impl PartialEq for Mapping {
+    fn eq(&self, other: &Self) -> bool {
+        (self.start, self.end, self.offset, &self.path, self.id)
+            == (other.start, other.end, other.offset, &other.path, other.id)
+    }
+}
+
+impl Eq for Mapping {}
+
+/// The most of a maps text read (a process with more mappings is named by its first ones).
+const MAPS_MAX: u64 = 16 << 20;
+
+/// The executable mappings of the process at `proc_pid` (`/proc/<pid>`), each file opened
+/// once inside the process's root (else through `map_files`); files that cannot be opened
+/// safely are left unopened.
+pub fn capture(proc_pid: &Path) -> Vec<Mapping> {
+    let mut text = String::new();
+    let read = std::fs::File::open(proc_pid.join("maps"))
+        .and_then(|f| f.take(MAPS_MAX).read_to_string(&mut text));
+    if read.is_err() {
+        return Vec::new();
+    }
+    let mut maps = parse_maps(&text);
+    let mut opened: HashMap<FileId, Option<Arc<TenantFile>>> = HashMap::new();
+    let root = proc_pid.join("root");
+    for m in &mut maps {
+        let file = opened.entry(m.id).or_insert_with(|| {
+            let deleted = text.contains(&format!("{} (deleted)", m.path));
+            let by_path = (!deleted)
+                .then(|| tenant_file::open_in_root(&root, &m.path, Some(m.id)).ok())
+                .flatten();
+            let range = format!("{:x}-{:x}", m.start, m.end);
+            by_path
+                .or_else(|| tenant_file::open_mapping(proc_pid, &range, Some(m.id)).ok())
+                .map(Arc::new)
+        });
+        m.file = file.clone();
+    }
+    maps
 }
 
 /// Executable file mappings of a `/proc/<pid>/maps` text.
@@ -31,18 +83,31 @@ pub fn parse_maps(text: &str) -> Vec<Mapping> {
             let range = f.next()?;
             let perms = f.next()?;
             let offset = u64::from_str_radix(f.next()?, 16).ok()?;
-            let _dev = f.next()?;
-            let _inode = f.next()?;
+            let (major, minor) = f.next()?.split_once(':')?;
+            let dev = libc::makedev(
+                u32::from_str_radix(major, 16).ok()?,
+                u32::from_str_radix(minor, 16).ok()?,
+            );
+            let ino = f.next()?.parse().ok()?;
             let path = f.collect::<Vec<_>>().join(" ");
             if !perms.contains('x') || !path.starts_with('/') {
                 return None;
             }
             let (a, b) = range.split_once('-')?;
+            let (start, end) = (
+                u64::from_str_radix(a, 16).ok()?,
+                u64::from_str_radix(b, 16).ok()?,
+            );
+            if start > end {
+                return None;
+            }
             Some(Mapping {
-                start: u64::from_str_radix(a, 16).ok()?,
-                end: u64::from_str_radix(b, 16).ok()?,
+                start,
+                end,
                 offset,
                 path: path.trim_end_matches(" (deleted)").to_string(),
+                id: FileId { dev, ino },
+                file: None,
             })
         })
         .collect()
@@ -109,7 +174,10 @@ impl Stacks {
         let file_offset = ip - m.start + m.offset;
         frame.module = Some(m.path.clone());
         frame.offset = Some(file_offset);
-        let src = Source::Elf(Elf::new(&m.path));
+        let Some(file) = &m.file else {
+            return frame;
+        };
+        let src = Source::Elf(Elf::new(file.fd_path()));
         let Ok(mut syms) = self
             .symbolizer
             .symbolize(&src, Input::FileOffset(&[file_offset]))
@@ -151,21 +219,65 @@ mod tests {
                     start: 0x5700,
                     end: 0x5800,
                     offset: 0x1000,
-                    path: "/usr/bin/x".into()
+                    path: "/usr/bin/x".into(),
+                    id: FileId {
+                        dev: libc::makedev(0xfd, 1),
+                        ino: 1
+                    },
+                    file: None,
                 },
                 Mapping {
                     start: 0x7f10,
                     end: 0x7f20,
                     offset: 0x2000,
-                    path: "/opt/lib/libcuda.so.1".into()
+                    path: "/opt/lib/libcuda.so.1".into(),
+                    id: FileId {
+                        dev: libc::makedev(0xfd, 1),
+                        ino: 2
+                    },
+                    file: None,
                 },
             ]
         );
     }
 
     #[test]
+    fn captures_open_the_processs_own_files_never_a_hosts() {
+        use std::os::unix::fs::{symlink, MetadataExt};
+        let dir = tempfile::tempdir().unwrap();
+        let proc_pid = dir.path().join("77");
+        std::fs::create_dir_all(proc_pid.join("root/opt")).unwrap();
+        std::fs::write(proc_pid.join("root/opt/app"), b"tenant code").unwrap();
+        let host = dir.path().join("host-lib");
+        std::fs::write(&host, b"host code").unwrap();
+        symlink(&host, proc_pid.join("root/opt/evil")).unwrap();
+        let line = |path: &Path, name: &str| {
+            let m = std::fs::metadata(path).unwrap();
+            format!(
+                "1000-2000 r-xp 00000000 {:x}:{:x} {} /opt/{name}\n",
+                libc::major(m.dev()),
+                libc::minor(m.dev()),
+                m.ino()
+            )
+        };
+        let maps = line(&proc_pid.join("root/opt/app"), "app") + &line(&host, "evil");
+        std::fs::write(proc_pid.join("maps"), maps).unwrap();
+        let captured = capture(&proc_pid);
+        assert_eq!(captured.len(), 2);
+        let app = captured[0]
+            .file
+            .as_ref()
+            .expect("the tenant's own file opens");
+        assert_eq!(std::fs::read(app.fd_path()).unwrap(), b"tenant code");
+        // The maps line names the host file's inode, but inside the tenant's root the path
+        // leads nowhere: not opened (and no map_files in a captured tree).
+        assert!(captured[1].file.is_none());
+    }
+
+    #[test]
     fn names_a_function_of_this_test_binary() {
-        let maps = parse_maps(&std::fs::read_to_string("/proc/self/maps").unwrap());
+        let maps = capture(Path::new("/proc/self"));
+        assert!(maps.iter().all(|m| m.file.is_some()), "{maps:?}");
         let stacks = Stacks::new(None);
         let ip = names_a_function_of_this_test_binary as *const () as u64;
         let frame = stacks.frame(ip, &maps);

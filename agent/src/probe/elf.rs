@@ -35,6 +35,8 @@ pub struct BoundedFile<'f> {
     file: &'f File,
     len: u64,
     left: Cell<u64>,
+    /// A read was refused for want of budget.
+    exhausted: Cell<bool>,
     /// Buffers never move or drop while `self` lives, so slices into them stay valid. `u64`
     /// words keep them 8-aligned, as the ELF structures read in place require.
     bufs: RefCell<Vec<Box<[u64]>>>,
@@ -46,6 +48,7 @@ impl<'f> BoundedFile<'f> {
             file,
             len,
             left: Cell::new(budget),
+            exhausted: Cell::new(false),
             bufs: RefCell::new(Vec::new()),
         }
     }
@@ -55,9 +58,18 @@ impl<'f> BoundedFile<'f> {
         budget - self.left.get()
     }
 
+    /// Whether a read was refused because the budget was spent.
+    pub fn exhausted(&self) -> bool {
+        self.exhausted.get()
+    }
+
     fn read(&self, offset: u64, size: u64) -> Result<&[u8], ()> {
         let end = offset.checked_add(size).ok_or(())?;
-        if end > self.len || size > self.left.get() {
+        if end > self.len {
+            return Err(());
+        }
+        if size > self.left.get() {
+            self.exhausted.set(true);
             return Err(());
         }
         self.left.set(self.left.get() - size);
@@ -80,7 +92,10 @@ impl<'a> ReadRef<'a> for &'a BoundedFile<'_> {
 
     fn read_bytes_at(self, offset: u64, size: u64) -> Result<&'a [u8], ()> {
         if size == 0 {
-            return Ok(&[]);
+            // Empty, but aligned like the others: an empty table is still cast in place.
+            static EMPTY: [u64; 1] = [0];
+            // SAFETY: zero bytes of a static.
+            return Ok(unsafe { std::slice::from_raw_parts(EMPTY.as_ptr().cast::<u8>(), 0) });
         }
         self.read(offset, size)
     }
@@ -176,6 +191,8 @@ pub fn parse_symbols<'a, R: ReadRef<'a>>(
     wanted: &[&str],
 ) -> Result<LibrarySymbols, object::Error> {
     let file = object::File::parse(data)?;
+    // Known to the parse just done; an unknown length admits no symbol.
+    let file_len = data.len().unwrap_or(0);
     let mut out = LibrarySymbols::default();
     for sym in file.dynamic_symbols() {
         if !sym.is_definition() {
@@ -195,6 +212,7 @@ pub fn parse_symbols<'a, R: ReadRef<'a>>(
                 let into = sym.address().checked_sub(section.address())?;
                 (into < len).then_some(start.checked_add(into)?)
             })
+            .filter(|offset| *offset < file_len)
         else {
             continue;
         };

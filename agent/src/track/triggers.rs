@@ -394,9 +394,7 @@ impl Tracker {
             ledger: series,
             failures,
             suppressed_before,
-            maps: std::fs::read_to_string(self.procfs.root().join(pid.to_string()).join("maps"))
-                .map(|t| crate::forensics::symbolize::parse_maps(&t))
-                .unwrap_or_default(),
+            maps: crate::forensics::symbolize::capture(&self.procfs.root().join(pid.to_string())),
         })
     }
 }
