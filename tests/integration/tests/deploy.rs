@@ -26,7 +26,7 @@ const KUBERNETES_VERSION: &str = "1.30.0";
 const OPERATOR_KINDS: &[&str] = &["ServiceMonitor", "PodMonitor", "PrometheusRule"];
 
 /// The capabilities the agent needs (docs/install.md), nothing more.
-const CAPABILITIES: &[&str] = &["BPF", "PERFMON", "SYS_RESOURCE", "SYS_PTRACE"];
+const CAPABILITIES: &[&str] = &["BPF", "PERFMON", "SYS_ADMIN", "SYS_RESOURCE", "SYS_PTRACE"];
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -676,12 +676,26 @@ fn chart_defaults() {
     );
 }
 
+/// Without `uprobeSysAdmin` (kernels that still let CAP_PERFMON attach uprobes) the container
+/// holds the same set less CAP_SYS_ADMIN.
+#[test]
+fn chart_without_sys_admin_for_uprobes() {
+    let text = template(&chart(), &["uprobeSysAdmin=false"]).unwrap();
+    let docs = validate_stream(&text).unwrap();
+    let sc = &daemonset_container(&docs)["securityContext"];
+    assert_eq!(
+        set(strings(&sc["capabilities"]["add"])),
+        set(CAPABILITIES.iter().copied().filter(|c| *c != "SYS_ADMIN"))
+    );
+}
+
 #[test]
 fn chart_non_default_values() {
     let text = template(
         &chart(),
         &[
             "privileged=true",
+            "uprobeSysAdmin=false",
             "serviceMonitor.enabled=false",
             "podMonitor.enabled=true",
             "otlp.endpoint=http://otel-collector.observability:4318",

@@ -595,21 +595,23 @@ fn metrics_clients(server: SocketAddr) -> Vec<String> {
         .collect()
 }
 
-/// The shipped DaemonSet grants no CAP_SYS_ADMIN, so the agent cannot enter a pod's network
-/// namespace: a server listening on every address is scraped at its pod's address (from the
-/// server's `/proc/<pid>/net/fib_trie`), one listening on loopback only is counted as a
-/// connect failure; with CAP_SYS_ADMIN added the agent enters the namespace and scrapes both
-/// on loopback.
+/// The DaemonSet without CAP_SYS_ADMIN (`uprobeSysAdmin=false`, for kernels that still let
+/// CAP_PERFMON attach uprobes): the agent cannot enter a pod's network namespace, so a server
+/// listening on every address is scraped at its pod's address (from the server's
+/// `/proc/<pid>/net/fib_trie`), one listening on loopback only is counted as a connect
+/// failure; with the shipped set, CAP_SYS_ADMIN included, the agent enters the namespace and
+/// scrapes both on loopback.
 #[test]
-fn with_the_daemonsets_capabilities_a_pod_server_is_scraped_at_the_pod_address() {
+fn without_cap_sys_admin_a_pod_server_is_scraped_at_the_pod_address() {
     if !root_tier() {
         return;
     }
     let shipped = daemonset_capabilities();
     assert!(
-        shipped.iter().any(|c| c == "BPF") && !shipped.iter().any(|c| c == "SYS_ADMIN"),
+        shipped.iter().any(|c| c == "BPF") && shipped.iter().any(|c| c == "SYS_ADMIN"),
         "{shipped:?}"
     );
+    let shipped: Vec<String> = shipped.into_iter().filter(|c| c != "SYS_ADMIN").collect();
     // A capability this process does not hold cannot be handed on. The ones the agent uses
     // here must be held; CAP_SYS_RESOURCE only raises RLIMIT_MEMLOCK, which BPF maps do not
     // count against since Linux 5.11, so an agent without it proves the same.
@@ -754,7 +756,8 @@ fn with_the_daemonsets_capabilities_a_pod_server_is_scraped_at_the_pod_address()
     );
     assert!(log.contains(&said), "{log}");
 
-    // CAP_SYS_ADMIN added: the agent enters the namespace and reaches both on loopback.
+    // The shipped set, CAP_SYS_ADMIN included: the agent enters the namespace and reaches
+    // both on loopback.
     let mut with_admin = granted.clone();
     with_admin.push("SYS_ADMIN".into());
     let wrapper = setpriv_with(&with_admin);
