@@ -4,9 +4,14 @@ use aya_ebpf::{
     maps::{Array, PerCpuArray, RingBuf},
 };
 
-/// The one ring buffer all families write to. Userspace resizes it at load time.
+/// The ring buffer of the `cuda`, `sched` and `oom` families. Userspace resizes it at load time.
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(8 * 1024 * 1024, 0);
+
+/// The `http` family's own ring: a flood of a server's bytes fills this one, never the ring
+/// that carries the CUDA ledger's allocations and frees. Same size as [`EVENTS`].
+#[map]
+pub static HTTP_EVENTS: RingBuf = RingBuf::with_byte_size(8 * 1024 * 1024, 0);
 
 /// Reserve failures per source, per CPU: never silent.
 #[map]
@@ -33,11 +38,17 @@ pub fn count_lost(source: u32) {
 /// short timer), except for urgent records and when unread data passes the configured mark.
 #[inline(always)]
 pub fn submit_flags(urgent: bool) -> u64 {
+    submit_flags_on(&EVENTS, urgent)
+}
+
+/// [`submit_flags`] for a record of `ring`.
+#[inline(always)]
+pub fn submit_flags_on(ring: &RingBuf, urgent: bool) -> u64 {
     if urgent {
         return BPF_RB_FORCE_WAKEUP;
     }
     let mark = config(config::WAKEUP_BYTES);
-    if mark != 0 && EVENTS.query(BPF_RB_AVAIL_DATA) > mark {
+    if mark != 0 && ring.query(BPF_RB_AVAIL_DATA) > mark {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP

@@ -271,11 +271,22 @@ pub async fn run(
         Some(attributor.clone()),
         stop_rx.clone(),
     );
-    let ingest = tokio::spawn(ingest::run_with_http(
+    let poll = Duration::from_millis(config.probes.poll_interval_ms);
+    // One reader per ring: the http family's records never share a ring with the ledger's.
+    let http_ingest = http_stage.sender().map(|http| {
+        tokio::spawn(ingest::run_with_http(
+            loaded.http_events,
+            poll,
+            batch_tx.clone(),
+            Some(http),
+            metrics.clone(),
+            stop_rx.clone(),
+        ))
+    });
+    let ingest = tokio::spawn(ingest::run(
         loaded.events,
-        Duration::from_millis(config.probes.poll_interval_ms),
+        poll,
         batch_tx,
-        http_stage.sender(),
         metrics.clone(),
         stop_rx.clone(),
     ));
@@ -349,6 +360,9 @@ pub async fn run(
         }
     }
     report_join("ingest", ingest.await.map(|r| r.map_err(|e| e.to_string())));
+    if let Some(h) = http_ingest {
+        report_join("http ingest", h.await.map(|r| r.map_err(|e| e.to_string())));
+    }
     http_stage.stop().await;
     scraper.stop().await;
     if let Ok(t) = tracker.await {

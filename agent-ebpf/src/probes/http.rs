@@ -24,7 +24,7 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 
-use crate::maps::{count_lost, submit_flags, EVENTS};
+use crate::maps::{count_lost, submit_flags_on, HTTP_EVENTS};
 
 /// Offsets in the `syscalls/sys_enter_*` and `sys_exit_*` records.
 const ARG0: usize = 16;
@@ -243,7 +243,7 @@ pub fn http_exit(ctx: TracePointContext) -> u32 {
 #[inline(always)]
 fn accepted(pid_tgid: u64, tgid: u32, s: Stash, fd: u32) {
     let _ = HTTP_CONNS.insert(&ConnKey { tgid, fd }, &1, 0);
-    let Some(mut entry) = EVENTS.reserve::<HttpAcceptEvent>(0) else {
+    let Some(mut entry) = HTTP_EVENTS.reserve::<HttpAcceptEvent>(0) else {
         count_lost(lost::HTTP);
         return;
     };
@@ -258,7 +258,7 @@ fn accepted(pid_tgid: u64, tgid: u32, s: Stash, fd: u32) {
         peer,
         _pad: 0,
     });
-    entry.submit(submit_flags(false));
+    entry.submit(submit_flags_on(&HTTP_EVENTS, false));
 }
 
 /// One data record: the first `CAPTURE_BYTES` of `len` bytes at `src`, copied to the ring
@@ -309,7 +309,7 @@ fn emit(pid_tgid: u64, fd: u32, direction: u32, src: u64, len: u64, flags: u32) 
     let bytes = unsafe {
         core::slice::from_raw_parts((ev as *const HttpDataEvent).cast::<u8>(), size as usize)
     };
-    if EVENTS.output::<[u8]>(bytes, submit_flags(false)).is_err() {
+    if HTTP_EVENTS.output::<[u8]>(bytes, submit_flags_on(&HTTP_EVENTS, false)).is_err() {
         count_lost(lost::HTTP);
     }
 }
@@ -327,7 +327,7 @@ pub fn http_close(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let _ = HTTP_CONNS.remove(&key);
-    let Some(mut entry) = EVENTS.reserve::<HttpCloseEvent>(0) else {
+    let Some(mut entry) = HTTP_EVENTS.reserve::<HttpCloseEvent>(0) else {
         count_lost(lost::HTTP);
         return 0;
     };
@@ -336,6 +336,6 @@ pub fn http_close(ctx: TracePointContext) -> u32 {
         fd,
         _pad: 0,
     });
-    entry.submit(submit_flags(false));
+    entry.submit(submit_flags_on(&HTTP_EVENTS, false));
     0
 }

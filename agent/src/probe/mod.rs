@@ -64,7 +64,10 @@ pub fn is_known_probe(name: &str) -> bool {
 /// The loaded object with the maps each pipeline stage takes out of it.
 pub struct Loaded {
     pub ebpf: Ebpf,
+    /// Records of the `cuda`, `sched` and `oom` families.
     pub events: RingBuf<MapData>,
+    /// Records of the `http` family, in a ring of their own.
+    pub http_events: RingBuf<MapData>,
     pub lost: PerCpuArray<MapData, u64>,
     pub config: Array<MapData, u64>,
     pub hits: PerCpuArray<MapData, u64>,
@@ -75,10 +78,12 @@ pub struct Loaded {
 pub fn load(ring_buffer_bytes: u32, group_dead_offset: u32) -> Result<Loaded, ProbeError> {
     let mut ebpf = EbpfLoader::new()
         .map_max_entries("EVENTS", ring_buffer_bytes)
+        .map_max_entries("HTTP_EVENTS", ring_buffer_bytes)
         .override_global("GROUP_DEAD_OFFSET", &group_dead_offset, true)
         .load(EBPF_OBJECT)
         .map_err(ProbeError::Load)?;
     let events = take(&mut ebpf, "EVENTS")?;
+    let http_events = take(&mut ebpf, "HTTP_EVENTS")?;
     let lost = take(&mut ebpf, "EVENTS_LOST")?;
     let config = take(&mut ebpf, "CONFIG")?;
     let hits = take(&mut ebpf, "CUDA_HITS")?;
@@ -86,6 +91,7 @@ pub fn load(ring_buffer_bytes: u32, group_dead_offset: u32) -> Result<Loaded, Pr
     Ok(Loaded {
         ebpf,
         events,
+        http_events,
         lost,
         config,
         hits,

@@ -342,3 +342,81 @@ fn a_server_killed_mid_stream_ends_its_requests_as_connection_resets() {
     );
     assert!(agent.stop().success());
 }
+
+/// The http family has a ring of its own: a flood of a server's bytes that overflows it loses
+/// http records (counted), never a CUDA allocation or free of the ledger.
+#[test]
+fn an_http_flood_cannot_make_the_ledger_lose_events() {
+    if !root_tier() {
+        return;
+    }
+    let server = Server::start("stand-in");
+    // One page per ring and a reader that polls once a second: the flood must overflow.
+    let agent = Agent::start_with_env(
+        &[
+            "--watch-port",
+            &server.port.to_string(),
+            "--cuda-lib",
+            &Variant::Push.lib_path().display().to_string(),
+        ],
+        &[
+            ("INFERSCOPE_PROBES__RING_BUFFER_BYTES", "4096"),
+            ("INFERSCOPE_PROBES__POLL_INTERVAL_MS", "1000"),
+        ],
+    );
+    agent.wait_for("the server to be watched", |s| {
+        s.sum("inferscope_http_watched_processes", &[]) >= 1.0
+    });
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let body = format!(
+        r#"{{"model":"stand-in","messages":[{{"role":"user","content":"{}"}}],"max_tokens":4}}"#,
+        "x".repeat(3000)
+    );
+    let flood: Vec<_> = (0..4)
+        .map(|_| {
+            let (stop, body, port) = (stop.clone(), body.clone(), server.port);
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    flood_once(port, &body);
+                }
+            })
+        })
+        .collect();
+    agent.wait_for("the flood to overflow the http ring", |s| {
+        s.sum("inferscope_events_lost_total", &[("source", "http")]) > 0.0
+    });
+    let mut w = Workload::start(
+        "alloc dev=0 size=1048576 count=8; free count=4; checkpoint name=held",
+        &WorkloadOptions::default(),
+    );
+    w.proceed();
+    let truth = w.truth();
+    let s = assert_agent_sees(&agent, &truth);
+    assert_eq!(
+        s.sum("inferscope_events_lost_total", &[("source", "cuda")]),
+        0.0,
+        "{}",
+        s.text
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in flood {
+        t.join().unwrap();
+    }
+    w.proceed();
+    assert!(w.wait().success());
+    assert!(agent.stop().success());
+}
+
+/// One request on a fresh connection; the answer is read and ignored.
+fn flood_once(port: u16, body: &str) {
+    use std::io::{Read, Write};
+    let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return;
+    };
+    let _ = write!(
+        c,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = c.read_to_end(&mut Vec::new());
+}
