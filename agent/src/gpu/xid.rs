@@ -7,24 +7,32 @@ use std::sync::{
 };
 
 use nvml_wrapper::{bitmasks::event::EventTypes, error::NvmlError, Nvml};
+use tokio::sync::mpsc::WeakSender;
 
-use crate::export::metrics::{GpuLabels, GpuXidLabels, Metrics};
+use crate::{
+    export::metrics::{GpuLabels, GpuXidLabels, Metrics},
+    health::Heartbeat,
+};
 
 const WAIT_MS: u32 = 200;
 
 /// Waits for XID events until `stop` is set. `gpus` are the labels of the GPUs to watch.
+/// Beats `heartbeat` at every wait (200 ms). `tracker` is weak, as the sampler's: a watcher
+/// stuck in NVML must not keep the tracker's channel open.
 pub fn run(
     nvml: Arc<Nvml>,
     gpus: Vec<GpuLabels>,
     metrics: Arc<Metrics>,
     stop: Arc<AtomicBool>,
-    tracker: Option<tokio::sync::mpsc::Sender<crate::track::Input>>,
+    tracker: Option<WeakSender<crate::track::Input>>,
     logs: Option<crate::export::otlp::queue::Sink<crate::export::otlp::logs::LogItem>>,
+    heartbeat: Heartbeat,
 ) {
     let mut set = match nvml.create_event_set() {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(error = %e, "NVML event set unavailable: XID errors not watched");
+            heartbeat.done();
             return;
         }
     };
@@ -48,16 +56,21 @@ pub fn run(
                 tracing::warn!(gpu = labels.gpu, error = %e.error, "cannot watch XID events on this GPU");
                 match rebuild(&nvml, &watched) {
                     Some(s) => s,
-                    None => return,
+                    None => {
+                        heartbeat.done();
+                        return;
+                    }
                 }
             }
         };
         watched.push(labels.gpu);
     }
     if watched.is_empty() {
+        heartbeat.done();
         return;
     }
     while !stop.load(Ordering::Acquire) {
+        heartbeat.beat();
         match set.wait(WAIT_MS) {
             Ok(event) => {
                 let xid = match event.event_data {
@@ -90,7 +103,7 @@ pub fn run(
                         xid,
                     ));
                 }
-                if let Some(tx) = &tracker {
+                if let Some(tx) = tracker.as_ref().and_then(WeakSender::upgrade) {
                     let _ = tx.try_send(crate::track::Input::Xid {
                         gpu: labels.gpu,
                         xid,
@@ -101,10 +114,12 @@ pub fn run(
             Err(NvmlError::Timeout) => {}
             Err(e) => {
                 tracing::warn!(error = %e, "waiting for NVML events failed; XID watch stops");
+                heartbeat.done();
                 return;
             }
         }
     }
+    heartbeat.done();
 }
 
 fn rebuild<'n>(nvml: &'n Nvml, gpus: &[u32]) -> Option<nvml_wrapper::EventSet<'n>> {
