@@ -2,7 +2,7 @@
 //! idle or not; a stage stuck in a call (here the NVML sampler, in an NVML call that the
 //! NVML double makes block as a wedged driver would) turns `/healthz` 503 naming it, while
 //! `/metrics` is still served; SIGTERM ends the agent within 5 s all the same, with status 0
-//! and nothing attached.
+//! and nothing attached. The XID watcher survives NVML errors and resumes.
 
 use std::time::{Duration, Instant};
 
@@ -103,4 +103,45 @@ fn sigterm_exits_within_5_s_with_a_stage_hung() {
         "the stuck stage is named:\n{log}"
     );
     assert!(log.contains("probes detached"), "{log}");
+}
+
+#[test]
+fn the_xid_watch_retries_after_errors_and_resumes() {
+    if !root_tier() {
+        return;
+    }
+    let gpus = SimGpus::new(2, 8 << 30);
+    let agent = gpus.agent(&["--disable-probe", "cuda"], &[]);
+    agent.wait_for("both GPUs", |s| {
+        s.has("gpu_temperature_celsius", &[("gpu", "1")])
+    });
+    // Both GPUs fall off the bus: the event wait fails, and so does every rebuild.
+    gpus.control.set_gpu(0, "lost", 1).unwrap();
+    gpus.control.set_gpu(1, "lost", 1).unwrap();
+    let failures = |log: &str, level: &str| {
+        log.lines()
+            .filter(|l| l.contains(level) && l.contains("XID watch: NVML call failed"))
+            .count()
+    };
+    eventually("two retries", Duration::from_secs(20), || {
+        (failures(&agent.log(), "DEBUG") >= 2).then_some(())
+    });
+    // One warning per kind (the wait, then each GPU's lookup), however often it retries.
+    let log = agent.log();
+    assert_eq!(failures(&log, "WARN"), 3, "{log}");
+    assert_eq!(
+        healthz(&agent).0,
+        200,
+        "the watcher beats while it waits to retry"
+    );
+
+    gpus.control.set_gpu(0, "lost", 0).unwrap();
+    eventually("the watch to resume", Duration::from_secs(30), || {
+        agent.log().contains("XID watch resumed").then_some(())
+    });
+    gpus.control.inject_xid(0, 31).unwrap();
+    agent.wait_for("the XID after the errors", |s| {
+        s.sum("gpu_xid_errors_total", &[("gpu", "0"), ("xid", "31")]) == 1.0
+    });
+    assert!(agent.stop_within(EXIT_BOUND).0.success());
 }
