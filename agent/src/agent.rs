@@ -1,17 +1,25 @@
 //! Wiring of the pipeline and its shutdown. Order on the way out: stop the ring-buffer
 //! reader (it drains what is left), let the tracker drain its channel, stop the exporter,
-//! flush OTLP (bounded), detach the probes.
+//! flush OTLP (bounded), detach the probes. The whole shutdown has a deadline, so that a stage
+//! stuck in a call (NVML, a file a tenant planted) cannot keep the agent from exiting: each
+//! stage gets [`STAGE_SHARE`], the stages and the flush end by [`DRAIN_BY`], the detach by
+//! [`DETACH_BY`], and the process by [`EXIT_BY`] whatever happens; what did not finish is
+//! named in the log and left to the process's exit (the kernel detaches the probes when their
+//! descriptors close). Detaching takes the kernel a while (an RCU grace period per
+//! tracepoint: seconds for a few dozen), in the agent or at its exit alike, so the drain ends
+//! early enough to leave it that time.
 
 use std::{
     path::Path,
     sync::{atomic::AtomicBool, Arc},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use tokio::sync::{mpsc, watch};
 
 use crate::{
     config::Config,
+    deadline::{self, Deadline},
     export::{
         http,
         metrics::{FamilyLabels, Metrics},
@@ -19,7 +27,7 @@ use crate::{
     },
     forensics,
     gpu::{self, history::GpuHistory},
-    health::Health,
+    health::{self, Health},
     ingest,
     probe::{
         self,
@@ -89,8 +97,20 @@ fn raise_memlock() {
     );
 }
 
-/// How long the OTLP flush may hold up shutdown.
+/// How long the OTLP flush may hold up shutdown (never past [`DRAIN_BY`]).
 const OTLP_FLUSH: Duration = Duration::from_secs(5);
+/// The longest wait for one stage to end once told to stop: a stuck stage costs the others no
+/// more than this (they have all been told at once, so they end meanwhile).
+const STAGE_SHARE: Duration = Duration::from_secs(1);
+/// From SIGTERM: every stage has ended or been left, and OTLP flushed.
+const DRAIN_BY: Duration = Duration::from_millis(2500);
+/// How long the probe manager has to leave its loop once told to stop (it is between two
+/// discovery rounds, or in one); past it, it is stuck in discovery and not waited for.
+const MANAGER_SHARE: Duration = Duration::from_millis(500);
+/// From SIGTERM: the probe manager has detached the probes, or been left.
+const DETACH_BY: Duration = Duration::from_millis(4500);
+/// From SIGTERM: the process ends, even with every runtime thread stuck.
+const EXIT_BY: Duration = Duration::from_millis(4750);
 
 /// Starts the probe families one by one: one that cannot load or attach is logged once and
 /// left out (`inferscope_probe_family_up{family} 0`, named by `/healthz`), and the agent runs
@@ -216,7 +236,7 @@ pub async fn run(
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let (attributor, attrib_tasks) =
-        crate::attrib::start(&config, metrics.clone(), stop_rx.clone());
+        crate::attrib::start(&config, metrics.clone(), stop_rx.clone(), &health);
     let (batch_tx, batch_rx) = mpsc::channel(256);
     let history = Arc::new(GpuHistory::new(config.nvml.history_secs));
     let exporter = match config.otlp_settings.clone() {
@@ -240,6 +260,7 @@ pub async fn run(
         &nvml_stop,
         &attributor,
         sinks.logs.clone(),
+        &health,
     );
     let load = Arc::new(crate::http::load::LoadBoard::new(
         config.forensics.timeline_secs,
@@ -253,6 +274,7 @@ pub async fn run(
         servers.clone(),
         Some(attributor.clone()),
         sinks.spans.clone(),
+        &health,
     )
     .map_err(StartError::Thread)?;
     let scrape_servers = if http_stage.watching() {
@@ -270,6 +292,7 @@ pub async fn run(
         scrape_servers,
         Some(attributor.clone()),
         stop_rx.clone(),
+        &health,
     );
     let poll = Duration::from_millis(config.probes.poll_interval_ms);
     // One reader per ring: the http family's records never share a ring with the ledger's.
@@ -281,14 +304,17 @@ pub async fn run(
             Some(http),
             metrics.clone(),
             stop_rx.clone(),
+            health.heartbeat("http-ingest", health::QUICK),
         ))
     });
-    let ingest = tokio::spawn(ingest::run(
+    let ingest = tokio::spawn(ingest::run_with_http(
         loaded.events,
         poll,
         batch_tx,
+        None,
         metrics.clone(),
         stop_rx.clone(),
+        health.heartbeat("ingest", health::QUICK),
     ));
     let (draft_tx, draft_rx) = std::sync::mpsc::sync_channel(64);
     let writer = forensics::assemble::Writer {
@@ -310,9 +336,14 @@ pub async fn run(
         load: Some(load),
         logs: sinks.logs.clone(),
     };
+    // A report reads the target's files to symbolize its stacks: seconds for a large library.
+    let beat = health.heartbeat(
+        "forensics",
+        health::deadline(Duration::from_secs(20), health::SLOW),
+    );
     let writer = std::thread::Builder::new()
         .name("forensics".into())
-        .spawn(move || writer.run(draft_rx))
+        .spawn(move || writer.run(draft_rx, beat))
         .map_err(StartError::Thread)?;
     let tracker = Tracker::new(
         metrics.clone(),
@@ -327,7 +358,11 @@ pub async fn run(
     .with_attribution(attributor)
     .with_failure_logs(sinks.alloc_failures());
     drop(sinks);
-    let tracker = tokio::spawn(track::run(tracker, batch_rx));
+    let tracker = tokio::spawn(track::run(
+        tracker,
+        batch_rx,
+        health.heartbeat("tracker", health::QUICK),
+    ));
     let server = tokio::spawn(http::serve(
         listener,
         metrics.clone(),
@@ -337,9 +372,11 @@ pub async fn run(
 
     let (manager_stop, manager_rx) = std::sync::mpsc::channel();
     let interval = Duration::from_millis(config.probes.discovery_interval_ms);
+    let manager_beat = health.heartbeat("probe-manager", health::deadline(interval, health::SLOW));
+    let beat = manager_beat.clone();
     let manager = std::thread::Builder::new()
         .name("probe-manager".into())
-        .spawn(move || manager.run(interval, manager_rx))
+        .spawn(move || manager.run(interval, manager_rx, beat))
         .map_err(StartError::Thread)?;
 
     health.set_ready();
@@ -352,46 +389,78 @@ pub async fn run(
 
     shutdown.await;
     tracing::info!("shutting down");
+    let started = Instant::now();
+    deadline::watchdog(started + EXIT_BY);
+    let mut d = Deadline::new(started, DRAIN_BY);
+    // Every stage is told at once; they are then waited for in order.
     let _ = stop_tx.send(true);
     nvml_stop.store(true, std::sync::atomic::Ordering::Release);
-    for t in nvml_threads {
-        if t.join().is_err() {
-            tracing::error!("an NVML thread panicked");
+    for (stage, t) in nvml_threads {
+        if let Some(Err(_)) = d.join(stage, STAGE_SHARE, t).await {
+            tracing::error!(stage, "an NVML thread panicked");
         }
     }
-    report_join("ingest", ingest.await.map(|r| r.map_err(|e| e.to_string())));
+    report_task("ingest", d.task("ingest", STAGE_SHARE, ingest).await);
     if let Some(h) = http_ingest {
-        report_join("http ingest", h.await.map(|r| r.map_err(|e| e.to_string())));
+        report_task("http-ingest", d.task("http-ingest", STAGE_SHARE, h).await);
     }
-    http_stage.stop().await;
-    scraper.stop().await;
-    if let Ok(t) = tracker.await {
+    http_stage.stop(&mut d, STAGE_SHARE).await;
+    scraper.stop(&mut d, STAGE_SHARE).await;
+    if let Some(Ok(t)) = d.task("tracker", STAGE_SHARE, tracker).await {
         tracing::debug!(processes = t.ledger().len(), "tracker drained");
     }
     // The tracker held the last draft sender: the writer finishes what it has and ends.
-    if writer.join().is_err() {
+    if let Some(Err(_)) = d.join("forensics", STAGE_SHARE, writer).await {
         tracing::error!("the forensics writer panicked");
     }
-    report_join(
-        "exporter",
-        server.await.map(|r| r.map_err(|e| e.to_string())),
-    );
+    report_task("exporter", d.task("exporter", STAGE_SHARE, server).await);
     for t in attrib_tasks {
-        report_join("attribution", t.await.map(Ok));
+        report_task(
+            "attribution",
+            d.task("attribution", STAGE_SHARE, t)
+                .await
+                .map(|r| r.map(Ok::<(), std::convert::Infallible>)),
+        );
     }
     // Every producer of spans and log records has ended: flush them and the last metrics.
     if let Some(e) = exporter {
-        e.shutdown(OTLP_FLUSH).await;
+        e.shutdown(OTLP_FLUSH.min(d.remaining())).await;
     }
     let _ = manager_stop.send(());
-    if manager.join().is_err() {
-        tracing::error!("probe manager panicked");
+    let mut detach = Deadline::new(started, DETACH_BY);
+    // It says done as it leaves its loop, then detaches: a manager that does not is stuck in
+    // discovery, and its probes are left to the process's exit rather than waited for.
+    let left_loop = async {
+        while !manager_beat.is_done() && !manager.is_finished() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    if detach
+        .wait("probe-manager", MANAGER_SHARE, left_loop)
+        .await
+        .is_some()
+    {
+        if let Some(Err(_)) = detach.join("probe-manager", DETACH_BY, manager).await {
+            tracing::error!("probe manager panicked");
+        }
+    }
+    let late: Vec<&str> = d.late().iter().chain(detach.late()).copied().collect();
+    if !late.is_empty() {
+        tracing::warn!(
+            ?late,
+            "shutdown deadline: these stages did not finish and are left to the process's exit \
+             (the kernel detaches the probes when their descriptors close)"
+        );
     }
     Ok(())
 }
 
-/// Opens NVML and starts the sampler and XID threads; without NVML the agent runs on, says so
-/// once and exports `inferscope_source_up{source="nvml"} 0`.
+/// Opens NVML and starts the sampler and XID threads, named, each with its heartbeat; without
+/// NVML the agent runs on, says so once and exports `inferscope_source_up{source="nvml"} 0`.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "what the two threads share, named at the one call"
+)]
 fn start_nvml(
     config: &Config,
     metrics: &Arc<Metrics>,
@@ -400,7 +469,8 @@ fn start_nvml(
     stop: &Arc<AtomicBool>,
     attributor: &crate::attrib::Attributor,
     logs: Option<otlp::queue::Sink<otlp::logs::LogItem>>,
-) -> Vec<std::thread::JoinHandle<()>> {
+    health: &Health,
+) -> Vec<(&'static str, std::thread::JoinHandle<()>)> {
     if !config.nvml.enabled {
         return Vec::new();
     }
@@ -419,7 +489,7 @@ fn start_nvml(
         nvml.clone(),
         metrics.clone(),
         history.clone(),
-        Some(tracker.clone()),
+        Some(tracker.downgrade()),
         ProcFs::new(&config.proc_root),
         &config.cost,
     ) {
@@ -436,30 +506,36 @@ fn start_nvml(
     let interval = Duration::from_millis(config.nvml.interval_ms);
     let mut threads = Vec::new();
     let s = stop.clone();
+    let beat = health.heartbeat("nvml-sampler", health::deadline(interval, health::QUICK));
     match std::thread::Builder::new()
         .name("nvml-sampler".into())
-        .spawn(move || sampler.run(interval, s))
+        .spawn(move || sampler.run(interval, s, beat))
     {
-        Ok(t) => threads.push(t),
+        Ok(t) => threads.push(("nvml-sampler", t)),
         Err(e) => tracing::error!(error = %e, "cannot start the NVML sampler thread"),
     }
     let (m, s) = (metrics.clone(), stop.clone());
+    let beat = health.heartbeat("nvml-events", health::QUICK);
     match std::thread::Builder::new()
         .name("nvml-events".into())
         .spawn({
-            let tracker = tracker.clone();
-            move || gpu::xid::run(nvml, gpus, m, s, Some(tracker), logs)
+            let tracker = tracker.downgrade();
+            move || gpu::xid::run(nvml, gpus, m, s, Some(tracker), logs, beat)
         }) {
-        Ok(t) => threads.push(t),
+        Ok(t) => threads.push(("nvml-events", t)),
         Err(e) => tracing::error!(error = %e, "cannot start the NVML event thread"),
     }
     threads
 }
 
-fn report_join(stage: &str, r: Result<Result<(), String>, tokio::task::JoinError>) {
+/// Logs how a task ended; `None` (left behind at the deadline) was logged already.
+fn report_task<E: std::fmt::Display>(
+    stage: &str,
+    r: Option<Result<Result<(), E>, tokio::task::JoinError>>,
+) {
     match r {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::error!(stage, error = e, "stage ended with an error"),
-        Err(e) => tracing::error!(stage, error = %e, "stage panicked"),
+        Some(Ok(Ok(()))) | None => {}
+        Some(Ok(Err(e))) => tracing::error!(stage, error = %e, "stage ended with an error"),
+        Some(Err(e)) => tracing::error!(stage, error = %e, "stage panicked"),
     }
 }

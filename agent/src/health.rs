@@ -12,6 +12,43 @@ use std::{
     time::{Duration, Instant},
 };
 
+/// The least deadline of a stage that does only in-process work between beats (the reader,
+/// the trackers, the forensics writer, the NVML calls): a loaded node can delay a beat by
+/// seconds, and a false 503 restarts the agent.
+pub const QUICK: Duration = Duration::from_secs(10);
+/// The least deadline of a stage that reads other processes' files or talks to the network
+/// between beats (discovery, the scraper, attribution).
+pub const SLOW: Duration = Duration::from_secs(30);
+
+/// The deadline of a stage that beats at least once per `period`: three periods, at least
+/// `floor`.
+pub fn deadline(period: Duration, floor: Duration) -> Duration {
+    period.saturating_mul(3).max(floor)
+}
+
+/// Runs `task`, beating `heartbeat` every `every` while it is pending, and says done when it
+/// ends. For a task that awaits the network for long stretches and does nothing else: it beats
+/// as long as it is polled, so it stops only when it blocks the thread it runs on, which is
+/// what a hang is for such a task.
+pub async fn beating<F: std::future::Future>(
+    heartbeat: Heartbeat,
+    every: Duration,
+    task: F,
+) -> F::Output {
+    let mut task = std::pin::pin!(task);
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            out = &mut task => {
+                heartbeat.done();
+                return out;
+            }
+            _ = tick.tick() => heartbeat.beat(),
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Beat {
     stage: &'static str,
@@ -39,6 +76,11 @@ impl Heartbeat {
     /// The stage has ended on purpose (shutdown); it is no longer checked.
     pub fn done(&self) {
         self.beat.done.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the stage has said [`Heartbeat::done`].
+    pub fn is_done(&self) -> bool {
+        self.beat.done.load(Ordering::Relaxed)
     }
 }
 
@@ -202,6 +244,31 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn a_waiting_task_beats_and_is_done_when_it_ends() {
+        let h = Health::new();
+        h.set_ready();
+        let beat = h.heartbeat("apiserver", Duration::from_millis(100));
+        let waited = beating(beat, Duration::from_millis(10), async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            h.verdict().ok
+        })
+        .await;
+        assert!(waited, "a task that awaits is alive");
+        std::thread::sleep(Duration::from_millis(150));
+        assert!(h.verdict().ok, "a task that has ended is not checked");
+    }
+
+    #[test]
+    fn deadlines_are_three_periods_with_a_floor() {
+        assert_eq!(deadline(Duration::from_millis(5), QUICK), QUICK);
+        assert_eq!(
+            deadline(Duration::from_secs(15), SLOW),
+            Duration::from_secs(45)
+        );
+        assert_eq!(deadline(Duration::MAX, SLOW), Duration::MAX);
+    }
+
     #[test]
     fn an_overdue_stage_fails_the_check_until_it_beats() {
         let h = Health::new();
@@ -221,7 +288,9 @@ mod tests {
         assert!(h.verdict().ok);
         std::thread::sleep(Duration::from_millis(60));
         assert!(!h.verdict().ok);
+        assert!(!fast.is_done());
         fast.done();
+        assert!(fast.is_done());
         assert!(h.verdict().ok);
         slow.beat();
     }

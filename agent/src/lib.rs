@@ -11,6 +11,7 @@ pub mod attrib;
 pub mod clock;
 pub mod config;
 pub mod cuda_error;
+pub mod deadline;
 pub mod export;
 pub mod forensics;
 pub mod gpu;

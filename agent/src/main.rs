@@ -147,7 +147,11 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(inferscope::agent::run(config, shutdown_signal()))?;
+    let result = runtime.block_on(inferscope::agent::run(config, shutdown_signal()));
+    // The shutdown has had its deadline: a blocking call that never returned is not waited
+    // for again here.
+    runtime.shutdown_background();
+    result?;
     Ok(())
 }
 

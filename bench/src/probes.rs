@@ -160,7 +160,10 @@ impl Pipeline {
         let tracker = if timed {
             rt.spawn(timed_track(tracker, rx))
         } else {
-            rt.spawn(async move { (track::run(tracker, rx).await, Vec::new()) })
+            rt.spawn(async move {
+                let beat = inferscope::health::Heartbeat::default();
+                (track::run(tracker, rx, beat).await, Vec::new())
+            })
         };
         Self {
             stop,

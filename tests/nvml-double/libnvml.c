@@ -47,6 +47,8 @@
  *   gpu.<d>.lost 0, gpu.<d>.name "NVIDIA H100 80GB HBM3",
  *   gpu.<d>.uuid "GPU-00000000-1111-2222-3333-4444444444<dd>",
  *   gpu.<d>.reserved_bytes 0, gpu.<d>.unsupported "" (comma list of groups),
+ *   gpu.<d>.hang "" (comma list of groups whose calls block until the key no
+ *   longer names their group, as calls into a wedged driver do),
  *   gpu.<d>.proc_sm_util.<pid>, gpu.<d>.proc_mem_util.<pid>,
  *   xid.<seq>=<d>:<code>, driver_version "550.54.15", cuda_driver_version 12040.
  * Unsupported groups: utilization memory power power_limit energy temperature
@@ -299,6 +301,7 @@ struct dev_ctl {
     uint64_t throttle, supported_throttle, pcie_tx, pcie_rx, ecc_corr, ecc_uncorr;
     uint64_t mig, lost, reserved;
     uint32_t unsupported;
+    uint32_t hang;
     char name[96];
     char uuid[96];
     struct proc_util *pu;
@@ -520,6 +523,8 @@ static void ctl_gpu_key(int d, const char *field, char *v)
         copy_str(c->uuid, sizeof(c->uuid), v);
     } else if (strcmp(field, "unsupported") == 0) {
         c->unsupported = parse_groups(v);
+    } else if (strcmp(field, "hang") == 0) {
+        c->hang = parse_groups(v);
     } else if (strncmp(field, "proc_sm_util.", 13) == 0 || strncmp(field, "proc_mem_util.", 14) == 0) {
         int sm = field[5] == 's';
         const char *pid_s = field + (sm ? 13 : 14);
@@ -753,6 +758,16 @@ static nvmlReturn_t dev_enter(nvmlDevice_t h, uint32_t group, int *idx)
     if (d < 0)
         return leave(NVML_ERROR_INVALID_ARGUMENT);
     ctl_refresh();
+    /* A hung call sleeps without the lock, so that the other calls go on. */
+    while (g_ctl.dev[d].hang & group) {
+        pthread_mutex_unlock(&g_lock);
+        struct timespec ts = {0, 10000000};
+        nanosleep(&ts, NULL);
+        pthread_mutex_lock(&g_lock);
+        if (!g_init_count)
+            return leave(NVML_ERROR_UNINITIALIZED);
+        ctl_refresh();
+    }
     if (g_ctl.dev[d].lost)
         return leave(NVML_ERROR_GPU_IS_LOST);
     if (g_ctl.dev[d].unsupported & group)
@@ -1401,6 +1416,9 @@ static nvmlReturn_t event_wait(nvmlEventSet_t set, nvmlEventData_t *data, unsign
             return r;
         if (!valid_set(set) || !data)
             return leave(NVML_ERROR_INVALID_ARGUMENT);
+        for (int d = 0; d < g_dev_count; d++)
+            if (set->reg[d] && g_ctl.dev[d].lost)
+                return leave(NVML_ERROR_GPU_IS_LOST);
         struct xid x;
         if (next_xid(set, &x)) {
             data->device = &g_devs[x.dev];

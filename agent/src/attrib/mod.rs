@@ -449,10 +449,12 @@ impl Attributor {
 
 /// Starts attribution's background tasks: the pod list/watch, the pod-resources poll and
 /// the cache refresh. They end when `stop` turns true.
+/// Each task has its heartbeat in `health`.
 pub fn start(
     config: &crate::config::Config,
     metrics: Arc<Metrics>,
     stop: tokio::sync::watch::Receiver<bool>,
+    health: &crate::health::Health,
 ) -> (Arc<Attributor>, Vec<tokio::task::JoinHandle<()>>) {
     let a = &config.attribution;
     let node = node_name(a.node_name.as_deref(), std::env::var("NODE_NAME").ok());
@@ -503,23 +505,36 @@ pub fn start(
         };
         tracing::info!(url = endpoint.url, node, "pod metadata from the API server");
         let m = metrics.clone();
-        tasks.push(tokio::spawn(apiserver::run(
-            endpoint,
-            attributor.pods().clone(),
-            move |up| set_source(&m, "kube_apiserver", up),
-            stop.clone(),
+        // Network waits only, each bounded by a timeout: it beats while it is polled.
+        tasks.push(tokio::spawn(crate::health::beating(
+            health.heartbeat("attribution-apiserver", crate::health::QUICK),
+            Duration::from_secs(1),
+            apiserver::run(
+                endpoint,
+                attributor.pods().clone(),
+                move |up| set_source(&m, "kube_apiserver", up),
+                stop.clone(),
+            ),
         )));
     }
     match socket {
         Some(socket) => {
             tracing::info!(socket = %socket.display(), "GPU assignments from the kubelet's pod-resources API");
+            let every = Duration::from_secs(a.pod_resources_interval_secs.max(1));
+            // A List is bounded by its connect (5 s) and request (10 s) timeouts.
+            let round = every + Duration::from_secs(15);
+            let beat = health.heartbeat(
+                "attribution-pod-resources",
+                crate::health::deadline(round, crate::health::SLOW),
+            );
             tasks.push(tokio::spawn(poll_pod_resources(
                 attributor.clone(),
                 socket,
                 a.gpu_resource_prefixes.clone(),
                 a.max_pods,
-                Duration::from_secs(a.pod_resources_interval_secs.max(1)),
+                every,
                 stop.clone(),
+                beat,
             )));
         }
         None => tracing::debug!(
@@ -529,19 +544,25 @@ pub fn start(
     }
     let refresher = attributor.clone();
     let mut stop_refresh = stop;
+    let beat = health.heartbeat(
+        "attribution-refresh",
+        crate::health::deadline(REFRESH_EVERY, crate::health::SLOW),
+    );
     tasks.push(tokio::spawn(async move {
         let mut tick = tokio::time::interval(REFRESH_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            beat.beat();
             tokio::select! {
                 _ = tick.tick() => {
                     let r = refresher.clone();
                     // File reads: off the runtime's worker threads.
                     let _ = tokio::task::spawn_blocking(move || r.refresh()).await;
                 }
-                _ = stop_refresh.changed() => return,
+                _ = stop_refresh.changed() => break,
             }
         }
+        beat.done();
     }));
     (attributor, tasks)
 }
@@ -553,13 +574,15 @@ async fn poll_pod_resources(
     max_pods: usize,
     every: Duration,
     mut stop: tokio::sync::watch::Receiver<bool>,
+    heartbeat: crate::health::Heartbeat,
 ) {
     let metrics = attributor.metrics.clone();
     let mut failing = false;
     loop {
+        heartbeat.beat();
         let listed = tokio::select! {
             r = podresources::list(&socket, &prefixes, max_pods) => r,
-            _ = stop.changed() => return,
+            _ = stop.changed() => break,
         };
         match listed {
             Ok((assignments, left_out)) => {
@@ -585,9 +608,10 @@ async fn poll_pod_resources(
         }
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
-            _ = stop.changed() => return,
+            _ = stop.changed() => break,
         }
     }
+    heartbeat.done();
 }
 
 /// `inferscope_source_up{source}` for the attribution sources.

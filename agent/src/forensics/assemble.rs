@@ -4,7 +4,7 @@
 use std::{
     path::Path,
     sync::{mpsc, Arc},
-    time::{SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use super::{
@@ -22,6 +22,7 @@ use crate::{
     cuda_error,
     export::metrics::{KindLabels, Metrics},
     gpu::{history::GpuHistory, throttle},
+    health::Heartbeat,
 };
 
 const OLD_NS: u64 = 600 * 1_000_000_000;
@@ -42,11 +43,18 @@ pub struct Writer {
 }
 
 impl Writer {
-    /// Writes reports until every sender is gone.
-    pub fn run(mut self, rx: mpsc::Receiver<Draft>) {
+    /// Writes reports until every sender is gone, beating `heartbeat` at least once a second
+    /// while it waits and after each report.
+    pub fn run(mut self, rx: mpsc::Receiver<Draft>, heartbeat: Heartbeat) {
         self.store.prepare();
         let mut stacks = Stacks::new(self.stack_map.take());
-        while let Ok(draft) = rx.recv() {
+        loop {
+            heartbeat.beat();
+            let draft = match rx.recv_timeout(Duration::from_secs(1)) {
+                Ok(d) => d,
+                Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            };
             let report = self.assemble(&mut stacks, draft);
             let kind = report.kind.as_str();
             let saved = self.store.save(&report);
@@ -73,6 +81,7 @@ impl Writer {
                 .get_or_create(&KindLabels { kind })
                 .inc();
         }
+        heartbeat.done();
     }
 
     pub fn assemble(&mut self, stacks: &mut Stacks, d: Draft) -> Report {
@@ -575,7 +584,7 @@ mod tests {
         let (tx, rx) = mpsc::sync_channel(1);
         tx.send(draft).unwrap();
         drop(tx);
-        writer.run(rx);
+        writer.run(rx, Heartbeat::default());
 
         let files: Vec<_> = std::fs::read_dir(&forensics)
             .unwrap()

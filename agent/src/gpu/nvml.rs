@@ -28,6 +28,7 @@ use crate::{
         GpuCallLabels, GpuDirectionLabels, GpuEccLabels, GpuInfoLabels, GpuLabels, GpuReasonLabels,
         Metrics, SourceLabels,
     },
+    health::Heartbeat,
     proc::ProcFs,
     track::Input,
 };
@@ -136,7 +137,9 @@ pub struct Sampler {
     gpus: Vec<Gpu>,
     metrics: Arc<Metrics>,
     history: Arc<GpuHistory>,
-    tracker: Option<mpsc::Sender<Input>>,
+    /// Weak: a sampler stuck in an NVML call must not keep the tracker's channel open, or the
+    /// tracker would never drain at shutdown.
+    tracker: Option<mpsc::WeakSender<Input>>,
     pids: PidMapper,
 }
 
@@ -146,7 +149,7 @@ impl Sampler {
         nvml: Arc<Nvml>,
         metrics: Arc<Metrics>,
         history: Arc<GpuHistory>,
-        tracker: Option<mpsc::Sender<Input>>,
+        tracker: Option<mpsc::WeakSender<Input>>,
         procfs: ProcFs,
         cost: &crate::config::CostConfig,
     ) -> Result<Self, NvmlError> {
@@ -256,7 +259,7 @@ impl Sampler {
             }
         }
         self.metrics.nvml_samples.inc();
-        if let Some(tx) = &self.tracker {
+        if let Some(tx) = self.tracker.as_ref().and_then(mpsc::WeakSender::upgrade) {
             // Never block sampling on the tracker; a snapshot skipped is replaced next tick.
             let _ = tx.try_send(Input::GpuProcesses(processes));
         }
@@ -550,11 +553,12 @@ impl Sampler {
         self.history.forget(l.gpu);
     }
 
-    /// Samples every `interval` until `stop` is set.
-    pub fn run(mut self, interval: Duration, stop: Arc<AtomicBool>) {
+    /// Samples every `interval` until `stop` is set, beating `heartbeat` after each sample.
+    pub fn run(mut self, interval: Duration, stop: Arc<AtomicBool>, heartbeat: Heartbeat) {
         let mut next = Instant::now();
         while !stop.load(Ordering::Acquire) {
             self.sample();
+            heartbeat.beat();
             next += interval;
             let now = Instant::now();
             if next < now {
@@ -565,6 +569,7 @@ impl Sampler {
                 std::thread::sleep((next - Instant::now()).min(Duration::from_millis(50)));
             }
         }
+        heartbeat.done();
     }
 }
 

@@ -1,63 +1,228 @@
 //! XID critical errors from NVML's event API: a counter per (GPU, XID) so a repeat of the same
-//! XID is visible, and one log record per event.
+//! XID is visible, and one log record per event. A failure of the event API (a GPU that falls
+//! off the bus, a driver being reset) does not end the watch: it is logged once per kind, and
+//! the event set is built again after a pause that doubles up to a minute.
 
-use std::sync::{
-    atomic::{AtomicBool, Ordering},
-    Arc,
+use std::{
+    collections::HashSet,
+    mem::Discriminant,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
 };
 
-use nvml_wrapper::{bitmasks::event::EventTypes, error::NvmlError, Nvml};
+use nvml_wrapper::{bitmasks::event::EventTypes, error::NvmlError, EventSet, Nvml};
+use tokio::sync::mpsc::WeakSender;
 
-use crate::export::metrics::{GpuLabels, GpuXidLabels, Metrics};
+use crate::{
+    export::metrics::{GpuLabels, GpuXidLabels, Metrics},
+    health::Heartbeat,
+};
 
 const WAIT_MS: u32 = 200;
+/// The first pause before building the event set again; it doubles up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// Where the XID events go.
+struct Sinks {
+    gpus: Vec<GpuLabels>,
+    metrics: Arc<Metrics>,
+    /// Weak, as the sampler's: a watcher stuck in NVML must not keep the tracker's channel open.
+    tracker: Option<WeakSender<crate::track::Input>>,
+    logs: Option<crate::export::otlp::queue::Sink<crate::export::otlp::logs::LogItem>>,
+}
+
+/// Errors already logged, by what failed and how: each kind is logged once.
+#[derive(Default)]
+struct Said(HashSet<(&'static str, Option<u32>, Discriminant<NvmlError>)>);
+
+impl Said {
+    fn warn(&mut self, what: &'static str, gpu: Option<u32>, e: &NvmlError) {
+        if self.0.insert((what, gpu, std::mem::discriminant(e))) {
+            tracing::warn!(what, gpu, error = %e, "XID watch: NVML call failed; retrying (further failures of this kind are not logged)");
+        } else {
+            tracing::debug!(what, gpu, error = %e, "XID watch: NVML call failed");
+        }
+    }
+}
+
+/// How one event set ended.
+enum Ended {
+    Stopped,
+    /// No GPU offers XID events: nothing to watch, ever.
+    Nothing,
+    /// An NVML call failed (already logged); try again later.
+    Failed,
+}
 
 /// Waits for XID events until `stop` is set. `gpus` are the labels of the GPUs to watch.
+/// Beats `heartbeat` at every wait (200 ms) and while it pauses after an error.
 pub fn run(
     nvml: Arc<Nvml>,
     gpus: Vec<GpuLabels>,
     metrics: Arc<Metrics>,
     stop: Arc<AtomicBool>,
-    tracker: Option<tokio::sync::mpsc::Sender<crate::track::Input>>,
+    tracker: Option<WeakSender<crate::track::Input>>,
     logs: Option<crate::export::otlp::queue::Sink<crate::export::otlp::logs::LogItem>>,
+    heartbeat: Heartbeat,
 ) {
+    let sinks = Sinks {
+        gpus,
+        metrics,
+        tracker,
+        logs,
+    };
+    let mut said = Said::default();
+    let mut unsupported = HashSet::new();
+    let mut backoff = RETRY_FIRST;
+    let mut failing = false;
+    loop {
+        heartbeat.beat();
+        let started = Instant::now();
+        let ended = watch(
+            &nvml,
+            &sinks,
+            &stop,
+            &heartbeat,
+            &mut said,
+            &mut unsupported,
+            &mut failing,
+        );
+        match ended {
+            Ended::Stopped => break,
+            Ended::Nothing => {
+                tracing::info!("no GPU offers XID events: XID errors not watched");
+                break;
+            }
+            Ended::Failed => {
+                failing = true;
+                // A set that worked for a while starts the pauses over.
+                if started.elapsed() > RETRY_MAX {
+                    backoff = RETRY_FIRST;
+                }
+                if !pause(backoff, &stop, &heartbeat) {
+                    break;
+                }
+                backoff = (backoff * 2).min(RETRY_MAX);
+            }
+        }
+    }
+    heartbeat.done();
+}
+
+/// Sleeps `d` in short steps, beating; false when told to stop meanwhile.
+fn pause(d: Duration, stop: &AtomicBool, heartbeat: &Heartbeat) -> bool {
+    let end = Instant::now() + d;
+    while Instant::now() < end {
+        if stop.load(Ordering::Acquire) {
+            return false;
+        }
+        heartbeat.beat();
+        std::thread::sleep((end - Instant::now()).min(Duration::from_millis(u64::from(WAIT_MS))));
+    }
+    !stop.load(Ordering::Acquire)
+}
+
+/// Builds an event set of the GPUs that offer XID events and waits on it until told to stop
+/// or a call fails.
+fn watch(
+    nvml: &Nvml,
+    sinks: &Sinks,
+    stop: &AtomicBool,
+    heartbeat: &Heartbeat,
+    said: &mut Said,
+    unsupported: &mut HashSet<u32>,
+    failing: &mut bool,
+) -> Ended {
     let mut set = match nvml.create_event_set() {
         Ok(s) => s,
+        Err(NvmlError::NotSupported) => return Ended::Nothing,
         Err(e) => {
-            tracing::warn!(error = %e, "NVML event set unavailable: XID errors not watched");
-            return;
+            said.warn("create_event_set", None, &e);
+            return Ended::Failed;
         }
     };
     let mut watched = Vec::new();
-    for labels in &gpus {
-        let Ok(device) = nvml.device_by_index(labels.gpu) else {
+    // A GPU that failed (rather than one that does not offer XID events): the set is built
+    // again later, when there is nothing else to watch.
+    let mut failed = false;
+    for labels in &sinks.gpus {
+        let gpu = labels.gpu;
+        if unsupported.contains(&gpu) {
             continue;
+        }
+        let device = match nvml.device_by_index(gpu) {
+            Ok(d) => d,
+            Err(e) => {
+                said.warn("device_by_index", Some(gpu), &e);
+                failed = true;
+                continue;
+            }
         };
-        let supported = device
-            .supported_event_types()
-            .map(|t| t.contains(EventTypes::CRITICAL_XID_ERROR))
-            .unwrap_or(false);
+        let supported = match device.supported_event_types() {
+            Ok(t) => t.contains(EventTypes::CRITICAL_XID_ERROR),
+            Err(NvmlError::NotSupported) => false,
+            Err(e) => {
+                said.warn("supported_event_types", Some(gpu), &e);
+                failed = true;
+                continue;
+            }
+        };
         if !supported {
-            tracing::info!(gpu = labels.gpu, "XID events not supported on this GPU");
+            tracing::info!(gpu, "XID events not supported on this GPU");
+            unsupported.insert(gpu);
             continue;
         }
         set = match device.register_events(EventTypes::CRITICAL_XID_ERROR, set) {
-            Ok(s) => s,
+            Ok(s) => {
+                watched.push(gpu);
+                s
+            }
             Err(e) => {
                 // Registering consumed the set; start a new one with the GPUs that worked.
-                tracing::warn!(gpu = labels.gpu, error = %e.error, "cannot watch XID events on this GPU");
-                match rebuild(&nvml, &watched) {
-                    Some(s) => s,
-                    None => return,
+                said.warn("register_events", Some(gpu), &e.error);
+                failed = true;
+                match rebuild(nvml, &watched) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        said.warn("register_events", None, &e);
+                        return Ended::Failed;
+                    }
                 }
             }
         };
-        watched.push(labels.gpu);
     }
     if watched.is_empty() {
-        return;
+        return if failed {
+            Ended::Failed
+        } else {
+            Ended::Nothing
+        };
     }
+    if std::mem::take(failing) {
+        tracing::info!(gpus = ?watched, "XID watch resumed");
+    }
+    wait(set, sinks, stop, heartbeat, said)
+}
+
+fn wait(
+    set: EventSet<'_>,
+    sinks: &Sinks,
+    stop: &AtomicBool,
+    heartbeat: &Heartbeat,
+    said: &mut Said,
+) -> Ended {
+    let Sinks {
+        gpus,
+        metrics,
+        tracker,
+        logs,
+    } = sinks;
     while !stop.load(Ordering::Acquire) {
+        heartbeat.beat();
         match set.wait(WAIT_MS) {
             Ok(event) => {
                 let xid = match event.event_data {
@@ -90,7 +255,7 @@ pub fn run(
                         xid,
                     ));
                 }
-                if let Some(tx) = &tracker {
+                if let Some(tx) = tracker.as_ref().and_then(WeakSender::upgrade) {
                     let _ = tx.try_send(crate::track::Input::Xid {
                         gpu: labels.gpu,
                         xid,
@@ -100,20 +265,21 @@ pub fn run(
             }
             Err(NvmlError::Timeout) => {}
             Err(e) => {
-                tracing::warn!(error = %e, "waiting for NVML events failed; XID watch stops");
-                return;
+                said.warn("event_set_wait", None, &e);
+                return Ended::Failed;
             }
         }
     }
+    Ended::Stopped
 }
 
-fn rebuild<'n>(nvml: &'n Nvml, gpus: &[u32]) -> Option<nvml_wrapper::EventSet<'n>> {
-    let mut set = nvml.create_event_set().ok()?;
+fn rebuild<'n>(nvml: &'n Nvml, gpus: &[u32]) -> Result<EventSet<'n>, NvmlError> {
+    let mut set = nvml.create_event_set()?;
     for gpu in gpus {
-        let device = nvml.device_by_index(*gpu).ok()?;
+        let device = nvml.device_by_index(*gpu)?;
         set = device
             .register_events(EventTypes::CRITICAL_XID_ERROR, set)
-            .ok()?;
+            .map_err(|e| e.error)?;
     }
-    Some(set)
+    Ok(set)
 }

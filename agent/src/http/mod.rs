@@ -247,8 +247,12 @@ pub struct Stage {
 }
 
 impl Stage {
-    /// Starts the tracker and, when the probes are attached (`maps`), the watcher thread.
-    /// Without the probes it is inert.
+    /// Starts the tracker and, when the probes are attached (`maps`), the watcher thread,
+    /// each with its heartbeat in `health`. Without the probes it is inert.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the stage's inputs, named at the one call"
+    )]
     pub fn start(
         maps: Option<crate::probe::http::HttpMaps>,
         config: &crate::config::Config,
@@ -257,6 +261,7 @@ impl Stage {
         servers: std::sync::Arc<discover::ServerBoard>,
         attrib: Option<std::sync::Arc<crate::attrib::Attributor>>,
         spans: Option<crate::export::otlp::queue::Sink<crate::export::otlp::traces::RequestSpan>>,
+        health: &crate::health::Health,
     ) -> std::io::Result<Stage> {
         let Some(maps) = maps else {
             return Ok(Stage {
@@ -271,7 +276,8 @@ impl Stage {
                 .with_load(load)
                 .with_spans(spans)
                 .with_attribution(attrib.clone());
-        let task = tokio::spawn(tracker::run(t, rx));
+        let beat = health.heartbeat("http-tracker", crate::health::QUICK);
+        let task = tokio::spawn(tracker::run(t, rx, beat));
         let watcher = crate::probe::http::Watcher::new(
             maps,
             crate::proc::ProcFs::new(&config.proc_root),
@@ -283,9 +289,13 @@ impl Stage {
         .with_attribution(attrib);
         let (stop_tx, stop_rx) = std::sync::mpsc::channel();
         let interval = std::time::Duration::from_millis(config.probes.discovery_interval_ms);
+        let beat = health.heartbeat(
+            "http-watcher",
+            crate::health::deadline(interval, crate::health::SLOW),
+        );
         let handle = std::thread::Builder::new()
             .name("http-watcher".into())
-            .spawn(move || watcher.run(interval, stop_rx))?;
+            .spawn(move || watcher.run(interval, stop_rx, beat))?;
         Ok(Stage {
             tx: Some(tx),
             task: Some(task),
@@ -303,19 +313,27 @@ impl Stage {
         self.tx.clone()
     }
 
-    /// After the reader has stopped: stops the watcher, lets the tracker drain.
-    pub async fn stop(mut self) {
+    /// After the reader has stopped: stops the watcher, lets the tracker drain, each within
+    /// `share` and the shutdown's deadline.
+    pub async fn stop(
+        mut self,
+        deadline: &mut crate::deadline::Deadline,
+        share: std::time::Duration,
+    ) {
         if let Some((stop, handle)) = self.watcher.take() {
             let _ = stop.send(());
-            if handle.join().is_err() {
+            if let Some(Err(_)) = deadline.join("http-watcher", share, handle).await {
                 tracing::error!("http watcher panicked");
             }
         }
         drop(self.tx.take());
         if let Some(task) = self.task.take() {
-            match task.await {
-                Ok(t) => tracing::debug!(connections = t.connections(), "http tracker drained"),
-                Err(e) => tracing::error!(error = %e, "http tracker panicked"),
+            match deadline.task("http-tracker", share, task).await {
+                Some(Ok(t)) => {
+                    tracing::debug!(connections = t.connections(), "http tracker drained")
+                }
+                Some(Err(e)) => tracing::error!(error = %e, "http tracker panicked"),
+                None => {}
             }
         }
     }

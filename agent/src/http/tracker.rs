@@ -370,15 +370,23 @@ impl HttpTracker {
     }
 }
 
-/// Runs until the reader closes the channel.
-pub async fn run(mut t: HttpTracker, mut rx: mpsc::Receiver<Input>) -> HttpTracker {
+/// Runs until the reader closes the channel. Beats `heartbeat` at least once a second.
+pub async fn run(
+    mut t: HttpTracker,
+    mut rx: mpsc::Receiver<Input>,
+    heartbeat: crate::health::Heartbeat,
+) -> HttpTracker {
     let mut sweep = tokio::time::interval(Duration::from_secs(1));
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        heartbeat.beat();
         tokio::select! {
             input = rx.recv() => match input {
                 Some(input) => t.input(input),
-                None => return t,
+                None => {
+                    heartbeat.done();
+                    return t;
+                }
             },
             _ = sweep.tick() => t.sweep(monotonic_ns()),
         }

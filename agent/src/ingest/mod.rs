@@ -15,7 +15,7 @@ use tokio::{
 
 pub use decode::{decode, DecodeError, Event};
 
-use crate::{export::metrics::Metrics, track::Input};
+use crate::{export::metrics::Metrics, health::Heartbeat, track::Input};
 
 const MAX_BATCH: usize = 4096;
 
@@ -29,11 +29,11 @@ pub async fn run(
     metrics: std::sync::Arc<Metrics>,
     stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    run_with_http(ring, poll, out, None, metrics, stop).await
+    run_with_http(ring, poll, out, None, metrics, stop, Heartbeat::default()).await
 }
 
 /// As [`run`], with the `http` family's records sent to their own stage (records of that
-/// family are counted as dropped when there is none).
+/// family are counted as dropped when there is none). Beats `heartbeat` at every poll.
 pub async fn run_with_http(
     ring: RingBuf<MapData>,
     poll: Duration,
@@ -41,12 +41,14 @@ pub async fn run_with_http(
     http: Option<mpsc::Sender<crate::http::tracker::Input>>,
     metrics: std::sync::Arc<Metrics>,
     mut stop: watch::Receiver<bool>,
+    heartbeat: Heartbeat,
 ) -> std::io::Result<()> {
     // SAFETY: the ring buffer owns its fd and moves into the AsyncFd, which drops it last.
     let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }?;
     let mut tick = tokio::time::interval(poll);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        heartbeat.beat();
         let stopping = tokio::select! {
             guard = fd.readable_mut() => {
                 if let Ok(mut guard) = guard {
@@ -59,6 +61,7 @@ pub async fn run_with_http(
         };
         if !drain(fd.get_mut(), &out, http.as_ref(), &metrics).await || stopping || *stop.borrow() {
             drain(fd.get_mut(), &out, http.as_ref(), &metrics).await;
+            heartbeat.done();
             return Ok(());
         }
     }

@@ -229,14 +229,21 @@ impl Watcher {
         }
     }
 
-    /// Runs until told to stop.
-    pub fn run(mut self, interval: Duration, stop: std_mpsc::Receiver<()>) {
+    /// Runs until told to stop, beating `heartbeat` every tick.
+    pub fn run(
+        mut self,
+        interval: Duration,
+        stop: std_mpsc::Receiver<()>,
+        heartbeat: crate::health::Heartbeat,
+    ) {
         loop {
             self.tick();
+            heartbeat.beat();
             match stop.recv_timeout(interval) {
                 Ok(()) | Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
                 Err(std_mpsc::RecvTimeoutError::Timeout) => {}
             }
         }
+        heartbeat.done();
     }
 }

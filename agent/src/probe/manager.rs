@@ -288,9 +288,15 @@ impl Manager {
         }
     }
 
-    /// Runs until told to stop, then detaches everything.
-    pub fn run(mut self, interval: Duration, stop: mpsc::Receiver<()>) {
+    /// Runs until told to stop, then detaches everything. Beats `heartbeat` every tick.
+    pub fn run(
+        mut self,
+        interval: Duration,
+        stop: mpsc::Receiver<()>,
+        heartbeat: crate::health::Heartbeat,
+    ) {
         loop {
+            heartbeat.beat();
             match stop.recv_timeout(interval) {
                 Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
@@ -299,6 +305,7 @@ impl Manager {
             self.publish_lost();
             self.enforce_budget();
         }
+        heartbeat.done();
         self.publish_lost();
         let mut links = std::mem::take(&mut self.links);
         if let Some(cuda) = self.cuda.as_mut() {

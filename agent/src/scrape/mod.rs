@@ -25,6 +25,7 @@ use tokio::sync::watch;
 use crate::{
     error_chain as chain,
     export::metrics::{Metrics, ScrapeErrorLabels, ScrapeTargetLabels},
+    health::Heartbeat,
     http::discover::{self, Server, ServerBoard},
     proc::ProcFs,
 };
@@ -156,10 +157,12 @@ impl Scraper {
             .unwrap_or_default()
     }
 
-    pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
+    /// Scrapes every interval until `stop` turns true, beating `heartbeat` after each round.
+    pub async fn run(mut self, mut stop: watch::Receiver<bool>, heartbeat: Heartbeat) {
         let mut tick = tokio::time::interval(Duration::from_millis(self.config.interval_ms));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            heartbeat.beat();
             tokio::select! {
                 _ = tick.tick() => self.round().await,
                 changed = stop.changed() => {
@@ -169,6 +172,7 @@ impl Scraper {
                 }
             }
         }
+        heartbeat.done();
         // The agent is stopping: its last exposition shows no stale server series.
         self.metrics.scraped.retain(|_| false);
     }
@@ -451,14 +455,15 @@ pub struct Stage {
 }
 
 impl Stage {
-    /// Starts the scraper (nothing when `scrape.enabled` is off); it ends when `stop` turns
-    /// true.
+    /// Starts the scraper (nothing when `scrape.enabled` is off), with its heartbeat in
+    /// `health`; it ends when `stop` turns true.
     pub fn start(
         config: &crate::config::Config,
         metrics: Arc<Metrics>,
         servers: Servers,
         attrib: Option<Arc<crate::attrib::Attributor>>,
         stop: watch::Receiver<bool>,
+        health: &crate::health::Health,
     ) -> Stage {
         if !config.scrape.enabled {
             return Stage { task: None };
@@ -470,14 +475,21 @@ impl Stage {
             servers,
         )
         .with_attribution(attrib);
+        // A round takes at most, per target, a connect and a GET on each candidate port.
+        let c = &config.scrape;
+        let round = Duration::from_millis(c.timeout_ms) * 2 * MAX_CANDIDATES as u32;
+        let deadline = (Duration::from_millis(c.interval_ms) * 3 + round).max(crate::health::SLOW);
+        let heartbeat = health.heartbeat("scraper", deadline);
         Stage {
-            task: Some(tokio::spawn(scraper.run(stop))),
+            task: Some(tokio::spawn(scraper.run(stop, heartbeat))),
         }
     }
 
-    pub async fn stop(mut self) {
+    /// Waits for the scraper to end (it was told by `stop`), within `share` and the
+    /// shutdown's deadline: a round in progress is cut short.
+    pub async fn stop(mut self, deadline: &mut crate::deadline::Deadline, share: Duration) {
         if let Some(task) = self.task.take() {
-            if let Err(e) = task.await {
+            if let Some(Err(e)) = deadline.task("scraper", share, task).await {
                 tracing::error!(error = %e, "scraper panicked");
             }
         }

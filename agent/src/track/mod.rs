@@ -496,17 +496,26 @@ fn comm_label(procfs: &ProcFs, tgid: u32, max: usize) -> String {
     comm
 }
 
-/// Runs until the ingest side closes the channel, then returns the tracker (drained).
-pub async fn run(mut tracker: Tracker, mut rx: mpsc::Receiver<Input>) -> Tracker {
+/// Runs until the ingest side closes the channel, then returns the tracker (drained). Beats
+/// `heartbeat` at least once a second, idle or not.
+pub async fn run(
+    mut tracker: Tracker,
+    mut rx: mpsc::Receiver<Input>,
+    heartbeat: crate::health::Heartbeat,
+) -> Tracker {
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut timeline = tokio::time::interval(Duration::from_secs(1));
     timeline.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        heartbeat.beat();
         tokio::select! {
             input = rx.recv() => match input {
                 Some(input) => tracker.input(input),
-                None => return tracker,
+                None => {
+                    heartbeat.done();
+                    return tracker;
+                }
             },
             _ = sweep.tick() => tracker.sweep(),
             _ = timeline.tick() => tracker.record_timeline(),

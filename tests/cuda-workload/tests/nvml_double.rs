@@ -467,6 +467,53 @@ fn unsupported_groups() {
 }
 
 #[test]
+fn hung_groups_block_until_released() {
+    isolated(
+        "hung_groups_block_until_released",
+        &[(ENV_GPU_COUNT, "2")],
+        |fx| {
+            let nvml = nvml();
+            let d0 = nvml.device_by_index(0).unwrap();
+            let d1 = nvml.device_by_index(1).unwrap();
+            fx.control.set_gpu(0, "hang", "temperature").unwrap();
+            std::thread::scope(|s| {
+                let hung = s.spawn(|| d0.temperature(TemperatureSensor::Gpu));
+                std::thread::sleep(Duration::from_millis(300));
+                assert!(!hung.is_finished(), "the call returned while hung");
+                // Other groups, the other device and the event API go on meanwhile.
+                assert_eq!(d0.power_usage().unwrap(), 70_000);
+                assert_eq!(d1.temperature(TemperatureSensor::Gpu).unwrap(), 35);
+                assert!(d0.name().is_ok());
+                fx.control.remove("gpu.0.hang").unwrap();
+                assert_eq!(hung.join().unwrap().unwrap(), 35);
+            });
+        },
+    );
+}
+
+#[test]
+fn an_event_wait_on_a_lost_gpu_fails() {
+    isolated(
+        "an_event_wait_on_a_lost_gpu_fails",
+        &[(ENV_GPU_COUNT, "2")],
+        |fx| {
+            let nvml = nvml();
+            let d1 = nvml.device_by_index(1).unwrap();
+            let set = nvml.create_event_set().unwrap();
+            let set = d1
+                .register_events(EventTypes::CRITICAL_XID_ERROR, set)
+                .unwrap();
+            fx.control.set_gpu(0, "lost", 1).unwrap();
+            assert!(matches!(set.wait(20), Err(NvmlError::Timeout)));
+            fx.control.set_gpu(1, "lost", 1).unwrap();
+            assert!(matches!(set.wait(20), Err(NvmlError::GpuLost)));
+            fx.control.set_gpu(1, "lost", 0).unwrap();
+            assert!(matches!(set.wait(20), Err(NvmlError::Timeout)));
+        },
+    );
+}
+
+#[test]
 fn process_utilization_samples() {
     isolated("process_utilization_samples", &[], |fx| {
         let nvml = nvml();

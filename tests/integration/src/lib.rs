@@ -194,6 +194,33 @@ impl Agent {
         }
     }
 
+    /// SIGTERM, then checks that the agent exits within `bound` (else it is killed and the
+    /// test fails) and that no probe program is left loaded. Returns the exit status and the
+    /// agent's log.
+    pub fn stop_within(mut self, bound: Duration) -> (ExitStatus, String) {
+        let mut child = self.child.take().unwrap();
+        let ids = program_ids(child.id());
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let sent = Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if sent.elapsed() > bound {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "the agent did not exit within {bound:?} of SIGTERM:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert_no_probe_programs(&ids);
+        (status, self.log())
+    }
+
     /// SIGTERM, then checks the exit code and that no probe program is left loaded.
     pub fn stop(mut self) -> ExitStatus {
         let mut child = self.child.take().unwrap();
