@@ -398,7 +398,7 @@ fn apply_env(table: &mut toml::Table, env: &dyn EnvSource) -> Result<(), ConfigE
             continue;
         };
         // Variables of the agent's runtime, not config keys.
-        if key.is_empty() || key == "LOG" || key.starts_with("EBPF_") {
+        if key.is_empty() || key == "LOG" || key.starts_with("EBPF_") || key.starts_with("FAULT_") {
             continue;
         }
         let path: Vec<String> = key.split("__").map(str::to_ascii_lowercase).collect();

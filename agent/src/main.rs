@@ -142,6 +142,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         otlp_endpoint: args.otlp_endpoint,
     };
     let config = Config::load(args.config.as_deref(), &ProcessEnv, &overrides)?;
+    inject_panic();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -153,6 +154,24 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     runtime.shutdown_background();
     result?;
     Ok(())
+}
+
+/// Fault injection for the crash tests (`tests/integration/tests/crash.rs`):
+/// `INFERSCOPE_FAULT_PANIC_AFTER_MS=N` panics a thread of the agent N ms after start, to show
+/// that a panic ends the process and leaves no probe attached. Unset in production.
+fn inject_panic() {
+    let Some(ms) = std::env::var("INFERSCOPE_FAULT_PANIC_AFTER_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    else {
+        return;
+    };
+    let _ = std::thread::Builder::new()
+        .name("fault".into())
+        .spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+            panic!("INFERSCOPE_FAULT_PANIC_AFTER_MS: injected panic");
+        });
 }
 
 async fn shutdown_signal() {

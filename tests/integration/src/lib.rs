@@ -221,6 +221,20 @@ impl Agent {
         (status, self.log())
     }
 
+    /// Waits for the agent to end by itself or by `signal` (sent now, unless 0), then checks
+    /// that none of its programs is left loaded. Returns its exit status and log.
+    pub fn end_with(mut self, signal: i32, bound: Duration) -> (ExitStatus, String) {
+        let mut child = self.child.take().unwrap();
+        let ids = program_ids(child.id());
+        if signal != 0 {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(child.id() as i32, signal) };
+        }
+        let status = eventually("the agent to end", bound, || child.try_wait().unwrap());
+        assert_no_probe_programs(&ids);
+        (status, self.log())
+    }
+
     /// SIGTERM, then checks the exit code and that no probe program is left loaded.
     pub fn stop(mut self) -> ExitStatus {
         let mut child = self.child.take().unwrap();
