@@ -20,6 +20,12 @@
  *                              (mmap'd MAP_SHARED, updated atomically), so that
  *                              several processes share the devices' memory.
  *                              Without it the counters are private to the process.
+ *   FAKEGPU_ALLOC_RESULTS FIRST:COUNT: the first COUNT calls of cuMemAlloc_v2 (with a
+ *                              current context) return FIRST, FIRST+1, ... and allocate
+ *                              nothing, as a library returning codes no driver defines
+ *                              would; later calls behave normally.  Call them with a
+ *                              u32 result (the workload's `rawalloc` step): a Rust enum
+ *                              cannot hold such values.
  *
  * Shared state file layout (version 1, little endian, 139328 bytes; created and
  * zero-extended under flock(LOCK_EX) by the first process that opens it; every
@@ -203,6 +209,9 @@ static struct state_slot *g_slots = g_private_slots;
 static struct proc_slot *g_procs;  /* process table of the shared file, or NULL */
 static struct proc_slot *g_myproc; /* this process's slot, or NULL */
 static int g_state_fd = -1;
+static uint32_t g_forced_first; /* FAKEGPU_ALLOC_RESULTS */
+static uint64_t g_forced_count;
+static uint64_t g_forced_next;
 
 static uint64_t env_u64(const char *name, uint64_t dflt)
 {
@@ -368,6 +377,15 @@ static void do_init(void)
         n = MAX_DEVICES;
     g_device_count = (int)n;
     g_device_mem = env_u64("FAKEGPU_MEM", 1073741824ull);
+    const char *forced = getenv("FAKEGPU_ALLOC_RESULTS");
+    if (forced && *forced) {
+        char *end = NULL;
+        unsigned long long first = strtoull(forced, &end, 0);
+        if (end && *end == ':') {
+            g_forced_first = (uint32_t)first;
+            g_forced_count = strtoull(end + 1, NULL, 0);
+        }
+    }
     const char *path = getenv("FAKEGPU_STATE");
     if (path && *path && open_shared_state(path) != 0) {
         g_init_result = CUDA_ERROR_OPERATING_SYSTEM;
@@ -1241,6 +1259,11 @@ API CUresult cuMemAlloc_v2(CUdeviceptr *dptr, size_t bytesize)
     int dev = current_device(&err);
     if (dev < 0)
         return err;
+    if (g_forced_count) {
+        uint64_t i = __atomic_fetch_add(&g_forced_next, 1, __ATOMIC_RELAXED);
+        if (i < g_forced_count)
+            return (CUresult)(g_forced_first + (uint32_t)i);
+    }
     if (!dptr || bytesize == 0)
         return CUDA_ERROR_INVALID_VALUE;
     return dev_alloc(dptr, bytesize, dev);

@@ -6,6 +6,8 @@ per server (flags) or per request (headers):
   x-token-ms    delay between tokens (default --token-ms)
   x-error       400 | 429 | 500 | context  (answer with that error instead)
 Output tokens = max_tokens (default 8); prompt tokens = whitespace-separated words of the prompt.
+Any model name is served, unless --strict-models: then a model that is neither --model nor in
+--also-serve is answered 404 with vLLM's error body.
 
 With --metrics it also serves the server's own Prometheus /metrics on the same port, as vLLM
 and TGI do, written by the official prometheus_client package with the real names, types and
@@ -31,6 +33,9 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--port", type=int, required=True)
 parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all, as in a pod)")
 parser.add_argument("--model", default="stand-in")
+parser.add_argument("--strict-models", action="store_true",
+                    help="answer 404, as vLLM does, for a model that is not --model or --also-serve")
+parser.add_argument("--also-serve", default="", help="further model names served (comma-separated)")
 parser.add_argument("--ttft-ms", type=float, default=20.0)
 parser.add_argument("--token-ms", type=float, default=5.0)
 parser.add_argument("--metrics", choices=["vllm", "vllm-old", "tgi", "sglang"])
@@ -96,6 +101,22 @@ def prompt_tokens(body):
     return len(text.split())
 
 
+served = {args.model, *filter(None, args.also_serve.split(","))}
+
+
+def not_found(model):
+    return JSONResponse(
+        status_code=404,
+        content={
+            "object": "error",
+            "message": f"The model `{model}` does not exist.",
+            "type": "NotFoundError",
+            "param": None,
+            "code": 404,
+        },
+    )
+
+
 def error(kind):
     if kind == "context":
         return JSONResponse(
@@ -118,6 +139,8 @@ def error(kind):
 async def handle(request: Request, chat: bool):
     body = await request.json()
     h = request.headers
+    if args.strict_models and body.get("model", args.model) not in served:
+        return not_found(body.get("model"))
     if h.get("x-error"):
         return error(h["x-error"])
     ttft = float(h.get("x-ttft-ms", args.ttft_ms)) / 1000

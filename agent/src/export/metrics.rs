@@ -22,7 +22,8 @@ pub struct ApiLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ApiErrorLabels {
     pub api: &'static str,
-    pub error: String,
+    /// A `CUresult` name the agent knows, else `other` (`crate::cuda_error::label`).
+    pub error: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -72,6 +73,15 @@ pub struct DroppedLabels {
     pub what: &'static str,
     pub reason: &'static str,
 }
+
+/// Kinds of [`Metrics::dropped`] exported from the start, at 0: label values folded into
+/// `other` (or `-1`) because they came from outside.
+pub const LABELS_DROPPED: &[(&str, &str)] = &[
+    ("model_label", "unserved"),
+    ("model_label", "limit"),
+    ("error_label", "unknown_code"),
+    ("gpu_label", "unknown_device"),
+];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FamilyLabels {
@@ -442,9 +452,13 @@ impl Metrics {
         );
         registry.register(
             "inferscope_dropped",
-            "Outside input the agent refused to store or open (what, reason): a tenant's file that is not the mapped one, state past its budget",
+            "Outside input the agent refused to store or open (what, reason): a tenant's file that is not the mapped one, state past its budget, a label value folded into `other`",
             m.dropped.clone(),
         );
+        // Every label kind from the start, at 0 (see `register_forensics`).
+        for &(what, reason) in LABELS_DROPPED {
+            let _ = m.dropped.get_or_create(&DroppedLabels { what, reason });
+        }
         registry.register(
             "inferscope_cuda_libraries",
             "CUDA driver library files being probed",
@@ -657,6 +671,13 @@ impl Metrics {
     pub fn record_dropped(&self, e: &DecodeError) {
         self.events_dropped
             .get_or_create(&ReasonLabels { reason: e.reason() })
+            .inc();
+    }
+
+    /// Counts outside input not kept as it came (a label value folded into `other`, ...).
+    pub fn dropped(&self, what: &'static str, reason: &'static str) {
+        self.dropped
+            .get_or_create(&DroppedLabels { what, reason })
             .inc();
     }
 

@@ -40,6 +40,15 @@ impl GpuHistory {
             .cloned()
     }
 
+    /// Whether NVML found GPU `gpu`; None while it has named none (no NVML).
+    pub fn knows(&self, gpu: i32) -> Option<bool> {
+        let identity = self.identity.read().unwrap_or_else(|e| e.into_inner());
+        if identity.is_empty() {
+            return None;
+        }
+        Some(u32::try_from(gpu).is_ok_and(|g| identity.contains_key(&g)))
+    }
+
     pub fn push(&self, sample: GpuSample) {
         let mut rings = self.rings.write().unwrap_or_else(|e| e.into_inner());
         let ring = rings.entry(sample.gpu).or_default();

@@ -9,6 +9,7 @@ pub mod conn;
 pub mod discover;
 pub mod load;
 pub mod metrics;
+pub mod models;
 pub mod payload;
 pub mod traceparent;
 pub mod tracker;
@@ -211,8 +212,13 @@ pub struct HttpConfig {
     /// A connection without traffic for this long is dropped; its open requests end as
     /// `timeout`.
     pub idle_timeout_secs: u64,
-    /// Distinct `model` label values; further models are exported as `other`.
+    /// Model names that are `model` label values at once (a name becomes one when a server
+    /// answers a request naming it with success, or a server's command line names it; any
+    /// other name is `other`). Past the limit further names are `other` too.
     pub max_models: usize,
+    /// A model name no request has named for this long stops being a label value (its
+    /// series are removed) until a server answers it with success again; 0: never.
+    pub model_expiry_secs: u64,
 }
 
 impl Default for HttpConfig {
@@ -225,6 +231,7 @@ impl Default for HttpConfig {
             max_connections: limits.max_connections,
             idle_timeout_secs: limits.idle_timeout.as_secs(),
             max_models: limits.max_models,
+            model_expiry_secs: limits.model_expiry.as_secs(),
         }
     }
 }
@@ -235,6 +242,7 @@ impl HttpConfig {
             max_connections: self.max_connections,
             idle_timeout: std::time::Duration::from_secs(self.idle_timeout_secs),
             max_models: self.max_models,
+            model_expiry: std::time::Duration::from_secs(self.model_expiry_secs),
         }
     }
 }

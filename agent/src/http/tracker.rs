@@ -4,7 +4,11 @@
 //! `timeout`), and released when its process stops being watched (open requests end as
 //! `connection_reset`: the server died mid-request).
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
 
 use tokio::sync::mpsc;
 
@@ -12,6 +16,7 @@ use super::{
     conn::{Bad, Conn, ErrorType, Exchange, Output},
     discover::Server,
     metrics::{HttpMetrics, KindLabels, ModelErrorLabels, ModelLabels, ModelStatusLabels},
+    models::{Answer, Models, OTHER, UNKNOWN},
     Batch, Record,
 };
 use crate::{
@@ -31,8 +36,10 @@ pub enum Input {
 pub struct Limits {
     pub max_connections: usize,
     pub idle_timeout: Duration,
-    /// Distinct `model` label values; requests naming further models count as `other`.
+    /// Model names admitted as `model` label values at once (`models`).
     pub max_models: usize,
+    /// An admitted model name no request has named for this long is forgotten (0: never).
+    pub model_expiry: Duration,
 }
 
 impl Default for Limits {
@@ -41,6 +48,7 @@ impl Default for Limits {
             max_connections: 16384,
             idle_timeout: Duration::from_secs(600),
             max_models: 256,
+            model_expiry: Duration::from_secs(3600),
         }
     }
 }
@@ -51,7 +59,10 @@ pub struct HttpTracker {
     metrics: Arc<Metrics>,
     http: HttpMetrics,
     limits: Limits,
-    models: std::collections::HashSet<String>,
+    /// Which model names are `model` label values.
+    models: Models,
+    /// The series of each admitted name beyond `{model}` alone, removed with the name.
+    series: HashMap<String, ModelSeries>,
     out: Vec<Output>,
     load: Option<Arc<super::load::LoadBoard>>,
     /// OTLP: one span per finished request.
@@ -67,8 +78,9 @@ impl HttpTracker {
             servers: HashMap::new(),
             metrics,
             http,
+            models: Models::new(limits.max_models, limits.model_expiry),
+            series: HashMap::new(),
             limits,
-            models: Default::default(),
             out: Vec::new(),
             load: None,
             spans: None,
@@ -145,7 +157,7 @@ impl HttpTracker {
                 if !self.conns.contains_key(&(tgid, *fd)) {
                     // Seeded by discovery (older than the agent) or its accept was lost.
                     if !self.room() {
-                        self.flush(tgid);
+                        self.flush(tgid, ts);
                         return;
                     }
                     self.conns.insert((tgid, *fd), Conn::joined(ts));
@@ -163,7 +175,7 @@ impl HttpTracker {
                 }
             }
         }
-        self.flush(tgid);
+        self.flush(tgid, ts);
     }
 
     fn room(&mut self) -> bool {
@@ -182,6 +194,17 @@ impl HttpTracker {
     fn servers(&mut self, servers: HashMap<u32, Server>) {
         self.servers = servers;
         self.http.watched_processes.set(self.servers.len() as i64);
+        // The models the servers' command lines name are label values from the start.
+        let declared = self.models.declare(
+            self.servers.values().filter_map(|s| s.model.as_deref()),
+            monotonic_ns(),
+        );
+        for (name, in_flight) in declared.admitted {
+            self.move_in_flight(&name, in_flight);
+        }
+        for name in declared.evicted {
+            self.forget(&name);
+        }
         // Connections of processes no longer watched (exited): open requests were cut.
         let gone: Vec<(u32, u32)> = self
             .conns
@@ -194,7 +217,7 @@ impl HttpTracker {
             if let Some(mut c) = self.conns.remove(&key) {
                 c.close(now, &mut self.out);
             }
-            self.flush(key.0);
+            self.flush(key.0, now);
         }
     }
 
@@ -211,7 +234,10 @@ impl HttpTracker {
             if let Some(mut c) = self.conns.remove(&key) {
                 c.abandon(now_ns, ErrorType::Timeout, &mut self.out);
             }
-            self.flush(key.0);
+            self.flush(key.0, now_ns);
+        }
+        for name in self.models.expire(now_ns) {
+            self.forget(&name);
         }
         self.http.connections.set(self.conns.len() as i64);
         if let Some(load) = &self.load {
@@ -226,27 +252,78 @@ impl HttpTracker {
         }
     }
 
-    fn model(&mut self, tgid: u32, model: Option<&str>) -> String {
-        let m = model
+    /// The model a request names: its body's, else the one its server's command line
+    /// names, else `unknown`. Whether it becomes the label is for [`Models`] to say.
+    fn named(&self, tgid: u32, model: Option<&str>) -> String {
+        model
             .map(str::to_string)
             .or_else(|| self.servers.get(&tgid).and_then(|s| s.model.clone()))
-            .unwrap_or_else(|| "unknown".to_string());
-        if self.models.contains(&m) {
-            return m;
-        }
-        if self.models.len() >= self.limits.max_models {
-            return "other".to_string();
-        }
-        self.models.insert(m.clone());
-        m
+            .unwrap_or_else(|| UNKNOWN.to_string())
     }
 
-    fn flush(&mut self, tgid: u32) {
+    /// Moves `n` requests in flight counted under `other` to `name`, just admitted.
+    fn move_in_flight(&self, name: &str, n: u32) {
+        if n == 0 {
+            return;
+        }
+        self.http
+            .in_flight
+            .get_or_create(&ModelLabels {
+                model: OTHER.to_string(),
+            })
+            .dec_by(i64::from(n));
+        self.http
+            .in_flight
+            .get_or_create(&ModelLabels {
+                model: name.to_string(),
+            })
+            .inc_by(i64::from(n));
+    }
+
+    /// Removes the series of a model name that is no longer a label value.
+    fn forget(&mut self, name: &str) {
+        let h = &self.http;
+        let labels = ModelLabels {
+            model: name.to_string(),
+        };
+        for family in [
+            &h.latency,
+            &h.ttft,
+            &h.tpot,
+            &h.request_input_tokens,
+            &h.request_output_tokens,
+        ] {
+            family.remove(&labels);
+        }
+        for family in [&h.tokens_input, &h.tokens_output] {
+            family.remove(&labels);
+        }
+        h.in_flight.remove(&labels);
+        let Some(used) = self.series.remove(name) else {
+            return;
+        };
+        for status_code in used.statuses {
+            h.requests.remove(&ModelStatusLabels {
+                model: name.to_string(),
+                status_code,
+            });
+        }
+        for error_type in used.errors {
+            h.errors.remove(&ModelErrorLabels {
+                model: name.to_string(),
+                error_type,
+            });
+        }
+    }
+
+    fn flush(&mut self, tgid: u32, now_ns: u64) {
         let out = std::mem::take(&mut self.out);
         for o in &out {
             match o {
                 Output::Received { model } => {
-                    let model = self.model(tgid, model.as_deref());
+                    let name = self.named(tgid, model.as_deref());
+                    self.models.received(&name, now_ns);
+                    let model = self.models.label(&name).to_string();
                     self.http
                         .in_flight
                         .get_or_create(&ModelLabels { model })
@@ -271,18 +348,43 @@ impl HttpTracker {
         if x.is_monitoring() {
             return;
         }
-        let model = self.model(tgid, x.model.as_deref());
+        let name = self.named(tgid, x.model.as_deref());
+        // Exchanges whose request was never read in full were not counted in flight; the
+        // others are counted under the label their name has until now.
+        if x.received {
+            self.http
+                .in_flight
+                .get_or_create(&ModelLabels {
+                    model: self.models.label(&name).to_string(),
+                })
+                .dec();
+            self.models.left(&name);
+        }
+        // The label is decided now, with the status: a name becomes one when the server
+        // answers it with success.
+        let model = match self.models.answered(&name, x.status, x.end_ns) {
+            Answer::Kept => name,
+            Answer::Admitted { in_flight } => {
+                self.move_in_flight(&name, in_flight);
+                name
+            }
+            Answer::Folded(f) => {
+                self.metrics.dropped("model_label", f.reason());
+                OTHER.to_string()
+            }
+        };
         let h = &self.http;
         let labels = ModelLabels {
             model: model.clone(),
         };
-        // Exchanges whose request was never read in full were not counted in flight.
-        if x.received {
-            h.in_flight.get_or_create(&labels).dec();
-        }
         let status = x
             .status
             .map_or_else(|| "none".to_string(), |s| s.to_string());
+        if model != OTHER {
+            let used = self.series.entry(model.clone()).or_default();
+            used.statuses.insert(status.clone());
+            used.errors.extend(x.error.map(ErrorType::label));
+        }
         h.requests
             .get_or_create(&ModelStatusLabels {
                 model: model.clone(),
@@ -370,6 +472,13 @@ impl HttpTracker {
     }
 }
 
+/// The `status_code` and `error_type` values a model's series have.
+#[derive(Debug, Default)]
+struct ModelSeries {
+    statuses: HashSet<String>,
+    errors: HashSet<&'static str>,
+}
+
 /// Runs until the reader closes the channel. Beats `heartbeat` at least once a second.
 pub async fn run(
     mut t: HttpTracker,
@@ -390,5 +499,216 @@ pub async fn run(
             },
             _ = sweep.tick() => t.sweep(monotonic_ns()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+
+    fn tracker(limits: Limits) -> (HttpTracker, Arc<Metrics>) {
+        let metrics = Arc::new(Metrics::new());
+        let t = HttpTracker::new(metrics.clone(), metrics.http.clone(), limits);
+        (t, metrics)
+    }
+
+    /// A request naming `model` read in full at `ts`.
+    fn received(t: &mut HttpTracker, model: &str, ts: u64) {
+        t.out.push(Output::Received {
+            model: Some(model.to_string()),
+        });
+        t.flush(1, ts);
+    }
+
+    /// Its answer, ending at `ts`.
+    fn finished(t: &mut HttpTracker, model: &str, status: u16, ts: u64) {
+        t.out.push(Output::Finished(Box::new(Exchange {
+            method: "POST".into(),
+            route: "/v1/chat/completions".into(),
+            model: Some(model.to_string()),
+            status: Some(status),
+            error: (status >= 400).then_some(ErrorType::Http4xx),
+            start_ns: ts.saturating_sub(1000),
+            end_ns: ts,
+            received: true,
+            ..Default::default()
+        })));
+        t.flush(1, ts);
+    }
+
+    /// The distinct `model` values of a family, in the exposition.
+    fn models(text: &str, family: &str) -> HashSet<String> {
+        text.lines()
+            .filter(|l| l.starts_with(&format!("{family}{{")))
+            .filter_map(|l| l.split("model=\"").nth(1)?.split('"').next())
+            .map(str::to_string)
+            .collect()
+    }
+
+    fn value(text: &str, series: &str) -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    #[test]
+    fn names_answered_404_are_other_and_a_served_name_keeps_its_label() {
+        let (mut t, metrics) = tracker(Limits::default());
+        for i in 0..300 {
+            let name = format!("probe-{i}");
+            received(&mut t, &name, S);
+            finished(&mut t, &name, 404, S + 10);
+        }
+        received(&mut t, "llama", 2 * S);
+        let text = metrics.encode();
+        assert_eq!(
+            value(&text, "llm_requests_in_flight{model=\"other\"}"),
+            1.0,
+            "{text}"
+        );
+        finished(&mut t, "llama", 200, 3 * S);
+        // An admitted name keeps its label on errors too.
+        received(&mut t, "llama", 4 * S);
+        finished(&mut t, "llama", 404, 4 * S);
+        let text = metrics.encode();
+        let want: HashSet<String> = ["other".into(), "llama".into()].into();
+        assert_eq!(models(&text, "llm_requests_total"), want, "{text}");
+        assert_eq!(models(&text, "llm_latency_seconds_count"), want);
+        assert_eq!(
+            value(
+                &text,
+                "llm_requests_total{model=\"other\",status_code=\"404\"}"
+            ),
+            300.0
+        );
+        assert_eq!(
+            value(
+                &text,
+                "llm_requests_total{model=\"llama\",status_code=\"200\"}"
+            ),
+            1.0
+        );
+        assert_eq!(
+            value(
+                &text,
+                "inferscope_dropped_total{what=\"model_label\",reason=\"unserved\"}"
+            ),
+            300.0
+        );
+        for model in ["other", "llama"] {
+            assert_eq!(
+                value(
+                    &text,
+                    &format!("llm_requests_in_flight{{model=\"{model}\"}}")
+                ),
+                0.0,
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn requests_in_flight_follow_their_name_when_it_is_admitted() {
+        let (mut t, metrics) = tracker(Limits::default());
+        for _ in 0..3 {
+            received(&mut t, "new", S);
+        }
+        let in_flight = |m: &str| {
+            value(
+                &metrics.encode(),
+                &format!("llm_requests_in_flight{{model=\"{m}\"}}"),
+            )
+        };
+        assert_eq!((in_flight("other"), in_flight("new")), (3.0, 0.0));
+        finished(&mut t, "new", 200, 2 * S);
+        assert_eq!((in_flight("other"), in_flight("new")), (0.0, 2.0));
+        finished(&mut t, "new", 200, 3 * S);
+        finished(&mut t, "new", 500, 3 * S);
+        assert_eq!((in_flight("other"), in_flight("new")), (0.0, 0.0));
+        // The command line's model is a label value before any answer.
+        received(&mut t, "cli", 4 * S);
+        t.input(Input::Servers(
+            [(
+                1,
+                Server {
+                    kind: "vllm",
+                    model: Some("cli".into()),
+                    ..Default::default()
+                },
+            )]
+            .into(),
+        ));
+        assert_eq!((in_flight("other"), in_flight("cli")), (0.0, 1.0));
+        finished(&mut t, "cli", 503, 5 * S);
+        assert_eq!(in_flight("cli"), 0.0);
+        assert_eq!(
+            value(
+                &metrics.encode(),
+                "llm_requests_total{model=\"cli\",status_code=\"503\"}"
+            ),
+            1.0
+        );
+    }
+
+    #[test]
+    fn a_name_not_seen_for_the_expiry_loses_its_series_and_its_label() {
+        let (mut t, metrics) = tracker(Limits {
+            model_expiry: Duration::from_secs(60),
+            ..Limits::default()
+        });
+        received(&mut t, "old", S);
+        finished(&mut t, "old", 200, S);
+        received(&mut t, "old", 2 * S);
+        finished(&mut t, "old", 429, 2 * S);
+        t.sweep(61 * S);
+        assert!(metrics.encode().contains("model=\"old\""));
+        t.sweep(63 * S);
+        let text = metrics.encode();
+        assert!(!text.contains("model=\"old\""), "{text}");
+        // Until it is answered with success again, it is `other`.
+        received(&mut t, "old", 64 * S);
+        finished(&mut t, "old", 404, 64 * S);
+        let text = metrics.encode();
+        assert!(!text.contains("model=\"old\""), "{text}");
+        received(&mut t, "old", 65 * S);
+        finished(&mut t, "old", 200, 65 * S);
+        assert_eq!(
+            value(
+                &metrics.encode(),
+                "llm_requests_total{model=\"old\",status_code=\"200\"}"
+            ),
+            1.0
+        );
+    }
+
+    #[test]
+    fn the_cap_still_bounds_the_label() {
+        let (mut t, metrics) = tracker(Limits {
+            max_models: 4,
+            ..Limits::default()
+        });
+        for i in 0..50 {
+            let name = format!("served-{i}");
+            received(&mut t, &name, S);
+            finished(&mut t, &name, 200, S);
+        }
+        let text = metrics.encode();
+        assert_eq!(models(&text, "llm_requests_total").len(), 5, "{text}");
+        assert_eq!(
+            value(
+                &text,
+                "llm_requests_total{model=\"other\",status_code=\"200\"}"
+            ),
+            46.0
+        );
+        assert_eq!(
+            value(
+                &text,
+                "inferscope_dropped_total{what=\"model_label\",reason=\"limit\"}"
+            ),
+            46.0
+        );
     }
 }

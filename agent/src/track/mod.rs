@@ -48,6 +48,9 @@ pub struct FailureRecord {
     pub gpu_state: Option<GpuSample>,
 }
 
+/// The `gpu` of device memory on an ordinal NVML does not list.
+const UNKNOWN_GPU: i32 = -1;
+
 /// Failures kept in memory for forensics.
 const FAILURES_KEPT: usize = 1024;
 
@@ -59,7 +62,8 @@ pub struct Tracker {
     metrics: Arc<Metrics>,
     procfs: ProcFs,
     max_label_len: usize,
-    /// (tgid, api, CUresult) already logged: one line per kind of failure per process.
+    /// (tgid, api, CUresult; `u32::MAX` for every code the driver does not define) already
+    /// logged: one line per kind of failure per process.
     logged_failures: HashSet<(u32, u32, u32)>,
     history: Arc<GpuHistory>,
     failures: VecDeque<FailureRecord>,
@@ -183,6 +187,13 @@ impl Tracker {
                 }
             }
         }
+        // The ordinal comes from the process (a context call's argument, `cuMemCreate`'s
+        // location): where NVML lists the GPUs, one it does not list is `-1`, so the `gpu`
+        // label only names devices that exist.
+        if self.history.knows(e.device) == Some(false) {
+            e.device = UNKNOWN_GPU;
+            self.metrics.dropped("gpu_label", "unknown_device");
+        }
         let e = &e;
         let Some(api) = CudaApi::from_u32(e.api) else {
             self.metrics.drop_reason("unknown_api");
@@ -207,7 +218,12 @@ impl Tracker {
                 m.cuda_alloc_bytes.get_or_create(&labels).inc_by(e.size);
             }
         } else {
-            let error = cuda_error::name(e.result).into_owned();
+            // A label takes only the codes the driver defines: the result is whatever the
+            // library a process loaded returned (the log line keeps the number).
+            let error = cuda_error::label(e.result);
+            if error == cuda_error::OTHER {
+                m.dropped("error_label", "unknown_code");
+            }
             let family = if release {
                 &m.cuda_free_failures
             } else {
@@ -216,10 +232,10 @@ impl Tracker {
             family
                 .get_or_create(&ApiErrorLabels {
                     api: api.symbol(),
-                    error: error.clone(),
+                    error,
                 })
                 .inc();
-            self.log_failure(e, api, &error);
+            self.log_failure(e, api, error);
         }
 
         let tgid = e.header.tgid;
@@ -281,10 +297,14 @@ impl Tracker {
                 })
             });
         }
-        if !self
-            .logged_failures
-            .insert((e.header.tgid, e.api, e.result))
-        {
+        // Codes the driver does not define are one kind: a library returning a new code on
+        // every call gets one line, not one per code.
+        let kind = if error == cuda_error::OTHER {
+            u32::MAX
+        } else {
+            e.result
+        };
+        if !self.logged_failures.insert((e.header.tgid, e.api, kind)) {
             return;
         }
         tracing::warn!(
@@ -558,7 +578,7 @@ mod tests {
             "gpu_cuda_alloc_calls_total{api=\"cuMemAlloc_v2\"} 3",
             "gpu_cuda_alloc_bytes_total{api=\"cuMemAlloc_v2\"} 1000",
             "gpu_cuda_alloc_failures_total{api=\"cuMemAlloc_v2\",error=\"out_of_memory\"} 1",
-            "gpu_cuda_alloc_failures_total{api=\"cuMemAlloc_v2\",error=\"code_777\"} 1",
+            "gpu_cuda_alloc_failures_total{api=\"cuMemAlloc_v2\",error=\"other\"} 1",
             "gpu_cuda_unknown_frees_total{api=\"cuMemFree_v2\"} 1",
             "gpu_process_memory_allocated_bytes{pid=\"7\",comm=\"unknown\",gpu=\"0\"} 1000",
             "inferscope_events_total{source=\"cuda\"} 4",
@@ -571,6 +591,92 @@ mod tests {
         assert!(!metrics
             .encode()
             .contains("gpu_process_memory_allocated_bytes{"));
+    }
+
+    #[test]
+    fn result_codes_the_driver_does_not_define_share_one_label() {
+        let metrics = Arc::new(Metrics::new());
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = Tracker::new(
+            metrics.clone(),
+            ProcFs::new(dir.path()),
+            &LimitsConfig::default(),
+            Arc::new(GpuHistory::new(600)),
+        );
+        for code in 1000..1300 {
+            t.handle(&event(7, CudaApi::MemAlloc, 0, 4096, code));
+        }
+        t.handle(&event(7, CudaApi::MemAlloc, 0, 1 << 30, 2));
+        t.handle(&event(7, CudaApi::MemFree, 0x99, 0, 9999));
+        let text = metrics.encode();
+        let failures: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("gpu_cuda_alloc_failures_total{"))
+            .collect();
+        for line in [
+            "gpu_cuda_alloc_failures_total{api=\"cuMemAlloc_v2\",error=\"other\"} 300",
+            "gpu_cuda_alloc_failures_total{api=\"cuMemAlloc_v2\",error=\"out_of_memory\"} 1",
+        ] {
+            assert!(failures.contains(&line), "missing {line:?} in\n{text}");
+        }
+        assert_eq!(failures.len(), 2, "{text}");
+        assert!(
+            text.contains("gpu_cuda_free_failures_total{api=\"cuMemFree_v2\",error=\"other\"} 1")
+        );
+        assert!(text.contains(
+            "inferscope_dropped_total{what=\"error_label\",reason=\"unknown_code\"} 301"
+        ));
+        // One log line for all the unknown codes of a process and API, one for the OOM.
+        assert_eq!(t.logged_failures.len(), 3);
+    }
+
+    #[test]
+    fn a_device_nvml_does_not_list_is_gpu_minus_one() {
+        let metrics = Arc::new(Metrics::new());
+        let dir = tempfile::tempdir().unwrap();
+        let history = Arc::new(GpuHistory::new(600));
+        let mut t = Tracker::new(
+            metrics.clone(),
+            ProcFs::new(dir.path()),
+            &LimitsConfig::default(),
+            history.clone(),
+        );
+        // Without NVML the ordinal is taken as it comes.
+        let on = |device: i32, ptr: u64, api: CudaApi, size: u64| {
+            let Event::CudaMem(mut e) = event(7, api, ptr, size, 0) else {
+                unreachable!()
+            };
+            e.device = device;
+            Event::CudaMem(e)
+        };
+        t.handle(&on(5, 0x10, CudaApi::MemAlloc, 100));
+        assert!(metrics.encode().contains("gpu=\"5\"} 100"));
+        t.exit(7);
+        // NVML lists GPUs 0 and 1: ordinals 2 and beyond, or negative, name no device.
+        history.set_identity(0, "GPU-a".into(), "H100".into());
+        history.set_identity(1, "GPU-b".into(), "H100".into());
+        for (i, device) in [0, 1, 2, 7, 4096, -5].into_iter().enumerate() {
+            t.handle(&on(device, 0x100 + i as u64, CudaApi::MemAlloc, 10));
+        }
+        let text = metrics.encode();
+        for line in [
+            "gpu_process_memory_allocated_bytes{pid=\"7\",comm=\"unknown\",gpu=\"0\"} 10",
+            "gpu_process_memory_allocated_bytes{pid=\"7\",comm=\"unknown\",gpu=\"1\"} 10",
+            "gpu_process_memory_allocated_bytes{pid=\"7\",comm=\"unknown\",gpu=\"-1\"} 40",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+        let series = |text: &str| {
+            text.lines()
+                .filter(|l| l.starts_with("gpu_process_memory_allocated_bytes{"))
+                .count()
+        };
+        assert_eq!(series(&text), 3, "{text}");
+        assert!(text
+            .contains("inferscope_dropped_total{what=\"gpu_label\",reason=\"unknown_device\"} 4"));
+        // A free finds the allocation where it was put.
+        t.handle(&on(0, 0x103, CudaApi::MemFree, 0));
+        assert!(metrics.encode().contains("gpu=\"-1\"} 30"));
     }
 
     #[test]

@@ -29,6 +29,9 @@ pub const ENV_GPU_COUNT: &str = "FAKEGPU_COUNT";
 pub const ENV_GPU_MEM: &str = "FAKEGPU_MEM";
 /// Path of the shared device-memory state file (see the top of `libcuda.c`).
 pub const ENV_GPU_STATE: &str = "FAKEGPU_STATE";
+/// `FIRST:COUNT`: the first COUNT `cuMemAlloc_v2` calls return FIRST, FIRST+1, ... (codes
+/// no driver defines; call them with the workload's `rawalloc` step).
+pub const ENV_ALLOC_RESULTS: &str = "FAKEGPU_ALLOC_RESULTS";
 
 /// Name of the workload binary (`target/<profile>/cuda-workload`).
 pub const WORKLOAD_BIN_NAME: &str = "cuda-workload";

@@ -74,6 +74,13 @@ enum Step {
         dev: u32,
         count: u64,
     },
+    /// `cuMemAlloc_v2` through a pointer that returns a plain `u32`: safe for result codes
+    /// `CUresult` does not have (the double's `FAKEGPU_ALLOC_RESULTS`).
+    RawAlloc {
+        dev: u32,
+        size: u64,
+        count: u64,
+    },
     Exhaust {
         dev: u32,
         size: u64,
@@ -215,6 +222,11 @@ fn parse_step(text: &str) -> Result<Option<Step>, String> {
             dev: a.dev()?,
             count: a.num("count", Some(1))?,
         },
+        "rawalloc" => Step::RawAlloc {
+            dev: a.dev()?,
+            size: a.num("size", None)?,
+            count: a.num("count", Some(1))?,
+        },
         "exhaust" => Step::Exhaust {
             dev: a.dev()?,
             size: a.num("size", None)?,
@@ -280,6 +292,7 @@ fn devices_of(steps: &[Step]) -> Vec<u32> {
             | Step::Pool { dev, .. }
             | Step::Vmm { dev, .. }
             | Step::Zero { dev, .. }
+            | Step::RawAlloc { dev, .. }
             | Step::Exhaust { dev, .. } => {
                 devs.insert(*dev);
             }
@@ -317,6 +330,20 @@ impl Acc {
             true
         } else {
             *st.failures.entry(result_name(r)).or_default() += 1;
+            false
+        }
+    }
+
+    /// Records one call whose result is a raw code: failures are named `code_<n>`.
+    fn rec_raw(&mut self, api: &str, r: u32, bytes: u64) -> bool {
+        let st = self.apis.entry(api.to_string()).or_default();
+        st.calls += 1;
+        if r == 0 {
+            st.ok += 1;
+            st.bytes += bytes;
+            true
+        } else {
+            *st.failures.entry(format!("code_{r}")).or_default() += 1;
             false
         }
     }
@@ -728,6 +755,26 @@ impl Workload {
                             ptr: p,
                             size: 0,
                         });
+                    }
+                }
+            }
+            Step::RawAlloc { dev, size, count } => {
+                self.ctx(dev);
+                // SAFETY: the symbol has this C signature; `CUresult` is a 32-bit enum, read
+                // here as the integer it is so that any value the library returns is valid.
+                let alloc = unsafe {
+                    *sys::culib()
+                        .get::<unsafe extern "C" fn(*mut sys::CUdeviceptr, usize) -> u32>(
+                            b"cuMemAlloc_v2",
+                        )
+                        .unwrap_or_else(|e| fatal(&format!("rawalloc: {e}")))
+                };
+                for _ in 0..count {
+                    let mut p: sys::CUdeviceptr = 0;
+                    let r = unsafe { alloc(&mut p, size as usize) };
+                    if self.acc.rec_raw("cuMemAlloc_v2", r, size) {
+                        self.acc.dev_add(dev, size);
+                        self.live.push(Alloc::Device { dev, ptr: p, size });
                     }
                 }
             }

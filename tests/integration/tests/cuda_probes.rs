@@ -488,3 +488,65 @@ fn a_library_replaced_on_disk_is_still_probed_through_the_mapping() {
     assert!(w.wait().success());
     assert!(agent.stop().success());
 }
+
+#[test]
+fn result_codes_no_driver_defines_share_the_other_label() {
+    if !root_tier() {
+        return;
+    }
+    let agent = Agent::start(&["--cuda-lib", &ld_lib_arg(Variant::Push)]);
+    // 300 calls return 1000..1299, then the GPU runs out of memory for real.
+    let opts = WorkloadOptions {
+        gpus: 1,
+        ..Default::default()
+    };
+    let mut w = Workload::start_with(
+        "rawalloc size=1M count=300; exhaust dev=0 size=256M; checkpoint name=done",
+        &opts,
+        &Variant::Push.dir(),
+        &[],
+        &[(cuda_workload::ENV_ALLOC_RESULTS, "1000:300")],
+    );
+    w.proceed();
+    let truth = w.truth();
+    let alloc = truth.api("cuMemAlloc_v2");
+    assert_eq!(alloc.failures.len(), 301, "{alloc:?}");
+    assert_eq!(alloc.failures.get("out_of_memory"), Some(&1));
+    let api = [("api", "cuMemAlloc_v2")];
+    let s = agent.wait_for("every failure", |s| {
+        s.sum("gpu_cuda_alloc_failures_total", &api) == 301.0
+    });
+    let errors: std::collections::BTreeSet<&str> = s
+        .text
+        .lines()
+        .filter(|l| l.starts_with("gpu_cuda_alloc_failures_total{") && l.contains("cuMemAlloc_v2"))
+        .filter_map(|l| l.split("error=\"").nth(1)?.split('"').next())
+        .collect();
+    assert!(errors.len() <= 10, "error values {errors:?}");
+    let failures = |error: &str| {
+        s.sum(
+            "gpu_cuda_alloc_failures_total",
+            &[("api", "cuMemAlloc_v2"), ("error", error)],
+        )
+    };
+    assert_eq!(failures("other"), 300.0, "{}", s.text);
+    assert_eq!(failures("out_of_memory"), 1.0, "{}", s.text);
+    assert_eq!(
+        s.sum(
+            "inferscope_dropped_total",
+            &[("what", "error_label"), ("reason", "unknown_code")]
+        ),
+        300.0
+    );
+    // One log line for all the unknown codes (with the first one's number), one for the OOM.
+    let log = agent.log();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("CUDA call failed") && l.contains(&format!("pid={}", truth.pid)))
+        .collect();
+    assert_eq!(lines.len(), 2, "{lines:#?}");
+    assert!(lines[0].contains("code=1000"), "{lines:#?}");
+    w.proceed();
+    assert!(w.wait().success());
+    assert!(agent.stop().success());
+}

@@ -420,3 +420,96 @@ fn flood_once(port: u16, body: &str) {
     );
     let _ = c.read_to_end(&mut Vec::new());
 }
+
+/// POSTs a chat completion naming `model` on a fresh connection; returns the status code.
+fn chat_status(port: u16, model: &str) -> u16 {
+    use std::io::{Read, Write};
+    let body = format!(
+        r#"{{"model":"{model}","max_tokens":2,"messages":[{{"role":"user","content":"a b"}}]}}"#
+    );
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        c,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut response = String::new();
+    c.read_to_string(&mut response).unwrap();
+    response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {response:?}"))
+}
+
+/// The distinct `model` values of every `llm_*` series.
+fn model_values(s: &Scrape) -> std::collections::BTreeSet<String> {
+    s.text
+        .lines()
+        .filter(|l| l.starts_with("llm_"))
+        .filter_map(|l| l.split("model=\"").nth(1)?.split('"').next())
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn model_names_the_server_does_not_serve_are_other() {
+    if !root_tier() {
+        return;
+    }
+    // Like vLLM: names other than its own (and `alias`) are answered 404.
+    let server = Server::start_with("real", &["--strict-models", "--also-serve", "alias"]);
+    let agent = start_agent(&server);
+    // Once a first request is seen, the server's traffic is.
+    assert_eq!(chat_status(server.port, "real"), 200);
+    agent.wait_for("the first request", |s| {
+        s.sum("llm_requests_total", &[("model", "real")]) == 1.0
+    });
+    let n = 300;
+    for i in 0..n {
+        assert_eq!(chat_status(server.port, &format!("probe-{i}")), 404);
+    }
+    // `real` is the command line's model; `alias` becomes a label when it is answered 200.
+    assert_eq!(chat_status(server.port, "real"), 200);
+    assert_eq!(chat_status(server.port, "alias"), 200);
+    assert_eq!(chat_status(server.port, "alias"), 200);
+    let s = agent.wait_for("every request", |s| {
+        s.sum("llm_requests_total", &[("model", "real")]) == 2.0
+            && s.sum("llm_requests_total", &[("model", "alias")]) == 2.0
+            && s.sum("llm_requests_total", &[("status_code", "404")]) >= n as f64
+    });
+    let models = model_values(&s);
+    assert!(models.len() <= 5, "model values {models:?}\n{}", s.text);
+    assert!(
+        !models.iter().any(|m| m.starts_with("probe-")),
+        "{models:?}"
+    );
+    assert_eq!(
+        s.sum(
+            "llm_requests_total",
+            &[("model", "other"), ("status_code", "404")]
+        ),
+        n as f64,
+        "{}",
+        s.text
+    );
+    assert_eq!(
+        s.sum(
+            "inferscope_dropped_total",
+            &[("what", "model_label"), ("reason", "unserved")]
+        ),
+        n as f64,
+        "{}",
+        s.text
+    );
+    assert_eq!(
+        s.sum(
+            "llm_requests_total",
+            &[("model", "real"), ("status_code", "200")]
+        ),
+        2.0
+    );
+    assert_eq!(s.sum("llm_requests_in_flight", &[]), 0.0, "{}", s.text);
+    assert!(agent.stop().success());
+}
