@@ -533,6 +533,7 @@ mod tests {
         let bad = [
             ("INFERSCOPE_PROBES__RING_BUFFER_BYTES", "5000"),
             ("INFERSCOPE_PROBES__BUDGET_CORE_SHARE", "2.0"),
+            ("INFERSCOPE_PROBES__SHED_COOLDOWN_SECS", "0"),
             ("INFERSCOPE_PROBES__DISABLED", "[\"cuNothing\"]"),
             ("INFERSCOPE_PROMETHEUS_LISTEN", "not-an-address"),
             ("INFERSCOPE_COST__GPU_HOUR_PRICE", "-1.0"),
