@@ -30,6 +30,35 @@ pub enum CudaApi {
     CtxCreate = 44,
 }
 
+/// Library files the `cuda` family can probe at once. Each gets a slot, carried in the attach
+/// cookie, so that the probe budget measures and sheds each library's probes on their own.
+pub const LIBRARY_SLOTS: u32 = 64;
+/// Api ids are below this (the largest is 44); one slot's run of hit counters.
+pub const API_SLOTS: u32 = 64;
+/// The attach cookie is `slot << COOKIE_SLOT_SHIFT | api`.
+pub const COOKIE_SLOT_SHIFT: u32 = 8;
+pub const COOKIE_API_MASK: u64 = (1 << COOKIE_SLOT_SHIFT) - 1;
+/// Entries of the hit-count array, indexed by [`hits_index`].
+pub const HITS_ENTRIES: u32 = LIBRARY_SLOTS * API_SLOTS;
+
+/// The attach cookie of `api` on the library in `slot`.
+pub const fn cookie(slot: u32, api: u32) -> u64 {
+    ((slot as u64) << COOKIE_SLOT_SHIFT) | api as u64
+}
+
+/// Index of the (library slot, api) hit counter.
+pub const fn hits_index(slot: u32, api: u32) -> u32 {
+    slot * API_SLOTS + api
+}
+const _: () = {
+    let mut i = 0;
+    while i < APIS.len() {
+        assert!((APIS[i].0 as u32) < API_SLOTS);
+        i += 1;
+    }
+};
+const _: () = assert!((API_SLOTS as u64) <= COOKIE_API_MASK + 1);
+
 /// What a call does to the memory a process holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {

@@ -146,6 +146,10 @@ pub struct ProbesConfig {
     pub stack_sample_every: u64,
     /// Share of one CPU core the probes may cost before the agent sheds them (0: no budget).
     pub budget_core_share: f64,
+    /// How long a probe the budget shed stays off before it is re-attached and measured
+    /// again, in seconds; doubled each time the same probe is shed again soon after, up to
+    /// 30 minutes.
+    pub shed_cooldown_secs: u64,
     /// How often the probe budget and library discovery run, in milliseconds.
     pub discovery_interval_ms: u64,
     /// Ring buffer size in bytes (a power of two, at least one page).
@@ -241,6 +245,7 @@ impl Default for ProbesConfig {
             disabled: Vec::new(),
             stack_sample_every: 64,
             budget_core_share: 0.05,
+            shed_cooldown_secs: 60,
             discovery_interval_ms: 1000,
             ring_buffer_bytes: 8 * 1024 * 1024,
             poll_interval_ms: 5,
@@ -351,6 +356,12 @@ impl Config {
                 self.nvml.interval_ms
             )));
         }
+        if self.probes.shed_cooldown_secs == 0 {
+            return Err(ConfigError::Invalid(
+                "probes.shed_cooldown_secs must be above 0: a shed probe comes back after it"
+                    .into(),
+            ));
+        }
         if self.probes.poll_interval_ms == 0 || self.probes.discovery_interval_ms == 0 {
             return Err(ConfigError::Invalid(
                 "probes.poll_interval_ms and probes.discovery_interval_ms must be above 0".into(),
@@ -446,6 +457,7 @@ mod tests {
             PathBuf::from("/var/lib/inferscope/forensics")
         );
         assert_eq!(c.probes.stack_sample_every, 64);
+        assert_eq!(c.probes.shed_cooldown_secs, 60);
         assert!(c.scrape.enabled);
         assert_eq!(c.scrape.interval_ms, 15_000);
         let c = Config::load(
@@ -521,6 +533,7 @@ mod tests {
         let bad = [
             ("INFERSCOPE_PROBES__RING_BUFFER_BYTES", "5000"),
             ("INFERSCOPE_PROBES__BUDGET_CORE_SHARE", "2.0"),
+            ("INFERSCOPE_PROBES__SHED_COOLDOWN_SECS", "0"),
             ("INFERSCOPE_PROBES__DISABLED", "[\"cuNothing\"]"),
             ("INFERSCOPE_PROMETHEUS_LISTEN", "not-an-address"),
             ("INFERSCOPE_COST__GPU_HOUR_PRICE", "-1.0"),

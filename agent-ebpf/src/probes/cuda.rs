@@ -1,10 +1,14 @@
 //! Uprobes on the CUDA driver's memory API. One entry and one return program serve every
 //! symbol: the attach cookie carries the `CudaApi` id, so the symbol table lives in userspace
-//! (`agent_common::cuda::APIS`) and adding a symbol needs no new program.
+//! (`agent_common::cuda::APIS`) and adding a symbol needs no new program. The cookie's upper
+//! bits carry the library's slot, which only the hit counters use.
 
 use agent_common::{
     config,
-    cuda::{CtxKey, CudaApi, CudaMemEvent, FLAG_DEVICE_UNKNOWN, FLAG_STACK_SAMPLED},
+    cuda::{
+        hits_index, CtxKey, CudaApi, CudaMemEvent, COOKIE_API_MASK, COOKIE_SLOT_SHIFT,
+        FLAG_DEVICE_UNKNOWN, FLAG_STACK_SAMPLED, HITS_ENTRIES,
+    },
     lost, EventKind,
 };
 use aya_ebpf::{
@@ -65,17 +69,20 @@ static CUDA_THREAD_CTX: LruHashMap<u64, ThreadCtx> = LruHashMap::with_max_entrie
 #[map]
 pub static CUDA_PROCESSES: LruHashMap<u32, u32> = LruHashMap::with_max_entries(16384, 0);
 
-/// Calls per api id, per CPU: the probe budget's measure of each probe's hit rate.
+/// Calls per (library slot, api id), per CPU: the probe budget's measure of each probe's hit
+/// rate on each library.
 #[map]
-static CUDA_HITS: PerCpuArray<u64> = PerCpuArray::with_max_entries(64, 0);
+static CUDA_HITS: PerCpuArray<u64> = PerCpuArray::with_max_entries(HITS_ENTRIES, 0);
 
 #[map]
 static CUDA_STACKS: StackTrace = StackTrace::with_max_entries(16384, 0);
 
 #[uprobe]
 pub fn cuda_enter(ctx: ProbeContext) -> u32 {
-    let api = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
-    if let Some(n) = CUDA_HITS.get_ptr_mut(api as u32) {
+    let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    let api = cookie & COOKIE_API_MASK;
+    let slot = (cookie >> COOKIE_SLOT_SHIFT) as u32;
+    if let Some(n) = CUDA_HITS.get_ptr_mut(hits_index(slot, api as u32)) {
         unsafe { *n += 1 };
     }
     let mut stash = Stash {
@@ -109,7 +116,7 @@ pub fn cuda_enter(ctx: ProbeContext) -> u32 {
 #[uretprobe]
 pub fn cuda_return(ctx: RetProbeContext) -> u32 {
     let now = unsafe { bpf_ktime_get_ns() };
-    let api = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    let api = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) } & COOKIE_API_MASK;
     let pid_tgid = bpf_get_current_pid_tgid();
     let key = StashKey { pid_tgid, api };
     let Some(stash) = CUDA_STASH.get_ptr(&key) else {

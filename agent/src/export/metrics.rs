@@ -442,7 +442,7 @@ impl Metrics {
         );
         registry.register(
             "inferscope_probe_shed",
-            "1 when the probe budget has shed this probe",
+            "Library files the probe budget has shed this CUDA probe on now (stack_sampling: 1 while shed)",
             m.probe_shed.clone(),
         );
         registry.register(

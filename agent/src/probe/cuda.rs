@@ -1,9 +1,11 @@
 //! Attaching the `cuda` family: one entry uprobe and one return uprobe per exported symbol of
-//! `agent_common::cuda::APIS`, per library file, with the api id as the attach cookie.
+//! `agent_common::cuda::APIS`, per library file, with the library's slot and the api id as the
+//! attach cookie. At most `LIBRARY_SLOTS` files are probed; the budget sheds and re-attaches
+//! probes per library.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use agent_common::cuda::{CudaApi, APIS};
+use agent_common::cuda::{self as common, CudaApi, APIS, LIBRARY_SLOTS};
 use aya::{
     programs::{
         uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLink, UProbeScope},
@@ -13,11 +15,13 @@ use aya::{
 };
 
 use super::{
+    budget::Probe,
     discover::{FileId, Library},
     elf::{self, FirstInstruction},
     links::Links,
     ProbeError,
 };
+use crate::tenant_file::TenantFile;
 
 const ENTER: &str = "cuda_enter";
 const RETURN: &str = "cuda_return";
@@ -31,8 +35,16 @@ struct Attached {
 
 struct AttachedLibrary {
     display: String,
+    /// Index of the library's hit counters, carried in its attach cookies.
+    slot: u32,
+    /// A descriptor of the checked file, kept open: shed probes are re-attached through it,
+    /// never through a path that may lead elsewhere by then.
+    file: TenantFile,
     links: Vec<Attached>,
-    first: HashMap<CudaApi, FirstInstruction>,
+    /// Every table symbol the library exports: offset and first instruction.
+    symbols: HashMap<CudaApi, (u64, FirstInstruction)>,
+    /// Apis the budget has detached from this library for now.
+    shed: HashSet<CudaApi>,
 }
 
 /// What attaching one library did.
@@ -45,12 +57,16 @@ pub struct AttachReport {
     pub failed: Vec<(&'static str, String)>,
     /// Attaches the kernel refused for want of privilege (EACCES, EPERM).
     pub denied: usize,
+    /// Every library slot is taken: the library is not probed.
+    pub over_limit: bool,
 }
 
 pub struct CudaProbes {
     libs: BTreeMap<FileId, AttachedLibrary>,
-    /// Symbols never attached: the kill switch, and probes the budget shed.
+    /// Symbols never attached: the kill switch.
     off: HashSet<CudaApi>,
+    /// Libraries refused because every slot was taken (not tried again).
+    over_limit: HashSet<FileId>,
 }
 
 impl CudaProbes {
@@ -73,11 +89,13 @@ impl CudaProbes {
         Ok(Self {
             libs: BTreeMap::new(),
             off,
+            over_limit: HashSet::new(),
         })
     }
 
+    /// Whether the library was attached, or refused for want of a slot.
     pub fn is_attached(&self, id: FileId) -> bool {
-        self.libs.contains_key(&id)
+        self.libs.contains_key(&id) || self.over_limit.contains(&id)
     }
 
     pub fn libraries(&self) -> impl Iterator<Item = &str> {
@@ -86,6 +104,24 @@ impl CudaProbes {
 
     pub fn attach_library(&mut self, ebpf: &mut Ebpf, lib: &Library) -> AttachReport {
         let mut report = AttachReport::default();
+        let used: HashSet<u32> = self.libs.values().map(|l| l.slot).collect();
+        let Some(slot) = (0..LIBRARY_SLOTS).find(|s| !used.contains(s)) else {
+            self.over_limit.insert(lib.id);
+            report.over_limit = true;
+            return report;
+        };
+        // Kept for re-attaching; the caller's `Library` may be dropped.
+        let file = match lib.file.file.try_clone() {
+            Ok(file) => TenantFile {
+                file,
+                id: lib.file.id,
+                size: lib.file.size,
+            },
+            Err(e) => {
+                report.failed.push(("*", e.to_string()));
+                return report;
+            }
+        };
         let wanted: Vec<&str> = APIS.iter().map(|(_, s, _)| *s).collect();
         let symbols = match elf::read_symbols(&lib.file.file, lib.file.size, &lib.display, &wanted)
         {
@@ -97,19 +133,22 @@ impl CudaProbes {
         };
         let mut attached = AttachedLibrary {
             display: lib.display.clone(),
+            slot,
+            file,
             links: Vec::new(),
-            first: HashMap::new(),
+            symbols: HashMap::new(),
+            shed: HashSet::new(),
         };
         for &(api, sym, _) in APIS {
             let Some(found) = symbols.found.get(sym) else {
                 report.missing.push(sym);
                 continue;
             };
-            attached.first.insert(api, found.first);
+            attached.symbols.insert(api, (found.offset, found.first));
             if self.off.contains(&api) {
                 continue;
             }
-            match attach_symbol(ebpf, lib, api, found.offset) {
+            match attach_symbol(ebpf, &attached.file, slot, api, found.offset) {
                 Ok(link) => {
                     attached.links.push(link);
                     report.attached.push(api);
@@ -126,19 +165,53 @@ impl CudaProbes {
         report
     }
 
-    /// Detaches `api` from every library and keeps it off for libraries found later.
-    pub fn shed(&mut self, api: CudaApi) {
-        self.off.insert(api);
+    /// Detaches one api from one library until [`CudaProbes::reattach`]. Returns the library's
+    /// name when something was detached.
+    pub fn shed(&mut self, probe: Probe) -> Option<String> {
+        let lib = self.libs.values_mut().find(|l| l.slot == probe.slot)?;
+        let (off, kept): (Vec<_>, Vec<_>) = lib.links.drain(..).partition(|l| l.api == probe.api);
+        lib.links = kept;
+        if off.is_empty() {
+            return None;
+        }
+        lib.shed.insert(probe.api);
         let mut gone = Links::default();
-        for lib in self.libs.values_mut() {
-            let (off, kept): (Vec<_>, Vec<_>) = lib.links.drain(..).partition(|l| l.api == api);
-            lib.links = kept;
-            for link in off {
-                gone.hold(link.enter);
-                gone.hold(link.ret);
-            }
+        for link in off {
+            gone.hold(link.enter);
+            gone.hold(link.ret);
         }
         gone.release();
+        Some(lib.display.clone())
+    }
+
+    /// Attaches a shed api again, through the library's open descriptor. Returns the
+    /// library's name; `Ok(None)` when the probe was not shed (or the library is gone).
+    pub fn reattach(
+        &mut self,
+        ebpf: &mut Ebpf,
+        probe: Probe,
+    ) -> Result<Option<String>, ProbeError> {
+        let Some(lib) = self.libs.values_mut().find(|l| l.slot == probe.slot) else {
+            return Ok(None);
+        };
+        if !lib.shed.contains(&probe.api) {
+            return Ok(None);
+        }
+        let Some(&(offset, _)) = lib.symbols.get(&probe.api) else {
+            return Ok(None);
+        };
+        let link = attach_symbol(ebpf, &lib.file, lib.slot, probe.api, offset)?;
+        lib.links.push(link);
+        lib.shed.remove(&probe.api);
+        Ok(Some(lib.display.clone()))
+    }
+
+    /// The library in `slot`, for logs.
+    pub fn library_name(&self, slot: u32) -> Option<&str> {
+        self.libs
+            .values()
+            .find(|l| l.slot == slot)
+            .map(|l| l.display.as_str())
     }
 
     /// Every link, for the shutdown to release with the others.
@@ -153,19 +226,27 @@ impl CudaProbes {
         out
     }
 
-    /// Per attached api: the costliest first instruction among the libraries it is on.
-    pub fn attached_costs(&self) -> HashMap<CudaApi, FirstInstruction> {
-        let mut out: HashMap<CudaApi, FirstInstruction> = HashMap::new();
+    /// Every attached probe with the first instruction of its symbol in its library.
+    pub fn attached_costs(&self) -> HashMap<Probe, FirstInstruction> {
+        let mut out = HashMap::new();
         for lib in self.libs.values() {
             for link in &lib.links {
-                let first = lib.first[&link.api];
-                out.entry(link.api)
-                    .and_modify(|f| {
-                        if first.entry_cost_ns() > f.entry_cost_ns() {
-                            *f = first
-                        }
-                    })
-                    .or_insert(first);
+                let probe = Probe {
+                    slot: lib.slot,
+                    api: link.api,
+                };
+                out.insert(probe, lib.symbols[&link.api].1);
+            }
+        }
+        out
+    }
+
+    /// Number of libraries each api is shed on.
+    pub fn shed_counts(&self) -> HashMap<CudaApi, usize> {
+        let mut out = HashMap::new();
+        for lib in self.libs.values() {
+            for api in &lib.shed {
+                *out.entry(*api).or_insert(0) += 1;
             }
         }
         out
@@ -211,15 +292,16 @@ pub fn permission_denied(e: &(dyn std::error::Error + 'static)) -> bool {
 /// link to another file).
 fn attach_symbol(
     ebpf: &mut Ebpf,
-    lib: &Library,
+    file: &TenantFile,
+    slot: u32,
     api: CudaApi,
     offset: u64,
 ) -> Result<Attached, ProbeError> {
     let point = || UProbeAttachPoint {
         location: UProbeAttachLocation::AbsoluteOffset(offset),
-        cookie: Some(api as u64),
+        cookie: Some(common::cookie(slot, api as u32)),
     };
-    let path = lib.file.fd_path();
+    let path = file.fd_path();
     let attach_error = |name| move |source| ProbeError::Attach { name, source };
     let attach = |ebpf: &mut Ebpf, name| -> Result<UProbeLink, ProbeError> {
         let prog = program(ebpf, name)?;

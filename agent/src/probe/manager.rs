@@ -10,7 +10,7 @@ use std::{
 
 use agent_common::{
     config as knob,
-    cuda::{CudaApi, APIS},
+    cuda::{hits_index, APIS},
     lost,
 };
 use aya::{
@@ -19,7 +19,7 @@ use aya::{
 };
 
 use super::{
-    budget::{self, Shed},
+    budget::{self, Cooldowns, Shed},
     cuda::CudaProbes,
     discover::{self, FileId, Library},
     links::Links,
@@ -49,10 +49,16 @@ pub struct Manager {
     /// Reasons already logged for refusing a process's library.
     refused_reasons: HashSet<&'static str>,
     lost_seen: [u64; lost::COUNT as usize],
-    hits_seen: HashMap<CudaApi, u64>,
+    /// Last hit count read, per hit counter index.
+    hits_seen: HashMap<u32, u64>,
     last_budget: Instant,
+    /// Stack sampling as configured, and as it is now (0 while shed).
+    stack_every_configured: u64,
     stack_every: u64,
     budget_share: f64,
+    cooldowns: Cooldowns,
+    /// Whether the slot limit was already logged.
+    limit_logged: bool,
 }
 
 /// The maps the manager reads and writes, taken out of the loaded object.
@@ -88,8 +94,11 @@ impl Manager {
             lost_seen: [0; lost::COUNT as usize],
             hits_seen: HashMap::new(),
             last_budget: Instant::now(),
+            stack_every_configured: config.probes.stack_sample_every,
             stack_every: config.probes.stack_sample_every,
             budget_share: config.probes.budget_core_share,
+            cooldowns: Cooldowns::new(Duration::from_secs(config.probes.shed_cooldown_secs)),
+            limit_logged: false,
         }
     }
 
@@ -161,6 +170,23 @@ impl Manager {
             return;
         }
         let report = cuda.attach_library(&mut self.ebpf, lib);
+        if report.over_limit {
+            self.metrics
+                .dropped
+                .get_or_create(&DroppedLabels {
+                    what: "cuda_library",
+                    reason: "limit",
+                })
+                .inc();
+            if !std::mem::replace(&mut self.limit_logged, true) {
+                tracing::warn!(
+                    library = lib.display,
+                    limit = agent_common::cuda::LIBRARY_SLOTS,
+                    "too many CUDA library files: this one and any further are not probed (logged once; counted in inferscope_dropped_total)"
+                );
+            }
+            return;
+        }
         if report.attached.is_empty() && report.denied > 0 {
             // One line, not one per symbol: the next library would be refused alike.
             let (_, error) = &report.failed[0];
@@ -203,13 +229,25 @@ impl Manager {
     fn publish_attach_state(&self) {
         let Some(cuda) = &self.cuda else { return };
         let counts = cuda.attach_counts();
+        let shed = cuda.shed_counts();
         for (api, sym, _) in APIS {
             let n = counts.get(api).copied().unwrap_or(0);
             self.metrics
                 .probe_attached
                 .get_or_create(&ProbeLabels { probe: sym })
                 .set(n as i64);
+            let n = shed.get(api).copied().unwrap_or(0);
+            self.metrics
+                .probe_shed
+                .get_or_create(&ProbeLabels { probe: sym })
+                .set(n as i64);
         }
+        self.metrics
+            .probe_shed
+            .get_or_create(&ProbeLabels {
+                probe: Shed::StackSampling.name(),
+            })
+            .set(self.cooldowns.is_shed(Shed::StackSampling) as i64);
         self.metrics
             .cuda_libraries
             .set(cuda.libraries().count() as i64);
@@ -240,52 +278,119 @@ impl Manager {
         }
     }
 
-    /// Measures each probe's hit rate and sheds what the budget cannot pay for.
+    /// Re-attaches what has served its cool-down, measures each probe's hit rate on each
+    /// library and sheds what the budget cannot pay for.
     pub fn enforce_budget(&mut self) {
-        let elapsed = self.last_budget.elapsed().as_secs_f64();
-        self.last_budget = Instant::now();
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.last_budget).as_secs_f64();
+        self.last_budget = now;
+        if self.cuda.is_none() {
+            return;
+        }
+        self.restore_due(now);
+        self.cooldowns.forget_settled(now);
         let Some(cuda) = self.cuda.as_ref() else {
             return;
         };
+        let costs = cuda.attached_costs();
         let mut rates = HashMap::new();
-        for (api, _, _) in APIS {
-            let now = per_cpu_sum(&self.hits_map, *api as u32);
-            let before = self.hits_seen.insert(*api, now).unwrap_or(now);
+        for probe in costs.keys() {
+            let index = hits_index(probe.slot, probe.api as u32);
+            let count = per_cpu_sum(&self.hits_map, index);
+            let before = self.hits_seen.insert(index, count).unwrap_or(count);
             if elapsed > 0.0 {
-                rates.insert(*api, now.saturating_sub(before) as f64 / elapsed);
+                rates.insert(*probe, count.saturating_sub(before) as f64 / elapsed);
             }
         }
-        let costs = cuda.attached_costs();
         let plan = budget::plan(&rates, &costs, self.stack_every, self.budget_share);
         if plan.is_empty() {
             return;
         }
         let cost = budget::cost_ns_per_s(&rates, &costs, self.stack_every) / 1e9;
         for step in plan {
-            tracing::warn!(
-                probe = step.name(),
-                estimated_core_share = format!("{cost:.3}"),
-                budget = self.budget_share,
-                "probe budget exceeded, shedding probe"
-            );
-            match step {
+            let library = match step {
                 Shed::StackSampling => {
                     self.stack_every = 0;
                     set_config(&mut self.config_map, knob::STACK_SAMPLE_EVERY, 0);
+                    "*".to_string()
                 }
-                Shed::Api(api) => {
-                    if let Some(cuda) = self.cuda.as_mut() {
-                        cuda.shed(api);
+                Shed::Api(probe) => {
+                    let Some(name) = self.cuda.as_mut().and_then(|c| c.shed(probe)) else {
+                        continue;
+                    };
+                    name
+                }
+            };
+            let cooldown = self.cooldowns.shed(step, now);
+            tracing::warn!(
+                probe = step.name(),
+                library,
+                estimated_core_share = format!("{cost:.3}"),
+                budget = self.budget_share,
+                cooldown_secs = cooldown.as_secs(),
+                "probe budget exceeded, shedding probe"
+            );
+        }
+        // Said only once the probes are really gone.
+        self.publish_attach_state();
+    }
+
+    /// Re-attaches the shed probes whose cool-down has ended; the next budget tick measures
+    /// them again.
+    fn restore_due(&mut self, now: Instant) {
+        let due = self.cooldowns.due(now);
+        if due.is_empty() {
+            return;
+        }
+        for step in due {
+            match step {
+                Shed::StackSampling => {
+                    self.stack_every = self.stack_every_configured;
+                    set_config(
+                        &mut self.config_map,
+                        knob::STACK_SAMPLE_EVERY,
+                        self.stack_every,
+                    );
+                    self.cooldowns.restored(step, now);
+                    tracing::info!(
+                        probe = step.name(),
+                        "probe cool-down over, stack sampling back on"
+                    );
+                }
+                Shed::Api(probe) => {
+                    let Some(cuda) = self.cuda.as_mut() else {
+                        return;
+                    };
+                    match cuda.reattach(&mut self.ebpf, probe) {
+                        Ok(Some(library)) => {
+                            // Hits counted while detaching belong to no interval measured.
+                            let index = hits_index(probe.slot, probe.api as u32);
+                            self.hits_seen
+                                .insert(index, per_cpu_sum(&self.hits_map, index));
+                            self.cooldowns.restored(step, now);
+                            tracing::info!(
+                                probe = step.name(),
+                                library,
+                                "probe cool-down over, probe re-attached"
+                            );
+                        }
+                        Ok(None) => self.cooldowns.restored(step, now),
+                        Err(e) => {
+                            // Off for another cool-down; tried again then.
+                            let cooldown = self.cooldowns.shed(step, now);
+                            tracing::warn!(
+                                probe = step.name(),
+                                library = cuda.library_name(probe.slot).unwrap_or("?"),
+                                error = crate::error_chain(&e),
+                                retry_secs = cooldown.as_secs(),
+                                "cannot re-attach a shed probe"
+                            );
+                        }
                     }
-                    self.publish_attach_state();
                 }
             }
-            // Said only once the probe is really gone.
-            self.metrics
-                .probe_shed
-                .get_or_create(&ProbeLabels { probe: step.name() })
-                .set(1);
         }
+        self.publish_attach_state();
     }
 
     /// Runs until told to stop, then detaches everything. Beats `heartbeat` every tick.
