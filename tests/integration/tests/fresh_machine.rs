@@ -40,6 +40,20 @@ const WITHOUT_SYS_ADMIN: &[&str] = &[
     "--",
 ];
 
+/// The agent, probing the driver double, started by `then` (or directly) without tracefs.
+fn agent_without_tracefs(then: &[&str]) -> Agent {
+    let wrapper = without_tracefs(then);
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    Agent::start_under(
+        &wrapper,
+        &[
+            "--cuda-lib",
+            &Variant::Push.lib_path().display().to_string(),
+        ],
+        &[],
+    )
+}
+
 fn family_up(s: &Scrape, family: &str) -> f64 {
     s.sum("inferscope_probe_family_up", &[("family", family)])
 }
@@ -49,16 +63,7 @@ fn tracefs_unmounted_the_agent_mounts_it_and_every_family_runs() {
     if !root_tier() {
         return;
     }
-    let wrapper = without_tracefs(&[]);
-    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
-    let agent = Agent::start_under(
-        &wrapper,
-        &[
-            "--cuda-lib",
-            &Variant::Push.lib_path().display().to_string(),
-        ],
-        &[],
-    );
+    let agent = agent_without_tracefs(&[]);
     let (status, body) = http_get(agent.port, "/healthz").expect("healthz");
     assert_eq!((status, body.as_str()), (200, "ok\n"));
     let s = agent.scrape();
@@ -95,16 +100,7 @@ fn without_cap_sys_admin_the_agent_runs_and_names_what_is_missing() {
     if !root_tier() {
         return;
     }
-    let wrapper = without_tracefs(WITHOUT_SYS_ADMIN);
-    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
-    let agent = Agent::start_under(
-        &wrapper,
-        &[
-            "--cuda-lib",
-            &Variant::Push.lib_path().display().to_string(),
-        ],
-        &[],
-    );
+    let agent = agent_without_tracefs(WITHOUT_SYS_ADMIN);
     let (status, body) = http_get(agent.port, "/healthz").expect("healthz");
     assert_eq!(status, 200, "{body}");
     let mut lines = body.lines();

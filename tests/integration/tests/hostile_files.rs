@@ -103,12 +103,13 @@ impl Drop for OpenWatch {
 /// SIGTERM, and the agent must be gone promptly with status 0 and nothing left loaded. A
 /// trapped agent never ends; an untrapped one spends its shutdown detaching, which the kernel
 /// serialises at about 80 ms per probe on the CI's nested VM (67 probes, 5.4 s), so the bound
-/// is that cost with room, not a benchmark.
+/// is that cost with room (other drivers the machine's processes map add to it), not a
+/// benchmark.
 fn stop_promptly(agent: Agent) {
     let start = Instant::now();
     let status = agent.stop();
     assert!(
-        start.elapsed() < Duration::from_secs(15),
+        start.elapsed() < Duration::from_secs(30),
         "shutdown took {:?}",
         start.elapsed()
     );
@@ -191,15 +192,21 @@ fn without_map_files_a_planted_link_is_refused_and_counted() {
         &[],
         &[],
     );
-    let s = agent.wait_for("the tenant's library to be refused", |s| {
+    agent.wait_for("the tenant's library to be refused", |s| {
         s.sum(
             "inferscope_dropped_total",
             &[("what", "cuda_library"), ("reason", "not_the_mapped_file")],
         ) >= 1.0
     });
-    assert_eq!(s.sum("inferscope_cuda_libraries", &[]), 0.0);
     assert_eq!(watch.events(), 0);
     let log = agent.log();
+    // Other processes of the machine may map drivers the agent probes; this one's is not.
+    let lib_name = lib.display().to_string();
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("CUDA driver probed") && l.contains(&lib_name)),
+        "{log}"
+    );
     assert_eq!(
         log.matches("is not probed").count(),
         1,
