@@ -440,7 +440,18 @@ pub async fn run(
         .await
         .is_some()
     {
-        if let Some(Err(_)) = detach.join("probe-manager", DETACH_BY, manager).await {
+        // Out of its loop, it is detaching: the kernel serialises uprobe detaches (about 0.1 s
+        // each on a VM), so a driver's 42 probes can outlast the deadline. Not a fault: what
+        // is left is finished by the process's exit.
+        let until = started + DETACH_BY;
+        while !manager.is_finished() && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if !manager.is_finished() {
+            tracing::info!(
+                "probes still detaching at the deadline: the process's exit finishes it"
+            );
+        } else if manager.join().is_err() {
             tracing::error!("probe manager panicked");
         }
     }
