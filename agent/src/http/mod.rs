@@ -219,6 +219,15 @@ pub struct HttpConfig {
     /// A model name no request has named for this long stops being a label value (its
     /// series are removed) until a server answers it with success again; 0: never.
     pub model_expiry_secs: u64,
+    /// Bytes of parser state (header and body buffers, SSE events, the exchanges it keeps)
+    /// one connection may hold; past it the connection's open exchanges end as `untracked`
+    /// and its buffers are freed (`inferscope_dropped_total{what="http_exchange",
+    /// reason="too_large"}`).
+    pub max_connection_bytes: usize,
+    /// Bytes of parser state all watched connections together may hold. Past it a
+    /// connection that grows is shed as above (`reason="budget"`) and new connections are
+    /// not tracked (`what="http_connection",reason="budget"`): the state never grows past it.
+    pub state_budget_bytes: usize,
 }
 
 impl Default for HttpConfig {
@@ -232,6 +241,8 @@ impl Default for HttpConfig {
             idle_timeout_secs: limits.idle_timeout.as_secs(),
             max_models: limits.max_models,
             model_expiry_secs: limits.model_expiry.as_secs(),
+            max_connection_bytes: limits.max_connection_bytes,
+            state_budget_bytes: limits.state_budget_bytes,
         }
     }
 }
@@ -243,6 +254,8 @@ impl HttpConfig {
             idle_timeout: std::time::Duration::from_secs(self.idle_timeout_secs),
             max_models: self.max_models,
             model_expiry: std::time::Duration::from_secs(self.model_expiry_secs),
+            max_connection_bytes: self.max_connection_bytes,
+            state_budget_bytes: self.state_budget_bytes,
         }
     }
 }
