@@ -39,17 +39,30 @@ pub struct HttpMemory {
 const STREAM_EVENT: &[u8] = b"data: {\"choices\":[{\"text\":\"x\"}]}\n\n";
 const DATA_LINE: &[u8] = b"data: {\"choices\":[{\"text\":\"xxxxxxxxxxxxxxxxxxxxxxxx\"}]}\n";
 
-/// Raises the open-file limit to `n` (soft and hard).
+/// Raises the open-file limit to `n` (both limits; without the privilege to raise the hard
+/// limit, the soft one to the hard one) and fails when that is less than `n`.
 pub fn raise_nofile(n: u64) -> anyhow::Result<()> {
-    let lim = libc::rlimit {
-        rlim_cur: n,
-        rlim_max: n,
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
     };
-    // SAFETY: a plain struct passed by pointer.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+    // SAFETY: plain structs passed by pointer.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        let want = libc::rlimit {
+            rlim_cur: n.max(lim.rlim_cur),
+            rlim_max: n.max(lim.rlim_max),
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &want) != 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+    }
+    if lim.rlim_cur < n {
         bail!(
-            "setrlimit(RLIMIT_NOFILE, {n}): {}",
-            std::io::Error::last_os_error()
+            "RLIMIT_NOFILE is {} and cannot be raised to {n}",
+            lim.rlim_cur
         );
     }
     Ok(())
@@ -58,7 +71,7 @@ pub fn raise_nofile(n: u64) -> anyhow::Result<()> {
 /// `--serve-partial PORT`: reads every connection, answers `GET /stream` with SSE events
 /// forever and `GET /event` with one event of `data:` lines forever; never answers the rest.
 pub fn serve(port: u16) -> anyhow::Result<()> {
-    raise_nofile(65536)?;
+    raise_nofile(NOFILE)?;
     let listener = TcpListener::bind(("127.0.0.1", port))?;
     listener.set_nonblocking(true)?;
     let mut conns: Vec<TcpStream> = Vec::new();
@@ -124,8 +137,14 @@ impl Drop for Server {
     }
 }
 
+/// Samples, 2 s apart, while the load holds.
+const HOLD_SAMPLES: usize = 15;
+
+/// Descriptors each side needs: the connections and a margin.
+const NOFILE: u64 = 10_000 + 512;
+
 pub fn measure(lib: &Path, connections: usize, rounds: usize) -> anyhow::Result<HttpMemory> {
-    raise_nofile(65536)?;
+    raise_nofile(NOFILE.max(connections as u64 + 512))?;
     let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let _server = Server(
         Command::new(std::env::current_exe()?)
@@ -142,7 +161,7 @@ pub fn measure(lib: &Path, connections: usize, rounds: usize) -> anyhow::Result<
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let budget: u64 = 64 * 1024 * 1024;
+    let budget = inferscope::http::tracker::Limits::default().state_budget_bytes as u64;
     let port_s = format!("[{port}]");
     let agent = AgentProcess::start(lib, &[("INFERSCOPE_HTTP__WATCH_PORTS", &port_s)])?;
     let t0 = Instant::now();
@@ -188,7 +207,7 @@ pub fn measure(lib: &Path, connections: usize, rounds: usize) -> anyhow::Result<
         }
     }
     // The load holds: partial requests open, the streams running.
-    for _ in 0..10 {
+    for _ in 0..HOLD_SAMPLES {
         std::thread::sleep(Duration::from_secs(2));
         sample(&agent)?;
     }
@@ -232,7 +251,7 @@ pub fn table(m: &HttpMemory) -> String {
          | | value | target |\n|---|---|---|\n\
          | agent RSS, idle (watching the server) | {:.1} MiB | |\n\
          | agent RSS when the budget was reached | {:.1} MiB | |\n\
-         | agent RSS at the end (load held 20 s) | {:.1} MiB | no growth after the budget |\n\
+         | agent RSS at the end (load held 30 s) | {:.1} MiB | no growth after the budget |\n\
          | agent peak RSS (VmHWM) | {:.1} MiB | ≤ 128 MiB |\n\
          | connections tracked at the end | {} | |\n\
          | dropped: connections not tracked (`budget`) | {} | |\n\

@@ -130,7 +130,7 @@ pub struct Results {
 }
 
 /// Connections holding a partial request, and the rounds of 1 KiB each header grows by
-/// (10,000 × 12 KiB is past the default 64 MiB http state budget).
+/// (10,000 × 12 KiB is past the default 32 MiB http state budget).
 const HTTP_MEMORY_CONNECTIONS: usize = 10_000;
 const HTTP_MEMORY_ROUNDS: usize = 12;
 

@@ -260,6 +260,12 @@ impl HttpConfig {
     }
 }
 
+/// Batches queued for the tracker. A batch holds at most what the family's ring buffer held
+/// (`probes.ring_buffer_bytes`, 8 MiB by default), so the queue holds at most this many times
+/// that; past it the reader waits and the ring buffer absorbs bursts (what it cannot hold is
+/// counted in `inferscope_events_lost_total`). It held 256 batches, 2 GiB at worst.
+const QUEUE_BATCHES: usize = 2;
+
 /// The running family: the tracker task and the watcher thread.
 pub struct Stage {
     tx: Option<tokio::sync::mpsc::Sender<tracker::Input>>,
@@ -291,7 +297,7 @@ impl Stage {
                 watcher: None,
             });
         };
-        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        let (tx, rx) = tokio::sync::mpsc::channel(QUEUE_BATCHES);
         let t =
             tracker::HttpTracker::new(metrics.clone(), metrics.http.clone(), config.http.limits())
                 .with_load(load)

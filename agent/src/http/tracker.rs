@@ -58,7 +58,7 @@ impl Default for Limits {
             max_models: 256,
             model_expiry: Duration::from_secs(3600),
             max_connection_bytes: 256 * 1024,
-            state_budget_bytes: 64 * 1024 * 1024,
+            state_budget_bytes: 32 * 1024 * 1024,
         }
     }
 }
