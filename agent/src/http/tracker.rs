@@ -544,7 +544,9 @@ impl HttpTracker {
                 .first_token_ns
                 .map(|f| f.saturating_sub(x.start_ns) / 1000),
             token_events = x.token_events,
-            token_gaps = x.token_gaps_ns.len() as u64 + x.token_gaps_dropped,
+            // At most MAX_TOKEN_GAPS of them; the root tier reads this field.
+            gaps_us = ?x.token_gaps_ns.iter().map(|g| g / 1000).collect::<Vec<_>>(),
+            gaps_dropped = x.token_gaps_dropped,
             prompt_tokens = x.usage.prompt,
             output_tokens = x.output_tokens(),
             error = x.error.map(ErrorType::label),
