@@ -3,13 +3,15 @@
 //! do (the floor programs) and against no probe, on the three first-instruction kinds of the
 //! CUDA driver double; the event pipeline's throughput, CPU per event and wakeup latency; and
 //! the agent's memory with 10,000 live allocations in 100 processes; what the `http` family
-//! costs a streaming server (the TGI stand-in) as its clients see it. Prints the tables and
+//! costs a streaming server (the TGI stand-in) as its clients see it; the agent's peak RSS
+//! under 10,000 connections each holding a partial request plus endless streams. Prints the tables and
 //! writes them to `docs/performance.md`. Figures are reported against their targets; nothing
 //! is asserted.
 
 mod agentproc;
 mod driver;
 mod http;
+mod httpmem;
 mod nvml;
 mod otlp;
 mod probes;
@@ -127,10 +129,41 @@ pub struct Results {
     pub otlp: otlp::OtlpCost,
 }
 
+/// Connections holding a partial request, and the rounds of 1 KiB each header grows by
+/// (10,000 × 12 KiB is past the default 32 MiB http state budget).
+const HTTP_MEMORY_CONNECTIONS: usize = 10_000;
+const HTTP_MEMORY_ROUNDS: usize = 12;
+
 fn main() {
     let quick = std::env::args().skip(1).any(|a| a == "--quick");
-    // `--otlp-only [SECS]`: only the OTLP figures, printed, docs/performance.md untouched.
     let args: Vec<String> = std::env::args().collect();
+    // `--serve-partial PORT`: the watched server of the memory figures (a process of its own).
+    if let Some(i) = args.iter().position(|a| a == "--serve-partial") {
+        let port = args.get(i + 1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        if let Err(e) = httpmem::serve(port) {
+            eprintln!("inferscope-bench: serving: {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    // `--http-memory-only`: only the memory figures under hostile HTTP input, printed.
+    if args.iter().any(|a| a == "--http-memory-only") {
+        match httpmem::measure(
+            &Variant::Nop5.lib_path(),
+            HTTP_MEMORY_CONNECTIONS,
+            HTTP_MEMORY_ROUNDS,
+        ) {
+            Ok(m) => {
+                println!("{}", httpmem::table(&m));
+                return;
+            }
+            Err(e) => {
+                eprintln!("inferscope-bench: {e:#}");
+                std::process::exit(1);
+            }
+        }
+    }
+    // `--otlp-only [SECS]`: only the OTLP figures, printed, docs/performance.md untouched.
     if let Some(i) = args.iter().position(|a| a == "--otlp-only") {
         let secs = args.get(i + 1).and_then(|s| s.parse().ok()).unwrap_or(20);
         let sizes = Sizes::new(quick);
@@ -232,6 +265,15 @@ fn run(quick: bool) -> anyhow::Result<()> {
         sizes.http_concurrency,
         sizes.http_tokens,
     )?;
+    eprintln!(
+        "bench: [{:>3.0} s] http memory: {HTTP_MEMORY_CONNECTIONS} partial requests and endless streams",
+        started.elapsed().as_secs_f64(),
+    );
+    let http_memory = httpmem::measure(
+        &Variant::Nop5.lib_path(),
+        HTTP_MEMORY_CONNECTIONS,
+        HTTP_MEMORY_ROUNDS,
+    )?;
 
     eprintln!(
         "bench: [{:>3.0} s] otlp: export cost ({} rounds), then {} s with the collector down at 200 requests/s",
@@ -255,7 +297,7 @@ fn run(quick: bool) -> anyhow::Result<()> {
         otlp,
     };
     let elapsed = started.elapsed();
-    let tables = report::tables(&results);
+    let tables = report::tables(&results) + "\n" + &httpmem::table(&http_memory);
     println!("{tables}");
     let doc = report::document(&sizes, &results, &tables, elapsed);
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -57,6 +57,14 @@ impl Body {
         }
     }
 
+    /// Bytes of buffer this body holds (a chunk-size or trailer line, at most [`MAX_LINE`]).
+    pub fn state_bytes(&self) -> usize {
+        match &self.chunk {
+            Chunk::Size(l) | Chunk::Trailer(l) => l.capacity(),
+            _ => 0,
+        }
+    }
+
     pub fn framing(&self) -> Framing {
         self.framing
     }

@@ -18,6 +18,11 @@ const MAX_HEADERS: usize = 64;
 const MAX_ROUTE: usize = 64;
 /// Requests received and not answered kept per connection (pipelining depth).
 const MAX_PENDING: usize = 64;
+/// Longest method kept (httparse accepts any token).
+const MAX_METHOD: usize = 16;
+/// Token gaps kept per exchange for the TPOT histogram (8 bytes each); further gaps are
+/// counted in [`Exchange::token_gaps_dropped`], so an endless stream holds 32 KiB of them.
+pub const MAX_TOKEN_GAPS: usize = 4096;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ErrorType {
@@ -27,6 +32,9 @@ pub enum ErrorType {
     ContextLength,
     Timeout,
     ConnectionReset,
+    /// The agent stopped following the connection: its state went past the per-connection
+    /// cap or the http state budget (counted in `inferscope_dropped_total`).
+    Untracked,
 }
 
 impl ErrorType {
@@ -38,6 +46,7 @@ impl ErrorType {
             Self::ContextLength => "context_length",
             Self::Timeout => "timeout",
             Self::ConnectionReset => "connection_reset",
+            Self::Untracked => "untracked",
         }
     }
 }
@@ -91,8 +100,11 @@ pub struct Exchange {
     pub first_byte_out_ns: Option<u64>,
     pub first_token_ns: Option<u64>,
     pub last_token_ns: Option<u64>,
-    /// Gaps between consecutive token events.
+    /// Gaps between consecutive token events, the first [`MAX_TOKEN_GAPS`] of them.
     pub token_gaps_ns: Vec<u64>,
+    /// Gaps past [`MAX_TOKEN_GAPS`], not kept (`token_gaps_ns.len() + token_gaps_dropped`
+    /// is `token_events - 1`).
+    pub token_gaps_dropped: u64,
     pub token_events: u64,
     /// Last byte out (or the instant the exchange was given up).
     pub end_ns: u64,
@@ -108,6 +120,19 @@ pub struct Exchange {
 }
 
 impl Exchange {
+    /// Heap and inline bytes this exchange holds (approximately: capacities).
+    pub fn state_bytes(&self) -> usize {
+        size_of::<Exchange>()
+            + self.method.capacity()
+            + self.route.capacity()
+            + self.model.as_ref().map_or(0, String::capacity)
+            + self.token_gaps_ns.capacity() * size_of::<u64>()
+            + self
+                .traceparent
+                .as_ref()
+                .map_or(0, |_| size_of::<super::traceparent::TraceParent>())
+    }
+
     /// A Prometheus scrape of the server's own metrics (the agent's scraper's or anyone's):
     /// parsed to keep requests and responses paired, never counted as an inference request.
     pub fn is_monitoring(&self) -> bool {
@@ -207,6 +232,38 @@ impl Conn {
         self.pending.len() + usize::from(self.writing.is_some())
     }
 
+    /// Bytes of parser state this connection holds (approximately: buffer capacities, the
+    /// exchanges it keeps, itself). What the tracker charges to the http state budget.
+    pub fn state_bytes(&self) -> usize {
+        let inp = match &self.inp {
+            In::Head(buf) => buf.capacity(),
+            In::Body { body, buf, .. } => body.state_bytes() + buf.capacity(),
+            In::Desync => 0,
+        };
+        let out = match &self.out {
+            Out::Head(buf) => buf.capacity(),
+            Out::Body { body, sse, buf, .. } => {
+                body.state_bytes() + sse.as_ref().map_or(0, Sse::state_bytes) + buf.capacity()
+            }
+            Out::Desync => 0,
+        };
+        let exchanges: usize = self
+            .reading
+            .iter()
+            .chain(self.writing.as_ref())
+            .chain(self.pending.iter())
+            .map(|x| x.state_bytes() - size_of::<Exchange>())
+            .sum();
+        size_of::<Conn>() + inp + out + exchanges + self.pending.capacity() * size_of::<Exchange>()
+    }
+
+    /// Gives up following the connection to free its state: open exchanges end as
+    /// `untracked`, both directions wait for the start of the next message.
+    pub fn shed(&mut self, ts: u64, out: &mut Vec<Output>) {
+        self.abandon(ts, ErrorType::Untracked, out);
+        self.pending = VecDeque::new();
+    }
+
     /// Body bytes of the requests in flight on this connection.
     pub fn in_flight_bytes(&self) -> u64 {
         self.pending
@@ -249,12 +306,12 @@ impl Conn {
                 let mut req = httparse::Request::new(&mut headers);
                 match req.parse(buf) {
                     Ok(httparse::Status::Complete(n)) => {
-                        let method = req.method.unwrap_or("").to_string();
+                        let method = req.method.unwrap_or("");
                         let path = req.path.unwrap_or("");
                         let route = path.split('?').next().unwrap_or("");
                         let framing = request_framing(req.headers);
                         let x = self.reading.get_or_insert_with(Exchange::default);
-                        x.method = method;
+                        x.method = clip(method, MAX_METHOD);
                         x.route = clip(route, MAX_ROUTE);
                         if let Some(v) = header(req.headers, "traceparent") {
                             x.traceparent = super::traceparent::TraceParent::parse(v).map(Box::new);
@@ -608,7 +665,11 @@ fn framing_of(body: &Body) -> Framing {
 
 fn token(x: &mut Exchange, ts: u64) {
     if let Some(last) = x.last_token_ns {
-        x.token_gaps_ns.push(ts.saturating_sub(last));
+        if x.token_gaps_ns.len() < MAX_TOKEN_GAPS {
+            x.token_gaps_ns.push(ts.saturating_sub(last));
+        } else {
+            x.token_gaps_dropped += 1;
+        }
     } else {
         x.first_token_ns = Some(ts);
     }
@@ -905,5 +966,70 @@ mod tests {
             c.close(99, &mut out);
             assert_eq!(c.in_flight(), 0);
         }
+    }
+
+    /// Bytes the parser may hold for one connection whatever it is fed: the buffers' caps
+    /// (a header block or a kept body per direction, an SSE line and event, a chunk line),
+    /// the exchanges, itself.
+    const BOUND: usize = 2 * MAX_BODY + 2 * 64 * 1024 + 2048 + 2 * 8 * MAX_TOKEN_GAPS + 4096;
+
+    #[test]
+    fn a_huge_header_block_is_cut_at_the_cap() {
+        let mut c = Conn::new(0);
+        let mut out = Vec::new();
+        c.read(1, b"POST / HTTP/1.1\r\nX-Pad: ", &mut out);
+        for i in 0..10_000 {
+            c.read(i, b"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", &mut out);
+            assert!(c.state_bytes() < 2 * MAX_HEAD + 4096, "{}", c.state_bytes());
+        }
+        assert_eq!(bad(&out), vec![Bad::HeaderTruncated]);
+        assert!(c.state_bytes() < 4096, "{}", c.state_bytes());
+    }
+
+    #[test]
+    fn an_sse_event_of_a_million_data_lines_stays_bounded() {
+        let mut c = Conn::new(0);
+        let mut out = Vec::new();
+        c.read(1, REQ, &mut out);
+        c.write(
+            2,
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n",
+            &mut out,
+        );
+        let lines = b"data: {\"choices\":[{\"text\":\"x\"}]}\n".repeat(1000);
+        let chunk = [format!("{:x}\r\n", lines.len()).as_bytes(), &lines, b"\r\n"].concat();
+        for i in 0..1000 {
+            c.write(3 + i, &chunk, &mut out);
+            assert!(c.state_bytes() < BOUND, "{}", c.state_bytes());
+        }
+        // The event ends: it is counted as too large, not parsed.
+        c.write(2000, b"2\r\n\n\n\r\n0\r\n\r\n", &mut out);
+        assert_eq!(bad(&out), vec![Bad::EventTooLarge]);
+        assert_eq!(finished(&out).len(), 1);
+    }
+
+    #[test]
+    fn an_endless_stream_keeps_a_bounded_number_of_token_gaps() {
+        let mut c = Conn::new(0);
+        let mut out = Vec::new();
+        c.read(1, REQ, &mut out);
+        c.write(
+            2,
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n",
+            &mut out,
+        );
+        let events = b"data: {\"choices\":[{\"text\":\"x\"}]}\n\n".repeat(100);
+        for i in 0..1000 {
+            c.write(3 + i, &events, &mut out);
+            assert!(c.state_bytes() < BOUND, "{}", c.state_bytes());
+        }
+        c.close(5000, &mut out);
+        let f = finished(&out);
+        assert_eq!(f[0].token_events, 100_000);
+        assert_eq!(f[0].token_gaps_ns.len(), MAX_TOKEN_GAPS);
+        assert_eq!(
+            f[0].token_gaps_ns.len() as u64 + f[0].token_gaps_dropped,
+            99_999
+        );
     }
 }

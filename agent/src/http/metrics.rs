@@ -77,6 +77,8 @@ pub struct HttpMetrics {
     /// Bad input on watched connections, by kind.
     pub bad_input: Family<KindLabels, Counter>,
     pub connections: Gauge,
+    /// Bytes of parser state all connections hold (charged to `http.state_budget_bytes`).
+    pub state_bytes: Gauge,
     pub watched_processes: Gauge,
 }
 
@@ -95,6 +97,7 @@ impl Default for HttpMetrics {
             in_flight: Family::default(),
             bad_input: Family::default(),
             connections: Gauge::default(),
+            state_bytes: Gauge::default(),
             watched_processes: Gauge::default(),
         }
     }
@@ -110,7 +113,7 @@ impl HttpMetrics {
         r.register(
             "llm_request_errors",
             "Failed requests by model and error type (http_4xx, http_5xx, rate_limited, \
-             context_length, timeout, connection_reset)",
+             context_length, timeout, connection_reset, untracked)",
             self.errors.clone(),
         );
         r.register(
@@ -162,6 +165,11 @@ impl HttpMetrics {
             "inferscope_http_connections",
             "Watched connections with parser state",
             self.connections.clone(),
+        );
+        r.register(
+            "inferscope_http_state_bytes",
+            "Bytes of parser state the watched connections hold (bounded by http.state_budget_bytes)",
+            self.state_bytes.clone(),
         );
         r.register(
             "inferscope_http_watched_processes",

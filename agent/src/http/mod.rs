@@ -219,6 +219,15 @@ pub struct HttpConfig {
     /// A model name no request has named for this long stops being a label value (its
     /// series are removed) until a server answers it with success again; 0: never.
     pub model_expiry_secs: u64,
+    /// Bytes of parser state (header and body buffers, SSE events, the exchanges it keeps)
+    /// one connection may hold; past it the connection's open exchanges end as `untracked`
+    /// and its buffers are freed (`inferscope_dropped_total{what="http_exchange",
+    /// reason="too_large"}`).
+    pub max_connection_bytes: usize,
+    /// Bytes of parser state all watched connections together may hold. Past it a
+    /// connection that grows is shed as above (`reason="budget"`) and new connections are
+    /// not tracked (`what="http_connection",reason="budget"`): the state never grows past it.
+    pub state_budget_bytes: usize,
 }
 
 impl Default for HttpConfig {
@@ -232,6 +241,8 @@ impl Default for HttpConfig {
             idle_timeout_secs: limits.idle_timeout.as_secs(),
             max_models: limits.max_models,
             model_expiry_secs: limits.model_expiry.as_secs(),
+            max_connection_bytes: limits.max_connection_bytes,
+            state_budget_bytes: limits.state_budget_bytes,
         }
     }
 }
@@ -243,9 +254,17 @@ impl HttpConfig {
             idle_timeout: std::time::Duration::from_secs(self.idle_timeout_secs),
             max_models: self.max_models,
             model_expiry: std::time::Duration::from_secs(self.model_expiry_secs),
+            max_connection_bytes: self.max_connection_bytes,
+            state_budget_bytes: self.state_budget_bytes,
         }
     }
 }
+
+/// Batches queued for the tracker. A batch holds at most what the family's ring buffer held
+/// (`probes.ring_buffer_bytes`, 8 MiB by default), so the queue holds at most this many times
+/// that; past it the reader waits and the ring buffer absorbs bursts (what it cannot hold is
+/// counted in `inferscope_events_lost_total`). It held 256 batches, 2 GiB at worst.
+const QUEUE_BATCHES: usize = 2;
 
 /// The running family: the tracker task and the watcher thread.
 pub struct Stage {
@@ -278,7 +297,7 @@ impl Stage {
                 watcher: None,
             });
         };
-        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        let (tx, rx) = tokio::sync::mpsc::channel(QUEUE_BATCHES);
         let t =
             tracker::HttpTracker::new(metrics.clone(), metrics.http.clone(), config.http.limits())
                 .with_load(load)

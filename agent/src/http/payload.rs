@@ -326,12 +326,15 @@ impl Sse {
                 self.overflow = false;
             } else if let Some(v) = line.strip_prefix(b"data:") {
                 let v = v.strip_prefix(b" ").unwrap_or(v);
-                if self.has_data {
-                    self.data.push(b'\n');
-                }
-                if self.data.len() + v.len() > MAX_EVENT {
+                let sep = usize::from(self.has_data);
+                // Past the limit nothing more is kept, not even the separators: an event of
+                // endless `data:` lines holds at most MAX_EVENT bytes.
+                if self.overflow || self.data.len() + sep + v.len() > MAX_EVENT {
                     self.overflow = true;
                 } else {
+                    if sep == 1 {
+                        self.data.push(b'\n');
+                    }
                     self.data.extend_from_slice(v);
                 }
                 self.has_data = true;
@@ -339,6 +342,11 @@ impl Sse {
             // `event:`, `id:`, `retry:` and comments carry nothing the agent needs.
         }
         overflows
+    }
+
+    /// Bytes of buffer this parser holds (at most twice [`MAX_EVENT`]).
+    pub fn state_bytes(&self) -> usize {
+        self.line.capacity() + self.data.capacity()
     }
 
     /// A hole in the stream: the event being read is lost.

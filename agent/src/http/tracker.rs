@@ -2,7 +2,11 @@
 //! and turns finished exchanges into metrics. State is bounded: at most `max_connections`
 //! connections, each expired after `idle_timeout` without traffic (its open requests end as
 //! `timeout`), and released when its process stops being watched (open requests end as
-//! `connection_reset`: the server died mid-request).
+//! `connection_reset`: the server died mid-request). Their bytes are bounded too: each
+//! connection's buffers have caps, a connection past `max_connection_bytes` is shed (its open
+//! exchanges end as `untracked`), and all connections together stay within
+//! `state_budget_bytes`: past it the connection that grew is shed and new connections are not
+//! tracked, each counted in `inferscope_dropped_total{what,reason}`.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -40,6 +44,10 @@ pub struct Limits {
     pub max_models: usize,
     /// An admitted model name no request has named for this long is forgotten (0: never).
     pub model_expiry: Duration,
+    /// Bytes of parser state one connection may hold before it is shed.
+    pub max_connection_bytes: usize,
+    /// Bytes of parser state all connections together may hold.
+    pub state_budget_bytes: usize,
 }
 
 impl Default for Limits {
@@ -49,12 +57,21 @@ impl Default for Limits {
             idle_timeout: Duration::from_secs(600),
             max_models: 256,
             model_expiry: Duration::from_secs(3600),
+            max_connection_bytes: 256 * 1024,
+            state_budget_bytes: 32 * 1024 * 1024,
         }
     }
 }
 
+/// Bytes a connection's map entry costs beyond its [`Conn::state_bytes`] (key, bookkeeping).
+const ENTRY_BYTES: usize = size_of::<((u32, u32), usize)>() + 8;
+
 pub struct HttpTracker {
     conns: HashMap<(u32, u32), Conn>,
+    /// Bytes each connection was last charged (its `state_bytes` then).
+    charged: HashMap<(u32, u32), usize>,
+    /// The sum of `charged`: the http state's bytes.
+    state_bytes: usize,
     servers: HashMap<u32, Server>,
     metrics: Arc<Metrics>,
     http: HttpMetrics,
@@ -75,6 +92,8 @@ impl HttpTracker {
     pub fn new(metrics: Arc<Metrics>, http: HttpMetrics, limits: Limits) -> Self {
         Self {
             conns: HashMap::new(),
+            charged: HashMap::new(),
+            state_bytes: 0,
             servers: HashMap::new(),
             metrics,
             http,
@@ -113,6 +132,48 @@ impl HttpTracker {
         self.conns.len()
     }
 
+    /// Bytes of parser state held by all connections (as charged to the budget).
+    pub fn state_bytes(&self) -> usize {
+        self.state_bytes
+    }
+
+    /// Removes a connection and its charge.
+    fn remove(&mut self, key: &(u32, u32)) -> Option<Conn> {
+        if let Some(b) = self.charged.remove(key) {
+            self.state_bytes -= b;
+        }
+        self.conns.remove(key)
+    }
+
+    fn insert(&mut self, key: (u32, u32), c: Conn) {
+        self.conns.insert(key, c);
+        self.charge(key);
+    }
+
+    /// Charges a connection's bytes now to the budget: one past its cap, or one that grew
+    /// while the whole is past the budget, is shed (its buffers freed, counted).
+    fn charge(&mut self, key: (u32, u32)) {
+        let Some(c) = self.conns.get_mut(&key) else {
+            return;
+        };
+        let old = self.charged.get(&key).copied().unwrap_or(0);
+        let mut now = c.state_bytes() + ENTRY_BYTES;
+        let reason = if now > self.limits.max_connection_bytes {
+            Some("too_large")
+        } else if now > old && self.state_bytes - old + now > self.limits.state_budget_bytes {
+            Some("budget")
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            c.shed(c.last_ns, &mut self.out);
+            now = c.state_bytes() + ENTRY_BYTES;
+            self.metrics.dropped("http_exchange", reason);
+        }
+        self.state_bytes = self.state_bytes - old + now;
+        self.charged.insert(key, now);
+    }
+
     pub fn input(&mut self, input: Input) {
         match input {
             Input::Records(batch) => {
@@ -123,6 +184,7 @@ impl HttpTracker {
             Input::Servers(servers) => self.servers(servers),
         }
         self.http.connections.set(self.conns.len() as i64);
+        self.http.state_bytes.set(self.state_bytes as i64);
     }
 
     pub fn record(&mut self, r: &Record) {
@@ -135,15 +197,15 @@ impl HttpTracker {
         match r {
             Record::Accept { fd, .. } => {
                 // A new connection on this fd: whatever was there is over.
-                if let Some(mut old) = self.conns.remove(&(tgid, *fd)) {
+                if let Some(mut old) = self.remove(&(tgid, *fd)) {
                     old.close(ts, &mut self.out);
                 }
                 if self.room() {
-                    self.conns.insert((tgid, *fd), Conn::new(ts));
+                    self.insert((tgid, *fd), Conn::new(ts));
                 }
             }
             Record::Close { fd, .. } => {
-                if let Some(mut c) = self.conns.remove(&(tgid, *fd)) {
+                if let Some(mut c) = self.remove(&(tgid, *fd)) {
                     c.close(ts, &mut self.out);
                 }
             }
@@ -160,7 +222,7 @@ impl HttpTracker {
                         self.flush(tgid, ts);
                         return;
                     }
-                    self.conns.insert((tgid, *fd), Conn::joined(ts));
+                    self.insert((tgid, *fd), Conn::joined(ts));
                 }
                 let Some(c) = self.conns.get_mut(&(tgid, *fd)) else {
                     return;
@@ -173,22 +235,29 @@ impl HttpTracker {
                     c.write(ts, bytes, &mut self.out);
                     c.write_hole(ts, hole, &mut self.out);
                 }
+                self.charge((tgid, *fd));
             }
         }
         self.flush(tgid, ts);
     }
 
     fn room(&mut self) -> bool {
-        if self.conns.len() < self.limits.max_connections {
-            return true;
+        if self.conns.len() >= self.limits.max_connections {
+            self.http
+                .bad_input
+                .get_or_create(&KindLabels {
+                    kind: "connection_limit",
+                })
+                .inc();
+            return false;
         }
-        self.http
-            .bad_input
-            .get_or_create(&KindLabels {
-                kind: "connection_limit",
-            })
-            .inc();
-        false
+        // A new connection costs at least its empty state; past the budget it is not tracked.
+        let fresh = size_of::<Conn>() + ENTRY_BYTES;
+        if self.state_bytes + fresh > self.limits.state_budget_bytes {
+            self.metrics.dropped("http_connection", "budget");
+            return false;
+        }
+        true
     }
 
     fn servers(&mut self, servers: HashMap<u32, Server>) {
@@ -214,7 +283,7 @@ impl HttpTracker {
             .collect();
         let now = monotonic_ns();
         for key in gone {
-            if let Some(mut c) = self.conns.remove(&key) {
+            if let Some(mut c) = self.remove(&key) {
                 c.close(now, &mut self.out);
             }
             self.flush(key.0, now);
@@ -231,7 +300,7 @@ impl HttpTracker {
             .map(|(k, _)| *k)
             .collect();
         for key in stale {
-            if let Some(mut c) = self.conns.remove(&key) {
+            if let Some(mut c) = self.remove(&key) {
                 c.abandon(now_ns, ErrorType::Timeout, &mut self.out);
             }
             self.flush(key.0, now_ns);
@@ -240,6 +309,7 @@ impl HttpTracker {
             self.forget(&name);
         }
         self.http.connections.set(self.conns.len() as i64);
+        self.http.state_bytes.set(self.state_bytes as i64);
         if let Some(load) = &self.load {
             let mut counts: HashMap<u32, (u32, u64)> =
                 self.servers.keys().map(|t| (*t, (0, 0))).collect();
@@ -416,6 +486,15 @@ impl HttpTracker {
                 tpot.observe(secs(*g));
             }
         }
+        if x.token_gaps_dropped > 0 {
+            self.metrics
+                .dropped
+                .get_or_create(&crate::export::metrics::DroppedLabels {
+                    what: "token_gap",
+                    reason: "too_large",
+                })
+                .inc_by(x.token_gaps_dropped);
+        }
         if let Some(p) = x.usage.prompt {
             h.tokens_input.get_or_create(&labels).inc_by(p);
             h.request_input_tokens
@@ -461,9 +540,13 @@ impl HttpTracker {
             stream = x.stream,
             start_ns = x.start_ns,
             latency_us = x.end_ns.saturating_sub(x.start_ns) / 1000,
-            ttft_us = x.first_token_ns.map(|f| f.saturating_sub(x.start_ns) / 1000),
+            ttft_us = x
+                .first_token_ns
+                .map(|f| f.saturating_sub(x.start_ns) / 1000),
             token_events = x.token_events,
+            // At most MAX_TOKEN_GAPS of them; the root tier reads this field.
             gaps_us = ?x.token_gaps_ns.iter().map(|g| g / 1000).collect::<Vec<_>>(),
+            gaps_dropped = x.token_gaps_dropped,
             prompt_tokens = x.usage.prompt,
             output_tokens = x.output_tokens(),
             error = x.error.map(ErrorType::label),
@@ -709,6 +792,143 @@ mod tests {
                 "inferscope_dropped_total{what=\"model_label\",reason=\"limit\"}"
             ),
             46.0
+        );
+    }
+
+    fn data(tgid: u32, fd: u32, ts: u64, inbound: bool, bytes: &[u8]) -> Record {
+        Record::Data {
+            header: agent_common::EventHeader {
+                tgid,
+                ts_ns: ts,
+                ..Default::default()
+            },
+            fd,
+            inbound,
+            len: bytes.len() as u64,
+            bytes: bytes.to_vec(),
+        }
+    }
+
+    fn accept(tgid: u32, fd: u32, ts: u64) -> Record {
+        Record::Accept {
+            header: agent_common::EventHeader {
+                tgid,
+                ts_ns: ts,
+                ..Default::default()
+            },
+            fd,
+            peer: None,
+        }
+    }
+
+    #[test]
+    fn connections_past_the_budget_are_not_tracked() {
+        let budget = 256 * 1024;
+        let (mut t, metrics) = tracker(Limits {
+            state_budget_bytes: budget,
+            ..Limits::default()
+        });
+        // Each connection holds a partial request that grows a little at a time.
+        for fd in 0..2000 {
+            t.record(&accept(7, fd, S));
+            t.record(&data(
+                7,
+                fd,
+                S,
+                true,
+                b"POST /v1/completions HTTP/1.1\r\nX-Pad: ",
+            ));
+            assert!(t.state_bytes() <= budget, "{} > {budget}", t.state_bytes());
+        }
+        for round in 0..20 {
+            for fd in 0..2000 {
+                t.record(&data(7, fd, S + round, true, &[b'a'; 700]));
+                assert!(t.state_bytes() <= budget, "{} > {budget}", t.state_bytes());
+            }
+        }
+        assert!(t.connections() < 2000);
+        let text = metrics.encode();
+        assert!(
+            value(
+                &text,
+                "inferscope_dropped_total{what=\"http_connection\",reason=\"budget\"}"
+            ) > 0.0,
+            "{text}"
+        );
+        assert!(
+            value(
+                &text,
+                "inferscope_dropped_total{what=\"http_exchange\",reason=\"budget\"}"
+            ) > 0.0,
+            "{text}"
+        );
+        // Closing gives the bytes back.
+        for fd in 0..2000 {
+            t.record(&Record::Close {
+                header: agent_common::EventHeader {
+                    tgid: 7,
+                    ts_ns: 2 * S,
+                    ..Default::default()
+                },
+                fd,
+            });
+        }
+        assert_eq!((t.connections(), t.state_bytes()), (0, 0));
+    }
+
+    #[test]
+    fn an_endless_event_is_shed_at_the_connection_cap() {
+        let cap = 96 * 1024;
+        let (mut t, metrics) = tracker(Limits {
+            max_connection_bytes: cap,
+            ..Limits::default()
+        });
+        t.record(&accept(7, 3, S));
+        t.record(&data(
+            7,
+            3,
+            S,
+            true,
+            b"POST /v1/completions HTTP/1.1\r\ncontent-length: 2\r\n\r\n{}",
+        ));
+        t.record(&data(
+            7,
+            3,
+            S,
+            false,
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n",
+        ));
+        // One event of 1e6 `data:` lines, a thousand lines a write, plus one line that
+        // never ends.
+        let lines = b"data: {\"choices\":[{\"text\":\"x\"}]}\n".repeat(1000);
+        for i in 0..1000 {
+            t.record(&data(7, 3, S + i, false, &lines));
+            assert!(t.state_bytes() <= cap, "{} > {cap}", t.state_bytes());
+        }
+        for i in 0..200 {
+            t.record(&data(7, 3, 2 * S + i, false, &[b'y'; 4096]));
+            assert!(t.state_bytes() <= cap, "{} > {cap}", t.state_bytes());
+        }
+        let text = metrics.encode();
+        assert_eq!(
+            value(
+                &text,
+                "inferscope_dropped_total{what=\"http_exchange\",reason=\"too_large\"}"
+            ),
+            1.0,
+            "{text}"
+        );
+        assert_eq!(
+            value(
+                &text,
+                "llm_request_errors_total{model=\"unknown\",error_type=\"untracked\"}"
+            ),
+            1.0,
+            "{text}"
+        );
+        assert_eq!(
+            value(&text, "llm_requests_in_flight{model=\"unknown\"}"),
+            0.0
         );
     }
 }

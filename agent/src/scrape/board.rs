@@ -26,6 +26,13 @@ pub struct TargetView {
     pub labels: Vec<(&'static str, String)>,
 }
 
+impl TargetView {
+    /// Series this view exports (scraped and derived).
+    pub fn series(&self) -> usize {
+        self.families.iter().map(|f| f.series.len()).sum::<usize>() + self.derived.len()
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct ScrapeBoard {
     targets: RwLock<BTreeMap<u32, TargetView>>,
@@ -34,6 +41,41 @@ pub struct ScrapeBoard {
 impl ScrapeBoard {
     pub fn set(&self, pid: u32, view: TargetView) {
         self.write().insert(pid, view);
+    }
+
+    /// Sets a target's view keeping the series of all targets together within `max_total`:
+    /// whole families past the room the other targets leave are left out (in name order, as
+    /// `max_series` does per target). Returns the series left out.
+    pub fn set_within(&self, pid: u32, mut view: TargetView, max_total: usize) -> usize {
+        let mut targets = self.write();
+        let others: usize = targets
+            .iter()
+            .filter(|(p, _)| **p != pid)
+            .map(|(_, v)| v.series())
+            .sum();
+        let mut room = max_total.saturating_sub(others + view.derived.len());
+        let mut dropped = 0;
+        view.families.retain(|f| {
+            if f.series.len() <= room {
+                room -= f.series.len();
+                true
+            } else {
+                dropped += f.series.len();
+                false
+            }
+        });
+        if room == 0 && others + view.derived.len() > max_total {
+            dropped += view.derived.len();
+            view.derived.clear();
+        }
+        targets.insert(pid, view);
+        dropped
+    }
+
+    /// Series held for all targets together.
+    pub fn series(&self) -> usize {
+        let targets = self.targets.read().unwrap_or_else(|e| e.into_inner());
+        targets.values().map(TargetView::series).sum()
     }
 
     /// Forgets every target not in `pids` (their series disappear).
@@ -264,5 +306,35 @@ x_seconds_bucket{le=\"0.5\"} 1\nx_seconds_bucket{le=\"+Inf\"} 3\nx_seconds_sum 4
             !text.contains("vllm:") && !text.contains("llm_batch_size"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn all_targets_together_stay_within_the_total() {
+        let board = ScrapeBoard::default();
+        let body = |n: usize| {
+            (0..n)
+                .map(|i| format!("# TYPE fam_{i:03} gauge\nfam_{i:03}{{a=\"1\"}} 1\nfam_{i:03}{{a=\"2\"}} 2\n"))
+                .collect::<String>()
+        };
+        let mut views = Vec::new();
+        for pid in 1..=5u32 {
+            let mut v = view(pid, &body(40));
+            v.derived.clear();
+            views.push((pid, v));
+        }
+        let mut dropped = 0;
+        for (pid, v) in views.clone() {
+            dropped += board.set_within(pid, v, 250);
+        }
+        // 5 targets × 80 series, 250 kept: whole families, none split.
+        assert_eq!(board.series(), 250);
+        assert_eq!(dropped, 150);
+        // A target scraped again keeps its share; one that is gone gives its room back.
+        let (pid, v) = views[0].clone();
+        assert_eq!(board.set_within(pid, v, 250), 0);
+        board.remove(1);
+        let (pid, v) = views[4].clone();
+        assert_eq!(board.set_within(pid, v, 250), 0);
+        assert!(board.series() <= 250);
     }
 }

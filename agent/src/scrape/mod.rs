@@ -42,6 +42,10 @@ pub struct ScrapeConfig {
     pub timeout_ms: u64,
     /// Series kept per target (whole families, in name order); further ones are counted.
     pub max_series: usize,
+    /// Series kept for all targets together (scraped and derived, whole families); a target
+    /// scraped when the others hold the rest keeps what is left, the rest is counted in
+    /// `inferscope_dropped_total{what="scraped_series",reason="budget"}`.
+    pub max_series_total: usize,
     /// Sample lines a body may have; a larger body is counted and dropped unparsed.
     pub max_samples: usize,
     /// Largest body read per scrape; a larger one is counted and dropped.
@@ -57,6 +61,7 @@ impl Default for ScrapeConfig {
             interval_ms: 15_000,
             timeout_ms: 5_000,
             max_series: 20_000,
+            max_series_total: 100_000,
             max_samples: 20_000,
             max_bytes: 8 * 1024 * 1024,
             path: "/metrics".into(),
@@ -289,7 +294,18 @@ impl Scraper {
                     families: got.families,
                     labels: target::target_labels(kind, pid, port, &o.gpus, &o.workload),
                 };
-                m.scraped.set(pid, view);
+                let dropped = m
+                    .scraped
+                    .set_within(pid, view, self.config.max_series_total);
+                if dropped > 0 {
+                    count(kind, "max_series_total");
+                    m.dropped
+                        .get_or_create(&crate::export::metrics::DroppedLabels {
+                            what: "scraped_series",
+                            reason: "budget",
+                        })
+                        .inc_by(dropped as u64);
+                }
                 m.scrape_up.get_or_create(&up).set(1);
                 if t.failures >= WARN_AFTER {
                     tracing::info!(pid, server = kind, port, "server metrics scraped again");

@@ -87,10 +87,23 @@ pub enum Outcome {
     AllocationLimit,
 }
 
+/// Bytes one tracked allocation costs at worst: a hash-map slot of `(u64, Allocation)` and
+/// its control byte, at the lowest load factor a hashbrown table has just after it grew
+/// (7/16). Reserved ranges (`(u64, u64)`) cost less; counted the same.
+pub const ENTRY_BYTES: usize = (size_of::<(u64, Allocation)>() + 1) * 16 / 7;
+const _: () = assert!(ENTRY_BYTES == 93, "the docs name 93 bytes per allocation");
+
+/// Bytes one tracked process costs with no allocation: its ledger, `comm`, its map entry.
+pub const PROCESS_BYTES: usize = size_of::<(u32, ProcessLedger)>() + 64 + 8;
+
 pub struct Ledger {
     procs: HashMap<u32, ProcessLedger>,
     max_processes: usize,
     max_allocations: usize,
+    /// Live allocations over all processes at once (from the byte budget).
+    max_total: usize,
+    /// Live allocations over all processes now.
+    total: usize,
 }
 
 impl Ledger {
@@ -99,7 +112,21 @@ impl Ledger {
             procs: HashMap::new(),
             max_processes,
             max_allocations,
+            max_total: usize::MAX,
+            total: 0,
         }
+    }
+
+    /// Bounds the live allocations of all processes together to what `bytes` hold at
+    /// [`ENTRY_BYTES`] each; further ones are not tracked (`Outcome::AllocationLimit`).
+    pub fn with_budget(mut self, bytes: usize) -> Self {
+        self.max_total = bytes / ENTRY_BYTES;
+        self
+    }
+
+    /// Live allocations (and reserved ranges) tracked over all processes.
+    pub fn live_total(&self) -> usize {
+        self.total
     }
 
     pub fn process(&self, tgid: u32) -> Option<&ProcessLedger> {
@@ -119,7 +146,9 @@ impl Ledger {
     }
 
     pub fn remove(&mut self, tgid: u32) -> Option<ProcessLedger> {
-        self.procs.remove(&tgid)
+        let p = self.procs.remove(&tgid)?;
+        self.total -= p.live();
+        Some(p)
     }
 
     pub fn apply(
@@ -145,9 +174,17 @@ impl Ledger {
             );
         }
         let max_allocations = self.max_allocations;
+        let node_full = self.total >= self.max_total;
         let Some(p) = self.procs.get_mut(&tgid) else {
             return Outcome::ProcessLimit;
         };
+        let before = p.live();
+        let outcome = Self::apply_to(p, ev, api, before >= max_allocations || node_full);
+        self.total = self.total + p.live() - before;
+        outcome
+    }
+
+    fn apply_to(p: &mut ProcessLedger, ev: &CudaMemEvent, api: CudaApi, full: bool) -> Outcome {
         let alloc = Allocation {
             size: ev.size,
             api,
@@ -155,7 +192,6 @@ impl Ledger {
             device: ev.device,
             stack_id: ev.stack_id,
         };
-        let full = p.live() >= max_allocations;
         match api.role() {
             Role::DeviceAlloc | Role::PhysicalCreate => {
                 if full {
@@ -345,5 +381,35 @@ mod tests {
         apply(&mut l, ev(1, CudaApi::MemAlloc, 0x10, 100, 0, 0));
         apply(&mut l, ev(1, CudaApi::MemAlloc, 0x10, 30, 0, 0));
         assert_eq!(l.process(1).unwrap().device_bytes()[&0], 30);
+    }
+
+    #[test]
+    fn the_byte_budget_bounds_all_processes_together() {
+        let mut l = Ledger::new(100, 1_000_000).with_budget(50 * ENTRY_BYTES);
+        for tgid in 1..=10 {
+            for ptr in 1..=20 {
+                apply(&mut l, ev(tgid, CudaApi::MemAlloc, ptr, 1, 0, 0));
+            }
+        }
+        assert_eq!(l.live_total(), 50);
+        assert_eq!(
+            apply(&mut l, ev(1, CudaApi::MemAlloc, 99, 1, 0, 0)),
+            Outcome::AllocationLimit
+        );
+        // Frees and exits give room back.
+        apply(&mut l, ev(1, CudaApi::MemFree, 1, 0, 0, 0));
+        assert_eq!(l.live_total(), 49);
+        l.remove(2);
+        assert_eq!(l.live_total(), 29);
+        assert_eq!(
+            apply(&mut l, ev(1, CudaApi::MemAlloc, 99, 1, 0, 0)),
+            Outcome::Device { device: 0 }
+        );
+        // The default budget's worst case: every process at its cap still fits.
+        let d = crate::config::LimitsConfig::default();
+        assert!(
+            d.ledger_budget_bytes + d.max_processes * PROCESS_BYTES <= 96 * 1024 * 1024,
+            "ledger worst case past 96 MiB"
+        );
     }
 }

@@ -90,7 +90,8 @@ impl Tracker {
         history: Arc<GpuHistory>,
     ) -> Self {
         Self {
-            ledger: Ledger::new(limits.max_processes, limits.max_allocations_per_process),
+            ledger: Ledger::new(limits.max_processes, limits.max_allocations_per_process)
+                .with_budget(limits.ledger_budget_bytes),
             metrics,
             procfs,
             max_label_len: limits.max_label_len,
