@@ -560,16 +560,22 @@ mod tests {
         Event::CudaMem(e)
     }
 
-    #[test]
-    fn metrics_follow_the_events() {
+    /// A tracker over an empty proc tree (the directory lives as long as the tuple).
+    fn tracker() -> (Arc<Metrics>, tempfile::TempDir, Tracker) {
         let metrics = Arc::new(Metrics::new());
         let dir = tempfile::tempdir().unwrap();
-        let mut t = Tracker::new(
+        let t = Tracker::new(
             metrics.clone(),
             ProcFs::new(dir.path()),
             &LimitsConfig::default(),
             Arc::new(GpuHistory::new(600)),
         );
+        (metrics, dir, t)
+    }
+
+    #[test]
+    fn metrics_follow_the_events() {
+        let (metrics, _dir, mut t) = tracker();
         t.handle(&event(7, CudaApi::MemAlloc, 0x10, 1000, 0));
         t.handle(&event(7, CudaApi::MemAlloc, 0, 5000, 2));
         t.handle(&event(7, CudaApi::MemAlloc, 0, 0, 777));
@@ -596,14 +602,7 @@ mod tests {
 
     #[test]
     fn result_codes_the_driver_does_not_define_share_one_label() {
-        let metrics = Arc::new(Metrics::new());
-        let dir = tempfile::tempdir().unwrap();
-        let mut t = Tracker::new(
-            metrics.clone(),
-            ProcFs::new(dir.path()),
-            &LimitsConfig::default(),
-            Arc::new(GpuHistory::new(600)),
-        );
+        let (metrics, _dir, mut t) = tracker();
         for code in 1000..1300 {
             t.handle(&event(7, CudaApi::MemAlloc, 0, 4096, code));
         }
