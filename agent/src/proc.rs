@@ -13,7 +13,16 @@ impl Default for ProcFs {
     }
 }
 
+/// The most of a maps text read: a process with more mappings than this names its libraries
+/// in the first ones, and the rest cannot make the agent allocate.
+const MAPS_MAX: u64 = 16 << 20;
+
 impl ProcFs {
+    /// `/proc/<pid>/maps`, at most [`MAPS_MAX`] bytes of it; `None` when it cannot be read.
+    pub fn maps(&self, pid: u32) -> Option<Vec<u8>> {
+        read_maps(&self.root.join(pid.to_string()))
+    }
+
     pub fn new(root: impl Into<PathBuf>) -> Self {
         Self { root: root.into() }
     }
@@ -110,6 +119,18 @@ pub fn container_id(path: &str) -> Option<String> {
         .rev()
         .find(|s| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()))
         .map(str::to_string)
+}
+
+/// `<proc_pid>/maps` (`proc_pid` being `/proc/<pid>` or a captured tree's), bounded.
+pub fn read_maps(proc_pid: &Path) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let mut buf = Vec::new();
+    std::fs::File::open(proc_pid.join("maps"))
+        .ok()?
+        .take(MAPS_MAX)
+        .read_to_end(&mut buf)
+        .ok()?;
+    Some(buf)
 }
 
 #[cfg(test)]

@@ -120,17 +120,14 @@ pub fn open_mapping(
 }
 
 fn finish(fd: OwnedFd, path: &str, expected: Option<FileId>) -> Result<TenantFile, OpenError> {
-    let meta = File::from(fd.try_clone().map_err(|source| OpenError::Open {
+    let err = |source| OpenError::Open {
         root: PathBuf::from("/"),
         path: path.to_string(),
         source,
-    })?)
-    .metadata()
-    .map_err(|source| OpenError::Open {
-        root: PathBuf::from("/"),
-        path: path.to_string(),
-        source,
-    })?;
+    };
+    let meta = File::from(fd.try_clone().map_err(err)?)
+        .metadata()
+        .map_err(err)?;
     if !meta.file_type().is_file() {
         return Err(OpenError::NotRegular {
             path: path.to_string(),
@@ -155,11 +152,7 @@ fn finish(fd: OwnedFd, path: &str, expected: Option<FileId>) -> Result<TenantFil
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(&reopen)
-        .map_err(|source| OpenError::Open {
-            root: PathBuf::from("/"),
-            path: path.to_string(),
-            source,
-        })?;
+        .map_err(err)?;
     Ok(TenantFile {
         file,
         id: found,

@@ -9,7 +9,7 @@
 //! a container resolve against its files, never against files of the same name on the host,
 //! and a tenant's path cannot name a host file for the agent to read.
 
-use std::{collections::HashMap, io::Read, path::Path, sync::Arc};
+use std::{collections::HashMap, path::Path, sync::Arc};
 
 use aya::maps::{MapData, StackTraceMap};
 use blazesym::symbolize::{
@@ -29,6 +29,8 @@ pub struct Mapping {
     pub path: String,
     /// Device and inode, as the maps line names them.
     pub id: FileId,
+    /// The file was deleted (or replaced) since it was mapped: only `map_files` reaches it.
+    pub deleted: bool,
     /// The mapped file, opened at capture; `None` when it could not be (its frames then
     /// name the module and offset only).
     pub file: Option<Arc<TenantFile>>,
@@ -36,33 +38,39 @@ pub struct Mapping {
 
 impl PartialEq for Mapping {
     fn eq(&self, other: &Self) -> bool {
-        (self.start, self.end, self.offset, &self.path, self.id)
-            == (other.start, other.end, other.offset, &other.path, other.id)
+        (
+            self.start,
+            self.end,
+            self.offset,
+            &self.path,
+            self.id,
+            self.deleted,
+        ) == (
+            other.start,
+            other.end,
+            other.offset,
+            &other.path,
+            other.id,
+            other.deleted,
+        )
     }
 }
 
 impl Eq for Mapping {}
 
-/// The most of a maps text read (a process with more mappings is named by its first ones).
-const MAPS_MAX: u64 = 16 << 20;
-
 /// The executable mappings of the process at `proc_pid` (`/proc/<pid>`), each file opened
 /// once inside the process's root (else through `map_files`); files that cannot be opened
 /// safely are left unopened.
 pub fn capture(proc_pid: &Path) -> Vec<Mapping> {
-    let mut text = String::new();
-    let read = std::fs::File::open(proc_pid.join("maps"))
-        .and_then(|f| f.take(MAPS_MAX).read_to_string(&mut text));
-    if read.is_err() {
+    let Some(raw) = crate::proc::read_maps(proc_pid) else {
         return Vec::new();
-    }
-    let mut maps = parse_maps(&text);
+    };
+    let mut maps = parse_maps(&String::from_utf8_lossy(&raw));
     let mut opened: HashMap<FileId, Option<Arc<TenantFile>>> = HashMap::new();
     let root = proc_pid.join("root");
     for m in &mut maps {
         let file = opened.entry(m.id).or_insert_with(|| {
-            let deleted = text.contains(&format!("{} (deleted)", m.path));
-            let by_path = (!deleted)
+            let by_path = (!m.deleted)
                 .then(|| tenant_file::open_in_root(&root, &m.path, Some(m.id)).ok())
                 .flatten();
             let range = format!("{:x}-{:x}", m.start, m.end);
@@ -105,6 +113,7 @@ pub fn parse_maps(text: &str) -> Vec<Mapping> {
                 start,
                 end,
                 offset,
+                deleted: path.ends_with(" (deleted)"),
                 path: path.trim_end_matches(" (deleted)").to_string(),
                 id: FileId { dev, ino },
                 file: None,
@@ -220,6 +229,7 @@ mod tests {
                     end: 0x5800,
                     offset: 0x1000,
                     path: "/usr/bin/x".into(),
+                    deleted: false,
                     id: FileId {
                         dev: libc::makedev(0xfd, 1),
                         ino: 1
@@ -231,6 +241,7 @@ mod tests {
                     end: 0x7f20,
                     offset: 0x2000,
                     path: "/opt/lib/libcuda.so.1".into(),
+                    deleted: true,
                     id: FileId {
                         dev: libc::makedev(0xfd, 1),
                         ino: 2

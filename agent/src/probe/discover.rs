@@ -4,7 +4,7 @@
 //! on a file covers every process that maps it, whatever path it was reached by. A process's
 //! files are opened as [`crate::tenant_file`] says, never by following its paths from here.
 
-use std::{collections::HashSet, io::Read, path::Path};
+use std::{collections::HashSet, path::Path};
 
 pub use crate::tenant_file::FileId;
 use crate::{
@@ -22,10 +22,6 @@ pub const STANDARD_DIRS: &[&str] = &[
     "/run/nvidia/driver/usr/lib/x86_64-linux-gnu",
     "/run/nvidia/driver/usr/lib64",
 ];
-
-/// The most of a process's maps text read: a process with more mappings than this names its
-/// driver within the first ones, and the rest cannot make the agent allocate.
-const MAPS_MAX: u64 = 16 << 20;
 
 /// A library opened for attaching: the descriptor the symbols are read from and the probes
 /// attached through.
@@ -120,7 +116,7 @@ pub fn mapped_libraries(procfs: &ProcFs, skip: &HashSet<u32>) -> Vec<Mapped> {
         if skip.contains(&pid) {
             continue;
         }
-        let Some(maps) = read_maps(&procfs.root().join(pid.to_string()).join("maps")) else {
+        let Some(maps) = procfs.maps(pid) else {
             continue;
         };
         if memchr_libcuda(&maps).is_none() {
@@ -135,16 +131,6 @@ pub fn mapped_libraries(procfs: &ProcFs, skip: &HashSet<u32>) -> Vec<Mapped> {
     out.sort_by_key(|m| (m.id, m.pid));
     out.dedup_by_key(|m| (m.id, m.pid));
     out
-}
-
-fn read_maps(path: &Path) -> Option<Vec<u8>> {
-    let mut buf = Vec::new();
-    std::fs::File::open(path)
-        .ok()?
-        .take(MAPS_MAX)
-        .read_to_end(&mut buf)
-        .ok()?;
-    Some(buf)
 }
 
 fn memchr_libcuda(haystack: &[u8]) -> Option<usize> {
