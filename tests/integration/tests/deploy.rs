@@ -14,10 +14,7 @@ use integration::yaml_docs;
 use serde_json::Value;
 
 /// The renderer of `cargo xtask manifests`, so the drift check renders exactly the same way.
-/// `run` (the command itself) is not used here.
-#[allow(dead_code)]
-#[path = "../../../xtask/src/manifests.rs"]
-mod manifests;
+use xtask::manifests;
 
 /// Kubernetes version whose schemas kubernetes-validate ships (the DaemonSet uses
 /// `appArmorProfile`, 1.30+; the chart's kubeVersion).
