@@ -12,6 +12,7 @@ use std::{
 mod sim_gpus;
 pub mod tls_proxy;
 
+pub use root_test::root_test;
 pub use sim_gpus::{str_pairs, SimGpus};
 
 pub use cuda_workload::{OutputLine, Truth, Variant};

@@ -32,11 +32,8 @@ fn start_agent(server: &Server) -> Agent {
     agent
 }
 
-#[test]
+#[root_test]
 fn counts_status_codes_models_and_tokens_are_exact() {
-    if !root_tier() {
-        return;
-    }
     let server = Server::start("stand-in");
     let agent = start_agent(&server);
     let port = server.port.to_string();
@@ -118,11 +115,8 @@ fn finished_lines(log: &str, model: &str) -> Vec<(u64, Vec<u64>, u64)> {
         .collect()
 }
 
-#[test]
+#[root_test]
 fn ttft_token_gaps_and_latency_match_the_client() {
-    if !root_tier() {
-        return;
-    }
     let server = Server::start("stand-in");
     let agent = start_agent(&server);
     let n = 8;
@@ -173,11 +167,8 @@ fn ttft_token_gaps_and_latency_match_the_client() {
     assert!(agent.stop().success());
 }
 
-#[test]
+#[root_test]
 fn sixty_four_keep_alive_connections_at_once() {
-    if !root_tier() {
-        return;
-    }
     let server = Server::start("stand-in");
     let agent = start_agent(&server);
     let truth = client(&["concurrent", &server.port.to_string(), "64", "3"]);
@@ -204,11 +195,8 @@ fn sixty_four_keep_alive_connections_at_once() {
     assert!(agent.stop().success());
 }
 
-#[test]
+#[root_test]
 fn a_connection_open_before_the_agent_recovers_on_its_next_request() {
-    if !root_tier() {
-        return;
-    }
     let server = Server::start("stand-in");
     // A keep-alive connection that already carried a request, then waits.
     let mut py = Command::new("python3")
@@ -242,11 +230,8 @@ fn a_connection_open_before_the_agent_recovers_on_its_next_request() {
     assert!(agent.stop().success());
 }
 
-#[test]
+#[root_test]
 fn bad_input_is_counted_and_the_agent_goes_on() {
-    if !root_tier() {
-        return;
-    }
     let server = Server::start("stand-in");
     let agent = start_agent(&server);
     let truth = client(&["bad", &server.port.to_string()]);
@@ -277,11 +262,8 @@ fn bad_input_is_counted_and_the_agent_goes_on() {
     assert!(agent.stop().success());
 }
 
-#[test]
+#[root_test]
 fn a_server_named_by_a_config_matcher_is_watched() {
-    if !root_tier() {
-        return;
-    }
     use std::io::{Read, Write};
     let server = Server::start("matched");
     // No --watch-port: the command line matcher alone must find it.
@@ -316,11 +298,8 @@ fn a_server_named_by_a_config_matcher_is_watched() {
     assert!(agent.stop().success());
 }
 
-#[test]
+#[root_test]
 fn a_server_killed_mid_stream_ends_its_requests_as_connection_resets() {
-    if !root_tier() {
-        return;
-    }
     let mut server = Server::start("doomed");
     let agent = start_agent(&server);
     // Two slow streams in flight (100 tokens at 100 ms each).
@@ -347,11 +326,8 @@ fn a_server_killed_mid_stream_ends_its_requests_as_connection_resets() {
 
 /// The http family has a ring of its own: a flood of a server's bytes that overflows it loses
 /// http records (counted), never a CUDA allocation or free of the ledger.
-#[test]
+#[root_test]
 fn an_http_flood_cannot_make_the_ledger_lose_events() {
-    if !root_tier() {
-        return;
-    }
     let server = Server::start("stand-in");
     // One page per ring and a reader that polls once a second: the flood must overflow.
     let agent = Agent::start_with_env(
@@ -455,11 +431,8 @@ fn model_values(s: &Scrape) -> std::collections::BTreeSet<String> {
         .collect()
 }
 
-#[test]
+#[root_test]
 fn model_names_the_server_does_not_serve_are_other() {
-    if !root_tier() {
-        return;
-    }
     // Like vLLM: names other than its own (and `alias`) are answered 404.
     let server = Server::start_with("real", &["--strict-models", "--also-serve", "alias"]);
     let agent = start_agent(&server);

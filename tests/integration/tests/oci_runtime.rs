@@ -555,11 +555,8 @@ fn capability_mask(names: &[String]) -> u64 {
     names.iter().fold(0, |m, n| m | 1u64 << bit(n))
 }
 
-#[test]
+#[root_test]
 fn the_charts_security_context_probes_a_cuda_workload_and_ends_clean() {
-    if !root_tier() {
-        return;
-    }
     ensure_host_tracefs();
     let mut pod = Pod::start(|caps| caps);
     let health = pod.wait_ready();
@@ -649,11 +646,8 @@ fn the_charts_security_context_probes_a_cuda_workload_and_ends_clean() {
     assert!(w.wait().success());
 }
 
-#[test]
+#[root_test]
 fn without_sys_ptrace_the_agent_says_what_it_cannot_see() {
-    if !root_tier() {
-        return;
-    }
     ensure_host_tracefs();
     let mut pod = Pod::start(|caps| caps.into_iter().filter(|c| c != "SYS_PTRACE").collect());
     let health = pod.wait_ready();
@@ -671,11 +665,8 @@ fn without_sys_ptrace_the_agent_says_what_it_cannot_see() {
     assert!(log.contains("WARN"), "{log}");
 }
 
-#[test]
+#[root_test]
 fn without_cap_bpf_nor_sys_admin_the_agent_refuses_in_one_line() {
-    if !root_tier() {
-        return;
-    }
     ensure_host_tracefs();
     let mut pod = Pod::start(|caps| {
         caps.into_iter()
