@@ -8,8 +8,12 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use procfs::{process::Process, FromBufRead, ProcessCGroups};
-pub use procfs::{process::Stat, ProcessCGroup};
+use procfs::{net::TcpNetEntries, process::Process, FromBufRead, FromBufReadSI, ProcessCGroups};
+pub use procfs::{
+    net::{TcpNetEntry, TcpState},
+    process::Stat,
+    ProcessCGroup,
+};
 
 #[derive(Clone, Debug)]
 pub struct ProcFs {
@@ -101,6 +105,22 @@ impl ProcFs {
         Some(exiting(&self.stat(pid)?))
     }
 
+    /// TCP sockets (`net/tcp` and `net/tcp6`) of the network namespace of `pid`, the agent's
+    /// own when `pid` is `None`.
+    pub fn tcp(&self, pid: Option<u32>) -> Vec<TcpNetEntry> {
+        let dir = match pid {
+            Some(p) => self.root.join(p.to_string()).join("net"),
+            None => self.root.join("net"),
+        };
+        let mut all = Vec::new();
+        for f in ["tcp", "tcp6"] {
+            if let Ok(text) = std::fs::read_to_string(dir.join(f)) {
+                all.extend(tcp_table(&text));
+            }
+        }
+        all
+    }
+
     /// Numeric entries of the proc root.
     pub fn pids(&self) -> impl Iterator<Item = u32> {
         std::fs::read_dir(&self.root)
@@ -160,6 +180,19 @@ pub fn container_id(path: &str) -> Option<String> {
         .rev()
         .find(|s| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()))
         .map(str::to_string)
+}
+
+/// The sockets of a `/proc/net/tcp` or `tcp6` text (its first line is the header).
+pub fn tcp_table(text: &str) -> Vec<TcpNetEntry> {
+    let si = procfs::current_system_info();
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            // procfs reads a whole table, header first: each line gets an empty one.
+            TcpNetEntries::from_buf_read((&b"\n"[..]).chain(l.as_bytes()), si).ok()
+        })
+        .flat_map(|t| t.0)
+        .collect()
 }
 
 /// `<proc_pid>/maps` (`proc_pid` being `/proc/<pid>` or a captured tree's), bounded.
@@ -277,5 +310,25 @@ mod tests {
         assert_eq!(procfs.innermost_pid(5000), Some(7));
         std::fs::write(p.join("status"), "Name:\tx\nNSpid:\t5000\t7\n").unwrap();
         assert_eq!(procfs.innermost_pid(5000), None, "not the kernel's status");
+    }
+
+    #[test]
+    fn parses_tcp_tables_line_by_line() {
+        let text = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 12345 1 0000000000000000 100 0 0 10 0\n   1: 0100007F:1F90 0100007F:C350 01 00000000:00000000 00:00000000 00000000     0        0 12346 1 0000000000000000 20 4 30 10 -1\n garbage\n   2: 0100007F:1F91 00000000:0000 0D 0:0 0:0 0 0 0 12347 1\n   3: 0100007F:1F92 00000000:0000 0A 0:0 0:0 0 0 0 12348 1\n";
+        let s = tcp_table(text);
+        assert_eq!(s.len(), 3, "{s:?}");
+        assert_eq!(
+            (s[0].local_address.to_string(), &s[0].state, s[0].inode),
+            ("127.0.0.1:8080".into(), &TcpState::Listen, 12345)
+        );
+        assert_eq!(s[1].state, TcpState::Established);
+        // An unknown state costs its line only.
+        assert_eq!(s[2].local_address.port(), 0x1F92);
+        let v6 = "sl local rem st\n 0: 00000000000000000000000001000000:1F40 00000000000000000000000000000000:0000 0A 0:0 0:0 0 0 0 7 1\n \
+                  1: 0000000000000000FFFF00000100007F:1F41 00000000000000000000000000000000:0000 0A 0:0 0:0 0 0 0 8 1\n";
+        let s6 = tcp_table(v6);
+        assert_eq!(s6[0].local_address.to_string(), "[::1]:8000");
+        assert_eq!(s6[1].local_address.to_string(), "[::ffff:127.0.0.1]:8001");
+        assert!(tcp_table("header only\n").is_empty());
     }
 }
