@@ -8,12 +8,18 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use procfs::{net::TcpNetEntries, process::Process, FromBufRead, FromBufReadSI, ProcessCGroups};
+use procfs::{
+    net::TcpNetEntries,
+    process::{MMPermissions, MMapPath, MemoryMaps, Process},
+    FromBufRead, FromBufReadSI, ProcessCGroups,
+};
 pub use procfs::{
     net::{TcpNetEntry, TcpState},
     process::Stat,
     ProcessCGroup,
 };
+
+use crate::tenant_file::FileId;
 
 #[derive(Clone, Debug)]
 pub struct ProcFs {
@@ -206,6 +212,75 @@ pub fn read_maps(proc_pid: &Path) -> Option<Vec<u8>> {
     Some(buf)
 }
 
+/// A mapping of a file, as its `/proc/<pid>/maps` line names it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileMapping {
+    pub start: u64,
+    pub end: u64,
+    pub executable: bool,
+    pub offset: u64,
+    /// Device and inode, as the line names them.
+    pub id: FileId,
+    /// The path as the process sees it, without the ` (deleted)` suffix (and, procfs
+    /// trimming it, without whitespace at its ends).
+    pub path: String,
+    /// The file was deleted (or replaced) since it was mapped: only `map_files` reaches it.
+    pub deleted: bool,
+}
+
+impl FileMapping {
+    /// `start-end` as `map_files` names the mapping (no leading zeros, which it refuses).
+    pub fn range(&self) -> String {
+        format!("{:x}-{:x}", self.start, self.end)
+    }
+}
+
+/// One maps line → the file mapping it describes; `None` for anonymous and pseudo mappings
+/// (`[heap]`, `[vdso]`, ...), an inverted range, and a line procfs does not parse.
+pub fn file_mapping(line: &str) -> Option<FileMapping> {
+    // procfs slices a `/SYSV` name (a SysV shared memory segment) at fixed byte offsets and
+    // a `[stack:` one at its last byte, and panics where that is no character boundary; a
+    // tenant names its own files `/SYSV`.
+    let name = line.splitn(6, ' ').nth(5).unwrap_or("").trim();
+    if (name.starts_with("/SYSV") && name.get(5..13).is_none())
+        || (name.starts_with("[stack:") && !name.is_ascii())
+    {
+        return None;
+    }
+    let m = MemoryMaps::from_buf_read(line.as_bytes())
+        .ok()?
+        .0
+        .into_iter()
+        .next()?;
+    let MMapPath::Path(path) = m.pathname else {
+        return None;
+    };
+    // The line was text, so is the path.
+    let path = path.to_str()?;
+    let (start, end) = m.address;
+    if !path.starts_with('/') || start > end {
+        return None;
+    }
+    let (path, deleted) = match path.strip_suffix(" (deleted)") {
+        Some(p) => (p, true),
+        None => (path, false),
+    };
+    let major = u32::try_from(m.dev.0).ok()?;
+    let minor = u32::try_from(m.dev.1).ok()?;
+    Some(FileMapping {
+        start,
+        end,
+        executable: m.perms.contains(MMPermissions::EXECUTE),
+        offset: m.offset,
+        id: FileId {
+            dev: libc::makedev(major, minor),
+            ino: m.inode,
+        },
+        path: path.to_string(),
+        deleted,
+    })
+}
+
 /// Files of captured proc trees, as the kernel writes them.
 #[cfg(test)]
 pub mod fixture {
@@ -330,5 +405,53 @@ mod tests {
         assert_eq!(s6[0].local_address.to_string(), "[::1]:8000");
         assert_eq!(s6[1].local_address.to_string(), "[::ffff:127.0.0.1]:8001");
         assert!(tcp_table("header only\n").is_empty());
+    }
+
+    #[test]
+    fn parses_file_mappings() {
+        let m = file_mapping("7f00-7f10 r-xp 00001000 fd:01 42 /opt/drv/libcuda.so.1").unwrap();
+        assert_eq!(
+            m,
+            FileMapping {
+                start: 0x7f00,
+                end: 0x7f10,
+                executable: true,
+                offset: 0x1000,
+                id: FileId {
+                    dev: libc::makedev(0xfd, 1),
+                    ino: 42
+                },
+                path: "/opt/drv/libcuda.so.1".into(),
+                deleted: false,
+            }
+        );
+        // The kernel pads before the name; map_files names ranges without leading zeros.
+        let d = file_mapping(
+            "00400000-00452000 r--p 00000000 08:10 9                          /x/a b.so (deleted)",
+        )
+        .unwrap();
+        assert!(d.deleted && !d.executable && d.path == "/x/a b.so", "{d:?}");
+        assert_eq!(d.range(), "400000-452000");
+        for bad in [
+            "7f00-7f10 rw-p 00000000 00:00 0 ",
+            "7f00-7f10 r-xp 00000000 00:00 0                          [vdso]",
+            "7f00-7f10 r-xp 00000000 00:00 0 [stack:é",
+            "7f00-7f10 r-xp 00000000 00:00 0 [anon:x]",
+            "7f00-7f10 r-xp 00000000 fd:01 42 /SYSV",
+            "7f00-7f10 r-xp 00000000 fd:01 42 /SYSVaé",
+            "7f00-7f10 r-xp 00000000 fd:01 42 /SYSV0000002a (deleted)",
+            "7f00-7f10 r-xp 00000000 fd:01 x /a/b.so",
+            "7f00-7f10 r-xp 00000000 zz:01 42 /a/b.so",
+            "7f00-7f10 r-xp 00000000 -1:01 42 /a/b.so",
+            "7f00 r-xp 00000000 fd:01 42 /a/b.so",
+            "7f10-7f00 r-xp 00000000 fd:01 42 /a/b.so",
+            "7f00-7f10 r-xp 00000000 fd:01 42 b.so",
+            "7f00-7f10 r-xp 00000000 fd:01 42 anon_inode:[perf_event]",
+            "Size:  4 kB",
+            "garbage",
+            "",
+        ] {
+            assert_eq!(file_mapping(bad), None, "{bad}");
+        }
     }
 }
