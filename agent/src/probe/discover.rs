@@ -60,8 +60,19 @@ pub fn library_at(path: &Path, display: impl Into<String>) -> Result<Library, Op
     })
 }
 
-/// `libcuda.so*` files in the standard driver directories.
-pub fn standard_libraries() -> Vec<Library> {
+/// The file a path of the agent's own tree leads to now, by a `stat`: no descriptor opened.
+pub fn id_at(path: &Path) -> Option<FileId> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).ok()?;
+    Some(FileId {
+        dev: meta.dev(),
+        ino: meta.ino(),
+    })
+}
+
+/// `libcuda.so*` files in the standard driver directories, except those `known` (already
+/// attached: a `stat` tells, so they are not reopened and reread every discovery round).
+pub fn standard_libraries(known: impl Fn(FileId) -> bool) -> Vec<Library> {
     let mut out = Vec::new();
     for dir in STANDARD_DIRS {
         let Ok(entries) = std::fs::read_dir(dir) else {
@@ -70,6 +81,9 @@ pub fn standard_libraries() -> Vec<Library> {
         for entry in entries.flatten() {
             let path = entry.path();
             if path.to_str().is_some_and(is_cuda_driver) {
+                if id_at(&path).is_some_and(&known) {
+                    continue;
+                }
                 if let Ok(lib) = library_at(&path, path.display().to_string()) {
                     out.push(lib);
                 }
@@ -172,6 +186,22 @@ mod tests {
         assert!(is_cuda_driver("libcuda.so"));
         assert!(!is_cuda_driver("/usr/lib/libcudart.so.12"));
         assert!(!is_cuda_driver("/usr/lib/libcuda_stub.so"));
+    }
+
+    /// The `stat` that spares reopening an attached library names the file as the opened
+    /// descriptor does, and a replaced file (a driver upgrade) by its new identity.
+    #[test]
+    fn a_stat_names_the_file_the_open_finds() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("libcuda.so.1");
+        std::fs::write(&path, b"old").unwrap();
+        let opened = library_at(&path, "x").unwrap();
+        assert_eq!(id_at(&path), Some(opened.id));
+        let replacement = dir.path().join("new");
+        std::fs::write(&replacement, b"new").unwrap();
+        std::fs::rename(&replacement, &path).unwrap();
+        assert_ne!(id_at(&path), Some(opened.id));
+        assert_eq!(id_at(&dir.path().join("absent")), None);
     }
 
     #[test]

@@ -109,6 +109,10 @@ impl Manager {
         }
         let mut found: Vec<Library> = Vec::new();
         for path in &self.explicit {
+            // An attached library is not reopened each round; a replaced one (new inode) is.
+            if discover::id_at(path).is_some_and(|id| self.knows(id)) {
+                continue;
+            }
             match discover::library_at(path, path.display().to_string()) {
                 Ok(lib) => found.push(lib),
                 Err(e) => tracing::warn!(
@@ -118,7 +122,7 @@ impl Manager {
                 ),
             }
         }
-        found.extend(discover::standard_libraries());
+        found.extend(discover::standard_libraries(|id| self.knows(id)));
         // Forget pids that are gone (pids are reused).
         let procfs = &self.procfs;
         self.known_pids.retain(|pid| procfs.alive(*pid));
