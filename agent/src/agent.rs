@@ -32,6 +32,7 @@ use crate::{
     probe::{
         self,
         cuda::CudaProbes,
+        http_budget::HttpBudget,
         manager::{Manager, ManagerMaps},
     },
     proc::ProcFs,
@@ -202,17 +203,14 @@ pub async fn run(
     {
         links.extend(family);
     }
-    let http_maps = families
+    let (http_maps, http_probes) = families
         .start(
             "http",
             true,
             |ebpf| probe::http::attach(ebpf, config.http.capture_bytes),
             &mut loaded.ebpf,
         )
-        .map(|(maps, http_links)| {
-            links.extend(http_links);
-            maps
-        });
+        .unzip();
     let cuda = families.start(
         "cuda",
         false,
@@ -277,6 +275,16 @@ pub async fn run(
         &health,
     )
     .map_err(StartError::Thread)?;
+    let manager = manager.with_http(http_probes.map(|probes| {
+        HttpBudget::new(
+            probes,
+            config.probes.http_budget_core_share,
+            config.probes.run_time_stats,
+            metrics.clone(),
+            health.clone(),
+        )
+        .with_control(http_stage.control())
+    }));
     let scrape_servers = if http_stage.watching() {
         crate::scrape::Servers::Board(servers)
     } else {

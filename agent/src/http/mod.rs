@@ -7,6 +7,7 @@
 pub mod body;
 pub mod conn;
 pub mod discover;
+pub mod gap;
 pub mod load;
 pub mod metrics;
 pub mod models;
@@ -270,7 +271,10 @@ const QUEUE_BATCHES: usize = 2;
 pub struct Stage {
     tx: Option<tokio::sync::mpsc::Sender<tracker::Input>>,
     task: Option<tokio::task::JoinHandle<tracker::HttpTracker>>,
-    watcher: Option<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)>,
+    watcher: Option<(
+        std::sync::mpsc::Sender<crate::probe::http::Control>,
+        std::thread::JoinHandle<()>,
+    )>,
 }
 
 impl Stage {
@@ -335,6 +339,12 @@ impl Stage {
         self.watcher.is_some()
     }
 
+    /// The watcher's control channel: the probe budget tells it when the probes go off and
+    /// come back.
+    pub fn control(&self) -> Option<std::sync::mpsc::Sender<crate::probe::http::Control>> {
+        self.watcher.as_ref().map(|(control, _)| control.clone())
+    }
+
     /// Where the reader sends the family's records.
     pub fn sender(&self) -> Option<tokio::sync::mpsc::Sender<tracker::Input>> {
         self.tx.clone()
@@ -348,7 +358,7 @@ impl Stage {
         share: std::time::Duration,
     ) {
         if let Some((stop, handle)) = self.watcher.take() {
-            let _ = stop.send(());
+            let _ = stop.send(crate::probe::http::Control::Stop);
             if let Some(Err(_)) = deadline.join("http-watcher", share, handle).await {
                 tracing::error!("http watcher panicked");
             }

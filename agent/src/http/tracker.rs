@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 use super::{
     conn::{Bad, Conn, ErrorType, Exchange, Output},
     discover::Server,
+    gap::Gap,
     metrics::{HttpMetrics, KindLabels, ModelErrorLabels, ModelLabels, ModelStatusLabels},
     models::{Answer, Models, OTHER, UNKNOWN},
     Batch, Record,
@@ -34,6 +35,14 @@ pub enum Input {
     Records(Batch),
     /// The watched servers now (tgid → identity), from discovery.
     Servers(HashMap<u32, Server>),
+    /// The probes were detached at `at_ns` (shed by the probe budget).
+    Paused {
+        at_ns: u64,
+    },
+    /// They were attached again, in full by `at_ns`.
+    Resumed {
+        at_ns: u64,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -86,6 +95,8 @@ pub struct HttpTracker {
     spans: Option<crate::export::otlp::queue::Sink<crate::export::otlp::traces::RequestSpan>>,
     /// Names the pod of each span's server.
     attrib: Option<Arc<crate::attrib::Attributor>>,
+    /// Whether records are used, around a stretch with the probes off.
+    gap: Gap,
 }
 
 impl HttpTracker {
@@ -104,6 +115,7 @@ impl HttpTracker {
             load: None,
             spans: None,
             attrib: None,
+            gap: Gap::default(),
         }
     }
 
@@ -182,6 +194,8 @@ impl HttpTracker {
                 }
             }
             Input::Servers(servers) => self.servers(servers),
+            Input::Paused { at_ns } => self.pause(at_ns),
+            Input::Resumed { at_ns } => self.gap.resume(at_ns),
         }
         self.http.connections.set(self.conns.len() as i64);
         self.http.state_bytes.set(self.state_bytes as i64);
@@ -194,6 +208,10 @@ impl HttpTracker {
             .inc();
         let tgid = r.header().tgid;
         let ts = r.header().ts_ns;
+        if !self.gap.admits(ts) {
+            self.metrics.drop_reason("http_shed");
+            return;
+        }
         match r {
             Record::Accept { fd, .. } => {
                 // A new connection on this fd: whatever was there is over.
@@ -287,6 +305,20 @@ impl HttpTracker {
                 c.close(now, &mut self.out);
             }
             self.flush(key.0, now);
+        }
+    }
+
+    /// The probes went off at `at_ns`: every connection is dropped (counted), its open
+    /// requests ended as `untracked` then (see [`Gap`]).
+    fn pause(&mut self, at_ns: u64) {
+        self.gap.pause();
+        let keys: Vec<(u32, u32)> = self.conns.keys().copied().collect();
+        for key in keys {
+            if let Some(mut c) = self.remove(&key) {
+                c.abandon(at_ns, ErrorType::Untracked, &mut self.out);
+                self.metrics.dropped("http_connection", "shed");
+            }
+            self.flush(key.0, at_ns);
         }
     }
 
@@ -470,7 +502,10 @@ impl HttpTracker {
                 .inc();
         }
         let secs = |ns: u64| ns as f64 / 1e9;
-        if x.error.is_none() || x.status.is_some() {
+        // An exchange the agent stopped following did not end when it was cut: its latency
+        // and its size are unknown (its first token and gaps are not).
+        let whole = x.error != Some(ErrorType::Untracked);
+        if whole && (x.error.is_none() || x.status.is_some()) {
             h.latency
                 .get_or_create(&labels)
                 .observe(secs(x.end_ns.saturating_sub(x.start_ns)));
@@ -503,9 +538,11 @@ impl HttpTracker {
         }
         if let Some(c) = x.output_tokens() {
             h.tokens_output.get_or_create(&labels).inc_by(c);
-            h.request_output_tokens
-                .get_or_create(&labels)
-                .observe(c as f64);
+            if whole {
+                h.request_output_tokens
+                    .get_or_create(&labels)
+                    .observe(c as f64);
+            }
         }
         if let Some(spans) = &self.spans {
             spans.offer(crate::export::otlp::traces::RequestSpan {
@@ -930,5 +967,62 @@ mod tests {
             value(&text, "llm_requests_in_flight{model=\"unknown\"}"),
             0.0
         );
+    }
+
+    /// A streamed request cut by the probes going off, pieces of it seen after they came
+    /// back, then a request made after: the cut one ends as `untracked` with no latency, the
+    /// pieces are not taken for a response, the later one is timed from its own calls.
+    #[test]
+    fn connections_across_a_gap_are_dropped_not_misreported() {
+        let (mut t, metrics) = tracker(Limits::default());
+        let request = b"POST /v1/completions HTTP/1.1\r\ncontent-length: 2\r\n\r\n{}";
+        let head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n";
+        let event = b"data: {\"choices\":[{\"text\":\"x\"}]}\n\n";
+        t.record(&accept(7, 3, S));
+        t.record(&data(7, 3, S, true, request));
+        t.record(&data(7, 3, S + 1000, false, head));
+        t.record(&data(7, 3, S + 2000, false, event));
+        t.input(Input::Paused { at_ns: 2 * S });
+        // Left in the ring when the probes went off, then stamped during the re-attach.
+        t.record(&data(7, 3, 2 * S - 1, false, event));
+        t.record(&data(7, 3, 3 * S, false, event));
+        t.input(Input::Resumed { at_ns: 4 * S });
+        // The rest of the stream and its end, as the server writes them after the gap.
+        t.record(&data(7, 3, 5 * S, false, event));
+        t.record(&data(7, 3, 5 * S + 10, false, b"data: [DONE]\n\n"));
+        // A whole request on a connection accepted after the gap.
+        t.record(&accept(7, 4, 6 * S));
+        t.record(&data(7, 4, 6 * S, true, request));
+        t.record(&data(
+            7,
+            4,
+            6 * S + 250_000_000,
+            false,
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}",
+        ));
+        let text = metrics.encode();
+        let v = |series: &str| value(&text, series);
+        assert_eq!(
+            v("llm_request_errors_total{model=\"unknown\",error_type=\"untracked\"}"),
+            1.0,
+            "{text}"
+        );
+        assert_eq!(
+            v("inferscope_dropped_total{what=\"http_connection\",reason=\"shed\"}"),
+            1.0
+        );
+        assert_eq!(
+            v("inferscope_events_dropped_total{reason=\"http_shed\"}"),
+            2.0
+        );
+        assert_eq!(
+            v("llm_requests_total{model=\"unknown\",status_code=\"200\"}"),
+            2.0
+        );
+        // One latency, the later request's: 250 ms.
+        assert_eq!(v("llm_latency_seconds_count{model=\"unknown\"}"), 1.0);
+        assert_eq!(v("llm_latency_seconds_sum{model=\"unknown\"}"), 0.25);
+        assert_eq!(v("llm_requests_in_flight{model=\"unknown\"}"), 0.0);
+        assert_eq!(v("inferscope_http_bad_input_total{kind=\"not_http\"}"), 0.0);
     }
 }
