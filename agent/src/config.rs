@@ -225,7 +225,7 @@ pub struct LimitsConfig {
     pub max_allocations_per_process: usize,
     /// Bytes the allocation ledger may hold for all processes together (one live allocation
     /// costs at most `track::ledger::ENTRY_BYTES`, 93); past it further allocations are not
-    /// tracked, counted as `allocation_limit`. Worst case of the ledger: this plus
+    /// tracked, counted as `ledger_budget`. Worst case of the ledger: this plus
     /// `max_processes` empty process ledgers (352 bytes each): 65.4 MiB by default, where
     /// 4096 processes × 1M allocations used to allow 350 GiB.
     pub ledger_budget_bytes: usize,

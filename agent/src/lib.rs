@@ -20,6 +20,7 @@ pub mod http;
 pub mod ingest;
 pub mod probe;
 pub mod proc;
+pub mod queue;
 pub mod redact;
 pub mod scrape;
 pub mod tenant_file;

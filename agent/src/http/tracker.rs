@@ -14,8 +14,6 @@ use std::{
     time::Duration,
 };
 
-use tokio::sync::mpsc;
-
 use super::{
     conn::{Bad, Conn, ErrorType, Exchange, Output},
     discover::Server,
@@ -43,6 +41,33 @@ pub enum Input {
     Resumed {
         at_ns: u64,
     },
+}
+
+impl crate::queue::Weigh for Input {
+    fn weight(&self) -> usize {
+        size_of::<Input>()
+            + match self {
+                Input::Records(batch) => {
+                    batch.capacity() * size_of::<Record>()
+                        + batch
+                            .iter()
+                            .map(|r| match r {
+                                Record::Data { bytes, .. } => bytes.capacity(),
+                                _ => 0,
+                            })
+                            .sum::<usize>()
+                }
+                Input::Servers(servers) => {
+                    servers.capacity() * size_of::<(u32, Server)>()
+                        + servers
+                            .values()
+                            .flat_map(|s| [&s.model, &s.model_version])
+                            .map(|name| name.as_ref().map_or(0, String::capacity))
+                            .sum::<usize>()
+                }
+                Input::Paused { .. } | Input::Resumed { .. } => 0,
+            }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -602,7 +627,7 @@ struct ModelSeries {
 /// Runs until the reader closes the channel. Beats `heartbeat` at least once a second.
 pub async fn run(
     mut t: HttpTracker,
-    mut rx: mpsc::Receiver<Input>,
+    mut rx: crate::queue::Receiver<Input>,
     heartbeat: crate::health::Heartbeat,
 ) -> HttpTracker {
     let mut sweep = tokio::time::interval(Duration::from_secs(1));
@@ -1024,5 +1049,34 @@ mod tests {
         assert_eq!(v("llm_latency_seconds_sum{model=\"unknown\"}"), 0.25);
         assert_eq!(v("llm_requests_in_flight{model=\"unknown\"}"), 0.0);
         assert_eq!(v("inferscope_http_bad_input_total{kind=\"not_http\"}"), 0.0);
+    }
+
+    /// The queue to the tracker is bounded by what its batches carry, payloads included: a
+    /// batch of 256 full captures weighs over 1 MiB, one of 256 closes a few KiB.
+    #[test]
+    fn a_batch_weighs_its_payloads() {
+        use crate::queue::Weigh;
+        let full: Vec<Record> = (0..256)
+            .map(|fd| data(7, fd, S, true, &[b'x'; 4096]))
+            .collect();
+        let closes: Vec<Record> = (0..256)
+            .map(|fd| Record::Close {
+                header: Default::default(),
+                fd,
+            })
+            .collect();
+        let full = Input::Records(full).weight();
+        let closes = Input::Records(closes).weight();
+        assert!(full >= 256 * 4096, "{full}");
+        assert!(closes < 64 * 1024, "{closes}");
+        let (tx, rx) = crate::queue::channel(2 * 1024 * 1024, Default::default());
+        let batch = |n| Input::Records((0..n).map(|fd| data(7, fd, S, true, &[0; 4096])).collect());
+        assert!(tx.offer(batch(256)));
+        assert!(
+            !tx.offer(batch(256)),
+            "two such batches do not fit in 2 MiB"
+        );
+        assert!(tx.offer(batch(64)));
+        assert!(rx.bytes() <= 2 * 1024 * 1024);
     }
 }

@@ -8,14 +8,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agent_common::http::{config as knob, ConnKey, CAPTURE_MAX};
-use aya::{
-    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray},
-    programs::TracePoint,
-    Ebpf,
-};
-use tokio::sync::mpsc;
-
 use super::{links::Links, ProbeError};
 use crate::{
     http::{
@@ -23,6 +15,12 @@ use crate::{
         tracker::Input,
     },
     proc::ProcFs,
+};
+use agent_common::http::{config as knob, ConnKey, CAPTURE_MAX};
+use aya::{
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray},
+    programs::TracePoint,
+    Ebpf,
 };
 
 /// (program, syscall tracepoints it serves). Exit probes first: a call seen entering is then
@@ -181,7 +179,7 @@ pub struct Watcher {
     matchers: Vec<String>,
     seen: HashMap<u32, Option<Server>>,
     current: HashMap<u32, Server>,
-    tracker: mpsc::Sender<Input>,
+    tracker: crate::queue::Sender<Input>,
     /// Where the list is published for other stages.
     board: Option<std::sync::Arc<discover::ServerBoard>>,
     /// The agent's own pid is never watched.
@@ -196,7 +194,7 @@ impl Watcher {
         procfs: ProcFs,
         ports: Vec<u16>,
         matchers: Vec<String>,
-        tracker: mpsc::Sender<Input>,
+        tracker: crate::queue::Sender<Input>,
     ) -> Self {
         Self {
             maps,
