@@ -100,20 +100,38 @@ impl<T> Shared<T> {
         s.items.is_empty() || (s.bytes + weight <= self.capacity && s.items.len() < self.max_items)
     }
 
-    /// Queues `item` of `weight` if there is room; the item back if not.
-    fn push(&self, item: T, weight: usize) -> Result<(), SendError<T>> {
-        let mut s = self.lock();
+    /// Queues `item` of `weight` if there is room; the item back if not. The caller wakes
+    /// the receiver once the lock is released.
+    fn push_locked(&self, s: &mut State<T>, item: T, weight: usize) -> Result<(), SendError<T>> {
         if !s.receiver {
             return Err(SendError::Closed(item));
         }
-        if !self.room(&s, weight) {
+        if !self.room(s, weight) {
             return Err(SendError::Full(item));
         }
         s.bytes += weight;
         s.items.push_back((item, weight));
-        drop(s);
-        self.wake();
         Ok(())
+    }
+
+    fn push(&self, item: T, weight: usize) -> Result<(), SendError<T>> {
+        let pushed = self.push_locked(&mut self.lock(), item, weight);
+        if pushed.is_ok() {
+            self.wake();
+        }
+        pushed
+    }
+
+    /// The next item; the caller wakes the senders once the lock is released.
+    fn pop_locked(&self, s: &mut State<T>) -> Result<T, RecvError> {
+        if let Some((item, weight)) = s.items.pop_front() {
+            s.bytes -= weight;
+            return Ok(item);
+        }
+        if self.senders.load(Ordering::Acquire) == 0 {
+            return Err(RecvError::Closed);
+        }
+        Err(RecvError::Timeout)
     }
 }
 
@@ -175,17 +193,17 @@ impl<T: Weigh> Sender<T> {
     /// [`Sender::send`] for a thread outside the runtime.
     pub fn blocking_send(&self, item: T) -> Result<(), T> {
         let weight = item.weight();
+        let mut item = item;
         let mut s = self.shared.lock();
         loop {
-            if !s.receiver {
-                return Err(item);
-            }
-            if self.shared.room(&s, weight) {
-                s.bytes += weight;
-                s.items.push_back((item, weight));
-                drop(s);
-                self.shared.wake();
-                return Ok(());
+            match self.shared.push_locked(&mut s, item, weight) {
+                Ok(()) => {
+                    drop(s);
+                    self.shared.wake();
+                    return Ok(());
+                }
+                Err(SendError::Closed(back)) => return Err(back),
+                Err(SendError::Full(back)) => item = back,
             }
             s = self
                 .shared
@@ -251,17 +269,11 @@ pub enum RecvError {
 
 impl<T> Receiver<T> {
     fn pop(&self) -> Result<T, RecvError> {
-        let mut s = self.shared.lock();
-        if let Some((item, weight)) = s.items.pop_front() {
-            s.bytes -= weight;
-            drop(s);
+        let popped = self.shared.pop_locked(&mut self.shared.lock());
+        if popped.is_ok() {
             self.shared.wake();
-            return Ok(item);
         }
-        if self.shared.senders.load(Ordering::Acquire) == 0 {
-            return Err(RecvError::Closed);
-        }
-        Err(RecvError::Timeout)
+        popped
     }
 
     /// The next item, without waiting.
@@ -289,14 +301,14 @@ impl<T> Receiver<T> {
         let until = Instant::now() + timeout;
         let mut s = self.shared.lock();
         loop {
-            if let Some((item, weight)) = s.items.pop_front() {
-                s.bytes -= weight;
-                drop(s);
-                self.shared.wake();
-                return Ok(item);
-            }
-            if self.shared.senders.load(Ordering::Acquire) == 0 {
-                return Err(RecvError::Closed);
+            match self.shared.pop_locked(&mut s) {
+                Ok(item) => {
+                    drop(s);
+                    self.shared.wake();
+                    return Ok(item);
+                }
+                Err(RecvError::Closed) => return Err(RecvError::Closed),
+                Err(RecvError::Timeout) => {}
             }
             let left = until.saturating_duration_since(Instant::now());
             if left.is_zero() {
