@@ -54,6 +54,8 @@ pub enum StartError {
     Thread(#[source] std::io::Error),
     #[error(transparent)]
     Otlp(#[from] otlp::OtlpError),
+    #[error(transparent)]
+    Capability(#[from] crate::caps::Missing),
 }
 
 pub fn preflight() -> Result<(), StartError> {
@@ -63,6 +65,9 @@ pub fn preflight() -> Result<(), StartError> {
     }
     if !Path::new("/sys/kernel/btf/vmlinux").exists() {
         return Err(StartError::NoBtf);
+    }
+    if let Some(held) = crate::caps::Held::current() {
+        held.required()?;
     }
     Ok(())
 }
@@ -176,6 +181,13 @@ pub async fn run(
     let listener = http::bind(config.prometheus_listen).await?;
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::new());
+    for (family, shortfall) in crate::caps::Held::current()
+        .map(|held| held.shortfalls())
+        .unwrap_or_default()
+    {
+        tracing::warn!(family, "{shortfall}");
+        health.degrade(family, shortfall.to_string());
+    }
 
     // Before the first tracepoint (and the format file read just below).
     let tracefs = probe::tracefs::ensure().map_err(|e| crate::error_chain(&e));

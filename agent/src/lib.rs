@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod attrib;
+pub mod caps;
 pub mod clock;
 pub mod config;
 pub mod cuda_error;
@@ -23,6 +24,7 @@ pub mod proc;
 pub mod queue;
 pub mod redact;
 pub mod scrape;
+pub mod seccomp;
 pub mod tenant_file;
 pub mod tls;
 pub mod track;

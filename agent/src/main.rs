@@ -26,6 +26,13 @@ enum Command {
         #[command(subcommand)]
         command: ForensicsCommand,
     },
+    /// Print the seccomp profile the agent runs under (a Kubernetes `Localhost` profile), or
+    /// install it as a file (what the chart's init container does).
+    SeccompProfile {
+        /// Write the profile to this file, replacing it atomically, instead of printing it.
+        #[arg(long, value_name = "FILE")]
+        install: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -108,6 +115,7 @@ fn main() {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Forensics { command } => forensics(command),
+        Command::SeccompProfile { install } => seccomp_profile(install),
     };
     if let Err(e) = result {
         // One line: the cause chain, with the multi-line messages of parsers folded.
@@ -117,6 +125,18 @@ fn main() {
             msg.split_whitespace().collect::<Vec<_>>().join(" ")
         );
         std::process::exit(1);
+    }
+}
+
+fn seccomp_profile(install: Option<PathBuf>) -> anyhow::Result<()> {
+    match install {
+        Some(path) => inferscope::seccomp::install(&path)
+            .with_context(|| format!("cannot install the seccomp profile at {}", path.display())),
+        None => {
+            use std::io::Write;
+            std::io::stdout().write_all(inferscope::seccomp::text().as_bytes())?;
+            Ok(())
+        }
     }
 }
 

@@ -1,11 +1,13 @@
 //! `/proc/<pid>/maps` lines as the agent parses them, on arbitrary text: a tenant names its
-//! files (spaces, newlines excepted, ` (deleted)` suffixes, anything else) and the kernel
-//! prints them there. Both readers run: driver discovery (`probe::discover::parse_maps_line`)
-//! and the forensic mappings (`forensics::symbolize::parse_maps`).
+//! files (spaces, newlines excepted, ` (deleted)` suffixes, `/SYSV…`, anything else) and the
+//! kernel prints them there. Every reader runs: the line parser over procfs
+//! (`proc::file_mapping`), driver discovery (`probe::discover::parse_maps_line`) and the
+//! forensic mappings (`forensics::symbolize::parse_maps`).
 //!
-//! Besides "no panic", it checks: a driver mapping's path is absolute and names a
-//! `libcuda.so*`, its range parses, and printing it back as a maps line reads back the same;
-//! a forensic mapping is executable, absolute, and its range is not inverted.
+//! Besides "no panic" (procfs itself panics on some names; the agent must keep them from it),
+//! it checks: a file mapping's path is absolute, its range is not inverted, and printing it
+//! back as a maps line reads back the same; a driver mapping names a `libcuda.so*` and agrees
+//! with the file mapping of its line; a forensic mapping is executable.
 //! Seeds: `fuzz/seeds/proc_maps`.
 
 #![no_main]
@@ -13,42 +15,50 @@
 use inferscope::{
     forensics::symbolize::parse_maps,
     probe::discover::{is_cuda_driver, parse_maps_line},
+    proc::{file_mapping, FileMapping},
 };
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
     for line in text.lines() {
-        let Some(m) = parse_maps_line(42, line) else {
+        let Some(m) = file_mapping(line) else {
+            assert_eq!(parse_maps_line(42, line), None, "{line:?}");
             continue;
         };
-        assert_eq!(m.pid, 42);
-        assert!(
-            m.path.starts_with('/') && is_cuda_driver(&m.path),
-            "{line:?}"
-        );
-        let (start, end) = m.range.split_once('-').expect("range");
-        assert!(u64::from_str_radix(start, 16).is_ok() && u64::from_str_radix(end, 16).is_ok());
-        let printed = format!(
-            "{} r-xp 00000000 {:x}:{:x} {} {}{}",
-            m.range,
-            libc_major(m.id.dev),
-            libc_minor(m.id.dev),
-            m.id.ino,
-            m.path,
-            if m.deleted { " (deleted)" } else { "" }
-        );
+        assert!(m.path.starts_with('/') && m.start <= m.end, "{line:?}");
+        let printed = print(&m);
+        assert_eq!(file_mapping(&printed).as_ref(), Some(&m), "{printed:?}");
+        let Some(d) = parse_maps_line(42, line) else {
+            assert!(!is_cuda_driver(&m.path), "{line:?}");
+            continue;
+        };
+        assert!(is_cuda_driver(&d.path), "{line:?}");
         assert_eq!(
-            parse_maps_line(42, &printed).as_ref(),
-            Some(&m),
-            "{printed:?}"
+            (d.pid, &d.range, d.id, &d.path, d.deleted),
+            (42, &m.range(), m.id, &m.path, m.deleted)
         );
     }
     for m in parse_maps(&text) {
-        assert!(m.path.starts_with('/'));
-        assert!(m.start <= m.end, "{m:?}");
+        assert!(m.map.executable && m.map.path.starts_with('/'));
+        assert!(m.map.start <= m.map.end, "{m:?}");
     }
 });
+
+/// The line the kernel would print for `m`.
+fn print(m: &FileMapping) -> String {
+    format!(
+        "{} r{}p {:08x} {:x}:{:x} {} {}{}",
+        m.range(),
+        if m.executable { "-x" } else { "--" },
+        m.offset,
+        libc_major(m.id.dev),
+        libc_minor(m.id.dev),
+        m.id.ino,
+        m.path,
+        if m.deleted { " (deleted)" } else { "" }
+    )
+}
 
 // glibc's gnu_dev_major/minor, as `libc::major`/`minor` compute them.
 fn libc_major(dev: u64) -> u64 {

@@ -33,6 +33,11 @@ pub fn run(for_tests: bool) -> anyhow::Result<()> {
         }
         fuzzing()?;
         deploy_tools()?;
+        // tests/integration/tests/oci_runtime.rs runs the agent's container in a real OCI
+        // runtime; `ldd` assembles its root filesystem.
+        if !succeeds("runc", &["--version"]) {
+            apt_install(&["runc"])?;
+        }
         otlp_collector()?;
     }
     Ok(())

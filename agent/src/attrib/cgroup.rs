@@ -4,6 +4,8 @@
 //! segments and each segment is matched on its own, so nesting (kind or k3s inside Docker)
 //! does not matter.
 
+use crate::proc::ProcessCGroup;
+
 /// The Kubernetes QoS class, from the cgroup level the pod sits under.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Qos {
@@ -35,24 +37,12 @@ impl CgroupIdentity {
 /// Reads `/proc/<pid>/cgroup`: the first hierarchy whose path names a pod or a container,
 /// the unified (v2) one first, then the v1 controllers in file order; a process in no
 /// container gets the unified path (else the first one) and no ids.
-pub fn parse_proc_cgroup(text: &str) -> CgroupIdentity {
-    let mut v1 = Vec::new();
-    let mut v2 = None;
-    for line in text.lines() {
-        let mut parts = line.splitn(3, ':');
-        let (Some(_), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
-        else {
-            continue;
-        };
-        if controllers.is_empty() {
-            v2 = Some(path);
-        } else {
-            v1.push(path);
-        }
-    }
+pub fn from_cgroups(groups: &[ProcessCGroup]) -> CgroupIdentity {
+    let v2 = groups.iter().rfind(|g| g.controllers.is_empty());
+    let v1 = groups.iter().filter(|g| !g.controllers.is_empty());
     let mut fallback = None;
-    for path in v2.into_iter().chain(v1) {
-        let id = from_path(path);
+    for g in v2.into_iter().chain(v1) {
+        let id = from_path(&g.pathname);
         if id.is_container() {
             return id;
         }
@@ -148,6 +138,10 @@ fn container_segment(seg: &str) -> Option<(Option<&'static str>, &str)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn parse(text: &str) -> CgroupIdentity {
+        from_cgroups(&crate::proc::parse_cgroups(text))
+    }
 
     const UID: &str = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
     const UID_: &str = "0f1e2d3c_4b5a_6978_8796_a5b4c3d2e1f0";
@@ -259,23 +253,23 @@ mod tests {
         let v1 = format!(
             "12:pids:/\n11:memory:/kubepods/burstable/pod{UID}/{c}\n1:name=systemd:/\n0::/\n"
         );
-        let id = parse_proc_cgroup(&v1);
+        let id = parse(&v1);
         assert_eq!(id.pod_uid.as_deref(), Some(UID));
         assert_eq!(id.container_id, Some(c.clone()));
         let v2 = format!(
             "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UID_}.slice/cri-containerd-{c}.scope\n"
         );
-        let id = parse_proc_cgroup(&v2);
+        let id = parse(&v2);
         assert_eq!(id.pod_uid.as_deref(), Some(UID));
         assert_eq!(id.runtime, Some("containerd"));
         // Hybrid: the unified hierarchy is read first.
         let other = "cd".repeat(32);
         let hybrid = format!("4:memory:/docker/{other}\n0::/system.slice/docker-{c}.scope\n");
-        assert_eq!(parse_proc_cgroup(&hybrid).container_id, Some(c));
+        assert_eq!(parse(&hybrid).container_id, Some(c));
         // No container anywhere: the unified path, no ids; garbage: nothing.
-        let plain = parse_proc_cgroup("3:cpu:/a\n0::/user.slice\n");
+        let plain = parse("3:cpu:/a\n0::/user.slice\n");
         assert_eq!(plain.path, "/user.slice");
         assert_eq!(plain.container_id, None);
-        assert_eq!(parse_proc_cgroup("garbage\n\n"), CgroupIdentity::default());
+        assert_eq!(parse("garbage\n\n"), CgroupIdentity::default());
     }
 }

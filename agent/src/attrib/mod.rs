@@ -217,9 +217,7 @@ impl Attributor {
 
     /// Resolves `pid` now; `None` when the process is gone.
     fn resolve(&self, pid: u32) -> Option<Identity> {
-        let path = self.procfs.root().join(pid.to_string()).join("cgroup");
-        let text = std::fs::read_to_string(path).ok()?;
-        let cg = cgroup::parse_proc_cgroup(&text);
+        let cg = cgroup::from_cgroups(&self.procfs.cgroups(pid)?);
         let mut id = self.node_only();
         let max = self.max_label_len;
         let pod = cg.pod_uid.as_deref().and_then(|uid| self.pods.get(uid));

@@ -301,12 +301,13 @@ fn a_server_uses_its_assigned_gpus_else_those_of_its_descendants() {
         (30, "0::/user.slice\n".into()),
         (40, "0::/user.slice\n".into()),
     ]);
-    for (pid, stat) in [
-        (10, "10 (vllm) S 1 10 10"),
-        (20, "20 (VLLM::Engine) x) S 10 10 10"),
-        (30, "30 (worker) S 20 10 10"),
-        (40, "40 (python3) S 1 40 40"),
+    for (pid, comm, ppid) in [
+        (10, "vllm", 1),
+        (20, "VLLM::Engine) x", 10),
+        (30, "worker", 20),
+        (40, "python3", 1),
     ] {
+        let stat = crate::proc::fixture::stat(pid, comm, ppid, 0);
         std::fs::write(dir.path().join(pid.to_string()).join("stat"), stat).unwrap();
     }
     let a = attributor(&dir, 128, 100);

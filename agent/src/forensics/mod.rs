@@ -98,7 +98,7 @@ impl crate::queue::Weigh for Draft {
                 .map(|f| text(&f.2) + text(&f.4))
                 .sum::<usize>()
             + self.maps.capacity() * size_of::<symbolize::Mapping>()
-            + self.maps.iter().map(|m| text(&m.path)).sum::<usize>()
+            + self.maps.iter().map(|m| text(&m.map.path)).sum::<usize>()
     }
 }
 

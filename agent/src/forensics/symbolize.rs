@@ -18,19 +18,15 @@ use blazesym::symbolize::{
 };
 
 use super::report::Frame;
-use crate::tenant_file::{self, FileId, TenantFile};
+use crate::{
+    proc::FileMapping,
+    tenant_file::{self, FileId, TenantFile},
+};
 
 /// One executable file mapping of a process (`/proc/<pid>/maps`).
 #[derive(Clone, Debug)]
 pub struct Mapping {
-    pub start: u64,
-    pub end: u64,
-    pub offset: u64,
-    pub path: String,
-    /// Device and inode, as the maps line names them.
-    pub id: FileId,
-    /// The file was deleted (or replaced) since it was mapped: only `map_files` reaches it.
-    pub deleted: bool,
+    pub map: FileMapping,
     /// The mapped file, opened at capture; `None` when it could not be (its frames then
     /// name the module and offset only).
     pub file: Option<Arc<TenantFile>>,
@@ -38,21 +34,7 @@ pub struct Mapping {
 
 impl PartialEq for Mapping {
     fn eq(&self, other: &Self) -> bool {
-        (
-            self.start,
-            self.end,
-            self.offset,
-            &self.path,
-            self.id,
-            self.deleted,
-        ) == (
-            other.start,
-            other.end,
-            other.offset,
-            &other.path,
-            other.id,
-            other.deleted,
-        )
+        self.map == other.map
     }
 }
 
@@ -68,17 +50,18 @@ pub fn capture(proc_pid: &Path) -> Vec<Mapping> {
     let mut maps = parse_maps(&String::from_utf8_lossy(&raw));
     let mut opened: HashMap<FileId, Option<Arc<TenantFile>>> = HashMap::new();
     let root = proc_pid.join("root");
-    for m in &mut maps {
-        let file = opened.entry(m.id).or_insert_with(|| {
-            let by_path = (!m.deleted)
-                .then(|| tenant_file::open_in_root(&root, &m.path, Some(m.id)).ok())
-                .flatten();
-            let range = format!("{:x}-{:x}", m.start, m.end);
-            by_path
-                .or_else(|| tenant_file::open_mapping(proc_pid, &range, Some(m.id)).ok())
-                .map(Arc::new)
-        });
-        m.file = file.clone();
+    for Mapping { map: m, file } in &mut maps {
+        *file = opened
+            .entry(m.id)
+            .or_insert_with(|| {
+                let by_path = (!m.deleted)
+                    .then(|| tenant_file::open_in_root(&root, &m.path, Some(m.id)).ok())
+                    .flatten();
+                by_path
+                    .or_else(|| tenant_file::open_mapping(proc_pid, &m.range(), Some(m.id)).ok())
+                    .map(Arc::new)
+            })
+            .clone();
     }
     maps
 }
@@ -86,39 +69,9 @@ pub fn capture(proc_pid: &Path) -> Vec<Mapping> {
 /// Executable file mappings of a `/proc/<pid>/maps` text.
 pub fn parse_maps(text: &str) -> Vec<Mapping> {
     text.lines()
-        .filter_map(|line| {
-            let mut f = line.split_whitespace();
-            let range = f.next()?;
-            let perms = f.next()?;
-            let offset = u64::from_str_radix(f.next()?, 16).ok()?;
-            let (major, minor) = f.next()?.split_once(':')?;
-            let dev = libc::makedev(
-                u32::from_str_radix(major, 16).ok()?,
-                u32::from_str_radix(minor, 16).ok()?,
-            );
-            let ino = f.next()?.parse().ok()?;
-            let path = f.collect::<Vec<_>>().join(" ");
-            if !perms.contains('x') || !path.starts_with('/') {
-                return None;
-            }
-            let (a, b) = range.split_once('-')?;
-            let (start, end) = (
-                u64::from_str_radix(a, 16).ok()?,
-                u64::from_str_radix(b, 16).ok()?,
-            );
-            if start > end {
-                return None;
-            }
-            Some(Mapping {
-                start,
-                end,
-                offset,
-                deleted: path.ends_with(" (deleted)"),
-                path: path.trim_end_matches(" (deleted)").to_string(),
-                id: FileId { dev, ino },
-                file: None,
-            })
-        })
+        .filter_map(crate::proc::file_mapping)
+        .filter(|m| m.executable)
+        .map(|map| Mapping { map, file: None })
         .collect()
 }
 
@@ -177,13 +130,15 @@ impl Stacks {
             line: None,
             offset: None,
         };
-        let Some(m) = maps.iter().find(|m| ip >= m.start && ip < m.end) else {
+        let Some(Mapping { map: m, file }) =
+            maps.iter().find(|m| ip >= m.map.start && ip < m.map.end)
+        else {
             return frame;
         };
         let file_offset = ip - m.start + m.offset;
         frame.module = Some(m.path.clone());
         frame.offset = Some(file_offset);
-        let Some(file) = &m.file else {
+        let Some(file) = file else {
             return frame;
         };
         let src = Source::Elf(Elf::new(file.fd_path()));
@@ -225,26 +180,32 @@ mod tests {
             maps,
             vec![
                 Mapping {
-                    start: 0x5700,
-                    end: 0x5800,
-                    offset: 0x1000,
-                    path: "/usr/bin/x".into(),
-                    deleted: false,
-                    id: FileId {
-                        dev: libc::makedev(0xfd, 1),
-                        ino: 1
+                    map: FileMapping {
+                        start: 0x5700,
+                        end: 0x5800,
+                        executable: true,
+                        offset: 0x1000,
+                        path: "/usr/bin/x".into(),
+                        deleted: false,
+                        id: FileId {
+                            dev: libc::makedev(0xfd, 1),
+                            ino: 1
+                        },
                     },
                     file: None,
                 },
                 Mapping {
-                    start: 0x7f10,
-                    end: 0x7f20,
-                    offset: 0x2000,
-                    path: "/opt/lib/libcuda.so.1".into(),
-                    deleted: true,
-                    id: FileId {
-                        dev: libc::makedev(0xfd, 1),
-                        ino: 2
+                    map: FileMapping {
+                        start: 0x7f10,
+                        end: 0x7f20,
+                        executable: true,
+                        offset: 0x2000,
+                        path: "/opt/lib/libcuda.so.1".into(),
+                        deleted: true,
+                        id: FileId {
+                            dev: libc::makedev(0xfd, 1),
+                            ino: 2
+                        },
                     },
                     file: None,
                 },

@@ -37,25 +37,15 @@ impl PidMapper {
     }
 
     fn maps_cuda(&self, pid: u32) -> bool {
-        std::fs::read(self.procfs.root().join(pid.to_string()).join("maps"))
-            .map(|m| m.windows(7).any(|w| w == b"libcuda"))
-            .unwrap_or(false)
+        self.procfs
+            .maps(pid)
+            .is_some_and(|m| m.windows(7).any(|w| w == b"libcuda"))
     }
 
     fn by_nspid(&self, pid: u32) -> Option<u32> {
         let mut found = None;
         for host in self.procfs.pids() {
-            let Ok(status) =
-                std::fs::read_to_string(self.procfs.root().join(host.to_string()).join("status"))
-            else {
-                continue;
-            };
-            let innermost = status
-                .lines()
-                .find_map(|l| l.strip_prefix("NSpid:"))
-                .and_then(|l| l.split_whitespace().last())
-                .and_then(|p| p.parse::<u32>().ok());
-            if innermost == Some(pid) && host != pid && self.maps_cuda(host) {
+            if self.procfs.innermost_pid(host) == Some(pid) && host != pid && self.maps_cuda(host) {
                 if found.is_some() {
                     // Ambiguous: two containers each have a process with that pid.
                     return None;
@@ -74,7 +64,7 @@ mod tests {
     fn proc(root: &std::path::Path, pid: u32, nspid: &str, cuda: bool) {
         let dir = root.join(pid.to_string());
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("status"), format!("Name:\tx\nNSpid:\t{nspid}\n")).unwrap();
+        std::fs::write(dir.join("status"), crate::proc::fixture::status("x", nspid)).unwrap();
         let maps = if cuda {
             "7f-8f r-xp 0 fd:01 9 /usr/lib/libcuda.so.1\n"
         } else {

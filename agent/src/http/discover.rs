@@ -8,7 +8,7 @@ use std::{
     path::Path,
 };
 
-use crate::proc::ProcFs;
+use crate::proc::{ProcFs, TcpNetEntry, TcpState};
 
 /// A watched server process.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -183,77 +183,6 @@ pub fn argv(procfs: &ProcFs, pid: u32) -> Option<Vec<String>> {
     Some(crate::redact::argv(&args))
 }
 
-/// A TCP socket from `/proc/<pid>/net/tcp{,6}`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TcpSocket {
-    pub local_ip: std::net::IpAddr,
-    pub local_port: u16,
-    pub listening: bool,
-    pub established: bool,
-    pub inode: u64,
-}
-
-/// Parses `/proc/net/tcp` or `tcp6`.
-pub fn parse_tcp(text: &str) -> Vec<TcpSocket> {
-    let mut out = Vec::new();
-    for line in text.lines().skip(1) {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        if f.len() < 10 {
-            continue;
-        }
-        let Some((ip, port)) = f[1].split_once(':') else {
-            continue;
-        };
-        let (Some(local_ip), Ok(port)) = (proc_net_ip(ip), u16::from_str_radix(port, 16)) else {
-            continue;
-        };
-        let state = u8::from_str_radix(f[3], 16).unwrap_or(0);
-        let Ok(inode) = f[9].parse() else { continue };
-        out.push(TcpSocket {
-            local_ip,
-            local_port: port,
-            listening: state == 0x0A,
-            established: state == 0x01,
-            inode,
-        });
-    }
-    out
-}
-
-/// An address as `/proc/net/tcp{,6}` writes it: 32-bit words in hex, each in host byte order.
-fn proc_net_ip(hex: &str) -> Option<std::net::IpAddr> {
-    let word = |i: usize| -> Option<[u8; 4]> {
-        let w = u32::from_str_radix(hex.get(i * 8..i * 8 + 8)?, 16).ok()?;
-        Some(w.to_ne_bytes())
-    };
-    match hex.len() {
-        8 => Some(std::net::Ipv4Addr::from(word(0)?).into()),
-        32 => {
-            let mut b = [0u8; 16];
-            for i in 0..4 {
-                b[i * 4..i * 4 + 4].copy_from_slice(&word(i)?);
-            }
-            Some(std::net::Ipv6Addr::from(b).into())
-        }
-        _ => None,
-    }
-}
-
-/// TCP sockets in the network namespace of `pid` (the host's when `pid` is None).
-pub fn tcp_sockets(procfs: &ProcFs, pid: Option<u32>) -> Vec<TcpSocket> {
-    let dir = match pid {
-        Some(p) => procfs.root().join(p.to_string()).join("net"),
-        None => procfs.root().join("net"),
-    };
-    let mut all = Vec::new();
-    for f in ["tcp", "tcp6"] {
-        if let Ok(text) = std::fs::read_to_string(dir.join(f)) {
-            all.extend(parse_tcp(&text));
-        }
-    }
-    all
-}
-
 /// The process's socket descriptors: fd → socket inode.
 pub fn socket_fds(procfs: &ProcFs, pid: u32) -> Vec<(u32, u64)> {
     let dir = procfs.root().join(pid.to_string()).join("fd");
@@ -281,20 +210,20 @@ fn socket_inode(target: &Path) -> Option<u64> {
 
 /// Established connections on the process's listening ports: (fd) to seed.
 pub fn accepted_fds(procfs: &ProcFs, pid: u32) -> Vec<u32> {
-    let sockets = tcp_sockets(procfs, Some(pid));
+    let sockets = procfs.tcp(Some(pid));
     let fds = socket_fds(procfs, pid);
-    let by_inode: HashMap<u64, &TcpSocket> = sockets.iter().map(|s| (s.inode, s)).collect();
+    let by_inode: HashMap<u64, &TcpNetEntry> = sockets.iter().map(|s| (s.inode, s)).collect();
     let ports: HashSet<u16> = fds
         .iter()
         .filter_map(|(_, ino)| by_inode.get(ino))
-        .filter(|s| s.listening)
-        .map(|s| s.local_port)
+        .filter(|s| s.state == TcpState::Listen)
+        .map(|s| s.local_address.port())
         .collect();
     fds.iter()
         .filter(|(_, ino)| {
-            by_inode
-                .get(ino)
-                .is_some_and(|s| s.established && ports.contains(&s.local_port))
+            by_inode.get(ino).is_some_and(|s| {
+                s.state == TcpState::Established && ports.contains(&s.local_address.port())
+            })
         })
         .map(|(fd, _)| *fd)
         .collect()
@@ -302,12 +231,12 @@ pub fn accepted_fds(procfs: &ProcFs, pid: u32) -> Vec<u32> {
 
 /// The lowest TCP port the process listens on.
 pub fn listening_port(procfs: &ProcFs, pid: u32) -> Option<u16> {
-    let sockets = tcp_sockets(procfs, Some(pid));
+    let sockets = procfs.tcp(Some(pid));
     let inodes: HashSet<u64> = socket_fds(procfs, pid).iter().map(|(_, i)| *i).collect();
     sockets
         .iter()
-        .filter(|s| s.listening && inodes.contains(&s.inode))
-        .map(|s| s.local_port)
+        .filter(|s| s.state == TcpState::Listen && inodes.contains(&s.inode))
+        .map(|s| s.local_address.port())
         .min()
 }
 
@@ -316,9 +245,10 @@ pub fn listeners(procfs: &ProcFs, ports: &[u16]) -> HashSet<u32> {
     if ports.is_empty() {
         return HashSet::new();
     }
-    let inodes: HashSet<u64> = tcp_sockets(procfs, None)
+    let inodes: HashSet<u64> = procfs
+        .tcp(None)
         .into_iter()
-        .filter(|s| s.listening && ports.contains(&s.local_port))
+        .filter(|s| s.state == TcpState::Listen && ports.contains(&s.local_address.port()))
         .map(|s| s.inode)
         .collect();
     if inodes.is_empty() {
@@ -336,15 +266,16 @@ pub fn listeners(procfs: &ProcFs, ports: &[u16]) -> HashSet<u32> {
 
 /// Ports (and bound addresses) the process listens on, from its own network namespace.
 pub fn listening(procfs: &ProcFs, pid: u32) -> Vec<(std::net::IpAddr, u16)> {
-    let by_inode: HashMap<u64, TcpSocket> = tcp_sockets(procfs, Some(pid))
+    let by_inode: HashMap<u64, TcpNetEntry> = procfs
+        .tcp(Some(pid))
         .into_iter()
-        .filter(|s| s.listening)
+        .filter(|s| s.state == TcpState::Listen)
         .map(|s| (s.inode, s))
         .collect();
     let mut out: Vec<(std::net::IpAddr, u16)> = socket_fds(procfs, pid)
         .iter()
         .filter_map(|(_, ino)| by_inode.get(ino))
-        .map(|s| (s.local_ip, s.local_port))
+        .map(|s| (s.local_address.ip(), s.local_address.port()))
         .collect();
     out.sort();
     out.dedup();
@@ -436,25 +367,6 @@ mod tests {
         ] {
             assert_eq!(classify(&v(cmd)), None, "{cmd}");
         }
-    }
-
-    #[test]
-    fn parses_proc_net_tcp() {
-        let text = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 12345 1 0000000000000000 100 0 0 10 0\n   1: 0100007F:1F90 0100007F:C350 01 00000000:00000000 00:00000000 00000000     0        0 12346 1 0000000000000000 20 4 30 10 -1\n garbage\n";
-        let s = parse_tcp(text);
-        assert_eq!(s.len(), 2);
-        assert_eq!(
-            (s[0].local_port, s[0].listening, s[0].inode),
-            (8080, true, 12345)
-        );
-        assert_eq!(s[0].local_ip.to_string(), "127.0.0.1");
-        let v6 = "sl local rem st\n 0: 00000000000000000000000001000000:1F40 00000000000000000000000000000000:0000 0A 0:0 0:0 0 0 0 7 1\n";
-        let s6 = parse_tcp(v6);
-        assert_eq!(
-            (s6[0].local_ip.to_string(), s6[0].local_port),
-            ("::1".into(), 8000)
-        );
-        assert!(s[1].established && !s[1].listening);
     }
 
     #[test]

@@ -37,7 +37,7 @@ pub struct Library {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Mapped {
     pub pid: u32,
-    /// `start-end`, the name of its `map_files` entry.
+    /// `start-end`, the name of its `map_files` entry (hex without leading zeros).
     pub range: String,
     pub id: FileId,
     /// The path as the process sees it.
@@ -122,7 +122,11 @@ pub fn mapped_libraries(procfs: &ProcFs, skip: &HashSet<u32>) -> Vec<Mapped> {
         if memchr_libcuda(&maps).is_none() {
             continue;
         }
-        for line in String::from_utf8_lossy(&maps).lines() {
+        // Only a line naming `libcuda` can name a driver: the others are not parsed at all.
+        for line in String::from_utf8_lossy(&maps)
+            .lines()
+            .filter(|l| l.contains("libcuda"))
+        {
             if let Some(m) = parse_maps_line(pid, line) {
                 out.push(m);
             }
@@ -139,38 +143,13 @@ fn memchr_libcuda(haystack: &[u8]) -> Option<usize> {
 
 /// One `/proc/<pid>/maps` line → the CUDA driver mapping it describes, if it is one.
 pub fn parse_maps_line(pid: u32, line: &str) -> Option<Mapped> {
-    let mut fields = line.splitn(6, char::is_whitespace);
-    let range = fields.next()?;
-    let _perms = fields.next()?;
-    let _offset = fields.next()?;
-    let dev = fields.next()?;
-    let ino = fields.next()?.parse().ok()?;
-    let path = fields.next()?.trim_start();
-    let (path, deleted) = match path.strip_suffix(" (deleted)") {
-        Some(p) => (p, true),
-        None => (path, false),
-    };
-    if !path.starts_with('/') || !is_cuda_driver(path) {
-        return None;
-    }
-    let (major, minor) = dev.split_once(':')?;
-    let (major, minor) = (
-        u32::from_str_radix(major, 16).ok()?,
-        u32::from_str_radix(minor, 16).ok()?,
-    );
-    let (start, end) = range.split_once('-')?;
-    if u64::from_str_radix(start, 16).is_err() || u64::from_str_radix(end, 16).is_err() {
-        return None;
-    }
-    Some(Mapped {
+    let m = crate::proc::file_mapping(line)?;
+    is_cuda_driver(&m.path).then(|| Mapped {
         pid,
-        range: range.to_string(),
-        id: FileId {
-            dev: libc::makedev(major, minor),
-            ino,
-        },
-        path: path.to_string(),
-        deleted,
+        range: m.range(),
+        id: m.id,
+        path: m.path,
+        deleted: m.deleted,
     })
 }
 
@@ -218,6 +197,13 @@ mod tests {
         )
         .unwrap();
         assert!(d.deleted && d.path == "/x/libcuda.so.1");
+        // As map_files names it: without the leading zeros of the maps line.
+        let low = parse_maps_line(
+            7,
+            "00400000-00452000 r-xp 00000000 08:10 9               /x/libcuda.so",
+        )
+        .unwrap();
+        assert_eq!(low.range, "400000-452000");
         for bad in [
             "7f00-7f10 r-xp 00000000 fd:01 42 /usr/lib/libc.so.6",
             "7f00-7f10 r-xp 00000000 fd:01 x /a/libcuda.so.1",

@@ -12,6 +12,7 @@ use std::{
 mod sim_gpus;
 pub mod tls_proxy;
 
+pub use root_test::root_test;
 pub use sim_gpus::{str_pairs, SimGpus};
 
 pub use cuda_workload::{OutputLine, Truth, Variant};
@@ -573,5 +574,36 @@ impl Drop for OpenAiServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// The documents of a YAML stream as JSON (python3's yaml, which yamllint brings).
+pub fn yaml_docs(text: &str) -> Vec<serde_json::Value> {
+    let script = "import json, sys, yaml\n\
+                  docs = [d for d in yaml.safe_load_all(sys.stdin) if d is not None]\n\
+                  json.dump(docs, sys.stdout)";
+    let mut child = Command::new("python3")
+        .args(["-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 (run `cargo xtask setup`)");
+    let mut stdin = child.stdin.take().unwrap();
+    let input = text.to_string();
+    let writer = std::thread::spawn(move || {
+        use std::io::Write;
+        stdin.write_all(input.as_bytes()).unwrap();
+    });
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    assert!(
+        out.status.success(),
+        "not YAML: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    match serde_json::from_slice(&out.stdout).unwrap() {
+        serde_json::Value::Array(docs) => docs,
+        other => panic!("{other}"),
     }
 }

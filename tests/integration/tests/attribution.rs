@@ -433,11 +433,8 @@ impl Drop for Tgi {
 
 // ------------------------------------------------------------------ tests
 
-#[test]
+#[root_test]
 fn pods_name_the_series_of_their_processes_until_they_go() {
-    if !root_tier() {
-        return;
-    }
     let Some((v1, v2)) = hierarchies() else {
         assert!(
             std::env::var_os("CI").is_none(),
@@ -660,11 +657,8 @@ fn pods_name_the_series_of_their_processes_until_they_go() {
     assert!(agent.stop().success());
 }
 
-#[test]
+#[root_test]
 fn without_the_api_server_pod_resources_names_a_pod_process_by_its_gpu() {
-    if !root_tier() {
-        return;
-    }
     let Some((_, v2)) = hierarchies() else {
         assert!(std::env::var_os("CI").is_none(), "no cgroup v2 hierarchy");
         return;
@@ -725,11 +719,8 @@ fn without_the_api_server_pod_resources_names_a_pod_process_by_its_gpu() {
     assert!(agent.stop().success());
 }
 
-#[test]
+#[root_test]
 fn outside_kubernetes_series_keep_process_labels_and_the_log_says_so_once() {
-    if !root_tier() {
-        return;
-    }
     let gpu = sim_gpu();
     let dir = tempfile::tempdir().unwrap();
     // Nothing of Kubernetes here: no API server in config or environment, no kubelet socket.
@@ -777,11 +768,8 @@ fn outside_kubernetes_series_keep_process_labels_and_the_log_says_so_once() {
     assert!(agent.stop().success());
 }
 
-#[test]
+#[root_test]
 fn unreachable_sources_are_logged_once_and_counted() {
-    if !root_tier() {
-        return;
-    }
     let gpu = sim_gpu();
     let dir = tempfile::tempdir().unwrap();
     // Nothing listens on the port; the "socket" is a plain file.

@@ -87,11 +87,8 @@ fn not_root_is_refused_with_a_reason() {
     );
 }
 
-#[test]
+#[root_test]
 fn a_listener_address_in_use_is_refused() {
-    if !root_tier() {
-        return;
-    }
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let listen = taken.local_addr().unwrap().to_string();
     let (code, stderr) = run_agent(&["--prometheus-listen", &listen], &[]);

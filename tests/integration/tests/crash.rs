@@ -36,11 +36,8 @@ fn workload_runs_on(mut w: Workload) {
     assert!(w.wait().success());
 }
 
-#[test]
+#[root_test]
 fn sigkill_leaves_no_probe_attached() {
-    if !root_tier() {
-        return;
-    }
     let (agent, w) = agent_probing_a_workload(&[]);
     let (status, _) = agent.end_with(libc::SIGKILL, Duration::from_secs(30));
     assert_eq!(
@@ -50,11 +47,8 @@ fn sigkill_leaves_no_probe_attached() {
     workload_runs_on(w);
 }
 
-#[test]
+#[root_test]
 fn a_panic_ends_the_agent_and_leaves_no_probe_attached() {
-    if !root_tier() {
-        return;
-    }
     let (agent, w) = agent_probing_a_workload(&[("INFERSCOPE_FAULT_PANIC_AFTER_MS", "3000")]);
     let (status, log) = agent.end_with(0, Duration::from_secs(30));
     assert_eq!(status.code(), Some(70), "{log}");

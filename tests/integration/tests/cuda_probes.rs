@@ -18,11 +18,8 @@ fn ld_lib_arg(v: Variant) -> String {
     v.lib_path().display().to_string()
 }
 
-#[test]
+#[root_test]
 fn agent_started_before_matches_ground_truth_exactly() {
-    if !root_tier() {
-        return;
-    }
     let agent = Agent::start(&["--cuda-lib", &ld_lib_arg(Variant::Push)]);
     let mut w = Workload::start(FULL_PLAN, &WorkloadOptions::default());
     w.proceed();
@@ -82,11 +79,8 @@ fn delta(after: &Truth, before: &Truth) -> Truth {
     out
 }
 
-#[test]
+#[root_test]
 fn agent_started_after_the_workload_discovers_it_and_counts_from_then_on() {
-    if !root_tier() {
-        return;
-    }
     let plan = "alloc dev=0 size=1048576 count=4; checkpoint name=before; \
                 free count=2; alloc dev=0 size=2097152 count=3; checkpoint name=after";
     let opts = WorkloadOptions {
@@ -124,11 +118,8 @@ fn agent_started_after_the_workload_discovers_it_and_counts_from_then_on() {
     assert!(agent.stop().success());
 }
 
-#[test]
+#[root_test]
 fn a_process_killed_mid_run_releases_its_ledger() {
-    if !root_tier() {
-        return;
-    }
     let agent = Agent::start(&["--cuda-lib", &ld_lib_arg(Variant::Nop5)]);
     let opts = WorkloadOptions {
         variant: Variant::Nop5,
@@ -157,11 +148,8 @@ fn a_process_killed_mid_run_releases_its_ledger() {
     assert!(agent.stop().success());
 }
 
-#[test]
+#[root_test]
 fn a_library_without_the_vmm_symbols_is_probed_for_what_it_has() {
-    if !root_tier() {
-        return;
-    }
     let agent = Agent::start(&["--cuda-lib", &ld_lib_arg(Variant::NoVmm)]);
     let s = agent.scrape();
     for sym in [
@@ -209,11 +197,8 @@ fn a_library_without_the_vmm_symbols_is_probed_for_what_it_has() {
     assert!(agent.stop().success());
 }
 
-#[test]
+#[root_test]
 fn two_processes_on_one_library_file_are_kept_apart() {
-    if !root_tier() {
-        return;
-    }
     // Given explicitly and found mapped by both processes: still attached once.
     let agent = Agent::start(&["--cuda-lib", &ld_lib_arg(Variant::Push)]);
     let state = tempfile::NamedTempFile::new().unwrap();
@@ -266,11 +251,8 @@ fn two_processes_on_one_library_file_are_kept_apart() {
     assert!(agent.stop().success());
 }
 
-#[test]
+#[root_test]
 fn the_kill_switch_keeps_a_symbol_unprobed() {
-    if !root_tier() {
-        return;
-    }
     let agent = Agent::start(&[
         "--cuda-lib",
         &ld_lib_arg(Variant::Push),
@@ -332,11 +314,8 @@ fn shed_rank(probe: &str) -> u8 {
     }
 }
 
-#[test]
+#[root_test]
 fn the_probe_budget_sheds_cheap_information_first() {
-    if !root_tier() {
-        return;
-    }
     // endbr64 first: every hit is single-stepped (~15 µs here), so a busy workload passes
     // a 0.2 % budget quickly.
     let agent = Agent::start_with_env(
@@ -420,11 +399,8 @@ fn logged(agent: &Agent, parts: &[&str]) -> bool {
         .any(|l| parts.iter().all(|p| l.contains(p)))
 }
 
-#[test]
+#[root_test]
 fn the_budget_sheds_a_hot_library_alone_and_brings_its_probes_back() {
-    if !root_tier() {
-        return;
-    }
     // Two copies of the double: a tenant's library (endbr64 first: every hit is single-stepped,
     // so a loop passes a 0.2 % budget at once) and the driver everyone else uses. The agent
     // may find other processes' libraries too: the checks name these two files.
@@ -525,11 +501,8 @@ fn the_budget_sheds_a_hot_library_alone_and_brings_its_probes_back() {
     assert!(agent.stop().success());
 }
 
-#[test]
+#[root_test]
 fn a_full_ring_buffer_loses_events_visibly_never_silently() {
-    if !root_tier() {
-        return;
-    }
     // One page of ring and a slow reader: a burst must overflow it.
     let agent = Agent::start_with_env(
         &["--cuda-lib", &ld_lib_arg(Variant::Nop5)],
@@ -566,11 +539,8 @@ fn a_full_ring_buffer_loses_events_visibly_never_silently() {
     assert!(agent.stop().success());
 }
 
-#[test]
+#[root_test]
 fn many_short_lived_processes_leave_no_ledger_behind() {
-    if !root_tier() {
-        return;
-    }
     let agent = Agent::start(&["--cuda-lib", &ld_lib_arg(Variant::Nop5)]);
     let workload = bin(cuda_workload::WORKLOAD_BIN_NAME);
     const PROCS: usize = 400;
@@ -603,11 +573,8 @@ fn many_short_lived_processes_leave_no_ledger_behind() {
     assert!(agent.stop().success());
 }
 
-#[test]
+#[root_test]
 fn a_library_replaced_on_disk_is_still_probed_through_the_mapping() {
-    if !root_tier() {
-        return;
-    }
     let dir = tempfile::tempdir().unwrap();
     let lib = dir.path().join("libcuda.so.1");
     std::fs::copy(Variant::Push.lib_path(), &lib).unwrap();
@@ -645,11 +612,8 @@ fn a_library_replaced_on_disk_is_still_probed_through_the_mapping() {
     assert!(agent.stop().success());
 }
 
-#[test]
+#[root_test]
 fn result_codes_no_driver_defines_share_the_other_label() {
-    if !root_tier() {
-        return;
-    }
     let agent = Agent::start(&["--cuda-lib", &ld_lib_arg(Variant::Push)]);
     // 300 calls return 1000..1299, then the GPU runs out of memory for real.
     let opts = WorkloadOptions {

@@ -7,16 +7,14 @@
 use std::{
     collections::BTreeSet,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
 };
 
+use integration::yaml_docs;
 use serde_json::Value;
 
 /// The renderer of `cargo xtask manifests`, so the drift check renders exactly the same way.
-/// `run` (the command itself) is not used here.
-#[allow(dead_code)]
-#[path = "../../../xtask/src/manifests.rs"]
-mod manifests;
+use xtask::manifests;
 
 /// Kubernetes version whose schemas kubernetes-validate ships (the DaemonSet uses
 /// `appArmorProfile`, 1.30+; the chart's kubeVersion).
@@ -76,37 +74,6 @@ fn broken_copy(file: &str, from: &str, to: &str) -> tempfile::TempDir {
     assert!(text.contains(from), "{file} has no {from:?}");
     std::fs::write(path, text.replacen(from, to, 1)).unwrap();
     dir
-}
-
-/// The documents of a YAML stream as JSON (python3's yaml, which yamllint brings).
-fn yaml_docs(text: &str) -> Vec<Value> {
-    let script = "import json, sys, yaml\n\
-                  docs = [d for d in yaml.safe_load_all(sys.stdin) if d is not None]\n\
-                  json.dump(docs, sys.stdout)";
-    let mut child = Command::new("python3")
-        .args(["-c", script])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("python3 (run `cargo xtask setup`)");
-    let mut stdin = child.stdin.take().unwrap();
-    let input = text.to_string();
-    let writer = std::thread::spawn(move || {
-        use std::io::Write;
-        stdin.write_all(input.as_bytes()).unwrap();
-    });
-    let out = child.wait_with_output().unwrap();
-    writer.join().unwrap();
-    assert!(
-        out.status.success(),
-        "not YAML: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    match serde_json::from_slice(&out.stdout).unwrap() {
-        Value::Array(docs) => docs,
-        other => panic!("{other}"),
-    }
 }
 
 fn kind(doc: &Value) -> &str {
@@ -515,6 +482,7 @@ fn chart_defaults() {
             "DaemonSet",
             "ServiceMonitor",
             "PrometheusRule",
+            "NetworkPolicy",
         ]),
         "PodMonitor is off and the Namespace left to `helm install --create-namespace` by default"
     );
@@ -550,6 +518,38 @@ fn chart_defaults() {
         strings(&sc["capabilities"]["add"]).len(),
         CAPABILITIES.len()
     );
+    // The agent's own seccomp profile, installed on the node by an init container that holds
+    // no capability and mounts nothing but the kubelet's seccomp directory.
+    assert_eq!(sc["seccompProfile"]["type"], "Localhost");
+    assert_eq!(
+        sc["seccompProfile"]["localhostProfile"],
+        "inferscope/agent.json"
+    );
+    let inits = pod["initContainers"].as_array().unwrap();
+    assert_eq!(inits.len(), 1);
+    let init = &inits[0];
+    assert_eq!(init["image"], c["image"]);
+    assert_eq!(
+        strings(&init["command"])
+            .into_iter()
+            .chain(strings(&init["args"]))
+            .collect::<Vec<_>>(),
+        [
+            "/inferscope",
+            "seccomp-profile",
+            "--install",
+            "/host/seccomp/inferscope/agent.json"
+        ]
+    );
+    let isc = &init["securityContext"];
+    assert_eq!(strings(&isc["capabilities"]["drop"]), ["ALL"]);
+    assert!(isc["capabilities"]["add"].is_null(), "{isc}");
+    assert_eq!(isc["allowPrivilegeEscalation"], false);
+    assert_eq!(isc["readOnlyRootFilesystem"], true);
+    assert_eq!(isc["seccompProfile"]["type"], "RuntimeDefault");
+    let init_mounts = init["volumeMounts"].as_array().unwrap();
+    assert_eq!(init_mounts.len(), 1, "{init_mounts:?}");
+    assert_eq!(init_mounts[0]["mountPath"], "/host/seccomp");
 
     // The image's entrypoint is `inferscope run`: the args are its flags only.
     assert!(c["command"].is_null(), "{c}");
@@ -613,9 +613,18 @@ fn chart_defaults() {
     let forensics = host_path_mount("/var/lib/inferscope/forensics");
     assert_eq!(forensics["mountPath"], "/var/lib/inferscope/forensics");
     assert!(forensics["readOnly"].is_null(), "{forensics}");
+    let seccomp_dir = volumes
+        .iter()
+        .find(|v| v["name"] == init_mounts[0]["name"])
+        .unwrap();
+    assert_eq!(seccomp_dir["hostPath"]["path"], "/var/lib/kubelet/seccomp");
+    assert!(
+        mounts.iter().all(|m| m["name"] != seccomp_dir["name"]),
+        "the agent's container does not mount the profiles"
+    );
     assert_eq!(
         volumes.iter().filter(|v| v["hostPath"].is_object()).count(),
-        7,
+        8,
         "a host path beyond those above: {volumes:?}"
     );
 
@@ -654,6 +663,24 @@ fn chart_defaults() {
         "the job label of the rules' job=\"inferscope\""
     );
 
+    // The NetworkPolicy admits the metrics port of the agent's pods and nothing else.
+    let np = find(&docs, "NetworkPolicy").unwrap();
+    assert_eq!(
+        np["spec"]["podSelector"]["matchLabels"],
+        ds["spec"]["selector"]["matchLabels"]
+    );
+    assert_eq!(strings(&np["spec"]["policyTypes"]), ["Ingress"]);
+    let ingress = np["spec"]["ingress"].as_array().unwrap();
+    assert_eq!(ingress.len(), 1, "{np}");
+    assert_eq!(
+        ingress[0]["ports"],
+        serde_json::json!([{"port": "metrics", "protocol": "TCP"}])
+    );
+    assert!(
+        ingress[0]["from"].is_null(),
+        "from anywhere by default: {np}"
+    );
+
     // The PrometheusRule is every rule file of deploy/prometheus/, unchanged.
     let rule = find(&docs, "PrometheusRule").unwrap();
     assert_eq!(rule["spec"]["groups"], Value::Array(rule_groups()));
@@ -673,6 +700,61 @@ fn chart_defaults() {
     assert!(
         OPERATOR_KINDS.iter().all(|k| !plain_kinds.contains(k)),
         "{plain_kinds:?}"
+    );
+}
+
+/// The seccomp choices: the runtime's default profile (nothing installed), a profile the
+/// nodes get another way (no init container), and a NetworkPolicy naming Prometheus alone.
+#[test]
+fn chart_seccomp_and_network_policy_values() {
+    let runtime_default = validate_stream(
+        &template(
+            &chart(),
+            &["seccomp.type=RuntimeDefault", "networkPolicy.enabled=false"],
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let pod = &find(&runtime_default, "DaemonSet").unwrap()["spec"]["template"]["spec"];
+    assert!(pod["initContainers"].is_null(), "{pod}");
+    assert!(
+        pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|v| v["hostPath"]["path"] != "/var/lib/kubelet/seccomp"),
+        "{pod}"
+    );
+    let sc = &daemonset_container(&runtime_default)["securityContext"];
+    assert_eq!(
+        sc["seccompProfile"],
+        serde_json::json!({"type": "RuntimeDefault"})
+    );
+    assert!(find(&runtime_default, "NetworkPolicy").is_none());
+
+    let provisioned = validate_stream(
+        &template(
+            &chart(),
+            &[
+                "seccomp.install=false",
+                "seccomp.localhostProfile=profiles/agent.json",
+                "networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.team=monitoring",
+            ],
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let pod = &find(&provisioned, "DaemonSet").unwrap()["spec"]["template"]["spec"];
+    assert!(pod["initContainers"].is_null(), "{pod}");
+    let sc = &daemonset_container(&provisioned)["securityContext"];
+    assert_eq!(
+        sc["seccompProfile"]["localhostProfile"],
+        "profiles/agent.json"
+    );
+    let np = find(&provisioned, "NetworkPolicy").unwrap();
+    assert_eq!(
+        np["spec"]["ingress"][0]["from"],
+        serde_json::json!([{"namespaceSelector": {"matchLabels": {"team": "monitoring"}}}])
     );
 }
 
@@ -725,6 +807,15 @@ fn chart_non_default_values() {
     assert_eq!(sc["privileged"], true);
     assert_eq!(sc["allowPrivilegeEscalation"], true);
     assert!(sc["capabilities"].is_null(), "{sc}");
+    assert!(
+        sc["seccompProfile"].is_null(),
+        "privileged: unconfined anyway"
+    );
+    assert!(
+        docs.iter()
+            .all(|d| d["spec"]["template"]["spec"]["initContainers"].is_null()),
+        "no profile to install"
+    );
     assert_eq!(sc["readOnlyRootFilesystem"], true);
     assert_eq!(flag_values(c, "--watch-port"), ["9000"]);
     assert_eq!(flag_values(c, "--disable-probe"), ["http"]);
@@ -847,6 +938,7 @@ fn chart_refuses_bad_values() {
             &["otlp.endpoint=http://c:4317", "otlp.protocol=http"][..],
             "otlp.protocol",
         ),
+        (&["seccomp.type=unconfined"][..], "seccomp.type"),
     ] {
         let err = template(&chart(), values).unwrap_err();
         assert!(err.contains(message), "{values:?}: {err}");

@@ -66,11 +66,8 @@ fn frames(v: &Value) -> Vec<String> {
         .collect()
 }
 
-#[test]
+#[root_test]
 fn a_cuda_oom_report_holds_the_ground_truth() {
-    if !root_tier() {
-        return;
-    }
     let gpu = SimGpus::new(1, 1 << 30);
     gpu.control.set_gpu(0, "temperature", 77).unwrap();
     gpu.control.set_gpu(0, "throttle", "0x4").unwrap();
@@ -159,11 +156,8 @@ fn a_cuda_oom_report_holds_the_ground_truth() {
     assert!(agent.stop().success());
 }
 
-#[test]
+#[root_test]
 fn a_storm_of_failures_gives_one_report_per_process_and_counts_the_rest() {
-    if !root_tier() {
-        return;
-    }
     let gpu = SimGpus::new(1, 1 << 30);
     let agent = start_agent(&gpu);
     let plan = vec!["exhaust dev=0 size=268435456"; 40].join("; ") + "; checkpoint name=x";
@@ -194,11 +188,8 @@ fn a_storm_of_failures_gives_one_report_per_process_and_counts_the_rest() {
     assert!(agent.stop().success());
 }
 
-#[test]
+#[root_test]
 fn a_gpu_process_that_dies_holding_memory_gets_a_crash_report() {
-    if !root_tier() {
-        return;
-    }
     let gpu = SimGpus::new(1, 1 << 30);
     let agent = start_agent(&gpu);
     let mut killed = gpu.workload("alloc dev=0 size=8388608 count=5; checkpoint name=held; kill");
@@ -277,11 +268,8 @@ impl Drop for MemCgroup {
     }
 }
 
-#[test]
+#[root_test]
 fn a_host_oom_kill_is_reported_with_the_victim_and_its_cgroup() {
-    if !root_tier() {
-        return;
-    }
     let agent = Agent::start(&["--disable-probe", "cuda"]);
     let cg = MemCgroup::new(64 * MIB);
     // The child joins the cgroup, then allocates (and touches) memory until the kernel kills it.
@@ -342,11 +330,8 @@ fn mode(p: &Path) -> u32 {
     std::fs::metadata(p).unwrap().permissions().mode() & 0o777
 }
 
-#[test]
+#[root_test]
 fn secrets_on_a_command_line_reach_no_report_output_or_log() {
-    if !root_tier() {
-        return;
-    }
     // Unique, so that no other text on the machine can contain them by chance.
     let nonce = format!(
         "{}{}",
@@ -465,11 +450,8 @@ impl Drop for Tmpfs {
     }
 }
 
-#[test]
+#[root_test]
 fn a_full_disk_leaves_no_temporary_file_and_counts_the_failure() {
-    if !root_tier() {
-        return;
-    }
     let gpu = SimGpus::new(1, 1 << 30);
     let agent = start_agent(&gpu);
     let dir = agent.dir.path().join("forensics");
@@ -640,11 +622,8 @@ fn render_in_chromium(html: &str) {
     );
 }
 
-#[test]
+#[root_test]
 fn a_cuda_oom_report_shows_the_requests_in_flight_on_the_servers() {
-    if !root_tier() {
-        return;
-    }
     let server = OpenAiServer::start("busy");
     let gpu = SimGpus::new(1, 1 << 30);
     let port = server.port.to_string();

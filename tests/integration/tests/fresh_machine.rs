@@ -58,11 +58,8 @@ fn family_up(s: &Scrape, family: &str) -> f64 {
     s.sum("inferscope_probe_family_up", &[("family", family)])
 }
 
-#[test]
+#[root_test]
 fn tracefs_unmounted_the_agent_mounts_it_and_every_family_runs() {
-    if !root_tier() {
-        return;
-    }
     let agent = agent_without_tracefs(&[]);
     let (status, body) = http_get(agent.port, "/healthz").expect("healthz");
     assert_eq!((status, body.as_str()), (200, "ok\n"));
@@ -95,11 +92,8 @@ fn tracefs_unmounted_the_agent_mounts_it_and_every_family_runs() {
 /// stable kernels patched in mid-2025), attach uprobes. It starts all the same, says for each
 /// family why it is not running, in one log line each and in `/healthz`, and runs on with
 /// what works: the CUDA probes where the kernel still lets CAP_PERFMON attach uprobes.
-#[test]
+#[root_test]
 fn without_cap_sys_admin_the_agent_runs_and_names_what_is_missing() {
-    if !root_tier() {
-        return;
-    }
     let agent = agent_without_tracefs(WITHOUT_SYS_ADMIN);
     let (status, body) = http_get(agent.port, "/healthz").expect("healthz");
     assert_eq!(status, 200, "{body}");

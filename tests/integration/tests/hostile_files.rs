@@ -116,11 +116,8 @@ fn stop_promptly(agent: Agent) {
     assert!(status.success(), "{status}");
 }
 
-#[test]
+#[root_test]
 fn symlinks_planted_after_a_chroot_are_never_followed_out() {
-    if !root_tier() {
-        return;
-    }
     let dir = tempfile::tempdir().unwrap();
     let lib = driver_copy(dir.path());
     let fifo = dir.path().join("host-fifo");
@@ -161,11 +158,8 @@ fn symlinks_planted_after_a_chroot_are_never_followed_out() {
     drop(tenants);
 }
 
-#[test]
+#[root_test]
 fn without_map_files_a_planted_link_is_refused_and_counted() {
-    if !root_tier() {
-        return;
-    }
     let dir = tempfile::tempdir().unwrap();
     let lib = driver_copy(dir.path());
     let host_file = dir.path().join("host-secret");
@@ -216,11 +210,8 @@ fn without_map_files_a_planted_link_is_refused_and_counted() {
     drop(tenant);
 }
 
-#[test]
+#[root_test]
 fn a_3_gib_sparse_driver_keeps_the_agent_small() {
-    if !root_tier() {
-        return;
-    }
     let dir = tempfile::tempdir().unwrap();
     let lib = driver_copy(dir.path());
     // The real double, padded to 3 GiB with a hole: a valid library the agent probes.

@@ -37,11 +37,8 @@ fn start_agent_with(server: &Server, env: &[(&str, &str)]) -> Agent {
     agent
 }
 
-#[test]
+#[root_test]
 fn counts_status_codes_models_and_tokens_are_exact() {
-    if !root_tier() {
-        return;
-    }
     let server = Server::start("stand-in");
     let agent = start_agent(&server);
     let port = server.port.to_string();
@@ -167,11 +164,8 @@ fn assert_timed_as_the_client(
     seen
 }
 
-#[test]
+#[root_test]
 fn ttft_token_gaps_and_latency_match_the_client() {
-    if !root_tier() {
-        return;
-    }
     let server = Server::start("stand-in");
     let agent = start_agent(&server);
     let n = 8;
@@ -189,11 +183,8 @@ fn ttft_token_gaps_and_latency_match_the_client() {
     assert!(agent.stop().success());
 }
 
-#[test]
+#[root_test]
 fn sixty_four_keep_alive_connections_at_once() {
-    if !root_tier() {
-        return;
-    }
     let server = Server::start("stand-in");
     let agent = start_agent(&server);
     let truth = client(&["concurrent", &server.port.to_string(), "64", "3"]);
@@ -220,11 +211,8 @@ fn sixty_four_keep_alive_connections_at_once() {
     assert!(agent.stop().success());
 }
 
-#[test]
+#[root_test]
 fn a_connection_open_before_the_agent_recovers_on_its_next_request() {
-    if !root_tier() {
-        return;
-    }
     let server = Server::start("stand-in");
     // A keep-alive connection that already carried a request, then waits.
     let mut py = Command::new("python3")
@@ -258,11 +246,8 @@ fn a_connection_open_before_the_agent_recovers_on_its_next_request() {
     assert!(agent.stop().success());
 }
 
-#[test]
+#[root_test]
 fn bad_input_is_counted_and_the_agent_goes_on() {
-    if !root_tier() {
-        return;
-    }
     let server = Server::start("stand-in");
     let agent = start_agent(&server);
     let truth = client(&["bad", &server.port.to_string()]);
@@ -293,11 +278,8 @@ fn bad_input_is_counted_and_the_agent_goes_on() {
     assert!(agent.stop().success());
 }
 
-#[test]
+#[root_test]
 fn a_server_named_by_a_config_matcher_is_watched() {
-    if !root_tier() {
-        return;
-    }
     use std::io::{Read, Write};
     let server = Server::start("matched");
     // No --watch-port: the command line matcher alone must find it.
@@ -332,11 +314,8 @@ fn a_server_named_by_a_config_matcher_is_watched() {
     assert!(agent.stop().success());
 }
 
-#[test]
+#[root_test]
 fn a_server_killed_mid_stream_ends_its_requests_as_connection_resets() {
-    if !root_tier() {
-        return;
-    }
     let mut server = Server::start("doomed");
     let agent = start_agent(&server);
     // Two slow streams in flight (100 tokens at 100 ms each).
@@ -363,11 +342,8 @@ fn a_server_killed_mid_stream_ends_its_requests_as_connection_resets() {
 
 /// The http family has a ring of its own: a flood of a server's bytes that overflows it loses
 /// http records (counted), never a CUDA allocation or free of the ledger.
-#[test]
+#[root_test]
 fn an_http_flood_cannot_make_the_ledger_lose_events() {
-    if !root_tier() {
-        return;
-    }
     let server = Server::start("stand-in");
     // One page per ring and a reader that polls once a second: the flood must overflow.
     let agent = Agent::start_with_env(
@@ -471,11 +447,8 @@ fn model_values(s: &Scrape) -> std::collections::BTreeSet<String> {
         .collect()
 }
 
-#[test]
+#[root_test]
 fn model_names_the_server_does_not_serve_are_other() {
-    if !root_tier() {
-        return;
-    }
     // Like vLLM: names other than its own (and `alias`) are answered 404.
     let server = Server::start_with("real", &["--strict-models", "--also-serve", "alias"]);
     let agent = start_agent(&server);
@@ -569,11 +542,8 @@ fn healthz(agent: &Agent) -> String {
 /// was following end as `untracked` with no latency, and what it sees of them after it is back
 /// is not taken for requests. After the cool-down it is attached again and times a new
 /// request as its client did.
-#[test]
+#[root_test]
 fn the_http_family_is_shed_past_its_budget_and_comes_back() {
-    if !root_tier() {
-        return;
-    }
     let server = Server::start("stand-in");
     let agent = start_agent_with(
         &server,

@@ -36,11 +36,8 @@ fn rss_kib(pid: u32) -> u64 {
         .expect("VmRSS")
 }
 
-#[test]
+#[root_test]
 fn an_endless_sse_event_keeps_the_connection_within_its_bytes() {
-    if !root_tier() {
-        return;
-    }
     let port = free_port();
     let _server = Server(
         Command::new(bin("inferscope-bench"))

@@ -62,11 +62,8 @@ fn model_of(s: &Scrape, model: &str, name: &str) -> f64 {
     s.sum(name, &[("model", model)])
 }
 
-#[test]
+#[root_test]
 fn tgi_counts_status_codes_errors_and_tokens_are_exact() {
-    if !root_tier() {
-        return;
-    }
     let model = format!("tgi-org/counts-{}", std::process::id());
     let tgi = Tgi::start(&model, &[]);
     let agent = start_agent();
@@ -222,11 +219,8 @@ fn finished_lines(log: &str, model: &str) -> Vec<(u64, Vec<u64>, u64, u64)> {
         .collect()
 }
 
-#[test]
+#[root_test]
 fn tgi_ttft_token_gaps_and_latency_match_the_client_within_2ms() {
-    if !root_tier() {
-        return;
-    }
     let model = format!("tgi-org/timed-{}", std::process::id());
     // The agent times the server's writes; with Nagle on (axum's default, TGI's too) the
     // kernel may hold a token until the client acknowledges the previous one, which the
@@ -279,11 +273,8 @@ fn tgi_ttft_token_gaps_and_latency_match_the_client_within_2ms() {
     assert!(agent.stop().success());
 }
 
-#[test]
+#[root_test]
 fn tgi_thirty_two_streaming_connections_at_once() {
-    if !root_tier() {
-        return;
-    }
     let model = format!("tgi-org/concurrent-{}", std::process::id());
     let tgi = Tgi::start(&model, &[]);
     let agent = start_agent();

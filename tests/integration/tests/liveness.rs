@@ -40,11 +40,8 @@ fn hang_the_sampler(gpus: &SimGpus, agent: &Agent) -> Instant {
     hung
 }
 
-#[test]
+#[root_test]
 fn a_hung_stage_turns_healthz_503_naming_it() {
-    if !root_tier() {
-        return;
-    }
     let gpus = SimGpus::new(1, 8 << 30);
     let agent = gpus.agent(&["--disable-probe", "cuda"], &[]);
 
@@ -87,11 +84,8 @@ fn a_hung_stage_turns_healthz_503_naming_it() {
     assert!(agent.stop_within(EXIT_BOUND).0.success());
 }
 
-#[test]
+#[root_test]
 fn sigterm_exits_within_5_s_with_a_stage_hung() {
-    if !root_tier() {
-        return;
-    }
     let gpus = SimGpus::new(1, 8 << 30);
     let agent = gpus.agent(&["--disable-probe", "cuda"], &[]);
     hang_the_sampler(&gpus, &agent);
@@ -105,11 +99,8 @@ fn sigterm_exits_within_5_s_with_a_stage_hung() {
     assert!(log.contains("probes detached"), "{log}");
 }
 
-#[test]
+#[root_test]
 fn the_xid_watch_retries_after_errors_and_resumes() {
-    if !root_tier() {
-        return;
-    }
     let gpus = SimGpus::new(2, 8 << 30);
     let agent = gpus.agent(&["--disable-probe", "cuda"], &[]);
     agent.wait_for("both GPUs", |s| {

@@ -17,11 +17,8 @@ fn sim_gpus(count: u32) -> SimGpus {
     gpus
 }
 
-#[test]
+#[root_test]
 fn every_series_equals_the_simulated_value() {
-    if !root_tier() {
-        return;
-    }
     let gpus = sim_gpus(2);
     let c = &gpus.control;
     for (key, v0, v1) in [
@@ -145,11 +142,8 @@ fn every_series_equals_the_simulated_value() {
     assert!(agent.stop().success());
 }
 
-#[test]
+#[root_test]
 fn throttle_reasons_decode_for_every_bit() {
-    if !root_tier() {
-        return;
-    }
     const REASONS: [&str; 9] = [
         "idle",
         "applications_clocks_setting",
@@ -184,11 +178,8 @@ fn throttle_reasons_decode_for_every_bit() {
     assert!(agent.stop().success());
 }
 
-#[test]
+#[root_test]
 fn an_xid_becomes_a_counter_increment_and_a_log_record() {
-    if !root_tier() {
-        return;
-    }
     let gpus = sim_gpus(2);
     let agent = gpus.agent(&["--disable-probe", "cuda"], &[]);
     gpus.control.inject_xid(1, 79).unwrap();
@@ -214,11 +205,8 @@ fn an_xid_becomes_a_counter_increment_and_a_log_record() {
     assert!(agent.stop().success());
 }
 
-#[test]
+#[root_test]
 fn an_allocation_failure_carries_the_gpu_state_of_its_instant() {
-    if !root_tier() {
-        return;
-    }
     let gpus = sim_gpus(1);
     let c = &gpus.control;
     c.set_gpu(0, "utilization", 87).unwrap();
@@ -275,11 +263,8 @@ fn an_allocation_failure_carries_the_gpu_state_of_its_instant() {
     assert!(agent.stop().success());
 }
 
-#[test]
+#[root_test]
 fn nvml_per_process_memory_meets_the_ledger() {
-    if !root_tier() {
-        return;
-    }
     let gpus = sim_gpus(1);
     let agent = gpus.agent(
         &[
@@ -326,11 +311,8 @@ fn nvml_per_process_memory_meets_the_ledger() {
     assert!(agent.stop().success());
 }
 
-#[test]
+#[root_test]
 fn a_context_created_before_the_agent_is_placed_on_the_gpu_nvml_sees() {
-    if !root_tier() {
-        return;
-    }
     let gpus = sim_gpus(2);
     // The context on GPU 1 is created before the agent exists; the probes never see it.
     let mut w = gpus.workload("alloc dev=1 size=1048576 count=1; checkpoint name=before; alloc dev=1 size=2097152 count=2; checkpoint name=after");
@@ -366,11 +348,8 @@ fn a_context_created_before_the_agent_is_placed_on_the_gpu_nvml_sees() {
     assert!(agent.stop().success());
 }
 
-#[test]
+#[root_test]
 fn a_lost_gpu_stops_its_series_and_the_others_continue() {
-    if !root_tier() {
-        return;
-    }
     let gpus = sim_gpus(2);
     let agent = gpus.agent(&["--disable-probe", "cuda"], &[]);
     agent.wait_for("both GPUs", |s| {
@@ -392,11 +371,8 @@ fn a_lost_gpu_stops_its_series_and_the_others_continue() {
     assert!(agent.stop().success());
 }
 
-#[test]
+#[root_test]
 fn without_nvml_the_agent_runs_and_says_so() {
-    if !root_tier() {
-        return;
-    }
     let gpus = sim_gpus(1);
     for (lib, env) in [
         (
@@ -420,11 +396,8 @@ fn without_nvml_the_agent_runs_and_says_so() {
     }
 }
 
-#[test]
+#[root_test]
 fn readings_a_driver_lacks_are_reported_once_and_skipped() {
-    if !root_tier() {
-        return;
-    }
     let gpus = sim_gpus(2);
     gpus.control.set_gpu(0, "unsupported", "ecc,pcie").unwrap();
     // An old driver library: no energy counter, no clock event reasons, no process samples.

@@ -364,11 +364,8 @@ fn start_agent(args: &[&str], env: &[(String, String)]) -> Agent {
     Agent::start_with_env(args, &str_pairs(env))
 }
 
-#[test]
+#[root_test]
 fn metrics_over_grpc_equal_the_prometheus_endpoint() {
-    if !root_tier() {
-        return;
-    }
     let rotel = Rotel::start();
     let server = OpenAiServer::start("stand-in");
     let gpu = sim_gpu();
@@ -510,11 +507,8 @@ fn metrics_over_grpc_equal_the_prometheus_endpoint() {
     assert!(agent.stop().success());
 }
 
-#[test]
+#[root_test]
 fn one_span_per_request_over_http_with_the_callers_trace() {
-    if !root_tier() {
-        return;
-    }
     let rotel = Rotel::start();
     let server = OpenAiServer::start("stand-in");
     let endpoint = format!("http://127.0.0.1:{}", rotel.http);
@@ -639,20 +633,17 @@ fn one_span_per_request_over_http_with_the_callers_trace() {
     assert!(agent.stop().success());
 }
 
-#[test]
+#[root_test]
 fn a_cuda_oom_becomes_a_log_record_with_the_report_id() {
     oom_log_record("grpc");
 }
 
-#[test]
+#[root_test]
 fn a_cuda_oom_becomes_a_log_record_over_http() {
     oom_log_record("http/protobuf");
 }
 
 fn oom_log_record(protocol: &str) {
-    if !root_tier() {
-        return;
-    }
     let rotel = Rotel::start();
     let gpu = sim_gpu();
     let mut env = gpu.agent_env();
@@ -724,11 +715,8 @@ fn oom_log_record(protocol: &str) {
     assert!(agent.stop().success());
 }
 
-#[test]
+#[root_test]
 fn a_collector_down_at_start_then_up_gets_the_data() {
-    if !root_tier() {
-        return;
-    }
     let (grpc, http) = Rotel::ports();
     let server = OpenAiServer::start("stand-in");
     let env = vec![
@@ -822,11 +810,8 @@ fn a_collector_down_at_start_then_up_gets_the_data() {
     assert!(agent.stop().success());
 }
 
-#[test]
+#[root_test]
 fn sigterm_flushes_queued_spans_and_a_last_metrics_push() {
-    if !root_tier() {
-        return;
-    }
     let rotel = Rotel::start();
     let server = OpenAiServer::start("stand-in");
     // Nothing would go out on its own within the test: batches wait 60 s, metrics 60 s.
@@ -1045,19 +1030,13 @@ fn exports_over_mutual_tls(protocol: &str, from: TlsFrom) {
     assert!(agent.stop().success());
 }
 
-#[test]
+#[root_test]
 fn metrics_and_spans_over_grpc_with_mutual_tls() {
-    if !root_tier() {
-        return;
-    }
     exports_over_mutual_tls("grpc", TlsFrom::Env);
 }
 
-#[test]
+#[root_test]
 fn metrics_and_spans_over_http_with_mutual_tls_from_the_config_file() {
-    if !root_tier() {
-        return;
-    }
     exports_over_mutual_tls("http/protobuf", TlsFrom::ConfigFile);
 }
 
@@ -1101,22 +1080,16 @@ fn tls_handshake_refused(auth: ClientAuth, ca: bool, client: bool) -> Vec<String
     errors
 }
 
-#[test]
+#[root_test]
 fn an_untrusted_collector_certificate_gets_nothing_and_pushes_are_counted() {
-    if !root_tier() {
-        return;
-    }
     // Plain TLS, no CA file: the system roots alone cannot verify the server.
     let errors = tls_handshake_refused(ClientAuth::None, false, false);
     // The agent, not the terminator, ended each handshake: it did not trust the server.
     assert!(errors.iter().all(|e| e.contains("UnknownCA")), "{errors:?}");
 }
 
-#[test]
+#[root_test]
 fn mutual_tls_without_a_client_certificate_gets_nothing_and_pushes_are_counted() {
-    if !root_tier() {
-        return;
-    }
     let errors = tls_handshake_refused(ClientAuth::Required, true, false);
     // The agent trusted the server and went on; the terminator refused it.
     assert!(

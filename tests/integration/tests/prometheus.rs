@@ -311,11 +311,8 @@ fn firing(p: &Prometheus) -> BTreeSet<String> {
         .collect()
 }
 
-#[test]
+#[root_test]
 fn every_rule_and_dashboard_query_returns_data() {
-    if !root_tier() {
-        return;
-    }
     let gpus = SimGpus::new(2, 1 << 30);
     let control = &gpus.control;
     // GPU 0 busy, hot and power-capped, with ECC errors; GPU 1 idle (idle cost).

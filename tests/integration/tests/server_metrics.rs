@@ -60,11 +60,8 @@ fn promtool_accepts(text: &str) {
     );
 }
 
-#[test]
+#[root_test]
 fn vllm_metrics_are_reexported_and_derived_and_go_with_the_server() {
-    if !root_tier() {
-        return;
-    }
     let server = OpenAiServer::start_with("llama-3-8b", &["--metrics", "vllm"]);
     server.post(
         "/control/metrics",
@@ -177,11 +174,8 @@ fn vllm_metrics_are_reexported_and_derived_and_go_with_the_server() {
     assert!(agent.stop().success());
 }
 
-#[test]
+#[root_test]
 fn older_vllm_names_tgi_and_sglang_map_onto_the_same_derived_series() {
-    if !root_tier() {
-        return;
-    }
     let old = OpenAiServer::start_with("old-model", &["--metrics", "vllm-old"]);
     old.post(
         "/control/metrics",
@@ -270,11 +264,8 @@ fn older_vllm_names_tgi_and_sglang_map_onto_the_same_derived_series() {
     promtool_accepts(&s.text);
 }
 
-#[test]
+#[root_test]
 fn garbage_and_oversized_bodies_are_counted_and_metrics_stay_valid() {
-    if !root_tier() {
-        return;
-    }
     let server = OpenAiServer::start_with("m", &["--metrics", "vllm"]);
     server.post("/control/metrics", r#"{"running": 1}"#);
     let agent = start_agent(&[&server]);
@@ -306,11 +297,8 @@ fn garbage_and_oversized_bodies_are_counted_and_metrics_stay_valid() {
 }
 
 /// With the `http` probe family off (no watcher), the scraper finds the servers itself.
-#[test]
+#[root_test]
 fn servers_are_scraped_with_the_http_family_disabled() {
-    if !root_tier() {
-        return;
-    }
     let server = OpenAiServer::start_with("solo", &["--metrics", "vllm"]);
     server.post("/control/metrics", r#"{"waiting": 9}"#);
     let port = server.port.to_string();
@@ -334,11 +322,8 @@ fn servers_are_scraped_with_the_http_family_disabled() {
 /// A pod's server listens in the pod's network namespace, which the agent (its own pod's) does
 /// not share: the agent connects from inside it. The server here is in a namespace of its
 /// own (`unshare --net`), unreachable from the test's; it is found by its command line.
-#[test]
+#[root_test]
 fn a_server_in_another_network_namespace_is_scraped_inside_it() {
-    if !root_tier() {
-        return;
-    }
     let port = free_port().to_string();
     // Unique on this machine: other tests' servers must not match.
     let model = format!("netns-{}-{port}", std::process::id());
@@ -601,11 +586,8 @@ fn metrics_clients(server: SocketAddr) -> Vec<String> {
 /// `/proc/<pid>/net/fib_trie`), one listening on loopback only is counted as a connect
 /// failure; with the shipped set, CAP_SYS_ADMIN included, the agent enters the namespace and
 /// scrapes both on loopback.
-#[test]
+#[root_test]
 fn without_cap_sys_admin_a_pod_server_is_scraped_at_the_pod_address() {
-    if !root_tier() {
-        return;
-    }
     let shipped = daemonset_capabilities();
     assert!(
         shipped.iter().any(|c| c == "BPF") && shipped.iter().any(|c| c == "SYS_ADMIN"),
