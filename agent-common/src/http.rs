@@ -20,6 +20,17 @@ pub const FLAG_TRUNCATED: u32 = 1;
 /// A vectored call moved more iovecs than [`IOV_MAX`]: bytes beyond them are not captured.
 pub const FLAG_IOV_LEFT: u32 = 2;
 
+/// Slots of the family's per-CPU cost counters (`HTTP_COST`): what userspace turns into the
+/// family's CPU time where the kernel's run-time statistics cannot be turned on.
+pub mod cost {
+    /// Program runs: every syscall of the family on the node, watched or not, runs one on
+    /// entry and most run one on exit.
+    pub const RUNS: u32 = 0;
+    /// Bytes copied from a watched process's buffers into the ring.
+    pub const BYTES: u32 = 1;
+    pub const COUNT: u32 = 2;
+}
+
 /// Indexes of the family's own config array (`HTTP_CONFIG`).
 pub mod config {
     /// Payload bytes captured per record (at most [`super::CAPTURE_MAX`]).

@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use crate::{
     config::Config,
@@ -32,9 +32,11 @@ use crate::{
     probe::{
         self,
         cuda::CudaProbes,
+        http_budget::HttpBudget,
         manager::{Manager, ManagerMaps},
     },
     proc::ProcFs,
+    queue,
     track::{self, Tracker},
 };
 
@@ -214,17 +216,14 @@ pub async fn run(
     {
         links.extend(family);
     }
-    let http_maps = families
+    let (http_maps, http_probes) = families
         .start(
             "http",
             true,
             |ebpf| probe::http::attach(ebpf, config.http.capture_bytes),
             &mut loaded.ebpf,
         )
-        .map(|(maps, http_links)| {
-            links.extend(http_links);
-            maps
-        });
+        .unzip();
     let cuda = families.start(
         "cuda",
         false,
@@ -249,7 +248,8 @@ pub async fn run(
     let (stop_tx, stop_rx) = watch::channel(false);
     let (attributor, attrib_tasks) =
         crate::attrib::start(&config, metrics.clone(), stop_rx.clone(), &health);
-    let (batch_tx, batch_rx) = mpsc::channel(256);
+    let (batch_tx, batch_rx) =
+        queue::channel(track::QUEUE_BYTES, queue_drops(&metrics, "tracker_queue"));
     let history = Arc::new(GpuHistory::new(config.nvml.history_secs));
     let exporter = match config.otlp_settings.clone() {
         Some(s) => Some(otlp::Exporter::start(
@@ -289,6 +289,16 @@ pub async fn run(
         &health,
     )
     .map_err(StartError::Thread)?;
+    let manager = manager.with_http(http_probes.map(|probes| {
+        HttpBudget::new(
+            probes,
+            config.probes.http_budget_core_share,
+            config.probes.run_time_stats,
+            metrics.clone(),
+            health.clone(),
+        )
+        .with_control(http_stage.control())
+    }));
     let scrape_servers = if http_stage.watching() {
         crate::scrape::Servers::Board(servers)
     } else {
@@ -328,7 +338,10 @@ pub async fn run(
         stop_rx.clone(),
         health.heartbeat("ingest", health::QUICK),
     ));
-    let (draft_tx, draft_rx) = std::sync::mpsc::sync_channel(64);
+    let (draft_tx, draft_rx) = queue::channel(
+        forensics::QUEUE_BYTES,
+        queue_drops(&metrics, "forensics_queue"),
+    );
     let writer = forensics::assemble::Writer {
         store: forensics::store::Store::new(
             &config.forensics_dir,
@@ -488,7 +501,7 @@ fn start_nvml(
     config: &Config,
     metrics: &Arc<Metrics>,
     history: &Arc<GpuHistory>,
-    tracker: &mpsc::Sender<track::Input>,
+    tracker: &queue::Sender<track::Input>,
     stop: &Arc<AtomicBool>,
     attributor: &crate::attrib::Attributor,
     logs: Option<otlp::queue::Sink<otlp::logs::LogItem>>,
@@ -549,6 +562,20 @@ fn start_nvml(
         Err(e) => tracing::error!(error = %e, "cannot start the NVML event thread"),
     }
     threads
+}
+
+/// The counter of items a queue between stages gives up (`inferscope_dropped_total`).
+fn queue_drops(
+    metrics: &Metrics,
+    what: &'static str,
+) -> prometheus_client::metrics::counter::Counter {
+    metrics
+        .dropped
+        .get_or_create(&crate::export::metrics::DroppedLabels {
+            what,
+            reason: "queue_full",
+        })
+        .clone()
 }
 
 /// Logs how a task ended; `None` (left behind at the deadline) was logged already.

@@ -146,6 +146,15 @@ pub struct ProbesConfig {
     pub stack_sample_every: u64,
     /// Share of one CPU core the probes may cost before the agent sheds them (0: no budget).
     pub budget_core_share: f64,
+    /// Share of one CPU core the `http` family may cost before the agent detaches it until
+    /// its cool-down ends (0: no budget). Its programs run on the socket syscalls of every
+    /// process on the node, so the cost follows the node's syscall rate.
+    pub http_budget_core_share: f64,
+    /// Turn on the kernel's BPF run-time statistics (`kernel.bpf_stats_enabled`) while the
+    /// agent runs, to measure what the `http` family costs. They cost every BPF program on
+    /// the node two clock reads per run; off (or without CAP_SYS_ADMIN), the cost is
+    /// estimated from the runs and bytes the programs count.
+    pub run_time_stats: bool,
     /// How long a probe the budget shed stays off before it is re-attached and measured
     /// again, in seconds; doubled each time the same probe is shed again soon after, up to
     /// 30 minutes.
@@ -216,7 +225,7 @@ pub struct LimitsConfig {
     pub max_allocations_per_process: usize,
     /// Bytes the allocation ledger may hold for all processes together (one live allocation
     /// costs at most `track::ledger::ENTRY_BYTES`, 93); past it further allocations are not
-    /// tracked, counted as `allocation_limit`. Worst case of the ledger: this plus
+    /// tracked, counted as `ledger_budget`. Worst case of the ledger: this plus
     /// `max_processes` empty process ledgers (352 bytes each): 65.4 MiB by default, where
     /// 4096 processes × 1M allocations used to allow 350 GiB.
     pub ledger_budget_bytes: usize,
@@ -251,6 +260,8 @@ impl Default for ProbesConfig {
             disabled: Vec::new(),
             stack_sample_every: 64,
             budget_core_share: 0.05,
+            http_budget_core_share: 0.05,
+            run_time_stats: true,
             shed_cooldown_secs: 60,
             discovery_interval_ms: 1000,
             ring_buffer_bytes: 8 * 1024 * 1024,
@@ -351,11 +362,15 @@ impl Config {
                 "probes.ring_buffer_bytes = {rb}: must be a power of two of at least 4096"
             )));
         }
-        if !(0.0..=1.0).contains(&self.probes.budget_core_share) {
-            return Err(ConfigError::Invalid(format!(
-                "probes.budget_core_share = {}: must be between 0 and 1",
-                self.probes.budget_core_share
-            )));
+        for (key, share) in [
+            ("budget_core_share", self.probes.budget_core_share),
+            ("http_budget_core_share", self.probes.http_budget_core_share),
+        ] {
+            if !(0.0..=1.0).contains(&share) {
+                return Err(ConfigError::Invalid(format!(
+                    "probes.{key} = {share}: must be between 0 and 1"
+                )));
+            }
         }
         if self.nvml.interval_ms < 10 {
             return Err(ConfigError::Invalid(format!(
@@ -465,6 +480,8 @@ mod tests {
         );
         assert_eq!(c.probes.stack_sample_every, 64);
         assert_eq!(c.probes.shed_cooldown_secs, 60);
+        assert_eq!(c.probes.http_budget_core_share, 0.05);
+        assert!(c.probes.run_time_stats);
         assert!(c.scrape.enabled);
         assert_eq!(c.scrape.interval_ms, 15_000);
         let c = Config::load(
@@ -540,6 +557,7 @@ mod tests {
         let bad = [
             ("INFERSCOPE_PROBES__RING_BUFFER_BYTES", "5000"),
             ("INFERSCOPE_PROBES__BUDGET_CORE_SHARE", "2.0"),
+            ("INFERSCOPE_PROBES__HTTP_BUDGET_CORE_SHARE", "-0.1"),
             ("INFERSCOPE_PROBES__SHED_COOLDOWN_SECS", "0"),
             ("INFERSCOPE_PROBES__DISABLED", "[\"cuNothing\"]"),
             ("INFERSCOPE_PROMETHEUS_LISTEN", "not-an-address"),

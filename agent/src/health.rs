@@ -142,6 +142,12 @@ impl Health {
         d.push((family, reason));
     }
 
+    /// The family works again (the budget re-attached it).
+    pub fn restore(&self, family: &str) {
+        let mut d = self.degraded.lock().unwrap_or_else(|e| e.into_inner());
+        d.retain(|(f, _)| *f != family);
+    }
+
     pub fn degraded(&self) -> Vec<(&'static str, String)> {
         self.degraded
             .lock()
@@ -242,6 +248,9 @@ mod tests {
             v.body,
             "ok\ndegraded: http (tracefs is not mounted (again))\n"
         );
+        h.degrade("cuda", "no uprobes".into());
+        h.restore("http");
+        assert_eq!(h.verdict().body, "ok\ndegraded: cuda (no uprobes)\n");
     }
 
     #[tokio::test]

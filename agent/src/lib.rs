@@ -21,6 +21,7 @@ pub mod http;
 pub mod ingest;
 pub mod probe;
 pub mod proc;
+pub mod queue;
 pub mod redact;
 pub mod scrape;
 pub mod seccomp;

@@ -28,10 +28,7 @@ use inferscope::{
     proc::ProcFs,
     track::{self, Input, Tracker},
 };
-use tokio::{
-    runtime::Runtime,
-    sync::{mpsc, watch},
-};
+use tokio::{runtime::Runtime, sync::watch};
 
 /// What a setup delivered while it was attached.
 #[derive(Clone, Copy, Debug, Default)]
@@ -147,7 +144,7 @@ impl Pipeline {
         let config = Config::default();
         let metrics = Arc::new(Metrics::new());
         let (stop, stop_rx) = watch::channel(false);
-        let (tx, rx) = mpsc::channel(256);
+        let (tx, rx) = inferscope::queue::channel(track::QUEUE_BYTES, Default::default());
         let ingest = rt.spawn(ingest::run(
             ring,
             Duration::from_millis(config.probes.poll_interval_ms),
@@ -191,7 +188,10 @@ impl Pipeline {
     }
 }
 
-async fn timed_track(mut tracker: Tracker, mut rx: mpsc::Receiver<Input>) -> (Tracker, Vec<u64>) {
+async fn timed_track(
+    mut tracker: Tracker,
+    mut rx: inferscope::queue::Receiver<Input>,
+) -> (Tracker, Vec<u64>) {
     let mut lat = Vec::new();
     while let Some(input) = rx.recv().await {
         let Input::Events(batch) = input else {

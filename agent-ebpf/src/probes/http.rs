@@ -9,7 +9,7 @@
 
 use agent_common::{
     http::{
-        config, ConnKey, HttpAcceptEvent, HttpCloseEvent, HttpDataEvent, CAPTURE_MAX, DIR_IN,
+        config, cost, ConnKey, HttpAcceptEvent, HttpCloseEvent, HttpDataEvent, CAPTURE_MAX, DIR_IN,
         DIR_OUT, FLAG_IOV_LEFT, FLAG_TRUNCATED, HTTP_DATA_PREFIX, IOV_MAX,
     },
     lost, EventHeader, EventKind,
@@ -76,6 +76,19 @@ static HTTP_SCRATCH: PerCpuArray<HttpDataEvent> = PerCpuArray::with_max_entries(
 #[map]
 static HTTP_CONFIG: Array<u64> = Array::with_max_entries(config::COUNT, 0);
 
+/// Runs and copied bytes, per CPU (`agent_common::http::cost`), for the family's budget where
+/// the kernel's run-time statistics are off.
+#[map]
+static HTTP_COST: PerCpuArray<u64> = PerCpuArray::with_max_entries(cost::COUNT, 0);
+
+#[inline(always)]
+fn count_cost(slot: u32, n: u64) {
+    if let Some(c) = HTTP_COST.get_ptr_mut(slot) {
+        // Per-CPU slot: no other writer while this program runs.
+        unsafe { *c += n };
+    }
+}
+
 #[inline(always)]
 fn watched(tgid: u32) -> bool {
     HTTP_WATCHED.get_ptr(&tgid).is_some()
@@ -100,6 +113,7 @@ fn header(kind: EventKind, pid_tgid: u64) -> EventHeader {
 /// Stashes a call on a watched connection for the exit program.
 #[inline(always)]
 fn stash(ctx: &TracePointContext, kind: u32) -> u32 {
+    count_cost(cost::RUNS, 1);
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     if !watched(tgid) {
@@ -160,6 +174,7 @@ pub fn http_enter_sendmsg(ctx: TracePointContext) -> u32 {
 
 #[inline(always)]
 fn stash_msg(ctx: &TracePointContext, kind: u32) -> u32 {
+    count_cost(cost::RUNS, 1);
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     if !watched(tgid) {
@@ -191,6 +206,7 @@ fn stash_msg(ctx: &TracePointContext, kind: u32) -> u32 {
 /// Every `sys_exit_*` of the family.
 #[tracepoint]
 pub fn http_exit(ctx: TracePointContext) -> u32 {
+    count_cost(cost::RUNS, 1);
     let pid_tgid = bpf_get_current_pid_tgid();
     let Some(s) = HTTP_STASH.get_ptr(&pid_tgid) else {
         return 0;
@@ -296,6 +312,7 @@ fn emit(pid_tgid: u64, fd: u32, direction: u32, src: u64, len: u64, flags: u32) 
             ev.flags |= FLAG_TRUNCATED;
         } else {
             ev.captured = n;
+            count_cost(cost::BYTES, u64::from(n));
         }
     } else {
         ev.captured = 0;
@@ -316,6 +333,7 @@ fn emit(pid_tgid: u64, fd: u32, direction: u32, src: u64, len: u64, flags: u32) 
 
 #[tracepoint]
 pub fn http_close(ctx: TracePointContext) -> u32 {
+    count_cost(cost::RUNS, 1);
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     if !watched(tgid) {

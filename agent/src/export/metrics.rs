@@ -246,6 +246,8 @@ pub struct Metrics {
     pub events_dropped: Family<ReasonLabels, Counter>,
     pub probe_attached: Family<ProbeLabels, Gauge>,
     pub probe_shed: Family<ProbeLabels, Gauge>,
+    pub probe_sheds: Family<ProbeLabels, Counter>,
+    pub probe_cost: Family<FamilyLabels, GaugeF>,
     pub probe_family_up: Family<FamilyLabels, Gauge>,
     pub dropped: Family<DroppedLabels, Counter>,
     pub cuda_libraries: Gauge,
@@ -320,6 +322,8 @@ impl Metrics {
             events_dropped: Family::default(),
             probe_attached: Family::default(),
             probe_shed: Family::default(),
+            probe_sheds: Family::default(),
+            probe_cost: Family::default(),
             probe_family_up: Family::default(),
             dropped: Family::default(),
             cuda_libraries: Gauge::default(),
@@ -444,6 +448,16 @@ impl Metrics {
             "inferscope_probe_shed",
             "Library files the probe budget has shed this CUDA probe on now (stack_sampling: 1 while shed)",
             m.probe_shed.clone(),
+        );
+        registry.register(
+            "inferscope_probe_sheds",
+            "Times the probe budget shed a probe (a CUDA symbol on one library, stack_sampling, the http family)",
+            m.probe_sheds.clone(),
+        );
+        registry.register(
+            "inferscope_probe_cost_core_share",
+            "What the family's probes cost over the last budget tick, as a share of one core",
+            m.probe_cost.clone(),
         );
         registry.register(
             "inferscope_probe_family_up",

@@ -3,7 +3,7 @@
 
 use std::{
     path::Path,
-    sync::{mpsc, Arc},
+    sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -45,15 +45,15 @@ pub struct Writer {
 impl Writer {
     /// Writes reports until every sender is gone, beating `heartbeat` at least once a second
     /// while it waits and after each report.
-    pub fn run(mut self, rx: mpsc::Receiver<Draft>, heartbeat: Heartbeat) {
+    pub fn run(mut self, rx: crate::queue::Receiver<Draft>, heartbeat: Heartbeat) {
         self.store.prepare();
         let mut stacks = Stacks::new(self.stack_map.take());
         loop {
             heartbeat.beat();
             let draft = match rx.recv_timeout(Duration::from_secs(1)) {
                 Ok(d) => d,
-                Err(mpsc::RecvTimeoutError::Timeout) => continue,
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(crate::queue::RecvError::Timeout) => continue,
+                Err(crate::queue::RecvError::Closed) => break,
             };
             let report = self.assemble(&mut stacks, draft);
             let kind = report.kind.as_str();
@@ -535,7 +535,7 @@ mod tests {
     fn secrets_reach_neither_the_stored_report_nor_its_log_record() {
         let dir = tempfile::tempdir().unwrap();
         let forensics = dir.path().join("forensics");
-        let (logs, mut log_rx) = crate::export::otlp::queue::channel(10, Default::default());
+        let (logs, log_rx) = crate::export::otlp::queue::channel(10, 1 << 20, Default::default());
         let metrics = Arc::new(Metrics::new());
         let writer = Writer {
             store: Store::new(&forensics, 10, u64::MAX),
@@ -581,8 +581,8 @@ mod tests {
             suppressed_before: 0,
             maps: Vec::new(),
         };
-        let (tx, rx) = mpsc::sync_channel(1);
-        tx.send(draft).unwrap();
+        let (tx, rx) = crate::queue::channel(crate::forensics::QUEUE_BYTES, Default::default());
+        assert!(tx.offer(draft));
         drop(tx);
         writer.run(rx, Heartbeat::default());
 

@@ -10,11 +10,7 @@ pub mod report;
 pub mod store;
 pub mod symbolize;
 
-use std::{
-    collections::HashMap,
-    sync::{mpsc, Arc},
-    time::SystemTime,
-};
+use std::{collections::HashMap, sync::Arc, time::SystemTime};
 
 use agent_common::{cuda::CudaMemEvent, oom::OomKillEvent};
 
@@ -68,6 +64,44 @@ pub struct Draft {
     pub maps: Vec<symbolize::Mapping>,
 }
 
+/// Bytes of drafts waiting for the writer. A draft carries its process's live allocations
+/// (up to `limits.max_allocations_per_process`, 10 MiB at the default), so a count of drafts
+/// bounded nothing: 64 of them could hold 640 MiB. Past this a draft is dropped and counted.
+pub const QUEUE_BYTES: usize = 32 * 1024 * 1024;
+
+impl crate::queue::Weigh for Draft {
+    fn weight(&self) -> usize {
+        let text = |s: &String| s.capacity();
+        let p = &self.process;
+        size_of::<Draft>()
+            + text(&p.comm)
+            + text(&p.cmdline)
+            + text(&p.cgroup)
+            + p.container_id.as_ref().map_or(0, text)
+            + self.allocations.capacity() * size_of::<Allocation>()
+            + self.gpu_processes.capacity() * size_of::<GpuProcessRow>()
+            + self
+                .gpu_processes
+                .iter()
+                .map(|r| text(&r.comm))
+                .sum::<usize>()
+            + self.ledger.capacity() * size_of::<LedgerSeries>()
+            + self
+                .ledger
+                .iter()
+                .map(|l| text(&l.comm) + l.points.capacity() * size_of::<(u64, u64)>())
+                .sum::<usize>()
+            + self.failures.capacity() * size_of::<(u64, u32, String, u64, String)>()
+            + self
+                .failures
+                .iter()
+                .map(|f| text(&f.2) + text(&f.4))
+                .sum::<usize>()
+            + self.maps.capacity() * size_of::<symbolize::Mapping>()
+            + self.maps.iter().map(|m| text(&m.map.path)).sum::<usize>()
+    }
+}
+
 /// Decides which triggers become reports: one per (process, kind) per window.
 pub struct Limiter {
     window_ns: u64,
@@ -105,19 +139,20 @@ impl Limiter {
 /// The handle the tracker sends drafts to.
 #[derive(Clone)]
 pub struct Forensics {
-    tx: mpsc::SyncSender<Draft>,
+    tx: crate::queue::Sender<Draft>,
     metrics: Arc<Metrics>,
 }
 
 impl Forensics {
-    pub fn new(tx: mpsc::SyncSender<Draft>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(tx: crate::queue::Sender<Draft>, metrics: Arc<Metrics>) -> Self {
         Self { tx, metrics }
     }
 
     pub fn submit(&self, draft: Draft) {
         let kind = draft.kind.as_str();
-        if self.tx.try_send(draft).is_err() {
-            // The writer is behind (a storm across many processes): counted, never blocking.
+        if !self.tx.offer(draft) {
+            // The writer is behind (a storm across many processes): counted here by kind and
+            // by the queue (`what="forensics_queue"`), never blocking.
             self.metrics
                 .forensics_dropped
                 .get_or_create(&KindLabels { kind })

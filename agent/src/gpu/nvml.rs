@@ -19,7 +19,6 @@ use nvml_wrapper::{
     error::NvmlError,
     Device, Nvml,
 };
-use tokio::sync::mpsc;
 
 use super::{history::GpuHistory, pids::PidMapper, throttle, GpuProcess, GpuProcesses, GpuSample};
 use crate::{
@@ -139,7 +138,7 @@ pub struct Sampler {
     history: Arc<GpuHistory>,
     /// Weak: a sampler stuck in an NVML call must not keep the tracker's channel open, or the
     /// tracker would never drain at shutdown.
-    tracker: Option<mpsc::WeakSender<Input>>,
+    tracker: Option<crate::queue::WeakSender<Input>>,
     pids: PidMapper,
 }
 
@@ -149,7 +148,7 @@ impl Sampler {
         nvml: Arc<Nvml>,
         metrics: Arc<Metrics>,
         history: Arc<GpuHistory>,
-        tracker: Option<mpsc::WeakSender<Input>>,
+        tracker: Option<crate::queue::WeakSender<Input>>,
         procfs: ProcFs,
         cost: &crate::config::CostConfig,
     ) -> Result<Self, NvmlError> {
@@ -259,9 +258,14 @@ impl Sampler {
             }
         }
         self.metrics.nvml_samples.inc();
-        if let Some(tx) = self.tracker.as_ref().and_then(mpsc::WeakSender::upgrade) {
-            // Never block sampling on the tracker; a snapshot skipped is replaced next tick.
-            let _ = tx.try_send(Input::GpuProcesses(processes));
+        if let Some(tx) = self
+            .tracker
+            .as_ref()
+            .and_then(crate::queue::WeakSender::upgrade)
+        {
+            // Never block sampling on the tracker; a snapshot skipped (counted) is replaced
+            // next tick.
+            tx.offer(Input::GpuProcesses(processes));
         }
     }
 

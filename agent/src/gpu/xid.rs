@@ -13,8 +13,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::queue::WeakSender;
 use nvml_wrapper::{bitmasks::event::EventTypes, error::NvmlError, EventSet, Nvml};
-use tokio::sync::mpsc::WeakSender;
 
 use crate::{
     export::metrics::{GpuLabels, GpuXidLabels, Metrics},
@@ -256,7 +256,7 @@ fn wait(
                     ));
                 }
                 if let Some(tx) = tracker.as_ref().and_then(WeakSender::upgrade) {
-                    let _ = tx.try_send(crate::track::Input::Xid {
+                    tx.offer(crate::track::Input::Xid {
                         gpu: labels.gpu,
                         xid,
                         ts_ns: crate::clock::monotonic_ns(),

@@ -7,6 +7,7 @@
 pub mod body;
 pub mod conn;
 pub mod discover;
+pub mod gap;
 pub mod load;
 pub mod metrics;
 pub mod models;
@@ -260,17 +261,20 @@ impl HttpConfig {
     }
 }
 
-/// Batches queued for the tracker. A batch holds at most what the family's ring buffer held
-/// (`probes.ring_buffer_bytes`, 8 MiB by default), so the queue holds at most this many times
-/// that; past it the reader waits and the ring buffer absorbs bursts (what it cannot hold is
-/// counted in `inferscope_events_lost_total`). It held 256 batches, 2 GiB at worst.
-const QUEUE_BATCHES: usize = 2;
+/// Bytes of records queued for the tracker (batches of at most
+/// [`crate::ingest::MAX_HTTP_BATCH_BYTES`]); past it the reader waits and the ring buffer
+/// absorbs bursts (what it cannot hold is counted in `inferscope_events_lost_total`). It held
+/// 256 batches of up to 16 MiB each, then 2.
+pub const QUEUE_BYTES: usize = 8 * 1024 * 1024;
 
 /// The running family: the tracker task and the watcher thread.
 pub struct Stage {
-    tx: Option<tokio::sync::mpsc::Sender<tracker::Input>>,
+    tx: Option<crate::queue::Sender<tracker::Input>>,
     task: Option<tokio::task::JoinHandle<tracker::HttpTracker>>,
-    watcher: Option<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)>,
+    watcher: Option<(
+        std::sync::mpsc::Sender<crate::probe::http::Control>,
+        std::thread::JoinHandle<()>,
+    )>,
 }
 
 impl Stage {
@@ -297,7 +301,14 @@ impl Stage {
                 watcher: None,
             });
         };
-        let (tx, rx) = tokio::sync::mpsc::channel(QUEUE_BATCHES);
+        let dropped = metrics
+            .dropped
+            .get_or_create(&crate::export::metrics::DroppedLabels {
+                what: "http_queue",
+                reason: "queue_full",
+            })
+            .clone();
+        let (tx, rx) = crate::queue::channel(QUEUE_BYTES, dropped);
         let t =
             tracker::HttpTracker::new(metrics.clone(), metrics.http.clone(), config.http.limits())
                 .with_load(load)
@@ -335,8 +346,14 @@ impl Stage {
         self.watcher.is_some()
     }
 
+    /// The watcher's control channel: the probe budget tells it when the probes go off and
+    /// come back.
+    pub fn control(&self) -> Option<std::sync::mpsc::Sender<crate::probe::http::Control>> {
+        self.watcher.as_ref().map(|(control, _)| control.clone())
+    }
+
     /// Where the reader sends the family's records.
-    pub fn sender(&self) -> Option<tokio::sync::mpsc::Sender<tracker::Input>> {
+    pub fn sender(&self) -> Option<crate::queue::Sender<tracker::Input>> {
         self.tx.clone()
     }
 
@@ -348,7 +365,7 @@ impl Stage {
         share: std::time::Duration,
     ) {
         if let Some((stop, handle)) = self.watcher.take() {
-            let _ = stop.send(());
+            let _ = stop.send(crate::probe::http::Control::Stop);
             if let Some(Err(_)) = deadline.join("http-watcher", share, handle).await {
                 tracing::error!("http watcher panicked");
             }

@@ -14,11 +14,10 @@ use std::{
     time::Duration,
 };
 
-use tokio::sync::mpsc;
-
 use super::{
     conn::{Bad, Conn, ErrorType, Exchange, Output},
     discover::Server,
+    gap::Gap,
     metrics::{HttpMetrics, KindLabels, ModelErrorLabels, ModelLabels, ModelStatusLabels},
     models::{Answer, Models, OTHER, UNKNOWN},
     Batch, Record,
@@ -34,6 +33,41 @@ pub enum Input {
     Records(Batch),
     /// The watched servers now (tgid → identity), from discovery.
     Servers(HashMap<u32, Server>),
+    /// The probes were detached at `at_ns` (shed by the probe budget).
+    Paused {
+        at_ns: u64,
+    },
+    /// They were attached again, in full by `at_ns`.
+    Resumed {
+        at_ns: u64,
+    },
+}
+
+impl crate::queue::Weigh for Input {
+    fn weight(&self) -> usize {
+        size_of::<Input>()
+            + match self {
+                Input::Records(batch) => {
+                    batch.capacity() * size_of::<Record>()
+                        + batch
+                            .iter()
+                            .map(|r| match r {
+                                Record::Data { bytes, .. } => bytes.capacity(),
+                                _ => 0,
+                            })
+                            .sum::<usize>()
+                }
+                Input::Servers(servers) => {
+                    servers.capacity() * size_of::<(u32, Server)>()
+                        + servers
+                            .values()
+                            .flat_map(|s| [&s.model, &s.model_version])
+                            .map(|name| name.as_ref().map_or(0, String::capacity))
+                            .sum::<usize>()
+                }
+                Input::Paused { .. } | Input::Resumed { .. } => 0,
+            }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -86,6 +120,8 @@ pub struct HttpTracker {
     spans: Option<crate::export::otlp::queue::Sink<crate::export::otlp::traces::RequestSpan>>,
     /// Names the pod of each span's server.
     attrib: Option<Arc<crate::attrib::Attributor>>,
+    /// Whether records are used, around a stretch with the probes off.
+    gap: Gap,
 }
 
 impl HttpTracker {
@@ -104,6 +140,7 @@ impl HttpTracker {
             load: None,
             spans: None,
             attrib: None,
+            gap: Gap::default(),
         }
     }
 
@@ -182,6 +219,8 @@ impl HttpTracker {
                 }
             }
             Input::Servers(servers) => self.servers(servers),
+            Input::Paused { at_ns } => self.pause(at_ns),
+            Input::Resumed { at_ns } => self.gap.resume(at_ns),
         }
         self.http.connections.set(self.conns.len() as i64);
         self.http.state_bytes.set(self.state_bytes as i64);
@@ -194,6 +233,10 @@ impl HttpTracker {
             .inc();
         let tgid = r.header().tgid;
         let ts = r.header().ts_ns;
+        if !self.gap.admits(ts) {
+            self.metrics.drop_reason("http_shed");
+            return;
+        }
         match r {
             Record::Accept { fd, .. } => {
                 // A new connection on this fd: whatever was there is over.
@@ -287,6 +330,20 @@ impl HttpTracker {
                 c.close(now, &mut self.out);
             }
             self.flush(key.0, now);
+        }
+    }
+
+    /// The probes went off at `at_ns`: every connection is dropped (counted), its open
+    /// requests ended as `untracked` then (see [`Gap`]).
+    fn pause(&mut self, at_ns: u64) {
+        self.gap.pause();
+        let keys: Vec<(u32, u32)> = self.conns.keys().copied().collect();
+        for key in keys {
+            if let Some(mut c) = self.remove(&key) {
+                c.abandon(at_ns, ErrorType::Untracked, &mut self.out);
+                self.metrics.dropped("http_connection", "shed");
+            }
+            self.flush(key.0, at_ns);
         }
     }
 
@@ -470,7 +527,10 @@ impl HttpTracker {
                 .inc();
         }
         let secs = |ns: u64| ns as f64 / 1e9;
-        if x.error.is_none() || x.status.is_some() {
+        // An exchange the agent stopped following did not end when it was cut: its latency
+        // and its size are unknown (its first token and gaps are not).
+        let whole = x.error != Some(ErrorType::Untracked);
+        if whole && (x.error.is_none() || x.status.is_some()) {
             h.latency
                 .get_or_create(&labels)
                 .observe(secs(x.end_ns.saturating_sub(x.start_ns)));
@@ -503,9 +563,11 @@ impl HttpTracker {
         }
         if let Some(c) = x.output_tokens() {
             h.tokens_output.get_or_create(&labels).inc_by(c);
-            h.request_output_tokens
-                .get_or_create(&labels)
-                .observe(c as f64);
+            if whole {
+                h.request_output_tokens
+                    .get_or_create(&labels)
+                    .observe(c as f64);
+            }
         }
         if let Some(spans) = &self.spans {
             spans.offer(crate::export::otlp::traces::RequestSpan {
@@ -565,7 +627,7 @@ struct ModelSeries {
 /// Runs until the reader closes the channel. Beats `heartbeat` at least once a second.
 pub async fn run(
     mut t: HttpTracker,
-    mut rx: mpsc::Receiver<Input>,
+    mut rx: crate::queue::Receiver<Input>,
     heartbeat: crate::health::Heartbeat,
 ) -> HttpTracker {
     let mut sweep = tokio::time::interval(Duration::from_secs(1));
@@ -930,5 +992,91 @@ mod tests {
             value(&text, "llm_requests_in_flight{model=\"unknown\"}"),
             0.0
         );
+    }
+
+    /// A streamed request cut by the probes going off, pieces of it seen after they came
+    /// back, then a request made after: the cut one ends as `untracked` with no latency, the
+    /// pieces are not taken for a response, the later one is timed from its own calls.
+    #[test]
+    fn connections_across_a_gap_are_dropped_not_misreported() {
+        let (mut t, metrics) = tracker(Limits::default());
+        let request = b"POST /v1/completions HTTP/1.1\r\ncontent-length: 2\r\n\r\n{}";
+        let head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n";
+        let event = b"data: {\"choices\":[{\"text\":\"x\"}]}\n\n";
+        t.record(&accept(7, 3, S));
+        t.record(&data(7, 3, S, true, request));
+        t.record(&data(7, 3, S + 1000, false, head));
+        t.record(&data(7, 3, S + 2000, false, event));
+        t.input(Input::Paused { at_ns: 2 * S });
+        // Left in the ring when the probes went off, then stamped during the re-attach.
+        t.record(&data(7, 3, 2 * S - 1, false, event));
+        t.record(&data(7, 3, 3 * S, false, event));
+        t.input(Input::Resumed { at_ns: 4 * S });
+        // The rest of the stream and its end, as the server writes them after the gap.
+        t.record(&data(7, 3, 5 * S, false, event));
+        t.record(&data(7, 3, 5 * S + 10, false, b"data: [DONE]\n\n"));
+        // A whole request on a connection accepted after the gap.
+        t.record(&accept(7, 4, 6 * S));
+        t.record(&data(7, 4, 6 * S, true, request));
+        t.record(&data(
+            7,
+            4,
+            6 * S + 250_000_000,
+            false,
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}",
+        ));
+        let text = metrics.encode();
+        let v = |series: &str| value(&text, series);
+        assert_eq!(
+            v("llm_request_errors_total{model=\"unknown\",error_type=\"untracked\"}"),
+            1.0,
+            "{text}"
+        );
+        assert_eq!(
+            v("inferscope_dropped_total{what=\"http_connection\",reason=\"shed\"}"),
+            1.0
+        );
+        assert_eq!(
+            v("inferscope_events_dropped_total{reason=\"http_shed\"}"),
+            2.0
+        );
+        assert_eq!(
+            v("llm_requests_total{model=\"unknown\",status_code=\"200\"}"),
+            2.0
+        );
+        // One latency, the later request's: 250 ms.
+        assert_eq!(v("llm_latency_seconds_count{model=\"unknown\"}"), 1.0);
+        assert_eq!(v("llm_latency_seconds_sum{model=\"unknown\"}"), 0.25);
+        assert_eq!(v("llm_requests_in_flight{model=\"unknown\"}"), 0.0);
+        assert_eq!(v("inferscope_http_bad_input_total{kind=\"not_http\"}"), 0.0);
+    }
+
+    /// The queue to the tracker is bounded by what its batches carry, payloads included: a
+    /// batch of 256 full captures weighs over 1 MiB, one of 256 closes a few KiB.
+    #[test]
+    fn a_batch_weighs_its_payloads() {
+        use crate::queue::Weigh;
+        let full: Vec<Record> = (0..256)
+            .map(|fd| data(7, fd, S, true, &[b'x'; 4096]))
+            .collect();
+        let closes: Vec<Record> = (0..256)
+            .map(|fd| Record::Close {
+                header: Default::default(),
+                fd,
+            })
+            .collect();
+        let full = Input::Records(full).weight();
+        let closes = Input::Records(closes).weight();
+        assert!(full >= 256 * 4096, "{full}");
+        assert!(closes < 64 * 1024, "{closes}");
+        let (tx, rx) = crate::queue::channel(2 * 1024 * 1024, Default::default());
+        let batch = |n| Input::Records((0..n).map(|fd| data(7, fd, S, true, &[0; 4096])).collect());
+        assert!(tx.offer(batch(256)));
+        assert!(
+            !tx.offer(batch(256)),
+            "two such batches do not fit in 2 MiB"
+        );
+        assert!(tx.offer(batch(64)));
+        assert!(rx.bytes() <= 2 * 1024 * 1024);
     }
 }

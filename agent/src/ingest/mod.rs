@@ -1,23 +1,25 @@
 //! Reading the ring buffer. The probes submit without waking the reader (a wakeup costs
 //! microseconds per event); the reader drains on a short timer and on the wakeups the kernel
 //! side forces for failures and when the ring fills past a mark. Events go to the tracker in
-//! batches over a bounded channel.
+//! batches over a queue bounded by bytes (`crate::queue`); a batch of the `http` family's
+//! records, whose payloads vary, is cut at [`MAX_HTTP_BATCH_BYTES`].
 
 pub mod decode;
 
 use std::time::Duration;
 
 use aya::maps::{MapData, RingBuf};
-use tokio::{
-    io::unix::AsyncFd,
-    sync::{mpsc, watch},
-};
+use tokio::{io::unix::AsyncFd, sync::watch};
 
 pub use decode::{decode, DecodeError, Event};
 
-use crate::{export::metrics::Metrics, health::Heartbeat, track::Input};
+use crate::{export::metrics::Metrics, health::Heartbeat, queue::Sender, track::Input};
 
-const MAX_BATCH: usize = 4096;
+/// Records per batch.
+pub const MAX_BATCH: usize = 4096;
+/// Bytes of the `http` family's records per batch (payloads up to 4 KiB each): a batch is
+/// a small share of its queue (`crate::http::QUEUE_BYTES`).
+pub const MAX_HTTP_BATCH_BYTES: usize = 1024 * 1024;
 
 pub type Batch = Vec<Event>;
 
@@ -25,7 +27,7 @@ pub type Batch = Vec<Event>;
 pub async fn run(
     ring: RingBuf<MapData>,
     poll: Duration,
-    out: mpsc::Sender<Input>,
+    out: Sender<Input>,
     metrics: std::sync::Arc<Metrics>,
     stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
@@ -37,8 +39,8 @@ pub async fn run(
 pub async fn run_with_http(
     ring: RingBuf<MapData>,
     poll: Duration,
-    out: mpsc::Sender<Input>,
-    http: Option<mpsc::Sender<crate::http::tracker::Input>>,
+    out: Sender<Input>,
+    http: Option<Sender<crate::http::tracker::Input>>,
     metrics: std::sync::Arc<Metrics>,
     mut stop: watch::Receiver<bool>,
     heartbeat: Heartbeat,
@@ -70,18 +72,22 @@ pub async fn run_with_http(
 /// Reads every available record. Returns false when the tracker has gone away.
 async fn drain(
     ring: &mut RingBuf<MapData>,
-    out: &mpsc::Sender<Input>,
-    http: Option<&mpsc::Sender<crate::http::tracker::Input>>,
+    out: &Sender<Input>,
+    http: Option<&Sender<crate::http::tracker::Input>>,
     metrics: &Metrics,
 ) -> bool {
     loop {
         let mut batch = Vec::with_capacity(64);
         let mut http_batch = Vec::new();
-        while batch.len() + http_batch.len() < MAX_BATCH {
+        let mut http_bytes = 0;
+        while batch.len() + http_batch.len() < MAX_BATCH && http_bytes < MAX_HTTP_BATCH_BYTES {
             let Some(item) = ring.next() else { break };
             if let Some(r) = crate::http::record(&item) {
                 match r {
-                    Ok(r) if http.is_some() => http_batch.push(r),
+                    Ok(r) if http.is_some() => {
+                        http_bytes += item.len();
+                        http_batch.push(r);
+                    }
                     Ok(_) => metrics.drop_reason("no_http_stage"),
                     Err(e) => metrics.record_dropped(&e),
                 }
@@ -92,7 +98,8 @@ async fn drain(
                 Err(e) => metrics.record_dropped(&e),
             }
         }
-        let full = batch.len() + http_batch.len() == MAX_BATCH;
+        let full =
+            batch.len() + http_batch.len() == MAX_BATCH || http_bytes >= MAX_HTTP_BATCH_BYTES;
         if let (Some(tx), false) = (http, http_batch.is_empty()) {
             if tx
                 .send(crate::http::tracker::Input::Records(http_batch))
@@ -108,7 +115,7 @@ async fn drain(
             }
             return true;
         }
-        // Backpressure: a full channel slows the reader; the ring absorbs bursts and counts
+        // Backpressure: a full queue slows the reader; the ring absorbs bursts and counts
         // what it cannot hold (inferscope_events_lost_total).
         if out.send(Input::Events(batch)).await.is_err() {
             return false;

@@ -34,6 +34,8 @@ pub enum Shed {
     /// Global: one knob for every library.
     StackSampling,
     Api(Probe),
+    /// The whole `http` family (`super::http_budget`).
+    Http,
 }
 
 impl Shed {
@@ -41,6 +43,7 @@ impl Shed {
         match self {
             Shed::StackSampling => "stack_sampling",
             Shed::Api(p) => p.api.symbol(),
+            Shed::Http => "http",
         }
     }
 }

@@ -5,16 +5,8 @@
 use std::{
     collections::{HashMap, HashSet},
     sync::mpsc as std_mpsc,
-    time::Duration,
+    time::{Duration, Instant},
 };
-
-use agent_common::http::{config as knob, ConnKey, CAPTURE_MAX};
-use aya::{
-    maps::{Array, HashMap as BpfHashMap, MapData},
-    programs::TracePoint,
-    Ebpf,
-};
-use tokio::sync::mpsc;
 
 use super::{links::Links, ProbeError};
 use crate::{
@@ -23,6 +15,12 @@ use crate::{
         tracker::Input,
     },
     proc::ProcFs,
+};
+use agent_common::http::{config as knob, ConnKey, CAPTURE_MAX};
+use aya::{
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray},
+    programs::TracePoint,
+    Ebpf,
 };
 
 /// (program, syscall tracepoints it serves). Exit probes first: a call seen entering is then
@@ -67,9 +65,18 @@ pub struct HttpMaps {
     conns: BpfHashMap<MapData, ConnKey, u32>,
 }
 
+/// What the probe manager keeps of the family: the programs' links, held apart from the other
+/// families' so that the budget can detach and re-attach them alone, the argument stash it
+/// empties while they are off, and the counters that estimate their cost.
+pub struct HttpProbes {
+    links: Option<Links>,
+    /// Arguments from syscall entry to exit, per thread (the programs' `Stash`: 24 bytes).
+    stash: BpfHashMap<MapData, u64, [u64; 3]>,
+    pub cost: PerCpuArray<MapData, u64>,
+}
+
 /// Loads and attaches the family's programs, sets the capture size and takes its maps.
-pub fn attach(ebpf: &mut Ebpf, capture_bytes: u32) -> Result<(HttpMaps, Links), ProbeError> {
-    let mut links = Links::default();
+pub fn attach(ebpf: &mut Ebpf, capture_bytes: u32) -> Result<(HttpMaps, HttpProbes), ProbeError> {
     let mut config: Array<MapData, u64> = super::take(ebpf, "HTTP_CONFIG")?;
     let capture = u64::from(capture_bytes.min(CAPTURE_MAX as u32));
     if let Err(e) = config.set(knob::CAPTURE_BYTES, capture, 0) {
@@ -77,21 +84,90 @@ pub fn attach(ebpf: &mut Ebpf, capture_bytes: u32) -> Result<(HttpMaps, Links), 
     }
     let watched = super::take(ebpf, "HTTP_WATCHED")?;
     let conns = super::take(ebpf, "HTTP_CONNS")?;
+    let stash = super::take(ebpf, "HTTP_STASH")?;
+    let cost = super::take(ebpf, "HTTP_COST")?;
+    for (name, _) in PROGRAMS {
+        program(ebpf, name)?
+            .load()
+            .map_err(|source| ProbeError::Program { name, source })?;
+    }
+    let links = attach_programs(ebpf)?;
+    Ok((
+        HttpMaps { watched, conns },
+        HttpProbes {
+            links: Some(links),
+            stash,
+            cost,
+        },
+    ))
+}
+
+fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut TracePoint, ProbeError> {
+    ebpf.program_mut(name)
+        .ok_or(ProbeError::MissingProgram { name })?
+        .try_into()
+        .map_err(|source| ProbeError::Program { name, source })
+}
+
+/// Attaches the loaded programs to their tracepoints, in [`PROGRAMS`] order.
+fn attach_programs(ebpf: &mut Ebpf) -> Result<Links, ProbeError> {
+    let mut links = Links::default();
     for (name, tracepoints) in PROGRAMS {
-        let program_error = |source| ProbeError::Program { name, source };
-        let prog: &mut TracePoint = ebpf
-            .program_mut(name)
-            .ok_or(ProbeError::MissingProgram { name })?
-            .try_into()
-            .map_err(program_error)?;
-        prog.load().map_err(program_error)?;
+        let prog = program(ebpf, name)?;
         let attach_error = |source| ProbeError::Attach { name, source };
         for tp in *tracepoints {
             let id = prog.attach("syscalls", tp).map_err(attach_error)?;
             links.hold(prog.take_link(id).map_err(attach_error)?);
         }
     }
-    Ok((HttpMaps { watched, conns }, links))
+    Ok(links)
+}
+
+impl HttpProbes {
+    pub fn is_attached(&self) -> bool {
+        self.links.is_some()
+    }
+
+    /// Detaches every program, then, none running, empties the stash: a call that entered
+    /// before and returned while detached left its arguments there, and another call's exit
+    /// after the re-attach would take them for its own.
+    pub fn detach(&mut self) {
+        if let Some(links) = self.links.take() {
+            links.release();
+        }
+        let keys: Vec<u64> = self.stash.keys().filter_map(Result::ok).collect();
+        for k in keys {
+            let _ = self.stash.remove(&k);
+        }
+    }
+
+    /// Attaches the programs again (exits first, as at start). On an error what was attached
+    /// is released and the family stays off.
+    pub fn reattach(&mut self, ebpf: &mut Ebpf) -> Result<(), ProbeError> {
+        if self.links.is_none() {
+            self.links = Some(attach_programs(ebpf)?);
+        }
+        Ok(())
+    }
+
+    /// The links, for the shutdown to release with the others.
+    pub fn take_links(&mut self) -> Links {
+        self.links.take().unwrap_or_default()
+    }
+}
+
+/// What the watcher is told between its rescans.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    Stop,
+    /// The family's programs were detached at `at_ns` (CLOCK_MONOTONIC, the probes' clock).
+    Paused {
+        at_ns: u64,
+    },
+    /// They were attached again, completely by `at_ns`: records from then on are whole.
+    Resumed {
+        at_ns: u64,
+    },
 }
 
 /// The watcher: rescans servers every interval, keeps the kernel's watched set and the
@@ -103,7 +179,7 @@ pub struct Watcher {
     matchers: Vec<String>,
     seen: HashMap<u32, Option<Server>>,
     current: HashMap<u32, Server>,
-    tracker: mpsc::Sender<Input>,
+    tracker: crate::queue::Sender<Input>,
     /// Where the list is published for other stages.
     board: Option<std::sync::Arc<discover::ServerBoard>>,
     /// The agent's own pid is never watched.
@@ -118,7 +194,7 @@ impl Watcher {
         procfs: ProcFs,
         ports: Vec<u16>,
         matchers: Vec<String>,
-        tracker: mpsc::Sender<Input>,
+        tracker: crate::queue::Sender<Input>,
     ) -> Self {
         Self {
             maps,
@@ -177,23 +253,13 @@ impl Watcher {
                 tracing::warn!(pid, error = %e, "cannot watch process (watched map full?)");
                 continue;
             }
-            let fds = discover::accepted_fds(&self.procfs, *pid);
-            for fd in &fds {
-                let _ = self.maps.conns.insert(
-                    ConnKey {
-                        tgid: *pid,
-                        fd: *fd,
-                    },
-                    1,
-                    0,
-                );
-            }
+            let seeded = self.seed(*pid);
             let s = &now[pid];
             tracing::info!(
                 pid,
                 server = s.kind,
                 model = s.model.as_deref().unwrap_or(""),
-                open_connections = fds.len(),
+                open_connections = seeded,
                 "watching inference server"
             );
         }
@@ -220,27 +286,60 @@ impl Watcher {
         if let Some(a) = &self.attrib {
             a.set_servers(&self.current);
         }
-        if self
-            .tracker
-            .blocking_send(Input::Servers(self.current.clone()))
-            .is_err()
-        {
+        self.send(Input::Servers(self.current.clone()));
+    }
+
+    /// Marks the process's accepted sockets as connections to follow; returns how many.
+    fn seed(&mut self, pid: u32) -> usize {
+        let fds = discover::accepted_fds(&self.procfs, pid);
+        for fd in &fds {
+            let _ = self.maps.conns.insert(ConnKey { tgid: pid, fd: *fd }, 1, 0);
+        }
+        fds.len()
+    }
+
+    /// After the programs come back: closes and accepts while they were off left the map of
+    /// connections stale (a closed fd reused for a file would be followed, a connection
+    /// accepted meanwhile would not), so it is rebuilt from the processes' sockets now. A
+    /// connection accepted since the re-attach is in both and kept.
+    fn reseed(&mut self) {
+        let keys: Vec<ConnKey> = self.maps.conns.keys().filter_map(Result::ok).collect();
+        for k in keys {
+            let _ = self.maps.conns.remove(&k);
+        }
+        let pids: Vec<u32> = self.current.keys().copied().collect();
+        let seeded: usize = pids.into_iter().map(|pid| self.seed(pid)).sum();
+        tracing::debug!(connections = seeded, "http connections seeded again");
+    }
+
+    fn send(&self, input: Input) {
+        if self.tracker.blocking_send(input).is_err() {
             tracing::debug!("http tracker gone");
         }
     }
 
-    /// Runs until told to stop, beating `heartbeat` every tick.
+    /// Runs until told to stop, rescanning every `interval` and beating `heartbeat` as
+    /// often; a pause or resume of the probes is handled as soon as it comes.
     pub fn run(
         mut self,
         interval: Duration,
-        stop: std_mpsc::Receiver<()>,
+        control: std_mpsc::Receiver<Control>,
         heartbeat: crate::health::Heartbeat,
     ) {
+        let mut next = Instant::now();
         loop {
-            self.tick();
+            if Instant::now() >= next {
+                self.tick();
+                next = Instant::now() + interval;
+            }
             heartbeat.beat();
-            match stop.recv_timeout(interval) {
-                Ok(()) | Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
+            match control.recv_timeout(next.saturating_duration_since(Instant::now())) {
+                Ok(Control::Stop) | Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
+                Ok(Control::Paused { at_ns }) => self.send(Input::Paused { at_ns }),
+                Ok(Control::Resumed { at_ns }) => {
+                    self.reseed();
+                    self.send(Input::Resumed { at_ns });
+                }
                 Err(std_mpsc::RecvTimeoutError::Timeout) => {}
             }
         }

@@ -22,6 +22,7 @@ use super::{
     budget::{self, Cooldowns, Shed},
     cuda::CudaProbes,
     discover::{self, FileId, Library},
+    http_budget::HttpBudget,
     links::Links,
     per_cpu_sum, set_config,
 };
@@ -40,8 +41,10 @@ pub struct Manager {
     hits_map: PerCpuArray<MapData, u64>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
-    /// Tracepoint links of the families attached at start.
+    /// Tracepoint links of the `sched` and `oom` families.
     links: Links,
+    /// The `http` family, under its own budget.
+    http: Option<HttpBudget>,
     procfs: ProcFs,
     explicit: Vec<std::path::PathBuf>,
     /// Pids whose driver mappings were handled: their maps are not read again.
@@ -87,6 +90,7 @@ impl Manager {
             metrics,
             health,
             links,
+            http: None,
             procfs: ProcFs::new(&config.proc_root),
             explicit: config.cuda_libs.clone(),
             known_pids: HashSet::new(),
@@ -100,6 +104,12 @@ impl Manager {
             cooldowns: Cooldowns::new(Duration::from_secs(config.probes.shed_cooldown_secs)),
             limit_logged: false,
         }
+    }
+
+    /// Puts the `http` family's links under its budget.
+    pub fn with_http(mut self, http: Option<HttpBudget>) -> Self {
+        self.http = http;
+        self
     }
 
     /// Explicit and standard-location libraries, then those mapped by running processes.
@@ -241,10 +251,10 @@ impl Manager {
                 .get_or_create(&ProbeLabels { probe: sym })
                 .set(n as i64);
             let n = shed.get(api).copied().unwrap_or(0);
-            self.metrics
-                .probe_shed
-                .get_or_create(&ProbeLabels { probe: sym })
-                .set(n as i64);
+            let probe = ProbeLabels { probe: sym };
+            self.metrics.probe_shed.get_or_create(&probe).set(n as i64);
+            // At 0 from the start, so that increase() sees the first shed.
+            let _ = self.metrics.probe_sheds.get_or_create(&probe);
         }
         self.metrics
             .probe_shed
@@ -283,16 +293,20 @@ impl Manager {
     }
 
     /// Re-attaches what has served its cool-down, measures each probe's hit rate on each
-    /// library and sheds what the budget cannot pay for.
+    /// library and sheds what the budget cannot pay for; the `http` family likewise, by what
+    /// its programs cost.
     pub fn enforce_budget(&mut self) {
         let now = Instant::now();
         let elapsed = now.duration_since(self.last_budget).as_secs_f64();
         self.last_budget = now;
+        self.restore_due(now);
+        self.cooldowns.forget_settled(now);
+        if let Some(http) = self.http.as_mut() {
+            http.enforce(&self.ebpf, now, &mut self.cooldowns);
+        }
         if self.cuda.is_none() {
             return;
         }
-        self.restore_due(now);
-        self.cooldowns.forget_settled(now);
         let Some(cuda) = self.cuda.as_ref() else {
             return;
         };
@@ -324,7 +338,13 @@ impl Manager {
                     };
                     name
                 }
+                // Never in a CUDA plan: the http family has a budget of its own.
+                Shed::Http => continue,
             };
+            self.metrics
+                .probe_sheds
+                .get_or_create(&ProbeLabels { probe: step.name() })
+                .inc();
             let cooldown = self.cooldowns.shed(step, now);
             tracing::warn!(
                 probe = step.name(),
@@ -348,6 +368,11 @@ impl Manager {
         }
         for step in due {
             match step {
+                Shed::Http => {
+                    if let Some(http) = self.http.as_mut() {
+                        http.restore(&mut self.ebpf, now, &mut self.cooldowns);
+                    }
+                }
                 Shed::StackSampling => {
                     self.stack_every = self.stack_every_configured;
                     set_config(
@@ -417,6 +442,9 @@ impl Manager {
         heartbeat.done();
         self.publish_lost();
         let mut links = std::mem::take(&mut self.links);
+        if let Some(http) = self.http.as_mut() {
+            links.extend(http.take_links());
+        }
         if let Some(cuda) = self.cuda.as_mut() {
             links.extend(cuda.take_links());
         }

@@ -1,8 +1,8 @@
 //! Loading the embedded eBPF object and attaching its programs.
 //!
 //! `cuda` attaches the CUDA driver uprobes per library file, `discover` finds those files,
-//! `elf` reads their symbols, `budget` sheds probes that cost too much, `sched` attaches the
-//! process-exit tracepoint. `floor` attaches the benchmark's reference programs (never used
+//! `elf` reads their symbols, `budget` sheds probes that cost too much (`http_budget` the
+//! `http` family), `sched` attaches the process-exit tracepoint. `floor` attaches the benchmark's reference programs (never used
 //! by the agent itself).
 
 pub mod budget;
@@ -11,6 +11,7 @@ pub mod discover;
 pub mod elf;
 pub mod floor;
 pub mod http;
+pub mod http_budget;
 pub mod links;
 pub mod manager;
 pub mod oom;

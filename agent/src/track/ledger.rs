@@ -85,6 +85,8 @@ pub enum Outcome {
     ProcessLimit,
     /// The per-process allocation limit is reached; the allocation is not tracked.
     AllocationLimit,
+    /// All processes together hold the ledger's byte budget; the allocation is not tracked.
+    LedgerBudget,
 }
 
 /// Bytes one tracked allocation costs at worst: a hash-map slot of `(u64, Allocation)` and
@@ -118,7 +120,7 @@ impl Ledger {
     }
 
     /// Bounds the live allocations of all processes together to what `bytes` hold at
-    /// [`ENTRY_BYTES`] each; further ones are not tracked (`Outcome::AllocationLimit`).
+    /// [`ENTRY_BYTES`] each; further ones are not tracked (`Outcome::LedgerBudget`).
     pub fn with_budget(mut self, bytes: usize) -> Self {
         self.max_total = bytes / ENTRY_BYTES;
         self
@@ -179,12 +181,26 @@ impl Ledger {
             return Outcome::ProcessLimit;
         };
         let before = p.live();
-        let outcome = Self::apply_to(p, ev, api, before >= max_allocations || node_full);
+        // What an addition comes to when there is no room for it; the process's own limit
+        // is named first.
+        let full = if before >= max_allocations {
+            Some(Outcome::AllocationLimit)
+        } else if node_full {
+            Some(Outcome::LedgerBudget)
+        } else {
+            None
+        };
+        let outcome = Self::apply_to(p, ev, api, full);
         self.total = self.total + p.live() - before;
         outcome
     }
 
-    fn apply_to(p: &mut ProcessLedger, ev: &CudaMemEvent, api: CudaApi, full: bool) -> Outcome {
+    fn apply_to(
+        p: &mut ProcessLedger,
+        ev: &CudaMemEvent,
+        api: CudaApi,
+        full: Option<Outcome>,
+    ) -> Outcome {
         let alloc = Allocation {
             size: ev.size,
             api,
@@ -194,8 +210,8 @@ impl Ledger {
         };
         match api.role() {
             Role::DeviceAlloc | Role::PhysicalCreate => {
-                if full {
-                    return Outcome::AllocationLimit;
+                if let Some(full) = full {
+                    return full;
                 }
                 let map = if api.role() == Role::DeviceAlloc {
                     &mut p.device
@@ -224,8 +240,8 @@ impl Ledger {
                 }
             }
             Role::HostAlloc => {
-                if full {
-                    return Outcome::AllocationLimit;
+                if let Some(full) = full {
+                    return full;
                 }
                 if let Some(old) = p.host.insert(ev.ptr, alloc) {
                     p.host_bytes = p.host_bytes.saturating_sub(old.size);
@@ -242,8 +258,8 @@ impl Ledger {
             },
             Role::AddressRange => {
                 if api == CudaApi::MemAddressReserve {
-                    if full {
-                        return Outcome::AllocationLimit;
+                    if let Some(full) = full {
+                        return full;
                     }
                     p.ranges.insert(ev.ptr, ev.size);
                 }
@@ -394,7 +410,7 @@ mod tests {
         assert_eq!(l.live_total(), 50);
         assert_eq!(
             apply(&mut l, ev(1, CudaApi::MemAlloc, 99, 1, 0, 0)),
-            Outcome::AllocationLimit
+            Outcome::LedgerBudget
         );
         // Frees and exits give room back.
         apply(&mut l, ev(1, CudaApi::MemFree, 1, 0, 0, 0));

@@ -12,7 +12,6 @@ use std::{
 };
 
 use agent_common::cuda::{CudaApi, CudaMemEvent, Role, FLAG_DEVICE_UNKNOWN};
-use tokio::sync::mpsc;
 
 use crate::attrib::{Attributor, SharedWorkload};
 use crate::{
@@ -38,6 +37,25 @@ pub enum Input {
         xid: u64,
         ts_ns: u64,
     },
+}
+
+/// Bytes of records and snapshots waiting for the tracker. A batch of events is at most
+/// [`crate::ingest::MAX_BATCH`] records (about 400 KiB): past this the readers wait and the
+/// rings absorb bursts; an NVML snapshot or XID that finds no room is dropped and counted
+/// (`what="tracker_queue"`), the next snapshot replacing it.
+pub const QUEUE_BYTES: usize = 16 * 1024 * 1024;
+
+impl crate::queue::Weigh for Input {
+    fn weight(&self) -> usize {
+        size_of::<Input>()
+            + match self {
+                Input::Events(batch) => batch.capacity() * size_of::<crate::ingest::Event>(),
+                Input::GpuProcesses(p) => {
+                    p.entries.capacity() * size_of::<crate::gpu::GpuProcess>()
+                }
+                Input::Xid { .. } => 0,
+            }
+    }
 }
 
 /// A failed CUDA call with the GPU's state at that instant, kept for forensics.
@@ -260,6 +278,7 @@ impl Tracker {
             }
             Outcome::ProcessLimit => self.metrics.drop_reason("process_limit"),
             Outcome::AllocationLimit => self.metrics.drop_reason("allocation_limit"),
+            Outcome::LedgerBudget => self.metrics.drop_reason("ledger_budget"),
             Outcome::Range | Outcome::Failed => {}
         }
         self.metrics.tracked_processes.set(self.ledger.len() as i64);
@@ -521,7 +540,7 @@ fn comm_label(procfs: &ProcFs, tgid: u32, max: usize) -> String {
 /// `heartbeat` at least once a second, idle or not.
 pub async fn run(
     mut tracker: Tracker,
-    mut rx: mpsc::Receiver<Input>,
+    mut rx: crate::queue::Receiver<Input>,
     heartbeat: crate::health::Heartbeat,
 ) -> Tracker {
     let mut sweep = tokio::time::interval(SWEEP_EVERY);

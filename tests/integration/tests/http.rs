@@ -25,7 +25,12 @@ fn client(args: &[&str]) -> serde_json::Value {
 }
 
 fn start_agent(server: &Server) -> Agent {
-    let agent = Agent::start(&["--watch-port", &server.port.to_string()]);
+    start_agent_with(server, &[])
+}
+
+/// With `env` in the agent's environment.
+fn start_agent_with(server: &Server, env: &[(&str, &str)]) -> Agent {
+    let agent = Agent::start_with_env(&["--watch-port", &server.port.to_string()], env);
     agent.wait_for("the server to be watched", |s| {
         s.sum("inferscope_http_watched_processes", &[]) >= 1.0
     });
@@ -115,16 +120,13 @@ fn finished_lines(log: &str, model: &str) -> Vec<(u64, Vec<u64>, u64)> {
         .collect()
 }
 
-#[root_test]
-fn ttft_token_gaps_and_latency_match_the_client() {
-    let server = Server::start("stand-in");
-    let agent = start_agent(&server);
-    let n = 8;
-    let truth = client(&["timing", &server.port.to_string(), &n.to_string()]);
-    let truth = truth.as_array().unwrap().clone();
-    agent.wait_for("the timed requests", |s| {
-        s.sum("llm_requests_total", &[("model", "timed")]) >= n as f64
-    });
+/// The agent's `http request finished` lines for model `timed` against what the client of
+/// `client.py timing` measured (`truth`, in order); returns the lines.
+fn assert_timed_as_the_client(
+    agent: &Agent,
+    truth: &[serde_json::Value],
+) -> Vec<(u64, Vec<u64>, u64)> {
+    let n = truth.len();
     let seen = finished_lines(&agent.log(), "timed");
     assert_eq!(seen.len(), n, "agent lines:\n{}", agent.log());
     // The client's clock also counts its own scheduling: on a busy 2-core VM that adds a few
@@ -159,6 +161,20 @@ fn ttft_token_gaps_and_latency_match_the_client() {
             close(&format!("request {i} gap {j}"), *g, *w);
         }
     }
+    seen
+}
+
+#[root_test]
+fn ttft_token_gaps_and_latency_match_the_client() {
+    let server = Server::start("stand-in");
+    let agent = start_agent(&server);
+    let n = 8;
+    let truth = client(&["timing", &server.port.to_string(), &n.to_string()]);
+    let truth = truth.as_array().unwrap().clone();
+    agent.wait_for("the timed requests", |s| {
+        s.sum("llm_requests_total", &[("model", "timed")]) >= n as f64
+    });
+    let seen = assert_timed_as_the_client(&agent, &truth);
     // The histograms agree with the lines.
     let s = agent.scrape();
     let ttft_sum: f64 = seen.iter().map(|x| x.0 as f64 / 1e6).sum();
@@ -486,5 +502,123 @@ fn model_names_the_server_does_not_serve_are_other() {
         2.0
     );
     assert_eq!(s.sum("llm_requests_in_flight", &[]), 0.0, "{}", s.text);
+    assert!(agent.stop().success());
+}
+
+/// Writes of one byte to `/dev/null` on `threads` threads until `stop`. The family's
+/// programs run on the socket syscalls of every process, watched or not (the check is
+/// theirs), so a loop of writes anywhere on the node costs the family as a flood of a watched
+/// server's calls does, at a rate no test server reaches.
+fn syscall_flood(
+    threads: usize,
+    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<std::thread::JoinHandle<()>> {
+    (0..threads)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                use std::io::Write;
+                let mut null = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open("/dev/null")
+                    .unwrap();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    for _ in 0..1000 {
+                        let _ = null.write(b"x");
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+fn healthz(agent: &Agent) -> String {
+    http_get(agent.port, "/healthz")
+        .map(|(_, b)| b)
+        .unwrap_or_default()
+}
+
+/// Past its budget the http family is detached: counted, named by `/healthz`; the streams it
+/// was following end as `untracked` with no latency, and what it sees of them after it is back
+/// is not taken for requests. After the cool-down it is attached again and times a new
+/// request as its client did.
+#[root_test]
+fn the_http_family_is_shed_past_its_budget_and_comes_back() {
+    let server = Server::start("stand-in");
+    let agent = start_agent_with(
+        &server,
+        &[
+            ("INFERSCOPE_PROBES__HTTP_BUDGET_CORE_SHARE", "0.05"),
+            ("INFERSCOPE_PROBES__SHED_COOLDOWN_SECS", "2"),
+        ],
+    );
+    let (streams, _) = server.slow_streams("stand-in", 2);
+    agent.wait_for("two streams in flight", |s| {
+        s.sum("llm_requests_in_flight", &[("model", "stand-in")]) == 2.0
+    });
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = syscall_flood(2, &stop);
+    let http = [("probe", "http")];
+    let s = agent.wait_for("the http family to be shed", |s| {
+        s.sum("inferscope_probe_sheds_total", &http) >= 1.0
+            && s.sum("inferscope_probe_shed", &http) == 1.0
+            && s.sum("inferscope_probe_family_up", &[("family", "http")]) == 0.0
+            && healthz(&agent).contains("degraded: http (shed by the probe budget")
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in flood {
+        t.join().unwrap();
+    }
+    let shed = s.sum("inferscope_probe_sheds_total", &http);
+    let stand_in = [("model", "stand-in")];
+    assert_eq!(
+        s.sum("llm_requests_in_flight", &stand_in),
+        0.0,
+        "{}",
+        s.text
+    );
+    assert_eq!(
+        s.sum(
+            "llm_request_errors_total",
+            &[("model", "stand-in"), ("error_type", "untracked")]
+        ),
+        2.0,
+        "{}",
+        s.text
+    );
+    assert!(
+        s.sum(
+            "inferscope_dropped_total",
+            &[("what", "http_connection"), ("reason", "shed")]
+        ) >= 2.0,
+        "{}",
+        s.text
+    );
+    agent.wait_for("the http family to be attached again", |s| {
+        s.sum("inferscope_probe_shed", &http) == 0.0
+            && s.sum("inferscope_probe_family_up", &[("family", "http")]) == 1.0
+            && healthz(&agent) == "ok\n"
+    });
+    let truth = client(&["timing", &server.port.to_string(), "2"]);
+    let truth = truth.as_array().unwrap().clone();
+    let s = agent.wait_for("the timed requests", |s| {
+        s.sum("llm_requests_total", &[("model", "timed")]) >= 2.0
+    });
+    assert_timed_as_the_client(&agent, &truth);
+    // The streams went on writing tokens all along: none of it became a request, a latency
+    // or bad input.
+    let after_gap = (
+        s.sum("llm_requests_total", &stand_in),
+        s.sum("llm_latency_seconds_count", &stand_in),
+        s.sum("inferscope_http_bad_input_total", &[]),
+    );
+    assert_eq!(after_gap, (2.0, 0.0, 0.0), "{}", s.text);
+    assert_eq!(
+        s.sum("inferscope_probe_sheds_total", &http),
+        shed,
+        "shed again after the flood ended:\n{}",
+        agent.log()
+    );
+    drop(streams);
     assert!(agent.stop().success());
 }

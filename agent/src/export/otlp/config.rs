@@ -123,6 +123,9 @@ pub struct OtlpConfig {
     /// Spans and log records waiting for export, per signal; beyond it new ones are dropped
     /// and counted in `inferscope_export_dropped_total{signal}`.
     pub queue_size: Option<usize>,
+    /// Bytes those spans and log records may hold, per signal (default 8 MiB); beyond it new
+    /// ones are dropped and counted alike (a log record carries a tenant's command line).
+    pub queue_bytes: Option<usize>,
     /// Spans or log records per export request.
     pub batch_size: Option<usize>,
     /// Longest wait before a partial batch is sent, in milliseconds (default 1000).
@@ -172,6 +175,7 @@ pub struct Settings {
     pub resource: Vec<(String, String)>,
     pub export_interval: Duration,
     pub queue_size: usize,
+    pub queue_bytes: usize,
     pub batch_size: usize,
     pub batch_timeout: Duration,
     pub alloc_failure_logs_per_sec: u32,
@@ -269,10 +273,11 @@ pub fn resolve(
         ));
     }
     let queue_size = cfg.queue_size.unwrap_or(4096);
+    let queue_bytes = cfg.queue_bytes.unwrap_or(8 * 1024 * 1024);
     let batch_size = cfg.batch_size.unwrap_or(512);
-    if queue_size == 0 || batch_size == 0 {
+    if queue_size == 0 || queue_bytes == 0 || batch_size == 0 {
         return Err(OtlpConfigError::Invalid(
-            "otlp.queue_size and otlp.batch_size must be above 0".into(),
+            "otlp.queue_size, otlp.queue_bytes and otlp.batch_size must be above 0".into(),
         ));
     }
     Ok(Some(Settings {
@@ -282,6 +287,7 @@ pub fn resolve(
         resource: resource(cfg, &env, host)?,
         export_interval: Duration::from_millis(export_interval),
         queue_size,
+        queue_bytes,
         batch_size,
         batch_timeout: Duration::from_millis(cfg.batch_timeout_ms.unwrap_or(1000).max(1)),
         alloc_failure_logs_per_sec: cfg.alloc_failure_logs_per_sec.unwrap_or(10),

@@ -19,6 +19,36 @@ pub struct LogItem {
     pub attributes: Vec<(&'static str, AnyValue)>,
 }
 
+impl crate::queue::Weigh for LogItem {
+    fn weight(&self) -> usize {
+        size_of::<Self>()
+            + self.body.capacity()
+            + self.attributes.capacity() * size_of::<(&'static str, AnyValue)>()
+            + self
+                .attributes
+                .iter()
+                .map(|(_, v)| value_bytes(v))
+                .sum::<usize>()
+    }
+}
+
+/// Heap bytes of an attribute value.
+fn value_bytes(v: &AnyValue) -> usize {
+    match v {
+        AnyValue::String(s) => s.as_str().len(),
+        AnyValue::Bytes(b) => b.len(),
+        AnyValue::ListAny(l) => l
+            .iter()
+            .map(|v| size_of::<AnyValue>() + value_bytes(v))
+            .sum(),
+        AnyValue::Map(m) => m
+            .iter()
+            .map(|(k, v)| k.as_str().len() + size_of::<AnyValue>() + value_bytes(v))
+            .sum(),
+        _ => 0,
+    }
+}
+
 fn kv(key: &'static str, value: impl Into<AnyValue>) -> (&'static str, AnyValue) {
     (key, value.into())
 }
@@ -189,7 +219,7 @@ mod tests {
     #[test]
     fn allocation_failures_are_rate_limited_per_process() {
         let dropped = Counter::default();
-        let (sink, mut rx) = super::super::queue::channel(100, Counter::default());
+        let (sink, rx) = super::super::queue::channel(100, 1 << 20, Counter::default());
         let mut r = RateLimited::new(sink, 2, dropped.clone());
         let f = |pid| AllocFailure {
             pid,

@@ -158,7 +158,7 @@ impl Exporter {
         }
         if let Some(c) = client(&settings, Signal::Traces, &sdk_resource)? {
             let d = dropped(&metrics, Signal::Traces);
-            let (sink, rx) = queue::channel(settings.queue_size, d.clone());
+            let (sink, rx) = queue::channel(settings.queue_size, settings.queue_bytes, d.clone());
             let b = Batcher {
                 client: c,
                 signal: "traces",
@@ -181,7 +181,7 @@ impl Exporter {
         }
         if let Some(c) = client(&settings, Signal::Logs, &sdk_resource)? {
             let d = dropped(&metrics, Signal::Logs);
-            let (sink, rx) = queue::channel(settings.queue_size, d.clone());
+            let (sink, rx) = queue::channel(settings.queue_size, settings.queue_bytes, d.clone());
             let records = logs::Records::default();
             let b = Batcher {
                 client: c,

@@ -1,43 +1,42 @@
 //! The bounded queue in front of span and log export, and the task that drains it in batches.
-//! Producers never wait: [`Sink::offer`] is a `try_send`; a full queue drops the item and
-//! counts it in `inferscope_export_dropped_total{signal}`. The batcher retries a failed
+//! Producers never wait: [`Sink::offer`] gives the item up when the queue holds `otlp.queue_size`
+//! items or `otlp.queue_bytes` bytes (a log record carries a tenant's command line: its size
+//! is the tenant's) and counts it in `inferscope_export_dropped_total{signal}`. The batcher retries a failed
 //! request with exponential backoff (capped), then drops the batch and counts its items, so a
 //! collector that is down costs at most one queue of memory.
 
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use super::transport::{Client, Payload};
+use crate::queue::{self, Receiver, Weigh};
 
 /// The producers' end.
 pub struct Sink<T> {
-    tx: mpsc::Sender<T>,
-    dropped: Counter,
+    tx: queue::Sender<T>,
 }
 
 impl<T> Clone for Sink<T> {
     fn clone(&self) -> Self {
         Self {
             tx: self.tx.clone(),
-            dropped: self.dropped.clone(),
         }
     }
 }
 
-impl<T> Sink<T> {
+impl<T: Weigh> Sink<T> {
     /// Queues `item`, or counts it dropped when the queue is full or export has stopped.
     pub fn offer(&self, item: T) {
-        if self.tx.try_send(item).is_err() {
-            self.dropped.inc();
-        }
+        self.tx.offer(item);
     }
 }
 
-pub fn channel<T>(size: usize, dropped: Counter) -> (Sink<T>, mpsc::Receiver<T>) {
-    let (tx, rx) = mpsc::channel(size);
-    (Sink { tx, dropped }, rx)
+/// A queue of at most `size` items and `bytes` bytes.
+pub fn channel<T: Weigh>(size: usize, bytes: usize, dropped: Counter) -> (Sink<T>, Receiver<T>) {
+    let (tx, rx) = queue::with_items(bytes, size, dropped);
+    (Sink { tx }, rx)
 }
 
 /// Retry policy of one request.
@@ -116,7 +115,7 @@ pub struct Batcher<T> {
 impl<T: Send + Sync + 'static> Batcher<T> {
     /// Drains `rx` until `stop` is set, then sends what is left once (the caller bounds the
     /// time this takes).
-    pub async fn run(self, mut rx: mpsc::Receiver<T>, mut stop: watch::Receiver<bool>) {
+    pub async fn run(self, mut rx: Receiver<T>, mut stop: watch::Receiver<bool>) {
         let mut batch: Vec<T> = Vec::with_capacity(self.batch_size);
         let mut tick = tokio::time::interval(self.batch_timeout);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -164,10 +163,16 @@ impl<T: Send + Sync + 'static> Batcher<T> {
 mod tests {
     use super::*;
 
+    impl Weigh for u32 {
+        fn weight(&self) -> usize {
+            4
+        }
+    }
+
     #[test]
     fn a_full_queue_counts_drops_and_never_blocks() {
         let dropped = Counter::default();
-        let (sink, mut rx) = channel::<u32>(3, dropped.clone());
+        let (sink, rx) = channel::<u32>(3, 1 << 20, dropped.clone());
         for i in 0..10 {
             sink.offer(i);
         }
@@ -209,7 +214,7 @@ mod tests {
             tls: Default::default(),
         };
         let dropped = Counter::default();
-        let (sink, rx) = channel::<u32>(100, dropped.clone());
+        let (sink, rx) = channel::<u32>(100, 1 << 20, dropped.clone());
         let records = super::super::logs::Records::default();
         let b = Batcher {
             client: Client::new(

@@ -39,6 +39,25 @@ pub struct RequestSpan {
     pub workload: crate::attrib::WorkloadLabels,
 }
 
+impl crate::queue::Weigh for RequestSpan {
+    fn weight(&self) -> usize {
+        let w = &self.workload;
+        size_of::<Self>()
+            + [
+                &self.model,
+                &self.method,
+                &self.route,
+                &w.node,
+                &w.namespace,
+                &w.pod,
+                &w.container,
+            ]
+            .iter()
+            .map(|s| s.capacity())
+            .sum::<usize>()
+    }
+}
+
 /// `gen_ai.operation.name` from the route (the OpenAI and TGI routes the parser knows).
 pub fn operation(route: &str) -> &'static str {
     if route.ends_with("/chat/completions") {
