@@ -152,7 +152,8 @@ pub struct ProbesConfig {
     pub http_budget_core_share: f64,
     /// Turn on the kernel's BPF run-time statistics (`kernel.bpf_stats_enabled`) while the
     /// agent runs, to measure what the `http` family costs. They cost every BPF program on
-    /// the node two clock reads per run; off (or without CAP_SYS_ADMIN), the cost is
+    /// the node two clock reads per run, so they are off unless asked for (a node running a
+    /// BPF datapath pays them on every packet); off (or without CAP_SYS_ADMIN), the cost is
     /// estimated from the runs and bytes the programs count.
     pub run_time_stats: bool,
     /// How long a probe the budget shed stays off before it is re-attached and measured
@@ -261,7 +262,7 @@ impl Default for ProbesConfig {
             stack_sample_every: 64,
             budget_core_share: 0.05,
             http_budget_core_share: 0.05,
-            run_time_stats: true,
+            run_time_stats: false,
             shed_cooldown_secs: 60,
             discovery_interval_ms: 1000,
             ring_buffer_bytes: 8 * 1024 * 1024,
@@ -481,7 +482,10 @@ mod tests {
         assert_eq!(c.probes.stack_sample_every, 64);
         assert_eq!(c.probes.shed_cooldown_secs, 60);
         assert_eq!(c.probes.http_budget_core_share, 0.05);
-        assert!(c.probes.run_time_stats);
+        assert!(
+            !c.probes.run_time_stats,
+            "no tax on the node's other BPF programs by default"
+        );
         assert!(c.scrape.enabled);
         assert_eq!(c.scrape.interval_ms, 15_000);
         let c = Config::load(
