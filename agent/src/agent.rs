@@ -241,13 +241,22 @@ pub async fn run(
         links,
         metrics.clone(),
         health.clone(),
-        &config,
+        &config.probes,
+        ProcFs::new(&config.proc_root),
+        config.cuda_libs.clone(),
     );
     manager.discover();
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let (attributor, attrib_tasks) =
-        crate::attrib::start(&config, metrics.clone(), stop_rx.clone(), &health);
+    let (attributor, attrib_tasks) = crate::attrib::start(
+        &config.attribution,
+        config.limits.max_processes,
+        ProcFs::new(&config.proc_root),
+        &crate::env::ProcessEnv,
+        metrics.clone(),
+        stop_rx.clone(),
+        &health,
+    );
     let (batch_tx, batch_rx) =
         queue::channel(track::QUEUE_BYTES, queue_drops(&metrics, "tracker_queue"));
     let history = Arc::new(GpuHistory::new(config.nvml.history_secs));
@@ -280,7 +289,9 @@ pub async fn run(
     let servers = Arc::new(crate::http::discover::ServerBoard::default());
     let http_stage = crate::http::Stage::start(
         http_maps,
-        &config,
+        &config.http,
+        ProcFs::new(&config.proc_root),
+        Duration::from_millis(config.probes.discovery_interval_ms),
         metrics.clone(),
         load.clone(),
         servers.clone(),
@@ -309,7 +320,8 @@ pub async fn run(
         }
     };
     let scraper = crate::scrape::Stage::start(
-        &config,
+        &config.scrape,
+        ProcFs::new(&config.proc_root),
         metrics.clone(),
         scrape_servers,
         Some(attributor.clone()),

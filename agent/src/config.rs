@@ -41,34 +41,7 @@ pub enum ConfigError {
     Otlp(#[from] crate::export::otlp::config::OtlpConfigError),
 }
 
-/// Where environment variables come from.
-pub trait EnvSource {
-    fn vars(&self) -> Vec<(String, String)>;
-}
-
-/// The process environment.
-pub struct ProcessEnv;
-
-impl EnvSource for ProcessEnv {
-    fn vars(&self) -> Vec<(String, String)> {
-        std::env::vars().collect()
-    }
-}
-
-impl EnvSource for Vec<(String, String)> {
-    fn vars(&self) -> Vec<(String, String)> {
-        self.clone()
-    }
-}
-
-/// An environment of `pairs`, for tests.
-#[cfg(test)]
-pub(crate) fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
+use crate::env::EnvSource;
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -82,17 +55,17 @@ pub struct Config {
     /// The `/proc` to read (the host's, when the agent runs in a container with it mounted).
     pub proc_root: PathBuf,
     /// eBPF probes.
-    pub probes: ProbesConfig,
+    pub probes: crate::probe::ProbesConfig,
     /// GPU telemetry from NVML.
-    pub nvml: NvmlConfig,
+    pub nvml: crate::gpu::NvmlConfig,
     /// Forensic reports.
-    pub forensics: ForensicsConfig,
+    pub forensics: crate::forensics::ForensicsConfig,
     /// Cardinality and memory limits.
-    pub limits: LimitsConfig,
+    pub limits: crate::track::LimitsConfig,
     /// Requests timed on the wire (probe family `http`).
     pub http: crate::http::HttpConfig,
     /// GPU prices for the cost rules in deploy/prometheus/.
-    pub cost: CostConfig,
+    pub cost: crate::gpu::CostConfig,
     /// The inference servers' own `/metrics`, scraped and re-exported.
     pub scrape: crate::scrape::ScrapeConfig,
     /// Pods, containers and their GPUs (Kubernetes).
@@ -105,135 +78,6 @@ pub struct Config {
     pub otlp_settings: Option<crate::export::otlp::config::Settings>,
 }
 
-/// Prices are exported per GPU (`inferscope_gpu_hour_price`) rather than kept in the
-/// Prometheus rules so that one value set by the installer (Helm values → this section)
-/// prices every node, and the rules stay the same everywhere.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct CostConfig {
-    /// Price of one GPU-hour, in any currency, for GPU types not listed below. The default
-    /// 1.0 makes every cost figure read as GPU-hours until real prices are set.
-    pub gpu_hour_price: f64,
-    /// Price of one GPU-hour by NVML product name (`gpu_type`, e.g. "NVIDIA H100 80GB HBM3").
-    pub gpu_hour_price_by_type: std::collections::BTreeMap<String, f64>,
-}
-
-impl Default for CostConfig {
-    fn default() -> Self {
-        Self {
-            gpu_hour_price: 1.0,
-            gpu_hour_price_by_type: Default::default(),
-        }
-    }
-}
-
-impl CostConfig {
-    pub fn price_of(&self, gpu_type: &str) -> f64 {
-        self.gpu_hour_price_by_type
-            .get(gpu_type)
-            .copied()
-            .unwrap_or(self.gpu_hour_price)
-    }
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct ProbesConfig {
-    /// Kill switch: probe families (`cuda`, `sched`) or single CUDA symbols (`cuMemHostAlloc`,
-    /// or `cuda:cuMemHostAlloc`) that are never attached.
-    pub disabled: Vec<String>,
-    /// One in N successful allocations records its user call stack (0: only failures do).
-    pub stack_sample_every: u64,
-    /// Share of one CPU core the probes may cost before the agent sheds them (0: no budget).
-    pub budget_core_share: f64,
-    /// Share of one CPU core the `http` family may cost before the agent detaches it until
-    /// its cool-down ends (0: no budget). Its programs run on the socket syscalls of every
-    /// process on the node, so the cost follows the node's syscall rate.
-    pub http_budget_core_share: f64,
-    /// Turn on the kernel's BPF run-time statistics (`kernel.bpf_stats_enabled`) while the
-    /// agent runs, to measure what the `http` family costs. They cost every BPF program on
-    /// the node two clock reads per run, so they are off unless asked for (a node running a
-    /// BPF datapath pays them on every packet); off (or without CAP_SYS_ADMIN), the cost is
-    /// estimated from the runs and bytes the programs count.
-    pub run_time_stats: bool,
-    /// How long a probe the budget shed stays off before it is re-attached and measured
-    /// again, in seconds; doubled each time the same probe is shed again soon after, up to
-    /// 30 minutes.
-    pub shed_cooldown_secs: u64,
-    /// How often the probe budget and library discovery run, in milliseconds.
-    pub discovery_interval_ms: u64,
-    /// Ring buffer size in bytes (a power of two, at least one page).
-    pub ring_buffer_bytes: u32,
-    /// Longest time an event may wait in the ring buffer before userspace reads it, in ms.
-    pub poll_interval_ms: u64,
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct ForensicsConfig {
-    /// Reports kept in `forensics_dir`; the oldest go first.
-    pub max_reports: usize,
-    /// Bytes the reports may take in `forensics_dir`.
-    pub max_bytes: u64,
-    /// One report per process and kind per window, in seconds; further events are counted.
-    pub window_secs: u64,
-    /// How far back a report's timeline reaches, in seconds.
-    pub timeline_secs: u64,
-}
-
-impl Default for ForensicsConfig {
-    fn default() -> Self {
-        Self {
-            max_reports: 200,
-            max_bytes: 64 * 1024 * 1024,
-            window_secs: 60,
-            timeline_secs: 300,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct NvmlConfig {
-    /// Sample GPUs through NVML (off: no GPU series, no annotations).
-    pub enabled: bool,
-    /// NVML library to load; default: `libnvidia-ml.so.1` from the loader's search path, then
-    /// the standard driver directories.
-    pub lib: Option<PathBuf>,
-    /// Sampling interval in milliseconds (sub-second works; 100 ms is the practical floor).
-    pub interval_ms: u64,
-    /// How much sample history per GPU is kept for correlation, in seconds.
-    pub history_secs: u64,
-}
-
-impl Default for NvmlConfig {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            lib: None,
-            interval_ms: 1000,
-            history_secs: 600,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct LimitsConfig {
-    /// Processes tracked at once; events of further processes are counted and dropped.
-    pub max_processes: usize,
-    /// Live allocations tracked per process; beyond it bytes are still summed, pointers dropped.
-    pub max_allocations_per_process: usize,
-    /// Bytes the allocation ledger may hold for all processes together (one live allocation
-    /// costs at most `track::ledger::ENTRY_BYTES`, 93); past it further allocations are not
-    /// tracked, counted as `ledger_budget`. Worst case of the ledger: this plus
-    /// `max_processes` empty process ledgers (352 bytes each): 65.4 MiB by default, where
-    /// 4096 processes × 1M allocations used to allow 350 GiB.
-    pub ledger_budget_bytes: usize,
-    /// Longest `comm` label value.
-    pub max_label_len: usize,
-}
-
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -241,43 +85,16 @@ impl Default for Config {
             forensics_dir: PathBuf::from("/var/lib/inferscope/forensics"),
             cuda_libs: Vec::new(),
             proc_root: PathBuf::from("/proc"),
-            probes: ProbesConfig::default(),
-            nvml: NvmlConfig::default(),
-            forensics: ForensicsConfig::default(),
-            limits: LimitsConfig::default(),
+            probes: Default::default(),
+            nvml: Default::default(),
+            forensics: Default::default(),
+            limits: Default::default(),
             http: Default::default(),
-            cost: CostConfig::default(),
+            cost: Default::default(),
             scrape: Default::default(),
             attribution: Default::default(),
             otlp: Default::default(),
             otlp_settings: None,
-        }
-    }
-}
-
-impl Default for ProbesConfig {
-    fn default() -> Self {
-        Self {
-            disabled: Vec::new(),
-            stack_sample_every: 64,
-            budget_core_share: 0.05,
-            http_budget_core_share: 0.05,
-            run_time_stats: false,
-            shed_cooldown_secs: 60,
-            discovery_interval_ms: 1000,
-            ring_buffer_bytes: 8 * 1024 * 1024,
-            poll_interval_ms: 5,
-        }
-    }
-}
-
-impl Default for LimitsConfig {
-    fn default() -> Self {
-        Self {
-            max_processes: 4096,
-            max_allocations_per_process: 262_144,
-            ledger_budget_bytes: 64 * 1024 * 1024,
-            max_label_len: 64,
         }
     }
 }
@@ -356,73 +173,18 @@ impl Config {
         Ok(config)
     }
 
+    /// Each section's own checks; the first that fails is the answer.
     fn validate(&self) -> Result<(), ConfigError> {
-        let rb = self.probes.ring_buffer_bytes;
-        if rb < 4096 || !rb.is_power_of_two() {
-            return Err(ConfigError::Invalid(format!(
-                "probes.ring_buffer_bytes = {rb}: must be a power of two of at least 4096"
-            )));
-        }
-        for (key, share) in [
-            ("budget_core_share", self.probes.budget_core_share),
-            ("http_budget_core_share", self.probes.http_budget_core_share),
-        ] {
-            if !(0.0..=1.0).contains(&share) {
-                return Err(ConfigError::Invalid(format!(
-                    "probes.{key} = {share}: must be between 0 and 1"
-                )));
-            }
-        }
-        if self.nvml.interval_ms < 10 {
-            return Err(ConfigError::Invalid(format!(
-                "nvml.interval_ms = {}: must be at least 10",
-                self.nvml.interval_ms
-            )));
-        }
-        if self.probes.shed_cooldown_secs == 0 {
-            return Err(ConfigError::Invalid(
-                "probes.shed_cooldown_secs must be above 0: a shed probe comes back after it"
-                    .into(),
-            ));
-        }
-        if self.probes.poll_interval_ms == 0 || self.probes.discovery_interval_ms == 0 {
-            return Err(ConfigError::Invalid(
-                "probes.poll_interval_ms and probes.discovery_interval_ms must be above 0".into(),
-            ));
-        }
-        let prices = std::iter::once(("gpu_hour_price", &self.cost.gpu_hour_price)).chain(
-            self.cost
-                .gpu_hour_price_by_type
-                .iter()
-                .map(|(k, v)| (k.as_str(), v)),
-        );
-        for (what, price) in prices {
-            if !price.is_finite() || *price < 0.0 {
-                return Err(ConfigError::Invalid(format!(
-                    "cost: price {price} for {what:?} must be a number of at least 0"
-                )));
-            }
-        }
-        let s = &self.scrape;
-        if s.interval_ms < 100
-            || s.timeout_ms == 0
-            || s.max_bytes == 0
-            || s.max_samples == 0
-            || !s.path.starts_with('/')
-        {
-            return Err(ConfigError::Invalid(format!(
-                "scrape: interval_ms = {} (at least 100), timeout_ms = {}, max_bytes = {} and max_samples = {} (above 0), path = {:?} (starting with /)",
-                s.interval_ms, s.timeout_ms, s.max_bytes, s.max_samples, s.path
-            )));
-        }
-        for name in &self.probes.disabled {
-            if !crate::probe::is_known_probe(name) {
-                return Err(ConfigError::Invalid(format!(
-                    "probes.disabled: unknown probe {name:?} (families: cuda, sched, oom, http; or a CUDA symbol)"
-                )));
-            }
-        }
-        Ok(())
+        let checks = [
+            self.probes.validate(),
+            self.nvml.validate(),
+            self.cost.validate(),
+            self.scrape.validate(),
+        ];
+        checks
+            .into_iter()
+            .collect::<Result<(), String>>()
+            .map_err(ConfigError::Invalid)
     }
 }
 
@@ -469,7 +231,7 @@ fn parse_env_value(raw: &str) -> Result<toml::Value, toml::de::Error> {
 mod tests {
     use super::*;
 
-    use crate::error_chain as chain;
+    use crate::{env::env, error_chain as chain};
 
     #[test]
     fn defaults_match_the_contract() {

@@ -13,6 +13,7 @@ pub mod clock;
 pub mod config;
 pub mod cuda_error;
 pub mod deadline;
+pub mod env;
 pub mod export;
 pub mod forensics;
 pub mod gpu;

@@ -4,7 +4,10 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use inferscope::config::{Config, Overrides, ProcessEnv};
+use inferscope::{
+    config::{Config, Overrides},
+    env::ProcessEnv,
+};
 
 #[derive(Parser)]
 #[command(

@@ -314,7 +314,10 @@ pub async fn run(
     let client = match Client::new(endpoint.clone()) {
         Ok(c) => c,
         Err(e) => {
-            tracing::warn!(error = %e, cause = super::cause(&e), "pod metadata from the API server is off");
+            tracing::warn!(
+                error = crate::error_chain(&e),
+                "pod metadata from the API server is off"
+            );
             up(false);
             return;
         }
@@ -346,8 +349,11 @@ pub async fn run(
             }
             Err(e) => {
                 if !failing {
-                    tracing::warn!(url = endpoint.url, error = %e, cause = super::cause(&e),
-                        "cannot list/watch pods (retrying; further failures are counted)");
+                    tracing::warn!(
+                        url = endpoint.url,
+                        error = crate::error_chain(&e),
+                        "cannot list/watch pods (retrying; further failures are counted)"
+                    );
                 }
                 failing = true;
                 up(false);

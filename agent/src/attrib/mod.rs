@@ -112,16 +112,6 @@ pub fn truncate(s: &str, max: usize) -> String {
 }
 
 /// The error's causes, joined (for one log field).
-fn cause(e: &dyn std::error::Error) -> String {
-    let mut out = Vec::new();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        out.push(s.to_string());
-        cur = s.source();
-    }
-    out.join(": ")
-}
-
 /// The node's name: configured, else `NODE_NAME`, else the hostname.
 pub fn node_name(configured: Option<&str>, env: Option<String>) -> String {
     configured
@@ -447,20 +437,24 @@ impl Attributor {
 
 /// Starts attribution's background tasks: the pod list/watch, the pod-resources poll and
 /// the cache refresh. They end when `stop` turns true.
-/// Each task has its heartbeat in `health`.
+/// Each task has its heartbeat in `health`. `max_processes` bounds the identity cache as the
+/// tracker bounds its processes; the node's name and the API server come from `env` when the
+/// section does not name them (`NODE_NAME`, `KUBERNETES_SERVICE_HOST`/`_PORT`).
 pub fn start(
-    config: &crate::config::Config,
+    a: &AttributionConfig,
+    max_processes: usize,
+    procfs: ProcFs,
+    env: &dyn crate::env::EnvSource,
     metrics: Arc<Metrics>,
     stop: tokio::sync::watch::Receiver<bool>,
     health: &crate::health::Health,
 ) -> (Arc<Attributor>, Vec<tokio::task::JoinHandle<()>>) {
-    let a = &config.attribution;
-    let node = node_name(a.node_name.as_deref(), std::env::var("NODE_NAME").ok());
+    let node = node_name(a.node_name.as_deref(), env.var("NODE_NAME"));
     let attributor = Arc::new(Attributor::new(
         node.clone(),
         a,
-        config.limits.max_processes,
-        ProcFs::new(&config.proc_root),
+        max_processes,
+        procfs,
         metrics.clone(),
     ));
     let mut tasks = Vec::new();
@@ -469,8 +463,10 @@ pub fn start(
         return (attributor, tasks);
     }
     let url = a.api_server.url.clone().or_else(|| {
-        let host = std::env::var("KUBERNETES_SERVICE_HOST").ok()?;
-        let port = std::env::var("KUBERNETES_SERVICE_PORT").unwrap_or_else(|_| "443".into());
+        let host = env.var("KUBERNETES_SERVICE_HOST")?;
+        let port = env
+            .var("KUBERNETES_SERVICE_PORT")
+            .unwrap_or_else(|| "443".into());
         let host = if host.contains(':') {
             format!("[{host}]")
         } else {
@@ -596,8 +592,10 @@ async fn poll_pod_resources(
             }
             Err(e) => {
                 if !failing {
-                    tracing::warn!(error = %e, cause = cause(&e),
-                        "pod-resources List failed (retrying; further failures are counted)");
+                    tracing::warn!(
+                        error = crate::error_chain(&e),
+                        "pod-resources List failed (retrying; further failures are counted)"
+                    );
                 }
                 failing = true;
                 metrics.attrib.errors("pod_resources");

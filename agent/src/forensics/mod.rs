@@ -5,6 +5,7 @@
 //! blazesym, cgroup and node memory) and stores it (`store`). `render` prints it.
 
 pub mod assemble;
+mod config;
 pub mod render;
 pub mod report;
 pub mod store;
@@ -18,6 +19,7 @@ use crate::{
     export::metrics::{KindLabels, Metrics},
     track::ledger::Allocation,
 };
+pub use config::ForensicsConfig;
 pub use report::Kind;
 use report::{GpuProcessRow, ProcessInfo};
 

@@ -3,11 +3,14 @@
 //! by time; an event thread (`xid`) turns XID critical errors into counters and log records.
 //! `throttle` decodes clock event reasons, `pids` maps NVML's pids to the agent's.
 
+mod config;
 pub mod history;
 pub mod nvml;
 pub mod pids;
 pub mod throttle;
 pub mod xid;
+
+pub use config::{CostConfig, NvmlConfig};
 
 /// One GPU at one instant. `None`: the GPU does not support the reading (or it failed).
 #[derive(Clone, Debug, Default, PartialEq)]

@@ -150,7 +150,7 @@ impl Sampler {
         history: Arc<GpuHistory>,
         tracker: Option<crate::queue::WeakSender<Input>>,
         procfs: ProcFs,
-        cost: &crate::config::CostConfig,
+        cost: &super::CostConfig,
     ) -> Result<Self, NvmlError> {
         let driver = nvml
             .sys_driver_version()

@@ -286,7 +286,9 @@ impl Stage {
     )]
     pub fn start(
         maps: Option<crate::probe::http::HttpMaps>,
-        config: &crate::config::Config,
+        config: &HttpConfig,
+        procfs: crate::proc::ProcFs,
+        discovery_interval: std::time::Duration,
         metrics: std::sync::Arc<crate::export::metrics::Metrics>,
         load: std::sync::Arc<load::LoadBoard>,
         servers: std::sync::Arc<discover::ServerBoard>,
@@ -309,24 +311,23 @@ impl Stage {
             })
             .clone();
         let (tx, rx) = crate::queue::channel(QUEUE_BYTES, dropped);
-        let t =
-            tracker::HttpTracker::new(metrics.clone(), metrics.http.clone(), config.http.limits())
-                .with_load(load)
-                .with_spans(spans)
-                .with_attribution(attrib.clone());
+        let t = tracker::HttpTracker::new(metrics.clone(), metrics.http.clone(), config.limits())
+            .with_load(load)
+            .with_spans(spans)
+            .with_attribution(attrib.clone());
         let beat = health.heartbeat("http-tracker", crate::health::QUICK);
         let task = tokio::spawn(tracker::run(t, rx, beat));
         let watcher = crate::probe::http::Watcher::new(
             maps,
-            crate::proc::ProcFs::new(&config.proc_root),
-            config.http.watch_ports.clone(),
-            config.http.match_commands.clone(),
+            procfs,
+            config.watch_ports.clone(),
+            config.match_commands.clone(),
             tx.clone(),
         )
         .with_board(servers)
         .with_attribution(attrib);
         let (stop_tx, stop_rx) = std::sync::mpsc::channel();
-        let interval = std::time::Duration::from_millis(config.probes.discovery_interval_ms);
+        let interval = discovery_interval;
         let beat = health.heartbeat(
             "http-watcher",
             crate::health::deadline(interval, crate::health::SLOW),

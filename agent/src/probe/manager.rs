@@ -27,7 +27,6 @@ use super::{
     per_cpu_sum, set_config,
 };
 use crate::{
-    config::Config,
     export::metrics::{DroppedLabels, FamilyLabels, Metrics, ProbeLabels, SourceLabels},
     health::Health,
     proc::ProcFs,
@@ -72,6 +71,10 @@ pub struct ManagerMaps {
 }
 
 impl Manager {
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the manager's inputs, named at the one call"
+    )]
     pub fn new(
         ebpf: Ebpf,
         cuda: Option<CudaProbes>,
@@ -79,7 +82,9 @@ impl Manager {
         links: Links,
         metrics: Arc<Metrics>,
         health: Arc<Health>,
-        config: &Config,
+        config: &super::ProbesConfig,
+        procfs: ProcFs,
+        explicit: Vec<std::path::PathBuf>,
     ) -> Self {
         Self {
             ebpf,
@@ -91,17 +96,17 @@ impl Manager {
             health,
             links,
             http: None,
-            procfs: ProcFs::new(&config.proc_root),
-            explicit: config.cuda_libs.clone(),
+            procfs,
+            explicit,
             known_pids: HashSet::new(),
             refused_reasons: HashSet::new(),
             lost_seen: [0; lost::COUNT as usize],
             hits_seen: HashMap::new(),
             last_budget: Instant::now(),
-            stack_every_configured: config.probes.stack_sample_every,
-            stack_every: config.probes.stack_sample_every,
-            budget_share: config.probes.budget_core_share,
-            cooldowns: Cooldowns::new(Duration::from_secs(config.probes.shed_cooldown_secs)),
+            stack_every_configured: config.stack_sample_every,
+            stack_every: config.stack_sample_every,
+            budget_share: config.budget_core_share,
+            cooldowns: Cooldowns::new(Duration::from_secs(config.shed_cooldown_secs)),
             limit_logged: false,
         }
     }

@@ -6,6 +6,7 @@
 //! by the agent itself).
 
 pub mod budget;
+mod config;
 pub mod cuda;
 pub mod discover;
 pub mod elf;
@@ -18,7 +19,9 @@ pub mod oom;
 pub mod sched;
 pub mod tracefs;
 
-use agent_common::{config, cuda::APIS};
+pub use config::ProbesConfig;
+
+use agent_common::{config as ebpf_config, cuda::APIS};
 use aya::{
     maps::{Array, MapData, PerCpuArray, RingBuf, StackTraceMap},
     Ebpf, EbpfLoader,
@@ -122,9 +125,9 @@ pub fn set_config(map: &mut Array<MapData, u64>, index: u32, value: u64) {
 
 /// Initial run-time knobs.
 pub fn init_config(map: &mut Array<MapData, u64>, stack_sample_every: u64, ring_bytes: u32) {
-    set_config(map, config::STACK_SAMPLE_EVERY, stack_sample_every);
+    set_config(map, ebpf_config::STACK_SAMPLE_EVERY, stack_sample_every);
     // Wake the reader early once a quarter of the ring is unread, long before it fills.
-    set_config(map, config::WAKEUP_BYTES, u64::from(ring_bytes / 4));
+    set_config(map, ebpf_config::WAKEUP_BYTES, u64::from(ring_bytes / 4));
 }
 
 /// Sums a per-CPU counter slot.

@@ -54,6 +54,23 @@ pub struct ScrapeConfig {
     pub path: String,
 }
 
+impl ScrapeConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.interval_ms < 100
+            || self.timeout_ms == 0
+            || self.max_bytes == 0
+            || self.max_samples == 0
+            || !self.path.starts_with('/')
+        {
+            return Err(format!(
+                "scrape: interval_ms = {} (at least 100), timeout_ms = {}, max_bytes = {} and max_samples = {} (above 0), path = {:?} (starting with /)",
+                self.interval_ms, self.timeout_ms, self.max_bytes, self.max_samples, self.path
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Default for ScrapeConfig {
     fn default() -> Self {
         Self {
@@ -474,25 +491,21 @@ impl Stage {
     /// Starts the scraper (nothing when `scrape.enabled` is off), with its heartbeat in
     /// `health`; it ends when `stop` turns true.
     pub fn start(
-        config: &crate::config::Config,
+        config: &ScrapeConfig,
+        procfs: ProcFs,
         metrics: Arc<Metrics>,
         servers: Servers,
         attrib: Option<Arc<crate::attrib::Attributor>>,
         stop: watch::Receiver<bool>,
         health: &crate::health::Health,
     ) -> Stage {
-        if !config.scrape.enabled {
+        if !config.enabled {
             return Stage { task: None };
         }
-        let scraper = Scraper::new(
-            config.scrape.clone(),
-            ProcFs::new(&config.proc_root),
-            metrics,
-            servers,
-        )
-        .with_attribution(attrib);
+        let scraper =
+            Scraper::new(config.clone(), procfs, metrics, servers).with_attribution(attrib);
         // A round takes at most, per target, a connect and a GET on each candidate port.
-        let c = &config.scrape;
+        let c = config;
         let round = Duration::from_millis(c.timeout_ms) * 2 * MAX_CANDIDATES as u32;
         let deadline = (Duration::from_millis(c.interval_ms) * 3 + round).max(crate::health::SLOW);
         let heartbeat = health.heartbeat("scraper", deadline);

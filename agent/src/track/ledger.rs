@@ -422,7 +422,7 @@ mod tests {
             Outcome::Device { device: 0 }
         );
         // The default budget's worst case: every process at its cap still fits.
-        let d = crate::config::LimitsConfig::default();
+        let d = crate::track::LimitsConfig::default();
         assert!(
             d.ledger_budget_bytes + d.max_processes * PROCESS_BYTES <= 96 * 1024 * 1024,
             "ledger worst case past 96 MiB"

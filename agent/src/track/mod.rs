@@ -2,8 +2,11 @@
 //! keeps the exported counters and gauges in step with it, and sets the ledger next to NVML's
 //! per-process view (their difference is the process's overhead).
 
+mod config;
 pub mod ledger;
 mod triggers;
+
+pub use config::LimitsConfig;
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
@@ -104,7 +107,7 @@ impl Tracker {
     pub fn new(
         metrics: Arc<Metrics>,
         procfs: ProcFs,
-        limits: &crate::config::LimitsConfig,
+        limits: &LimitsConfig,
         history: Arc<GpuHistory>,
     ) -> Self {
         Self {
@@ -155,7 +158,7 @@ impl Tracker {
     pub fn with_forensics(
         mut self,
         forensics: crate::forensics::Forensics,
-        config: &crate::config::ForensicsConfig,
+        config: &crate::forensics::ForensicsConfig,
     ) -> Self {
         self.forensics = Some(triggers::ForensicsState::new(forensics, config));
         self
@@ -566,7 +569,6 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::LimitsConfig;
 
     fn event(tgid: u32, api: CudaApi, ptr: u64, size: u64, result: u32) -> Event {
         let mut e = CudaMemEvent::default();

@@ -16,11 +16,11 @@ use agent_common::{
 use super::{ledger::Outcome, Tracker};
 use crate::{
     clock::monotonic_ns,
-    config::ForensicsConfig,
     cuda_error,
     export::metrics::KindLabels,
     forensics::{
-        report::GpuProcessRow, report::ProcessInfo, Draft, Forensics, Kind, LedgerSeries, Limiter,
+        report::GpuProcessRow, report::ProcessInfo, Draft, Forensics, ForensicsConfig, Kind,
+        LedgerSeries, Limiter,
     },
 };
 

@@ -9,7 +9,7 @@ use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
 use serde::Deserialize;
 
-use crate::config::EnvSource;
+use crate::env::EnvSource;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OtlpConfigError {
@@ -492,7 +492,7 @@ fn resource(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::env;
+    use crate::env::env;
 
     fn host() -> Host {
         Host {

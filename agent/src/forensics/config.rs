@@ -1,0 +1,27 @@
+//! The `[forensics]` section: how many reports are kept and how often one is written.
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ForensicsConfig {
+    /// Reports kept in `forensics_dir`; the oldest go first.
+    pub max_reports: usize,
+    /// Bytes the reports may take in `forensics_dir`.
+    pub max_bytes: u64,
+    /// One report per process and kind per window, in seconds; further events are counted.
+    pub window_secs: u64,
+    /// How far back a report's timeline reaches, in seconds.
+    pub timeline_secs: u64,
+}
+
+impl Default for ForensicsConfig {
+    fn default() -> Self {
+        Self {
+            max_reports: 200,
+            max_bytes: 64 * 1024 * 1024,
+            window_secs: 60,
+            timeline_secs: 300,
+        }
+    }
+}

@@ -1,0 +1,89 @@
+//! The `[probes]` section: what is attached, what it may cost, how often discovery runs.
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProbesConfig {
+    /// Kill switch: probe families (`cuda`, `sched`) or single CUDA symbols (`cuMemHostAlloc`,
+    /// or `cuda:cuMemHostAlloc`) that are never attached.
+    pub disabled: Vec<String>,
+    /// One in N successful allocations records its user call stack (0: only failures do).
+    pub stack_sample_every: u64,
+    /// Share of one CPU core the probes may cost before the agent sheds them (0: no budget).
+    pub budget_core_share: f64,
+    /// Share of one CPU core the `http` family may cost before the agent detaches it until
+    /// its cool-down ends (0: no budget). Its programs run on the socket syscalls of every
+    /// process on the node, so the cost follows the node's syscall rate.
+    pub http_budget_core_share: f64,
+    /// Turn on the kernel's BPF run-time statistics (`kernel.bpf_stats_enabled`) while the
+    /// agent runs, to measure what the `http` family costs. They cost every BPF program on
+    /// the node two clock reads per run, so they are off unless asked for (a node running a
+    /// BPF datapath pays them on every packet); off (or without CAP_SYS_ADMIN), the cost is
+    /// estimated from the runs and bytes the programs count.
+    pub run_time_stats: bool,
+    /// How long a probe the budget shed stays off before it is re-attached and measured
+    /// again, in seconds; doubled each time the same probe is shed again soon after, up to
+    /// 30 minutes.
+    pub shed_cooldown_secs: u64,
+    /// How often the probe budget and library discovery run, in milliseconds.
+    pub discovery_interval_ms: u64,
+    /// Ring buffer size in bytes (a power of two, at least one page).
+    pub ring_buffer_bytes: u32,
+    /// Longest time an event may wait in the ring buffer before userspace reads it, in ms.
+    pub poll_interval_ms: u64,
+}
+
+impl Default for ProbesConfig {
+    fn default() -> Self {
+        Self {
+            disabled: Vec::new(),
+            stack_sample_every: 64,
+            budget_core_share: 0.05,
+            http_budget_core_share: 0.05,
+            run_time_stats: false,
+            shed_cooldown_secs: 60,
+            discovery_interval_ms: 1000,
+            ring_buffer_bytes: 8 * 1024 * 1024,
+            poll_interval_ms: 5,
+        }
+    }
+}
+
+impl ProbesConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        let rb = self.ring_buffer_bytes;
+        if rb < 4096 || !rb.is_power_of_two() {
+            return Err(format!(
+                "probes.ring_buffer_bytes = {rb}: must be a power of two of at least 4096"
+            ));
+        }
+        for (key, share) in [
+            ("budget_core_share", self.budget_core_share),
+            ("http_budget_core_share", self.http_budget_core_share),
+        ] {
+            if !(0.0..=1.0).contains(&share) {
+                return Err(format!("probes.{key} = {share}: must be between 0 and 1"));
+            }
+        }
+        if self.shed_cooldown_secs == 0 {
+            return Err(
+                "probes.shed_cooldown_secs must be above 0: a shed probe comes back after it"
+                    .into(),
+            );
+        }
+        if self.poll_interval_ms == 0 || self.discovery_interval_ms == 0 {
+            return Err(
+                "probes.poll_interval_ms and probes.discovery_interval_ms must be above 0".into(),
+            );
+        }
+        for name in &self.disabled {
+            if !super::is_known_probe(name) {
+                return Err(format!(
+                    "probes.disabled: unknown probe {name:?} (families: cuda, sched, oom, http; or a CUDA symbol)"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
