@@ -288,7 +288,9 @@ fn wait(
 /// the agent has caught up.
 fn show(agent: &mut AgentProc, title: &str, procs: &[&Proc]) -> anyhow::Result<()> {
     // Events reach the ledger within milliseconds and NVML is sampled every second: wait for
-    // two scrapes a sampling interval apart to agree.
+    // two scrapes a sampling interval apart to agree on the GPU series shown here, leaving out
+    // those that move every second whatever the workload does (energy, idle time). The
+    // agent's own series (costs, samples, queues) are not compared: they always move.
     let mut last = String::new();
     wait(agent, "the agent to settle", |_| {
         std::thread::sleep(Duration::from_millis(1100));
@@ -296,9 +298,9 @@ fn show(agent: &mut AgentProc, title: &str, procs: &[&Proc]) -> anyhow::Result<(
         let strip = |t: &str| {
             t.lines()
                 .filter(|l| {
-                    !l.starts_with("gpu_energy")
+                    l.starts_with("gpu_")
+                        && !l.starts_with("gpu_energy")
                         && !l.starts_with("gpu_idle")
-                        && !l.starts_with("inferscope_nvml_samples")
                 })
                 .collect::<Vec<_>>()
                 .join("\n")

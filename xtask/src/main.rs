@@ -108,8 +108,14 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     args.push("--test-threads=1");
     args.extend(extra.iter().map(String::as_str));
     let tests = util::cargo(&args);
+    // The README's first command, as a new user runs it: a change that breaks it fails here.
+    let demo = if root {
+        build().and_then(|()| demo::run())
+    } else {
+        Ok(())
+    };
     let fuzz = fuzz();
-    tests.and(fuzz)
+    tests.and(demo).and(fuzz)
 }
 
 /// The agent crate's sources, whose top-level modules must not import each other in a circle.
