@@ -65,6 +65,7 @@ pub struct HttpDataEvent {
 }
 pub const HTTP_DATA_PREFIX: usize = 48;
 const _: () = assert!(core::mem::size_of::<HttpDataEvent>() == HTTP_DATA_PREFIX + CAPTURE_MAX);
+const _: () = assert!(core::mem::offset_of!(HttpDataEvent, data) == HTTP_DATA_PREFIX);
 
 impl Default for HttpDataEvent {
     fn default() -> Self {

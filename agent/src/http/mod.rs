@@ -15,8 +15,10 @@ pub mod payload;
 pub mod traceparent;
 pub mod tracker;
 
+use std::mem::offset_of;
+
 use agent_common::{
-    http::{HttpAcceptEvent, HttpCloseEvent, DIR_IN, HTTP_DATA_PREFIX},
+    http::{HttpAcceptEvent, HttpCloseEvent, HttpDataEvent, DIR_IN, HTTP_DATA_PREFIX},
     EventHeader, EventKind,
 };
 
@@ -72,12 +74,15 @@ pub fn record(bytes: &[u8]) -> Option<Result<Record, DecodeError>> {
             if bytes.len() < HTTP_DATA_PREFIX {
                 return Err(truncated(HTTP_DATA_PREFIX));
             }
+            // Only the prefix travels: the fields are read where the record's layout puts
+            // them, not through a whole `HttpDataEvent`.
             let u32_at =
                 |o: usize| u32::from_ne_bytes(bytes[o..o + 4].try_into().unwrap_or([0; 4]));
-            let fd = u32_at(24);
-            let direction = u32_at(28);
-            let len = u64::from_ne_bytes(bytes[32..40].try_into().unwrap_or([0; 8]));
-            let captured = u32_at(40) as usize;
+            let fd = u32_at(offset_of!(HttpDataEvent, fd));
+            let direction = u32_at(offset_of!(HttpDataEvent, direction));
+            let len_at = offset_of!(HttpDataEvent, len);
+            let len = u64::from_ne_bytes(bytes[len_at..len_at + 8].try_into().unwrap_or([0; 8]));
+            let captured = u32_at(offset_of!(HttpDataEvent, captured)) as usize;
             let data = &bytes[HTTP_DATA_PREFIX..];
             if data.len() < captured {
                 return Err(truncated(HTTP_DATA_PREFIX + captured));
