@@ -20,6 +20,7 @@ pub mod gpu;
 pub mod health;
 pub mod http;
 pub mod ingest;
+pub mod labels;
 pub mod probe;
 pub mod proc;
 pub mod queue;

@@ -1,5 +1,6 @@
 //! Attribution's series: workload identity joined onto servers and GPUs, and its own health.
 
+use crate::labels::{ReasonLabels, SourceLabels};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge},
@@ -30,16 +31,6 @@ pub struct PodGpuLabels {
     pub pod: String,
     pub container: String,
     pub gpu_uuid: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct SourceLabels {
-    pub source: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ReasonLabels {
-    pub reason: &'static str,
 }
 
 #[derive(Default)]

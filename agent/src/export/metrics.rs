@@ -13,6 +13,7 @@ pub type GaugeF = Gauge<f64, AtomicU64>;
 pub type CounterF = Counter<f64, AtomicU64>;
 
 use crate::ingest::DecodeError;
+pub use crate::labels::{KindLabels, ReasonLabels, SourceLabels};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ApiLabels {
@@ -46,24 +47,9 @@ pub struct ProcessLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct SourceLabels {
-    pub source: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SignalLabels {
     /// `metrics`, `traces` or `logs`.
     pub signal: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ReasonLabels {
-    pub reason: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct KindLabels {
-    pub kind: &'static str,
 }
 
 /// `inferscope_dropped_total`: what outside input would have made the agent store or open,

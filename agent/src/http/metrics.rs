@@ -1,6 +1,7 @@
 //! The `http` family's metrics (names as in docs/metrics.md), registered into the agent's
 //! registry by [`HttpMetrics::register`].
 
+pub use crate::labels::KindLabels;
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
@@ -22,11 +23,6 @@ pub struct ModelStatusLabels {
 pub struct ModelErrorLabels {
     pub model: String,
     pub error_type: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct KindLabels {
-    pub kind: &'static str,
 }
 
 type Hist = Family<ModelLabels, Histogram, fn() -> Histogram>;
