@@ -1,6 +1,5 @@
 //! Attribution's series: workload identity joined onto servers and GPUs, and its own health.
 
-use crate::labels::{ReasonLabels, SourceLabels};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge},
@@ -8,6 +7,7 @@ use prometheus_client::{
 };
 
 use super::WorkloadLabels;
+use crate::labels::{ReasonLabels, SourceLabels};
 
 /// `llm_server_info`: one series per watched server, value 1; rules join on it.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -1,12 +1,13 @@
 //! The `http` family's metrics (names as in docs/metrics.md), registered into the agent's
 //! registry by [`HttpMetrics::register`].
 
-pub use crate::labels::KindLabels;
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
+
+pub use crate::labels::KindLabels;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ModelLabels {
