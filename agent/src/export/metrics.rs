@@ -12,7 +12,6 @@ use prometheus_client::{
 pub type GaugeF = Gauge<f64, AtomicU64>;
 pub type CounterF = Counter<f64, AtomicU64>;
 
-use crate::ingest::DecodeError;
 pub use crate::labels::{KindLabels, ReasonLabels, SourceLabels};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -668,12 +667,6 @@ impl Metrics {
         );
     }
 
-    pub fn record_dropped(&self, e: &DecodeError) {
-        self.events_dropped
-            .get_or_create(&ReasonLabels { reason: e.reason() })
-            .inc();
-    }
-
     /// Counts outside input not kept as it came (a label value folded into `other`, ...).
     pub fn dropped(&self, what: &'static str, reason: &'static str) {
         self.dropped
@@ -681,6 +674,8 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts an event given up before it reached its stage (an undecodable record, one
+    /// no stage takes), by why.
     pub fn drop_reason(&self, reason: &'static str) {
         self.events_dropped
             .get_or_create(&ReasonLabels { reason })

@@ -89,13 +89,13 @@ async fn drain(
                         http_batch.push(r);
                     }
                     Ok(_) => metrics.drop_reason("no_http_stage"),
-                    Err(e) => metrics.record_dropped(&e),
+                    Err(e) => metrics.drop_reason(e.reason()),
                 }
                 continue;
             }
             match decode(&item) {
                 Ok(ev) => batch.push(ev),
-                Err(e) => metrics.record_dropped(&e),
+                Err(e) => metrics.drop_reason(e.reason()),
             }
         }
         let full =
