@@ -1,6 +1,6 @@
 //! Family `http`: inference requests timed on the wire. The probes capture the socket
-//! syscalls of watched processes ([`discover`] finds the servers and seeds connections that
-//! predate the agent); the reader routes the family's records here ([`record`]); the
+//! syscalls of watched processes ([`watch`] decides which, from what [`discover`] finds, and
+//! seeds connections that predate the agent); the reader routes the family's records here ([`record`]); the
 //! [`tracker`] stage keeps one [`conn::Conn`] per connection and turns finished exchanges into
 //! the `llm_*` metrics ([`metrics`]).
 
@@ -14,6 +14,7 @@ pub mod models;
 pub mod payload;
 pub mod traceparent;
 pub mod tracker;
+pub mod watch;
 
 use std::mem::offset_of;
 
@@ -322,7 +323,7 @@ impl Stage {
             .with_attribution(attrib.clone());
         let beat = health.heartbeat("http-tracker", crate::health::QUICK);
         let task = tokio::spawn(tracker::run(t, rx, beat));
-        let watcher = crate::probe::http::Watcher::new(
+        let watcher = watch::Watcher::new(
             maps,
             procfs,
             config.watch_ports.clone(),
