@@ -503,6 +503,18 @@ pub async fn run(
     Ok(())
 }
 
+/// The GPU side's reports, into the tracker's queue. Over a weak sender: a thread stuck in an
+/// NVML call must not keep the queue open, or the tracker would never drain at shutdown; a
+/// report finding no room is dropped and counted (the next snapshot replaces it).
+fn gpu_reports(tracker: &queue::Sender<track::Input>) -> gpu::ReportSink {
+    let tracker = tracker.downgrade();
+    Arc::new(move |report| {
+        if let Some(tx) = tracker.upgrade() {
+            tx.offer(track::Input::from(report));
+        }
+    })
+}
+
 /// Opens NVML and starts the sampler and XID threads, named, each with its heartbeat; without
 /// NVML the agent runs on, says so once and exports `inferscope_source_up{source="nvml"} 0`.
 #[expect(
@@ -533,11 +545,12 @@ fn start_nvml(
             return Vec::new();
         }
     };
+    let reports = gpu_reports(tracker);
     let sampler = match gpu::nvml::Sampler::new(
         nvml.clone(),
         metrics.clone(),
         history.clone(),
-        Some(tracker.downgrade()),
+        Some(reports.clone()),
         ProcFs::new(&config.proc_root),
         &config.cost,
     ) {
@@ -566,10 +579,8 @@ fn start_nvml(
     let beat = health.heartbeat("nvml-events", health::QUICK);
     match std::thread::Builder::new()
         .name("nvml-events".into())
-        .spawn({
-            let tracker = tracker.downgrade();
-            move || gpu::xid::run(nvml, gpus, m, s, Some(tracker), logs, beat)
-        }) {
+        .spawn(move || gpu::xid::run(nvml, gpus, m, s, Some(reports), logs, beat))
+    {
         Ok(t) => threads.push(("nvml-events", t)),
         Err(e) => tracing::error!(error = %e, "cannot start the NVML event thread"),
     }

@@ -12,6 +12,23 @@ pub mod xid;
 
 pub use config::{CostConfig, NvmlConfig};
 
+/// What the GPU side tells whoever correlates it (the tracker): NVML's view of the processes
+/// at each sample, and each XID critical error.
+#[derive(Debug)]
+pub enum GpuReport {
+    Processes(GpuProcesses),
+    /// CLOCK_MONOTONIC ns.
+    Xid {
+        gpu: u32,
+        xid: u64,
+        ts_ns: u64,
+    },
+}
+
+/// Where reports go. It never blocks: a sampler or watcher stuck in NVML must not hold up,
+/// nor keep alive, the stage that reads them (the wiring hands a sink over a weak sender).
+pub type ReportSink = std::sync::Arc<dyn Fn(GpuReport) + Send + Sync>;
+
 /// One GPU at one instant. `None`: the GPU does not support the reading (or it failed).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct GpuSample {

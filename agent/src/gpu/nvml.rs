@@ -29,7 +29,6 @@ use crate::{
     },
     health::Heartbeat,
     proc::ProcFs,
-    track::Input,
 };
 
 const LIB: &str = "libnvidia-ml.so.1";
@@ -136,9 +135,8 @@ pub struct Sampler {
     gpus: Vec<Gpu>,
     metrics: Arc<Metrics>,
     history: Arc<GpuHistory>,
-    /// Weak: a sampler stuck in an NVML call must not keep the tracker's channel open, or the
-    /// tracker would never drain at shutdown.
-    tracker: Option<crate::queue::WeakSender<Input>>,
+    /// NVML's per-process view, each sample.
+    reports: Option<super::ReportSink>,
     pids: PidMapper,
 }
 
@@ -148,7 +146,7 @@ impl Sampler {
         nvml: Arc<Nvml>,
         metrics: Arc<Metrics>,
         history: Arc<GpuHistory>,
-        tracker: Option<crate::queue::WeakSender<Input>>,
+        reports: Option<super::ReportSink>,
         procfs: ProcFs,
         cost: &super::CostConfig,
     ) -> Result<Self, NvmlError> {
@@ -218,7 +216,7 @@ impl Sampler {
             gpus,
             metrics,
             history,
-            tracker,
+            reports,
             pids: PidMapper::new(procfs),
         })
     }
@@ -258,14 +256,9 @@ impl Sampler {
             }
         }
         self.metrics.nvml_samples.inc();
-        if let Some(tx) = self
-            .tracker
-            .as_ref()
-            .and_then(crate::queue::WeakSender::upgrade)
-        {
-            // Never block sampling on the tracker; a snapshot skipped (counted) is replaced
-            // next tick.
-            tx.offer(Input::GpuProcesses(processes));
+        if let Some(report) = &self.reports {
+            // A snapshot the reader has no room for is replaced next tick.
+            report(super::GpuReport::Processes(processes));
         }
     }
 

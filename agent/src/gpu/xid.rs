@@ -13,7 +13,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::queue::WeakSender;
 use nvml_wrapper::{bitmasks::event::EventTypes, error::NvmlError, EventSet, Nvml};
 
 use crate::{
@@ -30,8 +29,7 @@ const RETRY_MAX: Duration = Duration::from_secs(60);
 struct Sinks {
     gpus: Vec<GpuLabels>,
     metrics: Arc<Metrics>,
-    /// Weak, as the sampler's: a watcher stuck in NVML must not keep the tracker's channel open.
-    tracker: Option<WeakSender<crate::track::Input>>,
+    reports: Option<super::ReportSink>,
     logs: Option<crate::export::otlp::queue::Sink<crate::export::otlp::logs::LogItem>>,
 }
 
@@ -65,14 +63,14 @@ pub fn run(
     gpus: Vec<GpuLabels>,
     metrics: Arc<Metrics>,
     stop: Arc<AtomicBool>,
-    tracker: Option<WeakSender<crate::track::Input>>,
+    reports: Option<super::ReportSink>,
     logs: Option<crate::export::otlp::queue::Sink<crate::export::otlp::logs::LogItem>>,
     heartbeat: Heartbeat,
 ) {
     let sinks = Sinks {
         gpus,
         metrics,
-        tracker,
+        reports,
         logs,
     };
     let mut said = Said::default();
@@ -218,7 +216,7 @@ fn wait(
     let Sinks {
         gpus,
         metrics,
-        tracker,
+        reports,
         logs,
     } = sinks;
     while !stop.load(Ordering::Acquire) {
@@ -255,8 +253,8 @@ fn wait(
                         xid,
                     ));
                 }
-                if let Some(tx) = tracker.as_ref().and_then(WeakSender::upgrade) {
-                    tx.offer(crate::track::Input::Xid {
+                if let Some(report) = reports {
+                    report(super::GpuReport::Xid {
                         gpu: labels.gpu,
                         xid,
                         ts_ns: crate::clock::monotonic_ns(),

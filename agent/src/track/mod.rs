@@ -42,6 +42,15 @@ pub enum Input {
     },
 }
 
+impl From<crate::gpu::GpuReport> for Input {
+    fn from(report: crate::gpu::GpuReport) -> Self {
+        match report {
+            crate::gpu::GpuReport::Processes(p) => Input::GpuProcesses(p),
+            crate::gpu::GpuReport::Xid { gpu, xid, ts_ns } => Input::Xid { gpu, xid, ts_ns },
+        }
+    }
+}
+
 /// Bytes of records and snapshots waiting for the tracker. A batch of events is at most
 /// [`crate::ingest::MAX_BATCH`] records (about 400 KiB): past this the readers wait and the
 /// rings absorb bursts; an NVML snapshot or XID that finds no room is dropped and counted
