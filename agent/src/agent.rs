@@ -286,7 +286,7 @@ pub async fn run(
     let load = Arc::new(crate::http::load::LoadBoard::new(
         config.forensics.timeline_secs,
     ));
-    let servers = Arc::new(crate::http::discover::ServerBoard::default());
+    let servers = Arc::new(crate::servers::ServerBoard::default());
     let http_stage = crate::http::Stage::start(
         http_maps,
         &config.http,

@@ -27,6 +27,7 @@ pub mod queue;
 pub mod redact;
 pub mod scrape;
 pub mod seccomp;
+pub mod servers;
 pub mod tenant_file;
 pub mod tls;
 pub mod track;

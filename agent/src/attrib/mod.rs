@@ -28,7 +28,7 @@ use std::{
 
 use prometheus_client::encoding::{EncodeLabel, EncodeLabelSet, LabelSetEncoder};
 
-use crate::{export::metrics::Metrics, http::discover::Server, proc::ProcFs};
+use crate::{export::metrics::Metrics, proc::ProcFs, servers::Server};
 use metrics::{PodGpuLabels, ServerInfoLabels};
 use podresources::Assignments;
 

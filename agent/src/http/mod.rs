@@ -6,7 +6,6 @@
 
 pub mod body;
 pub mod conn;
-pub mod discover;
 pub mod gap;
 pub mod load;
 pub mod metrics;
@@ -297,7 +296,7 @@ impl Stage {
         discovery_interval: std::time::Duration,
         metrics: std::sync::Arc<crate::export::metrics::Metrics>,
         load: std::sync::Arc<load::LoadBoard>,
-        servers: std::sync::Arc<discover::ServerBoard>,
+        servers: std::sync::Arc<crate::servers::ServerBoard>,
         attrib: Option<std::sync::Arc<crate::attrib::Attributor>>,
         spans: Option<crate::export::otlp::queue::Sink<crate::export::otlp::traces::RequestSpan>>,
         health: &crate::health::Health,

@@ -16,7 +16,6 @@ use std::{
 
 use super::{
     conn::{Bad, Conn, ErrorType, Exchange, Output},
-    discover::Server,
     gap::Gap,
     metrics::{HttpMetrics, KindLabels, ModelErrorLabels, ModelLabels, ModelStatusLabels},
     models::{Answer, Models, OTHER, UNKNOWN},
@@ -25,6 +24,7 @@ use super::{
 use crate::{
     clock::monotonic_ns,
     export::metrics::{Metrics, SourceLabels},
+    servers::Server,
 };
 
 /// What reaches the stage.

@@ -10,13 +10,11 @@ use std::{
 
 use agent_common::http::ConnKey;
 
-use super::{
-    discover::{self, Server},
-    tracker::Input,
-};
+use super::tracker::Input;
 use crate::{
     probe::http::{Control, HttpMaps},
     proc::ProcFs,
+    servers::{self as discover, Server, ServerBoard},
 };
 
 /// The watcher: rescans servers every interval, keeps the kernel's watched set and the
@@ -30,7 +28,7 @@ pub struct Watcher {
     current: HashMap<u32, Server>,
     tracker: crate::queue::Sender<Input>,
     /// Where the list is published for other stages.
-    board: Option<std::sync::Arc<discover::ServerBoard>>,
+    board: Option<std::sync::Arc<ServerBoard>>,
     /// The agent's own pid is never watched.
     own: u32,
     /// Told the watched servers (for `llm_server_info`).
@@ -60,7 +58,7 @@ impl Watcher {
     }
 
     /// Publishes every change of the server list on `board`.
-    pub fn with_board(mut self, board: std::sync::Arc<discover::ServerBoard>) -> Self {
+    pub fn with_board(mut self, board: std::sync::Arc<ServerBoard>) -> Self {
         self.board = Some(board);
         self
     }

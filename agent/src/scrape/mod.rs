@@ -26,8 +26,8 @@ use crate::{
     error_chain as chain,
     export::metrics::{Metrics, ScrapeErrorLabels, ScrapeTargetLabels},
     health::Heartbeat,
-    http::discover::{self, Server, ServerBoard},
     proc::ProcFs,
+    servers::{self as discover, Server, ServerBoard},
 };
 
 /// The `[scrape]` section of the config file.

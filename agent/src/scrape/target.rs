@@ -10,8 +10,8 @@ use std::{
 };
 
 use crate::{
-    http::discover::{self, Server},
     proc::ProcFs,
+    servers::{self as discover, Server},
 };
 
 /// The labels added to every series scraped from a target, and to the series derived from
