@@ -7,7 +7,8 @@ use serde::Deserialize;
 pub struct LimitsConfig {
     /// Processes tracked at once; events of further processes are counted and dropped.
     pub max_processes: usize,
-    /// Live allocations tracked per process; beyond it bytes are still summed, pointers dropped.
+    /// Live allocations tracked per process; further ones are not tracked (neither pointer nor
+    /// bytes), counted as `allocation_limit`.
     pub max_allocations_per_process: usize,
     /// Bytes the allocation ledger may hold for all processes together (one live allocation
     /// costs at most `track::ledger::ENTRY_BYTES`, 93); past it further allocations are not

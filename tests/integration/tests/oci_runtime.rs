@@ -418,16 +418,14 @@ impl Pod {
         let node = Node::new();
         let root = rootfs(node.dir.path(), &node.nvml_dir);
         let init = chart.container("initContainers", "seccomp-profile");
-        let init_caps = match init["securityContext"]["capabilities"]["add"].as_array() {
-            None => Vec::new(),
-            Some(_) => added_capabilities(&init),
-        };
+        let caps = &init["securityContext"]["capabilities"];
+        assert_eq!(caps["drop"], json!(["ALL"]));
         assert!(
-            init_caps.is_empty(),
+            caps["add"].is_null(),
             "the init container holds no capability"
         );
         let mut installer = Container::start(
-            &oci_config(&chart, &init, &node, &root, &init_caps),
+            &oci_config(&chart, &init, &node, &root, &[]),
             &node.dir.path().join("bundle-init"),
             "init",
         );
