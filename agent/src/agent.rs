@@ -20,15 +20,12 @@ use tokio::sync::watch;
 use crate::{
     config::Config,
     deadline::{self, Deadline},
-    export::{
-        http,
-        metrics::{FamilyLabels, Metrics},
-        otlp,
-    },
+    export::{http, otlp},
     forensics,
     gpu::{self, history::GpuHistory},
     health::{self, Health},
     ingest,
+    metrics::{FamilyLabels, Metrics},
     probe::{
         self,
         cuda::CudaProbes,
@@ -594,7 +591,7 @@ fn queue_drops(
 ) -> prometheus_client::metrics::counter::Counter {
     metrics
         .dropped
-        .get_or_create(&crate::export::metrics::DroppedLabels {
+        .get_or_create(&crate::metrics::DroppedLabels {
             what,
             reason: "queue_full",
         })

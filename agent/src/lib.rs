@@ -21,6 +21,7 @@ pub mod health;
 pub mod http;
 pub mod ingest;
 pub mod labels;
+pub mod metrics;
 pub mod probe;
 pub mod proc;
 pub mod queue;

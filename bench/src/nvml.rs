@@ -7,8 +7,8 @@ use std::{path::Path, sync::Arc, time::Duration};
 use anyhow::Context;
 use cuda_workload::{nvml_double_path, NvmlControl};
 use inferscope::{
-    export::metrics::Metrics,
     gpu::{history::GpuHistory, nvml},
+    metrics::Metrics,
     proc::ProcFs,
 };
 

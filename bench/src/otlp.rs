@@ -14,13 +14,13 @@ use std::{
 };
 
 use anyhow::Context;
-use inferscope::export::{
-    metrics::Metrics,
-    otlp::{
+use inferscope::{
+    export::otlp::{
         config::{Protocol, Signal, Target},
         metrics as om, traces,
         transport::{Client, Payload},
     },
+    metrics::Metrics,
 };
 use prometheus_client::metrics::{counter::Counter, family::Family};
 use prost::Message;
@@ -193,8 +193,7 @@ fn spans(n: usize) -> Vec<traces::RequestSpan> {
 fn registry() -> Metrics {
     let mut m = Metrics::new();
     let counters: Family<Vec<(String, String)>, Counter> = Family::default();
-    let gauges: Family<Vec<(String, String)>, inferscope::export::metrics::GaugeF> =
-        Family::default();
+    let gauges: Family<Vec<(String, String)>, inferscope::metrics::GaugeF> = Family::default();
     for i in 0..5000u32 {
         let labels = vec![
             ("model".to_string(), format!("model-{}", i % 50)),

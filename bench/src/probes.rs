@@ -21,9 +21,9 @@ use aya::{
 };
 use inferscope::{
     config::Config,
-    export::metrics::{Metrics, SourceLabels},
     gpu::history::GpuHistory,
     ingest::{self, Event},
+    metrics::{Metrics, SourceLabels},
     probe::{self, cuda::CudaProbes, discover, floor::FloorProbes},
     proc::ProcFs,
     track::{self, Input, Tracker},

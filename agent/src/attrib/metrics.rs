@@ -6,7 +6,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use super::WorkloadLabels;
+use crate::labels::WorkloadLabels;
 use crate::labels::{ReasonLabels, SourceLabels};
 
 /// `llm_server_info`: one series per watched server, value 1; rules join on it.

@@ -26,59 +26,12 @@ use std::{
     time::Duration,
 };
 
-use prometheus_client::encoding::{EncodeLabel, EncodeLabelSet, LabelSetEncoder};
-
-use crate::{export::metrics::Metrics, proc::ProcFs, servers::Server};
+use crate::{labels::WorkloadLabels, metrics::Metrics, proc::ProcFs, servers::Server};
 use metrics::{PodGpuLabels, ServerInfoLabels};
 use podresources::Assignments;
 
 /// How often cached identities are re-read (cgroup moves, pods arriving) and dead pids dropped.
 const REFRESH_EVERY: Duration = Duration::from_secs(2);
-
-/// The workload labels every per-process series carries. Empty values are left out of the
-/// exposition (Prometheus treats an empty label as absent), so outside Kubernetes the series
-/// keep their process labels only.
-#[derive(Clone, Debug, Default, Hash, PartialEq, Eq)]
-pub struct WorkloadLabels {
-    pub node: String,
-    pub namespace: String,
-    pub pod: String,
-    pub container: String,
-}
-
-impl EncodeLabelSet for WorkloadLabels {
-    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
-        for (k, v) in [
-            ("node", &self.node),
-            ("namespace", &self.namespace),
-            ("pod", &self.pod),
-            ("container", &self.container),
-        ] {
-            if !v.is_empty() {
-                (k, v.as_str()).encode(encoder.encode_label())?;
-            }
-        }
-        Ok(())
-    }
-}
-
-/// [`WorkloadLabels`] behind an `Arc`, for the label sets built per CUDA event and per NVML
-/// sample: cloning one copies a pointer, not four strings. Encodes, hashes and compares as
-/// the labels it holds.
-#[derive(Clone, Debug, Default, Hash, PartialEq, Eq)]
-pub struct SharedWorkload(pub Arc<WorkloadLabels>);
-
-impl From<WorkloadLabels> for SharedWorkload {
-    fn from(labels: WorkloadLabels) -> Self {
-        SharedWorkload(Arc::new(labels))
-    }
-}
-
-impl EncodeLabelSet for SharedWorkload {
-    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
-        self.0.encode(encoder)
-    }
-}
 
 /// Who a process is.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -319,7 +272,7 @@ impl Attributor {
     }
 
     /// NVML's GPUs: index, UUID and product name.
-    pub fn set_gpus(&self, gpus: &[crate::export::metrics::GpuLabels]) {
+    pub fn set_gpus(&self, gpus: &[crate::metrics::GpuLabels]) {
         self.set_gpu_uuids(gpus.iter().map(|g| (g.gpu, g.gpu_uuid.clone())));
         *write(&self.gpu_types) = gpus.iter().map(|g| (g.gpu, g.gpu_type.clone())).collect();
     }
@@ -614,7 +567,7 @@ async fn poll_pod_resources(
 fn set_source(metrics: &Metrics, source: &'static str, up: bool) {
     metrics
         .source_up
-        .get_or_create(&crate::export::metrics::SourceLabels { source })
+        .get_or_create(&crate::metrics::SourceLabels { source })
         .set(i64::from(up));
 }
 

@@ -6,7 +6,7 @@ use std::{
 };
 
 use super::{read, write};
-use crate::export::metrics::Metrics;
+use crate::metrics::Metrics;
 
 /// A pod as attribution needs it.
 #[derive(Clone, Debug, PartialEq, Eq)]

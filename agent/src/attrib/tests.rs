@@ -187,14 +187,14 @@ fn series_about_workloads_follow_their_sources() {
 fn empty_workload_labels_are_left_out() {
     let m = Metrics::new();
     m.process_host_pinned
-        .get_or_create(&crate::export::metrics::ProcessLabels {
+        .get_or_create(&crate::metrics::ProcessLabels {
             pid: 1,
             comm: "a".into(),
             workload: WorkloadLabels::default().into(),
         })
         .set(5);
     m.process_host_pinned
-        .get_or_create(&crate::export::metrics::ProcessLabels {
+        .get_or_create(&crate::metrics::ProcessLabels {
             pid: 2,
             comm: "b".into(),
             workload: WorkloadLabels {
@@ -334,7 +334,7 @@ fn a_server_uses_its_assigned_gpus_else_those_of_its_descendants() {
     );
     assert_eq!(a.server_gpus(40), vec![2]);
     // llm_server_info names them, with their type, as soon as NVML shows them.
-    let gpu = |i: u32, t: &str| crate::export::metrics::GpuLabels {
+    let gpu = |i: u32, t: &str| crate::metrics::GpuLabels {
         gpu: i,
         gpu_uuid: format!("GPU-{i}"),
         gpu_type: t.into(),

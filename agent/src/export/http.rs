@@ -6,8 +6,8 @@ use std::{net::SocketAddr, sync::Arc};
 use axum::{extract::State, http::StatusCode, response::IntoResponse, routing::get, Router};
 use tokio::{net::TcpListener, sync::watch};
 
-use super::metrics::Metrics;
 use crate::health::Health;
+use crate::metrics::Metrics;
 
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 

@@ -20,9 +20,9 @@ use super::{
 };
 use crate::{
     cuda_error,
-    export::metrics::{KindLabels, Metrics},
     gpu::{history::GpuHistory, throttle},
     health::Heartbeat,
+    metrics::{KindLabels, Metrics},
 };
 
 const OLD_NS: u64 = 600 * 1_000_000_000;

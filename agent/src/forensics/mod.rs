@@ -16,7 +16,7 @@ use std::{collections::HashMap, sync::Arc, time::SystemTime};
 use agent_common::{cuda::CudaMemEvent, oom::OomKillEvent};
 
 use crate::{
-    export::metrics::{KindLabels, Metrics},
+    metrics::{KindLabels, Metrics},
     track::ledger::Allocation,
 };
 pub use config::ForensicsConfig;

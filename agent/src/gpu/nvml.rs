@@ -23,11 +23,11 @@ use nvml_wrapper::{
 use super::{history::GpuHistory, pids::PidMapper, throttle, GpuProcess, GpuProcesses, GpuSample};
 use crate::{
     clock::monotonic_ns,
-    export::metrics::{
+    health::Heartbeat,
+    metrics::{
         GpuCallLabels, GpuDirectionLabels, GpuEccLabels, GpuInfoLabels, GpuLabels, GpuReasonLabels,
         Metrics, SourceLabels,
     },
-    health::Heartbeat,
     proc::ProcFs,
 };
 

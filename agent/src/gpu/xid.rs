@@ -16,8 +16,8 @@ use std::{
 use nvml_wrapper::{bitmasks::event::EventTypes, error::NvmlError, EventSet, Nvml};
 
 use crate::{
-    export::metrics::{GpuLabels, GpuXidLabels, Metrics},
     health::Heartbeat,
+    metrics::{GpuLabels, GpuXidLabels, Metrics},
 };
 
 const WAIT_MS: u32 = 200;

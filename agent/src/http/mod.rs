@@ -294,7 +294,7 @@ impl Stage {
         config: &HttpConfig,
         procfs: crate::proc::ProcFs,
         discovery_interval: std::time::Duration,
-        metrics: std::sync::Arc<crate::export::metrics::Metrics>,
+        metrics: std::sync::Arc<crate::metrics::Metrics>,
         load: std::sync::Arc<load::LoadBoard>,
         servers: std::sync::Arc<crate::servers::ServerBoard>,
         attrib: Option<std::sync::Arc<crate::attrib::Attributor>>,
@@ -310,7 +310,7 @@ impl Stage {
         };
         let dropped = metrics
             .dropped
-            .get_or_create(&crate::export::metrics::DroppedLabels {
+            .get_or_create(&crate::metrics::DroppedLabels {
                 what: "http_queue",
                 reason: "queue_full",
             })

@@ -23,7 +23,7 @@ use super::{
 };
 use crate::{
     clock::monotonic_ns,
-    export::metrics::{Metrics, SourceLabels},
+    metrics::{Metrics, SourceLabels},
     servers::Server,
 };
 
@@ -549,7 +549,7 @@ impl HttpTracker {
         if x.token_gaps_dropped > 0 {
             self.metrics
                 .dropped
-                .get_or_create(&crate::export::metrics::DroppedLabels {
+                .get_or_create(&crate::metrics::DroppedLabels {
                     what: "token_gap",
                     reason: "too_large",
                 })

@@ -13,7 +13,7 @@ use tokio::{io::unix::AsyncFd, sync::watch};
 
 pub use decode::{decode, DecodeError, Event};
 
-use crate::{export::metrics::Metrics, health::Heartbeat, queue::Sender, track::Input};
+use crate::{health::Heartbeat, metrics::Metrics, queue::Sender, track::Input};
 
 /// Records per batch.
 pub const MAX_BATCH: usize = 4096;

@@ -28,8 +28,8 @@ use super::{
     per_cpu_sum,
 };
 use crate::{
-    export::metrics::{FamilyLabels, Metrics, ProbeLabels},
     health::Health,
+    metrics::{FamilyLabels, Metrics, ProbeLabels},
 };
 
 /// What a run costs beyond the run time the kernel measures: the syscall tracepoint's dispatch

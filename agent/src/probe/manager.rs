@@ -27,8 +27,8 @@ use super::{
     per_cpu_sum, set_config,
 };
 use crate::{
-    export::metrics::{DroppedLabels, FamilyLabels, Metrics, ProbeLabels, SourceLabels},
     health::Health,
+    metrics::{DroppedLabels, FamilyLabels, Metrics, ProbeLabels, SourceLabels},
     proc::ProcFs,
 };
 

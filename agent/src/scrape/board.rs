@@ -14,7 +14,7 @@ use super::{
     derive::Derived,
     parse::{Family, Kind, Labels, Series, Value},
 };
-use crate::export::metrics::ServerSeries;
+use crate::metrics::ServerSeries;
 
 /// What one target gave on its last successful scrape.
 #[derive(Clone, Debug, Default, PartialEq)]

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use super::parse::{Family, Labels};
-use crate::export::metrics::ServerSeries;
+use crate::metrics::ServerSeries;
 
 /// One derived sample: (series, model, server kind, value).
 #[derive(Clone, Debug, PartialEq)]

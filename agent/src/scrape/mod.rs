@@ -24,8 +24,8 @@ use tokio::sync::watch;
 
 use crate::{
     error_chain as chain,
-    export::metrics::{Metrics, ScrapeErrorLabels, ScrapeTargetLabels},
     health::Heartbeat,
+    metrics::{Metrics, ScrapeErrorLabels, ScrapeTargetLabels},
     proc::ProcFs,
     servers::{self as discover, Server, ServerBoard},
 };
@@ -137,7 +137,7 @@ struct Outcome {
     /// Why the first address failed, in words, when it did.
     detail: Option<String>,
     took: Duration,
-    workload: crate::attrib::WorkloadLabels,
+    workload: crate::labels::WorkloadLabels,
     gpus: Vec<u32>,
 }
 
@@ -165,7 +165,7 @@ impl Scraper {
         self
     }
 
-    fn workload(&self, pid: u32) -> crate::attrib::WorkloadLabels {
+    fn workload(&self, pid: u32) -> crate::labels::WorkloadLabels {
         self.attrib
             .as_ref()
             .map(|a| a.labels(pid))
@@ -317,7 +317,7 @@ impl Scraper {
                 if dropped > 0 {
                     count(kind, "max_series_total");
                     m.dropped
-                        .get_or_create(&crate::export::metrics::DroppedLabels {
+                        .get_or_create(&crate::metrics::DroppedLabels {
                             what: "scraped_series",
                             reason: "budget",
                         })
@@ -385,7 +385,7 @@ struct Job {
     /// Tried in order; the first that answers 200 wins.
     addrs: Vec<SocketAddr>,
     config: ScrapeConfig,
-    workload: crate::attrib::WorkloadLabels,
+    workload: crate::labels::WorkloadLabels,
     gpus: Vec<u32>,
 }
 

@@ -25,7 +25,7 @@ pub fn target_labels(
     pid: u32,
     port: u16,
     gpus: &[u32],
-    workload: &crate::attrib::WorkloadLabels,
+    workload: &crate::labels::WorkloadLabels,
 ) -> Vec<(&'static str, String)> {
     let mut labels = vec![
         ("server", server.to_string()),
@@ -201,7 +201,7 @@ mod tests {
                 ("port", "8000".into())
             ]
         );
-        let workload = crate::attrib::WorkloadLabels {
+        let workload = crate::labels::WorkloadLabels {
             node: "n1".into(),
             namespace: "llm".into(),
             pod: "vllm-0".into(),

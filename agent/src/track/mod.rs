@@ -16,15 +16,15 @@ use std::{
 
 use agent_common::cuda::{CudaApi, CudaMemEvent, Role, FLAG_DEVICE_UNKNOWN};
 
-use crate::attrib::{Attributor, SharedWorkload};
+use crate::{attrib::Attributor, labels::SharedWorkload};
 use crate::{
     cuda_error,
-    export::metrics::{
+    gpu::{history::GpuHistory, GpuProcesses, GpuSample},
+    ingest::{Batch, Event},
+    metrics::{
         ApiErrorLabels, ApiLabels, Metrics, PidGpuLabels, ProcessGpuLabels, ProcessLabels,
         SourceLabels,
     },
-    gpu::{history::GpuHistory, GpuProcesses, GpuSample},
-    ingest::{Batch, Event},
     proc::ProcFs,
 };
 use ledger::{Ledger, Outcome};

@@ -17,11 +17,11 @@ use super::{ledger::Outcome, Tracker};
 use crate::{
     clock::monotonic_ns,
     cuda_error,
-    export::metrics::KindLabels,
     forensics::{
         report::GpuProcessRow, report::ProcessInfo, Draft, Forensics, ForensicsConfig, Kind,
         LedgerSeries, Limiter,
     },
+    metrics::KindLabels,
 };
 
 const CUDA_ERROR_OUT_OF_MEMORY: u32 = 2;

@@ -357,7 +357,7 @@ mod tests {
     };
 
     use super::*;
-    use crate::export::metrics::{GaugeF, GpuLabels, Metrics};
+    use crate::metrics::{GaugeF, GpuLabels, Metrics};
 
     fn attr<'a>(
         attrs: &'a [KeyValue],

@@ -28,8 +28,8 @@ use self::{
     transport::{Client, Payload},
 };
 use crate::{
-    export::metrics::{Metrics, SignalLabels},
     gpu::history::GpuHistory,
+    metrics::{Metrics, SignalLabels},
 };
 
 #[derive(Debug, thiserror::Error)]

@@ -36,7 +36,7 @@ pub struct RequestSpan {
     pub stream: bool,
     pub parent: Option<TraceParent>,
     /// The server's pod (attribution); empty outside Kubernetes.
-    pub workload: crate::attrib::WorkloadLabels,
+    pub workload: crate::labels::WorkloadLabels,
 }
 
 impl crate::queue::Weigh for RequestSpan {
@@ -269,7 +269,7 @@ mod tests {
             output_tokens: Some(3),
             stream: true,
             parent: None,
-            workload: crate::attrib::WorkloadLabels {
+            workload: crate::labels::WorkloadLabels {
                 node: "n1".into(),
                 namespace: "llm".into(),
                 pod: "vllm-0".into(),

@@ -33,7 +33,7 @@ pub struct ProcessGpuLabels {
     pub gpu: i32,
     /// node, namespace, pod, container (attribution); empty ones are left out.
     #[prometheus(flatten)]
-    pub workload: crate::attrib::SharedWorkload,
+    pub workload: crate::labels::SharedWorkload,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -42,7 +42,7 @@ pub struct ProcessLabels {
     pub comm: String,
     /// node, namespace, pod, container (attribution); empty ones are left out.
     #[prometheus(flatten)]
-    pub workload: crate::attrib::SharedWorkload,
+    pub workload: crate::labels::SharedWorkload,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -137,7 +137,7 @@ pub struct PidGpuLabels {
     pub gpu: u32,
     /// node, namespace, pod, container (attribution); empty ones are left out.
     #[prometheus(flatten)]
-    pub workload: crate::attrib::SharedWorkload,
+    pub workload: crate::labels::SharedWorkload,
 }
 
 /// A scraped inference server: `inferscope_scrape_up`, `inferscope_scrape_duration_seconds`.
