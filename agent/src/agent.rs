@@ -25,12 +25,13 @@ use crate::{
     gpu::{self, history::GpuHistory},
     health::{self, Health},
     ingest,
-    metrics::{FamilyLabels, Metrics},
+    metrics::Metrics,
     probe::{
         self,
         cuda::CudaProbes,
         http_budget::HttpBudget,
         manager::{Manager, ManagerMaps},
+        metrics::FamilyLabels,
     },
     proc::ProcFs,
     queue,
@@ -121,7 +122,7 @@ const EXIT_BY: Duration = Duration::from_millis(4750);
 /// on with the others.
 struct Families<'a> {
     config: &'a Config,
-    metrics: &'a Metrics,
+    metrics: &'a probe::metrics::ProbeMetrics,
     health: &'a Health,
     /// Why tracefs is unavailable, when it is: families of tracepoints cannot start.
     tracefs: Option<&'a String>,
@@ -176,7 +177,8 @@ pub async fn run(
     preflight()?;
     raise_memlock();
     let listener = http::bind(config.prometheus_listen).await?;
-    let metrics = Arc::new(Metrics::new());
+    let m = StageMetrics::new();
+    let metrics = m.core.clone();
     let health = Arc::new(Health::new());
     for (family, shortfall) in crate::caps::Held::current()
         .map(|held| held.shortfalls())
@@ -199,7 +201,7 @@ pub async fn run(
     );
     let mut families = Families {
         config: &config,
-        metrics: &metrics,
+        metrics: &m.probe,
         health: &health,
         tracefs: tracefs.as_ref().err(),
     };
@@ -236,7 +238,7 @@ pub async fn run(
             hits: loaded.hits,
         },
         links,
-        metrics.clone(),
+        m.probe.clone(),
         health.clone(),
         &config.probes,
         ProcFs::new(&config.proc_root),
@@ -250,7 +252,7 @@ pub async fn run(
         config.limits.max_processes,
         ProcFs::new(&config.proc_root),
         &crate::env::ProcessEnv,
-        metrics.clone(),
+        m.attrib.clone(),
         stop_rx.clone(),
         &health,
     );
@@ -272,7 +274,7 @@ pub async fn run(
     let nvml_stop = Arc::new(AtomicBool::new(false));
     let nvml_threads = start_nvml(
         &config,
-        &metrics,
+        &m.gpu,
         &history,
         &batch_tx,
         &nvml_stop,
@@ -289,7 +291,7 @@ pub async fn run(
         &config.http,
         ProcFs::new(&config.proc_root),
         Duration::from_millis(config.probes.discovery_interval_ms),
-        metrics.clone(),
+        m.http.clone(),
         load.clone(),
         servers.clone(),
         Some(attributor.clone()),
@@ -302,7 +304,7 @@ pub async fn run(
             probes,
             config.probes.http_budget_core_share,
             config.probes.run_time_stats,
-            metrics.clone(),
+            m.probe.clone(),
             health.clone(),
         )
         .with_control(http_stage.control())
@@ -319,7 +321,7 @@ pub async fn run(
     let scraper = crate::scrape::Stage::start(
         &config.scrape,
         ProcFs::new(&config.proc_root),
-        metrics.clone(),
+        m.scrape.clone(),
         scrape_servers,
         Some(attributor.clone()),
         stop_rx.clone(),
@@ -359,7 +361,7 @@ pub async fn run(
         ),
         stack_map: loaded.stacks.take(),
         history: history.clone(),
-        metrics: metrics.clone(),
+        metrics: m.forensics.clone(),
         settings: forensics::Settings {
             max_reports: config.forensics.max_reports,
             max_bytes: config.forensics.max_bytes,
@@ -380,13 +382,13 @@ pub async fn run(
         .spawn(move || writer.run(draft_rx, beat))
         .map_err(StartError::Thread)?;
     let tracker = Tracker::new(
-        metrics.clone(),
+        m.track.clone(),
         ProcFs::new(&config.proc_root),
         &config.limits,
         history,
     )
     .with_forensics(
-        forensics::Forensics::new(draft_tx, metrics.clone()),
+        forensics::Forensics::new(draft_tx, m.forensics.clone()),
         &config.forensics,
     )
     .with_attribution(attributor)
@@ -500,6 +502,35 @@ pub async fn run(
     Ok(())
 }
 
+/// Every stage's metric families, made and registered before any stage starts, so that
+/// `/metrics` lists every family whether or not its stage runs.
+struct StageMetrics {
+    core: Arc<Metrics>,
+    probe: Arc<probe::metrics::ProbeMetrics>,
+    gpu: Arc<gpu::metrics::GpuMetrics>,
+    attrib: Arc<crate::attrib::metrics::AttribMetrics>,
+    http: Arc<crate::http::metrics::HttpMetrics>,
+    scrape: Arc<crate::scrape::metrics::ScrapeMetrics>,
+    track: Arc<track::metrics::TrackMetrics>,
+    forensics: Arc<forensics::metrics::ForensicsMetrics>,
+}
+
+impl StageMetrics {
+    fn new() -> Self {
+        let core = Arc::new(Metrics::new());
+        Self {
+            probe: probe::metrics::ProbeMetrics::new(&core),
+            gpu: gpu::metrics::GpuMetrics::new(&core),
+            attrib: crate::attrib::metrics::AttribMetrics::new(&core),
+            http: crate::http::metrics::HttpMetrics::new(&core),
+            scrape: crate::scrape::metrics::ScrapeMetrics::new(&core),
+            track: track::metrics::TrackMetrics::new(&core),
+            forensics: forensics::metrics::ForensicsMetrics::new(&core),
+            core,
+        }
+    }
+}
+
 /// The GPU side's reports, into the tracker's queue. Over a weak sender: a thread stuck in an
 /// NVML call must not keep the queue open, or the tracker would never drain at shutdown; a
 /// report finding no room is dropped and counted (the next snapshot replaces it).
@@ -520,7 +551,7 @@ fn gpu_reports(tracker: &queue::Sender<track::Input>) -> gpu::ReportSink {
 )]
 fn start_nvml(
     config: &Config,
-    metrics: &Arc<Metrics>,
+    metrics: &Arc<gpu::metrics::GpuMetrics>,
     history: &Arc<GpuHistory>,
     tracker: &queue::Sender<track::Input>,
     stop: &Arc<AtomicBool>,
@@ -538,7 +569,7 @@ fn start_nvml(
                 .map(|s| s.to_string())
                 .unwrap_or_default();
             tracing::warn!(error = %e, cause, "NVML unavailable: no GPU telemetry (the probes still run)");
-            gpu::nvml::set_source_up(metrics, false);
+            gpu::nvml::set_source_up(&metrics.core, false);
             return Vec::new();
         }
     };
@@ -554,11 +585,11 @@ fn start_nvml(
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(error = %e, "NVML cannot list GPUs: no GPU telemetry");
-            gpu::nvml::set_source_up(metrics, false);
+            gpu::nvml::set_source_up(&metrics.core, false);
             return Vec::new();
         }
     };
-    gpu::nvml::set_source_up(metrics, true);
+    gpu::nvml::set_source_up(&metrics.core, true);
     let gpus = sampler.gpu_labels();
     attributor.set_gpus(&gpus);
     let interval = Duration::from_millis(config.nvml.interval_ms);

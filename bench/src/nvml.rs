@@ -7,6 +7,7 @@ use std::{path::Path, sync::Arc, time::Duration};
 use anyhow::Context;
 use cuda_workload::{nvml_double_path, NvmlControl};
 use inferscope::{
+    gpu::metrics::GpuMetrics,
     gpu::{history::GpuHistory, nvml},
     metrics::Metrics,
     proc::ProcFs,
@@ -60,7 +61,7 @@ pub fn measure(dir: &Path, samples: u64, seconds: f64) -> anyhow::Result<NvmlCos
     }
     let lib = nvml_double_path();
     let nvml = Arc::new(nvml::open(Some(&lib)).context("opening the NVML double")?);
-    let metrics = Arc::new(Metrics::new());
+    let metrics = GpuMetrics::new(&Arc::new(Metrics::new()));
     let history = Arc::new(GpuHistory::new(600));
     let mut sampler = nvml::Sampler::new(
         nvml,

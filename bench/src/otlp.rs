@@ -191,7 +191,7 @@ fn spans(n: usize) -> Vec<traces::RequestSpan> {
 
 /// 10,000 points: 5,000 counter series and 5,000 gauge series, labels like the catalogue's.
 fn registry() -> Metrics {
-    let mut m = Metrics::new();
+    let m = Metrics::new();
     let counters: Family<Vec<(String, String)>, Counter> = Family::default();
     let gauges: Family<Vec<(String, String)>, inferscope::metrics::GaugeF> = Family::default();
     for i in 0..5000u32 {
@@ -203,9 +203,10 @@ fn registry() -> Metrics {
         counters.get_or_create(&labels).inc_by(u64::from(i));
         gauges.get_or_create(&labels).set(f64::from(i) * 0.5);
     }
-    m.registry
-        .register("bench_requests", "bench counter", counters);
-    m.registry.register("bench_level", "bench gauge", gauges);
+    m.register_with(|r| {
+        r.register("bench_requests", "bench counter", counters);
+        r.register("bench_level", "bench gauge", gauges);
+    });
     m
 }
 
@@ -257,7 +258,7 @@ pub fn measure(rounds: usize, down_secs: u64, lib: &std::path::Path) -> anyhow::
         start_unix_nano: 1,
         now_unix_nano: 2,
     };
-    let build_points = || om::snapshot(&metrics.registry, &resource, times);
+    let build_points = || metrics.read(|r| om::snapshot(r, &resource, times));
     // Warm-up (connections, allocator).
     let spans_bytes = encode_spans(build_spans()).encoded_len();
     let first = build_points().context("snapshot")?;

@@ -26,7 +26,7 @@ use inferscope::{
     metrics::{Metrics, SourceLabels},
     probe::{self, cuda::CudaProbes, discover, floor::FloorProbes},
     proc::ProcFs,
-    track::{self, Input, Tracker},
+    track::{self, metrics::TrackMetrics, Input, Tracker},
 };
 use tokio::{runtime::Runtime, sync::watch};
 
@@ -153,7 +153,12 @@ impl Pipeline {
             stop_rx,
         ));
         let history = Arc::new(GpuHistory::new(config.nvml.history_secs));
-        let tracker = Tracker::new(metrics.clone(), ProcFs::default(), &config.limits, history);
+        let tracker = Tracker::new(
+            TrackMetrics::new(&metrics),
+            ProcFs::default(),
+            &config.limits,
+            history,
+        );
         let tracker = if timed {
             rt.spawn(timed_track(tracker, rx))
         } else {

@@ -6,8 +6,12 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::labels::WorkloadLabels;
-use crate::labels::{ReasonLabels, SourceLabels};
+use std::sync::Arc;
+
+use crate::{
+    labels::{ReasonLabels, SourceLabels, WorkloadLabels},
+    metrics::Metrics,
+};
 
 /// `llm_server_info`: one series per watched server, value 1; rules join on it.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -33,8 +37,9 @@ pub struct PodGpuLabels {
     pub gpu_uuid: String,
 }
 
-#[derive(Default)]
 pub struct AttribMetrics {
+    /// The shared counters (outside input dropped, sources up).
+    pub core: Arc<Metrics>,
     pub server_info: Family<ServerInfoLabels, Gauge>,
     pub pod_gpu_assigned: Family<PodGpuLabels, Gauge>,
     pub pods: Gauge,
@@ -43,7 +48,20 @@ pub struct AttribMetrics {
 }
 
 impl AttribMetrics {
-    pub fn register(&self, r: &mut Registry) {
+    pub fn new(core: &Arc<Metrics>) -> Arc<Self> {
+        let m = Self {
+            core: core.clone(),
+            server_info: Family::default(),
+            pod_gpu_assigned: Family::default(),
+            pods: Gauge::default(),
+            errors: Family::default(),
+            dropped: Family::default(),
+        };
+        core.register_with(|r| m.register(r));
+        Arc::new(m)
+    }
+
+    fn register(&self, r: &mut Registry) {
         r.register(
             "llm_server_info",
             "A watched inference server (value 1): model, model version, tensor parallelism \

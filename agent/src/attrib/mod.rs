@@ -27,7 +27,7 @@ use std::{
 };
 
 use crate::{labels::WorkloadLabels, metrics::Metrics, proc::ProcFs, servers::Server};
-use metrics::{PodGpuLabels, ServerInfoLabels};
+use metrics::{AttribMetrics, PodGpuLabels, ServerInfoLabels};
 use podresources::Assignments;
 
 /// How often cached identities are re-read (cgroup moves, pods arriving) and dead pids dropped.
@@ -96,7 +96,7 @@ pub struct Attributor {
     cache: Mutex<HashMap<u32, Arc<Identity>>>,
     /// Watched inference servers, and the `llm_server_info` series published for them.
     servers: Mutex<(HashMap<u32, Server>, Vec<ServerInfoLabels>)>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<AttribMetrics>,
 }
 
 impl Attributor {
@@ -105,7 +105,7 @@ impl Attributor {
         config: &AttributionConfig,
         max_processes: usize,
         procfs: ProcFs,
-        metrics: Arc<Metrics>,
+        metrics: Arc<AttribMetrics>,
     ) -> Self {
         Self {
             node: truncate(&node, config.max_label_len),
@@ -138,7 +138,7 @@ impl Attributor {
         if cache.len() < self.max_processes {
             cache.insert(pid, id.clone());
         } else {
-            self.metrics.attrib.dropped("process_limit", 1);
+            self.metrics.dropped("process_limit", 1);
         }
         id
     }
@@ -272,7 +272,7 @@ impl Attributor {
     }
 
     /// NVML's GPUs: index, UUID and product name.
-    pub fn set_gpus(&self, gpus: &[crate::metrics::GpuLabels]) {
+    pub fn set_gpus(&self, gpus: &[crate::gpu::metrics::GpuLabels]) {
         self.set_gpu_uuids(gpus.iter().map(|g| (g.gpu, g.gpu_uuid.clone())));
         *write(&self.gpu_types) = gpus.iter().map(|g| (g.gpu, g.gpu_type.clone())).collect();
     }
@@ -347,7 +347,7 @@ impl Attributor {
                 }
             })
             .collect();
-        let family = &self.metrics.attrib.server_info;
+        let family = &self.metrics.server_info;
         for gone in state.1.iter().filter(|l| !now.contains(l)) {
             family.remove(gone);
         }
@@ -373,7 +373,7 @@ impl Attributor {
                 })
                 .collect()
         };
-        let family = &self.metrics.attrib.pod_gpu_assigned;
+        let family = &self.metrics.pod_gpu_assigned;
         let mut gpus = write(&self.gpus);
         let new = series(&assignments);
         for old in series(&gpus) {
@@ -398,7 +398,7 @@ pub fn start(
     max_processes: usize,
     procfs: ProcFs,
     env: &dyn crate::env::EnvSource,
-    metrics: Arc<Metrics>,
+    metrics: Arc<AttribMetrics>,
     stop: tokio::sync::watch::Receiver<bool>,
     health: &crate::health::Health,
 ) -> (Arc<Attributor>, Vec<tokio::task::JoinHandle<()>>) {
@@ -459,7 +459,7 @@ pub fn start(
             apiserver::run(
                 endpoint,
                 attributor.pods().clone(),
-                move |up| set_source(&m, "kube_apiserver", up),
+                move |up| set_source(&m.core, "kube_apiserver", up),
                 stop.clone(),
             ),
         )));
@@ -538,9 +538,9 @@ async fn poll_pod_resources(
                 }
                 failing = false;
                 if left_out > 0 {
-                    metrics.attrib.dropped("pod_limit", left_out as u64);
+                    metrics.dropped("pod_limit", left_out as u64);
                 }
-                set_source(&metrics, "pod_resources", true);
+                set_source(&metrics.core, "pod_resources", true);
                 attributor.set_assignments(assignments);
             }
             Err(e) => {
@@ -551,8 +551,8 @@ async fn poll_pod_resources(
                     );
                 }
                 failing = true;
-                metrics.attrib.errors("pod_resources");
-                set_source(&metrics, "pod_resources", false);
+                metrics.errors("pod_resources");
+                set_source(&metrics.core, "pod_resources", false);
             }
         }
         tokio::select! {

@@ -5,8 +5,8 @@ use std::{
     sync::{Arc, RwLock},
 };
 
+use super::metrics::AttribMetrics;
 use super::{read, write};
-use crate::metrics::Metrics;
 
 /// A pod as attribution needs it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -21,11 +21,11 @@ pub struct Pod {
 pub struct PodStore {
     pods: RwLock<HashMap<String, Pod>>,
     max: usize,
-    metrics: Arc<Metrics>,
+    metrics: Arc<AttribMetrics>,
 }
 
 impl PodStore {
-    pub fn new(max: usize, metrics: Arc<Metrics>) -> Self {
+    pub fn new(max: usize, metrics: Arc<AttribMetrics>) -> Self {
         Self {
             pods: RwLock::new(HashMap::new()),
             max,
@@ -79,16 +79,16 @@ impl PodStore {
     }
 
     pub fn count_error(&self) {
-        self.metrics.attrib.errors("kube_apiserver");
+        self.metrics.errors("kube_apiserver");
     }
 
     fn dropped(&self, n: usize) {
         if n > 0 {
-            self.metrics.attrib.dropped("pod_limit", n as u64);
+            self.metrics.dropped("pod_limit", n as u64);
         }
     }
 
     fn gauge(&self) {
-        self.metrics.attrib.pods.set(self.len() as i64);
+        self.metrics.pods.set(self.len() as i64);
     }
 }

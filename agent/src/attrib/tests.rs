@@ -35,7 +35,7 @@ fn attributor(dir: &tempfile::TempDir, max_label_len: usize, max_processes: usiz
         &config,
         max_processes,
         ProcFs::new(dir.path()),
-        Arc::new(Metrics::new()),
+        super::metrics::AttribMetrics::new(&Arc::new(Metrics::new())),
     )
 }
 
@@ -116,6 +116,7 @@ fn the_cache_follows_pods_and_processes_on_refresh() {
     assert_eq!(a.labels(20).container, "server");
     assert!(a
         .metrics
+        .core
         .encode()
         .contains("inferscope_attribution_dropped_total{reason=\"process_limit\"} 1"));
     // The pod goes: names go at the next refresh; the process goes: its entry goes.
@@ -140,7 +141,7 @@ fn the_pod_store_is_bounded() {
     assert_eq!(store.len(), 2);
     store.upsert("u4".into(), pod("d"));
     assert_eq!(store.len(), 2);
-    let text = a.metrics.encode();
+    let text = a.metrics.core.encode();
     assert!(
         text.contains("inferscope_attribution_dropped_total{reason=\"pod_limit\"} 2"),
         "{text}"
@@ -165,7 +166,7 @@ fn series_about_workloads_follow_their_sources() {
             ..Default::default()
         },
     )]));
-    let text = a.metrics.encode();
+    let text = a.metrics.core.encode();
     for line in [
         "inferscope_pod_gpu_assigned{namespace=\"inference\",pod=\"llm-0\",container=\"server\",gpu_uuid=\"GPU-1\"} 1",
         "llm_server_info{pid=\"10\",server=\"vllm\",model=\"llama\",model_version=\"rev1\",tensor_parallelism=\"2\",gpu=\"\",gpu_type=\"\",node=\"node-1\",namespace=\"inference\",pod=\"llm-0\",container=\"server\"} 1",
@@ -174,46 +175,13 @@ fn series_about_workloads_follow_their_sources() {
     }
     a.set_assignments(Assignments::from([(key("sidecar"), vec!["GPU-2".into()])]));
     a.set_servers(&HashMap::new());
-    let text = a.metrics.encode();
+    let text = a.metrics.core.encode();
     assert!(!text.contains("GPU-1"), "{text}");
     assert!(
         text.contains("container=\"sidecar\",gpu_uuid=\"GPU-2\"} 1"),
         "{text}"
     );
     assert!(!text.contains("llm_server_info{"), "{text}");
-}
-
-#[test]
-fn empty_workload_labels_are_left_out() {
-    let m = Metrics::new();
-    m.process_host_pinned
-        .get_or_create(&crate::metrics::ProcessLabels {
-            pid: 1,
-            comm: "a".into(),
-            workload: WorkloadLabels::default().into(),
-        })
-        .set(5);
-    m.process_host_pinned
-        .get_or_create(&crate::metrics::ProcessLabels {
-            pid: 2,
-            comm: "b".into(),
-            workload: WorkloadLabels {
-                node: "n".into(),
-                pod: "p".into(),
-                ..Default::default()
-            }
-            .into(),
-        })
-        .set(6);
-    let text = m.encode();
-    assert!(
-        text.contains("gpu_process_host_pinned_bytes{pid=\"1\",comm=\"a\"} 5"),
-        "{text}"
-    );
-    assert!(
-        text.contains("gpu_process_host_pinned_bytes{pid=\"2\",comm=\"b\",node=\"n\",pod=\"p\"} 6"),
-        "{text}"
-    );
 }
 
 #[test]
@@ -334,7 +302,7 @@ fn a_server_uses_its_assigned_gpus_else_those_of_its_descendants() {
     );
     assert_eq!(a.server_gpus(40), vec![2]);
     // llm_server_info names them, with their type, as soon as NVML shows them.
-    let gpu = |i: u32, t: &str| crate::metrics::GpuLabels {
+    let gpu = |i: u32, t: &str| crate::gpu::metrics::GpuLabels {
         gpu: i,
         gpu_uuid: format!("GPU-{i}"),
         gpu_type: t.into(),
@@ -345,7 +313,7 @@ fn a_server_uses_its_assigned_gpus_else_those_of_its_descendants() {
         gpu(2, "NVIDIA L4"),
     ]);
     a.set_servers(&HashMap::from([(10, Server::default())]));
-    let text = a.metrics.encode();
+    let text = a.metrics.core.encode();
     assert!(
         text.contains("gpu=\"0,1\",gpu_type=\"NVIDIA H100\""),
         "{text}"
@@ -354,7 +322,7 @@ fn a_server_uses_its_assigned_gpus_else_those_of_its_descendants() {
         ts_ns: 1,
         entries: vec![on(30, 1), on(20, 2)],
     });
-    let text = a.metrics.encode();
+    let text = a.metrics.core.encode();
     assert!(
         text.contains("gpu=\"1,2\",gpu_type=\"NVIDIA H100,NVIDIA L4\""),
         "{text}"

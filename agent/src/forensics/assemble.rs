@@ -22,7 +22,7 @@ use crate::{
     cuda_error,
     gpu::{history::GpuHistory, throttle},
     health::Heartbeat,
-    metrics::{KindLabels, Metrics},
+    metrics::KindLabels,
 };
 
 const OLD_NS: u64 = 600 * 1_000_000_000;
@@ -33,7 +33,7 @@ pub struct Writer {
     /// The probes' stack map; the symbolizer that reads it is made on the writer's thread.
     pub stack_map: Option<aya::maps::StackTraceMap<aya::maps::MapData>>,
     pub history: Arc<GpuHistory>,
-    pub metrics: Arc<Metrics>,
+    pub metrics: Arc<super::metrics::ForensicsMetrics>,
     pub settings: Settings,
     pub seq: u64,
     /// Requests in flight per watched server, from the wire.
@@ -536,7 +536,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let forensics = dir.path().join("forensics");
         let (logs, log_rx) = crate::export::otlp::queue::channel(10, 1 << 20, Default::default());
-        let metrics = Arc::new(Metrics::new());
+        let metrics = crate::forensics::metrics::ForensicsMetrics::new(&Arc::new(
+            crate::metrics::Metrics::new(),
+        ));
         let writer = Writer {
             store: Store::new(&forensics, 10, u64::MAX),
             stack_map: None,

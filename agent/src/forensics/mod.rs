@@ -6,6 +6,7 @@
 
 pub mod assemble;
 mod config;
+pub mod metrics;
 pub mod render;
 pub mod report;
 pub mod store;
@@ -15,11 +16,9 @@ use std::{collections::HashMap, sync::Arc, time::SystemTime};
 
 use agent_common::{cuda::CudaMemEvent, oom::OomKillEvent};
 
-use crate::{
-    metrics::{KindLabels, Metrics},
-    track::ledger::Allocation,
-};
+use crate::{metrics::KindLabels, track::ledger::Allocation};
 pub use config::ForensicsConfig;
+use metrics::ForensicsMetrics;
 pub use report::Kind;
 use report::{GpuProcessRow, ProcessInfo};
 
@@ -142,11 +141,11 @@ impl Limiter {
 #[derive(Clone)]
 pub struct Forensics {
     tx: crate::queue::Sender<Draft>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<ForensicsMetrics>,
 }
 
 impl Forensics {
-    pub fn new(tx: crate::queue::Sender<Draft>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(tx: crate::queue::Sender<Draft>, metrics: Arc<ForensicsMetrics>) -> Self {
         Self { tx, metrics }
     }
 

@@ -5,6 +5,7 @@
 
 mod config;
 pub mod history;
+pub mod metrics;
 pub mod nvml;
 pub mod pids;
 pub mod throttle;

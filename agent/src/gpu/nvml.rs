@@ -20,14 +20,19 @@ use nvml_wrapper::{
     Device, Nvml,
 };
 
-use super::{history::GpuHistory, pids::PidMapper, throttle, GpuProcess, GpuProcesses, GpuSample};
+use super::{
+    history::GpuHistory,
+    metrics::{
+        GpuCallLabels, GpuDirectionLabels, GpuEccLabels, GpuInfoLabels, GpuLabels, GpuMetrics,
+        GpuReasonLabels,
+    },
+    pids::PidMapper,
+    throttle, GpuProcess, GpuProcesses, GpuSample,
+};
 use crate::{
     clock::monotonic_ns,
     health::Heartbeat,
-    metrics::{
-        GpuCallLabels, GpuDirectionLabels, GpuEccLabels, GpuInfoLabels, GpuLabels, GpuReasonLabels,
-        Metrics, SourceLabels,
-    },
+    metrics::{Metrics, SourceLabels},
     proc::ProcFs,
 };
 
@@ -133,7 +138,7 @@ struct Gpu {
 pub struct Sampler {
     nvml: Arc<Nvml>,
     gpus: Vec<Gpu>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<GpuMetrics>,
     history: Arc<GpuHistory>,
     /// NVML's per-process view, each sample.
     reports: Option<super::ReportSink>,
@@ -144,7 +149,7 @@ impl Sampler {
     /// Reads the GPUs' identities and publishes `gpu_info`.
     pub fn new(
         nvml: Arc<Nvml>,
-        metrics: Arc<Metrics>,
+        metrics: Arc<GpuMetrics>,
         history: Arc<GpuHistory>,
         reports: Option<super::ReportSink>,
         procfs: ProcFs,

@@ -15,10 +15,8 @@ use std::{
 
 use nvml_wrapper::{bitmasks::event::EventTypes, error::NvmlError, EventSet, Nvml};
 
-use crate::{
-    health::Heartbeat,
-    metrics::{GpuLabels, GpuXidLabels, Metrics},
-};
+use super::metrics::{GpuLabels, GpuMetrics, GpuXidLabels};
+use crate::health::Heartbeat;
 
 const WAIT_MS: u32 = 200;
 /// The first pause before building the event set again; it doubles up to [`RETRY_MAX`].
@@ -28,7 +26,7 @@ const RETRY_MAX: Duration = Duration::from_secs(60);
 /// Where the XID events go.
 struct Sinks {
     gpus: Vec<GpuLabels>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<GpuMetrics>,
     reports: Option<super::ReportSink>,
     logs: Option<crate::export::otlp::queue::Sink<crate::export::otlp::logs::LogItem>>,
 }
@@ -61,7 +59,7 @@ enum Ended {
 pub fn run(
     nvml: Arc<Nvml>,
     gpus: Vec<GpuLabels>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<GpuMetrics>,
     stop: Arc<AtomicBool>,
     reports: Option<super::ReportSink>,
     logs: Option<crate::export::otlp::queue::Sink<crate::export::otlp::logs::LogItem>>,

@@ -1,11 +1,15 @@
 //! The `http` family's metrics (names as in docs/metrics.md), registered into the agent's
 //! registry by [`HttpMetrics::register`].
 
+use std::sync::Arc;
+
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
+
+use crate::metrics::Metrics;
 
 pub use crate::labels::KindLabels;
 
@@ -59,8 +63,9 @@ fn tokens() -> Histogram {
     ))
 }
 
-#[derive(Clone)]
 pub struct HttpMetrics {
+    /// The shared counters (events by source, outside input dropped).
+    pub core: Arc<Metrics>,
     pub requests: Family<ModelStatusLabels, Counter>,
     pub errors: Family<ModelErrorLabels, Counter>,
     pub latency: Hist,
@@ -79,9 +84,10 @@ pub struct HttpMetrics {
     pub watched_processes: Gauge,
 }
 
-impl Default for HttpMetrics {
-    fn default() -> Self {
-        Self {
+impl HttpMetrics {
+    pub fn new(core: &Arc<Metrics>) -> Arc<Self> {
+        let m = Self {
+            core: core.clone(),
             requests: Family::default(),
             errors: Family::default(),
             latency: Family::new_with_constructor(latency),
@@ -96,12 +102,12 @@ impl Default for HttpMetrics {
             connections: Gauge::default(),
             state_bytes: Gauge::default(),
             watched_processes: Gauge::default(),
-        }
+        };
+        core.register_with(|r| m.register(r));
+        Arc::new(m)
     }
-}
 
-impl HttpMetrics {
-    pub fn register(&self, r: &mut Registry) {
+    fn register(&self, r: &mut Registry) {
         r.register(
             "llm_requests",
             "Requests answered by inference servers (on the wire), by model and status code",

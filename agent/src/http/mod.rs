@@ -294,7 +294,7 @@ impl Stage {
         config: &HttpConfig,
         procfs: crate::proc::ProcFs,
         discovery_interval: std::time::Duration,
-        metrics: std::sync::Arc<crate::metrics::Metrics>,
+        metrics: std::sync::Arc<metrics::HttpMetrics>,
         load: std::sync::Arc<load::LoadBoard>,
         servers: std::sync::Arc<crate::servers::ServerBoard>,
         attrib: Option<std::sync::Arc<crate::attrib::Attributor>>,
@@ -309,6 +309,7 @@ impl Stage {
             });
         };
         let dropped = metrics
+            .core
             .dropped
             .get_or_create(&crate::metrics::DroppedLabels {
                 what: "http_queue",
@@ -316,7 +317,7 @@ impl Stage {
             })
             .clone();
         let (tx, rx) = crate::queue::channel(QUEUE_BYTES, dropped);
-        let t = tracker::HttpTracker::new(metrics.clone(), metrics.http.clone(), config.limits())
+        let t = tracker::HttpTracker::new(metrics.clone(), config.limits())
             .with_load(load)
             .with_spans(spans)
             .with_attribution(attrib.clone());

@@ -108,7 +108,7 @@ pub struct HttpTracker {
     state_bytes: usize,
     servers: HashMap<u32, Server>,
     metrics: Arc<Metrics>,
-    http: HttpMetrics,
+    http: Arc<HttpMetrics>,
     limits: Limits,
     /// Which model names are `model` label values.
     models: Models,
@@ -125,7 +125,8 @@ pub struct HttpTracker {
 }
 
 impl HttpTracker {
-    pub fn new(metrics: Arc<Metrics>, http: HttpMetrics, limits: Limits) -> Self {
+    pub fn new(http: Arc<HttpMetrics>, limits: Limits) -> Self {
+        let metrics = http.core.clone();
         Self {
             conns: HashMap::new(),
             charged: HashMap::new(),
@@ -653,9 +654,9 @@ mod tests {
 
     const S: u64 = 1_000_000_000;
 
-    fn tracker(limits: Limits) -> (HttpTracker, Arc<Metrics>) {
-        let metrics = Arc::new(Metrics::new());
-        let t = HttpTracker::new(metrics.clone(), metrics.http.clone(), limits);
+    fn tracker(limits: Limits) -> (HttpTracker, Arc<HttpMetrics>) {
+        let metrics = HttpMetrics::new(&Arc::new(crate::metrics::Metrics::new()));
+        let t = HttpTracker::new(metrics.clone(), limits);
         (t, metrics)
     }
 
@@ -707,7 +708,7 @@ mod tests {
             finished(&mut t, &name, 404, S + 10);
         }
         received(&mut t, "llama", 2 * S);
-        let text = metrics.encode();
+        let text = metrics.core.encode();
         assert_eq!(
             value(&text, "llm_requests_in_flight{model=\"other\"}"),
             1.0,
@@ -717,7 +718,7 @@ mod tests {
         // An admitted name keeps its label on errors too.
         received(&mut t, "llama", 4 * S);
         finished(&mut t, "llama", 404, 4 * S);
-        let text = metrics.encode();
+        let text = metrics.core.encode();
         let want: HashSet<String> = ["other".into(), "llama".into()].into();
         assert_eq!(models(&text, "llm_requests_total"), want, "{text}");
         assert_eq!(models(&text, "llm_latency_seconds_count"), want);
@@ -762,7 +763,7 @@ mod tests {
         }
         let in_flight = |m: &str| {
             value(
-                &metrics.encode(),
+                &metrics.core.encode(),
                 &format!("llm_requests_in_flight{{model=\"{m}\"}}"),
             )
         };
@@ -790,7 +791,7 @@ mod tests {
         assert_eq!(in_flight("cli"), 0.0);
         assert_eq!(
             value(
-                &metrics.encode(),
+                &metrics.core.encode(),
                 "llm_requests_total{model=\"cli\",status_code=\"503\"}"
             ),
             1.0
@@ -808,20 +809,20 @@ mod tests {
         received(&mut t, "old", 2 * S);
         finished(&mut t, "old", 429, 2 * S);
         t.sweep(61 * S);
-        assert!(metrics.encode().contains("model=\"old\""));
+        assert!(metrics.core.encode().contains("model=\"old\""));
         t.sweep(63 * S);
-        let text = metrics.encode();
+        let text = metrics.core.encode();
         assert!(!text.contains("model=\"old\""), "{text}");
         // Until it is answered with success again, it is `other`.
         received(&mut t, "old", 64 * S);
         finished(&mut t, "old", 404, 64 * S);
-        let text = metrics.encode();
+        let text = metrics.core.encode();
         assert!(!text.contains("model=\"old\""), "{text}");
         received(&mut t, "old", 65 * S);
         finished(&mut t, "old", 200, 65 * S);
         assert_eq!(
             value(
-                &metrics.encode(),
+                &metrics.core.encode(),
                 "llm_requests_total{model=\"old\",status_code=\"200\"}"
             ),
             1.0
@@ -839,7 +840,7 @@ mod tests {
             received(&mut t, &name, S);
             finished(&mut t, &name, 200, S);
         }
-        let text = metrics.encode();
+        let text = metrics.core.encode();
         assert_eq!(models(&text, "llm_requests_total").len(), 5, "{text}");
         assert_eq!(
             value(
@@ -909,7 +910,7 @@ mod tests {
             }
         }
         assert!(t.connections() < 2000);
-        let text = metrics.encode();
+        let text = metrics.core.encode();
         assert!(
             value(
                 &text,
@@ -971,7 +972,7 @@ mod tests {
             t.record(&data(7, 3, 2 * S + i, false, &[b'y'; 4096]));
             assert!(t.state_bytes() <= cap, "{} > {cap}", t.state_bytes());
         }
-        let text = metrics.encode();
+        let text = metrics.core.encode();
         assert_eq!(
             value(
                 &text,
@@ -1025,7 +1026,7 @@ mod tests {
             false,
             b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}",
         ));
-        let text = metrics.encode();
+        let text = metrics.core.encode();
         let v = |series: &str| value(&text, series);
         assert_eq!(
             v("llm_request_errors_total{model=\"unknown\",error_type=\"untracked\"}"),

@@ -21,16 +21,14 @@ use std::{
 use agent_common::http::cost;
 use aya::Ebpf;
 
+use super::metrics::{FamilyLabels, ProbeLabels, ProbeMetrics};
 use super::{
     budget::{Cooldowns, Shed},
     http::{self, Control, HttpProbes},
     links::Links,
     per_cpu_sum,
 };
-use crate::{
-    health::Health,
-    metrics::{FamilyLabels, Metrics, ProbeLabels},
-};
+use crate::health::Health;
 
 /// What a run costs beyond the run time the kernel measures: the syscall tracepoint's dispatch
 /// to the program and the statistics' own clock reads. Measured on the 2-core VM of
@@ -101,7 +99,7 @@ pub struct HttpBudget {
     last: Option<(Instant, Counters)>,
     /// The watcher, told of each pause and resume.
     control: Option<mpsc::Sender<Control>>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<ProbeMetrics>,
     health: Arc<Health>,
 }
 
@@ -112,7 +110,7 @@ impl HttpBudget {
         probes: HttpProbes,
         share: f64,
         stats: bool,
-        metrics: Arc<Metrics>,
+        metrics: Arc<ProbeMetrics>,
         health: Arc<Health>,
     ) -> Self {
         let stats = (stats && share > 0.0)

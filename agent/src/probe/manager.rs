@@ -18,6 +18,7 @@ use aya::{
     Ebpf,
 };
 
+use super::metrics::{FamilyLabels, ProbeLabels, ProbeMetrics};
 use super::{
     budget::{self, Cooldowns, Shed},
     cuda::CudaProbes,
@@ -28,7 +29,7 @@ use super::{
 };
 use crate::{
     health::Health,
-    metrics::{DroppedLabels, FamilyLabels, Metrics, ProbeLabels, SourceLabels},
+    metrics::{DroppedLabels, SourceLabels},
     proc::ProcFs,
 };
 
@@ -38,7 +39,7 @@ pub struct Manager {
     config_map: Array<MapData, u64>,
     lost_map: PerCpuArray<MapData, u64>,
     hits_map: PerCpuArray<MapData, u64>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<ProbeMetrics>,
     health: Arc<Health>,
     /// Tracepoint links of the `sched` and `oom` families.
     links: Links,
@@ -80,7 +81,7 @@ impl Manager {
         cuda: Option<CudaProbes>,
         maps: ManagerMaps,
         links: Links,
-        metrics: Arc<Metrics>,
+        metrics: Arc<ProbeMetrics>,
         health: Arc<Health>,
         config: &super::ProbesConfig,
         procfs: ProcFs,
@@ -163,6 +164,7 @@ impl Manager {
     fn refuse(&mut self, mapped: &discover::Mapped, e: &crate::tenant_file::OpenError) {
         let reason = e.reason();
         self.metrics
+            .core
             .dropped
             .get_or_create(&DroppedLabels {
                 what: "cuda_library",
@@ -191,6 +193,7 @@ impl Manager {
         let report = cuda.attach_library(&mut self.ebpf, lib);
         if report.over_limit {
             self.metrics
+                .core
                 .dropped
                 .get_or_create(&DroppedLabels {
                     what: "cuda_library",
@@ -288,6 +291,7 @@ impl Manager {
             let seen = &mut self.lost_seen[index as usize];
             let counter = self
                 .metrics
+                .core
                 .events_lost
                 .get_or_create(&SourceLabels { source });
             if now > *seen {

@@ -15,6 +15,7 @@ pub mod http;
 pub mod http_budget;
 pub mod links;
 pub mod manager;
+pub mod metrics;
 pub mod oom;
 pub mod sched;
 pub mod tracefs;

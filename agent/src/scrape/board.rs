@@ -10,11 +10,11 @@ use prometheus_client::{
     metrics::MetricType,
 };
 
+use super::metrics::ServerSeries;
 use super::{
     derive::Derived,
     parse::{Family, Kind, Labels, Series, Value},
 };
-use crate::metrics::ServerSeries;
 
 /// What one target gave on its last successful scrape.
 #[derive(Clone, Debug, Default, PartialEq)]

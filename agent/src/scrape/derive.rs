@@ -5,8 +5,8 @@
 
 use std::collections::BTreeMap;
 
+use super::metrics::ServerSeries;
 use super::parse::{Family, Labels};
-use crate::metrics::ServerSeries;
 
 /// One derived sample: (series, model, server kind, value).
 #[derive(Clone, Debug, PartialEq)]

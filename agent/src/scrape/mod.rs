@@ -9,6 +9,7 @@
 pub mod board;
 pub mod derive;
 pub mod fetch;
+pub mod metrics;
 pub mod parse;
 pub mod target;
 pub mod text;
@@ -22,10 +23,11 @@ use std::{
 
 use tokio::sync::watch;
 
+use metrics::{ScrapeErrorLabels, ScrapeMetrics, ScrapeTargetLabels};
+
 use crate::{
     error_chain as chain,
     health::Heartbeat,
-    metrics::{Metrics, ScrapeErrorLabels, ScrapeTargetLabels},
     proc::ProcFs,
     servers::{self as discover, Server, ServerBoard},
 };
@@ -121,7 +123,7 @@ const WARN_AFTER: u32 = 4;
 pub struct Scraper {
     config: ScrapeConfig,
     procfs: ProcFs,
-    metrics: Arc<Metrics>,
+    metrics: Arc<ScrapeMetrics>,
     servers: Servers,
     targets: HashMap<u32, Target>,
     own: u32,
@@ -145,7 +147,7 @@ impl Scraper {
     pub fn new(
         config: ScrapeConfig,
         procfs: ProcFs,
-        metrics: Arc<Metrics>,
+        metrics: Arc<ScrapeMetrics>,
         servers: Servers,
     ) -> Self {
         Self {
@@ -316,7 +318,8 @@ impl Scraper {
                     .set_within(pid, view, self.config.max_series_total);
                 if dropped > 0 {
                     count(kind, "max_series_total");
-                    m.dropped
+                    m.core
+                        .dropped
                         .get_or_create(&crate::metrics::DroppedLabels {
                             what: "scraped_series",
                             reason: "budget",
@@ -493,7 +496,7 @@ impl Stage {
     pub fn start(
         config: &ScrapeConfig,
         procfs: ProcFs,
-        metrics: Arc<Metrics>,
+        metrics: Arc<ScrapeMetrics>,
         servers: Servers,
         attrib: Option<Arc<crate::attrib::Attributor>>,
         stop: watch::Receiver<bool>,

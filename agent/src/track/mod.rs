@@ -4,6 +4,7 @@
 
 mod config;
 pub mod ledger;
+pub mod metrics;
 mod triggers;
 
 pub use config::LimitsConfig;
@@ -16,15 +17,16 @@ use std::{
 
 use agent_common::cuda::{CudaApi, CudaMemEvent, Role, FLAG_DEVICE_UNKNOWN};
 
+use metrics::{
+    ApiErrorLabels, ApiLabels, PidGpuLabels, ProcessGpuLabels, ProcessLabels, TrackMetrics,
+};
+
 use crate::{attrib::Attributor, labels::SharedWorkload};
 use crate::{
     cuda_error,
     gpu::{history::GpuHistory, GpuProcesses, GpuSample},
     ingest::{Batch, Event},
-    metrics::{
-        ApiErrorLabels, ApiLabels, Metrics, PidGpuLabels, ProcessGpuLabels, ProcessLabels,
-        SourceLabels,
-    },
+    metrics::SourceLabels,
     proc::ProcFs,
 };
 use ledger::{Ledger, Outcome};
@@ -89,7 +91,7 @@ const SWEEP_EVERY: Duration = Duration::from_secs(2);
 
 pub struct Tracker {
     ledger: Ledger,
-    metrics: Arc<Metrics>,
+    metrics: Arc<TrackMetrics>,
     procfs: ProcFs,
     max_label_len: usize,
     /// (tgid, api, CUresult; `u32::MAX` for every code the driver does not define) already
@@ -114,7 +116,7 @@ pub struct Tracker {
 
 impl Tracker {
     pub fn new(
-        metrics: Arc<Metrics>,
+        metrics: Arc<TrackMetrics>,
         procfs: ProcFs,
         limits: &LimitsConfig,
         history: Arc<GpuHistory>,
@@ -192,6 +194,7 @@ impl Tracker {
 
     pub fn handle(&mut self, ev: &Event) {
         self.metrics
+            .core
             .events
             .get_or_create(&SourceLabels {
                 source: ev.source(),
@@ -223,11 +226,11 @@ impl Tracker {
         // label only names devices that exist.
         if self.history.knows(e.device) == Some(false) {
             e.device = UNKNOWN_GPU;
-            self.metrics.dropped("gpu_label", "unknown_device");
+            self.metrics.core.dropped("gpu_label", "unknown_device");
         }
         let e = &e;
         let Some(api) = CudaApi::from_u32(e.api) else {
-            self.metrics.drop_reason("unknown_api");
+            self.metrics.core.drop_reason("unknown_api");
             return;
         };
         let m = &self.metrics;
@@ -253,7 +256,7 @@ impl Tracker {
             // library a process loaded returned (the log line keeps the number).
             let error = cuda_error::label(e.result);
             if error == cuda_error::OTHER {
-                m.dropped("error_label", "unknown_code");
+                m.core.dropped("error_label", "unknown_code");
             }
             let family = if release {
                 &m.cuda_free_failures
@@ -288,9 +291,9 @@ impl Tracker {
             Outcome::UnknownFree => {
                 self.metrics.cuda_unknown_frees.get_or_create(&labels).inc();
             }
-            Outcome::ProcessLimit => self.metrics.drop_reason("process_limit"),
-            Outcome::AllocationLimit => self.metrics.drop_reason("allocation_limit"),
-            Outcome::LedgerBudget => self.metrics.drop_reason("ledger_budget"),
+            Outcome::ProcessLimit => self.metrics.core.drop_reason("process_limit"),
+            Outcome::AllocationLimit => self.metrics.core.drop_reason("allocation_limit"),
+            Outcome::LedgerBudget => self.metrics.core.drop_reason("ledger_budget"),
             Outcome::Range | Outcome::Failed => {}
         }
         self.metrics.tracked_processes.set(self.ledger.len() as i64);
@@ -591,8 +594,8 @@ mod tests {
     }
 
     /// A tracker over an empty proc tree (the directory lives as long as the tuple).
-    fn tracker() -> (Arc<Metrics>, tempfile::TempDir, Tracker) {
-        let metrics = Arc::new(Metrics::new());
+    fn tracker() -> (Arc<TrackMetrics>, tempfile::TempDir, Tracker) {
+        let metrics = TrackMetrics::new(&Arc::new(crate::metrics::Metrics::new()));
         let dir = tempfile::tempdir().unwrap();
         let t = Tracker::new(
             metrics.clone(),
@@ -610,7 +613,7 @@ mod tests {
         t.handle(&event(7, CudaApi::MemAlloc, 0, 5000, 2));
         t.handle(&event(7, CudaApi::MemAlloc, 0, 0, 777));
         t.handle(&event(7, CudaApi::MemFree, 0x99, 0, 0));
-        let text = metrics.encode();
+        let text = metrics.core.encode();
         for line in [
             "gpu_cuda_alloc_calls_total{api=\"cuMemAlloc_v2\"} 3",
             "gpu_cuda_alloc_bytes_total{api=\"cuMemAlloc_v2\"} 1000",
@@ -626,6 +629,7 @@ mod tests {
         t.sweep();
         assert!(t.ledger().is_empty());
         assert!(!metrics
+            .core
             .encode()
             .contains("gpu_process_memory_allocated_bytes{"));
     }
@@ -638,7 +642,7 @@ mod tests {
         }
         t.handle(&event(7, CudaApi::MemAlloc, 0, 1 << 30, 2));
         t.handle(&event(7, CudaApi::MemFree, 0x99, 0, 9999));
-        let text = metrics.encode();
+        let text = metrics.core.encode();
         let failures: Vec<&str> = text
             .lines()
             .filter(|l| l.starts_with("gpu_cuda_alloc_failures_total{"))
@@ -662,7 +666,7 @@ mod tests {
 
     #[test]
     fn a_device_nvml_does_not_list_is_gpu_minus_one() {
-        let metrics = Arc::new(Metrics::new());
+        let metrics = TrackMetrics::new(&Arc::new(crate::metrics::Metrics::new()));
         let dir = tempfile::tempdir().unwrap();
         let history = Arc::new(GpuHistory::new(600));
         let mut t = Tracker::new(
@@ -680,7 +684,7 @@ mod tests {
             Event::CudaMem(e)
         };
         t.handle(&on(5, 0x10, CudaApi::MemAlloc, 100));
-        assert!(metrics.encode().contains("gpu=\"5\"} 100"));
+        assert!(metrics.core.encode().contains("gpu=\"5\"} 100"));
         t.exit(7);
         // NVML lists GPUs 0 and 1: ordinals 2 and beyond, or negative, name no device.
         history.set_identity(0, "GPU-a".into(), "H100".into());
@@ -688,7 +692,7 @@ mod tests {
         for (i, device) in [0, 1, 2, 7, 4096, -5].into_iter().enumerate() {
             t.handle(&on(device, 0x100 + i as u64, CudaApi::MemAlloc, 10));
         }
-        let text = metrics.encode();
+        let text = metrics.core.encode();
         for line in [
             "gpu_process_memory_allocated_bytes{pid=\"7\",comm=\"unknown\",gpu=\"0\"} 10",
             "gpu_process_memory_allocated_bytes{pid=\"7\",comm=\"unknown\",gpu=\"1\"} 10",
@@ -706,13 +710,13 @@ mod tests {
             .contains("inferscope_dropped_total{what=\"gpu_label\",reason=\"unknown_device\"} 4"));
         // A free finds the allocation where it was put.
         t.handle(&on(0, 0x103, CudaApi::MemFree, 0));
-        assert!(metrics.encode().contains("gpu=\"-1\"} 30"));
+        assert!(metrics.core.encode().contains("gpu=\"-1\"} 30"));
     }
 
     #[test]
     fn ledger_meets_nvml_and_failures_carry_the_gpu_state() {
         use crate::gpu::GpuProcess;
-        let metrics = Arc::new(Metrics::new());
+        let metrics = TrackMetrics::new(&Arc::new(crate::metrics::Metrics::new()));
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("7")).unwrap();
         std::fs::write(dir.path().join("7/comm"), "vllm\n").unwrap();
@@ -748,7 +752,7 @@ mod tests {
                 sm_util: None,
             }],
         }));
-        let text = metrics.encode();
+        let text = metrics.core.encode();
         for line in [
             "gpu_process_memory_allocated_bytes{pid=\"7\",comm=\"vllm\",gpu=\"1\"} 1000",
             "gpu_process_memory_used_bytes{pid=\"7\",gpu=\"1\"} 5000",
@@ -776,7 +780,7 @@ mod tests {
         assert_eq!(f.comm, "vllm");
         // The process leaves NVML's list: its NVML series go.
         t.input(Input::GpuProcesses(GpuProcesses::default()));
-        let text = metrics.encode();
+        let text = metrics.core.encode();
         assert!(!text.contains("gpu_process_memory_used_bytes{"), "{text}");
         assert!(
             !text.contains("gpu_process_memory_overhead_bytes{"),

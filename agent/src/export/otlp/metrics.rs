@@ -357,7 +357,11 @@ mod tests {
     };
 
     use super::*;
-    use crate::metrics::{GaugeF, GpuLabels, Metrics};
+    use crate::{
+        gpu::metrics::{GpuLabels, GpuMetrics},
+        http::metrics::HttpMetrics,
+        metrics::{GaugeF, Metrics},
+    };
 
     fn attr<'a>(
         attrs: &'a [KeyValue],
@@ -412,24 +416,28 @@ mod tests {
 
     #[test]
     fn values_types_and_buckets() {
-        let metrics = Metrics::new();
+        let metrics = std::sync::Arc::new(Metrics::new());
+        let gpus = GpuMetrics::new(&metrics);
+        let http = HttpMetrics::new(&metrics);
         let gpu = GpuLabels {
             gpu: 1,
             gpu_uuid: "GPU-1".into(),
             gpu_type: "H100".into(),
         };
-        metrics.gpu_utilization.get_or_create(&gpu).set(0.75);
-        metrics.gpu_temperature.get_or_create(&gpu).set(61);
+        gpus.gpu_utilization.get_or_create(&gpu).set(0.75);
+        gpus.gpu_temperature.get_or_create(&gpu).set(61);
         let labels = crate::http::metrics::ModelLabels {
             model: "llama".into(),
         };
-        metrics.http.tokens_input.get_or_create(&labels).inc_by(40);
-        metrics.http.tokens_output.get_or_create(&labels).inc_by(7);
-        let lat = metrics.http.latency.get_or_create(&labels);
+        http.tokens_input.get_or_create(&labels).inc_by(40);
+        http.tokens_output.get_or_create(&labels).inc_by(7);
+        let lat = http.latency.get_or_create(&labels);
         lat.observe(0.003);
         lat.observe(0.2);
         lat.observe(1e6);
-        let req = snapshot(&metrics.registry, &[("service.name".into(), "x".into())], T).unwrap();
+        let req = metrics
+            .read(|r| snapshot(r, &[("service.name".into(), "x".into())], T))
+            .unwrap();
         let rm = &req.resource_metrics[0];
         assert_eq!(
             attr(&rm.resource.as_ref().unwrap().attributes, "service.name"),

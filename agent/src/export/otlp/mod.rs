@@ -262,7 +262,7 @@ async fn push_metrics(
             start_unix_nano: start,
             now_unix_nano: unix_nano_now(),
         };
-        let request = match metrics::snapshot(&metrics.registry, &resource, times) {
+        let request = match metrics.read(|r| metrics::snapshot(r, &resource, times)) {
             Ok(r) => r,
             Err(_) => {
                 tracing::error!("cannot encode the registry for OTLP");

@@ -1,0 +1,50 @@
+//! The forensics writer's series: reports written, dropped and failed, by kind.
+
+use std::sync::Arc;
+
+use prometheus_client::metrics::{counter::Counter, family::Family};
+
+use crate::{labels::KindLabels, metrics::Metrics};
+
+pub struct ForensicsMetrics {
+    /// The shared counters (outside input dropped).
+    pub core: Arc<Metrics>,
+    /// Reports by kind, every kind at 0 from the start.
+    pub forensics_reports: Family<KindLabels, Counter>,
+    pub forensics_dropped: Family<KindLabels, Counter>,
+    pub forensics_errors: Family<KindLabels, Counter>,
+}
+
+impl ForensicsMetrics {
+    pub fn new(core: &Arc<Metrics>) -> Arc<Self> {
+        let m = Self {
+            core: core.clone(),
+            forensics_reports: Family::default(),
+            forensics_dropped: Family::default(),
+            forensics_errors: Family::default(),
+        };
+        for kind in super::report::Kind::ALL {
+            let _ = m.forensics_reports.get_or_create(&KindLabels {
+                kind: kind.as_str(),
+            });
+        }
+        core.register_with(|r| {
+            r.register(
+                "inferscope_forensics_reports",
+                "Forensic reports produced, by kind",
+                m.forensics_reports.clone(),
+            );
+            r.register(
+                "inferscope_forensics_dropped",
+                "Reports dropped because the writer was behind",
+                m.forensics_dropped.clone(),
+            );
+            r.register(
+                "inferscope_forensics_errors",
+                "Forensic reports that could not be written to disk (kept in memory)",
+                m.forensics_errors.clone(),
+            );
+        });
+        Arc::new(m)
+    }
+}

@@ -1,0 +1,78 @@
+//! The probe families' own series: what is attached, what the budget shed, what they cost.
+
+use std::sync::Arc;
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+};
+
+use crate::metrics::{GaugeF, Metrics};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FamilyLabels {
+    pub family: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProbeLabels {
+    pub probe: &'static str,
+}
+
+pub struct ProbeMetrics {
+    /// The shared counters (events lost, outside input dropped).
+    pub core: Arc<Metrics>,
+    pub probe_attached: Family<ProbeLabels, Gauge>,
+    pub probe_shed: Family<ProbeLabels, Gauge>,
+    pub probe_sheds: Family<ProbeLabels, Counter>,
+    pub probe_cost: Family<FamilyLabels, GaugeF>,
+    pub probe_family_up: Family<FamilyLabels, Gauge>,
+    pub cuda_libraries: Gauge,
+}
+
+impl ProbeMetrics {
+    pub fn new(core: &Arc<Metrics>) -> Arc<Self> {
+        let m = Self {
+            core: core.clone(),
+            probe_attached: Family::default(),
+            probe_shed: Family::default(),
+            probe_sheds: Family::default(),
+            probe_cost: Family::default(),
+            probe_family_up: Family::default(),
+            cuda_libraries: Gauge::default(),
+        };
+        core.register_with(|r| {
+            r.register(
+                "inferscope_probe_attached",
+                "Library files a probe is attached to",
+                m.probe_attached.clone(),
+            );
+            r.register(
+                "inferscope_probe_shed",
+                "Library files the probe budget has shed this CUDA probe on now (stack_sampling: 1 while shed)",
+                m.probe_shed.clone(),
+            );
+            r.register(
+                "inferscope_probe_sheds",
+                "Times the probe budget shed a probe (a CUDA symbol on one library, stack_sampling, the http family)",
+                m.probe_sheds.clone(),
+            );
+            r.register(
+                "inferscope_probe_cost_core_share",
+                "What the family's probes cost over the last budget tick, as a share of one core",
+                m.probe_cost.clone(),
+            );
+            r.register(
+                "inferscope_probe_family_up",
+                "1 when the probe family is loaded and attached, 0 when it is disabled or could not start",
+                m.probe_family_up.clone(),
+            );
+            r.register(
+                "inferscope_cuda_libraries",
+                "CUDA driver library files being probed",
+                m.cuda_libraries.clone(),
+            );
+        });
+        Arc::new(m)
+    }
+}
