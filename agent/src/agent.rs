@@ -330,7 +330,7 @@ pub async fn run(
     let poll = Duration::from_millis(config.probes.poll_interval_ms);
     // One reader per ring: the http family's records never share a ring with the ledger's.
     let http_ingest = http_stage.sender().map(|http| {
-        tokio::spawn(ingest::run_with_http(
+        tokio::spawn(ingest::run(
             loaded.http_events,
             poll,
             batch_tx.clone(),
@@ -340,11 +340,11 @@ pub async fn run(
             health.heartbeat("http-ingest", health::QUICK),
         ))
     });
-    let ingest = tokio::spawn(ingest::run_with_http(
+    let ingest = tokio::spawn(ingest::run(
         loaded.events,
         poll,
         batch_tx,
-        None,
+        None::<queue::Sender<crate::http::tracker::Input>>,
         metrics.clone(),
         stop_rx.clone(),
         health.heartbeat("ingest", health::QUICK),

@@ -149,8 +149,10 @@ impl Pipeline {
             ring,
             Duration::from_millis(config.probes.poll_interval_ms),
             tx,
+            None::<inferscope::queue::Sender<inferscope::http::tracker::Input>>,
             metrics.clone(),
             stop_rx,
+            inferscope::health::Heartbeat::default(),
         ));
         let history = Arc::new(GpuHistory::new(config.nvml.history_secs));
         let tracker = Tracker::new(

@@ -34,7 +34,7 @@ fn hole_len(digits: &[u8]) -> u64 {
 
 fuzz_target!(|data: &[u8]| {
     // The record decoder on the raw bytes, too.
-    let _ = inferscope::http::record(data);
+    let _ = inferscope::ingest::decode(data);
     let mut c = if data.first() == Some(&b'j') {
         Conn::joined(0)
     } else {

@@ -43,6 +43,12 @@ pub enum Input {
     },
 }
 
+impl From<Batch> for Input {
+    fn from(batch: Batch) -> Self {
+        Input::Records(batch)
+    }
+}
+
 impl crate::queue::Weigh for Input {
     fn weight(&self) -> usize {
         size_of::<Input>()

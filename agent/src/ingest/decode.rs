@@ -1,9 +1,20 @@
-//! Ring-buffer records → typed events. Records come from the kernel, but a version skew or a
+//! Ring-buffer records → typed records. Records come from the kernel, but a version skew or a
 //! bug must not take the agent down: short or unknown records are errors the caller counts.
+//! The header is read once and its kind picks the family's type: [`Event`] for the ledger's
+//! records, [`HttpRecord`] for the `http` family's (decoded in `http.rs`).
 
 use agent_common::{
     cuda::CudaMemEvent, oom::OomKillEvent, sched::ProcessExitEvent, EventHeader, EventKind,
 };
+
+use super::http::HttpRecord;
+
+/// A decoded record, by family: the reader sends each family to its own subscriber.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decoded {
+    Event(Event),
+    Http(HttpRecord),
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Event {
@@ -47,16 +58,12 @@ impl Event {
     }
 }
 
-pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
+pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
     let header: EventHeader = read(bytes).ok_or(DecodeError::Short { len: bytes.len() })?;
     let kind =
         EventKind::from_u32(header.kind).ok_or(DecodeError::UnknownKind { kind: header.kind })?;
-    let truncated = |expected| DecodeError::Truncated {
-        kind: header.kind,
-        len: bytes.len(),
-        expected,
-    };
-    Ok(match kind {
+    let truncated = |expected| truncated(&header, bytes, expected);
+    Ok(Decoded::Event(match kind {
         EventKind::CudaMem => {
             Event::CudaMem(read(bytes).ok_or_else(|| truncated(size_of::<CudaMemEvent>()))?)
         }
@@ -66,16 +73,23 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         EventKind::OomKill => {
             Event::OomKill(read(bytes).ok_or_else(|| truncated(size_of::<OomKillEvent>()))?)
         }
-        // Routed to the http stage by the reader before decoding (`crate::http::record`).
-        EventKind::HttpData | EventKind::HttpAccept | EventKind::HttpClose => {
-            return Err(DecodeError::UnknownKind { kind: header.kind })
-        }
-    })
+        EventKind::HttpData => return super::http::data(header, bytes).map(Decoded::Http),
+        EventKind::HttpAccept => return super::http::accept(header, bytes).map(Decoded::Http),
+        EventKind::HttpClose => return super::http::close(header, bytes).map(Decoded::Http),
+    }))
+}
+
+pub(super) fn truncated(header: &EventHeader, bytes: &[u8], expected: usize) -> DecodeError {
+    DecodeError::Truncated {
+        kind: header.kind,
+        len: bytes.len(),
+        expected,
+    }
 }
 
 /// Reads a plain-data record from the start of `bytes` (ring-buffer records are 8-byte aligned,
 /// but a copy is cheap and spares the alignment argument).
-fn read<T: Copy>(bytes: &[u8]) -> Option<T> {
+pub(super) fn read<T: Copy>(bytes: &[u8]) -> Option<T> {
     if bytes.len() < size_of::<T>() {
         return None;
     }
@@ -85,7 +99,7 @@ fn read<T: Copy>(bytes: &[u8]) -> Option<T> {
 }
 
 #[cfg(test)]
-pub(crate) fn as_bytes<T: Copy>(v: &T) -> Vec<u8> {
+pub(super) fn as_bytes<T: Copy>(v: &T) -> Vec<u8> {
     // SAFETY: reading the bytes of a plain-data value.
     unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }.to_vec()
 }
@@ -102,7 +116,7 @@ mod tests {
         ev.size = 1 << 20;
         ev.result = 2;
         let bytes = as_bytes(&ev);
-        assert_eq!(decode(&bytes), Ok(Event::CudaMem(ev)));
+        assert_eq!(decode(&bytes), Ok(Decoded::Event(Event::CudaMem(ev))));
     }
 
     #[test]

@@ -1,19 +1,28 @@
 //! Reading the ring buffer. The probes submit without waking the reader (a wakeup costs
 //! microseconds per event); the reader drains on a short timer and on the wakeups the kernel
-//! side forces for failures and when the ring fills past a mark. Events go to the tracker in
-//! batches over a queue bounded by bytes (`crate::queue`); a batch of the `http` family's
-//! records, whose payloads vary, is cut at [`MAX_HTTP_BATCH_BYTES`].
+//! side forces for failures and when the ring fills past a mark. Each record is decoded once
+//! ([`decode()`]) into its family's type and routed to that family's subscriber, in batches
+//! over a queue bounded by bytes (`crate::queue`): the ledger's [`Event`]s to one, the `http`
+//! family's [`HttpRecord`]s to another (counted as dropped, `no_http_stage`, when there is
+//! none). The reader names neither subscriber: each takes its input as `From` a batch. A batch
+//! of the `http` family's records, whose payloads vary, is cut at [`MAX_HTTP_BATCH_BYTES`].
 
 pub mod decode;
+mod http;
 
 use std::time::Duration;
 
 use aya::maps::{MapData, RingBuf};
 use tokio::{io::unix::AsyncFd, sync::watch};
 
-pub use decode::{decode, DecodeError, Event};
+pub use decode::{decode, DecodeError, Decoded, Event};
+pub use http::HttpRecord;
 
-use crate::{health::Heartbeat, metrics::Metrics, queue::Sender, track::Input};
+use crate::{
+    health::Heartbeat,
+    metrics::Metrics,
+    queue::{Sender, Weigh},
+};
 
 /// Records per batch.
 pub const MAX_BATCH: usize = 4096;
@@ -23,28 +32,22 @@ pub const MAX_HTTP_BATCH_BYTES: usize = 1024 * 1024;
 
 pub type Batch = Vec<Event>;
 
-/// Runs until `stop` turns true, then drains what is left and returns.
-pub async fn run(
+/// Runs until `stop` turns true, then drains what is left and returns. [`Event`]s go to
+/// `events`, [`HttpRecord`]s to `http` (counted as dropped when it is None). Beats
+/// `heartbeat` at every poll.
+pub async fn run<E, H>(
     ring: RingBuf<MapData>,
     poll: Duration,
-    out: Sender<Input>,
-    metrics: std::sync::Arc<Metrics>,
-    stop: watch::Receiver<bool>,
-) -> std::io::Result<()> {
-    run_with_http(ring, poll, out, None, metrics, stop, Heartbeat::default()).await
-}
-
-/// As [`run`], with the `http` family's records sent to their own stage (records of that
-/// family are counted as dropped when there is none). Beats `heartbeat` at every poll.
-pub async fn run_with_http(
-    ring: RingBuf<MapData>,
-    poll: Duration,
-    out: Sender<Input>,
-    http: Option<Sender<crate::http::tracker::Input>>,
+    events: Sender<E>,
+    http: Option<Sender<H>>,
     metrics: std::sync::Arc<Metrics>,
     mut stop: watch::Receiver<bool>,
     heartbeat: Heartbeat,
-) -> std::io::Result<()> {
+) -> std::io::Result<()>
+where
+    E: From<Vec<Event>> + Weigh,
+    H: From<Vec<HttpRecord>> + Weigh,
+{
     // SAFETY: the ring buffer owns its fd and moves into the AsyncFd, which drops it last.
     let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }?;
     let mut tick = tokio::time::interval(poll);
@@ -61,51 +64,48 @@ pub async fn run_with_http(
             _ = tick.tick() => false,
             _ = stop.changed() => true,
         };
-        if !drain(fd.get_mut(), &out, http.as_ref(), &metrics).await || stopping || *stop.borrow() {
-            drain(fd.get_mut(), &out, http.as_ref(), &metrics).await;
+        if !drain(fd.get_mut(), &events, http.as_ref(), &metrics).await
+            || stopping
+            || *stop.borrow()
+        {
+            drain(fd.get_mut(), &events, http.as_ref(), &metrics).await;
             heartbeat.done();
             return Ok(());
         }
     }
 }
 
-/// Reads every available record. Returns false when the tracker has gone away.
-async fn drain(
+/// Reads every available record. Returns false when a subscriber has gone away.
+async fn drain<E, H>(
     ring: &mut RingBuf<MapData>,
-    out: &Sender<Input>,
-    http: Option<&Sender<crate::http::tracker::Input>>,
+    events: &Sender<E>,
+    http: Option<&Sender<H>>,
     metrics: &Metrics,
-) -> bool {
+) -> bool
+where
+    E: From<Vec<Event>> + Weigh,
+    H: From<Vec<HttpRecord>> + Weigh,
+{
     loop {
         let mut batch = Vec::with_capacity(64);
         let mut http_batch = Vec::new();
         let mut http_bytes = 0;
         while batch.len() + http_batch.len() < MAX_BATCH && http_bytes < MAX_HTTP_BATCH_BYTES {
             let Some(item) = ring.next() else { break };
-            if let Some(r) = crate::http::record(&item) {
-                match r {
-                    Ok(r) if http.is_some() => {
-                        http_bytes += item.len();
-                        http_batch.push(r);
-                    }
-                    Ok(_) => metrics.drop_reason("no_http_stage"),
-                    Err(e) => metrics.drop_reason(e.reason()),
-                }
-                continue;
-            }
             match decode(&item) {
-                Ok(ev) => batch.push(ev),
+                Ok(Decoded::Event(ev)) => batch.push(ev),
+                Ok(Decoded::Http(r)) if http.is_some() => {
+                    http_bytes += item.len();
+                    http_batch.push(r);
+                }
+                Ok(Decoded::Http(_)) => metrics.drop_reason("no_http_stage"),
                 Err(e) => metrics.drop_reason(e.reason()),
             }
         }
         let full =
             batch.len() + http_batch.len() == MAX_BATCH || http_bytes >= MAX_HTTP_BATCH_BYTES;
         if let (Some(tx), false) = (http, http_batch.is_empty()) {
-            if tx
-                .send(crate::http::tracker::Input::Records(http_batch))
-                .await
-                .is_err()
-            {
+            if tx.send(H::from(http_batch)).await.is_err() {
                 return false;
             }
         }
@@ -117,7 +117,7 @@ async fn drain(
         }
         // Backpressure: a full queue slows the reader; the ring absorbs bursts and counts
         // what it cannot hold (inferscope_events_lost_total).
-        if out.send(Input::Events(batch)).await.is_err() {
+        if events.send(E::from(batch)).await.is_err() {
             return false;
         }
         if !full {

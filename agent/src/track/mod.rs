@@ -44,6 +44,12 @@ pub enum Input {
     },
 }
 
+impl From<Batch> for Input {
+    fn from(batch: Batch) -> Self {
+        Input::Events(batch)
+    }
+}
+
 impl From<crate::gpu::GpuReport> for Input {
     fn from(report: crate::gpu::GpuReport) -> Self {
         match report {
