@@ -556,7 +556,7 @@ fn start_nvml(
     tracker: &queue::Sender<track::Input>,
     stop: &Arc<AtomicBool>,
     attributor: &crate::attrib::Attributor,
-    logs: Option<otlp::queue::Sink<otlp::logs::LogItem>>,
+    logs: Option<queue::Sender<crate::events::Notice>>,
     health: &Health,
 ) -> Vec<(&'static str, std::thread::JoinHandle<()>)> {
     if !config.nvml.enabled {

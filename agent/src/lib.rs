@@ -14,6 +14,7 @@ pub mod config;
 pub mod cuda_error;
 pub mod deadline;
 pub mod env;
+pub mod events;
 pub mod export;
 pub mod forensics;
 pub mod gpu;

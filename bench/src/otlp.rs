@@ -166,9 +166,9 @@ fn serve(conn: TcpStream, received: &Received) {
     }
 }
 
-fn spans(n: usize) -> Vec<traces::RequestSpan> {
+fn spans(n: usize) -> Vec<inferscope::http::finished::RequestFinished> {
     (0..n)
-        .map(|i| traces::RequestSpan {
+        .map(|i| inferscope::http::finished::RequestFinished {
             model: format!("model-{}", i % 4),
             server: Some("vllm"),
             port: Some(8000),

@@ -20,6 +20,7 @@ use super::{
 };
 use crate::{
     cuda_error,
+    events::{Notice, ReportWritten},
     gpu::{history::GpuHistory, throttle},
     health::Heartbeat,
     metrics::KindLabels,
@@ -39,7 +40,7 @@ pub struct Writer {
     /// Requests in flight per watched server, from the wire.
     pub load: Option<Arc<crate::http::load::LoadBoard>>,
     /// OTLP: one log record per report.
-    pub logs: Option<crate::export::otlp::queue::Sink<crate::export::otlp::logs::LogItem>>,
+    pub logs: Option<crate::queue::Sender<crate::events::Notice>>,
 }
 
 impl Writer {
@@ -59,10 +60,17 @@ impl Writer {
             let kind = report.kind.as_str();
             let saved = self.store.save(&report);
             if let Some(logs) = &self.logs {
-                logs.offer(crate::export::otlp::logs::report(
-                    &report,
-                    saved.as_ref().ok().map(|p| p.as_path()),
-                ));
+                logs.offer(Notice::Report(ReportWritten {
+                    time_unix_nano: report.time_unix_ms.saturating_mul(1_000_000),
+                    id: report.id.clone(),
+                    kind,
+                    pid: report.process.pid,
+                    comm: report.process.comm.clone(),
+                    gpu: report.gpu.as_ref().map(|g| g.index),
+                    xid: report.xid,
+                    path: saved.as_ref().ok().cloned(),
+                    summary: report.summary.clone(),
+                }));
             }
             match saved {
                 Ok(path) => {
@@ -535,7 +543,7 @@ mod tests {
     fn secrets_reach_neither_the_stored_report_nor_its_log_record() {
         let dir = tempfile::tempdir().unwrap();
         let forensics = dir.path().join("forensics");
-        let (logs, log_rx) = crate::export::otlp::queue::channel(10, 1 << 20, Default::default());
+        let (logs, log_rx) = crate::queue::with_items(1 << 20, 10, Default::default());
         let metrics = crate::forensics::metrics::ForensicsMetrics::new(&Arc::new(
             crate::metrics::Metrics::new(),
         ));

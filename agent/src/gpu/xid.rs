@@ -16,7 +16,10 @@ use std::{
 use nvml_wrapper::{bitmasks::event::EventTypes, error::NvmlError, EventSet, Nvml};
 
 use super::metrics::{GpuLabels, GpuMetrics, GpuXidLabels};
-use crate::health::Heartbeat;
+use crate::{
+    events::{Notice, XidError},
+    health::Heartbeat,
+};
 
 const WAIT_MS: u32 = 200;
 /// The first pause before building the event set again; it doubles up to [`RETRY_MAX`].
@@ -28,7 +31,7 @@ struct Sinks {
     gpus: Vec<GpuLabels>,
     metrics: Arc<GpuMetrics>,
     reports: Option<super::ReportSink>,
-    logs: Option<crate::export::otlp::queue::Sink<crate::export::otlp::logs::LogItem>>,
+    logs: Option<crate::queue::Sender<crate::events::Notice>>,
 }
 
 /// Errors already logged, by what failed and how: each kind is logged once.
@@ -62,7 +65,7 @@ pub fn run(
     metrics: Arc<GpuMetrics>,
     stop: Arc<AtomicBool>,
     reports: Option<super::ReportSink>,
-    logs: Option<crate::export::otlp::queue::Sink<crate::export::otlp::logs::LogItem>>,
+    logs: Option<crate::queue::Sender<crate::events::Notice>>,
     heartbeat: Heartbeat,
 ) {
     let sinks = Sinks {
@@ -245,11 +248,12 @@ fn wait(
                     "XID critical error"
                 );
                 if let Some(logs) = &logs {
-                    logs.offer(crate::export::otlp::logs::xid(
-                        labels.gpu,
-                        &labels.gpu_uuid,
+                    logs.offer(Notice::Xid(XidError {
+                        time_unix_nano: crate::events::now_unix_nano(),
+                        gpu: labels.gpu,
+                        uuid: labels.gpu_uuid.clone(),
                         xid,
-                    ));
+                    }));
                 }
                 if let Some(report) = reports {
                     report(super::GpuReport::Xid {

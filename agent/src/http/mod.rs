@@ -7,6 +7,7 @@
 
 pub mod body;
 pub mod conn;
+pub mod finished;
 pub mod gap;
 pub mod load;
 pub mod metrics;
@@ -117,7 +118,7 @@ impl Stage {
         load: std::sync::Arc<load::LoadBoard>,
         servers: std::sync::Arc<crate::servers::ServerBoard>,
         attrib: Option<std::sync::Arc<crate::attrib::Attributor>>,
-        spans: Option<crate::export::otlp::queue::Sink<crate::export::otlp::traces::RequestSpan>>,
+        spans: Option<crate::queue::Sender<finished::RequestFinished>>,
         health: &crate::health::Health,
     ) -> std::io::Result<Stage> {
         let Some(maps) = maps else {

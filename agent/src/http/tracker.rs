@@ -123,7 +123,7 @@ pub struct HttpTracker {
     out: Vec<Output>,
     load: Option<Arc<super::load::LoadBoard>>,
     /// OTLP: one span per finished request.
-    spans: Option<crate::export::otlp::queue::Sink<crate::export::otlp::traces::RequestSpan>>,
+    spans: Option<crate::queue::Sender<super::finished::RequestFinished>>,
     /// Names the pod of each span's server.
     attrib: Option<Arc<crate::attrib::Attributor>>,
     /// Whether records are used, around a stretch with the probes off.
@@ -154,7 +154,7 @@ impl HttpTracker {
     /// Hands every finished request to OTLP trace export.
     pub fn with_spans(
         mut self,
-        spans: Option<crate::export::otlp::queue::Sink<crate::export::otlp::traces::RequestSpan>>,
+        spans: Option<crate::queue::Sender<super::finished::RequestFinished>>,
     ) -> Self {
         self.spans = spans;
         self
@@ -577,7 +577,7 @@ impl HttpTracker {
             }
         }
         if let Some(spans) = &self.spans {
-            spans.offer(crate::export::otlp::traces::RequestSpan {
+            spans.offer(super::finished::RequestFinished {
                 model: model.clone(),
                 server: self.servers.get(&tgid).map(|s| s.kind),
                 port: self.servers.get(&tgid).and_then(|s| s.port),

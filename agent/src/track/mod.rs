@@ -21,7 +21,11 @@ use metrics::{
     ApiErrorLabels, ApiLabels, PidGpuLabels, ProcessGpuLabels, ProcessLabels, TrackMetrics,
 };
 
-use crate::{attrib::Attributor, labels::SharedWorkload};
+use crate::{
+    attrib::Attributor,
+    events::{AllocFailed, Notice},
+    labels::SharedWorkload,
+};
 use crate::{
     cuda_error,
     gpu::{history::GpuHistory, GpuProcesses, GpuSample},
@@ -117,7 +121,7 @@ pub struct Tracker {
     /// The labels of a process nobody attributes, allocated once.
     unattributed: SharedWorkload,
     /// OTLP: failed calls as log records, rate-limited per process.
-    failure_logs: Option<crate::export::otlp::logs::RateLimited>,
+    failure_logs: Option<crate::events::RateLimited>,
 }
 
 impl Tracker {
@@ -163,10 +167,7 @@ impl Tracker {
     }
 
     /// Sends failed CUDA calls to OTLP log export (rate-limited).
-    pub fn with_failure_logs(
-        mut self,
-        logs: Option<crate::export::otlp::logs::RateLimited>,
-    ) -> Self {
+    pub fn with_failure_logs(mut self, logs: Option<crate::events::RateLimited>) -> Self {
         self.failure_logs = logs;
         self
     }
@@ -328,11 +329,12 @@ impl Tracker {
         });
         if let Some(logs) = &mut self.failure_logs {
             logs.offer(e.header.tgid, e.header.ts_ns, || {
-                crate::export::otlp::logs::alloc_failure(&crate::export::otlp::logs::AllocFailure {
+                Notice::AllocFailed(AllocFailed {
+                    time_unix_nano: crate::events::now_unix_nano(),
                     pid: e.header.tgid,
-                    comm: &comm,
+                    comm: comm.clone(),
                     api: api.symbol(),
-                    error,
+                    error: error.to_string(),
                     size: e.size,
                     device: e.device,
                 })

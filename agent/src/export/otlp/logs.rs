@@ -1,15 +1,13 @@
-//! Logs: forensic reports (`inferscope.oom` for out-of-memory and crash reports), XID errors
-//! and failed CUDA calls (rate-limited per process) as OTLP log records.
-
-use std::collections::HashMap;
+//! Logs: the stages' notices (`crate::events`) as OTLP log records: forensic reports
+//! (`inferscope.oom` for out-of-memory and crash reports), XID errors and failed CUDA calls
+//! (rate-limited per process by the tracker).
 
 use opentelemetry::logs::{AnyValue, LogRecord as _, Logger as _, LoggerProvider as _, Severity};
 use opentelemetry_sdk::logs::{SdkLogRecord, SdkLogger, SdkLoggerProvider};
 
-use super::queue::Sink;
-use crate::forensics::report::{Kind, Report};
+use crate::events::{AllocFailed, Notice, ReportWritten, XidError};
 
-/// One log record, built by the producer (off the probe path) and batched by the exporter.
+/// One log record's content, made from a notice by the exporter's batcher.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LogItem {
     pub time_unix_nano: u64,
@@ -53,37 +51,39 @@ fn kv(key: &'static str, value: impl Into<AnyValue>) -> (&'static str, AnyValue)
     (key, value.into())
 }
 
-fn now_unix_nano() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
+/// The record for a notice.
+pub fn item(n: &Notice) -> LogItem {
+    match n {
+        Notice::AllocFailed(f) => alloc_failure(f),
+        Notice::Xid(x) => xid(x),
+        Notice::Report(r) => report(r),
+    }
 }
 
 /// A forensic report: `inferscope.oom` for the out-of-memory and crash kinds, else
 /// `inferscope.forensics.report`.
-pub fn report(r: &Report, path: Option<&std::path::Path>) -> LogItem {
+fn report(r: &ReportWritten) -> LogItem {
     let event_name = match r.kind {
-        Kind::Cuda | Kind::HostOomKill | Kind::GpuProcessCrash => "inferscope.oom",
-        Kind::Xid => "inferscope.forensics.report",
+        "xid" => "inferscope.forensics.report",
+        _ => "inferscope.oom",
     };
     let mut attributes = vec![
         kv("inferscope.report.id", r.id.clone()),
-        kv("inferscope.report.kind", r.kind.as_str()),
-        kv("process.pid", r.process.pid as i64),
-        kv("process.executable.name", r.process.comm.clone()),
+        kv("inferscope.report.kind", r.kind),
+        kv("process.pid", r.pid as i64),
+        kv("process.executable.name", r.comm.clone()),
     ];
-    if let Some(g) = &r.gpu {
-        attributes.push(kv("hw.id", g.index.to_string()));
+    if let Some(g) = r.gpu {
+        attributes.push(kv("hw.id", g.to_string()));
     }
     if let Some(x) = r.xid {
         attributes.push(kv("error.type", x.to_string()));
     }
-    if let Some(p) = path {
+    if let Some(p) = &r.path {
         attributes.push(kv("inferscope.report.path", p.display().to_string()));
     }
     LogItem {
-        time_unix_nano: r.time_unix_ms.saturating_mul(1_000_000),
+        time_unix_nano: r.time_unix_nano,
         severity: Severity::Error,
         event_name,
         body: r.summary.clone(),
@@ -91,33 +91,23 @@ pub fn report(r: &Report, path: Option<&std::path::Path>) -> LogItem {
     }
 }
 
-pub fn xid(gpu: u32, uuid: &str, xid: u64) -> LogItem {
+fn xid(x: &XidError) -> LogItem {
     LogItem {
-        time_unix_nano: now_unix_nano(),
+        time_unix_nano: x.time_unix_nano,
         severity: Severity::Error,
         event_name: "inferscope.gpu.xid",
-        body: format!("XID {xid} on GPU {gpu}"),
+        body: format!("XID {} on GPU {}", x.xid, x.gpu),
         attributes: vec![
-            kv("hw.id", gpu.to_string()),
-            kv("inferscope.gpu.uuid", uuid.to_string()),
-            kv("error.type", xid.to_string()),
+            kv("hw.id", x.gpu.to_string()),
+            kv("inferscope.gpu.uuid", x.uuid.clone()),
+            kv("error.type", x.xid.to_string()),
         ],
     }
 }
 
-/// A failed CUDA driver call.
-pub struct AllocFailure<'a> {
-    pub pid: u32,
-    pub comm: &'a str,
-    pub api: &'static str,
-    pub error: &'a str,
-    pub size: u64,
-    pub device: i32,
-}
-
-pub fn alloc_failure(f: &AllocFailure) -> LogItem {
+fn alloc_failure(f: &AllocFailed) -> LogItem {
     LogItem {
-        time_unix_nano: now_unix_nano(),
+        time_unix_nano: f.time_unix_nano,
         severity: Severity::Warn,
         event_name: "inferscope.cuda.alloc.failure",
         body: format!(
@@ -126,55 +116,12 @@ pub fn alloc_failure(f: &AllocFailure) -> LogItem {
         ),
         attributes: vec![
             kv("process.pid", f.pid as i64),
-            kv("process.executable.name", f.comm.to_string()),
+            kv("process.executable.name", f.comm.clone()),
             kv("inferscope.cuda.api", f.api),
-            kv("error.type", f.error.to_string()),
+            kv("error.type", f.error.clone()),
             kv("inferscope.cuda.size", f.size as i64),
             kv("hw.id", f.device.to_string()),
         ],
-    }
-}
-
-/// At most `per_sec` records per process per second; the rest are counted as dropped.
-pub struct RateLimited {
-    sink: Sink<LogItem>,
-    per_sec: u32,
-    /// pid → (second, records sent in it).
-    windows: HashMap<u32, (u64, u32)>,
-    dropped: prometheus_client::metrics::counter::Counter,
-}
-
-impl RateLimited {
-    pub fn new(
-        sink: Sink<LogItem>,
-        per_sec: u32,
-        dropped: prometheus_client::metrics::counter::Counter,
-    ) -> Self {
-        Self {
-            sink,
-            per_sec,
-            windows: HashMap::new(),
-            dropped,
-        }
-    }
-
-    /// Offers a record for `pid` at `now_ns` (any monotonic clock); `make` runs only when
-    /// the record is within the rate.
-    pub fn offer(&mut self, pid: u32, now_ns: u64, make: impl FnOnce() -> LogItem) {
-        let second = now_ns / 1_000_000_000;
-        if self.windows.len() > 4096 {
-            self.windows.retain(|_, (s, _)| *s == second);
-        }
-        let w = self.windows.entry(pid).or_insert((second, 0));
-        if w.0 != second {
-            *w = (second, 0);
-        }
-        if w.1 >= self.per_sec {
-            self.dropped.inc();
-            return;
-        }
-        w.1 += 1;
-        self.sink.offer(make());
     }
 }
 
@@ -212,41 +159,24 @@ impl Records {
 
 #[cfg(test)]
 mod tests {
-    use prometheus_client::metrics::counter::Counter;
-
     use super::*;
 
     #[test]
-    fn allocation_failures_are_rate_limited_per_process() {
-        let dropped = Counter::default();
-        let (sink, rx) = super::super::queue::channel(100, 1 << 20, Counter::default());
-        let mut r = RateLimited::new(sink, 2, dropped.clone());
-        let f = |pid| AllocFailure {
-            pid,
-            comm: "python",
+    fn a_failed_call_becomes_a_warning_record() {
+        let n = Notice::AllocFailed(AllocFailed {
+            time_unix_nano: 5,
+            pid: 7,
+            comm: "python".into(),
             api: "cuMemAlloc_v2",
-            error: "out_of_memory",
+            error: "out_of_memory".into(),
             size: 1 << 20,
             device: 0,
-        };
-        for i in 0..5 {
-            r.offer(1, 1_000_000_000 + i, || alloc_failure(&f(1)));
-        }
-        r.offer(2, 1_000_000_000, || alloc_failure(&f(2)));
-        r.offer(1, 2_000_000_000, || alloc_failure(&f(1)));
-        let mut n = 0;
-        while rx.try_recv().is_ok() {
-            n += 1;
-        }
-        assert_eq!(
-            n, 4,
-            "2 for pid 1, 1 for pid 2, 1 for pid 1 in the next second"
-        );
-        assert_eq!(dropped.get(), 3);
+        });
         let rec = opentelemetry_proto::tonic::logs::v1::LogRecord::from(
-            &Records::default().record(&alloc_failure(&f(7))),
+            &Records::default().record(&item(&n)),
         );
         assert_eq!(rec.event_name, "inferscope.cuda.alloc.failure");
+        assert_eq!(rec.time_unix_nano, 5);
         assert_eq!(rec.severity_text, "WARN");
         assert_eq!(
             rec.severity_number,
@@ -261,5 +191,28 @@ mod tests {
             size.and_then(|v| v.value),
             Some(opentelemetry_proto::tonic::common::v1::any_value::Value::IntValue(1 << 20))
         );
+    }
+
+    #[test]
+    fn reports_are_named_by_kind() {
+        let r = |kind| ReportWritten {
+            time_unix_nano: 1,
+            id: "r1".into(),
+            kind,
+            pid: 7,
+            comm: "vllm".into(),
+            gpu: Some(2),
+            xid: None,
+            path: None,
+            summary: "s".into(),
+        };
+        for (kind, name) in [
+            ("cuda", "inferscope.oom"),
+            ("host_oom_kill", "inferscope.oom"),
+            ("gpu_process_crash", "inferscope.oom"),
+            ("xid", "inferscope.forensics.report"),
+        ] {
+            assert_eq!(item(&Notice::Report(r(kind))).event_name, name, "{kind}");
+        }
     }
 }

@@ -24,11 +24,13 @@ use tokio::{sync::watch, task::JoinHandle};
 
 use self::{
     config::{Settings, Signal},
-    queue::{Backoff, Batcher, Sink},
+    queue::{Backoff, Batcher},
     transport::{Client, Payload},
 };
 use crate::{
+    events::{Notice, RateLimited},
     gpu::history::GpuHistory,
+    http::finished::RequestFinished,
     metrics::{Metrics, SignalLabels},
 };
 
@@ -72,8 +74,8 @@ pub fn kv(key: &str, v: impl IntoValue) -> KeyValue {
 /// The producers' ends, handed to the stages that make spans and log records.
 #[derive(Clone, Default)]
 pub struct Sinks {
-    pub spans: Option<Sink<traces::RequestSpan>>,
-    pub logs: Option<Sink<logs::LogItem>>,
+    pub spans: Option<crate::queue::Sender<RequestFinished>>,
+    pub logs: Option<crate::queue::Sender<Notice>>,
     /// Allocation-failure log records per second and process.
     pub alloc_failure_logs_per_sec: u32,
     /// Counts allocation-failure records over the rate (`signal="logs"`).
@@ -82,8 +84,8 @@ pub struct Sinks {
 
 impl Sinks {
     /// A rate limiter for allocation-failure records, when logs are exported.
-    pub fn alloc_failures(&self) -> Option<logs::RateLimited> {
-        Some(logs::RateLimited::new(
+    pub fn alloc_failures(&self) -> Option<RateLimited> {
+        Some(RateLimited::new(
             self.logs.clone()?,
             self.alloc_failure_logs_per_sec,
             self.logs_dropped.clone()?,
@@ -166,7 +168,7 @@ impl Exporter {
                 batch_timeout: settings.batch_timeout,
                 backoff: Backoff::default(),
                 dropped: d,
-                build: Box::new(move |batch: &[traces::RequestSpan]| {
+                build: Box::new(move |batch: &[RequestFinished]| {
                     let clock = traces::WallClock::now();
                     Payload::Traces(
                         batch
@@ -190,8 +192,13 @@ impl Exporter {
                 batch_timeout: settings.batch_timeout,
                 backoff: Backoff::default(),
                 dropped: d.clone(),
-                build: Box::new(move |batch: &[logs::LogItem]| {
-                    Payload::Logs(batch.iter().map(|i| records.record(i)).collect())
+                build: Box::new(move |batch: &[Notice]| {
+                    Payload::Logs(
+                        batch
+                            .iter()
+                            .map(|n| records.record(&logs::item(n)))
+                            .collect(),
+                    )
                 }),
             };
             tasks.push(tokio::spawn(b.run(rx, stop_rx.clone())));

@@ -1,5 +1,5 @@
 //! The bounded queue in front of span and log export, and the task that drains it in batches.
-//! Producers never wait: [`Sink::offer`] gives the item up when the queue holds `otlp.queue_size`
+//! Producers never wait: `offer` gives the item up when the queue holds `otlp.queue_size`
 //! items or `otlp.queue_bytes` bytes (a log record carries a tenant's command line: its size
 //! is the tenant's) and counts it in `inferscope_export_dropped_total{signal}`. The batcher retries a failed
 //! request with exponential backoff (capped), then drops the batch and counts its items, so a
@@ -13,30 +13,14 @@ use tokio::sync::watch;
 use super::transport::{Client, Payload};
 use crate::queue::{self, Receiver, Weigh};
 
-/// The producers' end.
-pub struct Sink<T> {
-    tx: queue::Sender<T>,
-}
-
-impl<T> Clone for Sink<T> {
-    fn clone(&self) -> Self {
-        Self {
-            tx: self.tx.clone(),
-        }
-    }
-}
-
-impl<T: Weigh> Sink<T> {
-    /// Queues `item`, or counts it dropped when the queue is full or export has stopped.
-    pub fn offer(&self, item: T) {
-        self.tx.offer(item);
-    }
-}
-
 /// A queue of at most `size` items and `bytes` bytes.
-pub fn channel<T: Weigh>(size: usize, bytes: usize, dropped: Counter) -> (Sink<T>, Receiver<T>) {
-    let (tx, rx) = queue::with_items(bytes, size, dropped);
-    (Sink { tx }, rx)
+/// Producers never wait: [`queue::Sender::offer`] gives an item up and counts it when full.
+pub fn channel<T: Weigh>(
+    size: usize,
+    bytes: usize,
+    dropped: Counter,
+) -> (queue::Sender<T>, Receiver<T>) {
+    queue::with_items(bytes, size, dropped)
 }
 
 /// Retry policy of one request.
@@ -236,7 +220,16 @@ mod tests {
                 Payload::Logs(
                     batch
                         .iter()
-                        .map(|i| records.record(&super::super::logs::xid(*i, "GPU-0", 79)))
+                        .map(|i: &u32| {
+                            records.record(&super::super::logs::item(&crate::events::Notice::Xid(
+                                crate::events::XidError {
+                                    time_unix_nano: 1,
+                                    gpu: *i,
+                                    uuid: "GPU-0".into(),
+                                    xid: 79,
+                                },
+                            )))
+                        })
                         .collect(),
                 )
             }),

@@ -12,51 +12,8 @@ use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanLinks};
 
 use crate::{
     gpu::{history::GpuHistory, GpuSample},
-    http::traceparent::TraceParent,
+    http::{finished::RequestFinished, traceparent::TraceParent},
 };
-
-/// What the HTTP tracker hands over for one finished request (owned, no prompt text).
-#[derive(Clone, Debug)]
-pub struct RequestSpan {
-    pub model: String,
-    /// `vllm`, `tgi`, ... (from discovery), when known.
-    pub server: Option<&'static str>,
-    /// The server's listening port, when discovery found it.
-    pub port: Option<u16>,
-    pub method: String,
-    pub route: String,
-    pub status: Option<u16>,
-    pub error: Option<&'static str>,
-    pub pid: u32,
-    pub start_ns: u64,
-    pub first_token_ns: Option<u64>,
-    pub end_ns: u64,
-    pub input_tokens: Option<u64>,
-    pub output_tokens: Option<u64>,
-    pub stream: bool,
-    pub parent: Option<TraceParent>,
-    /// The server's pod (attribution); empty outside Kubernetes.
-    pub workload: crate::labels::WorkloadLabels,
-}
-
-impl crate::queue::Weigh for RequestSpan {
-    fn weight(&self) -> usize {
-        let w = &self.workload;
-        size_of::<Self>()
-            + [
-                &self.model,
-                &self.method,
-                &self.route,
-                &w.node,
-                &w.namespace,
-                &w.pod,
-                &w.container,
-            ]
-            .iter()
-            .map(|s| s.capacity())
-            .sum::<usize>()
-    }
-}
 
 /// `gen_ai.operation.name` from the route (the OpenAI and TGI routes the parser knows).
 pub fn operation(route: &str) -> &'static str {
@@ -147,7 +104,7 @@ fn gpu_event(s: &GpuSample, phase: &'static str, time: SystemTime) -> Event {
 
 /// The span of one finished request, with its own ids (a child of the caller's
 /// `traceparent` when there was one) and the times seen on the wire.
-pub fn span(r: &RequestSpan, clock: WallClock, history: Option<&GpuHistory>) -> SpanData {
+pub fn span(r: &RequestFinished, clock: WallClock, history: Option<&GpuHistory>) -> SpanData {
     let op = operation(&r.route);
     let (trace_id, span_id) = new_ids(r.parent.as_ref());
     let mut attributes = vec![
@@ -252,8 +209,8 @@ pub fn span(r: &RequestSpan, clock: WallClock, history: Option<&GpuHistory>) -> 
 mod tests {
     use super::*;
 
-    fn req() -> RequestSpan {
-        RequestSpan {
+    fn req() -> RequestFinished {
+        RequestFinished {
             model: "llama".into(),
             server: Some("vllm"),
             port: Some(8000),
@@ -281,7 +238,7 @@ mod tests {
     use opentelemetry_proto::tonic::trace::v1::{span, status, Span};
 
     /// The span as it goes on the wire.
-    fn wire(r: &RequestSpan, clock: WallClock, history: Option<&GpuHistory>) -> Span {
+    fn wire(r: &RequestFinished, clock: WallClock, history: Option<&GpuHistory>) -> Span {
         Span::from(span(r, clock, history))
     }
 
