@@ -1,7 +1,9 @@
 //! The agent crate's top-level modules and which of them import which (`crate::<module>` in a
 //! `use`, a path, or a macro's tokens), and the circles among them: a module that reaches
 //! itself through others cannot be read, tested or split out alone (docs/architecture.md).
-//! `agent` is the wiring and may import every stage; `lib.rs` and `main.rs` are left out.
+//! The modules are also ordered in layers (`xtask/layers.txt`, drawn in docs/architecture.md):
+//! a module imports its own layer or the ones below, never one above. `agent` and `config` are
+//! the wiring and may import every stage; `lib.rs` and `main.rs` are left out.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -11,8 +13,9 @@ use std::{
 use proc_macro2::{TokenStream, TokenTree};
 use syn::visit::Visit;
 
-/// Modules that wire the others together and so may import any of them.
-pub const WIRING: &[&str] = &["agent"];
+/// Modules that wire the others together and so may import any of them: `agent` starts the
+/// stages, `config` composes their sections.
+pub const WIRING: &[&str] = &["agent", "config"];
 
 /// Where one module imports another: the file and line of the first such import.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -236,6 +239,61 @@ pub fn unknown_circles(graph: &Graph, known: &str) -> Vec<String> {
             format!("{}: {}", modules.join(" "), describe(&cycle))
         })
         .collect()
+}
+
+/// The layers, bottom first: one per line, `name: module module …`; `#` starts a comment.
+pub fn parse_layers(text: &str) -> Result<Vec<(String, BTreeSet<String>)>, String> {
+    let mut out: Vec<(String, BTreeSet<String>)> = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (name, modules) = line
+            .split_once(':')
+            .ok_or_else(|| format!("line {}: expected `layer: module …`", n + 1))?;
+        let modules: BTreeSet<String> = modules.split_whitespace().map(String::from).collect();
+        if let Some(m) = modules
+            .iter()
+            .find(|m| out.iter().any(|(_, l)| l.contains(*m)))
+        {
+            return Err(format!("line {}: {m} is in two layers", n + 1));
+        }
+        out.push((name.trim().to_string(), modules));
+    }
+    Ok(out)
+}
+
+/// What breaks the layering: a module in no layer, a layer naming a module that does not
+/// exist, and every import of a module from a layer above the importer's.
+pub fn layer_violations(graph: &Graph, layers: &[(String, BTreeSet<String>)]) -> Vec<String> {
+    let layer_of = |m: &str| layers.iter().position(|(_, l)| l.contains(m));
+    let mut out = Vec::new();
+    for (from, imports) in graph {
+        let Some(low) = layer_of(from) else {
+            out.push(format!("{from} is in no layer (xtask/layers.txt)"));
+            continue;
+        };
+        for (to, site) in imports {
+            if let Some(high) = layer_of(to).filter(|&l| l > low) {
+                out.push(format!(
+                    "{from} ({}) imports {to} ({}, a layer above it): {}:{} uses crate::{to}",
+                    layers[low].0,
+                    layers[high].0,
+                    site.file.display(),
+                    site.line
+                ));
+            }
+        }
+    }
+    for (name, modules) in layers {
+        for m in modules.iter().filter(|m| !graph.contains_key(*m)) {
+            out.push(format!(
+                "layer {name} names {m}, which is no module of the crate"
+            ));
+        }
+    }
+    out
 }
 
 /// One cycle of a circle: `a → b → a (a.rs:3 uses crate::b; b/x.rs:9 uses crate::a)`.
@@ -464,6 +522,70 @@ mod tests {
             found[0].contains("health.rs:1 uses crate::track"),
             "{found:?}"
         );
+    }
+
+    #[test]
+    fn an_import_from_a_layer_above_is_named() {
+        let dir = crate_of(&[
+            ("lib.rs", ""),
+            ("base.rs", "fn f() {}"),
+            ("stage.rs", "use crate::base::X;"),
+            ("top.rs", "use crate::{base, stage};"),
+        ]);
+        let layers =
+            parse_layers("# bottom first\nfoundations: base\nstages: stage\nexport: top\n")
+                .unwrap();
+        let g = graph(dir.path()).unwrap();
+        assert!(layer_violations(&g, &layers).is_empty());
+        std::fs::write(dir.path().join("base.rs"), "\nuse crate::top::Y;").unwrap();
+        std::fs::write(dir.path().join("new.rs"), "fn f() {}").unwrap();
+        let g = graph(dir.path()).unwrap();
+        assert_eq!(
+            layer_violations(&g, &layers),
+            [
+                "base (foundations) imports top (export, a layer above it): base.rs:2 uses crate::top",
+                "new is in no layer (xtask/layers.txt)",
+            ]
+        );
+        assert!(parse_layers("a: x\nb: x")
+            .unwrap_err()
+            .contains("x is in two layers"));
+        assert!(parse_layers("a x").is_err());
+    }
+
+    /// The agent crate obeys its layers, and one import pointing up breaks them.
+    #[test]
+    fn the_agent_crate_obeys_its_layers() {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../agent/src");
+        let layers = parse_layers(include_str!("../layers.txt")).unwrap();
+        let mut g = graph(&src).unwrap();
+        assert_eq!(layer_violations(&g, &layers), Vec::<String>::new());
+        g.get_mut("queue").unwrap().insert(
+            "track".into(),
+            Site {
+                file: PathBuf::from("queue.rs"),
+                line: 1,
+            },
+        );
+        let found = layer_violations(&g, &layers);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].contains("queue.rs:1 uses crate::track"),
+            "{found:?}"
+        );
+    }
+
+    /// docs/architecture.md draws the same layers as the check enforces.
+    #[test]
+    fn the_architecture_doc_lists_the_layers() {
+        let doc = include_str!("../../docs/architecture.md");
+        for line in include_str!("../layers.txt").lines() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            assert!(doc.contains(line), "docs/architecture.md lacks `{line}`");
+        }
     }
 
     #[test]

@@ -126,16 +126,28 @@ const AGENT_SRC: &str = "agent/src";
 /// further fails `cargo xtask test`. Lines shrink as the knots are taken apart.
 const KNOWN_CIRCLES: &str = include_str!("../known-circles.txt");
 
+/// The layers the agent's modules are ordered in, bottom first.
+const LAYERS: &str = include_str!("../layers.txt");
+
 fn check_layers() -> anyhow::Result<()> {
     let graph = layers::graph(&util::root_dir().join(AGENT_SRC))?;
     let new = layers::unknown_circles(&graph, KNOWN_CIRCLES);
-    if new.is_empty() {
-        return Ok(());
+    if !new.is_empty() {
+        anyhow::bail!(
+            "the agent's modules import each other in a circle (docs/architecture.md, layers):\n{}",
+            new.join("\n")
+        );
     }
-    anyhow::bail!(
-        "the agent's modules import each other in a circle (docs/architecture.md, layers):\n{}",
-        new.join("\n")
-    )
+    let order =
+        layers::parse_layers(LAYERS).map_err(|e| anyhow::anyhow!("xtask/layers.txt: {e}"))?;
+    let up = layers::layer_violations(&graph, &order);
+    if !up.is_empty() {
+        anyhow::bail!(
+            "the agent's modules break their layers (docs/architecture.md, layers):\n{}",
+            up.join("\n")
+        );
+    }
+    Ok(())
 }
 
 const FUZZ_TARGETS: [&str; 4] = ["http_parser", "server_metrics", "elf_symbols", "proc_maps"];
