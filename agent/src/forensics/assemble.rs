@@ -16,13 +16,14 @@ use super::{
     },
     store::Store,
     symbolize::Stacks,
-    Draft, Settings,
+    Settings,
 };
 use crate::{
     cuda_error,
     gpu::{history::GpuHistory, throttle},
     health::Heartbeat,
     metrics::KindLabels,
+    track::draft::Draft,
 };
 
 const OLD_NS: u64 = 600 * 1_000_000_000;
@@ -583,7 +584,7 @@ mod tests {
             suppressed_before: 0,
             maps: Vec::new(),
         };
-        let (tx, rx) = crate::queue::channel(crate::forensics::QUEUE_BYTES, Default::default());
+        let (tx, rx) = crate::queue::channel(crate::track::draft::QUEUE_BYTES, Default::default());
         assert!(tx.offer(draft));
         drop(tx);
         writer.run(rx, Heartbeat::default());
