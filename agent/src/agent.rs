@@ -350,7 +350,7 @@ pub async fn run(
         health.heartbeat("ingest", health::QUICK),
     ));
     let (draft_tx, draft_rx) = queue::channel(
-        forensics::QUEUE_BYTES,
+        track::draft::QUEUE_BYTES,
         queue_drops(&metrics, "forensics_queue"),
     );
     let writer = forensics::assemble::Writer {
@@ -388,8 +388,11 @@ pub async fn run(
         history,
     )
     .with_forensics(
-        forensics::Forensics::new(draft_tx, m.forensics.clone()),
-        &config.forensics,
+        track::draft::DraftSink::new(draft_tx, m.track.clone()),
+        track::draft::TriggerSettings {
+            window_secs: config.forensics.window_secs,
+            timeline_secs: config.forensics.timeline_secs,
+        },
     )
     .with_attribution(attributor)
     .with_failure_logs(sinks.alloc_failures());

@@ -1,11 +1,15 @@
 //! Readers of `/proc`, rooted at a configurable path so tests can use captured trees. The
 //! formats are parsed by the `procfs` crate; what is read, and how much, stays decided here: a
 //! maps text is bounded, a process's files are read through one handle on its directory, and
-//! in the files of many lines a line procfs rejects costs that line, never the file.
+//! in the files of many lines a line procfs rejects costs that line, never the file. A
+//! process's executable mappings are captured with their files opened, inside its root, so
+//! that its stacks can be symbolized after it is gone.
 
 use std::{
+    collections::HashMap,
     io::Read,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use procfs::{
@@ -19,7 +23,7 @@ pub use procfs::{
     ProcessCGroup,
 };
 
-use crate::tenant_file::FileId;
+use crate::tenant_file::{self, FileId, TenantFile};
 
 #[derive(Clone, Debug)]
 pub struct ProcFs {
@@ -281,6 +285,60 @@ pub fn file_mapping(line: &str) -> Option<FileMapping> {
     })
 }
 
+/// One executable file mapping of a process, with the mapped file as it was opened at
+/// capture: what symbolizing its stacks needs after the process is gone.
+#[derive(Clone, Debug)]
+pub struct ExecMapping {
+    pub map: FileMapping,
+    /// The mapped file, opened at capture; `None` when it could not be (its frames then
+    /// name the module and offset only).
+    pub file: Option<Arc<TenantFile>>,
+}
+
+impl PartialEq for ExecMapping {
+    fn eq(&self, other: &Self) -> bool {
+        self.map == other.map
+    }
+}
+
+impl Eq for ExecMapping {}
+
+/// The executable mappings of the process at `proc_pid` (`/proc/<pid>`), each file opened
+/// once inside the process's root (else through `map_files`); files that cannot be opened
+/// safely are left unopened. Opened inside the root with device and inode checked
+/// ([`crate::tenant_file`]), a tenant's path cannot name a host file for the agent to read.
+pub fn capture_exec_maps(proc_pid: &Path) -> Vec<ExecMapping> {
+    let Some(raw) = read_maps(proc_pid) else {
+        return Vec::new();
+    };
+    let mut maps = parse_exec_maps(&String::from_utf8_lossy(&raw));
+    let mut opened: HashMap<FileId, Option<Arc<TenantFile>>> = HashMap::new();
+    let root = proc_pid.join("root");
+    for ExecMapping { map: m, file } in &mut maps {
+        *file = opened
+            .entry(m.id)
+            .or_insert_with(|| {
+                let by_path = (!m.deleted)
+                    .then(|| tenant_file::open_in_root(&root, &m.path, Some(m.id)).ok())
+                    .flatten();
+                by_path
+                    .or_else(|| tenant_file::open_mapping(proc_pid, &m.range(), Some(m.id)).ok())
+                    .map(Arc::new)
+            })
+            .clone();
+    }
+    maps
+}
+
+/// Executable file mappings of a `/proc/<pid>/maps` text, their files not opened.
+pub fn parse_exec_maps(text: &str) -> Vec<ExecMapping> {
+    text.lines()
+        .filter_map(file_mapping)
+        .filter(|m| m.executable)
+        .map(|map| ExecMapping { map, file: None })
+        .collect()
+}
+
 /// Files of captured proc trees, as the kernel writes them.
 #[cfg(test)]
 pub mod fixture {
@@ -453,5 +511,84 @@ mod tests {
         ] {
             assert_eq!(file_mapping(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn parses_executable_mappings() {
+        let maps = parse_exec_maps(
+            "5600-5700 r--p 00000000 fd:01 1 /usr/bin/x\n\
+             5700-5800 r-xp 00001000 fd:01 1 /usr/bin/x\n\
+             7f00-7f10 r-xp 00000000 00:00 0 [vdso]\n\
+             7f10-7f20 r-xp 00002000 fd:01 2 /opt/lib/libcuda.so.1 (deleted)\n\
+             garbage\n",
+        );
+        assert_eq!(
+            maps,
+            vec![
+                ExecMapping {
+                    map: FileMapping {
+                        start: 0x5700,
+                        end: 0x5800,
+                        executable: true,
+                        offset: 0x1000,
+                        path: "/usr/bin/x".into(),
+                        deleted: false,
+                        id: FileId {
+                            dev: libc::makedev(0xfd, 1),
+                            ino: 1
+                        },
+                    },
+                    file: None,
+                },
+                ExecMapping {
+                    map: FileMapping {
+                        start: 0x7f10,
+                        end: 0x7f20,
+                        executable: true,
+                        offset: 0x2000,
+                        path: "/opt/lib/libcuda.so.1".into(),
+                        deleted: true,
+                        id: FileId {
+                            dev: libc::makedev(0xfd, 1),
+                            ino: 2
+                        },
+                    },
+                    file: None,
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn captures_open_the_processs_own_files_never_a_hosts() {
+        use std::os::unix::fs::{symlink, MetadataExt};
+        let dir = tempfile::tempdir().unwrap();
+        let proc_pid = dir.path().join("77");
+        std::fs::create_dir_all(proc_pid.join("root/opt")).unwrap();
+        std::fs::write(proc_pid.join("root/opt/app"), b"tenant code").unwrap();
+        let host = dir.path().join("host-lib");
+        std::fs::write(&host, b"host code").unwrap();
+        symlink(&host, proc_pid.join("root/opt/evil")).unwrap();
+        let line = |path: &Path, name: &str| {
+            let m = std::fs::metadata(path).unwrap();
+            format!(
+                "1000-2000 r-xp 00000000 {:x}:{:x} {} /opt/{name}\n",
+                libc::major(m.dev()),
+                libc::minor(m.dev()),
+                m.ino()
+            )
+        };
+        let maps = line(&proc_pid.join("root/opt/app"), "app") + &line(&host, "evil");
+        std::fs::write(proc_pid.join("maps"), maps).unwrap();
+        let captured = capture_exec_maps(&proc_pid);
+        assert_eq!(captured.len(), 2);
+        let app = captured[0]
+            .file
+            .as_ref()
+            .expect("the tenant's own file opens");
+        assert_eq!(std::fs::read(app.fd_path()).unwrap(), b"tenant code");
+        // The maps line names the host file's inode, but inside the tenant's root the path
+        // leads nowhere: not opened (and no map_files in a captured tree).
+        assert!(captured[1].file.is_none());
     }
 }

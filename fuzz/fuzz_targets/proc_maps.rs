@@ -2,7 +2,7 @@
 //! files (spaces, newlines excepted, ` (deleted)` suffixes, `/SYSV…`, anything else) and the
 //! kernel prints them there. Every reader runs: the line parser over procfs
 //! (`proc::file_mapping`), driver discovery (`probe::discover::parse_maps_line`) and the
-//! forensic mappings (`forensics::symbolize::parse_maps`).
+//! forensic mappings (`proc::parse_exec_maps`).
 //!
 //! Besides "no panic" (procfs itself panics on some names; the agent must keep them from it),
 //! it checks: a file mapping's path is absolute, its range is not inverted, and printing it
@@ -13,9 +13,8 @@
 #![no_main]
 
 use inferscope::{
-    forensics::symbolize::parse_maps,
     probe::discover::{is_cuda_driver, parse_maps_line},
-    proc::{file_mapping, FileMapping},
+    proc::{file_mapping, parse_exec_maps, FileMapping},
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -39,7 +38,7 @@ fuzz_target!(|data: &[u8]| {
             (42, &m.range(), m.id, &m.path, m.deleted)
         );
     }
-    for m in parse_maps(&text) {
+    for m in parse_exec_maps(&text) {
         assert!(m.map.executable && m.map.path.starts_with('/'));
         assert!(m.map.start <= m.map.end, "{m:?}");
     }

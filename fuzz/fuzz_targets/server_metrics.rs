@@ -22,7 +22,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     // A pod's labels too: they join the relabelling the fuzzer exercises.
-    let workload = inferscope::attrib::WorkloadLabels {
+    let workload = inferscope::labels::WorkloadLabels {
         node: "n1".into(),
         namespace: "llm".into(),
         pod: "vllm-0".into(),

@@ -16,7 +16,7 @@ use super::{
     },
     store::Store,
     symbolize::Stacks,
-    Draft, Settings,
+    Settings,
 };
 use crate::{
     cuda_error,
@@ -24,6 +24,7 @@ use crate::{
     gpu::{history::GpuHistory, throttle},
     health::Heartbeat,
     metrics::KindLabels,
+    track::draft::Draft,
 };
 
 const OLD_NS: u64 = 600 * 1_000_000_000;
@@ -591,7 +592,7 @@ mod tests {
             suppressed_before: 0,
             maps: Vec::new(),
         };
-        let (tx, rx) = crate::queue::channel(crate::forensics::QUEUE_BYTES, Default::default());
+        let (tx, rx) = crate::queue::channel(crate::track::draft::QUEUE_BYTES, Default::default());
         assert!(tx.offer(draft));
         drop(tx);
         writer.run(rx, Heartbeat::default());

@@ -1,4 +1,5 @@
-//! The forensics writer's series: reports written, dropped and failed, by kind.
+//! The forensics writer's series: reports written and failed, by kind (drafts dropped before
+//! they reach the writer are the tracker's, `track::metrics`).
 
 use std::sync::Arc;
 
@@ -11,7 +12,6 @@ pub struct ForensicsMetrics {
     pub core: Arc<Metrics>,
     /// Reports by kind, every kind at 0 from the start.
     pub forensics_reports: Family<KindLabels, Counter>,
-    pub forensics_dropped: Family<KindLabels, Counter>,
     pub forensics_errors: Family<KindLabels, Counter>,
 }
 
@@ -20,7 +20,6 @@ impl ForensicsMetrics {
         let m = Self {
             core: core.clone(),
             forensics_reports: Family::default(),
-            forensics_dropped: Family::default(),
             forensics_errors: Family::default(),
         };
         for kind in super::report::Kind::ALL {
@@ -33,11 +32,6 @@ impl ForensicsMetrics {
                 "inferscope_forensics_reports",
                 "Forensic reports produced, by kind",
                 m.forensics_reports.clone(),
-            );
-            r.register(
-                "inferscope_forensics_dropped",
-                "Reports dropped because the writer was behind",
-                m.forensics_dropped.clone(),
             );
             r.register(
                 "inferscope_forensics_errors",

@@ -1,8 +1,11 @@
 //! OOM forensics: a report for every CUDA out-of-memory, host OOM kill, crash of a process
 //! holding GPU memory, and XID error. The tracker notices the trigger and takes a snapshot
-//! of what only it knows (the ledger, rates, failures) as a [`Draft`]; a writer thread turns
-//! it into a [`report::Report`] (`assemble`: GPU timeline from the NVML ring, call stacks symbolized with
-//! blazesym, cgroup and node memory) and stores it (`store`). `render` prints it.
+//! of what only it knows (the ledger, rates, failures, the process's executable mappings) as
+//! a [`Draft`](crate::track::draft::Draft), defined with its vocabulary in
+//! [`crate::track::draft`]: this layer sits above the tracker and consumes it. A writer
+//! thread turns it into a [`report::Report`] (`assemble`: GPU timeline from the NVML ring,
+//! call stacks symbolized with blazesym, cgroup and node memory) and stores it (`store`).
+//! `render` prints it.
 
 pub mod assemble;
 mod config;
@@ -12,15 +15,7 @@ pub mod report;
 pub mod store;
 pub mod symbolize;
 
-use std::{collections::HashMap, sync::Arc, time::SystemTime};
-
-use agent_common::{cuda::CudaMemEvent, oom::OomKillEvent};
-
-use crate::{metrics::KindLabels, track::ledger::Allocation};
 pub use config::ForensicsConfig;
-use metrics::ForensicsMetrics;
-pub use report::Kind;
-use report::{GpuProcessRow, ProcessInfo};
 
 /// Forensics knobs (config section `[forensics]`).
 #[derive(Clone, Debug)]
@@ -30,160 +25,4 @@ pub struct Settings {
     /// One report per (process, kind) per window; more events are counted.
     pub window_secs: u64,
     pub timeline_secs: u64,
-}
-
-/// Ledger bytes of one process on one GPU over time (absolute CLOCK_MONOTONIC ns).
-#[derive(Clone, Debug, Default)]
-pub struct LedgerSeries {
-    pub pid: u32,
-    pub comm: String,
-    pub points: Vec<(u64, u64)>,
-}
-
-/// What the tracker knows at the instant of a trigger.
-#[derive(Clone, Debug)]
-pub struct Draft {
-    pub kind: Kind,
-    pub ts_ns: u64,
-    pub wall: SystemTime,
-    pub process: ProcessInfo,
-    pub gpu: Option<u32>,
-    pub cuda: Option<CudaMemEvent>,
-    pub exit: Option<(Option<i32>, i32)>,
-    pub host_oom: Option<OomKillEvent>,
-    pub xid: Option<u64>,
-    /// The process's live device allocations.
-    pub allocations: Vec<Allocation>,
-    /// Allocations and frees per second over the last minute.
-    pub rates: (f64, f64),
-    pub gpu_processes: Vec<GpuProcessRow>,
-    pub ledger: Vec<LedgerSeries>,
-    /// (ts_ns, pid, api, requested, error) of recent failures on the GPU.
-    pub failures: Vec<(u64, u32, String, u64, String)>,
-    pub suppressed_before: u64,
-    /// The process's executable mappings at the instant, to symbolize its stacks later.
-    pub maps: Vec<symbolize::Mapping>,
-}
-
-/// Bytes of drafts waiting for the writer. A draft carries its process's live allocations
-/// (up to `limits.max_allocations_per_process`, 10 MiB at the default), so a count of drafts
-/// bounded nothing: 64 of them could hold 640 MiB. Past this a draft is dropped and counted.
-pub const QUEUE_BYTES: usize = 32 * 1024 * 1024;
-
-impl crate::queue::Weigh for Draft {
-    fn weight(&self) -> usize {
-        let text = |s: &String| s.capacity();
-        let p = &self.process;
-        size_of::<Draft>()
-            + text(&p.comm)
-            + text(&p.cmdline)
-            + text(&p.cgroup)
-            + p.container_id.as_ref().map_or(0, text)
-            + self.allocations.capacity() * size_of::<Allocation>()
-            + self.gpu_processes.capacity() * size_of::<GpuProcessRow>()
-            + self
-                .gpu_processes
-                .iter()
-                .map(|r| text(&r.comm))
-                .sum::<usize>()
-            + self.ledger.capacity() * size_of::<LedgerSeries>()
-            + self
-                .ledger
-                .iter()
-                .map(|l| text(&l.comm) + l.points.capacity() * size_of::<(u64, u64)>())
-                .sum::<usize>()
-            + self.failures.capacity() * size_of::<(u64, u32, String, u64, String)>()
-            + self
-                .failures
-                .iter()
-                .map(|f| text(&f.2) + text(&f.4))
-                .sum::<usize>()
-            + self.maps.capacity() * size_of::<symbolize::Mapping>()
-            + self.maps.iter().map(|m| text(&m.map.path)).sum::<usize>()
-    }
-}
-
-/// Decides which triggers become reports: one per (process, kind) per window.
-pub struct Limiter {
-    window_ns: u64,
-    last: HashMap<(u32, Kind), (u64, u64)>,
-}
-
-impl Limiter {
-    pub fn new(window_secs: u64) -> Self {
-        Self {
-            window_ns: window_secs.saturating_mul(1_000_000_000),
-            last: HashMap::new(),
-        }
-    }
-
-    /// `Some(suppressed since the last report)` when this trigger gets a report.
-    pub fn admit(&mut self, pid: u32, kind: Kind, ts_ns: u64) -> Option<u64> {
-        if self.last.len() > 10_000 {
-            let horizon = ts_ns.saturating_sub(self.window_ns);
-            self.last.retain(|_, (t, _)| *t >= horizon);
-        }
-        match self.last.get_mut(&(pid, kind)) {
-            Some((t, suppressed)) if ts_ns.saturating_sub(*t) < self.window_ns => {
-                *suppressed += 1;
-                None
-            }
-            entry => {
-                let before = entry.map_or(0, |(_, s)| *s);
-                self.last.insert((pid, kind), (ts_ns, 0));
-                Some(before)
-            }
-        }
-    }
-}
-
-/// The handle the tracker sends drafts to.
-#[derive(Clone)]
-pub struct Forensics {
-    tx: crate::queue::Sender<Draft>,
-    metrics: Arc<ForensicsMetrics>,
-}
-
-impl Forensics {
-    pub fn new(tx: crate::queue::Sender<Draft>, metrics: Arc<ForensicsMetrics>) -> Self {
-        Self { tx, metrics }
-    }
-
-    pub fn submit(&self, draft: Draft) {
-        let kind = draft.kind.as_str();
-        if !self.tx.offer(draft) {
-            // The writer is behind (a storm across many processes): counted here by kind and
-            // by the queue (`what="forensics_queue"`), never blocking.
-            self.metrics
-                .forensics_dropped
-                .get_or_create(&KindLabels { kind })
-                .inc();
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn one_report_per_process_and_kind_per_window() {
-        let mut l = Limiter::new(60);
-        let s = 1_000_000_000;
-        assert_eq!(l.admit(1, Kind::Cuda, 0), Some(0));
-        for i in 1..1000 {
-            assert_eq!(l.admit(1, Kind::Cuda, i * s / 1000), None);
-        }
-        assert_eq!(l.admit(2, Kind::Cuda, s), Some(0), "another process");
-        assert_eq!(
-            l.admit(1, Kind::GpuProcessCrash, s),
-            Some(0),
-            "another kind"
-        );
-        assert_eq!(
-            l.admit(1, Kind::Cuda, 61 * s),
-            Some(999),
-            "next window says what it skipped"
-        );
-    }
 }

@@ -5,36 +5,8 @@ use serde::{Deserialize, Serialize};
 
 pub const SCHEMA_VERSION: u32 = 1;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Kind {
-    /// A CUDA allocation failed with CUDA_ERROR_OUT_OF_MEMORY.
-    Cuda,
-    /// The kernel's OOM killer chose a victim.
-    HostOomKill,
-    /// A process holding GPU memory exited on a fatal signal or a non-zero status.
-    GpuProcessCrash,
-    /// NVML reported an XID critical error.
-    Xid,
-}
-
-impl Kind {
-    pub const ALL: [Kind; 4] = [
-        Kind::Cuda,
-        Kind::HostOomKill,
-        Kind::GpuProcessCrash,
-        Kind::Xid,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Kind::Cuda => "cuda",
-            Kind::HostOomKill => "host_oom_kill",
-            Kind::GpuProcessCrash => "gpu_process_crash",
-            Kind::Xid => "xid",
-        }
-    }
-}
+// The tracker's words for what it saw at the trigger, serialized in the report as they are.
+pub use crate::track::draft::{GpuProcessRow, Kind, ProcessInfo};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Report {
@@ -121,17 +93,6 @@ impl Report {
         }
         t.requests.iter_mut().for_each(|s| f(&mut s.comm));
     }
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct ProcessInfo {
-    pub pid: u32,
-    pub comm: String,
-    pub cmdline: String,
-    /// The process's cgroup path (v2, or the v1 memory controller's).
-    pub cgroup: String,
-    /// Container id from the cgroup path, when it has one.
-    pub container_id: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -226,14 +187,6 @@ pub struct Frame {
     pub file: Option<String>,
     pub line: Option<u32>,
     pub offset: Option<u64>,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct GpuProcessRow {
-    pub pid: u32,
-    pub comm: String,
-    pub ledger_bytes: u64,
-    pub nvml_bytes: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

@@ -1,5 +1,6 @@
 //! The allocation ledger's series (CUDA calls, bytes and latency; what each process holds),
-//! its join with NVML's per-process figures, and the forensics triggers it counts.
+//! its join with NVML's per-process figures, and the forensics triggers it counts (and the
+//! drafts it could not hand to the writer).
 
 use std::sync::Arc;
 
@@ -82,6 +83,8 @@ pub struct TrackMetrics {
     pub oom_events: Family<KindLabels, Counter>,
     /// Triggers that got no report of their own (the limiter's window).
     pub forensics_suppressed: Family<KindLabels, Counter>,
+    /// Drafts dropped because the writer's queue was full.
+    pub forensics_dropped: Family<KindLabels, Counter>,
 }
 
 impl TrackMetrics {
@@ -104,10 +107,11 @@ impl TrackMetrics {
             gpu_process_memory_overhead: Family::default(),
             oom_events: Family::default(),
             forensics_suppressed: Family::default(),
+            forensics_dropped: Family::default(),
         };
         // Every kind from the start, at 0: `increase()` in the alerting rules then sees the
         // first event of a kind as a step from 0 instead of a new series with no history.
-        for kind in crate::forensics::report::Kind::ALL {
+        for kind in super::draft::Kind::ALL {
             let _ = m.oom_events.get_or_create(&KindLabels {
                 kind: kind.as_str(),
             });
@@ -194,6 +198,11 @@ impl TrackMetrics {
                 "inferscope_forensics_suppressed",
                 "Events that got no report of their own (one per process and kind per window)",
                 m.forensics_suppressed.clone(),
+            );
+            r.register(
+                "inferscope_forensics_dropped",
+                "Reports dropped because the writer was behind",
+                m.forensics_dropped.clone(),
             );
         });
         Arc::new(m)

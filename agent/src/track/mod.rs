@@ -3,6 +3,7 @@
 //! per-process view (their difference is the process's overhead).
 
 mod config;
+pub mod draft;
 pub mod ledger;
 pub mod metrics;
 mod triggers;
@@ -175,10 +176,10 @@ impl Tracker {
     /// Sends a forensic report draft for every trigger from now on.
     pub fn with_forensics(
         mut self,
-        forensics: crate::forensics::Forensics,
-        config: &crate::forensics::ForensicsConfig,
+        sink: draft::DraftSink,
+        settings: draft::TriggerSettings,
     ) -> Self {
-        self.forensics = Some(triggers::ForensicsState::new(forensics, config));
+        self.forensics = Some(triggers::ForensicsState::new(sink, settings));
         self
     }
 

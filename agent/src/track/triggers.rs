@@ -1,6 +1,7 @@
 //! Forensics triggers, on the tracker's side: keep what a report needs that only the tracker
 //! knows (a timeline of ledger bytes per process, allocation and free counts, each process's
-//! command line and cgroup), notice triggers, and hand a snapshot to the forensics writer.
+//! command line and cgroup), notice triggers, and hand a snapshot ([`Draft`]) to the
+//! forensics writer.
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
@@ -13,16 +14,14 @@ use agent_common::{
     sched::{ProcessExitEvent, EXIT_CODE_KNOWN},
 };
 
-use super::{ledger::Outcome, Tracker};
-use crate::{
-    clock::monotonic_ns,
-    cuda_error,
-    forensics::{
-        report::GpuProcessRow, report::ProcessInfo, Draft, Forensics, ForensicsConfig, Kind,
-        LedgerSeries, Limiter,
+use super::{
+    draft::{
+        Draft, DraftSink, GpuProcessRow, Kind, LedgerSeries, Limiter, ProcessInfo, TriggerSettings,
     },
-    metrics::KindLabels,
+    ledger::Outcome,
+    Tracker,
 };
+use crate::{clock::monotonic_ns, cuda_error, metrics::KindLabels};
 
 const CUDA_ERROR_OUT_OF_MEMORY: u32 = 2;
 
@@ -41,7 +40,7 @@ struct Meta {
 }
 
 pub(super) struct ForensicsState {
-    sink: Forensics,
+    sink: DraftSink,
     limiter: Limiter,
     timeline_ns: u64,
     meta: HashMap<u32, Meta>,
@@ -51,11 +50,11 @@ pub(super) struct ForensicsState {
 }
 
 impl ForensicsState {
-    pub(super) fn new(sink: Forensics, config: &ForensicsConfig) -> Self {
+    pub(super) fn new(sink: DraftSink, settings: TriggerSettings) -> Self {
         Self {
             sink,
-            limiter: Limiter::new(config.window_secs),
-            timeline_ns: config.timeline_secs.max(60).saturating_mul(1_000_000_000),
+            limiter: Limiter::new(settings.window_secs),
+            timeline_ns: settings.timeline_secs.max(60).saturating_mul(1_000_000_000),
             meta: HashMap::new(),
             timeline: HashMap::new(),
             counts: HashMap::new(),
@@ -394,7 +393,7 @@ impl Tracker {
             ledger: series,
             failures,
             suppressed_before,
-            maps: crate::forensics::symbolize::capture(&self.procfs.root().join(pid.to_string())),
+            maps: crate::proc::capture_exec_maps(&self.procfs.root().join(pid.to_string())),
         })
     }
 }
