@@ -92,7 +92,10 @@ fuzz_target!(|data: &[u8]| {
             "gaps do not match token events: {x:?}"
         );
         if let (Some(first), Some(last)) = (x.first_token_ns, x.last_token_ns) {
-            assert!(first <= last && x.start_ns <= first, "token instants: {x:?}");
+            assert!(
+                first <= last && x.start_ns <= first,
+                "token instants: {x:?}"
+            );
         }
     }
     assert_eq!(
