@@ -169,7 +169,9 @@ impl Families<'_> {
     }
 }
 
-/// Runs the agent until `shutdown` resolves.
+/// Runs the agent until `shutdown` resolves: every stage's metrics registered, the stages
+/// started bottom up (probes and sources, the state they feed, forensics, export), then, on
+/// `shutdown`, stopped in the order that lets each drain into the next.
 pub async fn run(
     config: Config,
     shutdown: impl std::future::Future<Output = ()>,
@@ -177,332 +179,549 @@ pub async fn run(
     preflight()?;
     raise_memlock();
     let listener = http::bind(config.prometheus_listen).await?;
-    let m = StageMetrics::new();
-    let metrics = m.core.clone();
-    let health = Arc::new(Health::new());
-    for (family, shortfall) in crate::caps::Held::current()
-        .map(|held| held.shortfalls())
-        .unwrap_or_default()
-    {
-        tracing::warn!(family, "{shortfall}");
-        health.degrade(family, shortfall.to_string());
-    }
-
-    // Before the first tracepoint (and the format file read just below).
-    let tracefs = probe::tracefs::ensure().map_err(|e| crate::error_chain(&e));
-    let mut loaded = probe::load(
-        config.probes.ring_buffer_bytes,
-        probe::sched::group_dead_offset(),
-    )?;
-    probe::init_config(
-        &mut loaded.config,
-        config.probes.stack_sample_every,
-        config.probes.ring_buffer_bytes,
-    );
-    let mut families = Families {
+    let (stop_tx, stop) = watch::channel(false);
+    let w = Wiring {
         config: &config,
-        metrics: &m.probe,
-        health: &health,
-        tracefs: tracefs.as_ref().err(),
+        metrics: StageMetrics::new(),
+        health: Arc::new(Health::new()),
+        stop,
     };
-    let mut links = probe::links::Links::default();
-    for family in [
-        families.start("sched", true, probe::sched::attach, &mut loaded.ebpf),
-        families.start("oom", true, probe::oom::attach, &mut loaded.ebpf),
-    ]
-    .into_iter()
-    .flatten()
-    {
-        links.extend(family);
-    }
-    let (http_maps, http_probes) = families
-        .start(
-            "http",
-            true,
-            |ebpf| probe::http::attach(ebpf, config.http.capture_bytes),
-            &mut loaded.ebpf,
-        )
-        .unzip();
-    let cuda = families.start(
-        "cuda",
-        false,
-        |ebpf| CudaProbes::load(ebpf, &config.probes.disabled),
-        &mut loaded.ebpf,
-    );
-    let mut manager = Manager::new(
-        loaded.ebpf,
-        cuda,
-        ManagerMaps {
-            config: loaded.config,
-            lost: loaded.lost,
-            hits: loaded.hits,
-        },
-        links,
-        m.probe.clone(),
-        health.clone(),
-        &config.probes,
-        ProcFs::new(&config.proc_root),
-        config.cuda_libs.clone(),
-    );
-    manager.discover();
+    w.note_missing_capabilities();
 
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let (attributor, attrib_tasks) = crate::attrib::start(
-        &config.attribution,
-        config.limits.max_processes,
-        ProcFs::new(&config.proc_root),
-        &crate::env::ProcessEnv,
-        m.attrib.clone(),
-        stop_rx.clone(),
-        &health,
-    );
-    let (batch_tx, batch_rx) =
-        queue::channel(track::QUEUE_BYTES, queue_drops(&metrics, "tracker_queue"));
+    let probes = w.load_probes()?;
+    let (attributor, attrib_tasks) = w.start_attribution();
     let history = Arc::new(GpuHistory::new(config.nvml.history_secs));
-    let exporter = match config.otlp_settings.clone() {
-        Some(s) => Some(otlp::Exporter::start(
-            s,
-            metrics.clone(),
-            Some(history.clone()),
-        )?),
-        None => None,
-    };
+    let exporter = w.start_otlp(&history)?;
     let sinks = exporter
         .as_ref()
         .map(otlp::Exporter::sinks)
         .unwrap_or_default();
-    let nvml_stop = Arc::new(AtomicBool::new(false));
-    let nvml_threads = start_nvml(
-        &config,
-        &m.gpu,
-        &history,
-        &batch_tx,
-        &nvml_stop,
-        &attributor,
-        sinks.logs.clone(),
-        &health,
+    let (batch_tx, batch_rx) = queue::channel(
+        track::QUEUE_BYTES,
+        queue_drops(&w.metrics.core, "tracker_queue"),
     );
+    let nvml = w.start_nvml(&history, &batch_tx, &attributor, sinks.logs.clone());
     let load = Arc::new(crate::http::load::LoadBoard::new(
         config.forensics.timeline_secs,
     ));
     let servers = Arc::new(crate::servers::ServerBoard::default());
-    let http_stage = crate::http::Stage::start(
-        http_maps,
-        &config.http,
-        ProcFs::new(&config.proc_root),
-        Duration::from_millis(config.probes.discovery_interval_ms),
-        m.http.clone(),
-        load.clone(),
-        servers.clone(),
-        Some(attributor.clone()),
+    let http_stage = w.start_http(
+        probes.http_maps,
+        &load,
+        &servers,
+        &attributor,
         sinks.spans.clone(),
-        &health,
-    )
-    .map_err(StartError::Thread)?;
-    let manager = manager.with_http(http_probes.map(|probes| {
-        HttpBudget::new(
-            probes,
-            config.probes.http_budget_core_share,
-            config.probes.run_time_stats,
-            m.probe.clone(),
-            health.clone(),
-        )
-        .with_control(http_stage.control())
-    }));
-    let scrape_servers = if http_stage.watching() {
-        crate::scrape::Servers::Board(servers)
-    } else {
-        crate::scrape::Servers::Scan {
-            ports: config.http.watch_ports.clone(),
-            matchers: config.http.match_commands.clone(),
-            seen: Default::default(),
-        }
-    };
-    let scraper = crate::scrape::Stage::start(
-        &config.scrape,
-        ProcFs::new(&config.proc_root),
-        m.scrape.clone(),
-        scrape_servers,
-        Some(attributor.clone()),
-        stop_rx.clone(),
-        &health,
-    );
-    let poll = Duration::from_millis(config.probes.poll_interval_ms);
-    // One reader per ring: the http family's records never share a ring with the ledger's.
-    let http_ingest = http_stage.sender().map(|http| {
-        tokio::spawn(ingest::run(
-            loaded.http_events,
-            poll,
-            batch_tx.clone(),
-            Some(http),
-            metrics.clone(),
-            stop_rx.clone(),
-            health.heartbeat("http-ingest", health::QUICK),
-        ))
-    });
-    let ingest = tokio::spawn(ingest::run(
-        loaded.events,
-        poll,
-        batch_tx,
-        None::<queue::Sender<crate::http::tracker::Input>>,
-        metrics.clone(),
-        stop_rx.clone(),
-        health.heartbeat("ingest", health::QUICK),
-    ));
-    let (draft_tx, draft_rx) = queue::channel(
-        track::draft::QUEUE_BYTES,
-        queue_drops(&metrics, "forensics_queue"),
-    );
-    let writer = forensics::assemble::Writer {
-        store: forensics::store::Store::new(
-            &config.forensics_dir,
-            config.forensics.max_reports,
-            config.forensics.max_bytes,
-        ),
-        stack_map: loaded.stacks.take(),
-        history: history.clone(),
-        metrics: m.forensics.clone(),
-        settings: forensics::Settings {
-            max_reports: config.forensics.max_reports,
-            max_bytes: config.forensics.max_bytes,
-            window_secs: config.forensics.window_secs,
-            timeline_secs: config.forensics.timeline_secs,
-        },
-        seq: 0,
-        load: Some(load),
-        logs: sinks.logs.clone(),
-    };
-    // A report reads the target's files to symbolize its stacks: seconds for a large library.
-    let beat = health.heartbeat(
-        "forensics",
-        health::deadline(Duration::from_secs(20), health::SLOW),
-    );
-    let writer = std::thread::Builder::new()
-        .name("forensics".into())
-        .spawn(move || writer.run(draft_rx, beat))
-        .map_err(StartError::Thread)?;
-    let tracker = Tracker::new(
-        m.track.clone(),
-        ProcFs::new(&config.proc_root),
-        &config.limits,
+    )?;
+    let scraper = w.start_scrape(&http_stage, servers, &attributor);
+    let readers = w.start_readers(probes.rings, batch_tx, &http_stage);
+    let (writer, drafts) = w.start_forensics(probes.stacks, &history, load, sinks.logs.clone())?;
+    let tracker = w.start_tracker(
         history,
-    )
-    .with_forensics(
-        track::draft::DraftSink::new(draft_tx, m.track.clone()),
-        track::draft::TriggerSettings {
-            window_secs: config.forensics.window_secs,
-            timeline_secs: config.forensics.timeline_secs,
-        },
-    )
-    .with_attribution(attributor)
-    .with_failure_logs(sinks.alloc_failures());
-    drop(sinks);
-    let tracker = tokio::spawn(track::run(
-        tracker,
+        drafts,
+        attributor,
+        sinks.alloc_failures(),
         batch_rx,
-        health.heartbeat("tracker", health::QUICK),
-    ));
+    );
+    drop(sinks);
     let server = tokio::spawn(http::serve(
         listener,
-        metrics.clone(),
-        health.clone(),
-        stop_rx,
+        w.metrics.core.clone(),
+        w.health.clone(),
+        w.stop.clone(),
     ));
-
-    let (manager_stop, manager_rx) = std::sync::mpsc::channel();
-    let interval = Duration::from_millis(config.probes.discovery_interval_ms);
-    let manager_beat = health.heartbeat("probe-manager", health::deadline(interval, health::SLOW));
-    let beat = manager_beat.clone();
-    let manager = std::thread::Builder::new()
-        .name("probe-manager".into())
-        .spawn(move || manager.run(interval, manager_rx, beat))
-        .map_err(StartError::Thread)?;
-
-    health.set_ready();
-    let degraded: Vec<&str> = health.degraded().into_iter().map(|(f, _)| f).collect();
-    tracing::info!(
-        listen = %config.prometheus_listen,
-        ?degraded,
-        "probes attached, serving /metrics"
-    );
+    let manager = w.start_manager(probes.manager, probes.http_probes, &http_stage)?;
+    w.say_ready();
 
     shutdown.await;
     tracing::info!("shutting down");
-    let started = Instant::now();
-    deadline::watchdog(started + EXIT_BY);
-    let mut d = Deadline::new(started, DRAIN_BY);
-    // Every stage is told at once; they are then waited for in order.
-    let _ = stop_tx.send(true);
-    nvml_stop.store(true, std::sync::atomic::Ordering::Release);
-    for (stage, t) in nvml_threads {
-        if let Some(Err(_)) = d.join(stage, STAGE_SHARE, t).await {
-            tracing::error!(stage, "an NVML thread panicked");
-        }
+    Running {
+        nvml,
+        readers,
+        http: http_stage,
+        scraper,
+        tracker,
+        writer,
+        server,
+        attrib_tasks,
+        exporter,
+        manager,
     }
-    report_task("ingest", d.task("ingest", STAGE_SHARE, ingest).await);
-    if let Some(h) = http_ingest {
-        report_task("http-ingest", d.task("http-ingest", STAGE_SHARE, h).await);
-    }
-    http_stage.stop(&mut d, STAGE_SHARE).await;
-    scraper.stop(&mut d, STAGE_SHARE).await;
-    if let Some(Ok(t)) = d.task("tracker", STAGE_SHARE, tracker).await {
-        tracing::debug!(processes = t.ledger().len(), "tracker drained");
-    }
-    // The tracker held the last draft sender: the writer finishes what it has and ends.
-    if let Some(Err(_)) = d.join("forensics", STAGE_SHARE, writer).await {
-        tracing::error!("the forensics writer panicked");
-    }
-    report_task("exporter", d.task("exporter", STAGE_SHARE, server).await);
-    for t in attrib_tasks {
-        report_task(
-            "attribution",
-            d.task("attribution", STAGE_SHARE, t)
-                .await
-                .map(|r| r.map(Ok::<(), std::convert::Infallible>)),
-        );
-    }
-    // Every producer of spans and log records has ended: flush them and the last metrics.
-    if let Some(e) = exporter {
-        e.shutdown(OTLP_FLUSH.min(d.remaining())).await;
-    }
-    let _ = manager_stop.send(());
-    let mut detach = Deadline::new(started, DETACH_BY);
-    // It says done as it leaves its loop, then detaches: a manager that does not is stuck in
-    // discovery, and its probes are left to the process's exit rather than waited for.
-    let left_loop = async {
-        while !manager_beat.is_done() && !manager.is_finished() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    };
-    if detach
-        .wait("probe-manager", MANAGER_SHARE, left_loop)
-        .await
-        .is_some()
-    {
-        // Out of its loop, it is detaching: the kernel serialises uprobe detaches (about 0.1 s
-        // each on a VM), so a driver's 42 probes can outlast the deadline. Not a fault: what
-        // is left is finished by the process's exit.
-        let until = started + DETACH_BY;
-        while !manager.is_finished() && Instant::now() < until {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        if !manager.is_finished() {
-            tracing::info!(
-                "probes still detaching at the deadline: the process's exit finishes it"
-            );
-        } else if manager.join().is_err() {
-            tracing::error!("probe manager panicked");
-        }
-    }
-    let late: Vec<&str> = d.late().iter().chain(detach.late()).copied().collect();
-    if !late.is_empty() {
-        tracing::warn!(
-            ?late,
-            "shutdown deadline: these stages did not finish and are left to the process's exit \
-             (the kernel detaches the probes when their descriptors close)"
-        );
-    }
+    .stop(stop_tx)
+    .await;
     Ok(())
+}
+
+/// What every stage is started with: the configuration, its own metrics, the health board,
+/// and the signal to stop.
+struct Wiring<'a> {
+    config: &'a Config,
+    metrics: StageMetrics,
+    health: Arc<Health>,
+    stop: watch::Receiver<bool>,
+}
+
+/// The probes loaded and their families attached, the manager not yet running.
+struct Probes {
+    manager: Manager,
+    rings: Rings,
+    http_maps: Option<probe::http::HttpMaps>,
+    http_probes: Option<probe::http::HttpProbes>,
+    stacks: Option<aya::maps::StackTraceMap<aya::maps::MapData>>,
+}
+
+/// The two ring buffers: one per reader, so that the http family's records never share a ring
+/// with the ledger's.
+struct Rings {
+    events: aya::maps::RingBuf<aya::maps::MapData>,
+    http_events: aya::maps::RingBuf<aya::maps::MapData>,
+}
+
+/// The ring-buffer readers' tasks.
+struct Readers {
+    events: tokio::task::JoinHandle<std::io::Result<()>>,
+    http: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+/// The NVML threads and the flag that ends them.
+struct Nvml {
+    stop: Arc<AtomicBool>,
+    threads: Vec<(&'static str, std::thread::JoinHandle<()>)>,
+}
+
+/// The probe manager's thread, what tells it to stop, and its heartbeat (done as it leaves
+/// its loop, before it detaches).
+struct ManagerThread {
+    thread: std::thread::JoinHandle<()>,
+    stop: std::sync::mpsc::Sender<()>,
+    beat: health::Heartbeat,
+}
+
+impl Wiring<'_> {
+    fn procfs(&self) -> ProcFs {
+        ProcFs::new(&self.config.proc_root)
+    }
+
+    fn note_missing_capabilities(&self) {
+        for (family, shortfall) in crate::caps::Held::current()
+            .map(|held| held.shortfalls())
+            .unwrap_or_default()
+        {
+            tracing::warn!(family, "{shortfall}");
+            self.health.degrade(family, shortfall.to_string());
+        }
+    }
+
+    /// Loads the eBPF object and attaches each probe family that can start; the CUDA
+    /// libraries present now are found and probed before any stage reads a record.
+    fn load_probes(&self) -> Result<Probes, StartError> {
+        let config = self.config;
+        // Before the first tracepoint (and the format file read just below).
+        let tracefs = probe::tracefs::ensure().map_err(|e| crate::error_chain(&e));
+        let mut loaded = probe::load(
+            config.probes.ring_buffer_bytes,
+            probe::sched::group_dead_offset(),
+        )?;
+        probe::init_config(
+            &mut loaded.config,
+            config.probes.stack_sample_every,
+            config.probes.ring_buffer_bytes,
+        );
+        let mut families = Families {
+            config,
+            metrics: &self.metrics.probe,
+            health: &self.health,
+            tracefs: tracefs.as_ref().err(),
+        };
+        let mut links = probe::links::Links::default();
+        for family in [
+            families.start("sched", true, probe::sched::attach, &mut loaded.ebpf),
+            families.start("oom", true, probe::oom::attach, &mut loaded.ebpf),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            links.extend(family);
+        }
+        let (http_maps, http_probes) = families
+            .start(
+                "http",
+                true,
+                |ebpf| probe::http::attach(ebpf, config.http.capture_bytes),
+                &mut loaded.ebpf,
+            )
+            .unzip();
+        let cuda = families.start(
+            "cuda",
+            false,
+            |ebpf| CudaProbes::load(ebpf, &config.probes.disabled),
+            &mut loaded.ebpf,
+        );
+        let mut manager = Manager::new(
+            loaded.ebpf,
+            cuda,
+            ManagerMaps {
+                config: loaded.config,
+                lost: loaded.lost,
+                hits: loaded.hits,
+            },
+            links,
+            self.metrics.probe.clone(),
+            self.health.clone(),
+            &config.probes,
+            self.procfs(),
+            config.cuda_libs.clone(),
+        );
+        manager.discover();
+        Ok(Probes {
+            manager,
+            rings: Rings {
+                events: loaded.events,
+                http_events: loaded.http_events,
+            },
+            http_maps,
+            http_probes,
+            stacks: loaded.stacks.take(),
+        })
+    }
+
+    fn start_attribution(
+        &self,
+    ) -> (
+        Arc<crate::attrib::Attributor>,
+        Vec<tokio::task::JoinHandle<()>>,
+    ) {
+        crate::attrib::start(
+            &self.config.attribution,
+            self.config.limits.max_processes,
+            self.procfs(),
+            &crate::env::ProcessEnv,
+            self.metrics.attrib.clone(),
+            self.stop.clone(),
+            &self.health,
+        )
+    }
+
+    fn start_otlp(&self, history: &Arc<GpuHistory>) -> Result<Option<otlp::Exporter>, StartError> {
+        let Some(settings) = self.config.otlp_settings.clone() else {
+            return Ok(None);
+        };
+        Ok(Some(otlp::Exporter::start(
+            settings,
+            self.metrics.core.clone(),
+            Some(history.clone()),
+        )?))
+    }
+
+    fn start_http(
+        &self,
+        maps: Option<probe::http::HttpMaps>,
+        load: &Arc<crate::http::load::LoadBoard>,
+        servers: &Arc<crate::servers::ServerBoard>,
+        attributor: &Arc<crate::attrib::Attributor>,
+        spans: Option<queue::Sender<crate::http::finished::RequestFinished>>,
+    ) -> Result<crate::http::Stage, StartError> {
+        crate::http::Stage::start(
+            maps,
+            &self.config.http,
+            self.procfs(),
+            Duration::from_millis(self.config.probes.discovery_interval_ms),
+            self.metrics.http.clone(),
+            load.clone(),
+            servers.clone(),
+            Some(attributor.clone()),
+            spans,
+            &self.health,
+        )
+        .map_err(StartError::Thread)
+    }
+
+    /// The scraper takes the servers the http watcher finds, or scans for them itself when
+    /// that family is not running.
+    fn start_scrape(
+        &self,
+        http: &crate::http::Stage,
+        servers: Arc<crate::servers::ServerBoard>,
+        attributor: &Arc<crate::attrib::Attributor>,
+    ) -> crate::scrape::Stage {
+        let servers = if http.watching() {
+            crate::scrape::Servers::Board(servers)
+        } else {
+            crate::scrape::Servers::Scan {
+                ports: self.config.http.watch_ports.clone(),
+                matchers: self.config.http.match_commands.clone(),
+                seen: Default::default(),
+            }
+        };
+        crate::scrape::Stage::start(
+            &self.config.scrape,
+            self.procfs(),
+            self.metrics.scrape.clone(),
+            servers,
+            Some(attributor.clone()),
+            self.stop.clone(),
+            &self.health,
+        )
+    }
+
+    fn start_readers(
+        &self,
+        rings: Rings,
+        tracker: queue::Sender<track::Input>,
+        http: &crate::http::Stage,
+    ) -> Readers {
+        let poll = Duration::from_millis(self.config.probes.poll_interval_ms);
+        let http = http.sender().map(|http| {
+            tokio::spawn(ingest::run(
+                rings.http_events,
+                poll,
+                tracker.clone(),
+                Some(http),
+                self.metrics.core.clone(),
+                self.stop.clone(),
+                self.health.heartbeat("http-ingest", health::QUICK),
+            ))
+        });
+        let events = tokio::spawn(ingest::run(
+            rings.events,
+            poll,
+            tracker,
+            None::<queue::Sender<crate::http::tracker::Input>>,
+            self.metrics.core.clone(),
+            self.stop.clone(),
+            self.health.heartbeat("ingest", health::QUICK),
+        ));
+        Readers { events, http }
+    }
+
+    /// The forensics writer's thread, and the sink the tracker sends it drafts through.
+    fn start_forensics(
+        &self,
+        stacks: Option<aya::maps::StackTraceMap<aya::maps::MapData>>,
+        history: &Arc<GpuHistory>,
+        load: Arc<crate::http::load::LoadBoard>,
+        logs: Option<queue::Sender<crate::events::Notice>>,
+    ) -> Result<(std::thread::JoinHandle<()>, track::draft::DraftSink), StartError> {
+        let f = &self.config.forensics;
+        let (draft_tx, draft_rx) = queue::channel(
+            track::draft::QUEUE_BYTES,
+            queue_drops(&self.metrics.core, "forensics_queue"),
+        );
+        let writer = forensics::assemble::Writer {
+            store: forensics::store::Store::new(
+                &self.config.forensics_dir,
+                f.max_reports,
+                f.max_bytes,
+            ),
+            stack_map: stacks,
+            history: history.clone(),
+            metrics: self.metrics.forensics.clone(),
+            settings: forensics::Settings {
+                max_reports: f.max_reports,
+                max_bytes: f.max_bytes,
+                window_secs: f.window_secs,
+                timeline_secs: f.timeline_secs,
+            },
+            seq: 0,
+            load: Some(load),
+            logs,
+        };
+        // A report reads the target's files to symbolize its stacks: seconds for a large library.
+        let beat = self.health.heartbeat(
+            "forensics",
+            health::deadline(Duration::from_secs(20), health::SLOW),
+        );
+        let thread = std::thread::Builder::new()
+            .name("forensics".into())
+            .spawn(move || writer.run(draft_rx, beat))
+            .map_err(StartError::Thread)?;
+        Ok((
+            thread,
+            track::draft::DraftSink::new(draft_tx, self.metrics.track.clone()),
+        ))
+    }
+
+    fn start_tracker(
+        &self,
+        history: Arc<GpuHistory>,
+        drafts: track::draft::DraftSink,
+        attributor: Arc<crate::attrib::Attributor>,
+        failure_logs: Option<crate::events::RateLimited>,
+        input: queue::Receiver<track::Input>,
+    ) -> tokio::task::JoinHandle<Tracker> {
+        let tracker = Tracker::new(
+            self.metrics.track.clone(),
+            self.procfs(),
+            &self.config.limits,
+            history,
+        )
+        .with_forensics(
+            drafts,
+            track::draft::TriggerSettings {
+                window_secs: self.config.forensics.window_secs,
+                timeline_secs: self.config.forensics.timeline_secs,
+            },
+        )
+        .with_attribution(attributor)
+        .with_failure_logs(failure_logs);
+        tokio::spawn(track::run(
+            tracker,
+            input,
+            self.health.heartbeat("tracker", health::QUICK),
+        ))
+    }
+
+    /// The probe manager's thread: discovery, the budgets (the http family's with control of
+    /// its stage), lost counts.
+    fn start_manager(
+        &self,
+        manager: Manager,
+        http_probes: Option<probe::http::HttpProbes>,
+        http: &crate::http::Stage,
+    ) -> Result<ManagerThread, StartError> {
+        let probes = &self.config.probes;
+        let manager = manager.with_http(http_probes.map(|p| {
+            HttpBudget::new(
+                p,
+                probes.http_budget_core_share,
+                probes.run_time_stats,
+                self.metrics.probe.clone(),
+                self.health.clone(),
+            )
+            .with_control(http.control())
+        }));
+        let (stop, rx) = std::sync::mpsc::channel();
+        let interval = Duration::from_millis(probes.discovery_interval_ms);
+        let beat = self
+            .health
+            .heartbeat("probe-manager", health::deadline(interval, health::SLOW));
+        let b = beat.clone();
+        let thread = std::thread::Builder::new()
+            .name("probe-manager".into())
+            .spawn(move || manager.run(interval, rx, b))
+            .map_err(StartError::Thread)?;
+        Ok(ManagerThread { thread, stop, beat })
+    }
+
+    fn say_ready(&self) {
+        self.health.set_ready();
+        let degraded: Vec<&str> = self.health.degraded().into_iter().map(|(f, _)| f).collect();
+        tracing::info!(
+            listen = %self.config.prometheus_listen,
+            ?degraded,
+            "probes attached, serving /metrics"
+        );
+    }
+}
+
+/// The stages while the agent runs, in the order they are stopped.
+struct Running {
+    nvml: Nvml,
+    readers: Readers,
+    http: crate::http::Stage,
+    scraper: crate::scrape::Stage,
+    tracker: tokio::task::JoinHandle<Tracker>,
+    writer: std::thread::JoinHandle<()>,
+    server: tokio::task::JoinHandle<Result<(), std::io::Error>>,
+    attrib_tasks: Vec<tokio::task::JoinHandle<()>>,
+    exporter: Option<otlp::Exporter>,
+    manager: ManagerThread,
+}
+
+impl Running {
+    /// Every stage is told at once; they are then waited for in order, each within its share
+    /// of the deadline.
+    async fn stop(self, stop: watch::Sender<bool>) {
+        let started = Instant::now();
+        deadline::watchdog(started + EXIT_BY);
+        let mut d = Deadline::new(started, DRAIN_BY);
+        let _ = stop.send(true);
+        self.nvml
+            .stop
+            .store(true, std::sync::atomic::Ordering::Release);
+        for (stage, t) in self.nvml.threads {
+            if let Some(Err(_)) = d.join(stage, STAGE_SHARE, t).await {
+                tracing::error!(stage, "an NVML thread panicked");
+            }
+        }
+        report_task(
+            "ingest",
+            d.task("ingest", STAGE_SHARE, self.readers.events).await,
+        );
+        if let Some(h) = self.readers.http {
+            report_task("http-ingest", d.task("http-ingest", STAGE_SHARE, h).await);
+        }
+        self.http.stop(&mut d, STAGE_SHARE).await;
+        self.scraper.stop(&mut d, STAGE_SHARE).await;
+        if let Some(Ok(t)) = d.task("tracker", STAGE_SHARE, self.tracker).await {
+            tracing::debug!(processes = t.ledger().len(), "tracker drained");
+        }
+        // The tracker held the last draft sender: the writer finishes what it has and ends.
+        if let Some(Err(_)) = d.join("forensics", STAGE_SHARE, self.writer).await {
+            tracing::error!("the forensics writer panicked");
+        }
+        report_task(
+            "exporter",
+            d.task("exporter", STAGE_SHARE, self.server).await,
+        );
+        for t in self.attrib_tasks {
+            report_task(
+                "attribution",
+                d.task("attribution", STAGE_SHARE, t)
+                    .await
+                    .map(|r| r.map(Ok::<(), std::convert::Infallible>)),
+            );
+        }
+        // Every producer of spans and log records has ended: flush them and the last metrics.
+        if let Some(e) = self.exporter {
+            e.shutdown(OTLP_FLUSH.min(d.remaining())).await;
+        }
+        let detach = self.manager.stop(started).await;
+        let late: Vec<&str> = d.late().iter().chain(detach.late()).copied().collect();
+        if !late.is_empty() {
+            tracing::warn!(
+                ?late,
+                "shutdown deadline: these stages did not finish and are left to the process's exit \
+                 (the kernel detaches the probes when their descriptors close)"
+            );
+        }
+    }
+}
+
+impl ManagerThread {
+    /// Tells the manager to stop and waits for it to detach, until [`DETACH_BY`].
+    async fn stop(self, started: Instant) -> Deadline {
+        let Self { thread, stop, beat } = self;
+        let _ = stop.send(());
+        let mut detach = Deadline::new(started, DETACH_BY);
+        // It says done as it leaves its loop, then detaches: a manager that does not is stuck in
+        // discovery, and its probes are left to the process's exit rather than waited for.
+        let left_loop = async {
+            while !beat.is_done() && !thread.is_finished() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        if detach
+            .wait("probe-manager", MANAGER_SHARE, left_loop)
+            .await
+            .is_some()
+        {
+            // Out of its loop, it is detaching: the kernel serialises uprobe detaches (about
+            // 0.1 s each on a VM), so a driver's 42 probes can outlast the deadline. Not a
+            // fault: what is left is finished by the process's exit.
+            let until = started + DETACH_BY;
+            while !thread.is_finished() && Instant::now() < until {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            if !thread.is_finished() {
+                tracing::info!(
+                    "probes still detaching at the deadline: the process's exit finishes it"
+                );
+            } else if thread.join().is_err() {
+                tracing::error!("probe manager panicked");
+            }
+        }
+        detach
+    }
 }
 
 /// Every stage's metric families, made and registered before any stage starts, so that
@@ -548,74 +767,73 @@ fn gpu_reports(tracker: &queue::Sender<track::Input>) -> gpu::ReportSink {
 
 /// Opens NVML and starts the sampler and XID threads, named, each with its heartbeat; without
 /// NVML the agent runs on, says so once and exports `inferscope_source_up{source="nvml"} 0`.
-#[expect(
-    clippy::too_many_arguments,
-    reason = "what the two threads share, named at the one call"
-)]
-fn start_nvml(
-    config: &Config,
-    metrics: &Arc<gpu::metrics::GpuMetrics>,
-    history: &Arc<GpuHistory>,
-    tracker: &queue::Sender<track::Input>,
-    stop: &Arc<AtomicBool>,
-    attributor: &crate::attrib::Attributor,
-    logs: Option<queue::Sender<crate::events::Notice>>,
-    health: &Health,
-) -> Vec<(&'static str, std::thread::JoinHandle<()>)> {
-    if !config.nvml.enabled {
-        return Vec::new();
-    }
-    let nvml = match gpu::nvml::open(config.nvml.lib.as_deref()) {
-        Ok(n) => Arc::new(n),
-        Err(e) => {
-            let cause = std::error::Error::source(&e)
-                .map(|s| s.to_string())
-                .unwrap_or_default();
-            tracing::warn!(error = %e, cause, "NVML unavailable: no GPU telemetry (the probes still run)");
-            gpu::nvml::set_source_up(&metrics.core, false);
-            return Vec::new();
+impl Wiring<'_> {
+    fn start_nvml(
+        &self,
+        history: &Arc<GpuHistory>,
+        tracker: &queue::Sender<track::Input>,
+        attributor: &crate::attrib::Attributor,
+        logs: Option<queue::Sender<crate::events::Notice>>,
+    ) -> Nvml {
+        let mut nvml = Nvml {
+            stop: Arc::new(AtomicBool::new(false)),
+            threads: Vec::new(),
+        };
+        let (config, metrics, health) = (self.config, &self.metrics.gpu, &self.health);
+        if !config.nvml.enabled {
+            return nvml;
         }
-    };
-    let reports = gpu_reports(tracker);
-    let sampler = match gpu::nvml::Sampler::new(
-        nvml.clone(),
-        metrics.clone(),
-        history.clone(),
-        Some(reports.clone()),
-        ProcFs::new(&config.proc_root),
-        &config.cost,
-    ) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "NVML cannot list GPUs: no GPU telemetry");
-            gpu::nvml::set_source_up(&metrics.core, false);
-            return Vec::new();
+        let lib = match gpu::nvml::open(config.nvml.lib.as_deref()) {
+            Ok(n) => Arc::new(n),
+            Err(e) => {
+                let cause = std::error::Error::source(&e)
+                    .map(|s| s.to_string())
+                    .unwrap_or_default();
+                tracing::warn!(error = %e, cause, "NVML unavailable: no GPU telemetry (the probes still run)");
+                gpu::nvml::set_source_up(&metrics.core, false);
+                return nvml;
+            }
+        };
+        let reports = gpu_reports(tracker);
+        let sampler = match gpu::nvml::Sampler::new(
+            lib.clone(),
+            metrics.clone(),
+            history.clone(),
+            Some(reports.clone()),
+            self.procfs(),
+            &config.cost,
+        ) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "NVML cannot list GPUs: no GPU telemetry");
+                gpu::nvml::set_source_up(&metrics.core, false);
+                return nvml;
+            }
+        };
+        gpu::nvml::set_source_up(&metrics.core, true);
+        let gpus = sampler.gpu_labels();
+        attributor.set_gpus(&gpus);
+        let interval = Duration::from_millis(config.nvml.interval_ms);
+        let s = nvml.stop.clone();
+        let beat = health.heartbeat("nvml-sampler", health::deadline(interval, health::QUICK));
+        match std::thread::Builder::new()
+            .name("nvml-sampler".into())
+            .spawn(move || sampler.run(interval, s, beat))
+        {
+            Ok(t) => nvml.threads.push(("nvml-sampler", t)),
+            Err(e) => tracing::error!(error = %e, "cannot start the NVML sampler thread"),
         }
-    };
-    gpu::nvml::set_source_up(&metrics.core, true);
-    let gpus = sampler.gpu_labels();
-    attributor.set_gpus(&gpus);
-    let interval = Duration::from_millis(config.nvml.interval_ms);
-    let mut threads = Vec::new();
-    let s = stop.clone();
-    let beat = health.heartbeat("nvml-sampler", health::deadline(interval, health::QUICK));
-    match std::thread::Builder::new()
-        .name("nvml-sampler".into())
-        .spawn(move || sampler.run(interval, s, beat))
-    {
-        Ok(t) => threads.push(("nvml-sampler", t)),
-        Err(e) => tracing::error!(error = %e, "cannot start the NVML sampler thread"),
+        let (m, s) = (metrics.clone(), nvml.stop.clone());
+        let beat = health.heartbeat("nvml-events", health::QUICK);
+        match std::thread::Builder::new()
+            .name("nvml-events".into())
+            .spawn(move || gpu::xid::run(lib, gpus, m, s, Some(reports), logs, beat))
+        {
+            Ok(t) => nvml.threads.push(("nvml-events", t)),
+            Err(e) => tracing::error!(error = %e, "cannot start the NVML event thread"),
+        }
+        nvml
     }
-    let (m, s) = (metrics.clone(), stop.clone());
-    let beat = health.heartbeat("nvml-events", health::QUICK);
-    match std::thread::Builder::new()
-        .name("nvml-events".into())
-        .spawn(move || gpu::xid::run(nvml, gpus, m, s, Some(reports), logs, beat))
-    {
-        Ok(t) => threads.push(("nvml-events", t)),
-        Err(e) => tracing::error!(error = %e, "cannot start the NVML event thread"),
-    }
-    threads
 }
 
 /// The counter of items a queue between stages gives up (`inferscope_dropped_total`).
