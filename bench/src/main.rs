@@ -16,6 +16,7 @@ mod nvml;
 mod otlp;
 mod probes;
 mod report;
+mod syscall_tax;
 
 use std::{
     sync::atomic::{AtomicBool, AtomicU64, Ordering},
@@ -51,6 +52,8 @@ pub struct Sizes {
     pub otlp_rounds: usize,
     /// How long the agent runs with its collector down, at 200 requests/s.
     pub otlp_down_secs: u64,
+    /// Write + read iterations per loop of the unwatched-process tax.
+    pub syscall_tax_iterations: u64,
 }
 
 impl Sizes {
@@ -70,6 +73,7 @@ impl Sizes {
             http_tokens: 64,
             otlp_rounds: if quick { 5 } else { 21 },
             otlp_down_secs: if quick { 20 } else { 600 },
+            syscall_tax_iterations: SYSCALL_TAX_ITERATIONS / div,
         }
     }
 }
@@ -134,6 +138,10 @@ pub struct Results {
 const HTTP_MEMORY_CONNECTIONS: usize = 10_000;
 const HTTP_MEMORY_ROUNDS: usize = 12;
 
+/// Loop iterations (a write and a read each) and rounds of the unwatched-process tax.
+const SYSCALL_TAX_ITERATIONS: u64 = 200_000;
+const SYSCALL_TAX_ROUNDS: usize = 5;
+
 fn main() {
     let quick = std::env::args().skip(1).any(|a| a == "--quick");
     let args: Vec<String> = std::env::args().collect();
@@ -155,6 +163,23 @@ fn main() {
         ) {
             Ok(m) => {
                 println!("{}", httpmem::table(&m));
+                return;
+            }
+            Err(e) => {
+                eprintln!("inferscope-bench: {e:#}");
+                std::process::exit(1);
+            }
+        }
+    }
+    // `--syscall-tax-only`: only what an unwatched process pays per syscall, printed.
+    if args.iter().any(|a| a == "--syscall-tax-only") {
+        match syscall_tax::measure(
+            &Variant::Nop5.lib_path(),
+            SYSCALL_TAX_ITERATIONS,
+            SYSCALL_TAX_ROUNDS,
+        ) {
+            Ok(t) => {
+                println!("{}", syscall_tax::table(&t));
                 return;
             }
             Err(e) => {
@@ -276,6 +301,18 @@ fn run(quick: bool) -> anyhow::Result<()> {
     )?;
 
     eprintln!(
+        "bench: [{:>3.0} s] unwatched-process tax: {} × write+read on a pipe and a loopback socket, {} rounds",
+        started.elapsed().as_secs_f64(),
+        sizes.syscall_tax_iterations,
+        SYSCALL_TAX_ROUNDS,
+    );
+    let tax = syscall_tax::measure(
+        &Variant::Nop5.lib_path(),
+        sizes.syscall_tax_iterations,
+        SYSCALL_TAX_ROUNDS,
+    )?;
+
+    eprintln!(
         "bench: [{:>3.0} s] otlp: export cost ({} rounds), then {} s with the collector down at 200 requests/s",
         started.elapsed().as_secs_f64(),
         sizes.otlp_rounds,
@@ -297,7 +334,11 @@ fn run(quick: bool) -> anyhow::Result<()> {
         otlp,
     };
     let elapsed = started.elapsed();
-    let tables = report::tables(&results) + "\n" + &httpmem::table(&http_memory);
+    let tables = report::tables(&results)
+        + "\n"
+        + &httpmem::table(&http_memory)
+        + "\n"
+        + &syscall_tax::table(&tax);
     println!("{tables}");
     let doc = report::document(&sizes, &results, &tables, elapsed);
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -39,6 +39,77 @@ pub fn run(for_tests: bool) -> anyhow::Result<()> {
             apt_install(&["runc"])?;
         }
         otlp_collector()?;
+        nvidia_driver()?;
+    }
+    Ok(())
+}
+
+/// Where `cargo xtask setup` extracts the NVIDIA userspace driver, under the target directory.
+pub const NVIDIA_DRIVER_DIR: &str = "target/nvidia-driver";
+/// Where the libraries are inside the extracted packages.
+pub const NVIDIA_LIB_SUBDIR: &str = "usr/lib/x86_64-linux-gnu/nvidia/current";
+
+/// The real NVIDIA userspace driver (`libcuda1`, `libnvidia-ml1`) from Debian's non-free
+/// component, for tests/integration/tests/real_driver.rs: the libraries load without a GPU.
+/// Downloaded through a private apt configuration and extracted under [`NVIDIA_DRIVER_DIR`]:
+/// nothing is installed, and the machine's apt sources are left as they are.
+fn nvidia_driver() -> anyhow::Result<()> {
+    let dir = util::root_dir().join(NVIDIA_DRIVER_DIR);
+    let libs = dir.join(NVIDIA_LIB_SUBDIR);
+    if libs.join("libcuda.so.1").exists() && libs.join("libnvidia-ml.so.1").exists() {
+        return Ok(());
+    }
+    if !Path::new("/usr/bin/apt-get").exists() {
+        bail!("the real-driver tests need apt-get (a Debian machine) to fetch libcuda1");
+    }
+    let os = std::fs::read_to_string("/etc/os-release").context("reading /etc/os-release")?;
+    let codename = os
+        .lines()
+        .find_map(|l| l.strip_prefix("VERSION_CODENAME="))
+        .map(|c| c.trim_matches('"').to_string())
+        .context("no VERSION_CODENAME in /etc/os-release")?;
+    eprintln!("xtask setup: fetching libcuda1 and libnvidia-ml1 ({codename} non-free) into {NVIDIA_DRIVER_DIR}");
+    let apt = dir.join("apt");
+    for sub in ["lists/partial", "cache/archives/partial", "parts", "debs"] {
+        std::fs::create_dir_all(apt.join(sub))?;
+    }
+    let sources = apt.join("sources.list");
+    std::fs::write(
+        &sources,
+        format!("deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian {codename} non-free\n"),
+    )?;
+    let options = [
+        format!("Dir::Etc::SourceList={}", sources.display()),
+        format!("Dir::Etc::SourceParts={}", apt.join("parts").display()),
+        format!("Dir::State::Lists={}", apt.join("lists").display()),
+        format!("Dir::Cache={}", apt.join("cache").display()),
+        // The downloads land in the target directory, which apt's sandbox user may not reach.
+        "APT::Sandbox::User=root".to_string(),
+    ];
+    let apt_get = |args: &[&str]| {
+        let mut cmd = Command::new("apt-get");
+        for o in &options {
+            cmd.args(["-o", o]);
+        }
+        cmd.args(args).current_dir(apt.join("debs"));
+        cmd
+    };
+    util::run(&mut apt_get(&["update", "-qq"])).context("apt-get update (non-free) failed")?;
+    util::run(&mut apt_get(&[
+        "download",
+        "-qq",
+        "libcuda1",
+        "libnvidia-ml1",
+    ]))
+    .context("apt-get download libcuda1 libnvidia-ml1 failed")?;
+    for deb in std::fs::read_dir(apt.join("debs"))? {
+        let deb = deb?.path();
+        if deb.extension().is_some_and(|e| e == "deb") {
+            util::run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&dir))?;
+        }
+    }
+    if !libs.join("libcuda.so.1").exists() {
+        bail!("the libcuda1 package did not hold {NVIDIA_LIB_SUBDIR}/libcuda.so.1");
     }
     Ok(())
 }

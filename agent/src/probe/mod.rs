@@ -5,6 +5,7 @@
 //! `http` family), `sched` attaches the process-exit tracepoint. `floor` attaches the benchmark's reference programs (never used
 //! by the agent itself).
 
+pub mod btf;
 pub mod budget;
 mod config;
 pub mod cuda;

@@ -85,6 +85,12 @@ enum Step {
         dev: u32,
         size: u64,
     },
+    /// `cuInit(0)`, then `cuMemAlloc_v2` with no context: what a process sees of a driver with
+    /// no GPU (the real userspace driver answers `no_device`, then `not_initialized`).
+    Uninit {
+        size: u64,
+        count: u64,
+    },
     Threads {
         n: u64,
         devs: Vec<u32>,
@@ -231,6 +237,10 @@ fn parse_step(text: &str) -> Result<Option<Step>, String> {
             dev: a.dev()?,
             size: a.num("size", None)?,
         },
+        "uninit" => Step::Uninit {
+            size: a.num("size", None)?,
+            count: a.num("count", Some(1))?,
+        },
         "threads" => {
             let devs = match a.kv.remove("devs") {
                 Some(list) => list
@@ -300,7 +310,10 @@ fn devices_of(steps: &[Step]) -> Vec<u32> {
             _ => {}
         }
     }
-    if devs.is_empty() {
+    // A plan of calls without a device (`uninit`) must not create a context: there may be no
+    // GPU at all.
+    let uninit = steps.iter().any(|s| matches!(s, Step::Uninit { .. }));
+    if devs.is_empty() && !uninit {
         devs.insert(0);
     }
     devs.into_iter().collect()
@@ -313,6 +326,16 @@ struct Acc {
     apis: BTreeMap<String, ApiStats>,
     live_device_bytes: BTreeMap<u32, u64>,
     live_host_bytes: u64,
+}
+
+/// The codes the real userspace driver answers without a GPU, by their header names; others
+/// as `code_<n>`.
+fn driver_code_name(r: u32) -> String {
+    match r {
+        3 => result_name(CuResult::CUDA_ERROR_NOT_INITIALIZED),
+        100 => result_name(CuResult::CUDA_ERROR_NO_DEVICE),
+        _ => format!("code_{r}"),
+    }
 }
 
 fn result_name(r: CuResult) -> String {
@@ -346,6 +369,20 @@ impl Acc {
             *st.failures.entry(format!("code_{r}")).or_default() += 1;
             false
         }
+    }
+
+    /// As [`Acc::rec_raw`], naming the codes a driver without a GPU answers as the driver's
+    /// header names them.
+    fn rec_named(&mut self, api: &str, r: u32, bytes: u64) -> bool {
+        let st = self.apis.entry(api.to_string()).or_default();
+        st.calls += 1;
+        if r == 0 {
+            st.ok += 1;
+            st.bytes += bytes;
+            return true;
+        }
+        *st.failures.entry(driver_code_name(r)).or_default() += 1;
+        false
     }
 
     fn dev_add(&mut self, dev: u32, bytes: u64) {
@@ -775,6 +812,37 @@ impl Workload {
                     if self.acc.rec_raw("cuMemAlloc_v2", r, size) {
                         self.acc.dev_add(dev, size);
                         self.live.push(Alloc::Device { dev, ptr: p, size });
+                    }
+                }
+            }
+            Step::Uninit { size, count } => {
+                // SAFETY: these symbols have these C signatures; results are read as the
+                // integers they are, so any code the library returns is valid.
+                let (init, alloc) = unsafe {
+                    let lib = sys::culib();
+                    let get = |name: &[u8]| {
+                        lib.get::<unsafe extern "C" fn(*mut sys::CUdeviceptr, usize) -> u32>(name)
+                            .map(|f| *f)
+                            .unwrap_or_else(|e| fatal(&format!("uninit: {e}")))
+                    };
+                    let init = *lib
+                        .get::<unsafe extern "C" fn(u32) -> u32>(b"cuInit")
+                        .unwrap_or_else(|e| fatal(&format!("uninit: {e}")));
+                    (init, get(b"cuMemAlloc_v2"))
+                };
+                // Its answer is not part of the truth: the agent does not probe cuInit.
+                let _ = unsafe { init(0) };
+                for _ in 0..count {
+                    let mut p: sys::CUdeviceptr = 0;
+                    let r = unsafe { alloc(&mut p, size as usize) };
+                    if self.acc.rec_named("cuMemAlloc_v2", r, size) {
+                        // A driver that has a device after all: keep it to be freed.
+                        self.acc.dev_add(0, size);
+                        self.live.push(Alloc::Device {
+                            dev: 0,
+                            ptr: p,
+                            size,
+                        });
                     }
                 }
             }

@@ -129,14 +129,16 @@ fn assert_timed_as_the_client(
     let n = truth.len();
     let seen = finished_lines(&agent.log(), "timed");
     assert_eq!(seen.len(), n, "agent lines:\n{}", agent.log());
-    // The client's clock also counts its own scheduling: on a busy 2-core VM that adds a few
-    // ms to a 90 ms request, so the bound is 2 ms plus 3 % of what the client measured.
+    // The agent times the server's socket: the request's first byte arrives after the client
+    // sent it and the answer leaves before the client reads it, so the agent's figure is at
+    // most the client's (1 ms for the two clocks' reads). The client's clock also counts its
+    // own scheduling, which a busy 2-core VM stretches by a few ms: below, the bound is 2 ms
+    // plus 10 % of what the client measured.
     let close = |what: &str, agent_us: u64, client_ms: f64| {
-        let diff = (agent_us as f64 / 1000.0 - client_ms).abs();
+        let agent_ms = agent_us as f64 / 1000.0;
         assert!(
-            diff <= 2.0 + 0.03 * client_ms,
-            "{what}: agent {} ms, client {client_ms:.3} ms",
-            agent_us as f64 / 1000.0
+            agent_ms <= client_ms + 1.0 && agent_ms >= client_ms - (2.0 + 0.10 * client_ms),
+            "{what}: agent {agent_ms} ms, client {client_ms:.3} ms"
         );
     };
     for (i, (t, (ttft, gaps, latency))) in truth.iter().zip(&seen).enumerate() {

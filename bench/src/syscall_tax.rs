@@ -1,0 +1,167 @@
+//! What the agent costs a process it does not watch, per syscall. The `http` family enables
+//! syscall tracepoints; once one is on, the kernel sends every syscall of every task through
+//! its tracing path, and each program then looks the process up to learn it is not watched.
+//! Measured on the bench process itself (no server command line, so never watched): a tight
+//! loop of 1-byte `write` + `read` on a pipe and on a loopback TCP connection, without and with
+//! the agent (its defaults: every probe family on), in interleaved rounds; medians.
+
+use std::{
+    io::{Read, Write},
+    net::{TcpListener, TcpStream},
+    os::fd::{FromRawFd, OwnedFd},
+    path::Path,
+    time::Instant,
+};
+
+use anyhow::Context;
+
+use crate::agentproc::AgentProcess;
+
+/// Nanoseconds per loop iteration (one write and one read), without and with the agent.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Loop {
+    pub without_ns: f64,
+    pub with_ns: f64,
+}
+
+impl Loop {
+    /// Added per syscall (two per iteration).
+    pub fn added_per_syscall_ns(&self) -> f64 {
+        (self.with_ns - self.without_ns) / 2.0
+    }
+
+    pub fn added_share(&self) -> f64 {
+        (self.with_ns - self.without_ns) / self.without_ns
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SyscallTax {
+    pub iterations: u64,
+    pub rounds: usize,
+    pub pipe: Loop,
+    pub socket: Loop,
+}
+
+struct Loops {
+    pipe: (std::fs::File, std::fs::File),
+    socket: (TcpStream, TcpStream),
+}
+
+impl Loops {
+    fn new() -> anyhow::Result<Self> {
+        let mut fds = [0; 2];
+        // SAFETY: a valid array of two descriptors for pipe(2) to fill.
+        if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("pipe");
+        }
+        // SAFETY: pipe(2) returned two descriptors this process now owns.
+        let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let a = TcpStream::connect(listener.local_addr()?)?;
+        let (b, _) = listener.accept()?;
+        a.set_nodelay(true)?;
+        b.set_nodelay(true)?;
+        Ok(Self {
+            pipe: (w.into(), r.into()),
+            socket: (a, b),
+        })
+    }
+
+    /// Nanoseconds per write + read of one byte, over `n` iterations.
+    fn time(w: &mut impl Write, r: &mut impl Read, n: u64) -> anyhow::Result<f64> {
+        let mut byte = [0u8; 1];
+        let start = Instant::now();
+        for _ in 0..n {
+            w.write_all(&byte)?;
+            r.read_exact(&mut byte)?;
+        }
+        Ok(start.elapsed().as_nanos() as f64 / n as f64)
+    }
+
+    fn pipe_ns(&mut self, n: u64) -> anyhow::Result<f64> {
+        let (w, r) = &mut self.pipe;
+        Self::time(w, r, n)
+    }
+
+    fn socket_ns(&mut self, n: u64) -> anyhow::Result<f64> {
+        let (w, r) = &mut self.socket;
+        Self::time(w, r, n)
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// `rounds` rounds, each: both loops without the agent, then both with a fresh agent.
+pub fn measure(lib: &Path, iterations: u64, rounds: usize) -> anyhow::Result<SyscallTax> {
+    let mut loops = Loops::new()?;
+    // Warm the caches and the socket's buffers.
+    loops.pipe_ns(iterations / 10)?;
+    loops.socket_ns(iterations / 10)?;
+    let (mut pipe, mut socket) = ((Vec::new(), Vec::new()), (Vec::new(), Vec::new()));
+    for _ in 0..rounds {
+        pipe.0.push(loops.pipe_ns(iterations)?);
+        socket.0.push(loops.socket_ns(iterations)?);
+        let agent = AgentProcess::start(lib, &[])?;
+        pipe.1.push(loops.pipe_ns(iterations)?);
+        socket.1.push(loops.socket_ns(iterations)?);
+        agent.stop()?;
+    }
+    Ok(SyscallTax {
+        iterations,
+        rounds,
+        pipe: Loop {
+            without_ns: median(pipe.0),
+            with_ns: median(pipe.1),
+        },
+        socket: Loop {
+            without_ns: median(socket.0),
+            with_ns: median(socket.1),
+        },
+    })
+}
+
+/// The section of docs/performance.md, targets from the issue that set them.
+pub fn table(t: &SyscallTax) -> String {
+    let mut s = String::from("### What an unwatched process pays per syscall\n\n");
+    s += &format!(
+        "The bench process (watched by nothing) does 1-byte `write` + `read` {} times per loop, \
+         {} interleaved rounds without and with the agent (defaults: the `http` family's syscall \
+         tracepoints on); medians.\n\n",
+        t.iterations, t.rounds
+    );
+    s += "| loop | without | with the agent | added per syscall | added | target |\n";
+    s += "|---|---|---|---|---|---|\n";
+    for (name, l, share_target) in [
+        ("pipe", &t.pipe, None),
+        ("loopback TCP", &t.socket, Some(0.03)),
+    ] {
+        let per = l.added_per_syscall_ns();
+        let share = l.added_share();
+        let target = match share_target {
+            Some(max) => format!(
+                "≤ 30 ns, ≤ {:.0} %: {}",
+                max * 100.0,
+                if per <= 30.0 && share <= max {
+                    "met"
+                } else {
+                    "**missed**"
+                }
+            ),
+            None => format!(
+                "≤ 30 ns: {}",
+                if per <= 30.0 { "met" } else { "**missed**" }
+            ),
+        };
+        s += &format!(
+            "| {name} | {:.0} ns | {:.0} ns | {per:+.0} ns | {:+.1} % | {target} |\n",
+            l.without_ns,
+            l.with_ns,
+            share * 100.0
+        );
+    }
+    s
+}
