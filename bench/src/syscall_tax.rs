@@ -90,6 +90,8 @@ impl Loops {
     }
 }
 
+const SETTLE: std::time::Duration = std::time::Duration::from_secs(3);
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -106,6 +108,9 @@ pub fn measure(lib: &Path, iterations: u64, rounds: usize) -> anyhow::Result<Sys
         pipe.0.push(loops.pipe_ns(iterations)?);
         socket.0.push(loops.socket_ns(iterations)?);
         let agent = AgentProcess::start(lib, &[])?;
+        // Past its start (attaching, the first discovery rounds), so that what is measured is
+        // the probes' cost, not the agent's own work competing for the cores.
+        std::thread::sleep(SETTLE);
         pipe.1.push(loops.pipe_ns(iterations)?);
         socket.1.push(loops.socket_ns(iterations)?);
         agent.stop()?;
@@ -130,7 +135,7 @@ pub fn table(t: &SyscallTax) -> String {
     s += &format!(
         "The bench process (watched by nothing) does 1-byte `write` + `read` {} times per loop, \
          {} interleaved rounds without and with the agent (defaults: the `http` family's syscall \
-         tracepoints on); medians.\n\n",
+         tracepoints on; measured 3 s after its start); medians.\n\n",
         t.iterations, t.rounds
     );
     s += "| loop | without | with the agent | added per syscall | added | target |\n";
