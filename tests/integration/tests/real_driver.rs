@@ -20,24 +20,9 @@ fn driver_dir() -> PathBuf {
     dir
 }
 
-/// Every symbol the agent probes is in the 535 library (the table in agent-common).
-const SYMBOLS: &[&str] = &[
-    "cuMemAlloc_v2",
-    "cuMemAllocPitch_v2",
-    "cuMemAllocManaged",
-    "cuMemAllocAsync",
-    "cuMemAllocFromPoolAsync",
-    "cuMemFree_v2",
-    "cuMemFreeAsync",
-    "cuMemCreate",
-    "cuMemRelease",
-    "cuMemMap",
-    "cuMemUnmap",
-    "cuMemAddressReserve",
-    "cuMemAddressFree",
-    "cuMemAllocHost_v2",
-    "cuMemHostAlloc",
-    "cuMemFreeHost",
+/// The context calls the agent probes beside the memory APIs (`cuda_workload::MEMORY_APIS`):
+/// together, the table in agent-common, every symbol of which the 535 library exports.
+const CONTEXT_APIS: &[&str] = &[
     "cuCtxSetCurrent",
     "cuCtxPushCurrent_v2",
     "cuCtxPopCurrent_v2",
@@ -60,7 +45,12 @@ fn every_probe_attaches_to_the_real_driver_and_its_codes_are_counted() {
         s.sum("inferscope_cuda_libraries", &[]) == 1.0
     });
     let attached = s.label_values("inferscope_probe_attached", "probe");
-    for sym in SYMBOLS {
+    let symbols: Vec<&str> = cuda_workload::MEMORY_APIS
+        .iter()
+        .chain(CONTEXT_APIS)
+        .copied()
+        .collect();
+    for sym in &symbols {
         assert_eq!(
             s.sum("inferscope_probe_attached", &[("probe", sym)]),
             1.0,
@@ -69,7 +59,7 @@ fn every_probe_attaches_to_the_real_driver_and_its_codes_are_counted() {
             agent.log()
         );
     }
-    assert_eq!(attached.len(), SYMBOLS.len(), "{attached:?}");
+    assert_eq!((attached.len(), symbols.len()), (21, 21), "{attached:?}");
 
     // No GPU: cuInit answers no_device and every allocation not_initialized.
     let mut w = Workload::start_in("uninit size=1M count=10", &WorkloadOptions::default(), &dir);
