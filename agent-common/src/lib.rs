@@ -86,6 +86,5 @@ mod pod {
     unsafe impl aya::Pod for crate::cuda::CtxKey {}
     unsafe impl aya::Pod for crate::http::ConnKey {}
     unsafe impl aya::Pod for crate::sched::ProcessExitEvent {}
-    unsafe impl aya::Pod for crate::sched::ExitInfo {}
     unsafe impl aya::Pod for crate::oom::OomKillEvent {}
 }

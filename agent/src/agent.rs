@@ -320,6 +320,7 @@ impl Wiring<'_> {
         let mut loaded = probe::load(
             config.probes.ring_buffer_bytes,
             probe::sched::group_dead_offset(),
+            probe::sched::exit_code_offset(),
         )?;
         probe::init_config(
             &mut loaded.config,

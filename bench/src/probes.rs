@@ -45,6 +45,7 @@ fn load_object() -> anyhow::Result<probe::Loaded> {
     let mut loaded = probe::load(
         defaults.ring_buffer_bytes,
         probe::sched::group_dead_offset(),
+        probe::sched::exit_code_offset(),
     )
     .context("loading the eBPF object (root and BTF needed)")?;
     probe::init_config(

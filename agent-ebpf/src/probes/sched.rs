@@ -1,17 +1,21 @@
 //! Process exits, reported only for processes the `cuda` family has seen, so that userspace
-//! can release their ledgers and tell a crash from a normal exit. `sched_process_exit` carries
-//! no exit status, so two more tracepoints note it on the way: `exit_group`'s status for a
-//! process that ends itself, and the fatal signal (default action) that ends one otherwise.
+//! can release their ledgers and tell a crash from a normal exit. The exit status is the
+//! exiting task's own `exit_code` (set before the tracepoint fires: the `exit_group` status in
+//! bits 8-15, or the fatal signal in bits 0-6), read at an offset userspace takes from the
+//! kernel's BTF. No syscall tracepoint is needed for it: one of those would send every
+//! syscall of every task on the node through the kernel's tracing path.
 
 use agent_common::{
     lost,
-    sched::{ExitInfo, ProcessExitEvent, EXIT_CODE_KNOWN},
+    sched::{ProcessExitEvent, EXIT_CODE_KNOWN},
     EventHeader, EventKind,
 };
 use aya_ebpf::{
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
-    macros::{map, tracepoint},
-    maps::LruHashMap,
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task,
+        bpf_ktime_get_ns, bpf_probe_read_kernel,
+    },
+    macros::tracepoint,
     programs::TracePointContext,
 };
 
@@ -23,55 +27,27 @@ use crate::maps::{count_lost, submit_flags, EVENTS};
 #[unsafe(no_mangle)]
 static GROUP_DEAD_OFFSET: u32 = 32;
 
-const SIG_DFL: u64 = 0;
+/// Offset of `exit_code` in `struct task_struct`, from the kernel's BTF; 0 when unknown (the
+/// exit is then reported without a status).
+#[unsafe(no_mangle)]
+static TASK_EXIT_CODE_OFFSET: u32 = 0;
 
-#[map]
-static EXIT_INFO: LruHashMap<u32, ExitInfo> = LruHashMap::with_max_entries(16384, 0);
-
+/// (exit status, fatal signal, flags) of the exiting task.
 #[inline(always)]
-fn watched_tgid() -> Option<u32> {
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    CUDA_PROCESSES.get_ptr(&tgid).map(|_| tgid)
-}
-
-/// Signals whose default action ends the process.
-#[inline(always)]
-fn fatal_by_default(sig: i32) -> bool {
-    matches!(sig, 1..=6 | 7 | 8 | 9 | 10 | 11 | 12 | 13 | 14 | 15 | 24 | 25 | 26 | 27 | 31)
-}
-
-#[tracepoint]
-pub fn signal_deliver(ctx: TracePointContext) -> u32 {
-    let Some(tgid) = watched_tgid() else { return 0 };
-    // sig at 8, sa_handler at 24 (signal/signal_deliver format, stable since 3.x).
-    let (Ok(sig), Ok(handler)) = (unsafe { ctx.read_at::<i32>(8) }, unsafe { ctx.read_at::<u64>(24) })
-    else {
-        return 0;
-    };
-    if handler != SIG_DFL || !fatal_by_default(sig) {
-        return 0;
+fn exit_status() -> (i32, i32, u32) {
+    let offset = unsafe { core::ptr::read_volatile(&TASK_EXIT_CODE_OFFSET) };
+    if offset == 0 {
+        return (0, 0, 0);
     }
-    let mut info = match EXIT_INFO.get_ptr(&tgid) {
-        Some(i) => unsafe { *i },
-        None => ExitInfo::default(),
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    let Ok(code) = (unsafe { bpf_probe_read_kernel(task.wrapping_add(offset as usize) as *const i32) })
+    else {
+        return (0, 0, 0);
     };
-    info.signal = sig;
-    let _ = EXIT_INFO.insert(&tgid, &info, 0);
-    0
-}
-
-#[tracepoint]
-pub fn sys_enter_exit_group(ctx: TracePointContext) -> u32 {
-    let Some(tgid) = watched_tgid() else { return 0 };
-    let Ok(code) = (unsafe { ctx.read_at::<u64>(16) }) else { return 0 };
-    let mut info = match EXIT_INFO.get_ptr(&tgid) {
-        Some(i) => unsafe { *i },
-        None => ExitInfo::default(),
-    };
-    info.exit_code = (code & 0xff) as i32;
-    info.flags |= EXIT_CODE_KNOWN;
-    let _ = EXIT_INFO.insert(&tgid, &info, 0);
-    0
+    match code & 0x7f {
+        0 => ((code >> 8) & 0xff, 0, EXIT_CODE_KNOWN),
+        signal => (0, signal, 0),
+    }
 }
 
 #[tracepoint]
@@ -91,11 +67,7 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let _ = CUDA_PROCESSES.remove(&tgid);
-    let info = match EXIT_INFO.get_ptr(&tgid) {
-        Some(i) => unsafe { *i },
-        None => ExitInfo::default(),
-    };
-    let _ = EXIT_INFO.remove(&tgid);
+    let (exit_code, signal, flags) = exit_status();
     let Some(mut entry) = EVENTS.reserve::<ProcessExitEvent>(0) else {
         count_lost(lost::SCHED);
         return 0;
@@ -109,12 +81,12 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
             pid: pid_tgid as u32,
         },
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
-        exit_code: info.exit_code,
-        signal: info.signal,
-        flags: info.flags,
+        exit_code,
+        signal,
+        flags,
         _pad: 0,
     });
     // A crash matters now: wake the reader.
-    entry.submit(submit_flags(info.signal != 0));
+    entry.submit(submit_flags(signal != 0));
     0
 }

@@ -81,11 +81,16 @@ pub struct Loaded {
     pub stacks: Option<StackTraceMap<MapData>>,
 }
 
-pub fn load(ring_buffer_bytes: u32, group_dead_offset: u32) -> Result<Loaded, ProbeError> {
+pub fn load(
+    ring_buffer_bytes: u32,
+    group_dead_offset: u32,
+    exit_code_offset: u32,
+) -> Result<Loaded, ProbeError> {
     let mut ebpf = EbpfLoader::new()
         .map_max_entries("EVENTS", ring_buffer_bytes)
         .map_max_entries("HTTP_EVENTS", ring_buffer_bytes)
         .override_global("GROUP_DEAD_OFFSET", &group_dead_offset, true)
+        .override_global("TASK_EXIT_CODE_OFFSET", &exit_code_offset, true)
         .load(EBPF_OBJECT)
         .map_err(ProbeError::Load)?;
     let events = take(&mut ebpf, "EVENTS")?;

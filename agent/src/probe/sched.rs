@@ -11,15 +11,30 @@ const PROGRAM: &str = "sched_process_exit";
 
 pub fn attach(ebpf: &mut Ebpf) -> Result<Links, ProbeError> {
     let mut links = Links::default();
-    // The exit status probes first: an exit between the attaches still finds its status.
-    for (name, category, event) in [
-        ("sys_enter_exit_group", "syscalls", "sys_enter_exit_group"),
-        ("signal_deliver", "signal", "signal_deliver"),
-        (PROGRAM, "sched", "sched_process_exit"),
-    ] {
-        links.hold(attach_tracepoint(ebpf, name, category, event)?);
-    }
+    links.hold(attach_tracepoint(
+        ebpf,
+        PROGRAM,
+        "sched",
+        "sched_process_exit",
+    )?);
     Ok(links)
+}
+
+/// Offset of `exit_code` in `struct task_struct`, from the kernel's BTF; 0 (exits reported
+/// without their status) when it cannot be read, said once.
+pub fn exit_code_offset() -> u32 {
+    match super::btf::Btf::kernel()
+        .map_err(|e| e.to_string())
+        .and_then(|btf| {
+            btf.offset("task_struct", "exit_code")
+                .map_err(|e| e.to_string())
+        }) {
+        Ok(offset) => offset,
+        Err(e) => {
+            tracing::warn!(error = e, "no task_struct.exit_code in the kernel's BTF: process exits are reported without their status");
+            0
+        }
+    }
 }
 
 /// Loads and attaches one tracepoint program of the object; the link is the caller's.
