@@ -6,6 +6,7 @@
 #![no_std]
 
 pub mod cuda;
+pub mod discovery;
 pub mod http;
 pub mod oom;
 pub mod sched;
@@ -26,6 +27,12 @@ pub enum EventKind {
     ProcessExit = 300,
     /// [`oom::OomKillEvent`]
     OomKill = 400,
+    /// [`discovery::DriverLoadedEvent`]
+    DriverLoaded = 500,
+    /// [`discovery::ProcessExecEvent`]
+    ProcessExec = 501,
+    /// [`discovery::ListenEvent`]
+    Listen = 502,
 }
 
 impl EventKind {
@@ -37,6 +44,9 @@ impl EventKind {
             202 => Some(Self::HttpClose),
             300 => Some(Self::ProcessExit),
             400 => Some(Self::OomKill),
+            500 => Some(Self::DriverLoaded),
+            501 => Some(Self::ProcessExec),
+            502 => Some(Self::Listen),
             _ => None,
         }
     }
@@ -61,6 +71,7 @@ pub mod lost {
     pub const STASH: u32 = 2;
     pub const OOM: u32 = 3;
     pub const HTTP: u32 = 4;
+    pub const DISCOVERY: u32 = 5;
     pub const COUNT: u32 = 8;
 }
 

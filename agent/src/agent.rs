@@ -207,6 +207,7 @@ pub async fn run(
     let servers = Arc::new(crate::servers::ServerBoard::default());
     let http_stage = w.start_http(
         probes.http_maps,
+        probes.manager.by_events(),
         &load,
         &servers,
         &attributor,
@@ -317,11 +318,10 @@ impl Wiring<'_> {
         let config = self.config;
         // Before the first tracepoint (and the format file read just below).
         let tracefs = probe::tracefs::ensure().map_err(|e| crate::error_chain(&e));
-        let mut loaded = probe::load(
-            config.probes.ring_buffer_bytes,
-            probe::sched::group_dead_offset(),
-            probe::sched::exit_code_offset(),
-        )?;
+        // Never stop a process the agent might not be allowed to continue.
+        let may_hold = crate::caps::Held::current().is_none_or(|held| held.may_hold());
+        let layout = probe::KernelLayout::read(config.probes.hold_openers && may_hold);
+        let mut loaded = probe::load(config.probes.ring_buffer_bytes, &layout)?;
         probe::init_config(
             &mut loaded.config,
             config.probes.stack_sample_every,
@@ -357,6 +357,13 @@ impl Wiring<'_> {
             |ebpf| CudaProbes::load(ebpf, &config.probes.disabled),
             &mut loaded.ebpf,
         );
+        // Before the first look at /proc: what starts meanwhile is reported, not missed.
+        let hooks = families.start(
+            "discovery",
+            true,
+            |ebpf| probe::discovery_hooks::DiscoveryHooks::attach(ebpf, layout.hold_openers),
+            &mut loaded.ebpf,
+        );
         let mut manager = Manager::new(
             loaded.ebpf,
             cuda,
@@ -371,7 +378,8 @@ impl Wiring<'_> {
             &config.probes,
             self.procfs(),
             config.cuda_libs.clone(),
-        );
+        )
+        .with_hooks(hooks);
         manager.discover();
         Ok(Probes {
             manager,
@@ -416,6 +424,7 @@ impl Wiring<'_> {
     fn start_http(
         &self,
         maps: Option<probe::http::HttpMaps>,
+        by_events: bool,
         load: &Arc<crate::http::load::LoadBoard>,
         servers: &Arc<crate::servers::ServerBoard>,
         attributor: &Arc<crate::attrib::Attributor>,
@@ -423,6 +432,7 @@ impl Wiring<'_> {
     ) -> Result<crate::http::Stage, StartError> {
         crate::http::Stage::start(
             maps,
+            by_events,
             &self.config.http,
             self.procfs(),
             Duration::from_millis(self.config.probes.discovery_interval_ms),
@@ -580,16 +590,18 @@ impl Wiring<'_> {
         http: &crate::http::Stage,
     ) -> Result<ManagerThread, StartError> {
         let probes = &self.config.probes;
-        let manager = manager.with_http(http_probes.map(|p| {
-            HttpBudget::new(
-                p,
-                probes.http_budget_core_share,
-                probes.run_time_stats,
-                self.metrics.probe.clone(),
-                self.health.clone(),
-            )
-            .with_control(http.control())
-        }));
+        let manager = manager
+            .with_server_events(http.control())
+            .with_http(http_probes.map(|p| {
+                HttpBudget::new(
+                    p,
+                    probes.http_budget_core_share,
+                    probes.run_time_stats,
+                    self.metrics.probe.clone(),
+                    self.health.clone(),
+                )
+                .with_control(http.control())
+            }));
         let (stop, rx) = std::sync::mpsc::channel();
         let interval = Duration::from_millis(probes.discovery_interval_ms);
         let beat = self

@@ -13,6 +13,8 @@ pub struct Held {
     pub perfmon: bool,
     pub sys_admin: bool,
     pub sys_ptrace: bool,
+    /// Signals to other users' processes: continuing a process held at its driver load.
+    pub kill: bool,
 }
 
 /// A capability without which no probe can run: the agent does not start.
@@ -34,6 +36,7 @@ impl Held {
             perfmon: set.contains(&Capability::CAP_PERFMON),
             sys_admin: set.contains(&Capability::CAP_SYS_ADMIN),
             sys_ptrace: set.contains(&Capability::CAP_SYS_PTRACE),
+            kill: set.contains(&Capability::CAP_KILL),
         })
     }
 
@@ -44,6 +47,7 @@ impl Held {
             perfmon: true,
             sys_admin: true,
             sys_ptrace: true,
+            kill: true,
         }
     }
 
@@ -58,6 +62,11 @@ impl Held {
         Ok(())
     }
 
+    /// Whether a process held at its driver load can be continued whoever runs it.
+    pub fn may_hold(&self) -> bool {
+        self.kill
+    }
+
     /// What runs short for want of a capability that is not required: the family that loses
     /// part of its work, and what it loses. (`CAP_SYS_ADMIN`'s share, uprobes and mounting
     /// tracefs, is said by the families themselves, from the kernel's answer: older kernels
@@ -70,6 +79,14 @@ impl Held {
                 "no CAP_SYS_PTRACE: the maps and libraries of a process that holds a capability \
                  the agent lacks (a server running as root in a container) cannot be read, so \
                  its CUDA calls are not probed",
+            ));
+        }
+        if !self.kill {
+            out.push((
+                "cuda",
+                "no CAP_KILL: a process that loads a CUDA driver is not held until its probes \
+                 are attached (the agent could not continue another user's process), so its \
+                 first calls may go uncounted",
             ));
         }
         out
@@ -87,6 +104,7 @@ mod tests {
             perfmon: false,
             sys_admin: true,
             sys_ptrace: true,
+            kill: true,
         };
         assert_eq!(only_admin.required(), Ok(()));
         let chart_without_admin = Held {
@@ -125,5 +143,12 @@ mod tests {
         assert_eq!(short.len(), 1);
         assert_eq!(short[0].0, "cuda");
         assert!(short[0].1.starts_with("no CAP_SYS_PTRACE"));
+        let no_kill = Held {
+            kill: false,
+            ..Held::all()
+        };
+        assert!(no_kill.shortfalls()[0].1.starts_with("no CAP_KILL"));
+        assert!(!no_kill.may_hold());
+        assert!(Held::all().may_hold());
     }
 }

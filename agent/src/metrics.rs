@@ -34,6 +34,13 @@ pub struct DroppedLabels {
     pub reason: &'static str,
 }
 
+/// `inferscope_discovery_proc_reads_total`: which of a process's `/proc` files discovery read.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProcFileLabels {
+    /// `maps`, `cmdline` or `net_tcp`.
+    pub file: &'static str,
+}
+
 /// Kinds of [`Metrics::dropped`] exported from the start, at 0: label values folded into
 /// `other` (or `-1`) because they came from outside.
 pub const LABELS_DROPPED: &[(&str, &str)] = &[
@@ -55,6 +62,9 @@ pub struct Metrics {
     /// OTLP: spans and log records dropped (queue full, rate limit, export failed), and failed
     /// metric pushes.
     pub export_dropped: Family<SignalLabels, Counter>,
+    /// `/proc` files of other processes read to discover drivers and servers: a cost that
+    /// must follow what changes on the node, not how much runs on it.
+    pub proc_reads: Family<ProcFileLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -73,6 +83,7 @@ impl Metrics {
             dropped: Family::default(),
             source_up: Family::default(),
             export_dropped: Family::default(),
+            proc_reads: Family::default(),
         };
         let mut r = m.registry();
         r.register(
@@ -111,8 +122,25 @@ impl Metrics {
              unreachable after retries) and metric pushes that failed, by signal",
             m.export_dropped.clone(),
         );
+        r.register(
+            "inferscope_discovery_proc_reads",
+            "Files of other processes discovery read (maps for CUDA drivers, cmdline and net_tcp \
+             for servers), by file: once per process at start, then only for the processes \
+             the kernel's events name",
+            m.proc_reads.clone(),
+        );
+        for file in ["maps", "cmdline", "net_tcp"] {
+            let _ = m.proc_reads.get_or_create(&ProcFileLabels { file });
+        }
         drop(r);
         m
+    }
+
+    /// Counts a read of another process's `/proc/<pid>/<file>` by discovery.
+    pub fn proc_read(&self, file: &'static str) {
+        self.proc_reads
+            .get_or_create(&ProcFileLabels { file })
+            .inc();
     }
 
     fn registry(&self) -> MutexGuard<'_, Registry> {

@@ -131,6 +131,32 @@ impl ProcFs {
         all
     }
 
+    /// The inode of the process's network namespace (`ns/net`), which names it.
+    pub fn net_ns(&self, pid: u32) -> Option<u64> {
+        let link = std::fs::read_link(self.root.join(pid.to_string()).join("ns/net")).ok()?;
+        link.to_str()?
+            .strip_prefix("net:[")?
+            .strip_suffix(']')?
+            .parse()
+            .ok()
+    }
+
+    /// Whether thread `tid` of process `pid` is stopped (state `T` or `t`); `None` when it is
+    /// gone.
+    pub fn thread_stopped(&self, pid: u32, tid: u32) -> Option<bool> {
+        let path = self
+            .root
+            .join(pid.to_string())
+            .join("task")
+            .join(tid.to_string())
+            .join("stat");
+        let text = std::fs::read(path).ok()?;
+        // The state follows the last `)`: the command name in between may hold anything.
+        let close = text.iter().rposition(|&b| b == b')')?;
+        let state = *text.get(close + 2)?;
+        Some(matches!(state, b'T' | b't'))
+    }
+
     /// Numeric entries of the proc root.
     pub fn pids(&self) -> impl Iterator<Item = u32> {
         std::fs::read_dir(&self.root)

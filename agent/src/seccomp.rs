@@ -127,6 +127,9 @@ const ORDINARY: &[Allowed] = &[
             "sigaltstack",
             "sigreturn",
             "kill",
+            // Continuing a process held at its driver load, by a handle that outlives its pid.
+            "pidfd_open",
+            "pidfd_send_signal",
             "tgkill",
             "tkill",
             "restart_syscall",

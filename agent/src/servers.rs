@@ -240,28 +240,41 @@ pub fn listening_port(procfs: &ProcFs, pid: u32) -> Option<u16> {
         .min()
 }
 
-/// Pids that hold a socket listening on one of `ports` (in the agent's network namespace).
-pub fn listeners(procfs: &ProcFs, ports: &[u16]) -> HashSet<u32> {
+/// Pids that hold a socket listening on one of `ports`, in every network namespace: each
+/// namespace's sockets are read once, through one of its processes (`net/tcp{,6}` shows the
+/// reader's namespace), and only the processes of a namespace with such a listener have their
+/// descriptors looked at. Returns them with the number of socket tables read.
+pub fn listeners(procfs: &ProcFs, ports: &[u16]) -> (HashSet<u32>, u64) {
+    let mut out = HashSet::new();
     if ports.is_empty() {
-        return HashSet::new();
+        return (out, 0);
     }
-    let inodes: HashSet<u64> = procfs
-        .tcp(None)
-        .into_iter()
-        .filter(|s| s.state == TcpState::Listen && ports.contains(&s.local_address.port()))
-        .map(|s| s.inode)
-        .collect();
-    if inodes.is_empty() {
-        return HashSet::new();
+    let mut by_ns: HashMap<u64, Vec<u32>> = HashMap::new();
+    for pid in procfs.pids() {
+        if let Some(ns) = procfs.net_ns(pid) {
+            by_ns.entry(ns).or_default().push(pid);
+        }
     }
-    procfs
-        .pids()
-        .filter(|pid| {
+    let mut tables = 0;
+    for pids in by_ns.values() {
+        let Some(&first) = pids.first() else { continue };
+        tables += 1;
+        let inodes: HashSet<u64> = procfs
+            .tcp(Some(first))
+            .into_iter()
+            .filter(|s| s.state == TcpState::Listen && ports.contains(&s.local_address.port()))
+            .map(|s| s.inode)
+            .collect();
+        if inodes.is_empty() {
+            continue;
+        }
+        out.extend(pids.iter().copied().filter(|pid| {
             socket_fds(procfs, *pid)
                 .iter()
                 .any(|(_, ino)| inodes.contains(ino))
-        })
-        .collect()
+        }));
+    }
+    (out, tables)
 }
 
 /// Ports (and bound addresses) the process listens on, from its own network namespace.
@@ -302,6 +315,13 @@ impl ServerBoard {
     }
 }
 
+/// What a scan read of other processes' files.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reads {
+    pub cmdline: u64,
+    pub net_tcp: u64,
+}
+
 /// Every watched server now: by command line (pids already classified are not read again:
 /// `seen` caches each pid's verdict), then by port.
 pub fn scan(
@@ -309,30 +329,40 @@ pub fn scan(
     ports: &[u16],
     matchers: &[String],
     seen: &mut HashMap<u32, Option<Server>>,
-) -> HashMap<u32, Server> {
+) -> (HashMap<u32, Server>, Reads) {
     let pids: HashSet<u32> = procfs.pids().collect();
     seen.retain(|pid, _| pids.contains(pid));
+    let mut reads = Reads::default();
     for pid in &pids {
         if !seen.contains_key(pid) {
-            let verdict =
-                argv(procfs, *pid).and_then(|a| classify(&a).or_else(|| matched(&a, matchers)));
-            seen.insert(*pid, verdict);
+            reads.cmdline += 1;
+            seen.insert(*pid, verdict(procfs, *pid, matchers));
         }
     }
     let mut out: HashMap<u32, Server> = seen
         .iter()
         .filter_map(|(pid, s)| Some((*pid, s.clone()?)))
         .collect();
-    for pid in listeners(procfs, ports) {
-        out.entry(pid)
-            .or_insert_with(|| by_port(argv(procfs, pid).as_deref().unwrap_or_default()));
+    let (listening, tables) = listeners(procfs, ports);
+    reads.net_tcp += tables;
+    for pid in listening {
+        out.entry(pid).or_insert_with(|| {
+            reads.cmdline += 1;
+            by_port(argv(procfs, pid).as_deref().unwrap_or_default())
+        });
     }
-    out
+    (out, reads)
+}
+
+/// The process as its command line shows it: a server of a known kind, one the matchers
+/// name, or none.
+pub fn verdict(procfs: &ProcFs, pid: u32, matchers: &[String]) -> Option<Server> {
+    argv(procfs, pid).and_then(|a| classify(&a).or_else(|| matched(&a, matchers)))
 }
 
 /// A server found only by its port: the model and details still come from the usual
 /// options of its command line, when it has them.
-fn by_port(argv: &[String]) -> Server {
+pub fn by_port(argv: &[String]) -> Server {
     with_details(openai_compatible(argv), argv)
 }
 
@@ -388,7 +418,9 @@ mod tests {
             vec![("127.0.0.1".parse().unwrap(), 8080)]
         );
         let mut seen = HashMap::new();
-        let servers = scan(&procfs, &[], &[], &mut seen);
+        let (servers, reads) = scan(&procfs, &[], &[], &mut seen);
+        assert_eq!(reads.cmdline, 1);
+        assert_eq!(scan(&procfs, &[], &[], &mut seen).1.cmdline, 0, "read once");
         assert_eq!(servers[&42].model.as_deref(), Some("tiny"));
     }
 
@@ -409,7 +441,7 @@ mod tests {
             "{a:?}"
         );
         assert_eq!(option(&a, &["--port"]).as_deref(), Some("8000"));
-        let servers = scan(&procfs, &[], &[], &mut HashMap::new());
+        let (servers, _) = scan(&procfs, &[], &[], &mut HashMap::new());
         assert_eq!(
             servers[&42].model.as_deref(),
             Some("https://u:***@hub.example/m")

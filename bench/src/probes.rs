@@ -42,10 +42,10 @@ pub struct Delivered {
 /// The embedded object, loaded with the agent's default ring buffer and knobs.
 fn load_object() -> anyhow::Result<probe::Loaded> {
     let defaults = Config::default().probes;
+    // The bench attaches no discovery hook: nothing to hold.
     let mut loaded = probe::load(
         defaults.ring_buffer_bytes,
-        probe::sched::group_dead_offset(),
-        probe::sched::exit_code_offset(),
+        &probe::KernelLayout::read(false),
     )
     .context("loading the eBPF object (root and BTF needed)")?;
     probe::init_config(

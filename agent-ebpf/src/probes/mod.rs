@@ -1,4 +1,5 @@
 pub mod cuda;
+pub mod discovery;
 pub mod floor;
 pub mod http;
 pub mod oom;

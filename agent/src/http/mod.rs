@@ -111,6 +111,7 @@ impl Stage {
     )]
     pub fn start(
         maps: Option<crate::probe::http::HttpMaps>,
+        by_events: bool,
         config: &HttpConfig,
         procfs: crate::proc::ProcFs,
         discovery_interval: std::time::Duration,
@@ -151,7 +152,9 @@ impl Stage {
             tx.clone(),
         )
         .with_board(servers)
-        .with_attribution(attrib);
+        .with_attribution(attrib)
+        .by_events(by_events)
+        .counting_reads(metrics.core.clone());
         let (stop_tx, stop_rx) = std::sync::mpsc::channel();
         let interval = discovery_interval;
         let beat = health.heartbeat(

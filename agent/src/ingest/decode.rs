@@ -4,7 +4,11 @@
 //! records, [`HttpRecord`] for the `http` family's (decoded in `http.rs`).
 
 use agent_common::{
-    cuda::CudaMemEvent, oom::OomKillEvent, sched::ProcessExitEvent, EventHeader, EventKind,
+    cuda::CudaMemEvent,
+    discovery::{DriverLoadedEvent, ListenEvent, ProcessExecEvent},
+    oom::OomKillEvent,
+    sched::ProcessExitEvent,
+    EventHeader, EventKind,
 };
 
 use super::http::HttpRecord;
@@ -14,6 +18,15 @@ use super::http::HttpRecord;
 pub enum Decoded {
     Event(Event),
     Http(HttpRecord),
+    Discovery(Discovery),
+}
+
+/// What the kernel tells discovery (read from its own ring by the probe manager).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Discovery {
+    DriverLoaded(DriverLoadedEvent),
+    Exec(ProcessExecEvent),
+    Listen(ListenEvent),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,6 +89,21 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
         EventKind::HttpData => return super::http::data(header, bytes).map(Decoded::Http),
         EventKind::HttpAccept => return super::http::accept(header, bytes).map(Decoded::Http),
         EventKind::HttpClose => return super::http::close(header, bytes).map(Decoded::Http),
+        EventKind::DriverLoaded => {
+            return Ok(Decoded::Discovery(Discovery::DriverLoaded(
+                read(bytes).ok_or_else(|| truncated(size_of::<DriverLoadedEvent>()))?,
+            )))
+        }
+        EventKind::ProcessExec => {
+            return Ok(Decoded::Discovery(Discovery::Exec(
+                read(bytes).ok_or_else(|| truncated(size_of::<ProcessExecEvent>()))?,
+            )))
+        }
+        EventKind::Listen => {
+            return Ok(Decoded::Discovery(Discovery::Listen(
+                read(bytes).ok_or_else(|| truncated(size_of::<ListenEvent>()))?,
+            )))
+        }
     }))
 }
 

@@ -15,7 +15,7 @@ use std::time::Duration;
 use aya::maps::{MapData, RingBuf};
 use tokio::{io::unix::AsyncFd, sync::watch};
 
-pub use decode::{decode, DecodeError, Decoded, Event};
+pub use decode::{decode, DecodeError, Decoded, Discovery, Event};
 pub use http::HttpRecord;
 
 use crate::{
@@ -99,6 +99,8 @@ where
                     http_batch.push(r);
                 }
                 Ok(Decoded::Http(_)) => metrics.drop_reason("no_http_stage"),
+                // Discovery has a ring of its own; one here is a kernel-side bug, counted.
+                Ok(Decoded::Discovery(_)) => metrics.drop_reason("unknown_kind"),
                 Err(e) => metrics.drop_reason(e.reason()),
             }
         }

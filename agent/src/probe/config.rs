@@ -26,8 +26,14 @@ pub struct ProbesConfig {
     /// again, in seconds; doubled each time the same probe is shed again soon after, up to
     /// 30 minutes.
     pub shed_cooldown_secs: u64,
-    /// How often the probe budget and library discovery run, in milliseconds.
+    /// How often the probe budget runs, in milliseconds; also how often discovery polls
+    /// `/proc` where the kernel's discovery events are unavailable.
     pub discovery_interval_ms: u64,
+    /// Stop a process that maps a CUDA driver file the agent has not probed yet (SIGSTOP, sent
+    /// by the kernel hook as the mapping is made) until the probes are attached (SIGCONT,
+    /// milliseconds later), so that its first allocation is counted. Off: that process's
+    /// calls are counted from the attach on.
+    pub hold_openers: bool,
     /// Ring buffer size in bytes (a power of two, at least one page).
     pub ring_buffer_bytes: u32,
     /// Longest time an event may wait in the ring buffer before userspace reads it, in ms.
@@ -44,6 +50,7 @@ impl Default for ProbesConfig {
             run_time_stats: false,
             shed_cooldown_secs: 60,
             discovery_interval_ms: 1000,
+            hold_openers: true,
             ring_buffer_bytes: 8 * 1024 * 1024,
             poll_interval_ms: 5,
         }
@@ -80,7 +87,7 @@ impl ProbesConfig {
         for name in &self.disabled {
             if !super::is_known_probe(name) {
                 return Err(format!(
-                    "probes.disabled: unknown probe {name:?} (families: cuda, sched, oom, http; or a CUDA symbol)"
+                    "probes.disabled: unknown probe {name:?} (families: cuda, sched, oom, http, discovery; or a CUDA symbol)"
                 ));
             }
         }

@@ -121,33 +121,80 @@ pub fn open_mapped(procfs: &ProcFs, m: &Mapped) -> Result<Library, OpenError> {
     })
 }
 
-/// Scans the memory maps of running processes for CUDA driver mappings, one per file and
-/// process. `skip` holds pids already known to map an attached library (their maps need not
-/// be read again).
-pub fn mapped_libraries(procfs: &ProcFs, skip: &HashSet<u32>) -> Vec<Mapped> {
-    let mut out = Vec::new();
+/// What one look at processes' maps found: their driver mappings (one per file and process)
+/// and their dynamic loaders (one per file).
+#[derive(Debug, Default)]
+pub struct Found {
+    pub drivers: Vec<Mapped>,
+    pub loaders: Vec<Mapped>,
+    /// Maps texts read.
+    pub read: u64,
+}
+
+/// Scans the memory maps of running processes for CUDA driver mappings and loaders. `skip`
+/// holds pids already known to map an attached library (their maps need not be read again).
+pub fn mapped_libraries(procfs: &ProcFs, skip: &HashSet<u32>) -> Found {
+    let mut out = Found::default();
     for pid in procfs.pids() {
         if skip.contains(&pid) {
             continue;
         }
+        out.add(procfs, pid);
+    }
+    out.drivers.sort_by_key(|m| (m.id, m.pid));
+    out.drivers.dedup_by_key(|m| (m.id, m.pid));
+    out
+}
+
+impl Found {
+    /// Reads one process's maps into what was found.
+    pub fn add(&mut self, procfs: &ProcFs, pid: u32) {
         let Some(maps) = procfs.maps(pid) else {
-            continue;
+            return;
         };
-        if memchr_libcuda(&maps).is_none() {
-            continue;
-        }
-        // Only a line naming `libcuda` can name a driver: the others are not parsed at all.
-        for line in String::from_utf8_lossy(&maps)
-            .lines()
-            .filter(|l| l.contains("libcuda"))
-        {
-            if let Some(m) = parse_maps_line(pid, line) {
-                out.push(m);
+        self.read += 1;
+        self.drivers.extend(mappings_in(pid, &maps));
+        for loader in loaders_in(pid, &maps) {
+            if !self.loaders.iter().any(|l| l.id == loader.id) {
+                self.loaders.push(loader);
             }
         }
     }
-    out.sort_by_key(|m| (m.id, m.pid));
-    out.dedup_by_key(|m| (m.id, m.pid));
+}
+
+/// The driver mappings in one process's maps text.
+pub fn mappings_in(pid: u32, maps: &[u8]) -> Vec<Mapped> {
+    if memchr_libcuda(maps).is_none() {
+        return Vec::new();
+    }
+    // Only a line naming `libcuda` can name a driver: the others are not parsed at all.
+    String::from_utf8_lossy(maps)
+        .lines()
+        .filter(|l| l.contains("libcuda"))
+        .filter_map(|line| parse_maps_line(pid, line))
+        .collect()
+}
+
+/// The dynamic loader mappings in one process's maps text (its executable one).
+pub fn loaders_in(pid: u32, maps: &[u8]) -> Vec<Mapped> {
+    let mut out: Vec<Mapped> = Vec::new();
+    for line in String::from_utf8_lossy(maps)
+        .lines()
+        .filter(|l| l.contains("/ld-") && l.contains(" r-xp "))
+    {
+        let Some(m) = crate::proc::file_mapping(line) else {
+            continue;
+        };
+        if super::discovery_hooks::is_loader(&m.path) && !out.iter().any(|o| o.id == m.id) {
+            out.push(Mapped {
+                pid,
+                range: m.range(),
+                id: m.id,
+                path: m.path,
+                deleted: m.deleted,
+            });
+        }
+    }
     out
 }
 
@@ -273,13 +320,20 @@ mod tests {
         std::fs::create_dir_all(dir.path().join("99")).unwrap();
         std::fs::write(dir.path().join("99/maps"), "garbage without fields\n\n").unwrap();
         let procfs = ProcFs::new(dir.path());
-        let found = mapped_libraries(&procfs, &HashSet::new());
+        let Found {
+            drivers: found,
+            read,
+            ..
+        } = mapped_libraries(&procfs, &HashSet::new());
+        assert_eq!(read, 2, "both processes' maps read once");
         assert_eq!(found.len(), 1, "{found:?}");
         assert_eq!(found[0].pid, 1234);
         let lib = open_mapped(&procfs, &found[0]).unwrap();
         assert_eq!(lib.display, "/opt/drv/libcuda.so.1");
         assert_eq!(lib.id, found[0].id);
-        assert!(mapped_libraries(&procfs, &HashSet::from([1234])).is_empty());
+        assert!(mapped_libraries(&procfs, &HashSet::from([1234]))
+            .drivers
+            .is_empty());
 
         // The same name planted as a link out of the root is never followed out.
         std::fs::remove_file(lib_dir.join("libcuda.so.1")).unwrap();

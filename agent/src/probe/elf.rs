@@ -186,6 +186,38 @@ pub fn read_symbols(
     })
 }
 
+/// Virtual addresses of the wanted defined dynamic symbols of `file` (data symbols too, which
+/// have no bytes in the file when they live in `.bss`).
+pub fn read_addresses(
+    file: &File,
+    size: u64,
+    path: &str,
+    wanted: &[&str],
+) -> Result<HashMap<String, u64>, ElfError> {
+    let reader = BoundedFile::new(file, size, READ_BUDGET);
+    parse_addresses(&reader, wanted).map_err(|source| ElfError::Parse {
+        path: path.to_string(),
+        source,
+    })
+}
+
+pub fn parse_addresses<'a, R: ReadRef<'a>>(
+    data: R,
+    wanted: &[&str],
+) -> Result<HashMap<String, u64>, object::Error> {
+    let file = object::File::parse(data)?;
+    Ok(file
+        .dynamic_symbols()
+        .filter(|sym| sym.is_definition())
+        .filter_map(|sym| {
+            let name = sym.name().ok()?;
+            wanted
+                .contains(&name)
+                .then(|| (name.to_string(), sym.address()))
+        })
+        .collect())
+}
+
 pub fn parse_symbols<'a, R: ReadRef<'a>>(
     data: R,
     wanted: &[&str],

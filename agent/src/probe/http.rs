@@ -146,8 +146,14 @@ impl HttpProbes {
 }
 
 /// What the watcher is told between its rescans.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Control {
+    /// These processes exec'd: their command lines are new.
+    Execs(Vec<u32>),
+    /// These processes started listening on these TCP ports.
+    Listening(Vec<(u32, u16)>),
+    /// Discovery records were lost: look at every process again.
+    Rescan,
     Stop,
     /// The family's programs were detached at `at_ns` (CLOCK_MONOTONIC, the probes' clock).
     Paused {

@@ -1,6 +1,11 @@
 //! The probe manager: one thread that owns the loaded eBPF object. It discovers CUDA driver
 //! libraries and attaches to new ones, moves the kernel's lost-event counts to the metrics,
 //! and enforces the probe budget. Nothing here runs on the event path.
+//!
+//! Discovery reads every process's maps once, at start. Afterwards the `discovery` family's
+//! records name what changed: a process mapping a driver file not yet handled (held stopped
+//! until attached, when it was held), execs and new listening sockets (passed on to the
+//! `http` watcher). Without that family it polls `/proc` every interval, as it must.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -23,15 +28,25 @@ use super::{
     budget::{self, Cooldowns, Shed},
     cuda::CudaProbes,
     discover::{self, FileId, Library},
+    discovery_hooks::DiscoveryHooks,
+    http::Control,
     http_budget::HttpBudget,
     links::Links,
     per_cpu_sum, set_config,
 };
 use crate::{
     health::Health,
+    ingest::{decode, Decoded, Discovery},
     metrics::{DroppedLabels, SourceLabels},
     proc::ProcFs,
 };
+
+/// Longest the manager waits for a held process to reach its stop before it reads its maps.
+const HOLD_WAIT: Duration = Duration::from_millis(200);
+/// Pids passed on to the `http` watcher in one message; past it, a rescan is asked for.
+const MAX_PIDS_PER_MESSAGE: usize = 4096;
+/// Longest a stop request waits while the manager waits for records.
+const STOP_LATENCY: Duration = Duration::from_millis(100);
 
 pub struct Manager {
     ebpf: Ebpf,
@@ -45,6 +60,12 @@ pub struct Manager {
     links: Links,
     /// The `http` family, under its own budget.
     http: Option<HttpBudget>,
+    /// The kernel's discovery records; polling where absent.
+    hooks: Option<DiscoveryHooks>,
+    /// Where execs and new listeners go (the `http` watcher).
+    servers: Option<mpsc::Sender<Control>>,
+    /// Discovery records lost so far: a loss means a full rescan.
+    discovery_lost: u64,
     procfs: ProcFs,
     explicit: Vec<std::path::PathBuf>,
     /// Pids whose driver mappings were handled: their maps are not read again.
@@ -97,6 +118,9 @@ impl Manager {
             health,
             links,
             http: None,
+            hooks: None,
+            servers: None,
+            discovery_lost: 0,
             procfs,
             explicit,
             known_pids: HashSet::new(),
@@ -115,6 +139,23 @@ impl Manager {
     /// Puts the `http` family's links under its budget.
     pub fn with_http(mut self, http: Option<HttpBudget>) -> Self {
         self.http = http;
+        self
+    }
+
+    /// Discovery from the kernel's records (see the module's docs).
+    pub fn with_hooks(mut self, hooks: Option<DiscoveryHooks>) -> Self {
+        self.hooks = hooks;
+        self
+    }
+
+    /// Whether discovery runs on the kernel's records (else it polls).
+    pub fn by_events(&self) -> bool {
+        self.hooks.is_some()
+    }
+
+    /// Where execs and new listening sockets are passed on.
+    pub fn with_server_events(mut self, servers: Option<mpsc::Sender<Control>>) -> Self {
+        self.servers = servers;
         self
     }
 
@@ -139,10 +180,32 @@ impl Manager {
             }
         }
         found.extend(discover::standard_libraries(|id| self.knows(id)));
+        let mut found_libs = found;
         // Forget pids that are gone (pids are reused).
         let procfs = &self.procfs;
         self.known_pids.retain(|pid| procfs.alive(*pid));
-        for mapped in discover::mapped_libraries(&self.procfs, &self.known_pids) {
+        let found = discover::mapped_libraries(&self.procfs, &self.known_pids);
+        for lib in self.take_found(found) {
+            found_libs.push(lib);
+        }
+        for lib in discover::dedup(found_libs) {
+            self.attach(&lib);
+        }
+    }
+
+    /// Counts the reads, probes new loaders, and opens the new drivers found in processes'
+    /// maps (refusals counted); returns the drivers to attach.
+    fn take_found(&mut self, found: discover::Found) -> Vec<Library> {
+        self.metrics
+            .core
+            .proc_reads
+            .get_or_create(&crate::metrics::ProcFileLabels { file: "maps" })
+            .inc_by(found.read);
+        for loader in &found.loaders {
+            self.probe_loader(loader);
+        }
+        let mut libs = Vec::new();
+        for mapped in found.drivers {
             // Tried once per process, whatever the outcome: a tenant's bad file is not
             // reopened every tick.
             self.known_pids.insert(mapped.pid);
@@ -150,17 +213,185 @@ impl Manager {
                 continue;
             }
             match discover::open_mapped(&self.procfs, &mapped) {
-                Ok(lib) => found.push(lib),
+                Ok(lib) => libs.push(lib),
                 Err(e) => self.refuse(&mapped, &e),
             }
         }
-        for lib in discover::dedup(found) {
+        libs
+    }
+
+    /// Attaches the loader probe to a loader file not probed yet.
+    fn probe_loader(&mut self, mapped: &discover::Mapped) {
+        let Some(hooks) = self.hooks.as_mut() else {
+            return;
+        };
+        if hooks.knows_loader(mapped.id) {
+            return;
+        }
+        let result = discover::open_mapped(&self.procfs, mapped)
+            .map_err(|e| (e.reason(), crate::error_chain(&e)))
+            .and_then(|lib| {
+                hooks
+                    .attach_loader(&mut self.ebpf, &lib)
+                    .map_err(|e| (e.reason(), crate::error_chain(&e)))
+            });
+        match result {
+            Ok(()) => tracing::info!(
+                loader = mapped.path,
+                loaders = hooks.loaders(),
+                "dynamic loader probed: driver loads are seen as they happen"
+            ),
+            Err((reason, error)) => {
+                self.metrics.core.dropped("loader", reason);
+                tracing::debug!(loader = mapped.path, error, "dynamic loader not probed");
+            }
+        }
+    }
+
+    /// What a tick does for discovery: with the kernel's records, only the explicit
+    /// libraries (a `stat` each) and a full rescan after records were lost; without, a poll.
+    fn discover_tick(&mut self) {
+        if self.hooks.is_none() {
+            self.discover();
+            return;
+        }
+        let lost = per_cpu_sum(&self.lost_map, lost::DISCOVERY);
+        if lost > self.discovery_lost {
+            self.discovery_lost = lost;
+            tracing::warn!(
+                lost,
+                "discovery records were lost: reading every process again"
+            );
+            self.known_pids.clear();
+            self.discover();
+            self.tell_servers(Control::Rescan);
+            return;
+        }
+        let explicit: Vec<std::path::PathBuf> = self
+            .explicit
+            .iter()
+            .filter(|p| !discover::id_at(p).is_some_and(|id| self.knows(id)))
+            .cloned()
+            .collect();
+        for path in explicit {
+            match discover::library_at(&path, path.display().to_string()) {
+                Ok(lib) => self.attach(&lib),
+                Err(e) => tracing::warn!(
+                    path = %path.display(),
+                    error = crate::error_chain(&e),
+                    "--cuda-lib: cannot open"
+                ),
+            }
+        }
+    }
+
+    fn tell_servers(&self, c: Control) {
+        if let Some(tx) = &self.servers {
+            let _ = tx.send(c);
+        }
+    }
+
+    /// Reads every discovery record waiting: driver mappings are handled at once (their
+    /// openers may be held), execs and listeners passed on in one message each.
+    fn drain_discovery(&mut self) {
+        let mut loaded = Vec::new();
+        let mut execs: Vec<u32> = Vec::new();
+        let mut listens: Vec<(u32, u16)> = Vec::new();
+        let mut overflow = false;
+        if let Some(hooks) = self.hooks.as_mut() {
+            while let Some(item) = hooks.ring.next() {
+                match decode(&item) {
+                    Ok(Decoded::Discovery(Discovery::DriverLoaded(e))) => loaded.push(e),
+                    Ok(Decoded::Discovery(Discovery::Exec(e))) => {
+                        if execs.len() < MAX_PIDS_PER_MESSAGE {
+                            execs.push(e.header.tgid);
+                        } else {
+                            overflow = true;
+                        }
+                    }
+                    Ok(Decoded::Discovery(Discovery::Listen(e))) => {
+                        if listens.len() < MAX_PIDS_PER_MESSAGE {
+                            listens.push((e.header.tgid, e.port));
+                        } else {
+                            overflow = true;
+                        }
+                    }
+                    Ok(_) => self.metrics.core.drop_reason("unknown_kind"),
+                    Err(e) => self.metrics.core.drop_reason(e.reason()),
+                }
+                // Held processes wait: they are let go before the next batch is read.
+                if loaded.len() >= 64 {
+                    break;
+                }
+            }
+        }
+        for e in loaded {
+            self.driver_loaded(&e);
+        }
+        if self.cuda.is_some() {
+            // A new program: its loader and whatever driver it maps already (one read).
+            for &pid in &execs {
+                self.look_at(pid);
+            }
+        }
+        if overflow {
+            self.tell_servers(Control::Rescan);
+        } else {
+            if !execs.is_empty() {
+                execs.sort_unstable();
+                execs.dedup();
+                self.tell_servers(Control::Execs(execs));
+            }
+            if !listens.is_empty() {
+                self.tell_servers(Control::Listening(listens));
+            }
+        }
+    }
+
+    /// One process's maps, read once: its loader probed, its new drivers attached. A new
+    /// loader means the process may have loaded a driver before the probe was there: its maps
+    /// are read once more.
+    fn look_at(&mut self, pid: u32) {
+        let loaders = self.hooks.as_ref().map_or(0, |h| h.loaders());
+        let mut found = discover::Found::default();
+        found.add(&self.procfs, pid);
+        let mut libs = self.take_found(found);
+        if self.hooks.as_ref().map_or(0, |h| h.loaders()) > loaders {
+            let mut again = discover::Found::default();
+            again.add(&self.procfs, pid);
+            libs.extend(self.take_found(again));
+        }
+        for lib in discover::dedup(libs) {
             self.attach(&lib);
         }
     }
 
-    /// A process's driver mapping the agent will not open: counted, and logged once per
-    /// reason (a tenant can make many).
+    /// A process's loader has loaded a driver: its maps are read (that process's only), new
+    /// driver files attached or refused, and the process let go if it was held.
+    fn driver_loaded(&mut self, e: &agent_common::discovery::DriverLoadedEvent) {
+        let started = Instant::now();
+        let pid = e.header.tgid;
+        let held = (e.flags & agent_common::discovery::FLAG_HELD != 0).then(|| Held::new(pid));
+        if held.is_some() {
+            // Stopped means the probe has returned; the mapping was there before it ran.
+            let deadline = started + HOLD_WAIT;
+            while self.procfs.thread_stopped(pid, e.header.pid) == Some(false)
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+        self.known_pids.remove(&pid);
+        self.look_at(pid);
+        if let Some(held) = held {
+            held.release();
+            let seconds = started.elapsed().as_secs_f64();
+            self.metrics.openers_held.inc();
+            self.metrics.opener_hold_seconds.observe(seconds);
+            tracing::debug!(pid, seconds, "process held at its driver load let go");
+        }
+    }
+
     fn refuse(&mut self, mapped: &discover::Mapped, e: &crate::tenant_file::OpenError) {
         let reason = e.reason();
         self.metrics
@@ -286,6 +517,7 @@ impl Manager {
             (lost::SCHED, "sched"),
             (lost::STASH, "cuda_stash"),
             (lost::HTTP, "http"),
+            (lost::DISCOVERY, "discovery"),
         ] {
             let now = per_cpu_sum(&self.lost_map, index);
             let seen = &mut self.lost_seen[index as usize];
@@ -432,25 +664,46 @@ impl Manager {
     }
 
     /// Runs until told to stop, then detaches everything. Beats `heartbeat` every tick.
+    /// Discovery records are handled as they come; the rest every `interval`.
     pub fn run(
         mut self,
         interval: Duration,
         stop: mpsc::Receiver<()>,
         heartbeat: crate::health::Heartbeat,
     ) {
+        let mut next = Instant::now() + interval;
         loop {
             heartbeat.beat();
-            match stop.recv_timeout(interval) {
-                Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
+            let wait = next.saturating_duration_since(Instant::now());
+            let stopped = match &self.hooks {
+                Some(hooks) => {
+                    if hooks.wait(wait.min(STOP_LATENCY)) {
+                        self.drain_discovery();
+                    }
+                    !matches!(stop.try_recv(), Err(mpsc::TryRecvError::Empty))
+                }
+                None => !matches!(
+                    stop.recv_timeout(wait),
+                    Err(mpsc::RecvTimeoutError::Timeout)
+                ),
+            };
+            if stopped {
+                break;
             }
-            self.discover();
+            if Instant::now() < next {
+                continue;
+            }
+            next = Instant::now() + interval;
+            self.discover_tick();
             self.publish_lost();
             self.enforce_budget();
         }
         heartbeat.done();
         self.publish_lost();
         let mut links = std::mem::take(&mut self.links);
+        if let Some(hooks) = self.hooks.as_mut() {
+            links.extend(hooks.take_links());
+        }
         if let Some(http) = self.http.as_mut() {
             links.extend(http.take_links());
         }
@@ -463,5 +716,51 @@ impl Manager {
         // Dropping the object closes every program and map.
         drop(self.ebpf);
         tracing::info!("probes detached");
+    }
+}
+
+/// A process stopped by the mapping hook: continued (`SIGCONT`) when released or dropped,
+/// whatever happened in between. Addressed through a pidfd taken at once, so that a pid
+/// reused meanwhile is never signalled.
+struct Held {
+    pid: u32,
+    pidfd: Option<std::os::fd::OwnedFd>,
+}
+
+impl Held {
+    fn new(pid: u32) -> Self {
+        // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+        let pidfd = (fd >= 0).then(|| {
+            // SAFETY: a descriptor the kernel just returned, owned by nobody else.
+            unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) }
+        });
+        Self { pid, pidfd }
+    }
+
+    fn release(self) {}
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        let sent = match &self.pidfd {
+            // SAFETY: a valid pidfd, no siginfo, no flags.
+            Some(fd) => unsafe {
+                libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    fd.as_raw_fd(),
+                    libc::SIGCONT,
+                    std::ptr::null::<libc::siginfo_t>(),
+                    0,
+                )
+            },
+            // No pidfd (the process is already gone, or pidfds are refused): by pid.
+            // SAFETY: kill takes a pid and a signal.
+            None => unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGCONT) }.into(),
+        };
+        if sent != 0 {
+            tracing::debug!(pid = self.pid, error = %std::io::Error::last_os_error(), "SIGCONT to a held opener");
+        }
     }
 }

@@ -4,7 +4,12 @@ use std::sync::Arc;
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{exponential_buckets, Histogram},
+    },
 };
 
 use crate::metrics::{GaugeF, Metrics};
@@ -28,6 +33,9 @@ pub struct ProbeMetrics {
     pub probe_cost: Family<FamilyLabels, GaugeF>,
     pub probe_family_up: Family<FamilyLabels, Gauge>,
     pub cuda_libraries: Gauge,
+    /// Processes stopped at their mapping of an unprobed driver until it was attached.
+    pub openers_held: Counter,
+    pub opener_hold_seconds: Histogram,
 }
 
 impl ProbeMetrics {
@@ -40,6 +48,9 @@ impl ProbeMetrics {
             probe_cost: Family::default(),
             probe_family_up: Family::default(),
             cuda_libraries: Gauge::default(),
+            openers_held: Counter::default(),
+            // 0.5 ms .. ~4 s.
+            opener_hold_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
         };
         core.register_with(|r| {
             r.register(
@@ -71,6 +82,16 @@ impl ProbeMetrics {
                 "inferscope_cuda_libraries",
                 "CUDA driver library files being probed",
                 m.cuda_libraries.clone(),
+            );
+            r.register(
+                "inferscope_probe_openers_held",
+                "Processes stopped (SIGSTOP) as they mapped a CUDA driver the agent had not probed, until its probes were attached (probes.hold_openers)",
+                m.openers_held.clone(),
+            );
+            r.register(
+                "inferscope_probe_opener_hold_seconds",
+                "How long each held opener was stopped",
+                m.opener_hold_seconds.clone(),
             );
         });
         Arc::new(m)

@@ -10,6 +10,7 @@ pub mod budget;
 mod config;
 pub mod cuda;
 pub mod discover;
+pub mod discovery_hooks;
 pub mod elf;
 pub mod floor;
 pub mod http;
@@ -33,7 +34,7 @@ use aya::{
 static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/inferscope.bpf.o"));
 
-pub const FAMILIES: &[&str] = &["cuda", "sched", "oom", "http"];
+pub const FAMILIES: &[&str] = &["cuda", "sched", "oom", "http", "discovery"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
@@ -81,16 +82,38 @@ pub struct Loaded {
     pub stacks: Option<StackTraceMap<MapData>>,
 }
 
-pub fn load(
-    ring_buffer_bytes: u32,
-    group_dead_offset: u32,
-    exit_code_offset: u32,
-) -> Result<Loaded, ProbeError> {
+/// What the programs need to know of the running kernel, set in the object before it loads.
+#[derive(Clone, Debug)]
+pub struct KernelLayout {
+    /// `group_dead` in `sched_process_exit`'s record (0: unknown).
+    pub group_dead: u32,
+    /// `task_struct.exit_code` (0: unknown).
+    pub exit_code: u32,
+    /// Whether the loader probe stops a process that loads a driver until the agent has
+    /// attached.
+    pub hold_openers: bool,
+}
+
+impl KernelLayout {
+    pub fn read(hold_openers: bool) -> Self {
+        Self {
+            group_dead: sched::group_dead_offset(),
+            exit_code: sched::exit_code_offset(),
+            hold_openers,
+        }
+    }
+}
+
+pub fn load(ring_buffer_bytes: u32, layout: &KernelLayout) -> Result<Loaded, ProbeError> {
+    let hold = u32::from(layout.hold_openers);
+    let own = std::process::id();
     let mut ebpf = EbpfLoader::new()
         .map_max_entries("EVENTS", ring_buffer_bytes)
         .map_max_entries("HTTP_EVENTS", ring_buffer_bytes)
-        .override_global("GROUP_DEAD_OFFSET", &group_dead_offset, true)
-        .override_global("TASK_EXIT_CODE_OFFSET", &exit_code_offset, true)
+        .override_global("GROUP_DEAD_OFFSET", &layout.group_dead, true)
+        .override_global("TASK_EXIT_CODE_OFFSET", &layout.exit_code, true)
+        .override_global("HOLD_OPENERS", &hold, true)
+        .override_global("OWN_TGID", &own, true)
         .load(EBPF_OBJECT)
         .map_err(ProbeError::Load)?;
     let events = take(&mut ebpf, "EVENTS")?;

@@ -208,7 +208,7 @@ impl Scraper {
                 ports,
                 matchers,
                 seen,
-            } => discover::scan(&self.procfs, ports, matchers, seen),
+            } => discover::scan(&self.procfs, ports, matchers, seen).0,
         };
         now.remove(&self.own);
         now

@@ -334,8 +334,27 @@ impl Workload {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Workload {
+        Self::spawn(plan, opts, lib_dir, args, env, true)
+    }
+
+    /// Not paused at all: it loads the driver and runs its plan at once (checkpoints only
+    /// report), as a server loading its weights does.
+    pub fn start_unpaused(plan: &str, opts: &WorkloadOptions, lib_dir: &Path) -> Workload {
+        Self::spawn(plan, opts, lib_dir, &[], &[], false)
+    }
+
+    fn spawn(
+        plan: &str,
+        opts: &WorkloadOptions,
+        lib_dir: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        pause: bool,
+    ) -> Workload {
         let mut cmd = Command::new(bin(cuda_workload::WORKLOAD_BIN_NAME));
-        cmd.args(["--plan", plan, "--pause", "--"])
+        cmd.args(["--plan", plan])
+            .args(pause.then_some("--pause"))
+            .arg("--")
             .args(args)
             .envs(env.iter().copied())
             .env("LD_LIBRARY_PATH", lib_dir)

@@ -24,7 +24,14 @@ const KUBERNETES_VERSION: &str = "1.30.0";
 const OPERATOR_KINDS: &[&str] = &["ServiceMonitor", "PodMonitor", "PrometheusRule"];
 
 /// The capabilities the agent needs (docs/install.md), nothing more.
-const CAPABILITIES: &[&str] = &["BPF", "PERFMON", "SYS_ADMIN", "SYS_RESOURCE", "SYS_PTRACE"];
+const CAPABILITIES: &[&str] = &[
+    "BPF",
+    "PERFMON",
+    "SYS_ADMIN",
+    "SYS_RESOURCE",
+    "SYS_PTRACE",
+    "KILL",
+];
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")

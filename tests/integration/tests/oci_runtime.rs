@@ -543,6 +543,7 @@ fn status_line(pid: u32, key: &str) -> String {
 
 fn capability_mask(names: &[String]) -> u64 {
     let bit = |name: &str| match name {
+        "KILL" => 5,
         "SYS_PTRACE" => 19,
         "SYS_ADMIN" => 21,
         "SYS_RESOURCE" => 24,
