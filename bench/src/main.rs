@@ -12,6 +12,7 @@ mod agentproc;
 mod driver;
 mod http;
 mod httpmem;
+mod node_scale;
 mod nvml;
 mod otlp;
 mod probes;
@@ -188,6 +189,19 @@ fn main() {
             }
         }
     }
+    // `--node-scale-only`: only the busy-node figures, printed.
+    if args.iter().any(|a| a == "--node-scale-only") {
+        match node_scale::measure(&Variant::Nop5.lib_path(), &node_scale::Sizes::new(quick)) {
+            Ok(n) => {
+                println!("{}", node_scale::table(&n));
+                return;
+            }
+            Err(e) => {
+                eprintln!("inferscope-bench: {e:#}");
+                std::process::exit(1);
+            }
+        }
+    }
     // `--otlp-only [SECS]`: only the OTLP figures, printed, docs/performance.md untouched.
     if let Some(i) = args.iter().position(|a| a == "--otlp-only") {
         let secs = args.get(i + 1).and_then(|s| s.parse().ok()).unwrap_or(20);
@@ -312,6 +326,18 @@ fn run(quick: bool) -> anyhow::Result<()> {
         SYSCALL_TAX_ROUNDS,
     )?;
 
+    let scale_sizes = node_scale::Sizes::new(quick);
+    eprintln!(
+        "bench: [{:>3.0} s] busy node: {} idle processes ({} with {} mappings), {} execs/s for {:?}",
+        started.elapsed().as_secs_f64(),
+        scale_sizes.idle,
+        scale_sizes.mapped,
+        scale_sizes.mappings,
+        scale_sizes.churn_per_sec,
+        scale_sizes.churn,
+    );
+    let scale = node_scale::measure(&Variant::Nop5.lib_path(), &scale_sizes)?;
+
     eprintln!(
         "bench: [{:>3.0} s] otlp: export cost ({} rounds), then {} s with the collector down at 200 requests/s",
         started.elapsed().as_secs_f64(),
@@ -338,7 +364,9 @@ fn run(quick: bool) -> anyhow::Result<()> {
         + "\n"
         + &httpmem::table(&http_memory)
         + "\n"
-        + &syscall_tax::table(&tax);
+        + &syscall_tax::table(&tax)
+        + "\n"
+        + &node_scale::table(&scale);
     println!("{tables}");
     let doc = report::document(&sizes, &results, &tables, elapsed);
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -62,9 +62,9 @@ static OWN_TGID: u32 = 0;
 #[map]
 pub static DISCOVERY_EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
-/// Processes whose driver load was reported (forgotten at exec).
+/// Processes whose driver load was reported (forgotten at exec and at exit: pids are reused).
 #[map]
-static DRIVER_REPORTED: LruHashMap<u32, u32> = LruHashMap::with_max_entries(65536, 0);
+pub static DRIVER_REPORTED: LruHashMap<u32, u32> = LruHashMap::with_max_entries(65536, 0);
 
 /// Room for one object name, per CPU (the stack is too small for several).
 #[map]

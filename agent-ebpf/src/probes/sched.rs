@@ -19,7 +19,7 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 
-use super::cuda::CUDA_PROCESSES;
+use super::{cuda::CUDA_PROCESSES, discovery::DRIVER_REPORTED};
 use crate::maps::{count_lost, submit_flags, EVENTS};
 
 /// Offset of `group_dead` in `sched/sched_process_exit`; userspace sets it from the format
@@ -54,9 +54,6 @@ fn exit_status() -> (i32, i32, u32) {
 pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
-    if CUDA_PROCESSES.get_ptr(&tgid).is_none() {
-        return 0;
-    }
     let offset = unsafe { core::ptr::read_volatile(&GROUP_DEAD_OFFSET) };
     let group_dead = if offset == 0 {
         pid_tgid as u32 == tgid
@@ -64,6 +61,11 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
         matches!(unsafe { ctx.read_at::<u8>(offset as usize) }, Ok(v) if v != 0)
     };
     if !group_dead {
+        return 0;
+    }
+    // The pid may come back as another program: its driver load is news again.
+    let _ = DRIVER_REPORTED.remove(&tgid);
+    if CUDA_PROCESSES.get_ptr(&tgid).is_none() {
         return 0;
     }
     let _ = CUDA_PROCESSES.remove(&tgid);

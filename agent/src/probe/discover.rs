@@ -127,6 +127,8 @@ pub fn open_mapped(procfs: &ProcFs, m: &Mapped) -> Result<Library, OpenError> {
 pub struct Found {
     pub drivers: Vec<Mapped>,
     pub loaders: Vec<Mapped>,
+    /// Each process read and the loader it runs under (its first, where it maps several).
+    pub loader_of: Vec<(u32, FileId)>,
     /// Maps texts read.
     pub read: u64,
 }
@@ -154,7 +156,11 @@ impl Found {
         };
         self.read += 1;
         self.drivers.extend(mappings_in(pid, &maps));
-        for loader in loaders_in(pid, &maps) {
+        let loaders = loaders_in(pid, &maps);
+        if let Some(first) = loaders.first() {
+            self.loader_of.push((pid, first.id));
+        }
+        for loader in loaders {
             if !self.loaders.iter().any(|l| l.id == loader.id) {
                 self.loaders.push(loader);
             }

@@ -45,6 +45,8 @@ use crate::{
 const HOLD_WAIT: Duration = Duration::from_millis(200);
 /// Pids passed on to the `http` watcher in one message; past it, a rescan is asked for.
 const MAX_PIDS_PER_MESSAGE: usize = 4096;
+/// Processes polled at most because their loader is not probed.
+const MAX_POLLED: usize = 4096;
 /// Longest a stop request waits while the manager waits for records.
 const STOP_LATENCY: Duration = Duration::from_millis(100);
 
@@ -70,6 +72,11 @@ pub struct Manager {
     explicit: Vec<std::path::PathBuf>,
     /// Pids whose driver mappings were handled: their maps are not read again.
     known_pids: HashSet<u32>,
+    /// Processes whose loader is not probed (musl's, one refused): with the kernel's records
+    /// they are the only ones polled, until they map a driver or exit.
+    polled: HashSet<u32>,
+    /// Loader files that could not be probed: not tried again.
+    refused_loaders: HashSet<FileId>,
     /// Reasons already logged for refusing a process's library.
     refused_reasons: HashSet<&'static str>,
     lost_seen: [u64; lost::COUNT as usize],
@@ -124,6 +131,8 @@ impl Manager {
             procfs,
             explicit,
             known_pids: HashSet::new(),
+            polled: HashSet::new(),
+            refused_loaders: HashSet::new(),
             refused_reasons: HashSet::new(),
             lost_seen: [0; lost::COUNT as usize],
             hits_seen: HashMap::new(),
@@ -204,11 +213,24 @@ impl Manager {
         for loader in &found.loaders {
             self.probe_loader(loader);
         }
+        if let Some(hooks) = &self.hooks {
+            for &(pid, loader) in &found.loader_of {
+                if hooks.knows_loader(loader) {
+                    continue;
+                }
+                if self.polled.len() < MAX_POLLED {
+                    self.polled.insert(pid);
+                } else {
+                    self.metrics.core.dropped("polled_process", "limit");
+                }
+            }
+        }
         let mut libs = Vec::new();
         for mapped in found.drivers {
             // Tried once per process, whatever the outcome: a tenant's bad file is not
             // reopened every tick.
             self.known_pids.insert(mapped.pid);
+            self.polled.remove(&mapped.pid);
             if self.knows(mapped.id) {
                 continue;
             }
@@ -225,7 +247,7 @@ impl Manager {
         let Some(hooks) = self.hooks.as_mut() else {
             return;
         };
-        if hooks.knows_loader(mapped.id) {
+        if hooks.knows_loader(mapped.id) || self.refused_loaders.contains(&mapped.id) {
             return;
         }
         let result = discover::open_mapped(&self.procfs, mapped)
@@ -242,6 +264,7 @@ impl Manager {
                 "dynamic loader probed: driver loads are seen as they happen"
             ),
             Err((reason, error)) => {
+                self.refused_loaders.insert(mapped.id);
                 self.metrics.core.dropped("loader", reason);
                 tracing::debug!(loader = mapped.path, error, "dynamic loader not probed");
             }
@@ -266,6 +289,18 @@ impl Manager {
             self.discover();
             self.tell_servers(Control::Rescan);
             return;
+        }
+        // Processes under a loader without the probe: their maps, until they map a driver.
+        let procfs = &self.procfs;
+        self.polled.retain(|pid| procfs.alive(*pid));
+        let mut libs = Vec::new();
+        for pid in self.polled.clone() {
+            let mut found = discover::Found::default();
+            found.add(&self.procfs, pid);
+            libs.extend(self.take_found(found));
+        }
+        for lib in discover::dedup(libs) {
+            self.attach(&lib);
         }
         let explicit: Vec<std::path::PathBuf> = self
             .explicit
@@ -713,13 +748,31 @@ impl Manager {
         let n = links.len();
         links.release();
         tracing::debug!(links = n, "links released");
+        self.release_held();
         // Dropping the object closes every program and map.
         drop(self.ebpf);
         tracing::info!("probes detached");
     }
 }
 
-/// A process stopped by the mapping hook: continued (`SIGCONT`) when released or dropped,
+impl Manager {
+    /// After the detach: a process the loader probe stopped in the moment before would wait
+    /// for nobody. Every held process still in the ring is let go.
+    fn release_held(&mut self) {
+        let Some(hooks) = self.hooks.as_mut() else {
+            return;
+        };
+        while let Some(item) = hooks.ring.next() {
+            if let Ok(Decoded::Discovery(Discovery::DriverLoaded(e))) = decode(&item) {
+                if e.flags & agent_common::discovery::FLAG_HELD != 0 {
+                    drop(Held::new(e.header.tgid));
+                }
+            }
+        }
+    }
+}
+
+/// A process stopped by the loader probe: continued (`SIGCONT`) when released or dropped,
 /// whatever happened in between. Addressed through a pidfd taken at once, so that a pid
 /// reused meanwhile is never signalled.
 struct Held {

@@ -36,7 +36,7 @@ const WITHOUT_SYS_ADMIN: &[&str] = &[
     "--no-new-privs",
     "--inh-caps=-all",
     "--ambient-caps=-all",
-    "--bounding-set=-all,+bpf,+perfmon,+sys_resource,+sys_ptrace",
+    "--bounding-set=-all,+bpf,+perfmon,+sys_resource,+sys_ptrace,+kill",
     "--",
 ];
 
@@ -64,7 +64,7 @@ fn tracefs_unmounted_the_agent_mounts_it_and_every_family_runs() {
     let (status, body) = http_get(agent.port, "/healthz").expect("healthz");
     assert_eq!((status, body.as_str()), (200, "ok\n"));
     let s = agent.scrape();
-    for family in ["cuda", "sched", "oom", "http"] {
+    for family in ["cuda", "sched", "oom", "http", "discovery"] {
         assert_eq!(family_up(&s, family), 1.0, "{family}:\n{}", agent.log());
     }
     assert!(
@@ -100,7 +100,7 @@ fn without_cap_sys_admin_the_agent_runs_and_names_what_is_missing() {
     let mut lines = body.lines();
     assert_eq!(lines.next(), Some("ok"), "{body}");
     let degraded: Vec<&str> = lines.collect();
-    for (line, family) in degraded.iter().zip(["sched", "oom", "http"]) {
+    for (line, family) in degraded.iter().zip(["sched", "oom", "http", "discovery"]) {
         assert!(
             line.starts_with(&format!("degraded: {family} (tracefs is not mounted"))
                 && line.contains("mount -t tracefs nodev /sys/kernel/tracing"),
@@ -108,13 +108,13 @@ fn without_cap_sys_admin_the_agent_runs_and_names_what_is_missing() {
         );
     }
     let s = agent.scrape();
-    for family in ["sched", "oom", "http"] {
+    for family in ["sched", "oom", "http", "discovery"] {
         assert_eq!(family_up(&s, family), 0.0, "{family}");
     }
     let log = agent.log();
     assert_eq!(
         log.matches("probe family not started").count(),
-        3,
+        4,
         "one line per family:\n{log}"
     );
     let mut w = Workload::start(
@@ -125,12 +125,12 @@ fn without_cap_sys_admin_the_agent_runs_and_names_what_is_missing() {
     let truth = w.truth();
     if family_up(&s, "cuda") == 1.0 {
         // The CUDA probes see every call all the same.
-        assert_eq!(degraded.len(), 3, "{body}");
+        assert_eq!(degraded.len(), 4, "{body}");
         assert_agent_sees(&agent, &truth);
     } else {
-        assert_eq!(degraded.len(), 4, "{body}");
+        assert_eq!(degraded.len(), 5, "{body}");
         assert!(
-            degraded[3]
+            degraded[4]
                 .starts_with("degraded: cuda (the kernel refuses uprobes without CAP_SYS_ADMIN")
                 && degraded[3].contains("Permission denied"),
             "{body}"
