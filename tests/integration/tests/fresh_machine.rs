@@ -132,7 +132,7 @@ fn without_cap_sys_admin_the_agent_runs_and_names_what_is_missing() {
         assert!(
             degraded[4]
                 .starts_with("degraded: cuda (the kernel refuses uprobes without CAP_SYS_ADMIN")
-                && degraded[3].contains("Permission denied"),
+                && degraded[4].contains("Permission denied"),
             "{body}"
         );
         assert_eq!(
