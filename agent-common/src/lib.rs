@@ -79,8 +79,11 @@ pub mod lost {
 pub mod config {
     /// 1 in N successful allocations carries a user stack id (0: none).
     pub const STACK_SAMPLE_EVERY: u32 = 0;
-    /// Bytes of unread ring-buffer data above which a producer forces a wakeup.
+    /// Bytes of unread data in `EVENTS` above which a producer forces a wakeup (1 while
+    /// its reader sleeps without a timer: the next record wakes it).
     pub const WAKEUP_BYTES: u32 = 1;
+    /// The same for `HTTP_EVENTS`.
+    pub const HTTP_WAKEUP_BYTES: u32 = 2;
     pub const COUNT: u32 = 4;
 }
 

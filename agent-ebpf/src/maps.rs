@@ -38,16 +38,16 @@ pub fn count_lost(source: u32) {
 /// short timer), except for urgent records and when unread data passes the configured mark.
 #[inline(always)]
 pub fn submit_flags(urgent: bool) -> u64 {
-    submit_flags_on(&EVENTS, urgent)
+    submit_flags_on(&EVENTS, config::WAKEUP_BYTES, urgent)
 }
 
-/// [`submit_flags`] for a record of `ring`.
+/// [`submit_flags`] for a record of `ring`, whose mark is the `CONFIG` slot `mark_knob`.
 #[inline(always)]
-pub fn submit_flags_on(ring: &RingBuf, urgent: bool) -> u64 {
+pub fn submit_flags_on(ring: &RingBuf, mark_knob: u32, urgent: bool) -> u64 {
     if urgent {
         return BPF_RB_FORCE_WAKEUP;
     }
-    let mark = config(config::WAKEUP_BYTES);
+    let mark = config(mark_knob);
     if mark != 0 && ring.query(BPF_RB_AVAIL_DATA) > mark {
         BPF_RB_FORCE_WAKEUP
     } else {

@@ -275,6 +275,8 @@ struct Probes {
 struct Rings {
     events: aya::maps::RingBuf<aya::maps::MapData>,
     http_events: aya::maps::RingBuf<aya::maps::MapData>,
+    /// Where the readers move their wakeup marks (a handle of the probes' `CONFIG`).
+    config: Option<aya::maps::Array<aya::maps::MapData, u64>>,
 }
 
 /// The ring-buffer readers' tasks.
@@ -364,6 +366,7 @@ impl Wiring<'_> {
             |ebpf| probe::discovery_hooks::DiscoveryHooks::attach(ebpf, layout.hold_openers),
             &mut loaded.ebpf,
         );
+        let config_handle = probe::config_handle(&loaded.config);
         let mut manager = Manager::new(
             loaded.ebpf,
             cuda,
@@ -386,6 +389,7 @@ impl Wiring<'_> {
             rings: Rings {
                 events: loaded.events,
                 http_events: loaded.http_events,
+                config: config_handle,
             },
             http_maps,
             http_probes,
@@ -481,6 +485,16 @@ impl Wiring<'_> {
         http: &crate::http::Stage,
     ) -> Readers {
         let poll = Duration::from_millis(self.config.probes.poll_interval_ms);
+        let awake = u64::from(self.config.probes.ring_buffer_bytes / 4);
+        let mark = |index| {
+            Some(ingest::WakeMark {
+                config: probe::config_handle(rings.config.as_ref()?)?,
+                index,
+                awake,
+            })
+        };
+        let http_mark = mark(agent_common::config::HTTP_WAKEUP_BYTES);
+        let events_mark = mark(agent_common::config::WAKEUP_BYTES);
         let http = http.sender().map(|http| {
             tokio::spawn(ingest::run(
                 rings.http_events,
@@ -490,6 +504,7 @@ impl Wiring<'_> {
                 self.metrics.core.clone(),
                 self.stop.clone(),
                 self.health.heartbeat("http-ingest", health::QUICK),
+                http_mark,
             ))
         });
         let events = tokio::spawn(ingest::run(
@@ -500,6 +515,7 @@ impl Wiring<'_> {
             self.metrics.core.clone(),
             self.stop.clone(),
             self.health.heartbeat("ingest", health::QUICK),
+            events_mark,
         ));
         Readers { events, http }
     }

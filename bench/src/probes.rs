@@ -154,6 +154,8 @@ impl Pipeline {
             metrics.clone(),
             stop_rx,
             inferscope::health::Heartbeat::default(),
+            // Busy throughout: a reader asleep after a quiet spell would change nothing here.
+            None,
         ));
         let history = Arc::new(GpuHistory::new(config.nvml.history_secs));
         let tracker = Tracker::new(

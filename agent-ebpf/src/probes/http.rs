@@ -26,6 +26,8 @@ use aya_ebpf::{
 
 use crate::maps::{count_lost, submit_flags_on, HTTP_EVENTS};
 
+const HTTP_WAKEUP: u32 = agent_common::config::HTTP_WAKEUP_BYTES;
+
 /// Offsets in the `syscalls/sys_enter_*` and `sys_exit_*` records.
 const ARG0: usize = 16;
 const ARG1: usize = 24;
@@ -274,7 +276,7 @@ fn accepted(pid_tgid: u64, tgid: u32, s: Stash, fd: u32) {
         peer,
         _pad: 0,
     });
-    entry.submit(submit_flags_on(&HTTP_EVENTS, false));
+    entry.submit(submit_flags_on(&HTTP_EVENTS, HTTP_WAKEUP, false));
 }
 
 /// One data record: the first `CAPTURE_BYTES` of `len` bytes at `src`, copied to the ring
@@ -326,7 +328,7 @@ fn emit(pid_tgid: u64, fd: u32, direction: u32, src: u64, len: u64, flags: u32) 
     let bytes = unsafe {
         core::slice::from_raw_parts((ev as *const HttpDataEvent).cast::<u8>(), size as usize)
     };
-    if HTTP_EVENTS.output::<[u8]>(bytes, submit_flags_on(&HTTP_EVENTS, false)).is_err() {
+    if HTTP_EVENTS.output::<[u8]>(bytes, submit_flags_on(&HTTP_EVENTS, HTTP_WAKEUP, false)).is_err() {
         count_lost(lost::HTTP);
     }
 }
@@ -354,6 +356,6 @@ pub fn http_close(ctx: TracePointContext) -> u32 {
         fd,
         _pad: 0,
     });
-    entry.submit(submit_flags_on(&HTTP_EVENTS, false));
+    entry.submit(submit_flags_on(&HTTP_EVENTS, HTTP_WAKEUP, false));
     0
 }

@@ -32,9 +32,36 @@ pub const MAX_HTTP_BATCH_BYTES: usize = 1024 * 1024;
 
 pub type Batch = Vec<Event>;
 
+/// Polls with nothing read after which a reader sleeps without its timer.
+pub const IDLE_POLLS: u32 = 20;
+/// How often a sleeping reader still wakes (its heartbeat).
+pub const IDLE_BEAT: Duration = Duration::from_secs(1);
+
+/// How a reader that has found nothing for a while sleeps without a timer: it lowers its
+/// ring's wakeup mark (a `CONFIG` slot the probes read) to one byte, so that the next record
+/// forces a wakeup, and raises it again once awake. A node without CUDA or HTTP traffic then
+/// costs the agent no timer wakeups, and the first record after a quiet spell is read at once.
+pub struct WakeMark {
+    pub config: aya::maps::Array<MapData, u64>,
+    pub index: u32,
+    /// The mark while awake (a quarter of the ring).
+    pub awake: u64,
+}
+
+impl WakeMark {
+    fn set(&mut self, mark: u64) -> bool {
+        self.config.set(self.index, mark, 0).is_ok()
+    }
+}
+
 /// Runs until `stop` turns true, then drains what is left and returns. [`Event`]s go to
 /// `events`, [`HttpRecord`]s to `http` (counted as dropped when it is None). Beats
-/// `heartbeat` at every poll.
+/// `heartbeat` at every poll. With `wake`, it sleeps without its timer after [`IDLE_POLLS`]
+/// empty polls.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the reader's inputs, named at the two calls"
+)]
 pub async fn run<E, H>(
     ring: RingBuf<MapData>,
     poll: Duration,
@@ -43,6 +70,7 @@ pub async fn run<E, H>(
     metrics: std::sync::Arc<Metrics>,
     mut stop: watch::Receiver<bool>,
     heartbeat: Heartbeat,
+    mut wake: Option<WakeMark>,
 ) -> std::io::Result<()>
 where
     E: From<Vec<Event>> + Weigh,
@@ -50,10 +78,11 @@ where
 {
     // SAFETY: the ring buffer owns its fd and moves into the AsyncFd, which drops it last.
     let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }?;
-    let mut tick = tokio::time::interval(poll);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut empty = 0u32;
+    let mut asleep = false;
     loop {
         heartbeat.beat();
+        let wait = if asleep { IDLE_BEAT } else { poll };
         let stopping = tokio::select! {
             guard = fd.readable_mut() => {
                 if let Ok(mut guard) = guard {
@@ -61,37 +90,61 @@ where
                 }
                 false
             }
-            _ = tick.tick() => false,
+            _ = tokio::time::sleep(wait) => false,
             _ = stop.changed() => true,
         };
-        if !drain(fd.get_mut(), &events, http.as_ref(), &metrics).await
-            || stopping
-            || *stop.borrow()
-        {
+        let mut read = drain(fd.get_mut(), &events, http.as_ref(), &metrics).await;
+        if read.is_some_and(|n| n == 0) && !asleep {
+            empty += 1;
+            if empty >= IDLE_POLLS {
+                if let Some(w) = wake.as_mut() {
+                    // Lowered first, then one more look: a record submitted before the
+                    // probes saw the new mark did not wake anyone.
+                    asleep = w.set(1);
+                    read = drain(fd.get_mut(), &events, http.as_ref(), &metrics).await;
+                }
+            }
+        }
+        if read.is_some_and(|n| n > 0) {
+            empty = 0;
+            if asleep {
+                if let Some(w) = wake.as_mut() {
+                    w.set(w.awake);
+                }
+                asleep = false;
+            }
+        }
+        if read.is_none() || stopping || *stop.borrow() {
             drain(fd.get_mut(), &events, http.as_ref(), &metrics).await;
+            if let Some(w) = wake.as_mut() {
+                w.set(w.awake);
+            }
             heartbeat.done();
             return Ok(());
         }
     }
 }
 
-/// Reads every available record. Returns false when a subscriber has gone away.
+/// Reads every available record. Returns how many, or `None` when a subscriber has gone
+/// away.
 async fn drain<E, H>(
     ring: &mut RingBuf<MapData>,
     events: &Sender<E>,
     http: Option<&Sender<H>>,
     metrics: &Metrics,
-) -> bool
+) -> Option<usize>
 where
     E: From<Vec<Event>> + Weigh,
     H: From<Vec<HttpRecord>> + Weigh,
 {
+    let mut read = 0;
     loop {
         let mut batch = Vec::with_capacity(64);
         let mut http_batch = Vec::new();
         let mut http_bytes = 0;
         while batch.len() + http_batch.len() < MAX_BATCH && http_bytes < MAX_HTTP_BATCH_BYTES {
             let Some(item) = ring.next() else { break };
+            read += 1;
             match decode(&item) {
                 Ok(Decoded::Event(ev)) => batch.push(ev),
                 Ok(Decoded::Http(r)) if http.is_some() => {
@@ -108,22 +161,22 @@ where
             batch.len() + http_batch.len() == MAX_BATCH || http_bytes >= MAX_HTTP_BATCH_BYTES;
         if let (Some(tx), false) = (http, http_batch.is_empty()) {
             if tx.send(H::from(http_batch)).await.is_err() {
-                return false;
+                return None;
             }
         }
         if batch.is_empty() {
             if full {
                 continue;
             }
-            return true;
+            return Some(read);
         }
         // Backpressure: a full queue slows the reader; the ring absorbs bursts and counts
         // what it cannot hold (inferscope_events_lost_total).
         if events.send(E::from(batch)).await.is_err() {
-            return false;
+            return None;
         }
         if !full {
-            return true;
+            return Some(read);
         }
     }
 }

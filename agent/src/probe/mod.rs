@@ -158,6 +158,21 @@ pub fn init_config(map: &mut Array<MapData, u64>, stack_sample_every: u64, ring_
     set_config(map, ebpf_config::STACK_SAMPLE_EVERY, stack_sample_every);
     // Wake the reader early once a quarter of the ring is unread, long before it fills.
     set_config(map, ebpf_config::WAKEUP_BYTES, u64::from(ring_bytes / 4));
+    set_config(
+        map,
+        ebpf_config::HTTP_WAKEUP_BYTES,
+        u64::from(ring_bytes / 4),
+    );
+}
+
+/// A second handle on the `CONFIG` map (a duplicate of its descriptor), for a ring reader to
+/// move its wakeup mark (`ingest::WakeMark`); `None` when the descriptor cannot be duplicated.
+pub fn config_handle(map: &Array<MapData, u64>) -> Option<Array<MapData, u64>> {
+    use aya::maps::IterableMap;
+    use std::os::fd::AsFd;
+    let fd = map.map().fd().as_fd().try_clone_to_owned().ok()?;
+    let data = MapData::from_fd(fd).ok()?;
+    Array::try_from(aya::maps::Map::Array(data)).ok()
 }
 
 /// Sums a per-CPU counter slot.
