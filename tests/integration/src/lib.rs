@@ -626,3 +626,17 @@ pub fn yaml_docs(text: &str) -> Vec<serde_json::Value> {
         other => panic!("{other}"),
     }
 }
+
+/// Bit numbers (linux/capability.h) of the capabilities the chart may name.
+pub fn capability_bit(name: &str) -> u32 {
+    match name {
+        "KILL" => 5,
+        "SYS_PTRACE" => 19,
+        "SYS_ADMIN" => 21,
+        "SYS_RESOURCE" => 24,
+        "PERFMON" => 38,
+        "BPF" => 39,
+        "CHECKPOINT_RESTORE" => 40,
+        other => panic!("capability {other}: add its bit here"),
+    }
+}

@@ -542,16 +542,7 @@ fn status_line(pid: u32, key: &str) -> String {
 }
 
 fn capability_mask(names: &[String]) -> u64 {
-    let bit = |name: &str| match name {
-        "KILL" => 5,
-        "SYS_PTRACE" => 19,
-        "SYS_ADMIN" => 21,
-        "SYS_RESOURCE" => 24,
-        "PERFMON" => 38,
-        "BPF" => 39,
-        other => panic!("capability {other} has no bit here"),
-    };
-    names.iter().fold(0, |m, n| m | 1u64 << bit(n))
+    names.iter().fold(0, |m, n| m | 1u64 << capability_bit(n))
 }
 
 #[root_test]

@@ -383,19 +383,6 @@ fn daemonset_capabilities() -> Vec<String> {
         .collect()
 }
 
-/// Bit numbers (linux/capability.h) of the capabilities the chart may name.
-fn capability_bit(name: &str) -> u32 {
-    match name {
-        "SYS_PTRACE" => 19,
-        "SYS_ADMIN" => 21,
-        "SYS_RESOURCE" => 24,
-        "PERFMON" => 38,
-        "BPF" => 39,
-        "CHECKPOINT_RESTORE" => 40,
-        other => panic!("capability {other}: add its bit here"),
-    }
-}
-
 /// A capability set of `/proc/<pid>/status` (`CapEff`, `CapBnd`, ...).
 fn capability_set(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
