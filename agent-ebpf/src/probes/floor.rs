@@ -46,3 +46,21 @@ pub fn floor_return(ctx: RetProbeContext) -> u32 {
     entry.submit(agent_common::BPF_RB_NO_WAKEUP);
     0
 }
+
+/// What the `http` family's per-syscall tracepoints (`syscalls/sys_enter_read`, ...), which it
+/// used before its raw tracepoints, cost a process it does not watch: the kernel builds the
+/// call's record, the program looks the process up and returns. The bench attaches it to the
+/// same 21 tracepoints to compare the two hooks side by side.
+#[aya_ebpf::macros::tracepoint]
+pub fn tax_per_syscall(_ctx: aya_ebpf::programs::TracePointContext) -> u32 {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let _ = super::http::HTTP_WATCHED.get_ptr(&tgid);
+    0
+}
+
+/// The least a syscall hook costs: raw tracepoints on `sys_enter` and `sys_exit` that return
+/// at once. What the bench measures with them is the kernel's tracing path alone.
+#[aya_ebpf::macros::raw_tracepoint(tracepoint = "sys_enter")]
+pub fn tax_raw_floor(_ctx: aya_ebpf::programs::RawTracePointContext) -> u32 {
+    0
+}

@@ -1,11 +1,16 @@
-//! Socket syscalls of watched processes (inference servers), as tracepoints: kprobes are not
-//! available on the kernels this runs on. Only processes in `HTTP_WATCHED` (written by
+//! Socket syscalls of watched processes (inference servers), as two raw tracepoints on
+//! `raw_syscalls/sys_enter` and `sys_exit`: kprobes are not available on the kernels this runs
+//! on, and BPF trampolines (`fentry` on the socket functions) are refused. A raw tracepoint
+//! runs on every syscall of the node, but returns after comparing the syscall's number for all
+//! but the family's eleven calls, and reads the arguments from the saved registers; the
+//! per-syscall tracepoints it replaces built a record of every hooked call first, for every
+//! process (`docs/probes.md` has the figures). Only processes in `HTTP_WATCHED` (written by
 //! userspace) and only their accepted sockets (`HTTP_CONNS`: set at accept, removed at close,
 //! seeded by userspace for connections older than the agent) produce records.
 //!
-//! Enter programs stash the call's arguments per thread; the one exit program, attached to
-//! every `sys_exit_*` of the family, emits the bytes the call really moved: one record per
-//! buffer (per iovec for vectored calls, up to `IOV_MAX`), the first `CAPTURE_BYTES` of each.
+//! The enter program stashes the call's arguments per thread; the exit program emits the
+//! bytes the call really moved: one record per buffer (per iovec for vectored calls, up to
+//! `IOV_MAX`), the first `CAPTURE_BYTES` of each.
 
 use agent_common::{
     http::{
@@ -16,29 +21,45 @@ use agent_common::{
 };
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
         generated::bpf_probe_read_user as probe_read_user_raw,
     },
-    macros::{map, tracepoint},
+    macros::{map, raw_tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
-    programs::TracePointContext,
+    programs::RawTracePointContext,
 };
 
 use crate::maps::{count_lost, submit_flags_on, HTTP_EVENTS};
 
 const HTTP_WAKEUP: u32 = agent_common::config::HTTP_WAKEUP_BYTES;
 
-/// Offsets in the `syscalls/sys_enter_*` and `sys_exit_*` records.
-const ARG0: usize = 16;
-const ARG1: usize = 24;
-const ARG2: usize = 32;
-const RET: usize = 16;
+/// x86_64 syscall numbers of the family's calls.
+const SYS_READ: u64 = 0;
+const SYS_WRITE: u64 = 1;
+const SYS_CLOSE: u64 = 3;
+const SYS_READV: u64 = 19;
+const SYS_WRITEV: u64 = 20;
+const SYS_ACCEPT: u64 = 43;
+const SYS_SENDTO: u64 = 44;
+const SYS_RECVFROM: u64 = 45;
+const SYS_SENDMSG: u64 = 46;
+const SYS_RECVMSG: u64 = 47;
+const SYS_ACCEPT4: u64 = 288;
+
+/// Offsets in x86_64's `struct pt_regs`: the first three arguments and the syscall number.
+const REG_ARG0: u64 = 112; // di
+const REG_ARG1: u64 = 104; // si
+const REG_ARG2: u64 = 96; // dx
+const REG_ORIG_AX: u64 = 120;
 
 const KIND_IN: u32 = 1;
 const KIND_OUT: u32 = 2;
 const KIND_VEC_IN: u32 = 3;
 const KIND_VEC_OUT: u32 = 4;
 const KIND_ACCEPT: u32 = 5;
+const KIND_MSG_IN: u32 = 6;
+const KIND_MSG_OUT: u32 = 7;
+const KIND_CLOSE: u32 = 8;
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -60,7 +81,7 @@ struct Iovec {
 
 /// Processes whose sockets are watched (tgid → 1), written by userspace.
 #[map]
-static HTTP_WATCHED: HashMap<u32, u32> = HashMap::with_max_entries(1024, 0);
+pub static HTTP_WATCHED: HashMap<u32, u32> = HashMap::with_max_entries(1024, 0);
 
 /// Accepted sockets of watched processes.
 #[map]
@@ -97,11 +118,6 @@ fn watched(tgid: u32) -> bool {
 }
 
 #[inline(always)]
-fn arg(ctx: &TracePointContext, offset: usize) -> u64 {
-    unsafe { ctx.read_at::<u64>(offset) }.unwrap_or(0)
-}
-
-#[inline(always)]
 fn header(kind: EventKind, pid_tgid: u64) -> EventHeader {
     EventHeader {
         kind: kind as u32,
@@ -112,20 +128,71 @@ fn header(kind: EventKind, pid_tgid: u64) -> EventHeader {
     }
 }
 
-/// Stashes a call on a watched connection for the exit program.
+/// The call's argument `n` (0-based) from the user registers saved at syscall entry.
 #[inline(always)]
-fn stash(ctx: &TracePointContext, kind: u32) -> u32 {
+fn reg(regs: u64, offset: u64) -> u64 {
+    unsafe { bpf_probe_read_kernel((regs + offset) as *const u64) }.unwrap_or(0)
+}
+
+/// What the family does with a syscall, by number; `None` for every other syscall, which
+/// returns at once (no map is looked at).
+#[inline(always)]
+fn kind_of(id: u64) -> Option<u32> {
+    Some(match id {
+        SYS_READ | SYS_RECVFROM => KIND_IN,
+        SYS_WRITE | SYS_SENDTO => KIND_OUT,
+        SYS_READV => KIND_VEC_IN,
+        SYS_WRITEV => KIND_VEC_OUT,
+        SYS_RECVMSG => KIND_MSG_IN,
+        SYS_SENDMSG => KIND_MSG_OUT,
+        SYS_ACCEPT | SYS_ACCEPT4 => KIND_ACCEPT,
+        SYS_CLOSE => KIND_CLOSE,
+        _ => return None,
+    })
+}
+
+/// Every syscall's entry (`raw_syscalls/sys_enter`, as a raw tracepoint: the arguments come
+/// from the saved registers, without the record the per-syscall tracepoints build).
+#[raw_tracepoint(tracepoint = "sys_enter")]
+pub fn http_sys_enter(ctx: RawTracePointContext) -> u32 {
+    let id: u64 = ctx.arg(1);
+    let Some(kind) = kind_of(id) else {
+        return 0;
+    };
     count_cost(cost::RUNS, 1);
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     if !watched(tgid) {
         return 0;
     }
-    let fd = arg(ctx, ARG0) as u32;
+    let regs: u64 = ctx.arg(0);
+    let fd = reg(regs, REG_ARG0) as u32;
+    if kind == KIND_CLOSE {
+        closed(pid_tgid, tgid, fd);
+        return 0;
+    }
     if kind != KIND_ACCEPT && HTTP_CONNS.get_ptr(&ConnKey { tgid, fd }).is_none() {
         return 0;
     }
-    let (ptr, count) = (arg(ctx, ARG1), arg(ctx, ARG2));
+    let (ptr, count, kind) = match kind {
+        KIND_MSG_IN | KIND_MSG_OUT => {
+            // `recvmsg(fd, msghdr, flags)`: the iovecs are read from the msghdr.
+            let msg = reg(regs, REG_ARG1);
+            let Ok(iov) = (unsafe { bpf_probe_read_user((msg + 16) as *const u64) }) else {
+                return 0;
+            };
+            let Ok(n) = (unsafe { bpf_probe_read_user((msg + 24) as *const u64) }) else {
+                return 0;
+            };
+            let vec = if kind == KIND_MSG_IN {
+                KIND_VEC_IN
+            } else {
+                KIND_VEC_OUT
+            };
+            (iov, n, vec)
+        }
+        _ => (reg(regs, REG_ARG1), reg(regs, REG_ARG2), kind),
+    };
     let s = Stash {
         kind,
         fd,
@@ -138,76 +205,14 @@ fn stash(ctx: &TracePointContext, kind: u32) -> u32 {
     0
 }
 
-#[tracepoint]
-pub fn http_enter_accept(ctx: TracePointContext) -> u32 {
-    stash(&ctx, KIND_ACCEPT)
-}
-
-#[tracepoint]
-pub fn http_enter_read(ctx: TracePointContext) -> u32 {
-    stash(&ctx, KIND_IN)
-}
-
-#[tracepoint]
-pub fn http_enter_write(ctx: TracePointContext) -> u32 {
-    stash(&ctx, KIND_OUT)
-}
-
-#[tracepoint]
-pub fn http_enter_readv(ctx: TracePointContext) -> u32 {
-    stash(&ctx, KIND_VEC_IN)
-}
-
-#[tracepoint]
-pub fn http_enter_writev(ctx: TracePointContext) -> u32 {
-    stash(&ctx, KIND_VEC_OUT)
-}
-
-/// `recvmsg(fd, msghdr, flags)`: the iovecs are read from the msghdr.
-#[tracepoint]
-pub fn http_enter_recvmsg(ctx: TracePointContext) -> u32 {
-    stash_msg(&ctx, KIND_VEC_IN)
-}
-
-#[tracepoint]
-pub fn http_enter_sendmsg(ctx: TracePointContext) -> u32 {
-    stash_msg(&ctx, KIND_VEC_OUT)
-}
-
-#[inline(always)]
-fn stash_msg(ctx: &TracePointContext, kind: u32) -> u32 {
-    count_cost(cost::RUNS, 1);
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let tgid = (pid_tgid >> 32) as u32;
-    if !watched(tgid) {
+/// Every syscall's exit (`raw_syscalls/sys_exit`): the family's calls emit the bytes they
+/// really moved.
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn http_sys_exit(ctx: RawTracePointContext) -> u32 {
+    let regs: u64 = ctx.arg(0);
+    if kind_of(reg(regs, REG_ORIG_AX)).is_none() {
         return 0;
     }
-    let fd = arg(ctx, ARG0) as u32;
-    if HTTP_CONNS.get_ptr(&ConnKey { tgid, fd }).is_none() {
-        return 0;
-    }
-    let msg = arg(ctx, ARG1);
-    let Ok(iov) = (unsafe { bpf_probe_read_user((msg + 16) as *const u64) }) else {
-        return 0;
-    };
-    let Ok(n) = (unsafe { bpf_probe_read_user((msg + 24) as *const u64) }) else {
-        return 0;
-    };
-    let s = Stash {
-        kind,
-        fd,
-        ptr: iov,
-        count: n,
-    };
-    if HTTP_STASH.insert(&pid_tgid, &s, 0).is_err() {
-        count_lost(lost::HTTP);
-    }
-    0
-}
-
-/// Every `sys_exit_*` of the family.
-#[tracepoint]
-pub fn http_exit(ctx: TracePointContext) -> u32 {
     count_cost(cost::RUNS, 1);
     let pid_tgid = bpf_get_current_pid_tgid();
     let Some(s) = HTTP_STASH.get_ptr(&pid_tgid) else {
@@ -215,7 +220,7 @@ pub fn http_exit(ctx: TracePointContext) -> u32 {
     };
     let s = unsafe { *s };
     let _ = HTTP_STASH.remove(&pid_tgid);
-    let ret = arg(&ctx, RET) as i64;
+    let ret: i64 = ctx.arg(1);
     if ret <= 0 {
         return 0;
     }
@@ -333,23 +338,16 @@ fn emit(pid_tgid: u64, fd: u32, direction: u32, src: u64, len: u64, flags: u32) 
     }
 }
 
-#[tracepoint]
-pub fn http_close(ctx: TracePointContext) -> u32 {
-    count_cost(cost::RUNS, 1);
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let tgid = (pid_tgid >> 32) as u32;
-    if !watched(tgid) {
-        return 0;
-    }
-    let fd = arg(&ctx, ARG0) as u32;
+#[inline(always)]
+fn closed(pid_tgid: u64, tgid: u32, fd: u32) {
     let key = ConnKey { tgid, fd };
     if HTTP_CONNS.get_ptr(&key).is_none() {
-        return 0;
+        return;
     }
     let _ = HTTP_CONNS.remove(&key);
     let Some(mut entry) = HTTP_EVENTS.reserve::<HttpCloseEvent>(0) else {
         count_lost(lost::HTTP);
-        return 0;
+        return;
     };
     entry.write(HttpCloseEvent {
         header: header(EventKind::HttpClose, pid_tgid),
@@ -357,5 +355,4 @@ pub fn http_close(ctx: TracePointContext) -> u32 {
         _pad: 0,
     });
     entry.submit(submit_flags_on(&HTTP_EVENTS, HTTP_WAKEUP, false));
-    0
 }

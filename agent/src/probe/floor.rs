@@ -72,3 +72,67 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut UProbe,
         .try_into()
         .map_err(|source| ProbeError::Program { name, source })
 }
+
+/// The `http` family's former hook: the per-syscall tracepoints it attached, where
+/// `tax_per_syscall` goes to measure what they cost an unwatched process.
+pub const PER_SYSCALL_TRACEPOINTS: &[&str] = &[
+    "sys_enter_accept",
+    "sys_enter_accept4",
+    "sys_enter_read",
+    "sys_enter_recvfrom",
+    "sys_enter_write",
+    "sys_enter_sendto",
+    "sys_enter_readv",
+    "sys_enter_writev",
+    "sys_enter_recvmsg",
+    "sys_enter_sendmsg",
+    "sys_enter_close",
+    "sys_exit_accept",
+    "sys_exit_accept4",
+    "sys_exit_read",
+    "sys_exit_recvfrom",
+    "sys_exit_readv",
+    "sys_exit_recvmsg",
+    "sys_exit_write",
+    "sys_exit_sendto",
+    "sys_exit_writev",
+    "sys_exit_sendmsg",
+];
+
+/// Attaches `tax_per_syscall` to [`PER_SYSCALL_TRACEPOINTS`]; the links detach on drop.
+pub fn attach_per_syscall_tax(ebpf: &mut Ebpf) -> Result<super::links::Links, ProbeError> {
+    let name = "tax_per_syscall";
+    let prog: &mut aya::programs::TracePoint = ebpf
+        .program_mut(name)
+        .ok_or(ProbeError::MissingProgram { name })?
+        .try_into()
+        .map_err(|source| ProbeError::Program { name, source })?;
+    prog.load()
+        .map_err(|source| ProbeError::Program { name, source })?;
+    let mut links = super::links::Links::default();
+    for tp in PER_SYSCALL_TRACEPOINTS {
+        let attach_error = |source| ProbeError::Attach { name, source };
+        let id = prog.attach("syscalls", tp).map_err(attach_error)?;
+        links.hold(prog.take_link(id).map_err(attach_error)?);
+    }
+    Ok(links)
+}
+
+/// Attaches `tax_raw_floor` to `sys_enter` and `sys_exit`: the tracing path with nothing on it.
+pub fn attach_raw_floor(ebpf: &mut Ebpf) -> Result<super::links::Links, ProbeError> {
+    let name = "tax_raw_floor";
+    let prog: &mut aya::programs::RawTracePoint = ebpf
+        .program_mut(name)
+        .ok_or(ProbeError::MissingProgram { name })?
+        .try_into()
+        .map_err(|source| ProbeError::Program { name, source })?;
+    prog.load()
+        .map_err(|source| ProbeError::Program { name, source })?;
+    let mut links = super::links::Links::default();
+    for tp in ["sys_enter", "sys_exit"] {
+        let attach_error = |source| ProbeError::Attach { name, source };
+        let id = prog.attach(tp).map_err(attach_error)?;
+        links.hold(prog.take_link(id).map_err(attach_error)?);
+    }
+    Ok(links)
+}

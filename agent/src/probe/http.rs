@@ -1,4 +1,5 @@
-//! The `http` family's probes: tracepoints on the socket syscalls of watched processes, the
+//! The `http` family's probes: raw tracepoints on syscall entry and exit that follow the
+//! socket syscalls of watched processes, the
 //! maps that say which processes and connections are watched (kept by `crate::http::watch`),
 //! and the links the budget detaches and re-attaches.
 
@@ -6,39 +7,15 @@ use super::{links::Links, ProbeError};
 use agent_common::http::{config as knob, ConnKey, CAPTURE_MAX};
 use aya::{
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray},
-    programs::TracePoint,
+    programs::RawTracePoint,
     Ebpf,
 };
 
-/// (program, syscall tracepoints it serves). Exit probes first: a call seen entering is then
-/// always seen returning.
-const PROGRAMS: &[(&str, &[&str])] = &[
-    (
-        "http_exit",
-        &[
-            "sys_exit_accept",
-            "sys_exit_accept4",
-            "sys_exit_read",
-            "sys_exit_recvfrom",
-            "sys_exit_readv",
-            "sys_exit_recvmsg",
-            "sys_exit_write",
-            "sys_exit_sendto",
-            "sys_exit_writev",
-            "sys_exit_sendmsg",
-        ],
-    ),
-    (
-        "http_enter_accept",
-        &["sys_enter_accept", "sys_enter_accept4"],
-    ),
-    ("http_enter_read", &["sys_enter_read", "sys_enter_recvfrom"]),
-    ("http_enter_write", &["sys_enter_write", "sys_enter_sendto"]),
-    ("http_enter_readv", &["sys_enter_readv"]),
-    ("http_enter_writev", &["sys_enter_writev"]),
-    ("http_enter_recvmsg", &["sys_enter_recvmsg"]),
-    ("http_enter_sendmsg", &["sys_enter_sendmsg"]),
-    ("http_close", &["sys_enter_close"]),
+/// (program, raw tracepoint). The exit first: a call seen entering is then always seen
+/// returning.
+const PROGRAMS: &[(&str, &str)] = &[
+    ("http_sys_exit", "sys_exit"),
+    ("http_sys_enter", "sys_enter"),
 ];
 
 /// Names of the family's programs (tests check none is left loaded).
@@ -91,7 +68,10 @@ pub fn attach(ebpf: &mut Ebpf, capture_bytes: u32) -> Result<(HttpMaps, HttpProb
     ))
 }
 
-fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut TracePoint, ProbeError> {
+fn program<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut RawTracePoint, ProbeError> {
     ebpf.program_mut(name)
         .ok_or(ProbeError::MissingProgram { name })?
         .try_into()
@@ -101,13 +81,11 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut TracePo
 /// Attaches the loaded programs to their tracepoints, in [`PROGRAMS`] order.
 fn attach_programs(ebpf: &mut Ebpf) -> Result<Links, ProbeError> {
     let mut links = Links::default();
-    for (name, tracepoints) in PROGRAMS {
+    for (name, tracepoint) in PROGRAMS {
         let prog = program(ebpf, name)?;
         let attach_error = |source| ProbeError::Attach { name, source };
-        for tp in *tracepoints {
-            let id = prog.attach("syscalls", tp).map_err(attach_error)?;
-            links.hold(prog.take_link(id).map_err(attach_error)?);
-        }
+        let id = prog.attach(tracepoint).map_err(attach_error)?;
+        links.hold(prog.take_link(id).map_err(attach_error)?);
     }
     Ok(links)
 }

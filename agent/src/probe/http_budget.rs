@@ -30,8 +30,8 @@ use super::{
 };
 use crate::health::Health;
 
-/// What a run costs beyond the run time the kernel measures: the syscall tracepoint's dispatch
-/// to the program and the statistics' own clock reads. Measured on the 2-core VM of
+/// What a run costs beyond the run time the kernel measures: the tracing path's dispatch to
+/// the program and the statistics' own clock reads. Measured on the 2-core VM of
 /// docs/performance.md: a write to `/dev/null` in a loop took 480 ns more with the family
 /// attached, two runs of 88 ns of program time each.
 pub const DISPATCH_NS: u64 = 150;
