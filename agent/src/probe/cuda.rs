@@ -59,6 +59,8 @@ pub struct AttachReport {
     pub denied: usize,
     /// Every library slot is taken: the library is not probed.
     pub over_limit: bool,
+    /// Attached probes placed past a flags-only first instruction (`probe::prologue`).
+    pub past_first_instruction: usize,
 }
 
 pub struct CudaProbes {
@@ -152,6 +154,7 @@ impl CudaProbes {
                 Ok(link) => {
                     attached.links.push(link);
                     report.attached.push(api);
+                    report.past_first_instruction += usize::from(found.skip > 0);
                 }
                 Err(e) => {
                     if permission_denied(&e) {

@@ -161,9 +161,13 @@ impl FirstInstruction {
 /// A wanted symbol of a library.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FoundSymbol {
-    /// File offset of the symbol's first byte: where the uprobe goes.
+    /// File offset where the uprobe goes: the symbol's first byte, or the instruction after
+    /// a flags-only one (`probe::prologue`).
     pub offset: u64,
+    /// The kind of the probed instruction.
     pub first: FirstInstruction,
+    /// Bytes between the symbol's start and the probe.
+    pub skip: u64,
 }
 
 /// Dynamic symbols of interest found in a library.
@@ -248,12 +252,27 @@ pub fn parse_symbols<'a, R: ReadRef<'a>>(
         else {
             continue;
         };
-        let first = data
-            .read_bytes_at(offset, 8)
-            .map(FirstInstruction::classify)
-            .unwrap_or(FirstInstruction::SingleStep);
-        out.found
-            .insert(name.to_string(), FoundSymbol { offset, first });
+        // The function's bytes (its size, at most a window), for where its probe goes.
+        let len = match sym.size() {
+            0 => super::prologue::WINDOW as u64,
+            n => n.min(super::prologue::WINDOW as u64),
+        };
+        let len = len.min(file_len - offset);
+        let placement = data
+            .read_bytes_at(offset, len)
+            .map(|code| super::prologue::place(code, sym.address()))
+            .unwrap_or(super::prologue::Placement {
+                skip: 0,
+                first: FirstInstruction::SingleStep,
+            });
+        out.found.insert(
+            name.to_string(),
+            FoundSymbol {
+                offset: offset + placement.skip,
+                first: placement.first,
+                skip: placement.skip,
+            },
+        );
     }
     Ok(out)
 }

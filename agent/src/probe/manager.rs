@@ -499,6 +499,7 @@ impl Manager {
             tracing::info!(
                 library = lib.display,
                 attached = report.attached.len(),
+                past_first_instruction = report.past_first_instruction,
                 missing = ?report.missing,
                 "CUDA driver probed"
             );

@@ -19,6 +19,7 @@ pub mod links;
 pub mod manager;
 pub mod metrics;
 pub mod oom;
+pub mod prologue;
 pub mod sched;
 pub mod tracefs;
 

@@ -60,6 +60,14 @@ fn every_probe_attaches_to_the_real_driver_and_its_codes_are_counted() {
         );
     }
     assert_eq!((attached.len(), symbols.len()), (21, 21), "{attached:?}");
+    // Every entry point of this driver starts with a single-stepped `cmpl`: each probe sits on
+    // the emulated `je` after it, and the calls below are still counted exactly.
+    let log = agent.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("CUDA driver probed") && l.contains("past_first_instruction=21")),
+        "{log}"
+    );
 
     // No GPU: cuInit answers no_device and every allocation not_initialized.
     let mut w = Workload::start_in("uninit size=1M count=10", &WorkloadOptions::default(), &dir);
