@@ -363,7 +363,7 @@ impl Wiring<'_> {
         let hooks = families.start(
             "discovery",
             true,
-            |ebpf| probe::discovery_hooks::DiscoveryHooks::attach(ebpf, layout.hold_openers),
+            probe::discovery_hooks::DiscoveryHooks::attach,
             &mut loaded.ebpf,
         );
         let config_handle = probe::config_handle(&loaded.config);

@@ -70,14 +70,11 @@ pub struct DiscoveryHooks {
     pub ring: RingBuf<MapData>,
     loaders: HashMap<FileId, UProbeLink>,
     links: Links,
-    /// Whether a process that loads a driver is stopped until the agent has attached.
-    pub holds: bool,
 }
 
 impl DiscoveryHooks {
-    /// Attaches `sched_process_exec` and the listen tracepoint and loads the loader probe;
-    /// `holds` is what the object was loaded with.
-    pub fn attach(ebpf: &mut Ebpf, holds: bool) -> Result<Self, ProbeError> {
+    /// Attaches `sched_process_exec` and the listen tracepoint and loads the loader probe.
+    pub fn attach(ebpf: &mut Ebpf) -> Result<Self, ProbeError> {
         let ring = super::take(ebpf, "DISCOVERY_EVENTS")?;
         let mut links = Links::default();
         links.hold(attach_tracepoint(
@@ -102,7 +99,6 @@ impl DiscoveryHooks {
             ring,
             loaders: HashMap::new(),
             links,
-            holds,
         })
     }
 
