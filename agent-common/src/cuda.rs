@@ -188,12 +188,20 @@ pub const FLAG_DEVICE_UNKNOWN: u32 = 1;
 /// A stack was sampled for this successful call (failures always carry one).
 pub const FLAG_STACK_SAMPLED: u32 = 2;
 
-/// Key of the context → device map: contexts are pointers, unique only within a process.
+/// Contexts remembered per process: a primary context per device and the few a program
+/// creates. Past that, the oldest is forgotten (its threads then report no device).
+pub const PROCESS_CONTEXTS: usize = 16;
+
+/// A process's contexts and their devices (the context → device map's value, keyed by tgid,
+/// so that the process's exit removes it whole). Contexts are pointers, unique only within a
+/// process; 0 marks a free slot.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CtxKey {
-    pub tgid: u32,
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcessContexts {
+    pub ctx: [u64; PROCESS_CONTEXTS],
+    pub dev: [i32; PROCESS_CONTEXTS],
+    /// Slot the next context goes to when all are taken.
+    pub next: u32,
     pub _pad: u32,
-    pub ctx: u64,
 }
-const _: () = assert!(core::mem::size_of::<CtxKey>() == 16);
+const _: () = assert!(core::mem::size_of::<ProcessContexts>() == 16 * 12 + 8);

@@ -97,7 +97,7 @@ pub const BPF_RB_AVAIL_DATA: u64 = 0;
 mod pod {
     unsafe impl aya::Pod for crate::EventHeader {}
     unsafe impl aya::Pod for crate::cuda::CudaMemEvent {}
-    unsafe impl aya::Pod for crate::cuda::CtxKey {}
+    unsafe impl aya::Pod for crate::cuda::ProcessContexts {}
     unsafe impl aya::Pod for crate::http::ConnKey {}
     unsafe impl aya::Pod for crate::sched::ProcessExitEvent {}
     unsafe impl aya::Pod for crate::oom::OomKillEvent {}

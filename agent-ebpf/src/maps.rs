@@ -41,11 +41,29 @@ pub fn submit_flags(urgent: bool) -> u64 {
     submit_flags_on(&EVENTS, config::WAKEUP_BYTES, urgent)
 }
 
+/// Least time between two wakeups forced by urgent records on one CPU. A burst of failing
+/// calls (a retry loop, a driver without a device) would otherwise wake the reader once per
+/// call, some 8 µs each for the caller on a small node; after the first, the reader is awake
+/// and polling (it sleeps only after `IDLE_POLLS` empty polls, far longer than this gap), and
+/// a sleeping reader's one-byte mark wakes it on any record anyway.
+const URGENT_GAP_NS: u64 = 1_000_000;
+
+/// When this CPU last forced a wakeup for an urgent record.
+#[map]
+static LAST_URGENT_NS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
 /// [`submit_flags`] for a record of `ring`, whose mark is the `CONFIG` slot `mark_knob`.
 #[inline(always)]
 pub fn submit_flags_on(ring: &RingBuf, mark_knob: u32, urgent: bool) -> u64 {
     if urgent {
-        return BPF_RB_FORCE_WAKEUP;
+        if let Some(last) = LAST_URGENT_NS.get_ptr_mut(0) {
+            let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
+            // Per-CPU slot: no other writer while this program runs.
+            if now.wrapping_sub(unsafe { *last }) >= URGENT_GAP_NS {
+                unsafe { *last = now };
+                return BPF_RB_FORCE_WAKEUP;
+            }
+        }
     }
     let mark = config(mark_knob);
     if mark != 0 && ring.query(BPF_RB_AVAIL_DATA) > mark {

@@ -37,25 +37,33 @@ unsafe impl Sync for Driver {}
 impl Driver {
     /// Loads the library at `path` and calls `cuInit(0)`.
     pub fn open(path: &Path) -> anyhow::Result<Self> {
+        let driver = Self::open_uninit(path)?;
+        // SAFETY: the library's cuInit, of that C signature (cuda.h).
+        let init: CuInit = unsafe { sym(driver.handle, c"cuInit")? };
+        // SAFETY: no preconditions.
+        check("cuInit", unsafe { init(0) })?;
+        Ok(driver)
+    }
+
+    /// Loads the library at `path` without `cuInit`: every allocation then fails with
+    /// `CUDA_ERROR_NOT_INITIALIZED`, on the double as on the real driver without a GPU.
+    pub fn open_uninit(path: &Path) -> anyhow::Result<Self> {
         let c_path = CString::new(path.as_os_str().as_bytes())?;
         // SAFETY: a valid C string; the double has no constructors with preconditions.
         let handle = unsafe { libc::dlopen(c_path.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
         if handle.is_null() {
             bail!("dlopen {}: {}", path.display(), dl_error());
         }
-        // SAFETY: each symbol is the double's function of that C signature (cuda.h).
+        // SAFETY: each symbol is the library's function of that C signature (cuda.h).
         let driver = unsafe {
-            let init: CuInit = sym(handle, c"cuInit")?;
-            let driver = Driver {
+            Driver {
                 handle,
                 device_get: sym(handle, c"cuDeviceGet")?,
                 retain: sym(handle, c"cuDevicePrimaryCtxRetain")?,
                 set_current: sym(handle, c"cuCtxSetCurrent")?,
                 alloc: sym(handle, c"cuMemAlloc_v2")?,
                 free: sym(handle, c"cuMemFree_v2")?,
-            };
-            check("cuInit", init(0))?;
-            driver
+            }
         };
         Ok(driver)
     }
@@ -75,7 +83,8 @@ impl Driver {
         Ok(())
     }
 
-    /// One `cuMemAlloc_v2(&ptr, 4096)` + `cuMemFree_v2(ptr)` pair.
+    /// One `cuMemAlloc_v2(&ptr, 4096)` + `cuMemFree_v2(ptr)` pair; a failing allocation is the
+    /// only call.
     #[inline]
     pub fn pair(&self) -> u32 {
         let mut ptr = 0u64;
@@ -139,6 +148,18 @@ fn dl_error() -> String {
     }
     // SAFETY: non-null C string from dlerror.
     unsafe { CStr::from_ptr(e) }.to_string_lossy().into_owned()
+}
+
+/// The real NVIDIA `libcuda.so.1` that `cargo xtask setup` extracts (`NVIDIA_DRIVER_DIR`).
+pub fn real_driver_path() -> anyhow::Result<std::path::PathBuf> {
+    let lib = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/nvidia-driver/usr/lib/x86_64-linux-gnu/nvidia/current/libcuda.so.1");
+    std::fs::canonicalize(&lib).with_context(|| {
+        format!(
+            "the real driver is not at {} (`cargo xtask setup` extracts it)",
+            lib.display()
+        )
+    })
 }
 
 /// Opens the double of `variant`, with a context current on the calling thread.

@@ -79,14 +79,44 @@ impl Sizes {
     }
 }
 
-/// Per-pair cost on one double variant: medians over the rounds, in ns.
+/// What a per-call row measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Subject {
+    /// `cuMemAlloc_v2` + `cuMemFree_v2` pairs on a double, a context current.
+    Pairs(Variant),
+    /// `cuMemAlloc_v2` failing with `not_initialized` (no `cuInit`): the novmm double (first
+    /// instruction `push`, emulated) or the real 535 driver (probes on the emulated `je` after
+    /// its `cmpl`), the one path on which both can be timed without a GPU.
+    Uninit { real: bool },
+}
+
+impl Subject {
+    pub fn name(self) -> &'static str {
+        match self {
+            Subject::Pairs(v) => v.name(),
+            Subject::Uninit { real: false } => "novmm double (push)",
+            Subject::Uninit { real: true } => "real 535 driver (`je` after `cmpl`)",
+        }
+    }
+
+    /// Probed calls per iteration (records expected per iteration).
+    pub fn calls(self) -> u64 {
+        match self {
+            Subject::Pairs(_) => 2,
+            Subject::Uninit { .. } => 1,
+        }
+    }
+}
+
+/// Cost per iteration (a pair, or one failing call) of one subject: medians over the
+/// rounds, in ns.
 pub struct Overhead {
-    pub variant: Variant,
+    pub subject: Subject,
     pub pairs: u64,
     pub none_ns: f64,
     pub floor_ns: f64,
     pub agent_ns: f64,
-    /// Events delivered / expected (2 per pair), over all rounds.
+    /// Events delivered / expected (one per probed call), over all rounds.
     pub floor_delivered: (u64, u64),
     pub agent_delivered: (u64, u64),
     pub floor_lost: u64,
@@ -127,6 +157,8 @@ pub struct Memory {
 pub struct Results {
     pub nvml: nvml::NvmlCost,
     pub overhead: Vec<Overhead>,
+    /// The failing-call rows: the double beside the real driver.
+    pub failing: Vec<Overhead>,
     pub throughput: Throughput,
     pub latency: Latency,
     pub memory: Memory,
@@ -138,6 +170,9 @@ pub struct Results {
 /// (10,000 × 12 KiB is past the default 32 MiB http state budget).
 const HTTP_MEMORY_CONNECTIONS: usize = 10_000;
 const HTTP_MEMORY_ROUNDS: usize = 12;
+
+/// `CUDA_ERROR_NOT_INITIALIZED`.
+const NOT_INITIALIZED: u32 = 3;
 
 /// Loop iterations (a write and a read each) and rounds of the unwatched-process tax.
 const SYSCALL_TAX_ITERATIONS: u64 = 200_000;
@@ -202,6 +237,28 @@ fn main() {
             }
         }
     }
+    // `--per-call-only`: only the per-call tables, printed.
+    if args.iter().any(|a| a == "--per-call-only") {
+        let sizes = Sizes::new(quick);
+        let run = || -> anyhow::Result<String> {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            let (overhead, failing) = measure_per_call(&rt, &sizes, Instant::now())?;
+            Ok(report::per_call_tables(&overhead, &failing))
+        };
+        match run() {
+            Ok(t) => {
+                println!("{t}");
+                return;
+            }
+            Err(e) => {
+                eprintln!("inferscope-bench: {e:#}");
+                std::process::exit(1);
+            }
+        }
+    }
     // `--otlp-only [SECS]`: only the OTLP figures, printed, docs/performance.md untouched.
     if let Some(i) = args.iter().position(|a| a == "--otlp-only") {
         let secs = args.get(i + 1).and_then(|s| s.parse().ok()).unwrap_or(20);
@@ -253,21 +310,7 @@ fn run(quick: bool) -> anyhow::Result<()> {
         .build()
         .context("tokio runtime")?;
 
-    let mut overhead = Vec::new();
-    for variant in [Variant::Nop5, Variant::Push, Variant::Endbr] {
-        let pairs = if variant == Variant::Endbr {
-            sizes.pairs_endbr
-        } else {
-            sizes.pairs_fast
-        };
-        eprintln!(
-            "bench: [{:>3.0} s] per-call overhead on {} ({pairs} pairs × {} rounds)",
-            started.elapsed().as_secs_f64(),
-            variant.name(),
-            sizes.rounds
-        );
-        overhead.push(measure_overhead(&rt, variant, pairs, sizes.rounds)?);
-    }
+    let (overhead, failing) = measure_per_call(&rt, &sizes, started)?;
 
     let nop5 = open_variant(Variant::Nop5)?;
     eprintln!(
@@ -353,6 +396,7 @@ fn run(quick: bool) -> anyhow::Result<()> {
     let results = Results {
         nvml: nvml_cost,
         overhead,
+        failing,
         throughput,
         latency,
         memory,
@@ -383,6 +427,71 @@ fn run(quick: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The per-call rows: pairs on each double's first-instruction kind, then failing calls on the
+/// double and on the real driver.
+fn measure_per_call(
+    rt: &tokio::runtime::Runtime,
+    sizes: &Sizes,
+    started: Instant,
+) -> anyhow::Result<(Vec<Overhead>, Vec<Overhead>)> {
+    let mut overhead = Vec::new();
+    for variant in [Variant::Nop5, Variant::Push, Variant::Endbr] {
+        let pairs = if variant == Variant::Endbr {
+            sizes.pairs_endbr
+        } else {
+            sizes.pairs_fast
+        };
+        eprintln!(
+            "bench: [{:>3.0} s] per-call overhead on {} ({pairs} pairs × {} rounds)",
+            started.elapsed().as_secs_f64(),
+            variant.name(),
+            sizes.rounds
+        );
+        let drv = open_variant(variant)?;
+        let subject = Subject::Pairs(variant);
+        overhead.push(measure_overhead(
+            rt,
+            subject,
+            &drv,
+            &variant.lib_path(),
+            pairs,
+            sizes.rounds,
+        )?);
+    }
+    let mut failing = Vec::new();
+    for (real, lib) in [
+        (false, Variant::NoVmm.lib_path()),
+        (true, driver::real_driver_path()?),
+    ] {
+        let subject = Subject::Uninit { real };
+        eprintln!(
+            "bench: [{:>3.0} s] per-call overhead of failing calls on the {} ({} calls × {} rounds)",
+            started.elapsed().as_secs_f64(),
+            subject.name(),
+            sizes.pairs_endbr,
+            sizes.rounds
+        );
+        let drv = Driver::open_uninit(&lib)?;
+        let code = drv.pair();
+        if code != NOT_INITIALIZED {
+            bail!(
+                "{}: cuMemAlloc_v2 without cuInit returned {code}, not {NOT_INITIALIZED}",
+                lib.display()
+            );
+        }
+        failing.push(measure_overhead(
+            rt,
+            subject,
+            &drv,
+            &lib,
+            sizes.pairs_endbr,
+            sizes.rounds,
+        )?);
+    }
+
+    Ok((overhead, failing))
+}
+
 fn per_pair_ns(d: Duration, pairs: u64) -> f64 {
     d.as_nanos() as f64 / pairs as f64
 }
@@ -393,19 +502,20 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// (a) nothing attached, (b) the floor, (c) the agent's `cuda` family with its pipeline,
-/// interleaved within each round; medians over the rounds.
+/// interleaved within each round; medians over the rounds. `drv` is `lib`, loaded.
 fn measure_overhead(
     rt: &tokio::runtime::Runtime,
-    variant: Variant,
+    subject: Subject,
+    drv: &Driver,
+    lib: &std::path::Path,
     pairs: u64,
     rounds: usize,
 ) -> anyhow::Result<Overhead> {
-    let drv = open_variant(variant)?;
-    let lib = variant.lib_path();
-    drv.time_pairs(pairs / 10); // warm the double's table and the caches
+    drv.time_pairs(pairs / 10); // warm the library's tables and the caches
+    let expected = subject.calls() * pairs;
     let (mut none, mut floor, mut agent) = (Vec::new(), Vec::new(), Vec::new());
     let mut out = Overhead {
-        variant,
+        subject,
         pairs,
         none_ns: 0.0,
         floor_ns: 0.0,
@@ -418,22 +528,24 @@ fn measure_overhead(
     for _ in 0..rounds {
         none.push(per_pair_ns(drv.time_pairs(pairs), pairs));
 
-        let run = FloorRun::start(&lib)?;
+        let run = FloorRun::start(lib)?;
         let t = drv.time_pairs(pairs);
         let d = run.finish();
         floor.push(per_pair_ns(t, pairs));
         out.floor_delivered.0 += d.events;
-        out.floor_delivered.1 += 2 * pairs;
+        out.floor_delivered.1 += expected;
         out.floor_lost += d.lost;
 
-        let run = AgentRun::start(rt, &lib, false)?;
-        // Context calls once the probes are on, so they know this thread's device.
-        drv.bind_context()?;
+        let run = AgentRun::start(rt, lib, false)?;
+        if let Subject::Pairs(_) = subject {
+            // Context calls once the probes are on, so they know this thread's device.
+            drv.bind_context()?;
+        }
         let t = drv.time_pairs(pairs);
         let (d, _) = run.finish(rt);
         agent.push(per_pair_ns(t, pairs));
         out.agent_delivered.0 += d.events;
-        out.agent_delivered.1 += 2 * pairs;
+        out.agent_delivered.1 += expected;
         out.agent_lost += d.lost;
     }
     out.none_ns = median(none);

@@ -5,6 +5,7 @@
 //! how long each was held).
 
 use std::{
+    collections::BTreeMap,
     io::{BufRead, BufReader},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -58,6 +59,11 @@ pub struct NodeScale {
     pub reads_per_exec: f64,
     pub rss_before_churn_kib: u64,
     pub rss_after_churn_kib: u64,
+    /// Entries in the agent's per-process BPF maps before and after the churn.
+    pub bpf_entries_before: BTreeMap<&'static str, u64>,
+    pub bpf_entries_after: BTreeMap<&'static str, u64>,
+    /// And after the processes that loaded a driver and allocated had exited.
+    pub bpf_entries_end: BTreeMap<&'static str, u64>,
     /// Processes that loaded a fresh driver and allocated at once: first calls counted / run.
     pub first_calls: (u64, u64),
     pub hold_mean_ms: f64,
@@ -144,6 +150,7 @@ pub fn measure(lib: &Path, sizes: &Sizes) -> anyhow::Result<NodeScale> {
 
     // Churn: short-lived processes, started on a fixed schedule.
     out.rss_before_churn_kib = agent.rss_kib()?.0;
+    out.bpf_entries_before = inferscope::probe::census::entries()?;
     let before = reads(&agent.metrics()?);
     let cpu = agent.cpu_ns()?;
     let t = Instant::now();
@@ -168,6 +175,7 @@ pub fn measure(lib: &Path, sizes: &Sizes) -> anyhow::Result<NodeScale> {
     out.churn_share = (agent.cpu_ns()? - cpu) as f64 / 1e9 / out.churn_secs;
     out.reads_per_exec = (reads(&agent.metrics()?) - before) / out.churn_execs as f64;
     out.rss_after_churn_kib = agent.rss_kib()?.0;
+    out.bpf_entries_after = inferscope::probe::census::entries()?;
 
     // A driver file no process has mapped, loaded by a process that allocates at once.
     let dir = tempfile_dir()?;
@@ -198,6 +206,9 @@ pub fn measure(lib: &Path, sizes: &Sizes) -> anyhow::Result<NodeScale> {
         out.first_calls.0 += u64::from(counted);
     }
     let _ = std::fs::remove_dir_all(&dir);
+    // Their exits handled.
+    std::thread::sleep(Duration::from_millis(500));
+    out.bpf_entries_end = inferscope::probe::census::entries()?;
     let text = agent.metrics()?;
     let (sum, count) = (
         metric_sum(&text, "inferscope_probe_opener_hold_seconds_sum"),
@@ -259,6 +270,7 @@ pub fn table(n: &NodeScale) -> String {
         n.rss_after_churn_kib as f64 / 1024.0,
         verdict(n.rss_after_churn_kib <= n.rss_before_churn_kib + 1024)
     );
+    s += &bpf_row("the churn", &n.bpf_entries_before, &n.bpf_entries_after);
     s += &format!(
         "| processes loading a driver never probed and allocating at once: first call counted | {} of {} | every one: {} |\n",
         n.first_calls.0,
@@ -269,5 +281,36 @@ pub fn table(n: &NodeScale) -> String {
         "| how long each was held (mean) | {:.1} ms | — |\n",
         n.hold_mean_ms
     );
+    s += &bpf_row(
+        "those processes exited",
+        &n.bpf_entries_before,
+        &n.bpf_entries_end,
+    );
     s
+}
+
+/// A row comparing the agent's per-process BPF map entries with the baseline: totals, and each
+/// map that grew.
+fn bpf_row(
+    when: &str,
+    before: &BTreeMap<&'static str, u64>,
+    after: &BTreeMap<&'static str, u64>,
+) -> String {
+    let grown: Vec<String> = after
+        .iter()
+        .filter(|(name, n)| **n > before.get(*name).copied().unwrap_or(0))
+        .map(|(name, n)| format!("`{name}` {} → {n}", before.get(name).copied().unwrap_or(0)))
+        .collect();
+    format!(
+        "| entries in the agent's {} per-process BPF maps: before the churn / after {when} | {} / {}{} | back where they were: {} |\n",
+        inferscope::probe::census::PER_PROCESS.len(),
+        before.values().sum::<u64>(),
+        after.values().sum::<u64>(),
+        if grown.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", grown.join(", "))
+        },
+        if grown.is_empty() { "met" } else { "**missed**" }
+    )
 }

@@ -24,7 +24,7 @@ use inferscope::{
     gpu::history::GpuHistory,
     ingest::{self, Event},
     metrics::{Metrics, SourceLabels},
-    probe::{self, cuda::CudaProbes, discover, floor::FloorProbes},
+    probe::{self, cuda::CudaProbes, discover, elf, floor::FloorProbes},
     proc::ProcFs,
     track::{self, metrics::TrackMetrics, Input, Tracker},
 };
@@ -107,9 +107,24 @@ impl FloorRun {
         let loaded = load_object()?;
         let mut ebpf = loaded.ebpf;
         let mut floor = FloorProbes::load(&mut ebpf)?;
-        for api in [CudaApi::MemAlloc, CudaApi::MemFree] {
+        // Each probe where the agent puts its own (past a flags-only first instruction).
+        let file =
+            std::fs::File::open(lib).with_context(|| format!("opening {}", lib.display()))?;
+        let size = file.metadata()?.len();
+        let apis = [CudaApi::MemAlloc, CudaApi::MemFree];
+        let symbols = elf::read_symbols(
+            &file,
+            size,
+            &lib.display().to_string(),
+            &apis.map(|a| a.symbol()),
+        )?;
+        for api in apis {
+            let found = symbols
+                .found
+                .get(api.symbol())
+                .with_context(|| format!("{} not in {}", api.symbol(), lib.display()))?;
             floor
-                .attach(&mut ebpf, lib, api.symbol())
+                .attach(&mut ebpf, lib, found.offset)
                 .with_context(|| format!("attaching the floor to {}", api.symbol()))?;
         }
         Ok(Self {

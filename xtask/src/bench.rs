@@ -3,12 +3,27 @@
 
 use anyhow::bail;
 
-use crate::util;
+use crate::{setup, util};
 
 pub fn run(quick: bool) -> anyhow::Result<()> {
     if !util::is_root() {
         bail!("bench must run as root: it loads and attaches eBPF programs (try `sudo -E cargo xtask bench`)");
     }
+    // The per-call table has a row on the real driver.
+    setup::nvidia_driver()?;
+    // The binaries the bench starts beside itself: the agent, the workload, the TGI stand-in.
+    util::cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "inferscope",
+        "-p",
+        "cuda-workload",
+        "-p",
+        "tgi-stand-in",
+        "-p",
+        "inferscope-bench",
+    ])?;
     let mut args = vec!["run", "--release", "-p", "inferscope-bench", "--"];
     if quick {
         args.push("--quick");

@@ -53,7 +53,7 @@ pub const NVIDIA_LIB_SUBDIR: &str = "usr/lib/x86_64-linux-gnu/nvidia/current";
 /// component, for tests/integration/tests/real_driver.rs: the libraries load without a GPU.
 /// Downloaded through a private apt configuration and extracted under [`NVIDIA_DRIVER_DIR`]:
 /// nothing is installed, and the machine's apt sources are left as they are.
-fn nvidia_driver() -> anyhow::Result<()> {
+pub fn nvidia_driver() -> anyhow::Result<()> {
     let dir = util::root_dir().join(NVIDIA_DRIVER_DIR);
     let libs = dir.join(NVIDIA_LIB_SUBDIR);
     if libs.join("libcuda.so.1").exists() && libs.join("libnvidia-ml.so.1").exists() {

@@ -6,7 +6,7 @@
 use agent_common::{
     config,
     cuda::{
-        hits_index, CtxKey, CudaApi, CudaMemEvent, COOKIE_API_MASK, COOKIE_SLOT_SHIFT,
+        hits_index, CudaApi, CudaMemEvent, ProcessContexts, PROCESS_CONTEXTS, COOKIE_API_MASK, COOKIE_SLOT_SHIFT,
         FLAG_DEVICE_UNKNOWN, FLAG_STACK_SAMPLED, HITS_ENTRIES,
     },
     lost, EventKind,
@@ -48,7 +48,7 @@ struct Stash {
 
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct ThreadCtx {
+pub struct ThreadCtx {
     current: i32,
     depth: u32,
     stack: [i32; CTX_STACK_DEPTH],
@@ -57,13 +57,15 @@ struct ThreadCtx {
 #[map]
 static CUDA_STASH: LruHashMap<StashKey, Stash> = LruHashMap::with_max_entries(16384, 0);
 
-/// (process, context) → device ordinal, learnt from `cuDevicePrimaryCtxRetain`/`cuCtxCreate_v2`.
+/// Process → its contexts' device ordinals, learnt from `cuDevicePrimaryCtxRetain`/
+/// `cuCtxCreate_v2`; removed when the process exits (`sched_process_exit`).
 #[map]
-static CUDA_CTX_DEVICE: LruHashMap<CtxKey, i32> = LruHashMap::with_max_entries(16384, 0);
+pub static CUDA_CTX_DEVICE: LruHashMap<u32, ProcessContexts> =
+    LruHashMap::with_max_entries(16384, 0);
 
-/// Thread → current device and its push/pop stack.
+/// Thread → current device and its push/pop stack; removed when the thread exits.
 #[map]
-static CUDA_THREAD_CTX: LruHashMap<u64, ThreadCtx> = LruHashMap::with_max_entries(65536, 0);
+pub static CUDA_THREAD_CTX: LruHashMap<u64, ThreadCtx> = LruHashMap::with_max_entries(65536, 0);
 
 /// Processes that made a memory call; the `sched` family reports only their exits.
 #[map]
@@ -252,20 +254,14 @@ fn track_context(api: u64, tgid: u32, pid_tgid: u64, a: &[u64; 5], result: u32) 
             a[1]
         } as i32;
         let ctx = read_out(a[0], result);
-        let _ = CUDA_CTX_DEVICE.insert(&CtxKey { tgid, _pad: 0, ctx }, &dev, 0);
+        if ctx != 0 {
+            remember_context(tgid, ctx, dev);
+        }
         if api == CudaApi::CtxCreate as u64 {
             set_current(pid_tgid, dev, false);
         }
     } else if api == CudaApi::CtxSetCurrent as u64 || api == CudaApi::CtxPushCurrent as u64 {
-        let key = CtxKey {
-            tgid,
-            _pad: 0,
-            ctx: a[0],
-        };
-        let dev = match CUDA_CTX_DEVICE.get_ptr(&key) {
-            Some(d) => unsafe { *d },
-            None => -1,
-        };
+        let dev = context_device(tgid, a[0]);
         set_current(pid_tgid, dev, api == CudaApi::CtxPushCurrent as u64);
     } else if api == CudaApi::CtxPopCurrent as u64 {
         if let Some(t) = CUDA_THREAD_CTX.get_ptr_mut(&pid_tgid) {
@@ -279,6 +275,56 @@ fn track_context(api: u64, tgid: u32, pid_tgid: u64, a: &[u64; 5], result: u32) 
             }
         }
     }
+}
+
+#[inline(always)]
+fn remember_context(tgid: u32, ctx: u64, dev: i32) {
+    if CUDA_CTX_DEVICE.get_ptr(&tgid).is_none() {
+        let empty = ProcessContexts {
+            ctx: [0; PROCESS_CONTEXTS],
+            dev: [-1; PROCESS_CONTEXTS],
+            next: 0,
+            _pad: 0,
+        };
+        // BPF_NOEXIST: a thread of the process that raced here first keeps its entry.
+        let _ = CUDA_CTX_DEVICE.insert(&tgid, &empty, 1);
+    }
+    let Some(p) = CUDA_CTX_DEVICE.get_ptr_mut(&tgid) else {
+        return;
+    };
+    let p = unsafe { &mut *p };
+    let mut free = PROCESS_CONTEXTS;
+    for i in 0..PROCESS_CONTEXTS {
+        if p.ctx[i] == ctx {
+            p.dev[i] = dev;
+            return;
+        }
+        if p.ctx[i] == 0 && free == PROCESS_CONTEXTS {
+            free = i;
+        }
+    }
+    if free == PROCESS_CONTEXTS {
+        free = p.next as usize % PROCESS_CONTEXTS;
+        p.next = p.next.wrapping_add(1);
+    }
+    if free < PROCESS_CONTEXTS {
+        p.ctx[free] = ctx;
+        p.dev[free] = dev;
+    }
+}
+
+#[inline(always)]
+fn context_device(tgid: u32, ctx: u64) -> i32 {
+    let Some(p) = CUDA_CTX_DEVICE.get_ptr(&tgid) else {
+        return -1;
+    };
+    let p = unsafe { &*p };
+    for i in 0..PROCESS_CONTEXTS {
+        if ctx != 0 && p.ctx[i] == ctx {
+            return p.dev[i];
+        }
+    }
+    -1
 }
 
 #[inline(always)]

@@ -19,7 +19,10 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 
-use super::{cuda::CUDA_PROCESSES, discovery::DRIVER_REPORTED};
+use super::{
+    cuda::{CUDA_CTX_DEVICE, CUDA_PROCESSES, CUDA_THREAD_CTX},
+    discovery::DRIVER_REPORTED,
+};
 use crate::maps::{count_lost, submit_flags, EVENTS};
 
 /// Offset of `group_dead` in `sched/sched_process_exit`; userspace sets it from the format
@@ -60,11 +63,14 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     } else {
         matches!(unsafe { ctx.read_at::<u8>(offset as usize) }, Ok(v) if v != 0)
     };
+    // Per-thread and per-process state goes with its owner (ids are reused).
+    let _ = CUDA_THREAD_CTX.remove(&pid_tgid);
     if !group_dead {
         return 0;
     }
     // The pid may come back as another program: its driver load is news again.
     let _ = DRIVER_REPORTED.remove(&tgid);
+    let _ = CUDA_CTX_DEVICE.remove(&tgid);
     if CUDA_PROCESSES.get_ptr(&tgid).is_none() {
         return 0;
     }

@@ -34,13 +34,14 @@ impl FloorProbes {
         Ok(Self { links: Vec::new() })
     }
 
-    /// Attaches the entry and return program to `symbol` of the library at `path`, for every
-    /// process.
-    pub fn attach(&mut self, ebpf: &mut Ebpf, path: &Path, symbol: &str) -> Result<(), ProbeError> {
+    /// Attaches the entry and return program at file offset `offset` of the library at `path`
+    /// (where the `cuda` family would put its probe on that symbol: `elf::read_symbols`), for
+    /// every process, so that the floor pays the same trap as the agent.
+    pub fn attach(&mut self, ebpf: &mut Ebpf, path: &Path, offset: u64) -> Result<(), ProbeError> {
         // Return probe first, as the `cuda` family does.
         for name in [RETURN, ENTER] {
             let point = UProbeAttachPoint {
-                location: UProbeAttachLocation::Symbol(symbol),
+                location: UProbeAttachLocation::AbsoluteOffset(offset),
                 cookie: None,
             };
             let link = program(ebpf, name)?

@@ -7,6 +7,7 @@
 
 pub mod btf;
 pub mod budget;
+pub mod census;
 mod config;
 pub mod cuda;
 pub mod discover;

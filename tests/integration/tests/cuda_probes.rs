@@ -570,6 +570,14 @@ fn many_short_lived_processes_leave_no_ledger_behind() {
         s.text
     );
     assert_eq!(s.sum("inferscope_events_lost_total", &[]), 0.0);
+    // Nor a trace in the kernel: the per-thread and per-process map entries (contexts, current
+    // devices, reported drivers) went with their owners.
+    let left: Vec<_> = inferscope::probe::census::entries()
+        .unwrap()
+        .into_iter()
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
     assert!(agent.stop().success());
 }
 
