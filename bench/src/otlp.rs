@@ -183,6 +183,8 @@ fn spans(n: usize) -> Vec<inferscope::http::finished::RequestFinished> {
             input_tokens: Some(120),
             output_tokens: Some(64),
             stream: true,
+            protocol: "http1",
+            grpc_status: None,
             parent: None,
             workload: Default::default(),
         })

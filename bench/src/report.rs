@@ -448,7 +448,11 @@ the ring buffer every millisecond, (c) with the agent's `cuda` family attached t
 library as the agent attaches it (every symbol of its table, default knobs: 1-in-64 stack \
 sampling) and the agent's own ingest → tracker stages running on a tokio runtime in the \
 bench process. {} rounds, (a), (b), (c) interleaved in each, median per column. \
-\"Delivered\" counts the records the consumer read (b) or the events the tracker applied (c).\n",
+\"Delivered\" counts the records the consumer read (b) or the events the tracker applied (c). \
+The failure-path table does the same with single `cuMemAlloc_v2` calls on a library loaded \
+without `cuInit`, which fail with `not_initialized`: the novmm double and NVIDIA's real \
+`libcuda.so.535` (Debian's, extracted by `cargo xtask setup`; no GPU here), the floor placed \
+where the agent places its probes (`probe/prologue.rs`).\n",
         sizes.rounds
     );
     let _ = writeln!(
@@ -599,10 +603,10 @@ double on the same path {:.2}.** Without a GPU the real driver answers every all
 the real driver the emulated `je` after the single-stepped `cmpl`), so both pay the same \
 trap: {:.0} ns of floor over a {:.0} ns call on the real driver, {:.0} over {:.0} on the \
 double. What the agent adds beyond the floor ({:+.0} ns real, {:+.0} ns double) is what it \
-does for a failed call and not for a success: it records the failing call's user stack \
-and wakes its reader at once, where a successful allocation is stacked 1 in 64 and batched. \
-The gap between the two libraries' agent columns is the real driver's deeper stack to walk \
-and its own code; the placement leaves no single-step in either.",
+does for a failed call and not for a success: it walks and stores the failing call's user \
+stack (a success is stacked 1 in 64) and wakes its reader, at most once a millisecond per CPU. \
+A successful allocation on the real driver needs a GPU; it would pay the floor's trap above \
+plus the agent's success-path extra measured on the doubles.",
             verdict(ratio <= RATIO_TARGET),
             double.agent_ns / double.floor_ns,
             real.floor_ns - real.none_ns,

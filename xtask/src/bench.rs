@@ -11,19 +11,6 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     }
     // The per-call table has a row on the real driver.
     setup::nvidia_driver()?;
-    // The binaries the bench starts beside itself: the agent, the workload, the TGI stand-in.
-    util::cargo(&[
-        "build",
-        "--release",
-        "-p",
-        "inferscope",
-        "-p",
-        "cuda-workload",
-        "-p",
-        "tgi-stand-in",
-        "-p",
-        "inferscope-bench",
-    ])?;
     let mut args = vec!["run", "--release", "-p", "inferscope-bench", "--"];
     if quick {
         args.push("--quick");

@@ -150,7 +150,14 @@ fn check_layers() -> anyhow::Result<()> {
     Ok(())
 }
 
-const FUZZ_TARGETS: [&str; 4] = ["http_parser", "server_metrics", "elf_symbols", "proc_maps"];
+const FUZZ_TARGETS: [&str; 6] = [
+    "http_parser",
+    "server_metrics",
+    "elf_symbols",
+    "proc_maps",
+    "http2",
+    "hpack",
+];
 
 /// `cargo fuzz` on rustup's nightly, not the stable cargo running xtask, in the repository.
 fn cargo_fuzz(root: &std::path::Path) -> std::process::Command {

@@ -24,6 +24,25 @@ const MAX_METHOD: usize = 16;
 /// counted in [`Exchange::token_gaps_dropped`], so an endless stream holds 32 KiB of them.
 pub const MAX_TOKEN_GAPS: usize = 4096;
 
+/// What a connection speaks (the `protocol` label).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    #[default]
+    Http1,
+    H2,
+    Grpc,
+}
+
+impl Protocol {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Http1 => "http1",
+            Self::H2 => "h2",
+            Self::Grpc => "grpc",
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ErrorType {
     Http4xx,
@@ -35,6 +54,8 @@ pub enum ErrorType {
     /// The agent stopped following the connection: its state went past the per-connection
     /// cap or the http state budget (counted in `inferscope_dropped_total`).
     Untracked,
+    /// A gRPC call ended with this non-zero `grpc-status`.
+    Grpc(u8),
 }
 
 impl ErrorType {
@@ -47,6 +68,7 @@ impl ErrorType {
             Self::Timeout => "timeout",
             Self::ConnectionReset => "connection_reset",
             Self::Untracked => "untracked",
+            Self::Grpc(code) => super::h2::grpc::status_label(u32::from(code)),
         }
     }
 }
@@ -68,6 +90,16 @@ pub enum Bad {
     PipelineOverflow,
     /// A `traceparent` header that is not a valid W3C trace context (ignored).
     BadTraceparent,
+    /// HTTP/2 frames could not be followed (a hole over a frame header, or bytes that are not
+    /// frames): the connection's streams are lost until a record starts with frames again.
+    H2FramingLost,
+    /// An HPACK reference to a table entry inserted before the agent joined the connection
+    /// (the field is unknown, not guessed).
+    HpackUnknownReference,
+    /// A header block that is not HPACK (its table is lost).
+    HpackMalformed,
+    /// More concurrent HTTP/2 streams on one connection than followed.
+    TooManyStreams,
 }
 
 impl Bad {
@@ -80,6 +112,10 @@ impl Bad {
             Self::EventTooLarge => "event_too_large",
             Self::PipelineOverflow => "pipeline_overflow",
             Self::BadTraceparent => "bad_traceparent",
+            Self::H2FramingLost => "h2_framing_lost",
+            Self::HpackUnknownReference => "hpack_unknown_reference",
+            Self::HpackMalformed => "hpack_malformed",
+            Self::TooManyStreams => "too_many_streams",
         }
     }
 }
@@ -117,6 +153,12 @@ pub struct Exchange {
     /// The caller's trace context, when the request carried a valid `traceparent` (boxed:
     /// most requests carry none).
     pub traceparent: Option<Box<super::traceparent::TraceParent>>,
+    pub protocol: Protocol,
+    /// gRPC: the call's `grpc-status`.
+    pub grpc_status: Option<u32>,
+    /// gRPC: length-prefixed messages each way.
+    pub request_messages: u64,
+    pub response_messages: u64,
 }
 
 impl Exchange {
@@ -137,6 +179,11 @@ impl Exchange {
     /// parsed to keep requests and responses paired, never counted as an inference request.
     pub fn is_monitoring(&self) -> bool {
         self.method == "GET" && self.route.split('?').next() == Some("/metrics")
+    }
+
+    /// A token event (an SSE event, a streamed gRPC message) at `ts`.
+    pub fn token_at(&mut self, ts: u64) {
+        token(self, ts);
     }
 
     /// Output tokens: `usage` when the response had it, else counted stream events.
@@ -214,6 +261,16 @@ impl Conn {
             pending: VecDeque::new(),
             writing: None,
             last_ns: ts,
+        }
+    }
+
+    /// Whether a record starts an HTTP/1.x message: a request line read, a status line
+    /// written.
+    pub fn starts_message(inbound: bool, data: &[u8]) -> bool {
+        if inbound {
+            METHODS.iter().any(|m| data.starts_with(m))
+        } else {
+            data.starts_with(b"HTTP/1.")
         }
     }
 
@@ -687,7 +744,7 @@ fn keep(buf: &mut Vec<u8>, complete: &mut bool, b: &[u8]) {
     }
 }
 
-fn clip(s: &str, max: usize) -> String {
+pub(crate) fn clip(s: &str, max: usize) -> String {
     let mut end = s.len().min(max);
     while !s.is_char_boundary(end) {
         end -= 1;

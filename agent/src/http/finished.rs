@@ -24,6 +24,10 @@ pub struct RequestFinished {
     pub input_tokens: Option<u64>,
     pub output_tokens: Option<u64>,
     pub stream: bool,
+    /// `http1`, `h2` or `grpc`.
+    pub protocol: &'static str,
+    /// gRPC: the call's status code.
+    pub grpc_status: Option<u32>,
     pub parent: Option<TraceParent>,
     /// The server's pod (attribution); empty outside Kubernetes.
     pub workload: WorkloadLabels,

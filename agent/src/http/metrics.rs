@@ -22,12 +22,15 @@ pub struct ModelLabels {
 pub struct ModelStatusLabels {
     pub model: String,
     pub status_code: String,
+    /// `http1`, `h2` or `grpc`.
+    pub protocol: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ModelErrorLabels {
     pub model: String,
     pub error_type: &'static str,
+    pub protocol: &'static str,
 }
 
 type Hist = Family<ModelLabels, Histogram, fn() -> Histogram>;

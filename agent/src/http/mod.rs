@@ -2,13 +2,15 @@
 //! syscalls of watched processes ([`watch`] decides which, from what [`crate::servers`] finds,
 //! and seeds connections that predate the agent); the reader (`crate::ingest`) decodes the
 //! family's records ([`Record`]) and routes them to the [`tracker`] stage, which keeps one
-//! [`conn::Conn`] per connection and turns finished exchanges into the `llm_*` metrics
+//! [`wire::Wire`] per connection (HTTP/1.x in [`conn`], HTTP/2 and gRPC in [`h2`]) and turns
+//! finished exchanges into the `llm_*` metrics
 //! ([`metrics`]).
 
 pub mod body;
 pub mod conn;
 pub mod finished;
 pub mod gap;
+pub mod h2;
 pub mod load;
 pub mod metrics;
 pub mod models;
@@ -16,6 +18,7 @@ pub mod payload;
 pub mod traceparent;
 pub mod tracker;
 pub mod watch;
+pub mod wire;
 
 pub use crate::ingest::HttpRecord as Record;
 

@@ -15,10 +15,11 @@ use std::{
 };
 
 use super::{
-    conn::{Bad, Conn, ErrorType, Exchange, Output},
+    conn::{Bad, ErrorType, Exchange, Output},
     gap::Gap,
     metrics::{HttpMetrics, KindLabels, ModelErrorLabels, ModelLabels, ModelStatusLabels},
     models::{Answer, Models, OTHER, UNKNOWN},
+    wire::Wire,
     Batch, Record,
 };
 use crate::{
@@ -103,11 +104,11 @@ impl Default for Limits {
     }
 }
 
-/// Bytes a connection's map entry costs beyond its [`Conn::state_bytes`] (key, bookkeeping).
+/// Bytes a connection's map entry costs beyond its [`Wire::state_bytes`] (key, bookkeeping).
 const ENTRY_BYTES: usize = size_of::<((u32, u32), usize)>() + 8;
 
 pub struct HttpTracker {
-    conns: HashMap<(u32, u32), Conn>,
+    conns: HashMap<(u32, u32), Wire>,
     /// Bytes each connection was last charged (its `state_bytes` then).
     charged: HashMap<(u32, u32), usize>,
     /// The sum of `charged`: the http state's bytes.
@@ -182,14 +183,14 @@ impl HttpTracker {
     }
 
     /// Removes a connection and its charge.
-    fn remove(&mut self, key: &(u32, u32)) -> Option<Conn> {
+    fn remove(&mut self, key: &(u32, u32)) -> Option<Wire> {
         if let Some(b) = self.charged.remove(key) {
             self.state_bytes -= b;
         }
         self.conns.remove(key)
     }
 
-    fn insert(&mut self, key: (u32, u32), c: Conn) {
+    fn insert(&mut self, key: (u32, u32), c: Wire) {
         self.conns.insert(key, c);
         self.charge(key);
     }
@@ -210,7 +211,7 @@ impl HttpTracker {
             None
         };
         if let Some(reason) = reason {
-            c.shed(c.last_ns, &mut self.out);
+            c.shed(c.last_ns(), &mut self.out);
             now = c.state_bytes() + ENTRY_BYTES;
             self.metrics.dropped("http_exchange", reason);
         }
@@ -251,7 +252,7 @@ impl HttpTracker {
                     old.close(ts, &mut self.out);
                 }
                 if self.room() {
-                    self.insert((tgid, *fd), Conn::new(ts));
+                    self.insert((tgid, *fd), Wire::new(ts));
                 }
             }
             Record::Close { fd, .. } => {
@@ -272,19 +273,12 @@ impl HttpTracker {
                         self.flush(tgid, ts);
                         return;
                     }
-                    self.insert((tgid, *fd), Conn::joined(ts));
+                    self.insert((tgid, *fd), Wire::joined(ts));
                 }
                 let Some(c) = self.conns.get_mut(&(tgid, *fd)) else {
                     return;
                 };
-                let hole = len.saturating_sub(bytes.len() as u64);
-                if *inbound {
-                    c.read(ts, bytes, &mut self.out);
-                    c.read_hole(ts, hole, &mut self.out);
-                } else {
-                    c.write(ts, bytes, &mut self.out);
-                    c.write_hole(ts, hole, &mut self.out);
-                }
+                c.record(ts, *inbound, bytes, *len, &mut self.out);
                 self.charge((tgid, *fd));
             }
         }
@@ -302,7 +296,7 @@ impl HttpTracker {
             return false;
         }
         // A new connection costs at least its empty state; past the budget it is not tracked.
-        let fresh = size_of::<Conn>() + ENTRY_BYTES;
+        let fresh = size_of::<Wire>() + ENTRY_BYTES;
         if self.state_bytes + fresh > self.limits.state_budget_bytes {
             self.metrics.dropped("http_connection", "budget");
             return false;
@@ -360,7 +354,7 @@ impl HttpTracker {
         let stale: Vec<(u32, u32)> = self
             .conns
             .iter()
-            .filter(|(_, c)| now_ns.saturating_sub(c.last_ns) > idle)
+            .filter(|(_, c)| now_ns.saturating_sub(c.last_ns()) > idle)
             .map(|(k, _)| *k)
             .collect();
         for key in stale {
@@ -436,16 +430,18 @@ impl HttpTracker {
         let Some(used) = self.series.remove(name) else {
             return;
         };
-        for status_code in used.statuses {
+        for (status_code, protocol) in used.statuses {
             h.requests.remove(&ModelStatusLabels {
                 model: name.to_string(),
                 status_code,
+                protocol,
             });
         }
-        for error_type in used.errors {
+        for (error_type, protocol) in used.errors {
             h.errors.remove(&ModelErrorLabels {
                 model: name.to_string(),
                 error_type,
+                protocol,
             });
         }
     }
@@ -514,15 +510,18 @@ impl HttpTracker {
         let status = x
             .status
             .map_or_else(|| "none".to_string(), |s| s.to_string());
+        let protocol = x.protocol.label();
         if model != OTHER {
             let used = self.series.entry(model.clone()).or_default();
-            used.statuses.insert(status.clone());
-            used.errors.extend(x.error.map(ErrorType::label));
+            used.statuses.insert((status.clone(), protocol));
+            used.errors
+                .extend(x.error.map(|e| (ErrorType::label(e), protocol)));
         }
         h.requests
             .get_or_create(&ModelStatusLabels {
                 model: model.clone(),
                 status_code: status,
+                protocol,
             })
             .inc();
         if let Some(e) = x.error {
@@ -530,6 +529,7 @@ impl HttpTracker {
                 .get_or_create(&ModelErrorLabels {
                     model: model.clone(),
                     error_type: e.label(),
+                    protocol,
                 })
                 .inc();
         }
@@ -592,6 +592,8 @@ impl HttpTracker {
                 input_tokens: x.usage.prompt,
                 output_tokens: x.output_tokens(),
                 stream: x.stream,
+                protocol,
+                grpc_status: x.grpc_status,
                 parent: x.traceparent.as_deref().copied(),
                 workload: self
                     .attrib
@@ -624,11 +626,11 @@ impl HttpTracker {
     }
 }
 
-/// The `status_code` and `error_type` values a model's series have.
+/// The `status_code` and `error_type` values (with their `protocol`) a model's series have.
 #[derive(Debug, Default)]
 struct ModelSeries {
-    statuses: HashSet<String>,
-    errors: HashSet<&'static str>,
+    statuses: HashSet<(String, &'static str)>,
+    errors: HashSet<(&'static str, &'static str)>,
 }
 
 /// Runs until the reader closes the channel. Beats `heartbeat` at least once a second.
@@ -731,14 +733,14 @@ mod tests {
         assert_eq!(
             value(
                 &text,
-                "llm_requests_total{model=\"other\",status_code=\"404\"}"
+                "llm_requests_total{model=\"other\",status_code=\"404\",protocol=\"http1\"}"
             ),
             300.0
         );
         assert_eq!(
             value(
                 &text,
-                "llm_requests_total{model=\"llama\",status_code=\"200\"}"
+                "llm_requests_total{model=\"llama\",status_code=\"200\",protocol=\"http1\"}"
             ),
             1.0
         );
@@ -798,7 +800,7 @@ mod tests {
         assert_eq!(
             value(
                 &metrics.core.encode(),
-                "llm_requests_total{model=\"cli\",status_code=\"503\"}"
+                "llm_requests_total{model=\"cli\",status_code=\"503\",protocol=\"http1\"}"
             ),
             1.0
         );
@@ -829,7 +831,7 @@ mod tests {
         assert_eq!(
             value(
                 &metrics.core.encode(),
-                "llm_requests_total{model=\"old\",status_code=\"200\"}"
+                "llm_requests_total{model=\"old\",status_code=\"200\",protocol=\"http1\"}"
             ),
             1.0
         );
@@ -851,7 +853,7 @@ mod tests {
         assert_eq!(
             value(
                 &text,
-                "llm_requests_total{model=\"other\",status_code=\"200\"}"
+                "llm_requests_total{model=\"other\",status_code=\"200\",protocol=\"http1\"}"
             ),
             46.0
         );
@@ -990,7 +992,7 @@ mod tests {
         assert_eq!(
             value(
                 &text,
-                "llm_request_errors_total{model=\"unknown\",error_type=\"untracked\"}"
+                "llm_request_errors_total{model=\"unknown\",error_type=\"untracked\",protocol=\"http1\"}"
             ),
             1.0,
             "{text}"
@@ -1035,7 +1037,7 @@ mod tests {
         let text = metrics.core.encode();
         let v = |series: &str| value(&text, series);
         assert_eq!(
-            v("llm_request_errors_total{model=\"unknown\",error_type=\"untracked\"}"),
+            v("llm_request_errors_total{model=\"unknown\",error_type=\"untracked\",protocol=\"http1\"}"),
             1.0,
             "{text}"
         );
@@ -1048,7 +1050,7 @@ mod tests {
             2.0
         );
         assert_eq!(
-            v("llm_requests_total{model=\"unknown\",status_code=\"200\"}"),
+            v("llm_requests_total{model=\"unknown\",status_code=\"200\",protocol=\"http1\"}"),
             2.0
         );
         // One latency, the later request's: 250 ms.

@@ -124,6 +124,27 @@ pub fn span(r: &RequestFinished, clock: WallClock, history: Option<&GpuHistory>)
     if let Some(s) = r.status {
         attributes.push(KeyValue::new("http.response.status_code", i64::from(s)));
     }
+    // The semantic conventions' names: `network.protocol.*` for HTTP, `rpc.*` for gRPC.
+    match r.protocol {
+        "grpc" => {
+            attributes.push(KeyValue::new("rpc.system", "grpc"));
+            if let Some((service, method)) = r.route.trim_start_matches('/').split_once('/') {
+                attributes.push(KeyValue::new("rpc.service", service.to_string()));
+                attributes.push(KeyValue::new("rpc.method", method.to_string()));
+            }
+            if let Some(code) = r.grpc_status {
+                attributes.push(KeyValue::new("rpc.grpc.status_code", i64::from(code)));
+            }
+        }
+        "h2" => {
+            attributes.push(KeyValue::new("network.protocol.name", "http"));
+            attributes.push(KeyValue::new("network.protocol.version", "2"));
+        }
+        _ => {
+            attributes.push(KeyValue::new("network.protocol.name", "http"));
+            attributes.push(KeyValue::new("network.protocol.version", "1.1"));
+        }
+    }
     if let Some(t) = r.input_tokens {
         attributes.push(KeyValue::new("gen_ai.usage.input_tokens", t as i64));
     }
@@ -225,6 +246,8 @@ mod tests {
             input_tokens: Some(12),
             output_tokens: Some(3),
             stream: true,
+            protocol: "http1",
+            grpc_status: None,
             parent: None,
             workload: crate::labels::WorkloadLabels {
                 node: "n1".into(),
