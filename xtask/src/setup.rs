@@ -272,14 +272,17 @@ fn python_fixtures() -> anyhow::Result<()> {
     }
     if succeeds(
         "python3",
-        &["-c", "import fastapi, uvicorn, openai, prometheus_client"],
+        &[
+            "-c",
+            "import fastapi, uvicorn, openai, prometheus_client, grpc",
+        ],
     ) {
         return Ok(());
     }
     if !succeeds("python3", &["-m", "pip", "--version"]) {
         apt_install(&["python3", "python3-pip"])?;
     }
-    eprintln!("xtask setup: installing fastapi, uvicorn, openai, prometheus-client (pip)");
+    eprintln!("xtask setup: installing fastapi, uvicorn, openai, prometheus-client, grpcio (pip)");
     let mut cmd = Command::new("python3");
     cmd.args([
         "-m",
@@ -290,6 +293,7 @@ fn python_fixtures() -> anyhow::Result<()> {
         "uvicorn",
         "openai",
         "prometheus-client",
+        "grpcio",
     ]);
     if util::run(&mut cmd).is_err() {
         // Debian's system Python refuses pip without this (PEP 668).
@@ -303,8 +307,9 @@ fn python_fixtures() -> anyhow::Result<()> {
             "uvicorn",
             "openai",
             "prometheus-client",
+            "grpcio",
         ]))
-        .context("pip install fastapi uvicorn openai prometheus-client failed")?;
+        .context("pip install fastapi uvicorn openai prometheus-client grpcio failed")?;
     }
     Ok(())
 }

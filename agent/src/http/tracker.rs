@@ -607,6 +607,7 @@ impl HttpTracker {
             model,
             method = x.method,
             route = x.route,
+            protocol,
             status = x.status,
             stream = x.stream,
             start_ns = x.start_ns,

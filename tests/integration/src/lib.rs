@@ -650,3 +650,88 @@ pub fn capability_bit(name: &str) -> u32 {
         other => panic!("capability {other}: add its bit here"),
     }
 }
+
+/// Whether an agent log line names `model`.
+pub fn is_model(line: &str, model: &str) -> bool {
+    line.contains(&format!("model=\"{model}\"")) || line.contains(&format!("model={model} "))
+}
+
+/// The agent's `http request finished` lines that `matches` accepts: (TTFT µs, token gaps µs,
+/// latency µs) each.
+pub fn finished_lines(log: &str, matches: impl Fn(&str) -> bool) -> Vec<(u64, Vec<u64>, u64)> {
+    let field = |line: &str, name: &str| -> Option<String> {
+        let at = line.find(&format!(" {name}="))? + name.len() + 2;
+        let rest = &line[at..];
+        let end = if rest.starts_with('[') {
+            rest.find(']')? + 1
+        } else {
+            rest.find(' ').unwrap_or(rest.len())
+        };
+        Some(rest[..end].trim_matches('"').to_string())
+    };
+    log.lines()
+        .filter(|l| l.contains("http request finished") && matches(l))
+        .map(|l| {
+            let ttft = field(l, "ttft_us")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            let gaps = field(l, "gaps_us")
+                .unwrap_or_default()
+                .trim_matches(['[', ']'])
+                .split(',')
+                .filter_map(|g| g.trim().parse().ok())
+                .collect();
+            let latency = field(l, "latency_us")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            (ttft, gaps, latency)
+        })
+        .collect()
+}
+
+/// The agent's `http request finished` lines that `matches` accepts against what a client
+/// measured (`truth`, in order: `ttft_ms`, `gaps_ms`, `latency_ms` each); returns the lines.
+pub fn assert_timed_as_the_client(
+    agent: &Agent,
+    truth: &[serde_json::Value],
+    matches: impl Fn(&str) -> bool,
+) -> Vec<(u64, Vec<u64>, u64)> {
+    let n = truth.len();
+    let seen = finished_lines(&agent.log(), matches);
+    assert_eq!(seen.len(), n, "agent lines:\n{}", agent.log());
+    // The agent times the server's socket: the request's first byte arrives after the client
+    // sent it and the answer leaves before the client reads it, so the agent's figure is at
+    // most the client's (1 ms for the two clocks' reads). The client's clock also counts its
+    // own scheduling, which a busy 2-core VM stretches by a few ms: below, the bound is 2 ms
+    // plus 10 % of what the client measured.
+    let close = |what: &str, agent_us: u64, client_ms: f64| {
+        let agent_ms = agent_us as f64 / 1000.0;
+        assert!(
+            agent_ms <= client_ms + 1.0 && agent_ms >= client_ms - (2.0 + 0.10 * client_ms),
+            "{what}: agent {agent_ms} ms, client {client_ms:.3} ms"
+        );
+    };
+    for (i, (t, (ttft, gaps, latency))) in truth.iter().zip(&seen).enumerate() {
+        close(
+            &format!("request {i} TTFT"),
+            *ttft,
+            t["ttft_ms"].as_f64().unwrap(),
+        );
+        close(
+            &format!("request {i} latency"),
+            *latency,
+            t["latency_ms"].as_f64().unwrap(),
+        );
+        let want: Vec<f64> = t["gaps_ms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| g.as_f64().unwrap())
+            .collect();
+        assert_eq!(gaps.len(), want.len(), "request {i} token gaps");
+        for (j, (g, w)) in gaps.iter().zip(&want).enumerate() {
+            close(&format!("request {i} gap {j}"), *g, *w);
+        }
+    }
+    seen
+}

@@ -1,0 +1,194 @@
+//! Root tier of the `http` family on gRPC: the real agent watches a real grpcio server
+//! (tests/servers/grpc_server.py: C-core HTTP/2, generic handlers) driven by grpcio clients
+//! (tests/servers/grpc_client.py), and is compared with what the clients saw.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use integration::*;
+
+struct GrpcServer {
+    child: Child,
+    port: u16,
+}
+
+impl GrpcServer {
+    fn start() -> Self {
+        let port = free_port();
+        let child = Command::new("python3")
+            .arg(servers_dir().join("grpc_server.py"))
+            .arg(port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3 (run `cargo xtask setup` for grpcio)");
+        eventually("the gRPC server", Duration::from_secs(30), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        });
+        Self { child, port }
+    }
+}
+
+impl Drop for GrpcServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn client(args: &[&str]) -> serde_json::Value {
+    let out = Command::new("python3")
+        .arg(servers_dir().join("grpc_client.py"))
+        .args(args)
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "client {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("client JSON")
+}
+
+fn start_agent(server: &GrpcServer) -> Agent {
+    let agent = Agent::start(&["--watch-port", &server.port.to_string()]);
+    agent.wait_for("the server to be watched", |s| {
+        s.sum("inferscope_http_watched_processes", &[]) >= 1.0
+    });
+    agent
+}
+
+fn is_grpc(line: &str) -> bool {
+    line.contains("protocol=\"grpc\"") || line.contains("protocol=grpc ")
+}
+
+#[root_test]
+fn streamed_calls_are_timed_as_their_client_saw_them() {
+    let server = GrpcServer::start();
+    let agent = start_agent(&server);
+    let port = server.port.to_string();
+    let n = 6;
+    let truth = client(&["timing", &port, &n.to_string()]);
+    let truth = truth.as_array().unwrap().clone();
+    let s = agent.wait_for("the timed calls", |s| {
+        s.sum("llm_requests_total", &[("protocol", "grpc")]) >= n as f64
+    });
+    assert_timed_as_the_client(&agent, &truth, |l| {
+        is_grpc(l) && l.contains("/llm.Generator/Generate")
+    });
+    assert_eq!(
+        s.sum(
+            "llm_requests_total",
+            &[("protocol", "grpc"), ("status_code", "200")]
+        ),
+        n as f64,
+        "{}",
+        s.text
+    );
+    // Six messages each: the output tokens of a stream are its messages.
+    assert_eq!(s.sum("llm_tokens_output_total", &[]), (6 * n) as f64);
+    assert_eq!(
+        s.sum("llm_time_per_output_token_seconds_count", &[]),
+        (5 * n) as f64
+    );
+    assert_eq!(s.sum("llm_request_errors_total", &[]), 0.0, "{}", s.text);
+    assert_eq!(s.sum("llm_requests_in_flight", &[]), 0.0);
+    assert!(agent.stop().success());
+}
+
+#[root_test]
+fn thirty_two_streams_on_one_connection_are_counted_apart() {
+    let server = GrpcServer::start();
+    let agent = start_agent(&server);
+    let truth = client(&["concurrent", &server.port.to_string(), "32", "4"]);
+    assert_eq!(truth["messages"], 128);
+    let s = agent.wait_for("32 calls", |s| {
+        s.sum("llm_requests_total", &[("protocol", "grpc")]) >= 32.0
+            && s.sum("llm_requests_in_flight", &[]) == 0.0
+    });
+    assert_eq!(s.sum("llm_requests_total", &[]), 32.0, "{}", s.text);
+    assert_eq!(s.sum("llm_tokens_output_total", &[]), 128.0, "{}", s.text);
+    assert_eq!(s.sum("llm_time_to_first_token_seconds_count", &[]), 32.0);
+    assert_eq!(
+        s.sum("inferscope_http_bad_input_total", &[]),
+        0.0,
+        "{}",
+        s.text
+    );
+    assert!(agent.stop().success());
+}
+
+#[root_test]
+fn kserve_calls_name_their_model_and_grpc_errors_are_typed() {
+    let server = GrpcServer::start();
+    let agent = start_agent(&server);
+    let port = server.port.to_string();
+    client(&["infer", &port, "llama-7b", "5"]);
+    let code = client(&["status", &port, "8"]);
+    assert_eq!(code["code"], 8);
+    let s = agent.wait_for("the calls", |s| s.sum("llm_requests_total", &[]) >= 6.0);
+    assert_eq!(
+        s.sum(
+            "llm_requests_total",
+            &[("model", "llama-7b"), ("protocol", "grpc")]
+        ),
+        5.0,
+        "{}",
+        s.text
+    );
+    assert_eq!(
+        s.sum(
+            "llm_request_errors_total",
+            &[
+                ("error_type", "grpc_resource_exhausted"),
+                ("protocol", "grpc")
+            ]
+        ),
+        1.0,
+        "{}",
+        s.text
+    );
+    assert_eq!(s.sum("llm_request_errors_total", &[]), 1.0);
+    assert!(agent.stop().success());
+}
+
+#[root_test]
+fn a_channel_opened_before_the_agent_is_still_timed() {
+    let server = GrpcServer::start();
+    let mut py = Command::new("python3")
+        .arg(servers_dir().join("grpc_client.py"))
+        .args(["preopen", &server.port.to_string(), "4"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(py.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "open");
+    let agent = start_agent(&server);
+    py.stdin.as_mut().unwrap().write_all(b"\n").unwrap();
+    line.clear();
+    stdout.read_line(&mut line).unwrap();
+    assert!(py.wait().unwrap().success());
+    let truth: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let truth = truth.as_array().unwrap().clone();
+    let s = agent.wait_for("the calls on the old channel", |s| {
+        s.sum("llm_requests_total", &[("protocol", "grpc")]) >= 4.0
+    });
+    assert_timed_as_the_client(&agent, &truth, is_grpc);
+    assert_eq!(
+        s.sum(
+            "llm_requests_total",
+            &[("protocol", "grpc"), ("status_code", "200")]
+        ),
+        4.0,
+        "{}",
+        s.text
+    );
+    assert_eq!(s.sum("llm_tokens_output_total", &[]), 24.0, "{}", s.text);
+    assert!(agent.stop().success());
+}

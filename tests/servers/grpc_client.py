@@ -1,0 +1,112 @@
+"""gRPC clients (grpcio) for the http probe tests. Prints one JSON document on stdout.
+
+  timing PORT N           N server-streaming Generate calls on one channel, timed here
+  concurrent PORT S T     S Generate streams at once on one channel, T messages each
+  infer PORT MODEL N      N unary ModelInfer calls naming MODEL (KServe v2 ModelInferRequest)
+  status PORT CODE        one Generate call ending with grpc-status CODE
+  preopen PORT N          a channel with one call made, then (after a line on stdin) N timed calls
+"""
+
+import json
+import sys
+import threading
+import time
+
+import grpc
+
+GENERATE = "/llm.Generator/Generate"
+INFER = "/inference.GRPCInferenceService/ModelInfer"
+
+
+def channel(port):
+    ch = grpc.insecure_channel(f"127.0.0.1:{port}")
+    grpc.channel_ready_future(ch).result(timeout=10)
+    return ch
+
+
+def timed_call(gen, tokens, gap_ms, first_ms):
+    start = time.monotonic()
+    arrivals = []
+    for _ in gen(f"{tokens} {gap_ms} {first_ms}".encode()):
+        arrivals.append(time.monotonic())
+    end = time.monotonic()
+    ms = lambda t: t * 1000
+    return {
+        "ttft_ms": ms(arrivals[0] - start),
+        "gaps_ms": [ms(b - a) for a, b in zip(arrivals, arrivals[1:])],
+        "latency_ms": ms(end - start),
+    }
+
+
+def timing(port, n, ch=None):
+    ch = ch or channel(port)
+    gen = ch.unary_stream(GENERATE)
+    return [timed_call(gen, 6, 15 + 5 * i, 25) for i in range(n)]
+
+
+def concurrent(port, streams, tokens):
+    ch = channel(port)
+    gen = ch.unary_stream(GENERATE)
+    got = [0] * streams
+    barrier = threading.Barrier(streams)
+
+    def run(i):
+        barrier.wait()
+        got[i] = sum(1 for _ in gen(f"{tokens} 30 50".encode()))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"messages": sum(got), "streams": streams}
+
+
+def infer(port, model, n):
+    ch = channel(port)
+    call = ch.unary_unary(INFER)
+    # ModelInferRequest { model_name = 1; model_version = 2; id = 3; ... }
+    request = bytes([0x0A, len(model)]) + model.encode() + bytes([0x1A, 2]) + b"r1"
+    for _ in range(n):
+        answer = call(request)
+        assert answer[2 : 2 + answer[1]] == model.encode(), answer
+    return {"calls": n}
+
+
+def status(port, code):
+    ch = channel(port)
+    try:
+        for _ in ch.unary_stream(GENERATE)(f"2 5 5 {code}".encode()):
+            pass
+    except grpc.RpcError as e:
+        return {"code": e.code().value[0]}
+    return {"code": 0}
+
+
+def preopen(port, n):
+    ch = channel(port)
+    timing(port, 1, ch)
+    print("open", flush=True)
+    sys.stdin.readline()
+    return timing(port, n, ch)
+
+
+def main():
+    mode, port = sys.argv[1], int(sys.argv[2])
+    if mode == "timing":
+        out = timing(port, int(sys.argv[3]))
+    elif mode == "concurrent":
+        out = concurrent(port, int(sys.argv[3]), int(sys.argv[4]))
+    elif mode == "infer":
+        out = infer(port, sys.argv[3], int(sys.argv[4]))
+    elif mode == "status":
+        out = status(port, int(sys.argv[3]))
+    elif mode == "preopen":
+        out = preopen(port, int(sys.argv[3]))
+    else:
+        raise SystemExit(f"unknown mode {mode}")
+    print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main()
