@@ -7,8 +7,10 @@ use crate::EventHeader;
 pub const CAPTURE_MAX: usize = 4096;
 /// Default capture cap: an HTTP header block and an SSE event fit.
 pub const CAPTURE_DEFAULT: u32 = 4096;
-/// Iovecs of one `readv`/`writev`/`recvmsg`/`sendmsg` that are captured (one record each).
-pub const IOV_MAX: u32 = 8;
+/// Iovecs of one `readv`/`writev`/`recvmsg`/`sendmsg` whose bytes are captured, one after the
+/// other, into the call's one record (HTTP/2 stacks write a frame in many small iovecs); the
+/// bytes of further iovecs are part of the record's uncaptured rest.
+pub const IOV_WALK: u32 = 64;
 
 /// Bytes read by the watched process (the request side).
 pub const DIR_IN: u32 = 0;
@@ -17,8 +19,6 @@ pub const DIR_OUT: u32 = 1;
 
 /// The syscall moved more bytes than the record carries.
 pub const FLAG_TRUNCATED: u32 = 1;
-/// A vectored call moved more iovecs than [`IOV_MAX`]: bytes beyond them are not captured.
-pub const FLAG_IOV_LEFT: u32 = 2;
 
 /// Slots of the family's per-CPU cost counters (`HTTP_COST`): what userspace turns into the
 /// family's CPU time where the kernel's run-time statistics cannot be turned on.
@@ -56,7 +56,7 @@ pub struct HttpDataEvent {
     pub fd: u32,
     /// [`DIR_IN`] or [`DIR_OUT`].
     pub direction: u32,
-    /// Bytes the syscall moved for this record (for a vectored call: this iovec's share).
+    /// Bytes the syscall moved (all its iovecs' for a vectored call).
     pub len: u64,
     /// Bytes of `data` that are valid.
     pub captured: u32,

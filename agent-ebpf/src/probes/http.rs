@@ -9,13 +9,13 @@
 //! seeded by userspace for connections older than the agent) produce records.
 //!
 //! The enter program stashes the call's arguments per thread; the exit program emits the
-//! bytes the call really moved: one record per buffer (per iovec for vectored calls, up to
-//! `IOV_MAX`), the first `CAPTURE_BYTES` of each.
+//! bytes the call really moved: one record per call, the first `CAPTURE_BYTES` of them (for a
+//! vectored call, its iovecs' bytes one after the other, up to `IOV_WALK` iovecs).
 
 use agent_common::{
     http::{
         config, cost, ConnKey, HttpAcceptEvent, HttpCloseEvent, HttpDataEvent, CAPTURE_MAX, DIR_IN,
-        DIR_OUT, FLAG_IOV_LEFT, FLAG_TRUNCATED, HTTP_DATA_PREFIX, IOV_MAX,
+        DIR_OUT, FLAG_TRUNCATED, HTTP_DATA_PREFIX, IOV_WALK,
     },
     lost, EventHeader, EventKind,
 };
@@ -91,9 +91,17 @@ static HTTP_CONNS: LruHashMap<ConnKey, u32> = LruHashMap::with_max_entries(65536
 #[map]
 static HTTP_STASH: LruHashMap<u64, Stash> = LruHashMap::with_max_entries(16384, 0);
 
-/// Where a data record is built before it is copied, at its real length, to the ring.
+/// Where a data record is built before it is copied, at its real length, to the ring. The
+/// spill after the record lets the verifier see every copy (at an offset below
+/// `CAPTURE_MAX`, of at most `CAPTURE_MAX` bytes) stay inside the value.
+#[repr(C)]
+pub struct Scratch {
+    ev: HttpDataEvent,
+    _spill: [u8; CAPTURE_MAX],
+}
+
 #[map]
-static HTTP_SCRATCH: PerCpuArray<HttpDataEvent> = PerCpuArray::with_max_entries(1, 0);
+static HTTP_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 
 /// The family's knobs (`agent_common::http::config`).
 #[map]
@@ -237,27 +245,7 @@ pub fn http_sys_exit(ctx: RawTracePointContext) -> u32 {
             } else {
                 DIR_OUT
             };
-            let mut left = ret as u64;
-            for i in 0..IOV_MAX {
-                if left == 0 || u64::from(i) >= s.count {
-                    break;
-                }
-                let Ok(v) =
-                    (unsafe { bpf_probe_read_user((s.ptr + 16 * u64::from(i)) as *const Iovec) })
-                else {
-                    break;
-                };
-                let part = if v.len < left { v.len } else { left };
-                left -= part;
-                let flags = if i == IOV_MAX - 1 && left > 0 {
-                    FLAG_IOV_LEFT
-                } else {
-                    0
-                };
-                if part > 0 {
-                    emit(pid_tgid, s.fd, dir, v.base, part, flags);
-                }
-            }
+            emit_vec(pid_tgid, s.fd, dir, s.ptr, s.count, ret as u64);
         }
     }
     0
@@ -288,10 +276,10 @@ fn accepted(pid_tgid: u64, tgid: u32, s: Stash, fd: u32) {
 /// at their real length (a per-CPU scratch record holds them meanwhile).
 #[inline(always)]
 fn emit(pid_tgid: u64, fd: u32, direction: u32, src: u64, len: u64, flags: u32) {
-    let Some(ev) = HTTP_SCRATCH.get_ptr_mut(0) else {
+    let Some(scratch) = HTTP_SCRATCH.get_ptr_mut(0) else {
         return;
     };
-    let ev = unsafe { &mut *ev };
+    let ev = unsafe { &mut (*scratch).ev };
     let cap = HTTP_CONFIG.get(config::CAPTURE_BYTES).copied().unwrap_or(0);
     let mut n = if len < cap { len } else { cap };
     if n > CAPTURE_MAX as u64 {
@@ -324,6 +312,70 @@ fn emit(pid_tgid: u64, fd: u32, direction: u32, src: u64, len: u64, flags: u32) 
     } else {
         ev.captured = 0;
     }
+    output(ev);
+}
+
+/// A vectored call's record: its iovecs' bytes one after the other, the first
+/// `CAPTURE_BYTES` of the `total` it moved, walking at most `IOV_WALK` iovecs at `iov`.
+#[inline(always)]
+fn emit_vec(pid_tgid: u64, fd: u32, direction: u32, iov: u64, count: u64, total: u64) {
+    let Some(scratch) = HTTP_SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    let scratch = unsafe { &mut *scratch };
+    let mut cap = HTTP_CONFIG.get(config::CAPTURE_BYTES).copied().unwrap_or(0);
+    if cap > CAPTURE_MAX as u64 {
+        cap = CAPTURE_MAX as u64;
+    }
+    let ev = &mut scratch.ev;
+    ev.header = header(EventKind::HttpData, pid_tgid);
+    ev.fd = fd;
+    ev.direction = direction;
+    ev.len = total;
+    ev.flags = 0;
+    let mut off: u64 = 0;
+    let mut left = total;
+    for i in 0..IOV_WALK {
+        if left == 0 || u64::from(i) >= count || off >= cap {
+            break;
+        }
+        let Ok(v) = (unsafe { bpf_probe_read_user((iov + 16 * u64::from(i)) as *const Iovec) })
+        else {
+            break;
+        };
+        let part = if v.len < left { v.len } else { left };
+        left -= part;
+        let room = cap - off;
+        let n = if part < room { part } else { room };
+        if n == 0 {
+            continue;
+        }
+        // Masks the verifier can follow: an offset below CAPTURE_MAX, a size of at most
+        // CAPTURE_MAX, inside the record and its spill.
+        let at = (off as usize) & (CAPTURE_MAX - 1);
+        let size = (n as u32) & (2 * CAPTURE_MAX as u32 - 1);
+        if size > CAPTURE_MAX as u32 {
+            break;
+        }
+        let dst = unsafe { (scratch as *mut Scratch).cast::<u8>().add(HTTP_DATA_PREFIX + at) };
+        let r = unsafe { probe_read_user_raw(dst.cast(), size, v.base as *const core::ffi::c_void) };
+        if r < 0 {
+            break;
+        }
+        off += n;
+    }
+    let ev = &mut scratch.ev;
+    ev.captured = off as u32;
+    if off < total {
+        ev.flags |= FLAG_TRUNCATED;
+    }
+    count_cost(cost::BYTES, off);
+    output(ev);
+}
+
+/// Copies a built record to the ring at its real length.
+#[inline(always)]
+fn output(ev: &HttpDataEvent) {
     let size = HTTP_DATA_PREFIX as u32 + ev.captured;
     // A power-of-two mask, then the real bound: both for the verifier.
     let size = size & 0x3fff;

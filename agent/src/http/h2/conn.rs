@@ -41,6 +41,9 @@ struct Stream {
     req: Messages,
     resp: Messages,
     grpc: bool,
+    /// Some of its header fields named table entries older than the agent: its content type
+    /// is unknown (gRPC is then told by its first DATA frame) and so may its status be.
+    unknown_fields: bool,
     /// Pad length of the DATA frame being read (None until its first byte, or unpadded).
     pad: Option<u8>,
 }
@@ -282,6 +285,7 @@ impl State {
             ..Exchange::default()
         };
         let mut grpc = false;
+        let unknown_fields = fields.iter().any(|f| f.name.is_none());
         for f in &fields {
             let (Some(name), Some(value)) = (&f.name, &f.value) else {
                 continue;
@@ -309,6 +313,7 @@ impl State {
                 req: Messages::default(),
                 resp: Messages::default(),
                 grpc,
+                unknown_fields,
                 pad: None,
             },
         );
@@ -355,6 +360,7 @@ impl State {
             return;
         };
         let mut grpc_status = None;
+        s.unknown_fields |= fields.iter().any(|f| f.name.is_none());
         for f in &fields {
             let (Some(name), Some(value)) = (&f.name, &f.value) else {
                 continue;
@@ -394,7 +400,7 @@ impl State {
             (_, Some(429)) => Some(ErrorType::RateLimited),
             (_, Some(400..=499)) => Some(ErrorType::Http4xx),
             (_, Some(500..)) => Some(ErrorType::Http5xx),
-            (None, Some(_)) if s.grpc => {
+            (None, Some(_)) if s.grpc && !s.unknown_fields => {
                 // A gRPC response must end with a status: without one the call failed.
                 Some(ErrorType::Grpc(2))
             }
@@ -509,6 +515,18 @@ fn on_payload(
             };
             let (start, end) = data_range(s, h, offset, bytes, n);
             let payload = u64::from(end.saturating_sub(start));
+            if !s.grpc && s.unknown_fields && inbound && start == u32::from(h.has(frame::PADDED)) {
+                // Headers named from entries the agent never saw: a request whose first DATA
+                // frame starts with a gRPC message prefix that fits the frame is gRPC.
+                if let Some(b) = bytes {
+                    let b = &b[(start - offset) as usize..(end - offset) as usize];
+                    if grpc::looks_like_message(b, h.len - start) {
+                        s.grpc = true;
+                        s.x.protocol = Protocol::Grpc;
+                        s.x.stream = true;
+                    }
+                }
+            }
             if inbound {
                 s.x.request_bytes += payload;
             }
@@ -824,6 +842,65 @@ mod tests {
         }
         let routes: Vec<&str> = finished(&out).iter().map(|x| x.route.as_str()).collect();
         assert_eq!(routes, ["", "/pkg.Svc/Generate", "/pkg.Svc/Generate"]);
+    }
+
+    #[test]
+    fn a_call_named_only_by_old_entries_is_told_grpc_by_its_messages() {
+        // grpcio's client after its first call: every field indexed, most from before the
+        // agent; the status in the trailers too.
+        let mut c = Conn::joined(0);
+        let mut out = Vec::new();
+        let unknown = [0x80 | 67, 0x80 | 66, 0x83, 0x86, 0x80 | 63, 0x80 | 62];
+        let inp = [
+            frame(HEADERS, END_HEADERS, 3, &unknown),
+            frame(DATA, END_STREAM, 3, &message(b"6 15 25")),
+        ]
+        .concat();
+        c.read(10, &inp, 0, &mut out);
+        c.write(
+            20,
+            &frame(HEADERS, END_HEADERS, 3, &[0x88, 0x80 | 64]),
+            0,
+            &mut out,
+        );
+        for ts in [30, 45] {
+            c.write(ts, &frame(DATA, 0, 3, &message(b"tok")), 0, &mut out);
+        }
+        c.write(
+            50,
+            &frame(HEADERS, END_HEADERS | END_STREAM, 3, &[0x80 | 62]),
+            0,
+            &mut out,
+        );
+        let x = finished(&out);
+        assert_eq!(x.len(), 1, "{out:?}");
+        assert_eq!(
+            (
+                x[0].protocol,
+                x[0].status,
+                x[0].error,
+                x[0].token_events,
+                x[0].first_token_ns
+            ),
+            (Protocol::Grpc, Some(200), None, 2, Some(30))
+        );
+        assert_eq!(x[0].request_messages, 1);
+        // An HTTP/2 request whose body is not a gRPC message stays `h2`.
+        let mut c = Conn::joined(0);
+        let mut out = Vec::new();
+        let inp = [
+            frame(HEADERS, END_HEADERS, 1, &unknown),
+            frame(DATA, END_STREAM, 1, b"{\"model\":\"m\"}"),
+        ]
+        .concat();
+        c.read(10, &inp, 0, &mut out);
+        c.write(
+            20,
+            &frame(HEADERS, END_HEADERS | END_STREAM, 1, &[0x88]),
+            0,
+            &mut out,
+        );
+        assert_eq!(finished(&out)[0].protocol, Protocol::H2);
     }
 
     #[test]

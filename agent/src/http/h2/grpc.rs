@@ -47,6 +47,17 @@ pub fn status_label(code: u32) -> &'static str {
     }
 }
 
+/// Whether the first bytes of a stream's first DATA frame (`frame` bytes of data in all)
+/// are a gRPC message prefix: a compressed flag of 0 or 1 and a length that the frame holds
+/// exactly, or that runs past it (a message split across frames), under gRPC's default limit.
+pub fn looks_like_message(first: &[u8], frame: u32) -> bool {
+    let Some(prefix) = first.get(..5) else {
+        return false;
+    };
+    let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]);
+    prefix[0] <= 1 && len <= 4 * 1024 * 1024 && u64::from(len) + 5 >= u64::from(frame)
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
     Prefix {
