@@ -192,3 +192,53 @@ fn a_channel_opened_before_the_agent_is_still_timed() {
     assert_eq!(s.sum("llm_tokens_output_total", &[]), 24.0, "{}", s.text);
     assert!(agent.stop().success());
 }
+
+/// tests/servers/tonic-llm: the same service on tonic (hyper's HTTP/2 and HPACK), timed by
+/// tonic's own client.
+#[root_test]
+fn a_tonic_service_is_timed_as_its_client_saw_it() {
+    let port = free_port();
+    let mut server = Command::new(bin("tonic-llm"))
+        .args(["serve", &port.to_string()])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("tonic-llm (built by `cargo xtask test`)");
+    eventually("the tonic server", Duration::from_secs(30), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+    });
+    let agent = Agent::start(&["--watch-port", &port.to_string()]);
+    agent.wait_for("the server to be watched", |s| {
+        s.sum("inferscope_http_watched_processes", &[]) >= 1.0
+    });
+    let out = Command::new(bin("tonic-llm"))
+        .args(["timing", &port.to_string(), "4"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let truth: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let truth = truth.as_array().unwrap().clone();
+    let s = agent.wait_for("the tonic calls", |s| {
+        s.sum("llm_requests_total", &[("protocol", "grpc")]) >= 4.0
+    });
+    assert_timed_as_the_client(&agent, &truth, |l| {
+        is_grpc(l) && l.contains("/llm.Generator/Generate")
+    });
+    assert_eq!(
+        s.sum(
+            "llm_requests_total",
+            &[("protocol", "grpc"), ("status_code", "200")]
+        ),
+        4.0,
+        "{}",
+        s.text
+    );
+    assert_eq!(s.sum("llm_tokens_output_total", &[]), 24.0, "{}", s.text);
+    assert_eq!(s.sum("llm_request_errors_total", &[]), 0.0, "{}", s.text);
+    assert!(agent.stop().success());
+    let _ = server.kill();
+    let _ = server.wait();
+}
