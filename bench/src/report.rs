@@ -603,10 +603,10 @@ double on the same path {:.2}.** Without a GPU the real driver answers every all
 the real driver the emulated `je` after the single-stepped `cmpl`), so both pay the same \
 trap: {:.0} ns of floor over a {:.0} ns call on the real driver, {:.0} over {:.0} on the \
 double. What the agent adds beyond the floor ({:+.0} ns real, {:+.0} ns double) is what it \
-does for a failed call and not for a success: it walks and stores the failing call's user \
-stack (a success is stacked 1 in 64) and wakes its reader, at most once a millisecond per CPU. \
-A successful allocation on the real driver needs a GPU; it would pay the floor's trap above \
-plus the agent's success-path extra measured on the doubles.",
+adds on a success too (the pairs above), plus what a failure costs it: the first failing \
+call of a process in each millisecond has its user stack walked and stored and wakes the \
+reader (at most once a millisecond per CPU); the others are counted only. A successful \
+allocation on the real driver needs a GPU; it pays the same trap.",
             verdict(ratio <= RATIO_TARGET),
             double.agent_ns / double.floor_ns,
             real.floor_ns - real.none_ns,

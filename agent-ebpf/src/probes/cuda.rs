@@ -179,7 +179,7 @@ pub fn cuda_return(ctx: RetProbeContext) -> u32 {
 
     let failed = result != CUDA_SUCCESS;
     let mut stack_id = -1;
-    if failed || (is_alloc && sampled()) {
+    if (failed && failure_stack_due(tgid)) || (!failed && is_alloc && sampled()) {
         if !failed {
             flags |= FLAG_STACK_SAMPLED;
         }
@@ -233,6 +233,35 @@ fn read_out(addr: u64, result: u32) -> u64 {
         return 0;
     }
     unsafe { bpf_probe_read_user(addr as *const u64) }.unwrap_or(0)
+}
+
+/// Least time between two failing calls of one process whose user stacks are recorded. A
+/// process failing in a loop (retries, or a driver without a device, where every call fails)
+/// otherwise paid a stack walk per call; the first failure of a burst, the one a forensic
+/// report is about, always has its stack.
+const FAIL_STACK_GAP_NS: u64 = 1_000_000;
+
+/// When each process last had a failing call's stack recorded; removed at its exit.
+#[map]
+pub static CUDA_FAIL_STACK: LruHashMap<u32, u64> = LruHashMap::with_max_entries(4096, 0);
+
+#[inline(always)]
+fn failure_stack_due(tgid: u32) -> bool {
+    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
+    match CUDA_FAIL_STACK.get_ptr_mut(&tgid) {
+        Some(last) => {
+            // Another CPU may race here: at worst two stacks in one gap.
+            if now.wrapping_sub(unsafe { *last }) < FAIL_STACK_GAP_NS {
+                return false;
+            }
+            unsafe { *last = now };
+            true
+        }
+        None => {
+            let _ = CUDA_FAIL_STACK.insert(&tgid, &now, 0);
+            true
+        }
+    }
 }
 
 #[inline(always)]

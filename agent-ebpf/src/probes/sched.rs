@@ -20,7 +20,7 @@ use aya_ebpf::{
 };
 
 use super::{
-    cuda::{CUDA_CTX_DEVICE, CUDA_PROCESSES, CUDA_THREAD_CTX},
+    cuda::{CUDA_CTX_DEVICE, CUDA_FAIL_STACK, CUDA_PROCESSES, CUDA_THREAD_CTX},
     discovery::DRIVER_REPORTED,
 };
 use crate::maps::{count_lost, submit_flags, EVENTS};
@@ -71,6 +71,7 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     // The pid may come back as another program: its driver load is news again.
     let _ = DRIVER_REPORTED.remove(&tgid);
     let _ = CUDA_CTX_DEVICE.remove(&tgid);
+    let _ = CUDA_FAIL_STACK.remove(&tgid);
     if CUDA_PROCESSES.get_ptr(&tgid).is_none() {
         return 0;
     }

@@ -20,6 +20,7 @@ pub const PER_PROCESS: &[&str] = &[
     "CUDA_CTX_DEVICE",
     "CUDA_THREAD_CTX",
     "CUDA_PROCESSES",
+    "CUDA_FAIL_STACK",
 ];
 
 #[derive(Debug, thiserror::Error)]
