@@ -36,6 +36,11 @@ impl AgentProcess {
     /// Starts the agent on a free port with `--cuda-lib lib` and extra environment, and waits
     /// until `/healthz` answers (the library is attached by then).
     pub fn start(lib: &Path, env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        Self::start_with(lib, env, &[])
+    }
+
+    /// [`AgentProcess::start`] with extra arguments (`--watch-port PORT`).
+    pub fn start_with(lib: &Path, env: &[(&str, &str)], args: &[String]) -> anyhow::Result<Self> {
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let dir =
             std::env::temp_dir().join(format!("inferscope-bench-{}-{port}", std::process::id()));
@@ -48,6 +53,7 @@ impl AgentProcess {
             .arg(dir.join("forensics"))
             .arg("--cuda-lib")
             .arg(lib)
+            .args(args)
             .env("INFERSCOPE_LOG", "warn")
             .envs(env.iter().copied())
             .stdin(Stdio::null())

@@ -1,7 +1,9 @@
-//! What the `http` family costs an inference server: the same streamed load against the TGI
-//! stand-in (`text-generation-router`, axum + hyper) without the agent and with it, in
-//! interleaved rounds, as its clients see it (latency per request), as the server does
-//! (throughput, its own CPU, which pays the syscall probes) and the agent's CPU.
+//! What the `http` family costs an inference server: the same streamed load against a server
+//! without the agent and with it, in interleaved rounds, as its clients see it (latency per
+//! request), as the server does (throughput, its own CPU, which pays the syscall probes) and
+//! the agent's CPU. Two servers: the TGI stand-in (`text-generation-router`, axum + hyper,
+//! HTTP/1.1 server-sent events) and a gRPC one (`tonic-llm`, tonic, server-streaming calls
+//! multiplexed on one channel).
 
 use std::{
     net::TcpStream,
@@ -18,6 +20,8 @@ use crate::agentproc::{metric_sum, proc_cpu_ns, sibling_bin, AgentProcess};
 
 /// The load, and what it cost.
 pub struct HttpCost {
+    /// Which server, for the table.
+    pub server: &'static str,
     pub requests: usize,
     pub concurrency: usize,
     pub tokens: u64,
@@ -131,8 +135,127 @@ fn pct(v: &mut [Duration], p: f64) -> f64 {
     v[((v.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1000.0
 }
 
-/// Without and with the agent, in interleaved rounds (without, with, without, with, ...) so
-/// that drift on the machine falls on both alike.
+/// A server the load runs against.
+trait Target {
+    fn pid(&self) -> u32;
+    /// `requests` requests, `concurrency` at once: latencies, TTFTs, wall time.
+    fn load(
+        &self,
+        requests: usize,
+        concurrency: usize,
+    ) -> anyhow::Result<(Vec<Duration>, Vec<Duration>, Duration)>;
+    /// The agent's arguments to watch it.
+    fn agent_args(&self) -> Vec<String>;
+}
+
+struct Tgi {
+    server: Server,
+    tokens: u64,
+}
+
+impl Target for Tgi {
+    fn pid(&self) -> u32 {
+        self.server.child.id()
+    }
+
+    fn load(
+        &self,
+        requests: usize,
+        concurrency: usize,
+    ) -> anyhow::Result<(Vec<Duration>, Vec<Duration>, Duration)> {
+        load(self.server.port, requests, concurrency, self.tokens)
+    }
+
+    fn agent_args(&self) -> Vec<String> {
+        Vec::new() // found by its command line
+    }
+}
+
+/// `tonic-llm serve`: 10 ms to the first message, then one every 1 ms.
+struct Grpc {
+    child: Child,
+    port: u16,
+    tokens: u64,
+}
+
+impl Grpc {
+    fn start(tokens: u64) -> anyhow::Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let child = Command::new(sibling_bin("tonic-llm")?)
+            .args(["serve", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting tonic-llm")?;
+        let start = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if start.elapsed() > Duration::from_secs(10) {
+                bail!("tonic-llm did not listen");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Self {
+            child,
+            port,
+            tokens,
+        })
+    }
+}
+
+impl Drop for Grpc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Target for Grpc {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn load(
+        &self,
+        requests: usize,
+        concurrency: usize,
+    ) -> anyhow::Result<(Vec<Duration>, Vec<Duration>, Duration)> {
+        let out = Command::new(sibling_bin("tonic-llm")?)
+            .args([
+                "load".to_string(),
+                self.port.to_string(),
+                requests.to_string(),
+                concurrency.to_string(),
+                self.tokens.to_string(),
+            ])
+            .output()
+            .context("tonic-llm load")?;
+        if !out.status.success() {
+            bail!("tonic-llm load: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let ms = |key: &str| -> Vec<Duration> {
+            v[key]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|x| x.as_f64())
+                        .map(|x| Duration::from_secs_f64(x / 1000.0))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let wall = Duration::from_secs_f64(v["wall_ms"].as_f64().unwrap_or(0.0) / 1000.0);
+        Ok((ms("latency_ms"), ms("ttft_ms"), wall))
+    }
+
+    fn agent_args(&self) -> Vec<String> {
+        vec!["--watch-port".into(), self.port.to_string()]
+    }
+}
+
+/// The TGI stand-in: HTTP/1.1 streamed requests.
 pub fn measure(
     lib: &Path,
     requests: usize,
@@ -140,10 +263,61 @@ pub fn measure(
     tokens: u64,
 ) -> anyhow::Result<HttpCost> {
     let (ttft_ms, token_ms) = (10.0, 1.0);
-    let server = Server::start(ttft_ms, token_ms)?;
-    let pid = server.child.id();
+    let target = Tgi {
+        server: Server::start(ttft_ms, token_ms)?,
+        tokens,
+    };
+    interleaved(
+        &target,
+        "TGI stand-in",
+        lib,
+        requests,
+        concurrency,
+        tokens,
+        ttft_ms,
+        token_ms,
+    )
+}
+
+/// `tonic-llm`: gRPC server-streaming calls, multiplexed on one channel.
+pub fn measure_grpc(
+    lib: &Path,
+    requests: usize,
+    concurrency: usize,
+    tokens: u64,
+) -> anyhow::Result<HttpCost> {
+    let target = Grpc::start(tokens)?;
+    interleaved(
+        &target,
+        "gRPC (tonic)",
+        lib,
+        requests,
+        concurrency,
+        tokens,
+        10.0,
+        1.0,
+    )
+}
+
+/// Without and with the agent, in interleaved rounds (without, with, without, with, ...) so
+/// that drift on the machine falls on both alike.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the load's shape, named at two calls"
+)]
+fn interleaved(
+    target: &dyn Target,
+    server: &'static str,
+    lib: &Path,
+    requests: usize,
+    concurrency: usize,
+    tokens: u64,
+    ttft_ms: f64,
+    token_ms: f64,
+) -> anyhow::Result<HttpCost> {
+    let pid = target.pid();
     // Warm the server and the connections' code paths.
-    load(server.port, concurrency * 2, concurrency, tokens)?;
+    target.load(concurrency * 2, concurrency)?;
     let rounds = 4;
     let per = requests / rounds;
     let (mut lat, mut ttft) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
@@ -154,12 +328,10 @@ pub fn measure(
         for with in [false, true] {
             let i = usize::from(with);
             let agent = if with {
-                let a = AgentProcess::start(lib, &[])?;
-                a.wait_for(
-                    "the TGI stand-in to be watched",
-                    Duration::from_secs(30),
-                    |t| metric_sum(t, "inferscope_http_watched_processes") >= 1.0,
-                )
+                let a = AgentProcess::start_with(lib, &[], &target.agent_args())?;
+                a.wait_for("the server to be watched", Duration::from_secs(30), |t| {
+                    metric_sum(t, "inferscope_http_watched_processes") >= 1.0
+                })
                 .with_context(|| a.log())?;
                 Some(a)
             } else {
@@ -170,7 +342,7 @@ pub fn measure(
                 None => None,
             };
             let s0 = proc_cpu_ns(pid)?;
-            let (l, t, w) = load(server.port, per, concurrency, tokens)?;
+            let (l, t, w) = target.load(per, concurrency)?;
             server_cpu[i] += proc_cpu_ns(pid)? - s0;
             wall[i] += w;
             lat[i].extend(l);
@@ -196,6 +368,7 @@ pub fn measure(
     }
     let n = (requests / rounds * rounds) as f64;
     Ok(HttpCost {
+        server,
         requests: requests / rounds * rounds,
         concurrency,
         tokens,

@@ -163,6 +163,7 @@ pub struct Results {
     pub latency: Latency,
     pub memory: Memory,
     pub http: http::HttpCost,
+    pub grpc: http::HttpCost,
     pub otlp: otlp::OtlpCost,
 }
 
@@ -251,6 +252,25 @@ fn main() {
         match run() {
             Ok(t) => {
                 println!("{t}");
+                return;
+            }
+            Err(e) => {
+                eprintln!("inferscope-bench: {e:#}");
+                std::process::exit(1);
+            }
+        }
+    }
+    // `--grpc-only`: only the gRPC wire-timing figures, printed.
+    if args.iter().any(|a| a == "--grpc-only") {
+        let sizes = Sizes::new(quick);
+        match http::measure_grpc(
+            &Variant::Nop5.lib_path(),
+            sizes.http_requests,
+            sizes.http_concurrency,
+            sizes.http_tokens,
+        ) {
+            Ok(g) => {
+                println!("{}", report::wire_table(&g));
                 return;
             }
             Err(e) => {
@@ -348,6 +368,19 @@ fn run(quick: bool) -> anyhow::Result<()> {
         sizes.http_tokens,
     )?;
     eprintln!(
+        "bench: [{:>3.0} s] grpc: {} streamed calls × {} messages, {} streams on one channel, without and with the agent",
+        started.elapsed().as_secs_f64(),
+        sizes.http_requests,
+        sizes.http_tokens,
+        sizes.http_concurrency
+    );
+    let grpc = http::measure_grpc(
+        &Variant::Nop5.lib_path(),
+        sizes.http_requests,
+        sizes.http_concurrency,
+        sizes.http_tokens,
+    )?;
+    eprintln!(
         "bench: [{:>3.0} s] http memory: {HTTP_MEMORY_CONNECTIONS} partial requests and endless streams",
         started.elapsed().as_secs_f64(),
     );
@@ -401,6 +434,7 @@ fn run(quick: bool) -> anyhow::Result<()> {
         latency,
         memory,
         http,
+        grpc,
         otlp,
     };
     let elapsed = started.elapsed();

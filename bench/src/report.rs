@@ -203,7 +203,8 @@ pub fn tables(r: &Results) -> String {
         rss,
         verdict(rss <= RSS_TARGET_MIB)
     );
-    http_table(&mut s, r);
+    http_table(&mut s, &r.http);
+    http_table(&mut s, &r.grpc);
     otlp_table(&mut s, &r.otlp);
     s
 }
@@ -212,17 +213,29 @@ fn added(without: f64, with: f64) -> f64 {
     (with - without) / without
 }
 
-fn http_table(s: &mut String, r: &Results) {
-    let h = &r.http;
+/// One wire-timing table, alone.
+pub fn wire_table(h: &crate::http::HttpCost) -> String {
+    let mut s = String::new();
+    http_table(&mut s, h);
+    s
+}
+
+fn http_table(s: &mut String, h: &crate::http::HttpCost) {
     let _ = writeln!(
         s,
-        "\n### HTTP wire timing: streamed requests to the TGI stand-in, without / with the agent\n"
+        "\n### Wire timing: streamed requests to the {}, without / with the agent\n",
+        h.server
     );
+    let how = if h.server.starts_with("gRPC") {
+        "server-streaming `llm.Generator/Generate` calls, multiplexed on one HTTP/2 channel, at once"
+    } else {
+        "`POST /generate_stream`, keep-alive connections at once"
+    };
     let _ = writeln!(
         s,
-        "{} `POST /generate_stream` per configuration, {} keep-alive connections at once, {} token \
-events each (first after {} ms, then every {} ms).\n",
+        "{} per configuration; {}: {}; {} token events each (first after {} ms, then every {} ms).\n",
         thousands(h.requests as u64),
+        how,
         h.concurrency,
         h.tokens,
         h.ttft_ms,

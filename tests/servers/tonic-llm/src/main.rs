@@ -1,6 +1,8 @@
 //! `tonic-llm serve PORT`: a server-streaming `llm.Generator/Generate` on tonic, each stream
 //! timed as its request asks. `tonic-llm timing PORT N`: N calls on one channel from tonic's
 //! client, each timed here; prints `[{ttft_ms, gaps_ms, latency_ms}, ...]` as JSON.
+//! `tonic-llm load PORT REQUESTS CONCURRENCY TOKENS`: the bench's load, streams multiplexed
+//! on one channel.
 
 use std::{pin::Pin, time::Duration, time::Instant};
 
@@ -101,6 +103,66 @@ async fn timing(port: u16, n: u32) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// `requests` calls of `tokens` messages, `concurrency` streams at once on one channel (as gRPC
+/// clients multiplex); prints `{latency_ms: [...], ttft_ms: [...], wall_ms}`.
+async fn load(
+    port: u16,
+    requests: u32,
+    concurrency: u32,
+    tokens: u32,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))?
+        .connect()
+        .await?;
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let mut client = GeneratorClient::new(channel.clone());
+        let next = next.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < requests {
+                let t0 = Instant::now();
+                let mut stream = client
+                    .generate(GenerateRequest {
+                        model: "tonic".into(),
+                        tokens,
+                        gap_ms: 1,
+                        first_ms: 10,
+                        status: 0,
+                    })
+                    .await?
+                    .into_inner();
+                let (mut first, mut got) = (None, 0);
+                while let Some(token) = stream.next().await {
+                    token?;
+                    first.get_or_insert_with(|| t0.elapsed());
+                    got += 1;
+                }
+                if got != tokens {
+                    return Err(Status::internal(format!("{got} of {tokens} tokens")));
+                }
+                out.push((t0.elapsed(), first.unwrap_or_default()));
+            }
+            Ok::<_, Status>(out)
+        }));
+    }
+    let (mut latency, mut ttft) = (Vec::new(), Vec::new());
+    for t in tasks {
+        for (l, f) in t.await?? {
+            latency.push(l.as_secs_f64() * 1000.0);
+            ttft.push(f.as_secs_f64() * 1000.0);
+        }
+    }
+    let wall = start.elapsed().as_secs_f64() * 1000.0;
+    println!(
+        "{}",
+        serde_json::json!({ "latency_ms": latency, "ttft_ms": ttft, "wall_ms": wall })
+    );
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -115,6 +177,14 @@ async fn main() {
             let n = args.get(3).and_then(|n| n.parse().ok()).unwrap_or(4);
             timing(port(2), n).await
         }
+        Some("load") => {
+            let arg = |i: usize| -> u32 {
+                args.get(i)
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or_else(|| usage())
+            };
+            load(port(2), arg(3), arg(4), arg(5)).await
+        }
         _ => usage(),
     };
     if let Err(e) = result {
@@ -124,6 +194,8 @@ async fn main() {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: tonic-llm serve PORT | tonic-llm timing PORT N");
+    eprintln!(
+        "usage: tonic-llm serve PORT | tonic-llm timing PORT N | tonic-llm load PORT REQUESTS CONCURRENCY TOKENS"
+    );
     std::process::exit(2);
 }
