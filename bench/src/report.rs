@@ -746,7 +746,7 @@ fn http_reading(s: &mut String, r: &Results) {
 asked for, {:.0} ms at p50 without the agent: tokio rounds each 1 ms sleep up to its next \
 timer tick), so the added latency is what the probes and the agent's CPU take from the server's syscalls and cores: the server's \
 CPU per request went from {:.0} to {:.0} µs (the syscall tracepoints run in its context: \
-{:.0} http records per request, one per `read`/`write`/`writev` iovec), and the agent used \
+{:.0} http records per request, one per `read`/`write`/`writev` call), and the agent used \
 {:.1} % of a core at {:.0} requests/s, i.e. {:.1} % of a core per 1,000 requests/s of \
 {} token events each. On 2 cores shared by the clients, the server and the agent, the \
 latency differences move by a few percent either way from run to run (p50 as well as p99); \
