@@ -100,6 +100,9 @@ pub enum Bad {
     HpackMalformed,
     /// More concurrent HTTP/2 streams on one connection than followed.
     TooManyStreams,
+    /// A connection that speaks TLS the agent cannot read (encrypted by a library it does not
+    /// probe): counted once per connection, its bytes ignored.
+    TlsUnsupported,
 }
 
 impl Bad {
@@ -116,6 +119,7 @@ impl Bad {
             Self::HpackUnknownReference => "hpack_unknown_reference",
             Self::HpackMalformed => "hpack_malformed",
             Self::TooManyStreams => "too_many_streams",
+            Self::TlsUnsupported => "tls_unsupported",
         }
     }
 }

@@ -543,3 +543,62 @@ fn the_http_family_is_shed_past_its_budget_and_comes_back() {
     drop(streams);
     assert!(agent.stop().success());
 }
+
+/// TLS terminated in the watched process by a library the agent does not probe (rustls,
+/// statically linked: the test's own terminator in front of the stand-in) is counted as
+/// `tls_unsupported`, once per connection, and not as garbage.
+#[root_test]
+fn tls_the_agent_cannot_read_is_counted_as_such() {
+    use integration::tls_proxy::{ClientAuth, TestPki, TlsProxy};
+    let server = Server::start("stand-in");
+    let pki = TestPki::generate();
+    let proxy = TlsProxy::start(&pki, server.port, ClientAuth::None);
+    let agent = Agent::start(&["--watch-port", &proxy.port.to_string()]);
+    agent.wait_for("the terminator to be watched", |s| {
+        s.sum("inferscope_http_watched_processes", &[]) >= 1.0
+    });
+    let script = format!(
+        "import ssl, http.client\n\
+         ctx = ssl.create_default_context(cafile={ca:?})\n\
+         for _ in range(2):\n\
+         \x20   c = http.client.HTTPSConnection('127.0.0.1', {port}, context=ctx)\n\
+         \x20   body = '{{\"model\":\"stand-in\",\"max_tokens\":2,\"messages\":[{{\"role\":\"user\",\"content\":\"x\"}}]}}'\n\
+         \x20   c.request('POST', '/v1/chat/completions', body, {{'Content-Type': 'application/json'}})\n\
+         \x20   r = c.getresponse(); r.read()\n\
+         \x20   assert r.status == 200, r.status\n\
+         \x20   c.close()\n",
+        ca = pki.ca.display().to_string(),
+        port = proxy.port
+    );
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(&script)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = agent.wait_for("two TLS connections", |s| {
+        s.sum(
+            "inferscope_http_bad_input_total",
+            &[("kind", "tls_unsupported")],
+        ) >= 2.0
+    });
+    assert_eq!(
+        s.sum(
+            "inferscope_http_bad_input_total",
+            &[("kind", "tls_unsupported")]
+        ),
+        2.0,
+        "{}",
+        s.text
+    );
+    assert_eq!(
+        s.sum("inferscope_http_bad_input_total", &[("kind", "not_http")]),
+        0.0
+    );
+    assert_eq!(s.sum("llm_requests_total", &[]), 0.0);
+    assert!(agent.stop().success());
+}
