@@ -5,6 +5,7 @@
   infer PORT MODEL N      N unary ModelInfer calls naming MODEL (KServe v2 ModelInferRequest)
   status PORT CODE        one Generate call ending with grpc-status CODE
   preopen PORT N          a channel with one call made, then (after a line on stdin) N timed calls
+  sglang PORT PROMPT N    one SGLang scheduler Generate call answering N tokens
 """
 
 import json
@@ -83,6 +84,12 @@ def status(port, code):
     return {"code": 0}
 
 
+def sglang(port, prompt, tokens):
+    ch = channel(port)
+    call = ch.unary_stream("/sglang.grpc.scheduler.SglangScheduler/Generate")
+    return {"messages": sum(1 for _ in call(f"{prompt} {tokens}".encode()))}
+
+
 def preopen(port, n):
     ch = channel(port)
     timing(port, 1, ch)
@@ -101,6 +108,8 @@ def main():
         out = infer(port, sys.argv[3], int(sys.argv[4]))
     elif mode == "status":
         out = status(port, int(sys.argv[3]))
+    elif mode == "sglang":
+        out = sglang(port, int(sys.argv[3]), int(sys.argv[4]))
     elif mode == "preopen":
         out = preopen(port, int(sys.argv[3]))
     else:

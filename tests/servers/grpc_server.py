@@ -8,6 +8,13 @@ servers use), with generic handlers on raw bytes, for the http probe tests:
                                               FIRST_MS, then sends TOKENS messages GAP_MS apart,
                                               then ends with grpc-status STATUS (default 0)
 
+  sglang.grpc.scheduler.SglangScheduler/Generate
+                                              server-streaming, as SGLang's scheduler answers:
+                                              the request is "PROMPT TOKENS"; TOKENS
+                                              GenerateResponse chunks with cumulative counts,
+                                              then a GenerateComplete (field numbers of its
+                                              sglang_scheduler.proto)
+
 Usage: grpc_server.py PORT
 """
 
@@ -18,9 +25,40 @@ from concurrent import futures
 import grpc
 
 
+def varint(n):
+    out = b""
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out += bytes([b | 0x80])
+        else:
+            return out + bytes([b])
+
+
 def field(number, value):
-    """A length-delimited protobuf field (wire type 2) of fewer than 128 bytes."""
-    return bytes([(number << 3) | 2, len(value)]) + value
+    """A length-delimited protobuf field (wire type 2)."""
+    return varint((number << 3) | 2) + varint(len(value)) + value
+
+
+def int_field(number, value):
+    """A varint protobuf field (wire type 0)."""
+    return varint(number << 3) + varint(value)
+
+
+def sglang_generate(request, context):
+    prompt, tokens = (int(x) for x in request.decode().split())
+    ids = []
+    for i in range(tokens):
+        ids.append(1000 + i)
+        # GenerateStreamChunk { token_ids = 1 (packed); prompt_tokens = 2; completion_tokens = 3 }
+        chunk = field(1, varint(1000 + i)) + int_field(2, prompt) + int_field(3, i + 1)
+        yield field(1, b"req-1") + field(2, chunk)
+        time.sleep(0.002)
+    # GenerateComplete { output_ids = 1; finish_reason = 2; prompt_tokens = 3; completion_tokens = 4 }
+    complete = (field(1, b"".join(varint(i) for i in ids)) + field(2, b"length")
+                + int_field(3, prompt) + int_field(4, tokens))
+    yield field(1, b"req-1") + field(3, complete)
 
 
 def model_name(request):
@@ -59,6 +97,10 @@ def main():
             grpc.method_handlers_generic_handler(
                 "llm.Generator",
                 {"Generate": grpc.unary_stream_rpc_method_handler(generate)},
+            ),
+            grpc.method_handlers_generic_handler(
+                "sglang.grpc.scheduler.SglangScheduler",
+                {"Generate": grpc.unary_stream_rpc_method_handler(sglang_generate)},
             ),
         )
     )

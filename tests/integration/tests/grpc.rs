@@ -242,3 +242,20 @@ fn a_tonic_service_is_timed_as_its_client_saw_it() {
     let _ = server.kill();
     let _ = server.wait();
 }
+
+/// SGLang's scheduler service carries its token counts in its messages (its
+/// `GenerateResponse` layout): they are the call's input and output tokens, not the count of
+/// messages (which has one more, the completion).
+#[root_test]
+fn sglang_generate_calls_count_the_tokens_their_messages_carry() {
+    let server = GrpcServer::start();
+    let agent = start_agent(&server);
+    let got = client(&["sglang", &server.port.to_string(), "37", "20"]);
+    assert_eq!(got["messages"], 21);
+    let s = agent.wait_for("the call", |s| {
+        s.sum("llm_requests_total", &[("protocol", "grpc")]) >= 1.0
+    });
+    assert_eq!(s.sum("llm_tokens_input_total", &[]), 37.0, "{}", s.text);
+    assert_eq!(s.sum("llm_tokens_output_total", &[]), 20.0, "{}", s.text);
+    assert!(agent.stop().success());
+}

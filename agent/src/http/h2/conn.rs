@@ -306,12 +306,13 @@ impl State {
             x.protocol = Protocol::Grpc;
             x.stream = true;
         }
+        let usage = grpc::usage_reader(&x.route);
         self.streams.insert(
             stream,
             Stream {
                 x,
                 req: Messages::default(),
-                resp: Messages::default(),
+                resp: Messages::with_usage(usage),
                 grpc,
                 unknown_fields,
                 pad: None,
@@ -395,6 +396,10 @@ impl State {
         x.end_ns = ts;
         x.request_messages = s.req.count;
         x.response_messages = s.resp.count;
+        if let Some((prompt, completion)) = s.resp.usage {
+            x.usage.prompt = Some(prompt);
+            x.usage.completion = Some(completion);
+        }
         x.error = error.or_else(|| match (x.grpc_status, x.status) {
             (Some(code), _) if code != 0 => Some(ErrorType::Grpc(code.min(255) as u8)),
             (_, Some(429)) => Some(ErrorType::RateLimited),

@@ -23,6 +23,33 @@ pub fn names_model(path: &str) -> bool {
     MODEL_IN_FIELD_1.contains(&path)
 }
 
+/// Reads token counts from one response message of a service that carries them.
+pub type UsageReader = fn(&[u8]) -> Option<(u64, u64)>;
+
+/// The response messages that carry token counts, by `:path`:
+/// - SGLang's scheduler (`sglang.grpc.scheduler.SglangScheduler/Generate`, the gRPC mode
+///   behind its model gateway): `GenerateResponse { oneof response { GenerateStreamChunk
+///   chunk = 2; GenerateComplete complete = 3; ... } }`, a chunk with cumulative
+///   `prompt_tokens = 2`, `completion_tokens = 3`, the completion with `prompt_tokens = 3`,
+///   `completion_tokens = 4`. The last message that carries them gives the call's usage.
+pub fn usage_reader(path: &str) -> Option<UsageReader> {
+    match path {
+        "/sglang.grpc.scheduler.SglangScheduler/Generate" => Some(sglang_usage),
+        _ => None,
+    }
+}
+
+fn sglang_usage(msg: &[u8]) -> Option<(u64, u64)> {
+    if let Some(chunk) = field_prefix(msg, 2) {
+        return Some((varint_field(chunk, 2)?, varint_field(chunk, 3)?));
+    }
+    let complete = field_prefix(msg, 3)?;
+    Some((varint_field(complete, 3)?, varint_field(complete, 4)?))
+}
+
+/// Bytes of a response message kept to read its token counts from.
+const USAGE_PEEK: usize = 1024;
+
 /// `grpc-status` codes as `error_type` values (`grpc_` and the code's name).
 pub fn status_label(code: u32) -> &'static str {
     match code {
@@ -80,6 +107,12 @@ pub struct Messages {
     pub count: u64,
     /// The first message's first bytes (when uncompressed), for [`string_field`].
     pub first: Vec<u8>,
+    /// Reads token counts from each message (see [`usage_reader`]).
+    usage_reader: Option<UsageReader>,
+    /// The current message's first bytes, for `usage_reader`.
+    current: Vec<u8>,
+    /// (prompt, completion) from the last message that carried them.
+    pub usage: Option<(u64, u64)>,
 }
 
 impl Default for Messages {
@@ -91,17 +124,38 @@ impl Default for Messages {
             },
             count: 0,
             first: Vec::new(),
+            usage_reader: None,
+            current: Vec::new(),
+            usage: None,
         }
     }
 }
 
 impl Messages {
+    /// Messages whose token counts `reader` reads.
+    pub fn with_usage(reader: Option<UsageReader>) -> Self {
+        Self {
+            usage_reader: reader,
+            ..Self::default()
+        }
+    }
+
     pub fn lost(&self) -> bool {
         matches!(self.state, State::Lost)
     }
 
     pub fn state_bytes(&self) -> usize {
-        self.first.capacity()
+        self.first.capacity() + self.current.capacity()
+    }
+
+    /// The current message's bytes kept so far are all there will be: read its counts.
+    fn message_done(&mut self) {
+        if let Some(read) = self.usage_reader {
+            if let Some(u) = read(&self.current) {
+                self.usage = Some(u);
+            }
+        }
+        self.current.clear();
     }
 
     /// Feeds DATA payload: captured bytes, or a hole of `n` bytes. Returns how many messages
@@ -122,6 +176,7 @@ impl Messages {
                                     buf: [0; 5],
                                     have: 0,
                                 };
+                                self.message_done();
                             }
                         }
                         State::Prefix { .. } => {
@@ -146,7 +201,9 @@ impl Messages {
                                     u64::from(u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]));
                                 self.count += 1;
                                 started += 1;
+                                self.current.clear();
                                 self.state = if left == 0 {
+                                    self.message_done();
                                     State::Prefix {
                                         buf: [0; 5],
                                         have: 0,
@@ -162,6 +219,13 @@ impl Messages {
                                 let room = PEEK - self.first.len();
                                 self.first.extend_from_slice(&b[..k.min(room)]);
                             }
+                            if self.usage_reader.is_some()
+                                && !*compressed
+                                && self.current.len() < USAGE_PEEK
+                            {
+                                let room = USAGE_PEEK - self.current.len();
+                                self.current.extend_from_slice(&b[..k.min(room)]);
+                            }
                             *left -= k as u64;
                             b = &b[k..];
                             if *left == 0 {
@@ -169,6 +233,7 @@ impl Messages {
                                     buf: [0; 5],
                                     have: 0,
                                 };
+                                self.message_done();
                             }
                         }
                         State::Lost => return started,
@@ -200,6 +265,57 @@ pub fn string_field(msg: &[u8], field: u32) -> Option<&[u8]> {
                     return Some(value);
                 }
                 b = &rest[len..];
+            }
+            _ => return None,
+        }
+    }
+    None
+}
+
+/// The bytes of length-delimited field `field` at the top level of `msg`, as far as `msg`
+/// holds them (a message kept only in part still yields its leading fields).
+fn field_prefix(msg: &[u8], field: u32) -> Option<&[u8]> {
+    let mut b = msg;
+    while !b.is_empty() {
+        let (key, rest) = varint(b)?;
+        b = rest;
+        match key & 7 {
+            0 => b = varint(b)?.1,
+            1 => b = b.get(8..)?,
+            5 => b = b.get(4..)?,
+            2 => {
+                let (len, rest) = varint(b)?;
+                let len = usize::try_from(len).ok()?;
+                if key >> 3 == u64::from(field) {
+                    return Some(&rest[..len.min(rest.len())]);
+                }
+                b = rest.get(len..)?;
+            }
+            _ => return None,
+        }
+    }
+    None
+}
+
+/// Varint field `field` at the top level of `msg`.
+fn varint_field(msg: &[u8], field: u32) -> Option<u64> {
+    let mut b = msg;
+    while !b.is_empty() {
+        let (key, rest) = varint(b)?;
+        b = rest;
+        match key & 7 {
+            0 => {
+                let (v, rest) = varint(b)?;
+                if key >> 3 == u64::from(field) {
+                    return Some(v);
+                }
+                b = rest;
+            }
+            1 => b = b.get(8..)?,
+            5 => b = b.get(4..)?,
+            2 => {
+                let (len, rest) = varint(b)?;
+                b = rest.get(usize::try_from(len).ok()?..)?;
             }
             _ => return None,
         }
@@ -244,6 +360,38 @@ mod tests {
         assert_eq!(m.feed(None, 7), 0);
         assert!(m.lost());
         assert_eq!(m.feed(Some(&message(b"x")), 6), 0);
+    }
+
+    /// SGLang's `GenerateResponse`, encoded by the field numbers of its scheduler proto.
+    #[test]
+    fn sglang_usage_from_chunks_and_the_completion() {
+        // chunk = 2 { token_ids = 1 [packed 5, 6]; prompt_tokens = 2: 12; completion_tokens = 3: 2 }
+        let chunk = [0x12, 0x08, 0x0a, 0x02, 5, 6, 0x10, 12, 0x18, 2];
+        let mut msg = vec![0x0a, 0x02, b'r', b'1'];
+        msg.extend_from_slice(&chunk);
+        assert_eq!(sglang_usage(&msg), Some((12, 2)));
+        // complete = 3 { output_ids = 1 [packed, 300 ids of 2 bytes]; finish_reason = 2;
+        // prompt_tokens = 3: 12; completion_tokens = 4: 300 }
+        let mut inner = vec![0x0a, 0xd8, 0x04];
+        inner.extend(std::iter::repeat_n([0x80, 0x02], 300).flatten());
+        inner.extend_from_slice(&[0x12, 4, b's', b't', b'o', b'p', 0x18, 12, 0x20, 0xac, 0x02]);
+        assert_eq!(inner.len(), 614);
+        let mut done = vec![0x1a, 0xe6, 0x04]; // field 3, 614 bytes
+        done.extend_from_slice(&inner);
+        assert_eq!(sglang_usage(&done), Some((12, 300)));
+        // Through the reader, the counts of the last message that had them.
+        let reader = usage_reader("/sglang.grpc.scheduler.SglangScheduler/Generate");
+        let mut m = Messages::with_usage(reader);
+        let wire = [message(&msg), message(&done)].concat();
+        m.feed(Some(&wire), wire.len() as u64);
+        assert_eq!((m.count, m.usage), (2, Some((12, 300))));
+        // A completion cut short keeps the chunk's counts.
+        let mut m = Messages::with_usage(reader);
+        let cut = message(&done);
+        m.feed(Some(&message(&msg)), 19);
+        m.feed(Some(&cut[..100]), 100);
+        m.feed(None, (cut.len() - 100) as u64);
+        assert_eq!(m.usage, Some((12, 2)));
     }
 
     #[test]
