@@ -32,14 +32,17 @@ pub type UsageReader = fn(&[u8]) -> Option<(u64, u64)>;
 ///   chunk = 2; GenerateComplete complete = 3; ... } }`, a chunk with cumulative
 ///   `prompt_tokens = 2`, `completion_tokens = 3`, the completion with `prompt_tokens = 3`,
 ///   `completion_tokens = 4`. The last message that carries them gives the call's usage.
+/// - vLLM's engine (`vllm.grpc.engine.VllmEngine/Generate`, its gRPC mode behind the same
+///   router): `GenerateResponse` with the same field numbers (`vllm_engine.proto`).
 pub fn usage_reader(path: &str) -> Option<UsageReader> {
     match path {
-        "/sglang.grpc.scheduler.SglangScheduler/Generate" => Some(sglang_usage),
+        "/sglang.grpc.scheduler.SglangScheduler/Generate"
+        | "/vllm.grpc.engine.VllmEngine/Generate" => Some(generate_response_usage),
         _ => None,
     }
 }
 
-fn sglang_usage(msg: &[u8]) -> Option<(u64, u64)> {
+fn generate_response_usage(msg: &[u8]) -> Option<(u64, u64)> {
     if let Some(chunk) = field_prefix(msg, 2) {
         return Some((varint_field(chunk, 2)?, varint_field(chunk, 3)?));
     }
@@ -362,14 +365,14 @@ mod tests {
         assert_eq!(m.feed(Some(&message(b"x")), 6), 0);
     }
 
-    /// SGLang's `GenerateResponse`, encoded by the field numbers of its scheduler proto.
+    /// SGLang's `GenerateResponse` (and vLLM's), encoded by the field numbers of their protos.
     #[test]
     fn sglang_usage_from_chunks_and_the_completion() {
         // chunk = 2 { token_ids = 1 [packed 5, 6]; prompt_tokens = 2: 12; completion_tokens = 3: 2 }
         let chunk = [0x12, 0x08, 0x0a, 0x02, 5, 6, 0x10, 12, 0x18, 2];
         let mut msg = vec![0x0a, 0x02, b'r', b'1'];
         msg.extend_from_slice(&chunk);
-        assert_eq!(sglang_usage(&msg), Some((12, 2)));
+        assert_eq!(generate_response_usage(&msg), Some((12, 2)));
         // complete = 3 { output_ids = 1 [packed, 300 ids of 2 bytes]; finish_reason = 2;
         // prompt_tokens = 3: 12; completion_tokens = 4: 300 }
         let mut inner = vec![0x0a, 0xd8, 0x04];
@@ -378,7 +381,7 @@ mod tests {
         assert_eq!(inner.len(), 614);
         let mut done = vec![0x1a, 0xe6, 0x04]; // field 3, 614 bytes
         done.extend_from_slice(&inner);
-        assert_eq!(sglang_usage(&done), Some((12, 300)));
+        assert_eq!(generate_response_usage(&done), Some((12, 300)));
         // Through the reader, the counts of the last message that had them.
         let reader = usage_reader("/sglang.grpc.scheduler.SglangScheduler/Generate");
         let mut m = Messages::with_usage(reader);
@@ -392,6 +395,9 @@ mod tests {
         m.feed(Some(&cut[..100]), 100);
         m.feed(None, (cut.len() - 100) as u64);
         assert_eq!(m.usage, Some((12, 2)));
+        // vLLM's engine answers the same layout; other services are not read.
+        assert!(usage_reader("/vllm.grpc.engine.VllmEngine/Generate").is_some());
+        assert!(usage_reader("/llm.Generator/Generate").is_none());
     }
 
     #[test]
