@@ -11,7 +11,10 @@ use super::{
     grpc::{self, Messages},
     hpack::{Field, HpackError, Table},
 };
-use crate::http::conn::{clip, Bad, ErrorType, Exchange, Output, Protocol};
+use crate::http::{
+    conn::{clip, Bad, ErrorType, Exchange, Output, Protocol},
+    payload::{self, Sse},
+};
 
 /// Longest header block kept (across CONTINUATION frames); a longer one is lost with the
 /// table it would have updated.
@@ -19,6 +22,9 @@ const MAX_BLOCK: usize = 64 * 1024;
 /// Streams followed at once on one connection; further ones are counted and ignored.
 pub const MAX_STREAMS: usize = 256;
 const MAX_ROUTE: usize = 128;
+/// Body bytes kept per plain HTTP/2 exchange and direction (the request JSON names its
+/// model in its first bytes; a non-streamed answer's `usage`).
+const MAX_BODY: usize = 16 * 1024;
 const MAX_MODEL: usize = 256;
 
 /// A header block being gathered.
@@ -46,6 +52,29 @@ struct Stream {
     unknown_fields: bool,
     /// Pad length of the DATA frame being read (None until its first byte, or unpadded).
     pad: Option<u8>,
+    /// A plain HTTP/2 exchange's bodies (for the request's `model`, a response's `usage`),
+    /// their first bytes, and whether they were kept whole.
+    req_body: Body,
+    resp_body: Body,
+    /// A plain HTTP/2 response that is an event stream: its events are the token events.
+    sse: Option<Sse>,
+}
+
+/// The first [`MAX_BODY`] bytes of a body.
+#[derive(Debug, Default)]
+struct Body {
+    bytes: Vec<u8>,
+    /// Bytes were lost (a hole, or past the cap).
+    cut: bool,
+}
+
+impl Body {
+    fn keep(&mut self, piece: Option<&[u8]>) {
+        match piece {
+            Some(b) if self.bytes.len() + b.len() <= MAX_BODY => self.bytes.extend_from_slice(b),
+            _ => self.cut = true,
+        }
+    }
 }
 
 /// A direction's encoder's table and the block being gathered.
@@ -140,6 +169,9 @@ impl Conn {
                     s.x.state_bytes() - size_of::<Exchange>()
                         + s.req.state_bytes()
                         + s.resp.state_bytes()
+                        + s.req_body.bytes.capacity()
+                        + s.resp_body.bytes.capacity()
+                        + s.sse.as_ref().map_or(0, Sse::state_bytes)
                 })
                 .sum::<usize>()
     }
@@ -316,6 +348,9 @@ impl State {
                 grpc,
                 unknown_fields,
                 pad: None,
+                req_body: Body::default(),
+                resp_body: Body::default(),
+                sse: None,
             },
         );
         if end_stream {
@@ -339,6 +374,12 @@ impl State {
                 .map(|m| clip(&String::from_utf8_lossy(m), MAX_MODEL));
         }
         s.x.request_messages = s.req.count;
+        if !s.grpc && !s.req_body.bytes.is_empty() {
+            let meta = payload::request_meta(&s.req_body.bytes, !s.req_body.cut);
+            s.x.model = meta.model;
+            s.x.stream = meta.stream.unwrap_or(false);
+            s.req_body = Body::default();
+        }
         out.push(Output::Received {
             model: s.x.model.clone(),
         });
@@ -375,6 +416,10 @@ impl State {
                         .ok()
                         .and_then(|v| v.parse::<u32>().ok());
                 }
+                b"content-type" if !s.grpc && value.starts_with(b"text/event-stream") => {
+                    s.sse = Some(Sse::default());
+                    s.x.stream = true;
+                }
                 _ => {}
             }
         }
@@ -400,6 +445,12 @@ impl State {
             x.usage.prompt = Some(prompt);
             x.usage.completion = Some(completion);
         }
+        if !s.grpc {
+            x.usage = match &s.sse {
+                Some(sse) => sse.usage,
+                None => payload::body_usage(&s.resp_body.bytes, !s.resp_body.cut),
+            };
+        }
         x.error = error.or_else(|| match (x.grpc_status, x.status) {
             (Some(code), _) if code != 0 => Some(ErrorType::Grpc(code.min(255) as u8)),
             (_, Some(429)) => Some(ErrorType::RateLimited),
@@ -411,6 +462,9 @@ impl State {
             }
             _ => None,
         });
+        if x.error == Some(ErrorType::Http4xx) && payload::is_context_length(&s.resp_body.bytes) {
+            x.error = Some(ErrorType::ContextLength);
+        }
         out.push(Output::Finished(Box::new(s.x)));
     }
 
@@ -545,8 +599,25 @@ fn on_payload(
                         s.x.token_at(ts);
                     }
                 }
-            } else if !inbound && payload > 0 {
-                s.x.first_byte_out_ns.get_or_insert(ts);
+            } else if payload > 0 {
+                let piece = bytes.map(|b| &b[(start - offset) as usize..(end - offset) as usize]);
+                if inbound {
+                    s.req_body.keep(piece);
+                } else {
+                    s.x.first_byte_out_ns.get_or_insert(ts);
+                    match (&mut s.sse, piece) {
+                        (Some(sse), Some(b)) => {
+                            let x = &mut s.x;
+                            sse.feed(b, &mut |ev| {
+                                if ev.token {
+                                    x.token_at(ts);
+                                }
+                            });
+                        }
+                        (Some(sse), None) => sse.hole(),
+                        (None, piece) => s.resp_body.keep(piece),
+                    }
+                }
             }
             if last {
                 data_done(h, events);
@@ -906,6 +977,50 @@ mod tests {
             &mut out,
         );
         assert_eq!(finished(&out)[0].protocol, Protocol::H2);
+    }
+
+    #[test]
+    fn a_plain_http2_chat_stream_is_timed_by_its_events() {
+        let mut c = Conn::new(0);
+        let mut out = Vec::new();
+        let h = block(&[
+            (":method", "POST"),
+            (":path", "/v1/chat/completions"),
+            ("content-type", "application/json"),
+        ]);
+        let body =
+            br#"{"model":"llama","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+        let mut inp = PREFACE.to_vec();
+        inp.extend(frame(HEADERS, END_HEADERS, 1, &h));
+        inp.extend(frame(DATA, END_STREAM, 1, body));
+        c.read(10, &inp, 0, &mut out);
+        assert_eq!(
+            out,
+            [Output::Received {
+                model: Some("llama".into())
+            }]
+        );
+        out.clear();
+        let status = block(&[(":status", "200"), ("content-type", "text/event-stream")]);
+        c.write(20, &frame(HEADERS, END_HEADERS, 1, &status), 0, &mut out);
+        let event = b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n";
+        for ts in [30, 40, 55] {
+            c.write(ts, &frame(DATA, 0, 1, event), 0, &mut out);
+        }
+        let usage = b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":3}}\n\ndata: [DONE]\n\n";
+        c.write(60, &frame(DATA, END_STREAM, 1, usage), 0, &mut out);
+        let x = finished(&out);
+        assert_eq!(x.len(), 1, "{out:?}");
+        let x = x[0];
+        assert_eq!(
+            (x.protocol, x.model.as_deref(), x.stream, x.status, x.error),
+            (Protocol::H2, Some("llama"), true, Some(200), None)
+        );
+        assert_eq!(
+            (x.first_token_ns, x.token_gaps_ns.clone(), x.end_ns),
+            (Some(30), vec![10, 15], 60)
+        );
+        assert_eq!((x.usage.prompt, x.usage.completion), (Some(7), Some(3)));
     }
 
     #[test]
