@@ -41,6 +41,8 @@ parser.add_argument("--token-ms", type=float, default=5.0)
 parser.add_argument("--metrics", choices=["vllm", "vllm-old", "tgi", "sglang"])
 parser.add_argument("--metrics-values", default="{}", help="initial values, as for /control/metrics")
 parser.add_argument("--cuda-lib", help="CUDA driver (the test double) to hold GPU memory through")
+parser.add_argument("--server", choices=["uvicorn", "hypercorn"], default="uvicorn",
+                    help="hypercorn also speaks HTTP/2 in clear text (h2c, prior knowledge)")
 parser.add_argument("--cuda-mem", type=int, default=0,
                     help="bytes to allocate on GPU 0 at start and hold, as a server's weights")
 args = parser.parse_args()
@@ -210,4 +212,13 @@ async def health():
 
 
 if __name__ == "__main__":
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    if args.server == "hypercorn":
+        from hypercorn.asyncio import serve
+        from hypercorn.config import Config
+
+        config = Config()
+        config.bind = [f"{args.host}:{args.port}"]
+        config.loglevel = "WARNING"
+        asyncio.run(serve(app, config))
+    else:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -270,6 +270,10 @@ fn python_fixtures() -> anyhow::Result<()> {
     if !succeeds("ip", &["-V"]) {
         apt_install(&["iproute2"])?;
     }
+    // tests/integration/tests/http.rs drives an HTTP/2 server with curl (nghttp2).
+    if !succeeds("curl", &["-V"]) {
+        apt_install(&["curl"])?;
+    }
     if succeeds(
         "python3",
         &[
@@ -282,7 +286,9 @@ fn python_fixtures() -> anyhow::Result<()> {
     if !succeeds("python3", &["-m", "pip", "--version"]) {
         apt_install(&["python3", "python3-pip"])?;
     }
-    eprintln!("xtask setup: installing fastapi, uvicorn, openai, prometheus-client, grpcio (pip)");
+    eprintln!(
+        "xtask setup: installing fastapi, uvicorn, hypercorn, openai, prometheus-client, grpcio (pip)"
+    );
     let mut cmd = Command::new("python3");
     cmd.args([
         "-m",
@@ -291,6 +297,7 @@ fn python_fixtures() -> anyhow::Result<()> {
         "--quiet",
         "fastapi",
         "uvicorn",
+        "hypercorn",
         "openai",
         "prometheus-client",
         "grpcio",
@@ -305,11 +312,12 @@ fn python_fixtures() -> anyhow::Result<()> {
             "--break-system-packages",
             "fastapi",
             "uvicorn",
+            "hypercorn",
             "openai",
             "prometheus-client",
             "grpcio",
         ]))
-        .context("pip install fastapi uvicorn openai prometheus-client grpcio failed")?;
+        .context("pip install fastapi uvicorn hypercorn openai prometheus-client grpcio failed")?;
     }
     Ok(())
 }

@@ -602,3 +602,74 @@ fn tls_the_agent_cannot_read_is_counted_as_such() {
     assert_eq!(s.sum("llm_requests_total", &[]), 0.0);
     assert!(agent.stop().success());
 }
+
+/// The same FastAPI app on hypercorn, which speaks HTTP/2 in clear text: streamed chat
+/// completions from curl with HTTP/2 prior knowledge are counted, with their model and tokens,
+/// as `protocol="h2"`.
+#[root_test]
+fn streamed_chat_over_http2_is_counted_like_http1() {
+    let server = Server::start_with("stand-in", &["--server", "hypercorn"]);
+    let agent = start_agent(&server);
+    let body = r#"{"model":"h2-model","stream":true,"max_tokens":5,"messages":[{"role":"user","content":"x"}]}"#;
+    for _ in 0..3 {
+        let out = Command::new("curl")
+            .args(["-s", "-N", "--fail", "--http2-prior-knowledge"])
+            .args(["-H", "content-type: application/json", "-d", body])
+            .arg(format!(
+                "http://127.0.0.1:{}/v1/chat/completions",
+                server.port
+            ))
+            .output()
+            .expect("curl (`cargo xtask setup` installs it)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(text.matches("\"content\": \"tok").count(), 5, "{text}");
+    }
+    let s = agent.wait_for("three h2 requests", |s| {
+        s.sum("llm_requests_total", &[("protocol", "h2")]) >= 3.0
+    });
+    assert_eq!(
+        s.sum(
+            "llm_requests_total",
+            &[
+                ("model", "h2-model"),
+                ("protocol", "h2"),
+                ("status_code", "200")
+            ]
+        ),
+        3.0,
+        "{}",
+        s.text
+    );
+    assert_eq!(
+        s.sum("llm_tokens_output_total", &[("model", "h2-model")]),
+        15.0,
+        "{}",
+        s.text
+    );
+    assert_eq!(
+        s.sum(
+            "llm_time_to_first_token_seconds_count",
+            &[("model", "h2-model")]
+        ),
+        3.0
+    );
+    assert_eq!(
+        s.sum(
+            "llm_time_per_output_token_seconds_count",
+            &[("model", "h2-model")]
+        ),
+        12.0
+    );
+    assert_eq!(
+        s.sum("inferscope_http_bad_input_total", &[]),
+        0.0,
+        "{}",
+        s.text
+    );
+    assert!(agent.stop().success());
+}
