@@ -177,8 +177,18 @@ fn bad_input_is_counted_and_the_agent_goes_on() {
     let s = agent.wait_for("the good request after the bad input", |s| {
         s.sum("llm_requests_total", &[("model", "after")]) >= 1.0
     });
+    // The garbage and the SSH banner; the TLS hello is TLS.
     assert!(
-        s.sum("inferscope_http_bad_input_total", &[("kind", "not_http")]) >= 3.0,
+        s.sum("inferscope_http_bad_input_total", &[("kind", "not_http")]) >= 2.0,
+        "{}",
+        s.text
+    );
+    assert_eq!(
+        s.sum(
+            "inferscope_http_bad_input_total",
+            &[("kind", "tls_unsupported")]
+        ),
+        1.0,
         "{}",
         s.text
     );
