@@ -524,6 +524,22 @@ pub fn servers_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../servers")
 }
 
+/// Runs a client script of tests/servers with `args`; its stdout is one JSON document (the
+/// client's truth).
+pub fn python_client(script: &str, args: &[&str]) -> serde_json::Value {
+    let out = Command::new("python3")
+        .arg(servers_dir().join(script))
+        .args(args)
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "{script} {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("client JSON")
+}
+
 /// The OpenAI-compatible stand-in on uvicorn + FastAPI (vLLM's API stack), on its own port.
 pub struct OpenAiServer {
     pub child: Child,

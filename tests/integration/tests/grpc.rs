@@ -40,17 +40,7 @@ impl Drop for GrpcServer {
 }
 
 fn client(args: &[&str]) -> serde_json::Value {
-    let out = Command::new("python3")
-        .arg(servers_dir().join("grpc_client.py"))
-        .args(args)
-        .output()
-        .expect("python3");
-    assert!(
-        out.status.success(),
-        "client {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("client JSON")
+    python_client("grpc_client.py", args)
 }
 
 fn start_agent(server: &GrpcServer) -> Agent {

@@ -11,17 +11,7 @@ use integration::*;
 use integration::OpenAiServer as Server;
 
 fn client(args: &[&str]) -> serde_json::Value {
-    let out = Command::new("python3")
-        .arg(servers_dir().join("client.py"))
-        .args(args)
-        .output()
-        .expect("python3");
-    assert!(
-        out.status.success(),
-        "client {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("client JSON")
+    python_client("client.py", args)
 }
 
 fn start_agent(server: &Server) -> Agent {

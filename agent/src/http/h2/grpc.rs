@@ -248,49 +248,42 @@ impl Messages {
     }
 }
 
-/// A length-delimited field `field` at the top level of protobuf `msg` (the first occurrence
-/// wholly inside the bytes given), read without the schema.
-pub fn string_field(msg: &[u8], field: u32) -> Option<&[u8]> {
-    let mut b = msg;
-    while !b.is_empty() {
-        let (key, rest) = varint(b)?;
-        b = rest;
-        let number = key >> 3;
-        match key & 7 {
-            0 => b = varint(b)?.1,
-            1 => b = b.get(8..)?,
-            5 => b = b.get(4..)?,
-            2 => {
-                let (len, rest) = varint(b)?;
-                let len = usize::try_from(len).ok()?;
-                let value = rest.get(..len)?;
-                if number == u64::from(field) {
-                    return Some(value);
-                }
-                b = &rest[len..];
-            }
-            _ => return None,
-        }
-    }
-    None
+/// A top-level protobuf field's value, as far as the bytes given hold it.
+enum Value<'a> {
+    Varint(u64),
+    /// A length-delimited value; `whole` when all of it is inside the bytes.
+    Bytes {
+        bytes: &'a [u8],
+        whole: bool,
+    },
 }
 
-/// The bytes of length-delimited field `field` at the top level of `msg`, as far as `msg`
-/// holds them (a message kept only in part still yields its leading fields).
-fn field_prefix(msg: &[u8], field: u32) -> Option<&[u8]> {
+/// The value of the first top-level field numbered `field` in protobuf `msg`, read without
+/// the schema. Fields before it must lie wholly inside `msg`; the one found may be cut.
+fn find(msg: &[u8], field: u32) -> Option<Value<'_>> {
     let mut b = msg;
     while !b.is_empty() {
         let (key, rest) = varint(b)?;
+        let found = key >> 3 == u64::from(field);
         b = rest;
         match key & 7 {
-            0 => b = varint(b)?.1,
+            0 => {
+                let (v, rest) = varint(b)?;
+                if found {
+                    return Some(Value::Varint(v));
+                }
+                b = rest;
+            }
             1 => b = b.get(8..)?,
             5 => b = b.get(4..)?,
             2 => {
                 let (len, rest) = varint(b)?;
                 let len = usize::try_from(len).ok()?;
-                if key >> 3 == u64::from(field) {
-                    return Some(&rest[..len.min(rest.len())]);
+                if found {
+                    return Some(Value::Bytes {
+                        bytes: &rest[..len.min(rest.len())],
+                        whole: len <= rest.len(),
+                    });
                 }
                 b = rest.get(len..)?;
             }
@@ -300,30 +293,30 @@ fn field_prefix(msg: &[u8], field: u32) -> Option<&[u8]> {
     None
 }
 
+/// A length-delimited field `field` at the top level of protobuf `msg`, when it lies wholly
+/// inside the bytes given.
+pub fn string_field(msg: &[u8], field: u32) -> Option<&[u8]> {
+    match find(msg, field)? {
+        Value::Bytes { bytes, whole: true } => Some(bytes),
+        _ => None,
+    }
+}
+
+/// A length-delimited field `field`, as far as `msg` holds it (a message kept only in part
+/// still yields its leading fields).
+fn field_prefix(msg: &[u8], field: u32) -> Option<&[u8]> {
+    match find(msg, field)? {
+        Value::Bytes { bytes, .. } => Some(bytes),
+        Value::Varint(_) => None,
+    }
+}
+
 /// Varint field `field` at the top level of `msg`.
 fn varint_field(msg: &[u8], field: u32) -> Option<u64> {
-    let mut b = msg;
-    while !b.is_empty() {
-        let (key, rest) = varint(b)?;
-        b = rest;
-        match key & 7 {
-            0 => {
-                let (v, rest) = varint(b)?;
-                if key >> 3 == u64::from(field) {
-                    return Some(v);
-                }
-                b = rest;
-            }
-            1 => b = b.get(8..)?,
-            5 => b = b.get(4..)?,
-            2 => {
-                let (len, rest) = varint(b)?;
-                b = rest.get(usize::try_from(len).ok()?..)?;
-            }
-            _ => return None,
-        }
+    match find(msg, field)? {
+        Value::Varint(v) => Some(v),
+        Value::Bytes { .. } => None,
     }
-    None
 }
 
 fn varint(b: &[u8]) -> Option<(u64, &[u8])> {
