@@ -107,7 +107,10 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     // keeps each agent's view to its own workload.
     args.push("--test-threads=1");
     args.extend(extra.iter().map(String::as_str));
-    let tests = util::cargo(&args);
+    let (tests, failures) = match util::cargo_test(&args) {
+        Ok(()) => (Ok(()), String::new()),
+        Err((e, failures)) => (Err(e), failures),
+    };
     // The README's first command, as a new user runs it: a change that breaks it fails here.
     let demo = if root {
         build().and_then(|()| demo::run())
@@ -115,6 +118,9 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
         Ok(())
     };
     let fuzz = fuzz();
+    if !failures.is_empty() {
+        eprintln!("\nxtask: the tests that failed, again (their output is further up):\n{failures}");
+    }
     tests.and(demo).and(fuzz)
 }
 
