@@ -119,7 +119,9 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     };
     let fuzz = fuzz();
     if !failures.is_empty() {
-        eprintln!("\nxtask: the tests that failed, again (their output is further up):\n{failures}");
+        eprintln!(
+            "\nxtask: the tests that failed, again (their output is further up):\n{failures}"
+        );
     }
     tests.and(demo).and(fuzz)
 }

@@ -69,9 +69,12 @@ pub fn cargo_test(args: &[&str]) -> Result<(), (anyhow::Error, String)> {
         }
     }
     drop(out);
-    let status = child
-        .wait()
-        .map_err(|e| (anyhow::anyhow!("cannot wait for {cmd:?}: {e}"), kept.clone()))?;
+    let status = child.wait().map_err(|e| {
+        (
+            anyhow::anyhow!("cannot wait for {cmd:?}: {e}"),
+            kept.clone(),
+        )
+    })?;
     if status.success() {
         return Ok(());
     }
