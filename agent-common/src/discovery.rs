@@ -19,6 +19,9 @@ const _: () = assert!(core::mem::size_of::<DriverLoadedEvent>() == 32);
 
 /// The process was stopped (`SIGSTOP`) to be held until the agent has attached.
 pub const FLAG_HELD: u32 = 1;
+/// Not a driver: a process whose sockets are watched has loaded a `libssl.so*` (the first time
+/// in this program). Never held.
+pub const FLAG_TLS_LIBRARY: u32 = 2;
 
 /// A process exec'd (`sched/sched_process_exec`): its command line and mappings are new.
 #[repr(C)]
@@ -59,6 +62,9 @@ impl LoaderCookie {
 
 /// The basename the loader probe looks for: `libcuda.so` itself or `libcuda.so.<anything>`.
 pub const DRIVER_NAME: &[u8; 10] = b"libcuda.so";
+
+/// The basename of OpenSSL's TLS library, looked for in watched processes only.
+pub const TLS_LIBRARY_NAME: &[u8; 9] = b"libssl.so";
 
 /// How many of the newest loaded objects the probe looks at after each change: a `dlopen`
 /// appends the library and its new dependencies at the tail.

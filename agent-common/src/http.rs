@@ -19,6 +19,35 @@ pub const DIR_OUT: u32 = 1;
 
 /// The syscall moved more bytes than the record carries.
 pub const FLAG_TRUNCATED: u32 = 1;
+/// The bytes are the plaintext of an OpenSSL read or write of the connection (`probes/tls.rs`
+/// in agent-ebpf), not what the socket carried.
+pub const FLAG_TLS_PLAIN: u32 = 2;
+
+/// Values of the watched-connection map: a connection whose bytes are copied as they are.
+pub const CONN_PLAIN: u32 = 1;
+/// A connection tied to an OpenSSL `SSL*`: its plaintext comes from the TLS probes, its
+/// ciphertext is not copied.
+pub const CONN_TLS: u32 = 2;
+
+/// OpenSSL's calls in watched processes.
+pub mod tls {
+    /// Attach cookie bit: a write (`SSL_write`, `SSL_write_ex`).
+    pub const CALL_WRITE: u64 = 1;
+    /// Attach cookie bit: an `_ex` call (success is 1, the byte count is written through the
+    /// fourth argument).
+    pub const CALL_EX: u64 = 2;
+
+    /// Key of the `SSL*` → socket map.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+    pub struct SslKey {
+        pub tgid: u32,
+        pub _pad: u32,
+        /// The `SSL*`, an address in that process.
+        pub ssl: u64,
+    }
+    const _: () = assert!(core::mem::size_of::<SslKey>() == 16);
+}
 
 /// Slots of the family's per-CPU cost counters (`HTTP_COST`): what userspace turns into the
 /// family's CPU time where the kernel's run-time statistics cannot be turned on.
@@ -28,13 +57,19 @@ pub mod cost {
     pub const RUNS: u32 = 0;
     /// Bytes copied from a watched process's buffers into the ring.
     pub const BYTES: u32 = 1;
-    pub const COUNT: u32 = 2;
+    /// OpenSSL calls that moved bytes of an `SSL*` never tied to a socket (a connection
+    /// older than the agent, not read from since): their bytes are not captured.
+    pub const TLS_UNTIED: u32 = 2;
+    pub const COUNT: u32 = 3;
 }
 
 /// Indexes of the family's own config array (`HTTP_CONFIG`).
 pub mod config {
     /// Payload bytes captured per record (at most [`super::CAPTURE_MAX`]).
     pub const CAPTURE_BYTES: u32 = 0;
+    /// 1 while the family is shed: the TLS probes (which the budget does not detach) return
+    /// at once.
+    pub const PAUSED: u32 = 1;
     pub const COUNT: u32 = 4;
 }
 

@@ -213,7 +213,7 @@ pub async fn run(
         &attributor,
         sinks.spans.clone(),
     )?;
-    let scraper = w.start_scrape(&http_stage, servers, &attributor);
+    let scraper = w.start_scrape(&http_stage, servers.clone(), &attributor);
     let readers = w.start_readers(probes.rings, batch_tx, &http_stage);
     let (writer, drafts) = w.start_forensics(probes.stacks, &history, load, sinks.logs.clone())?;
     let tracker = w.start_tracker(
@@ -230,7 +230,7 @@ pub async fn run(
         w.health.clone(),
         w.stop.clone(),
     ));
-    let manager = w.start_manager(probes.manager, probes.http_probes, &http_stage)?;
+    let manager = w.start_manager(probes.manager, probes.http_probes, &http_stage, servers)?;
     w.say_ready();
 
     shutdown.await;
@@ -602,12 +602,15 @@ impl Wiring<'_> {
     fn start_manager(
         &self,
         manager: Manager,
-        http_probes: Option<probe::http::HttpProbes>,
+        mut http_probes: Option<probe::http::HttpProbes>,
         http: &crate::http::Stage,
+        servers: Arc<crate::servers::ServerBoard>,
     ) -> Result<ManagerThread, StartError> {
         let probes = &self.config.probes;
+        let tls = http_probes.as_mut().and_then(|p| p.tls.take());
         let manager = manager
             .with_server_events(http.control())
+            .with_tls(tls, servers)
             .with_http(http_probes.map(|p| {
                 HttpBudget::new(
                     p,

@@ -300,11 +300,19 @@ pub fn listening(procfs: &ProcFs, pid: u32) -> Vec<(std::net::IpAddr, u16)> {
 #[derive(Debug, Default)]
 pub struct ServerBoard {
     servers: std::sync::RwLock<HashMap<u32, Server>>,
+    /// Bumped at each publish: readers that follow the list look at it only when it changed.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl ServerBoard {
     pub fn publish(&self, servers: &HashMap<u32, Server>) {
         *self.servers.write().unwrap_or_else(|e| e.into_inner()) = servers.clone();
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
     }
 
     pub fn snapshot(&self) -> HashMap<u32, Server> {

@@ -5,8 +5,9 @@
 //!
 //! Input: segments separated by the two bytes `\n#`. A segment's first byte says what it is:
 //! `<` bytes read by the server, `>` bytes written by it, each followed by a hole of
-//! `second byte × 13` bytes; `c` the connection closes. A first segment `j` starts a
-//! connection older than the agent. Seeds: `fuzz/seeds/http2`.
+//! `second byte × 13` bytes; `{` and `}` the same as plaintext from the server's OpenSSL (a TLS
+//! connection's socket bytes are ignored from the first of them); `c` the connection closes. A
+//! first segment `j` starts a connection older than the agent. Seeds: `fuzz/seeds/http2`.
 //!
 //! Besides "no panic": every request counted in flight is finished exactly once by the
 //! close, token timings are consistent, and the state stays within its caps.
@@ -51,10 +52,12 @@ fuzz_target!(|data: &[u8]| {
         };
         let len = payload.len() as u64 + hole;
         match op {
-            b'<' => c.record(ts, true, payload, len, &mut out),
-            b'>' => c.record(ts, false, payload, len, &mut out),
+            b'<' => c.record(ts, true, payload, len, false, &mut out),
+            b'>' => c.record(ts, false, payload, len, false, &mut out),
+            b'{' => c.record(ts, true, payload, len, true, &mut out),
+            b'}' => c.record(ts, false, payload, len, true, &mut out),
             b'c' => c.close(ts, &mut out),
-            _ => c.record(ts, op % 2 == 0, seg, seg.len() as u64, &mut out),
+            _ => c.record(ts, op % 2 == 0, seg, seg.len() as u64, false, &mut out),
         }
         assert!(
             c.state_bytes() <= 4 * 1024 * 1024,

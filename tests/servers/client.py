@@ -1,7 +1,9 @@
 """Clients for the http probe tests. Prints one JSON document (the client's truth) on stdout.
 
-  openai PORT MODEL     scenario through the official openai package (streamed and not, errors)
-  timing PORT N         N streamed chat requests on one keep-alive raw socket, timed here
+  openai PORT MODEL [CA]  scenario through the official openai package (streamed and not,
+                        errors); over TLS trusting the CA certificate file CA, when given
+  timing PORT N [CA]    N streamed chat requests on one keep-alive raw socket, timed here
+                        (over TLS, trusting the CA certificate file CA, when given)
   concurrent PORT C R   C keep-alive connections at once, R streamed requests each
   bad PORT              garbage, non-HTTP, oversized header, slow header, reset mid-stream
 """
@@ -13,10 +15,17 @@ import threading
 import time
 
 
-def openai_scenario(port, model):
+def openai_scenario(port, model, ca=None):
     import openai
 
-    c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+    if ca:
+        import ssl
+
+        c = openai.OpenAI(base_url=f"https://127.0.0.1:{port}/v1", api_key="x", max_retries=0,
+                          http_client=openai.DefaultHttpxClient(
+                              verify=ssl.create_default_context(cafile=ca)))
+    else:
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
     truth = {"requests": {}, "errors": {}, "input": 0, "output": 0}
 
     def count(status, error=None, inp=0, out=0):
@@ -63,9 +72,14 @@ def openai_scenario(port, model):
 
 
 class Conn:
-    def __init__(self, port):
+    def __init__(self, port, ca=None):
         self.s = socket.create_connection(("127.0.0.1", port))
         self.s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if ca:
+            import ssl
+
+            ctx = ssl.create_default_context(cafile=ca)
+            self.s = ctx.wrap_socket(self.s, server_hostname="127.0.0.1")
         self.buf = b""
 
     def fill(self):
@@ -126,8 +140,8 @@ class Conn:
         }
 
 
-def timing(port, n):
-    c = Conn(port)
+def timing(port, n, ca=None):
+    c = Conn(port, ca)
     return [c.stream("timed", 5 + i % 3) for i in range(n)]
 
 
@@ -186,9 +200,9 @@ def bad(port):
 if __name__ == "__main__":
     mode, port = sys.argv[1], int(sys.argv[2])
     if mode == "openai":
-        out = openai_scenario(port, sys.argv[3])
+        out = openai_scenario(port, sys.argv[3], sys.argv[4] if len(sys.argv) > 4 else None)
     elif mode == "timing":
-        out = timing(port, int(sys.argv[3]))
+        out = timing(port, int(sys.argv[3]), sys.argv[4] if len(sys.argv) > 4 else None)
     elif mode == "concurrent":
         out = concurrent(port, int(sys.argv[3]), int(sys.argv[4]))
     elif mode == "bad":

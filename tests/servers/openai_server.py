@@ -41,6 +41,8 @@ parser.add_argument("--token-ms", type=float, default=5.0)
 parser.add_argument("--metrics", choices=["vllm", "vllm-old", "tgi", "sglang"])
 parser.add_argument("--metrics-values", default="{}", help="initial values, as for /control/metrics")
 parser.add_argument("--cuda-lib", help="CUDA driver (the test double) to hold GPU memory through")
+parser.add_argument("--ssl-keyfile", help="terminate TLS in this process (uvicorn's option, as vLLM passes it)")
+parser.add_argument("--ssl-certfile")
 parser.add_argument("--server", choices=["uvicorn", "hypercorn"], default="uvicorn",
                     help="hypercorn also speaks HTTP/2 in clear text (h2c, prior knowledge)")
 parser.add_argument("--cuda-mem", type=int, default=0,
@@ -221,4 +223,5 @@ if __name__ == "__main__":
         config.loglevel = "WARNING"
         asyncio.run(serve(app, config))
     else:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
+                    ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile)

@@ -14,7 +14,7 @@
 use agent_common::{
     discovery::{
         LoaderCookie, DriverLoadedEvent, ListenEvent, ProcessExecEvent, DRIVER_NAME, FLAG_HELD,
-        LOADER_TAIL, NAME_MAX,
+        FLAG_TLS_LIBRARY, LOADER_TAIL, NAME_MAX, TLS_LIBRARY_NAME,
     },
     lost, EventHeader, EventKind, BPF_RB_FORCE_WAKEUP,
 };
@@ -28,6 +28,7 @@ use aya_ebpf::{
     programs::{ProbeContext, TracePointContext},
 };
 
+use super::http::HTTP_WATCHED;
 use crate::maps::count_lost;
 
 const SIGSTOP: u32 = 19;
@@ -66,6 +67,10 @@ pub static DISCOVERY_EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 #[map]
 pub static DRIVER_REPORTED: LruHashMap<u32, u32> = LruHashMap::with_max_entries(65536, 0);
 
+/// Watched processes whose `libssl` load was reported (forgotten at exec and at exit).
+#[map]
+pub static TLS_REPORTED: LruHashMap<u32, u32> = LruHashMap::with_max_entries(16384, 0);
+
 /// Room for one object name, per CPU (the stack is too small for several).
 #[map]
 static NAME_SCRATCH: PerCpuArray<[u8; NAME_MAX]> = PerCpuArray::with_max_entries(1, 0);
@@ -103,7 +108,10 @@ pub fn discovery_loader(ctx: ProbeContext) -> u32 {
 #[inline(always)]
 fn loader_changed(ctx: &ProbeContext) -> Option<()> {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    if DRIVER_REPORTED.get_ptr(&tgid).is_some() {
+    let driver_due = DRIVER_REPORTED.get_ptr(&tgid).is_none();
+    // OpenSSL matters only in a process whose sockets are watched.
+    let tls_due = HTTP_WATCHED.get_ptr(&tgid).is_some() && TLS_REPORTED.get_ptr(&tgid).is_none();
+    if !driver_due && !tls_due {
         return None;
     }
     // The uprobe handler sees the breakpoint's own address in the instruction pointer.
@@ -125,17 +133,25 @@ fn loader_changed(ctx: &ProbeContext) -> Option<()> {
         map = next;
         i += 1;
     }
-    let mut found = false;
+    let mut driver = false;
+    let mut tls = false;
     let mut j = 0;
     while j < LOADER_TAIL && map != 0 {
-        if is_driver(read_u64(map + L_NAME)?) {
-            found = true;
-            break;
+        let name = read_u64(map + L_NAME)?;
+        if driver_due && !driver && is_named(name, DRIVER_NAME) {
+            driver = true;
+        }
+        if tls_due && !tls && is_named(name, TLS_LIBRARY_NAME) {
+            tls = true;
         }
         map = read_u64(map + L_PREV)?;
         j += 1;
     }
-    if !found {
+    if tls {
+        let _ = TLS_REPORTED.insert(&tgid, &1, 0);
+        report_tls();
+    }
+    if !driver {
         return None;
     }
     let _ = DRIVER_REPORTED.insert(&tgid, &1, 0);
@@ -160,15 +176,30 @@ fn loader_changed(ctx: &ProbeContext) -> Option<()> {
     Some(())
 }
 
+/// A watched process loaded OpenSSL: the agent probes it for that process.
+#[inline(always)]
+fn report_tls() {
+    let Some(mut entry) = DISCOVERY_EVENTS.reserve::<DriverLoadedEvent>(0) else {
+        count_lost(lost::DISCOVERY);
+        return;
+    };
+    entry.write(DriverLoadedEvent {
+        header: header(EventKind::DriverLoaded),
+        flags: FLAG_TLS_LIBRARY,
+        _pad: 0,
+    });
+    entry.submit(BPF_RB_FORCE_WAKEUP);
+}
+
 /// Bytes at the end of a path the name check looks at: room for `/libcuda.so.` and a
 /// version such as `570.133.20`.
 const WINDOW: usize = 32;
-const SLASHED: usize = DRIVER_NAME.len() + 1;
 
-/// Whether the object's name (a path) ends in `/libcuda.so` or `/libcuda.so.<anything>`,
-/// judged on the last [`WINDOW`] bytes of the path (a fixed amount of work per object).
+/// Whether the object's name (a path) ends in `/<wanted>` or `/<wanted>.<anything>`, judged
+/// on the last [`WINDOW`] bytes of the path (a fixed amount of work per object).
 #[inline(always)]
-fn is_driver(name: u64) -> bool {
+fn is_named<const N: usize>(name: u64, wanted: &[u8; N]) -> bool {
+    let slashed = N + 1;
     if name == 0 {
         return false;
     }
@@ -180,7 +211,7 @@ fn is_driver(name: u64) -> bool {
         return false;
     };
     let len = got.len();
-    if len < SLASHED || len >= NAME_MAX {
+    if len < slashed || len >= NAME_MAX {
         return false;
     }
     // The window's end, and the window itself: the path's last bytes.
@@ -191,12 +222,12 @@ fn is_driver(name: u64) -> bool {
         return false;
     };
     let mut p = 0;
-    while p + SLASHED <= WINDOW {
-        if p + SLASHED > end {
+    while p + slashed <= WINDOW {
+        if p + slashed > end {
             break;
         }
-        if window[p] == b'/' && matches_at(&window, p + 1) {
-            let after = p + SLASHED;
+        if window[p] == b'/' && matches_at(&window, p + 1, wanted) {
+            let after = p + slashed;
             if after == end || (after < WINDOW && window[after] == b'.') {
                 return true;
             }
@@ -207,10 +238,10 @@ fn is_driver(name: u64) -> bool {
 }
 
 #[inline(always)]
-fn matches_at(window: &[u8; WINDOW], at: usize) -> bool {
+fn matches_at<const N: usize>(window: &[u8; WINDOW], at: usize, wanted: &[u8; N]) -> bool {
     let mut m = 0;
-    while m < DRIVER_NAME.len() {
-        if at + m >= WINDOW || window[at + m] != DRIVER_NAME[m] {
+    while m < N {
+        if at + m >= WINDOW || window[at + m] != wanted[m] {
             return false;
         }
         m += 1;
@@ -221,8 +252,9 @@ fn matches_at(window: &[u8; WINDOW], at: usize) -> bool {
 #[tracepoint]
 pub fn discovery_exec(_ctx: TracePointContext) -> u32 {
     let h = header(EventKind::ProcessExec);
-    // A new program: its driver load is news again.
+    // A new program: its driver and OpenSSL loads are news again.
     let _ = DRIVER_REPORTED.remove(&h.tgid);
+    let _ = TLS_REPORTED.remove(&h.tgid);
     let Some(mut entry) = DISCOVERY_EVENTS.reserve::<ProcessExecEvent>(0) else {
         count_lost(lost::DISCOVERY);
         return 0;

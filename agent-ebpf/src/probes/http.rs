@@ -14,8 +14,8 @@
 
 use agent_common::{
     http::{
-        config, cost, ConnKey, HttpAcceptEvent, HttpCloseEvent, HttpDataEvent, CAPTURE_MAX, DIR_IN,
-        DIR_OUT, FLAG_TRUNCATED, HTTP_DATA_PREFIX, IOV_WALK,
+        config, cost, ConnKey, HttpAcceptEvent, HttpCloseEvent, HttpDataEvent, CAPTURE_MAX,
+        CONN_PLAIN, CONN_TLS, DIR_IN, DIR_OUT, FLAG_TRUNCATED, HTTP_DATA_PREFIX, IOV_WALK,
     },
     lost, EventHeader, EventKind,
 };
@@ -29,6 +29,7 @@ use aya_ebpf::{
     programs::RawTracePointContext,
 };
 
+use super::tls::TLS_LAST_READ;
 use crate::maps::{count_lost, submit_flags_on, HTTP_EVENTS};
 
 const HTTP_WAKEUP: u32 = agent_common::config::HTTP_WAKEUP_BYTES;
@@ -60,6 +61,9 @@ const KIND_ACCEPT: u32 = 5;
 const KIND_MSG_IN: u32 = 6;
 const KIND_MSG_OUT: u32 = 7;
 const KIND_CLOSE: u32 = 8;
+/// Or'd into a stashed kind: the connection is tied to an OpenSSL `SSL*`, whose probes carry
+/// its plaintext; its ciphertext is not copied.
+const KIND_TLS: u32 = 0x100;
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -83,9 +87,10 @@ struct Iovec {
 #[map]
 pub static HTTP_WATCHED: HashMap<u32, u32> = HashMap::with_max_entries(1024, 0);
 
-/// Accepted sockets of watched processes.
+/// Accepted sockets of watched processes: [`CONN_PLAIN`], or [`CONN_TLS`] once tied to an
+/// `SSL*` by the TLS probes.
 #[map]
-static HTTP_CONNS: LruHashMap<ConnKey, u32> = LruHashMap::with_max_entries(65536, 0);
+pub static HTTP_CONNS: LruHashMap<ConnKey, u32> = LruHashMap::with_max_entries(65536, 0);
 
 /// Arguments from syscall entry to exit, per thread (the calls may sleep: not per-CPU).
 #[map]
@@ -113,7 +118,12 @@ static HTTP_CONFIG: Array<u64> = Array::with_max_entries(config::COUNT, 0);
 static HTTP_COST: PerCpuArray<u64> = PerCpuArray::with_max_entries(cost::COUNT, 0);
 
 #[inline(always)]
-fn count_cost(slot: u32, n: u64) {
+pub fn http_config(index: u32) -> u64 {
+    HTTP_CONFIG.get(index).copied().unwrap_or(0)
+}
+
+#[inline(always)]
+pub fn count_cost(slot: u32, n: u64) {
     if let Some(c) = HTTP_COST.get_ptr_mut(slot) {
         // Per-CPU slot: no other writer while this program runs.
         unsafe { *c += n };
@@ -179,8 +189,14 @@ pub fn http_sys_enter(ctx: RawTracePointContext) -> u32 {
         closed(pid_tgid, tgid, fd);
         return 0;
     }
-    if kind != KIND_ACCEPT && HTTP_CONNS.get_ptr(&ConnKey { tgid, fd }).is_none() {
-        return 0;
+    let mut tls = 0;
+    if kind != KIND_ACCEPT {
+        let Some(conn) = HTTP_CONNS.get_ptr(&ConnKey { tgid, fd }) else {
+            return 0;
+        };
+        if unsafe { *conn } == CONN_TLS {
+            tls = KIND_TLS;
+        }
     }
     let (ptr, count, kind) = match kind {
         KIND_MSG_IN | KIND_MSG_OUT => {
@@ -202,7 +218,7 @@ pub fn http_sys_enter(ctx: RawTracePointContext) -> u32 {
         _ => (reg(regs, REG_ARG1), reg(regs, REG_ARG2), kind),
     };
     let s = Stash {
-        kind,
+        kind: kind | tls,
         fd,
         ptr,
         count,
@@ -233,14 +249,22 @@ pub fn http_sys_exit(ctx: RawTracePointContext) -> u32 {
         return 0;
     }
     let tgid = (pid_tgid >> 32) as u32;
-    match s.kind {
+    let kind = s.kind & !KIND_TLS;
+    if kind == KIND_IN || kind == KIND_VEC_IN {
+        // What an `SSL_read` on this thread that returns bytes is reading (`probes/tls.rs`).
+        let _ = TLS_LAST_READ.insert(&pid_tgid, &s.fd, 0);
+    }
+    if s.kind & KIND_TLS != 0 {
+        return 0;
+    }
+    match kind {
         KIND_ACCEPT => accepted(pid_tgid, tgid, s, ret as u32),
         KIND_IN | KIND_OUT => {
-            let dir = if s.kind == KIND_IN { DIR_IN } else { DIR_OUT };
+            let dir = if kind == KIND_IN { DIR_IN } else { DIR_OUT };
             emit(pid_tgid, s.fd, dir, s.ptr, ret as u64, 0);
         }
         _ => {
-            let dir = if s.kind == KIND_VEC_IN {
+            let dir = if kind == KIND_VEC_IN {
                 DIR_IN
             } else {
                 DIR_OUT
@@ -253,7 +277,7 @@ pub fn http_sys_exit(ctx: RawTracePointContext) -> u32 {
 
 #[inline(always)]
 fn accepted(pid_tgid: u64, tgid: u32, s: Stash, fd: u32) {
-    let _ = HTTP_CONNS.insert(&ConnKey { tgid, fd }, &1, 0);
+    let _ = HTTP_CONNS.insert(&ConnKey { tgid, fd }, &CONN_PLAIN, 0);
     let Some(mut entry) = HTTP_EVENTS.reserve::<HttpAcceptEvent>(0) else {
         count_lost(lost::HTTP);
         return;
@@ -275,7 +299,7 @@ fn accepted(pid_tgid: u64, tgid: u32, s: Stash, fd: u32) {
 /// One data record: the first `CAPTURE_BYTES` of `len` bytes at `src`, copied to the ring
 /// at their real length (a per-CPU scratch record holds them meanwhile).
 #[inline(always)]
-fn emit(pid_tgid: u64, fd: u32, direction: u32, src: u64, len: u64, flags: u32) {
+pub fn emit(pid_tgid: u64, fd: u32, direction: u32, src: u64, len: u64, flags: u32) {
     let Some(scratch) = HTTP_SCRATCH.get_ptr_mut(0) else {
         return;
     };

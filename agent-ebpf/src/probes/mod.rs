@@ -4,3 +4,4 @@ pub mod floor;
 pub mod http;
 pub mod oom;
 pub mod sched;
+pub mod tls;

@@ -21,7 +21,8 @@ use aya_ebpf::{
 
 use super::{
     cuda::{CUDA_CTX_DEVICE, CUDA_FAIL_STACK, CUDA_PROCESSES, CUDA_THREAD_CTX},
-    discovery::DRIVER_REPORTED,
+    discovery::{DRIVER_REPORTED, TLS_REPORTED},
+    tls::{TLS_CALLS, TLS_LAST_READ},
 };
 use crate::maps::{count_lost, submit_flags, EVENTS};
 
@@ -65,11 +66,14 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     };
     // Per-thread and per-process state goes with its owner (ids are reused).
     let _ = CUDA_THREAD_CTX.remove(&pid_tgid);
+    let _ = TLS_LAST_READ.remove(&pid_tgid);
+    let _ = TLS_CALLS.remove(&pid_tgid);
     if !group_dead {
         return 0;
     }
     // The pid may come back as another program: its driver load is news again.
     let _ = DRIVER_REPORTED.remove(&tgid);
+    let _ = TLS_REPORTED.remove(&tgid);
     let _ = CUDA_CTX_DEVICE.remove(&tgid);
     let _ = CUDA_FAIL_STACK.remove(&tgid);
     if CUDA_PROCESSES.get_ptr(&tgid).is_none() {

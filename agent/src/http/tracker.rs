@@ -265,6 +265,7 @@ impl HttpTracker {
                 inbound,
                 len,
                 bytes,
+                plain,
                 ..
             } => {
                 if !self.conns.contains_key(&(tgid, *fd)) {
@@ -278,7 +279,7 @@ impl HttpTracker {
                 let Some(c) = self.conns.get_mut(&(tgid, *fd)) else {
                     return;
                 };
-                c.record(ts, *inbound, bytes, *len, &mut self.out);
+                c.record(ts, *inbound, bytes, *len, *plain, &mut self.out);
                 self.charge((tgid, *fd));
             }
         }
@@ -878,6 +879,7 @@ mod tests {
             inbound,
             len: bytes.len() as u64,
             bytes: bytes.to_vec(),
+            plain: false,
         }
     }
 

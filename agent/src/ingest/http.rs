@@ -5,7 +5,9 @@
 use std::mem::offset_of;
 
 use agent_common::{
-    http::{HttpAcceptEvent, HttpCloseEvent, HttpDataEvent, DIR_IN, HTTP_DATA_PREFIX},
+    http::{
+        HttpAcceptEvent, HttpCloseEvent, HttpDataEvent, DIR_IN, FLAG_TLS_PLAIN, HTTP_DATA_PREFIX,
+    },
     EventHeader,
 };
 
@@ -22,6 +24,8 @@ pub enum HttpRecord {
         len: u64,
         /// The captured prefix of them.
         bytes: Vec<u8>,
+        /// The plaintext of an OpenSSL call in the process, not the socket's bytes.
+        plain: bool,
     },
     Accept {
         header: EventHeader,
@@ -57,6 +61,7 @@ pub(super) fn data(header: EventHeader, bytes: &[u8]) -> Result<HttpRecord, Deco
     let len_at = offset_of!(HttpDataEvent, len);
     let len = u64::from_ne_bytes(bytes[len_at..len_at + 8].try_into().unwrap_or([0; 8]));
     let captured = u32_at(offset_of!(HttpDataEvent, captured)) as usize;
+    let flags = u32_at(offset_of!(HttpDataEvent, flags));
     let data = &bytes[HTTP_DATA_PREFIX..];
     if data.len() < captured {
         return Err(truncated(&header, bytes, HTTP_DATA_PREFIX + captured));
@@ -67,6 +72,7 @@ pub(super) fn data(header: EventHeader, bytes: &[u8]) -> Result<HttpRecord, Deco
         inbound: direction == DIR_IN,
         len: len.max(captured as u64),
         bytes: data[..captured].to_vec(),
+        plain: flags & FLAG_TLS_PLAIN != 0,
     })
 }
 
@@ -113,7 +119,14 @@ mod tests {
     use agent_common::{cuda::CudaMemEvent, EventKind};
 
     fn data_record(captured: &[u8], len: u64) -> Vec<u8> {
-        let mut ev = HttpDataEvent::default();
+        data_record_flagged(captured, len, 0)
+    }
+
+    fn data_record_flagged(captured: &[u8], len: u64, flags: u32) -> Vec<u8> {
+        let mut ev = HttpDataEvent {
+            flags,
+            ..Default::default()
+        };
         ev.header.kind = EventKind::HttpData as u32;
         ev.fd = 9;
         ev.direction = agent_common::http::DIR_OUT;
@@ -132,13 +145,27 @@ mod tests {
             inbound,
             len,
             bytes,
+            plain,
             ..
         }) = r
         else {
             panic!("{r:?}")
         };
-        assert_eq!((fd, inbound, len), (9, false, 5000));
+        assert_eq!((fd, inbound, len, plain), (9, false, 5000, false));
         assert_eq!(bytes, b"HTTP/1.1 200 OK\r\n");
+        let flags = agent_common::http::FLAG_TLS_PLAIN | agent_common::http::FLAG_TRUNCATED;
+        let r = decode(&data_record_flagged(b"HTTP/1.1", 20, flags)).unwrap();
+        assert!(
+            matches!(
+                r,
+                Decoded::Http(HttpRecord::Data {
+                    plain: true,
+                    len: 20,
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
         let mut cut = data_record(b"abcdef", 6);
         cut.truncate(HTTP_DATA_PREFIX + 2);
         assert!(matches!(decode(&cut), Err(DecodeError::Truncated { .. })));

@@ -21,6 +21,10 @@ pub const PER_PROCESS: &[&str] = &[
     "CUDA_THREAD_CTX",
     "CUDA_PROCESSES",
     "CUDA_FAIL_STACK",
+    "TLS_REPORTED",
+    "TLS_CALLS",
+    "TLS_SSL_FD",
+    "TLS_LAST_READ",
 ];
 
 #[derive(Debug, thiserror::Error)]

@@ -18,9 +18,10 @@ const PROGRAMS: &[(&str, &str)] = &[
     ("http_sys_enter", "sys_enter"),
 ];
 
-/// Names of the family's programs (tests check none is left loaded).
+/// Names of the family's programs, the TLS probes' included (the budget adds up their run
+/// time; tests check none is left loaded).
 pub fn program_names() -> impl Iterator<Item = &'static str> {
-    PROGRAMS.iter().map(|(p, _)| *p)
+    PROGRAMS.iter().map(|(p, _)| *p).chain(super::tls::PROGRAMS)
 }
 
 /// The maps userspace writes, taken out of the object.
@@ -39,6 +40,12 @@ pub struct HttpProbes {
     /// Arguments from syscall entry to exit, per thread (the programs' `Stash`: 24 bytes).
     stash: BpfHashMap<MapData, u64, [u64; 3]>,
     pub cost: PerCpuArray<MapData, u64>,
+    /// OpenSSL's calls in watched servers, loaded with the family, attached per process by
+    /// the manager (`None` where they could not be loaded: TLS stays unread).
+    pub tls: Option<super::tls::TlsProbes>,
+    /// The family's knobs: `PAUSED` stops the TLS probes, which stay attached, while it is
+    /// shed.
+    config: Array<MapData, u64>,
 }
 
 /// Loads and attaches the family's programs, sets the capture size and takes its maps.
@@ -58,12 +65,22 @@ pub fn attach(ebpf: &mut Ebpf, capture_bytes: u32) -> Result<(HttpMaps, HttpProb
             .map_err(|source| ProbeError::Program { name, source })?;
     }
     let links = attach_programs(ebpf)?;
+    let tls = super::tls::TlsProbes::load(ebpf)
+        .inspect_err(|e| {
+            tracing::warn!(
+                error = crate::error_chain(e),
+                "the TLS probes cannot be loaded: TLS inside servers is not read"
+            )
+        })
+        .ok();
     Ok((
         HttpMaps { watched, conns },
         HttpProbes {
             links: Some(links),
             stash,
             cost,
+            config,
+            tls,
         },
     ))
 }
@@ -99,6 +116,7 @@ impl HttpProbes {
     /// before and returned while detached left its arguments there, and another call's exit
     /// after the re-attach would take them for its own.
     pub fn detach(&mut self) {
+        self.set_paused(true);
         if let Some(links) = self.links.take() {
             links.release();
         }
@@ -114,7 +132,14 @@ impl HttpProbes {
         if self.links.is_none() {
             self.links = Some(attach_programs(ebpf)?);
         }
+        self.set_paused(false);
         Ok(())
+    }
+
+    fn set_paused(&mut self, paused: bool) {
+        if let Err(e) = self.config.set(knob::PAUSED, u64::from(paused), 0) {
+            tracing::warn!(error = %e, "cannot pause or resume the TLS probes");
+        }
     }
 
     /// The links, for the shutdown to release with the others.

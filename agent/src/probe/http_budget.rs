@@ -70,6 +70,8 @@ pub struct Counters {
     /// The programs' own counts (`agent_common::http::cost`).
     pub runs: u64,
     pub bytes: u64,
+    /// OpenSSL calls whose `SSL*` was never tied to a socket (their bytes not captured).
+    pub tls_untied: u64,
 }
 
 /// CPU time, in ns, that the counters' growth from `before` to `now` stands for. Runs the
@@ -150,6 +152,7 @@ impl HttpBudget {
         let mut c = Counters {
             runs: per_cpu_sum(&self.probes.cost, cost::RUNS),
             bytes: per_cpu_sum(&self.probes.cost, cost::BYTES),
+            tls_untied: per_cpu_sum(&self.probes.cost, cost::TLS_UNTIED),
             ..Default::default()
         };
         for name in http::program_names() {
@@ -167,6 +170,17 @@ impl HttpBudget {
         let Some((then, before)) = self.last.replace((now, counters)) else {
             return;
         };
+        let untied = counters.tls_untied.saturating_sub(before.tls_untied);
+        if untied > 0 {
+            self.metrics
+                .core
+                .dropped
+                .get_or_create(&crate::metrics::DroppedLabels {
+                    what: "tls_call",
+                    reason: "untied",
+                })
+                .inc_by(untied);
+        }
         let secs = now.duration_since(then).as_secs_f64();
         if secs <= 0.0 {
             return;
@@ -283,12 +297,14 @@ mod tests {
             run_count: 10,
             runs: 10,
             bytes: 0,
+            tls_untied: 0,
         };
         let now = Counters {
             run_ns: 501_000,
             run_count: 1_010,
             runs: 1_010,
             bytes: 4096,
+            tls_untied: 0,
         };
         // 500 µs of program time plus the dispatch of 1000 runs.
         assert_eq!(

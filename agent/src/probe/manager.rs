@@ -33,12 +33,14 @@ use super::{
     http_budget::HttpBudget,
     links::Links,
     per_cpu_sum, set_config,
+    tls::{Looked, TlsProbes},
 };
 use crate::{
     health::Health,
     ingest::{decode, Decoded, Discovery},
     metrics::{DroppedLabels, SourceLabels},
     proc::ProcFs,
+    servers::ServerBoard,
 };
 
 /// Longest the manager waits for a held process to reach its stop before it reads its maps.
@@ -66,6 +68,11 @@ pub struct Manager {
     hooks: Option<DiscoveryHooks>,
     /// Where execs and new listeners go (the `http` watcher).
     servers: Option<mpsc::Sender<Control>>,
+    /// OpenSSL in the watched servers, following the watcher's list.
+    tls: Option<TlsProbes>,
+    watched: Option<Arc<ServerBoard>>,
+    /// The list's generation last followed.
+    watched_generation: u64,
     /// Discovery records lost so far: a loss means a full rescan.
     discovery_lost: u64,
     procfs: ProcFs,
@@ -127,6 +134,9 @@ impl Manager {
             http: None,
             hooks: None,
             servers: None,
+            tls: None,
+            watched: None,
+            watched_generation: 0,
             discovery_lost: 0,
             procfs,
             explicit,
@@ -142,6 +152,74 @@ impl Manager {
             budget_share: config.budget_core_share,
             cooldowns: Cooldowns::new(Duration::from_secs(config.shed_cooldown_secs)),
             limit_logged: false,
+        }
+    }
+
+    /// Probes the OpenSSL of each server on `watched` (the `http` watcher's list) while it is
+    /// on it.
+    pub fn with_tls(mut self, tls: Option<TlsProbes>, watched: Arc<ServerBoard>) -> Self {
+        self.tls = tls;
+        self.watched = Some(watched);
+        self
+    }
+
+    /// Follows the watched servers: OpenSSL probed in new ones, unprobed in gone ones.
+    /// `retry`: processes found without a libssl are read again (no loader records for them:
+    /// polling, or records lost).
+    fn follow_watched(&mut self, retry: bool) {
+        let (Some(tls), Some(board)) = (self.tls.as_mut(), self.watched.as_ref()) else {
+            return;
+        };
+        if retry {
+            tls.retry_without();
+        }
+        let generation = board.generation();
+        if generation == self.watched_generation && !retry {
+            return;
+        }
+        self.watched_generation = generation;
+        let watched: HashSet<u32> = board.snapshot().into_keys().collect();
+        for pid in tls.watched(&watched) {
+            self.look_at_tls(pid, false);
+        }
+        self.publish_tls();
+    }
+
+    /// One watched process's OpenSSL; `again`: its loader has just loaded one.
+    fn look_at_tls(&mut self, pid: u32, again: bool) {
+        let Some(tls) = self.tls.as_mut() else {
+            return;
+        };
+        match tls.look(&mut self.ebpf, &self.procfs, pid, again) {
+            Ok(Looked::Attached(library)) => tracing::info!(
+                pid,
+                library,
+                "reading the server's TLS as plaintext through its OpenSSL"
+            ),
+            Ok(Looked::NoLibrary | Looked::Known | Looked::NotWatched) => {}
+            // Gone meanwhile.
+            Err(super::tls::TlsAttachError::Maps) => {}
+            Err(e) => {
+                self.metrics
+                    .core
+                    .dropped
+                    .get_or_create(&DroppedLabels {
+                        what: "tls_library",
+                        reason: e.reason(),
+                    })
+                    .inc();
+                tracing::warn!(
+                    pid,
+                    error = crate::error_chain(&e),
+                    "a watched server's TLS is not read (counted in inferscope_dropped_total)"
+                );
+            }
+        }
+    }
+
+    fn publish_tls(&self) {
+        if let Some(tls) = &self.tls {
+            self.metrics.tls_processes.set(tls.processes() as i64);
         }
     }
 
@@ -276,10 +354,12 @@ impl Manager {
     fn discover_tick(&mut self) {
         if self.hooks.is_none() {
             self.discover();
+            self.follow_watched(true);
             return;
         }
         let lost = per_cpu_sum(&self.lost_map, lost::DISCOVERY);
         if lost > self.discovery_lost {
+            self.follow_watched(true);
             self.discovery_lost = lost;
             tracing::warn!(
                 lost,
@@ -330,12 +410,18 @@ impl Manager {
     /// openers may be held), execs and listeners passed on in one message each.
     fn drain_discovery(&mut self) {
         let mut loaded = Vec::new();
+        let mut tls_loaded: Vec<u32> = Vec::new();
         let mut execs: Vec<u32> = Vec::new();
         let mut listens: Vec<(u32, u16)> = Vec::new();
         let mut overflow = false;
         if let Some(hooks) = self.hooks.as_mut() {
             while let Some(item) = hooks.ring.next() {
                 match decode(&item) {
+                    Ok(Decoded::Discovery(Discovery::DriverLoaded(e)))
+                        if e.flags & agent_common::discovery::FLAG_TLS_LIBRARY != 0 =>
+                    {
+                        tls_loaded.push(e.header.tgid)
+                    }
                     Ok(Decoded::Discovery(Discovery::DriverLoaded(e))) => loaded.push(e),
                     Ok(Decoded::Discovery(Discovery::Exec(e))) => {
                         if execs.len() < MAX_PIDS_PER_MESSAGE {
@@ -362,6 +448,13 @@ impl Manager {
         }
         for e in loaded {
             self.driver_loaded(&e);
+        }
+        if !tls_loaded.is_empty() {
+            self.follow_watched(false);
+            for pid in tls_loaded {
+                self.look_at_tls(pid, true);
+            }
+            self.publish_tls();
         }
         if self.cuda.is_some() {
             // A new program: its loader and whatever driver it maps already (one read).
@@ -726,6 +819,7 @@ impl Manager {
             if stopped {
                 break;
             }
+            self.follow_watched(false);
             if Instant::now() < next {
                 continue;
             }
@@ -745,6 +839,9 @@ impl Manager {
         }
         if let Some(cuda) = self.cuda.as_mut() {
             links.extend(cuda.take_links());
+        }
+        if let Some(tls) = self.tls.as_mut() {
+            links.extend(tls.take_links());
         }
         let n = links.len();
         links.release();

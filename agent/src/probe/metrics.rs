@@ -33,6 +33,8 @@ pub struct ProbeMetrics {
     pub probe_cost: Family<FamilyLabels, GaugeF>,
     pub probe_family_up: Family<FamilyLabels, Gauge>,
     pub cuda_libraries: Gauge,
+    /// Watched processes whose OpenSSL is probed.
+    pub tls_processes: Gauge,
     /// Processes stopped at their mapping of an unprobed driver until it was attached.
     pub openers_held: Counter,
     pub opener_hold_seconds: Histogram,
@@ -48,6 +50,7 @@ impl ProbeMetrics {
             probe_cost: Family::default(),
             probe_family_up: Family::default(),
             cuda_libraries: Gauge::default(),
+            tls_processes: Gauge::default(),
             openers_held: Counter::default(),
             // 0.5 ms .. ~4 s.
             opener_hold_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
@@ -82,6 +85,11 @@ impl ProbeMetrics {
                 "inferscope_cuda_libraries",
                 "CUDA driver library files being probed",
                 m.cuda_libraries.clone(),
+            );
+            r.register(
+                "inferscope_http_tls_processes",
+                "Watched processes whose OpenSSL is probed: the TLS they terminate is read as plaintext",
+                m.tls_processes.clone(),
             );
             r.register(
                 "inferscope_probe_openers_held",

@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod oom;
 pub mod prologue;
 pub mod sched;
+pub mod tls;
 pub mod tracefs;
 
 pub use config::ProbesConfig;

@@ -33,6 +33,10 @@ pub struct TestPki {
     pub client_cert: PathBuf,
     /// PEM (PKCS#8) of the client certificate's key.
     pub client_key: PathBuf,
+    /// PEM of the server certificate (`localhost`, `127.0.0.1`) and its key, for a server that
+    /// terminates TLS itself.
+    pub server_cert_pem: PathBuf,
+    pub server_key_pem: PathBuf,
     ca_der: CertificateDer<'static>,
     server_cert: CertificateDer<'static>,
     server_key: PrivatePkcs8KeyDer<'static>,
@@ -76,6 +80,8 @@ impl TestPki {
             ca: write("ca.pem", ca_cert.pem()),
             client_cert: write("client.pem", client.pem()),
             client_key: write("client.key", client_key.serialize_pem()),
+            server_cert_pem: write("server.pem", server.pem()),
+            server_key_pem: write("server.key", server_key.serialize_pem()),
             ca_der: ca_cert.der().clone(),
             server_cert: server.der().clone(),
             server_key: PrivatePkcs8KeyDer::from(server_key.serialize_der()),

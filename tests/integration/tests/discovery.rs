@@ -84,10 +84,12 @@ fn processes_without_a_driver_are_not_read_again() {
     std::thread::sleep(Duration::from_secs(1));
     let first = agent.scrape();
     let maps = reads(&first, "maps");
-    // Fifteen discovery ticks: a poll would read the thousand processes on every one.
+    // Fifteen discovery ticks: a poll would read the thousand processes on every one. A
+    // process that execs meanwhile anywhere on the node is read once, as it should be.
     std::thread::sleep(Duration::from_secs(3));
     let later = agent.scrape();
-    assert_eq!(reads(&later, "maps"), maps, "maps read again");
+    let again = reads(&later, "maps") - maps;
+    assert!(again < 100.0, "maps read again: {again}");
     let cmdlines = reads(&later, "cmdline") - reads(&first, "cmdline");
     assert!(cmdlines < 100.0, "command lines read again: {cmdlines}");
     assert!(agent.stop().success());

@@ -31,8 +31,20 @@ fn start_agent_with(server: &Server, env: &[(&str, &str)]) -> Agent {
 fn counts_status_codes_models_and_tokens_are_exact() {
     let server = Server::start("stand-in");
     let agent = start_agent(&server);
-    let port = server.port.to_string();
-    let truth = client(&["openai", &port, "stand-in"]);
+    let truth = client(&["openai", &server.port.to_string(), "stand-in"]);
+    let s = assert_counted_as_the_client(&agent, &truth);
+    assert_eq!(
+        s.sum("inferscope_http_bad_input_total", &[]),
+        0.0,
+        "{}",
+        s.text
+    );
+    assert!(agent.stop().success());
+}
+
+/// The openai scenario's requests by model and status, its errors by type and its tokens, as
+/// the agent counted them, against what the client saw (`truth`); returns the scrape.
+fn assert_counted_as_the_client(agent: &Agent, truth: &serde_json::Value) -> Scrape {
     let requests: HashMap<String, u64> = serde_json::from_value(truth["requests"].clone()).unwrap();
     let total: u64 = requests.values().sum();
     let s = agent.wait_for("every request", |s| {
@@ -66,13 +78,7 @@ fn counts_status_codes_models_and_tokens_are_exact() {
         "{}",
         s.text
     );
-    assert_eq!(
-        s.sum("inferscope_http_bad_input_total", &[]),
-        0.0,
-        "{}",
-        s.text
-    );
-    assert!(agent.stop().success());
+    s
 }
 
 /// `http request finished` debug lines of the agent, in order: (ttft, gaps, latency) in µs.
@@ -671,5 +677,138 @@ fn streamed_chat_over_http2_is_counted_like_http1() {
         "{}",
         s.text
     );
+    assert!(agent.stop().success());
+}
+
+/// Requests timed through the server's own TLS, as the client saw them, and nothing counted as
+/// unreadable: `n` streamed requests on one TLS keep-alive connection to `port`.
+fn timed_through_tls(agent: &Agent, port: u16, pki: &integration::tls_proxy::TestPki, n: usize) {
+    let truth = client(&[
+        "timing",
+        &port.to_string(),
+        &n.to_string(),
+        &pki.ca.display().to_string(),
+    ]);
+    let truth = truth.as_array().unwrap().clone();
+    let tokens: u64 = truth.iter().map(|t| t["tokens"].as_u64().unwrap()).sum();
+    let s = agent.wait_for("the requests inside TLS", |s| {
+        s.sum("llm_requests_total", &[("model", "timed")]) >= n as f64
+    });
+    assert_timed_as_the_client(agent, &truth, |l| is_model(l, "timed"));
+    assert_eq!(
+        s.sum(
+            "llm_requests_total",
+            &[
+                ("model", "timed"),
+                ("protocol", "http1"),
+                ("status_code", "200")
+            ]
+        ),
+        n as f64,
+        "{}",
+        s.text
+    );
+    assert_eq!(
+        s.sum("llm_tokens_output_total", &[("model", "timed")]),
+        tokens as f64,
+        "{}",
+        s.text
+    );
+    // Neither the handshake nor the ciphertext around the plaintext is taken for bad input.
+    assert_eq!(
+        s.sum("inferscope_http_bad_input_total", &[]),
+        0.0,
+        "{}",
+        s.text
+    );
+    assert_eq!(
+        s.sum(
+            "inferscope_dropped_total",
+            &[("what", "tls_call"), ("reason", "untied")]
+        ),
+        0.0,
+        "{}",
+        s.text
+    );
+}
+
+/// uvicorn terminating TLS itself (`--ssl-keyfile`, as vLLM and SGLang pass it): Python's ssl
+/// under asyncio works through memory BIOs, so no syscall happens inside `SSL_read` and
+/// `SSL_write`; the agent ties each `SSL*` to its socket by the thread's reads and reads the
+/// plaintext through the server's OpenSSL. Requests are timed as the client saw them.
+#[root_test]
+fn tls_terminated_by_uvicorn_is_read_through_its_openssl() {
+    use integration::tls_proxy::TestPki;
+    let pki = TestPki::generate();
+    let server = Server::start_with(
+        "stand-in",
+        &[
+            "--ssl-keyfile",
+            &pki.server_key_pem.display().to_string(),
+            "--ssl-certfile",
+            &pki.server_cert_pem.display().to_string(),
+        ],
+    );
+    let agent = start_agent(&server);
+    agent.wait_for("the server's OpenSSL to be probed", |s| {
+        s.sum("inferscope_http_tls_processes", &[]) >= 1.0
+    });
+    // The official client, trusting the test CA: every request, error and token counted.
+    let truth = client(&[
+        "openai",
+        &server.port.to_string(),
+        "stand-in",
+        &pki.ca.display().to_string(),
+    ]);
+    assert_counted_as_the_client(&agent, &truth);
+    timed_through_tls(&agent, server.port, &pki, 6);
+    assert!(agent.stop().success());
+}
+
+/// A server with blocking TLS sockets (OpenSSL's socket BIO: the socket calls happen inside
+/// `SSL_read`/`SSL_write`), one thread per connection, that loads OpenSSL only after the agent
+/// watches it: the library is found through the loader's record, then read as above.
+#[root_test]
+fn tls_of_blocking_sockets_loaded_late_is_read_too() {
+    use integration::tls_proxy::TestPki;
+    use std::io::{BufRead, Write};
+    let pki = TestPki::generate();
+    let port = free_port();
+    // Killed and reaped when dropped, as the stand-in is.
+    let mut server = Server {
+        child: Command::new("python3")
+            .arg(servers_dir().join("tls_blocking_server.py"))
+            .arg(port.to_string())
+            .arg(&pki.server_cert_pem)
+            .arg(&pki.server_key_pem)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+        port,
+    };
+    let mut out = std::io::BufReader::new(server.child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "listening");
+    let agent = Agent::start(&["--watch-port", &port.to_string()]);
+    let s = agent.wait_for("the server to be watched", |s| {
+        s.sum("inferscope_http_watched_processes", &[]) >= 1.0
+    });
+    assert_eq!(s.sum("inferscope_http_tls_processes", &[]), 0.0);
+    server
+        .child
+        .stdin
+        .as_mut()
+        .unwrap()
+        .write_all(b"go\n")
+        .unwrap();
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "tls");
+    agent.wait_for("the late OpenSSL to be probed", |s| {
+        s.sum("inferscope_http_tls_processes", &[]) >= 1.0
+    });
+    timed_through_tls(&agent, port, &pki, 4);
     assert!(agent.stop().success());
 }

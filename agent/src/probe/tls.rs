@@ -1,0 +1,313 @@
+//! Attaching OpenSSL's read and write calls in watched processes (`probes/tls.rs` in
+//! agent-ebpf): for each watched server that maps a `libssl.so*`, an entry and a return probe on
+//! `SSL_read`, `SSL_read_ex`, `SSL_write` and `SSL_write_ex`, scoped to that process, so the
+//! `http` family reads the plaintext of TLS the server terminates itself. A process is looked
+//! at when it becomes watched (one read of its maps) and again when its loader reports a
+//! `libssl` (the `discovery` family); its probes go when it is no longer watched.
+
+use std::{
+    collections::{HashMap, HashSet},
+    num::NonZeroU32,
+};
+
+use agent_common::http::tls::{SslKey, CALL_EX, CALL_WRITE};
+use aya::{
+    maps::{HashMap as BpfHashMap, MapData},
+    programs::{
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLink, UProbeScope},
+        UProbe,
+    },
+    Ebpf,
+};
+
+use super::{discover, elf, links::Links, ProbeError};
+use crate::proc::ProcFs;
+
+const ENTER: &str = "tls_enter";
+const RETURN: &str = "tls_return";
+
+/// Names of the programs (tests check none is left loaded).
+pub const PROGRAMS: [&str; 2] = [ENTER, RETURN];
+
+/// The calls probed, with the attach cookie that tells the programs which one fired.
+const SYMBOLS: &[(&str, u64)] = &[
+    ("SSL_read", 0),
+    ("SSL_read_ex", CALL_EX),
+    ("SSL_write", CALL_WRITE),
+    ("SSL_write_ex", CALL_WRITE | CALL_EX),
+];
+
+/// Processes whose OpenSSL is probed at most (each costs eight links).
+pub const MAX_PROCESSES: usize = 256;
+
+/// Whether a mapped file is OpenSSL's TLS library (`libssl.so`, `libssl.so.3`, `libssl.so.1.1`).
+pub fn is_libssl(path: &str) -> bool {
+    let name = path.rsplit('/').next().unwrap_or(path);
+    name == "libssl.so" || name.starts_with("libssl.so.")
+}
+
+struct Probed {
+    library: String,
+    links: Vec<UProbeLink>,
+}
+
+/// Why a watched process's TLS is not read.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsAttachError {
+    #[error("its maps cannot be read")]
+    Maps,
+    #[error("{MAX_PROCESSES} processes are probed already")]
+    Limit,
+    #[error("its libssl cannot be opened")]
+    Open(#[source] crate::tenant_file::OpenError),
+    #[error("its libssl's symbols cannot be read")]
+    Symbols(#[source] elf::ElfError),
+    #[error("its libssl exports none of SSL_read, SSL_write")]
+    NoSymbols,
+    #[error("a probe cannot be attached")]
+    Attach(#[source] ProbeError),
+}
+
+impl TlsAttachError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Maps => "maps_unreadable",
+            Self::Limit => "process_limit",
+            Self::Open(e) => e.reason(),
+            Self::Symbols(_) => "bad_elf",
+            Self::NoSymbols => "no_symbols",
+            Self::Attach(_) => "attach_failed",
+        }
+    }
+}
+
+/// What a look at one process did.
+#[derive(Debug)]
+pub enum Looked {
+    /// Its libssl is probed now: the library's path as the process names it.
+    Attached(String),
+    /// It maps no libssl (yet).
+    NoLibrary,
+    /// It was probed already.
+    Known,
+    /// It is not (or no longer) watched.
+    NotWatched,
+}
+
+pub struct TlsProbes {
+    probed: HashMap<u32, Probed>,
+    /// The watched processes, as last told.
+    watched: HashSet<u32>,
+    /// Watched processes looked at without a libssl: looked at again only when their loader
+    /// reports one.
+    without: HashSet<u32>,
+    /// The programs' `SSL*` ties, emptied of a process's entries when it goes.
+    ties: BpfHashMap<MapData, SslKey, u32>,
+}
+
+impl TlsProbes {
+    pub fn load(ebpf: &mut Ebpf) -> Result<Self, ProbeError> {
+        for name in PROGRAMS {
+            program(ebpf, name)?
+                .load()
+                .map_err(|source| ProbeError::Program { name, source })?;
+        }
+        Ok(Self {
+            probed: HashMap::new(),
+            watched: HashSet::new(),
+            without: HashSet::new(),
+            ties: super::take(ebpf, "TLS_SSL_FD")?,
+        })
+    }
+
+    /// Processes whose OpenSSL is probed now.
+    pub fn processes(&self) -> usize {
+        self.probed.len()
+    }
+
+    pub fn is_probed(&self, pid: u32) -> bool {
+        self.probed.contains_key(&pid)
+    }
+
+    /// The watched set is now `watched`: processes that left it lose their probes; new ones
+    /// are returned, to be looked at.
+    pub fn watched(&mut self, watched: &HashSet<u32>) -> Vec<u32> {
+        let gone: Vec<u32> = self
+            .probed
+            .keys()
+            .filter(|p| !watched.contains(p))
+            .copied()
+            .collect();
+        for pid in gone {
+            self.forget(pid);
+        }
+        self.without.retain(|p| watched.contains(p));
+        self.watched = watched.clone();
+        watched
+            .iter()
+            .filter(|p| !self.probed.contains_key(p) && !self.without.contains(p))
+            .copied()
+            .collect()
+    }
+
+    /// Processes found without a libssl are read again at their next look.
+    pub fn retry_without(&mut self) {
+        self.without.clear();
+    }
+
+    /// Detaches a process's probes and removes its ties.
+    fn forget(&mut self, pid: u32) {
+        if let Some(p) = self.probed.remove(&pid) {
+            let mut links = Links::default();
+            for l in p.links {
+                links.hold(l);
+            }
+            links.release();
+            tracing::debug!(pid, library = p.library, "TLS probes detached");
+        }
+        let stale: Vec<SslKey> = self
+            .ties
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.tgid == pid)
+            .collect();
+        for k in stale {
+            let _ = self.ties.remove(&k);
+        }
+    }
+
+    /// Reads one watched process's maps and probes the first `libssl` it maps. `again`: its
+    /// loader reported a libssl, so a process looked at before without one is read again.
+    pub fn look(
+        &mut self,
+        ebpf: &mut Ebpf,
+        procfs: &ProcFs,
+        pid: u32,
+        again: bool,
+    ) -> Result<Looked, TlsAttachError> {
+        if !self.watched.contains(&pid) {
+            return Ok(Looked::NotWatched);
+        }
+        if self.probed.contains_key(&pid) {
+            return Ok(Looked::Known);
+        }
+        if self.without.contains(&pid) && !again {
+            return Ok(Looked::NoLibrary);
+        }
+        let maps = procfs.maps(pid).ok_or(TlsAttachError::Maps)?;
+        let Some(mapped) = libssl_in(pid, &maps) else {
+            self.without.insert(pid);
+            return Ok(Looked::NoLibrary);
+        };
+        self.without.remove(&pid);
+        if self.probed.len() >= MAX_PROCESSES {
+            return Err(TlsAttachError::Limit);
+        }
+        let lib = discover::open_mapped(procfs, &mapped).map_err(TlsAttachError::Open)?;
+        let wanted: Vec<&str> = SYMBOLS.iter().map(|(s, _)| *s).collect();
+        let symbols = elf::read_symbols(&lib.file.file, lib.file.size, &lib.display, &wanted)
+            .map_err(TlsAttachError::Symbols)?;
+        let Some(pid_nz) = NonZeroU32::new(pid) else {
+            return Err(TlsAttachError::Maps);
+        };
+        let path = lib.file.fd_path();
+        let mut links = Vec::new();
+        for &(sym, cookie) in SYMBOLS {
+            let Some(found) = symbols.found.get(sym) else {
+                continue;
+            };
+            let point = || UProbeAttachPoint {
+                location: UProbeAttachLocation::AbsoluteOffset(found.offset),
+                cookie: Some(cookie),
+            };
+            // Return probe first: a call entering between the two leaves no stash behind.
+            for name in [RETURN, ENTER] {
+                let attach_error = |source| ProbeError::Attach { name, source };
+                let prog = program(ebpf, name).map_err(TlsAttachError::Attach)?;
+                let id = prog
+                    .attach(point(), &path, UProbeScope::OneProcess(pid_nz))
+                    .map_err(attach_error)
+                    .map_err(TlsAttachError::Attach)?;
+                links.push(
+                    prog.take_link(id)
+                        .map_err(attach_error)
+                        .map_err(TlsAttachError::Attach)?,
+                );
+            }
+        }
+        if links.is_empty() {
+            return Err(TlsAttachError::NoSymbols);
+        }
+        self.probed.insert(
+            pid,
+            Probed {
+                library: lib.display.clone(),
+                links,
+            },
+        );
+        Ok(Looked::Attached(lib.display))
+    }
+
+    /// Every link, for the shutdown to release with the others.
+    pub fn take_links(&mut self) -> Links {
+        let mut out = Links::default();
+        for (_, p) in std::mem::take(&mut self.probed) {
+            for l in p.links {
+                out.hold(l);
+            }
+        }
+        out
+    }
+}
+
+/// The first `libssl.so*` mapping in one process's maps text.
+pub fn libssl_in(pid: u32, maps: &[u8]) -> Option<discover::Mapped> {
+    if !maps.windows(6).any(|w| w == b"libssl") {
+        return None;
+    }
+    String::from_utf8_lossy(maps)
+        .lines()
+        .filter(|l| l.contains("libssl"))
+        .filter_map(crate::proc::file_mapping)
+        .find(|m| is_libssl(&m.path))
+        .map(|m| discover::Mapped {
+            pid,
+            range: m.range(),
+            id: m.id,
+            path: m.path,
+            deleted: m.deleted,
+        })
+}
+
+fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut UProbe, ProbeError> {
+    ebpf.program_mut(name)
+        .ok_or(ProbeError::MissingProgram { name })?
+        .try_into()
+        .map_err(|source| ProbeError::Program { name, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_openssl_by_name_only() {
+        assert!(is_libssl("/usr/lib/x86_64-linux-gnu/libssl.so.3"));
+        assert!(is_libssl("/opt/conda/lib/libssl.so.1.1"));
+        assert!(is_libssl("libssl.so"));
+        assert!(!is_libssl("/usr/lib/libssl3.so"));
+        assert!(!is_libssl("/usr/lib/libssl_helper.so"));
+        let maps = b"7f00-7f10 r--p 00000000 fd:01 42 /usr/lib/libcrypto.so.3\n\
+                     7f10-7f20 r--p 00000000 fd:01 43 /usr/lib/x86_64-linux-gnu/libssl.so.3\n\
+                     7f20-7f30 r-xp 00010000 fd:01 43 /usr/lib/x86_64-linux-gnu/libssl.so.3\n";
+        let m = libssl_in(9, maps).unwrap();
+        assert_eq!(m.path, "/usr/lib/x86_64-linux-gnu/libssl.so.3");
+        assert_eq!(m.range, "7f10-7f20");
+        assert_eq!(m.id.ino, 43);
+        assert!(libssl_in(
+            9,
+            b"7f00-7f10 r--p 00000000 fd:01 42 /usr/lib/libcrypto.so.3\n"
+        )
+        .is_none());
+    }
+}
