@@ -1,19 +1,18 @@
-"""A server that terminates TLS with blocking sockets (Python's ssl over OpenSSL's socket BIO:
-the socket reads and writes happen inside SSL_read and SSL_write), one thread per connection,
+"""The standard library's `http.server` wrapped in Python's blocking `ssl` (OpenSSL's socket BIO:
+the socket reads and writes happen inside SSL_read and SSL_write), a thread per connection,
 answering streamed chat completions as SSE in chunked HTTP/1.1.
 
   tls_blocking_server.py PORT CERT KEY
 
-It listens at once, but loads OpenSSL (imports ssl) only after a line on stdin, then prints
-"tls" and serves: a test can have the agent watch it first, so the library arrives through the
-loader, as a server that imports ssl late does. Only the standard library's socket layer is
-imported before that (http.server would load ssl with http.client).
+It listens at once, but loads OpenSSL only after a line on stdin (`http.server` imports
+`http.client`, which imports `ssl`: both are imported late), then prints "tls" and serves: a
+test can have the agent watch it first, so the library arrives through the loader, as in a
+server that imports ssl late.
 """
 
 import json
 import socket
 import sys
-import threading
 import time
 
 port, cert, key = int(sys.argv[1]), sys.argv[2], sys.argv[3]
@@ -24,62 +23,54 @@ listener.listen(64)
 print("listening", flush=True)
 sys.stdin.readline()
 
-import ssl  # noqa: E402  (late on purpose: see above)
+import http.server  # noqa: E402  (late on purpose: see above)
+import ssl  # noqa: E402
 
 ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
 ctx.load_cert_chain(cert, key)
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def setup(self):
+        super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def do_POST(self):
+        length = int(self.headers.get("content-length", "0"))
+        body = json.loads(self.rfile.read(length)) if length else {}
+        n = int(body.get("max_tokens", 8))
+        model = body.get("model", "stand-in")
+        ttft = float(self.headers.get("x-ttft-ms", "20")) / 1000
+        gap = float(self.headers.get("x-token-ms", "5")) / 1000
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self.wfile.flush()
+        time.sleep(ttft)
+        for i in range(n):
+            if i:
+                time.sleep(gap)
+            ev = {"id": "c", "object": "chat.completion.chunk", "model": model,
+                  "choices": [{"index": 0, "delta": {"content": f"tok{i} "}}]}
+            self.chunk(f"data: {json.dumps(ev)}\n\n".encode())
+        self.chunk(b"data: [DONE]\n\n")
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+    def chunk(self, data):
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    def log_message(self, *args):
+        pass
+
+
+server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler, bind_and_activate=False)
+server.socket.close()
+server.socket = ctx.wrap_socket(listener, server_side=True)
+server.daemon_threads = True
 print("tls", flush=True)
-
-
-def read_request(f):
-    head = f.readline()
-    if not head:
-        return None
-    length = 0
-    headers = {}
-    while True:
-        line = f.readline()
-        if line in (b"\r\n", b"\n", b""):
-            break
-        name, _, value = line.decode().partition(":")
-        headers[name.strip().lower()] = value.strip()
-    length = int(headers.get("content-length", "0"))
-    body = json.loads(f.read(length)) if length else {}
-    return body, headers
-
-
-def serve(conn):
-    with conn:
-        f = conn.makefile("rb")
-        while True:
-            got = read_request(f)
-            if got is None:
-                return
-            body, headers = got
-            n = int(body.get("max_tokens", 8))
-            model = body.get("model", "stand-in")
-            ttft = float(headers.get("x-ttft-ms", "20")) / 1000
-            gap = float(headers.get("x-token-ms", "5")) / 1000
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                         b"Transfer-Encoding: chunked\r\n\r\n")
-            time.sleep(ttft)
-            for i in range(n):
-                if i:
-                    time.sleep(gap)
-                ev = {"id": "c", "object": "chat.completion.chunk", "model": model,
-                      "choices": [{"index": 0, "delta": {"content": f"tok{i} "}}]}
-                data = f"data: {json.dumps(ev)}\n\n".encode()
-                conn.sendall(b"%x\r\n%s\r\n" % (len(data), data))
-            done = b"data: [DONE]\n\n"
-            conn.sendall(b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done))
-
-
-while True:
-    raw, _ = listener.accept()
-    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    try:
-        conn = ctx.wrap_socket(raw, server_side=True)
-    except (ssl.SSLError, OSError):
-        raw.close()
-        continue
-    threading.Thread(target=serve, args=(conn,), daemon=True).start()
+server.serve_forever()

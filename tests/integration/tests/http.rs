@@ -765,9 +765,10 @@ fn tls_terminated_by_uvicorn_is_read_through_its_openssl() {
     assert!(agent.stop().success());
 }
 
-/// A server with blocking TLS sockets (OpenSSL's socket BIO: the socket calls happen inside
-/// `SSL_read`/`SSL_write`), one thread per connection, that loads OpenSSL only after the agent
-/// watches it: the library is found through the loader's record, then read as above.
+/// The standard library's `http.server` wrapped in blocking `ssl` (OpenSSL's socket BIO: the
+/// socket calls happen inside `SSL_read`/`SSL_write`), a thread per connection, which loads
+/// OpenSSL only after the agent watches it: the library is found through the loader's record,
+/// then read as above.
 #[root_test]
 fn tls_of_blocking_sockets_loaded_late_is_read_too() {
     use integration::tls_proxy::TestPki;
