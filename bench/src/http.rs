@@ -1,9 +1,10 @@
 //! What the `http` family costs an inference server: the same streamed load against a server
 //! without the agent and with it, in interleaved rounds, as its clients see it (latency per
 //! request), as the server does (throughput, its own CPU, which pays the syscall probes) and
-//! the agent's CPU. Two servers: the TGI stand-in (`text-generation-router`, axum + hyper,
-//! HTTP/1.1 server-sent events) and a gRPC one (`tonic-llm`, tonic, server-streaming calls
-//! multiplexed on one channel).
+//! the agent's CPU. Three servers: the TGI stand-in (`text-generation-router`, axum + hyper,
+//! HTTP/1.1 server-sent events), a gRPC one (`tonic-llm`, tonic, server-streaming calls
+//! multiplexed on one channel) and a C server streaming the same events over TLS with OpenSSL
+//! (`c/tls_sse.c`: the agent reads it through its uprobes on `libssl`).
 
 use std::{
     net::TcpStream,
@@ -146,6 +147,10 @@ trait Target {
     ) -> anyhow::Result<(Vec<Duration>, Vec<Duration>, Duration)>;
     /// The agent's arguments to watch it.
     fn agent_args(&self) -> Vec<String>;
+    /// The gauge that says the agent is ready for it.
+    fn ready_gauge(&self) -> &'static str {
+        "inferscope_http_watched_processes"
+    }
 }
 
 struct Tgi {
@@ -234,25 +239,129 @@ impl Target for Grpc {
         if !out.status.success() {
             bail!("tonic-llm load: {}", String::from_utf8_lossy(&out.stderr));
         }
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-        let ms = |key: &str| -> Vec<Duration> {
-            v[key]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|x| x.as_f64())
-                        .map(|x| Duration::from_secs_f64(x / 1000.0))
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
-        let wall = Duration::from_secs_f64(v["wall_ms"].as_f64().unwrap_or(0.0) / 1000.0);
-        Ok((ms("latency_ms"), ms("ttft_ms"), wall))
+        timings(&out.stdout)
     }
 
     fn agent_args(&self) -> Vec<String> {
         vec!["--watch-port".into(), self.port.to_string()]
     }
+}
+
+/// `tls_sse serve`: TGI's streamed events over TLS (OpenSSL, blocking sockets), a thread per
+/// connection; `tls_sse load` drives it.
+struct TlsC {
+    child: Child,
+    port: u16,
+    tokens: u64,
+}
+
+const TLS_SSE: &str = env!("TLS_SSE_BIN");
+
+impl TlsC {
+    fn start(tokens: u64, ttft_ms: f64, token_ms: f64) -> anyhow::Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let child = Command::new(TLS_SSE)
+            .args(["serve", &port.to_string()])
+            .args([ttft_ms.to_string(), token_ms.to_string()])
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting tls_sse")?;
+        let start = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if start.elapsed() > Duration::from_secs(10) {
+                bail!("tls_sse did not listen");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Self {
+            child,
+            port,
+            tokens,
+        })
+    }
+}
+
+impl Drop for TlsC {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Target for TlsC {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn load(
+        &self,
+        requests: usize,
+        concurrency: usize,
+    ) -> anyhow::Result<(Vec<Duration>, Vec<Duration>, Duration)> {
+        let out = Command::new(TLS_SSE)
+            .args([
+                "load".to_string(),
+                self.port.to_string(),
+                requests.to_string(),
+                concurrency.to_string(),
+                self.tokens.to_string(),
+            ])
+            .output()
+            .context("tls_sse load")?;
+        if !out.status.success() {
+            bail!("tls_sse load: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        timings(&out.stdout)
+    }
+
+    fn agent_args(&self) -> Vec<String> {
+        vec!["--watch-port".into(), self.port.to_string()]
+    }
+
+    fn ready_gauge(&self) -> &'static str {
+        "inferscope_http_tls_processes"
+    }
+}
+
+/// A load client's JSON: `latency_ms`, `ttft_ms` per request, `wall_ms`.
+fn timings(json: &[u8]) -> anyhow::Result<(Vec<Duration>, Vec<Duration>, Duration)> {
+    let v: serde_json::Value = serde_json::from_slice(json)?;
+    let ms = |key: &str| -> Vec<Duration> {
+        v[key]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_f64())
+                    .map(|x| Duration::from_secs_f64(x / 1000.0))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let wall = Duration::from_secs_f64(v["wall_ms"].as_f64().unwrap_or(0.0) / 1000.0);
+    Ok((ms("latency_ms"), ms("ttft_ms"), wall))
+}
+
+/// The C server over TLS: HTTP/1.1 streamed requests read through the server's OpenSSL.
+pub fn measure_tls(
+    lib: &Path,
+    requests: usize,
+    concurrency: usize,
+    tokens: u64,
+) -> anyhow::Result<HttpCost> {
+    let (ttft_ms, token_ms) = (10.0, 1.0);
+    let target = TlsC::start(tokens, ttft_ms, token_ms)?;
+    interleaved(
+        &target,
+        "C server over TLS (OpenSSL)",
+        lib,
+        requests,
+        concurrency,
+        tokens,
+        ttft_ms,
+        token_ms,
+    )
 }
 
 /// The TGI stand-in: HTTP/1.1 streamed requests.
@@ -329,8 +438,9 @@ fn interleaved(
             let i = usize::from(with);
             let agent = if with {
                 let a = AgentProcess::start_with(lib, &[], &target.agent_args())?;
+                let gauge = target.ready_gauge();
                 a.wait_for("the server to be watched", Duration::from_secs(30), |t| {
-                    metric_sum(t, "inferscope_http_watched_processes") >= 1.0
+                    metric_sum(t, gauge) >= 1.0
                 })
                 .with_context(|| a.log())?;
                 Some(a)

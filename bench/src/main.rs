@@ -164,6 +164,7 @@ pub struct Results {
     pub memory: Memory,
     pub http: http::HttpCost,
     pub grpc: http::HttpCost,
+    pub tls: http::HttpCost,
     pub otlp: otlp::OtlpCost,
 }
 
@@ -260,10 +261,17 @@ fn main() {
             }
         }
     }
-    // `--grpc-only`: only the gRPC wire-timing figures, printed.
-    if args.iter().any(|a| a == "--grpc-only") {
+    // `--grpc-only`, `--tls-only`: only that server's wire-timing figures, printed.
+    let wire_only = if args.iter().any(|a| a == "--grpc-only") {
+        Some(http::measure_grpc as fn(&std::path::Path, usize, usize, u64) -> _)
+    } else if args.iter().any(|a| a == "--tls-only") {
+        Some(http::measure_tls as fn(&std::path::Path, usize, usize, u64) -> _)
+    } else {
+        None
+    };
+    if let Some(measure) = wire_only {
         let sizes = Sizes::new(quick);
-        match http::measure_grpc(
+        match measure(
             &Variant::Nop5.lib_path(),
             sizes.http_requests,
             sizes.http_concurrency,
@@ -381,6 +389,19 @@ fn run(quick: bool) -> anyhow::Result<()> {
         sizes.http_tokens,
     )?;
     eprintln!(
+        "bench: [{:>3.0} s] tls: {} streamed requests × {} token events, {} connections to a C server over OpenSSL, without and with the agent",
+        started.elapsed().as_secs_f64(),
+        sizes.http_requests,
+        sizes.http_tokens,
+        sizes.http_concurrency
+    );
+    let tls = http::measure_tls(
+        &Variant::Nop5.lib_path(),
+        sizes.http_requests,
+        sizes.http_concurrency,
+        sizes.http_tokens,
+    )?;
+    eprintln!(
         "bench: [{:>3.0} s] http memory: {HTTP_MEMORY_CONNECTIONS} partial requests and endless streams",
         started.elapsed().as_secs_f64(),
     );
@@ -435,6 +456,7 @@ fn run(quick: bool) -> anyhow::Result<()> {
         memory,
         http,
         grpc,
+        tls,
         otlp,
     };
     let elapsed = started.elapsed();

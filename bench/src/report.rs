@@ -205,6 +205,7 @@ pub fn tables(r: &Results) -> String {
     );
     http_table(&mut s, &r.http);
     http_table(&mut s, &r.grpc);
+    http_table(&mut s, &r.tls);
     otlp_table(&mut s, &r.otlp);
     s
 }

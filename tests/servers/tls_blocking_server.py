@@ -1,5 +1,6 @@
 """The standard library's `http.server` wrapped in Python's blocking `ssl` (OpenSSL's socket BIO:
-the socket reads and writes happen inside SSL_read and SSL_write), a thread per connection,
+the socket reads and writes happen inside SSL_read and SSL_write), a thread per connection
+accepted by a blocking accept,
 answering streamed chat completions as SSE in chunked HTTP/1.1.
 
   tls_blocking_server.py PORT CERT KEY
@@ -73,4 +74,10 @@ server.socket.close()
 server.socket = ctx.wrap_socket(listener, server_side=True)
 server.daemon_threads = True
 print("tls", flush=True)
-server.serve_forever()
+# Blocking in accept, as thread-per-connection servers do (serve_forever would poll first).
+while True:
+    try:
+        conn, addr = server.socket.accept()
+    except (ssl.SSLError, OSError):
+        continue
+    server.process_request(conn, addr)

@@ -22,6 +22,10 @@ pub fn run(for_tests: bool) -> anyhow::Result<()> {
     if !succeeds("gcc", &["--version"]) {
         apt_install(&["gcc", "libc6-dev"])?;
     }
+    // The bench's C TLS server links the system's OpenSSL (bench/build.rs).
+    if !std::path::Path::new("/usr/include/openssl/ssl.h").exists() {
+        apt_install(&["libssl-dev"])?;
+    }
     if !succeeds("bpf-linker", &["--version"]) {
         install_bpf_linker(aya_toolchain)?;
     }

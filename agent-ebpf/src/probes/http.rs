@@ -234,12 +234,15 @@ pub fn http_sys_enter(ctx: RawTracePointContext) -> u32 {
 #[raw_tracepoint(tracepoint = "sys_exit")]
 pub fn http_sys_exit(ctx: RawTracePointContext) -> u32 {
     let regs: u64 = ctx.arg(0);
-    if kind_of(reg(regs, REG_ORIG_AX)).is_none() {
+    let Some(called) = kind_of(reg(regs, REG_ORIG_AX)) else {
         return 0;
-    }
+    };
     count_cost(cost::RUNS, 1);
     let pid_tgid = bpf_get_current_pid_tgid();
     let Some(s) = HTTP_STASH.get_ptr(&pid_tgid) else {
+        if called == KIND_ACCEPT {
+            accepted_unstashed(&ctx, regs, pid_tgid);
+        }
         return 0;
     };
     let s = unsafe { *s };
@@ -273,6 +276,25 @@ pub fn http_sys_exit(ctx: RawTracePointContext) -> u32 {
         }
     }
     0
+}
+
+/// An `accept` that entered before the programs were attached: a thread-per-connection server
+/// (blocking sockets) waits in it for its next client, and the connection it returns would
+/// otherwise never be followed. Its arguments are still in the saved registers.
+#[inline(always)]
+fn accepted_unstashed(ctx: &RawTracePointContext, regs: u64, pid_tgid: u64) {
+    let ret: i64 = ctx.arg(1);
+    let tgid = (pid_tgid >> 32) as u32;
+    if ret <= 0 || !watched(tgid) {
+        return;
+    }
+    let s = Stash {
+        kind: KIND_ACCEPT,
+        fd: reg(regs, REG_ARG0) as u32,
+        ptr: reg(regs, REG_ARG1),
+        count: 0,
+    };
+    accepted(pid_tgid, tgid, s, ret as u32);
 }
 
 #[inline(always)]

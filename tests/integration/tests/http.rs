@@ -772,8 +772,45 @@ fn tls_terminated_by_uvicorn_is_read_through_its_openssl() {
 #[root_test]
 fn tls_of_blocking_sockets_loaded_late_is_read_too() {
     use integration::tls_proxy::TestPki;
-    use std::io::{BufRead, Write};
     let pki = TestPki::generate();
+    let (mut server, mut out) = blocking_tls_server(&pki);
+    let agent = Agent::start(&["--watch-port", &server.port.to_string()]);
+    let s = agent.wait_for("the server to be watched", |s| {
+        s.sum("inferscope_http_watched_processes", &[]) >= 1.0
+    });
+    assert_eq!(s.sum("inferscope_http_tls_processes", &[]), 0.0);
+    go_tls(&mut server, &mut out);
+    agent.wait_for("the late OpenSSL to be probed", |s| {
+        s.sum("inferscope_http_tls_processes", &[]) >= 1.0
+    });
+    timed_through_tls(&agent, server.port, &pki, 4);
+    assert!(agent.stop().success());
+}
+
+/// A thread-per-connection server waits in a blocking `accept` that it entered before the agent
+/// started: the connection that call returns is followed all the same (its arguments are read
+/// from the registers at its exit), and its TLS with it.
+#[root_test]
+fn a_connection_accepted_by_a_call_older_than_the_agent_is_followed() {
+    use integration::tls_proxy::TestPki;
+    let pki = TestPki::generate();
+    let (mut server, mut out) = blocking_tls_server(&pki);
+    go_tls(&mut server, &mut out);
+    // Let its accept loop enter `accept` and wait there.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let agent = Agent::start(&["--watch-port", &server.port.to_string()]);
+    agent.wait_for("the server's OpenSSL to be probed", |s| {
+        s.sum("inferscope_http_tls_processes", &[]) >= 1.0
+    });
+    timed_through_tls(&agent, server.port, &pki, 2);
+    assert!(agent.stop().success());
+}
+
+/// `tls_blocking_server.py`, listening, OpenSSL not loaded yet; its stdout.
+fn blocking_tls_server(
+    pki: &integration::tls_proxy::TestPki,
+) -> (Server, std::io::BufReader<std::process::ChildStdout>) {
+    use std::io::BufRead;
     let port = free_port();
     // Killed and reaped when dropped, as the stand-in is.
     let mut server = Server {
@@ -792,11 +829,12 @@ fn tls_of_blocking_sockets_loaded_late_is_read_too() {
     let mut line = String::new();
     out.read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "listening");
-    let agent = Agent::start(&["--watch-port", &port.to_string()]);
-    let s = agent.wait_for("the server to be watched", |s| {
-        s.sum("inferscope_http_watched_processes", &[]) >= 1.0
-    });
-    assert_eq!(s.sum("inferscope_http_tls_processes", &[]), 0.0);
+    (server, out)
+}
+
+/// Has the server load OpenSSL and serve.
+fn go_tls(server: &mut Server, out: &mut std::io::BufReader<std::process::ChildStdout>) {
+    use std::io::{BufRead, Write};
     server
         .child
         .stdin
@@ -804,12 +842,7 @@ fn tls_of_blocking_sockets_loaded_late_is_read_too() {
         .unwrap()
         .write_all(b"go\n")
         .unwrap();
-    line.clear();
+    let mut line = String::new();
     out.read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "tls");
-    agent.wait_for("the late OpenSSL to be probed", |s| {
-        s.sum("inferscope_http_tls_processes", &[]) >= 1.0
-    });
-    timed_through_tls(&agent, port, &pki, 4);
-    assert!(agent.stop().success());
 }
