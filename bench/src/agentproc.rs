@@ -152,19 +152,31 @@ impl Drop for AgentProcess {
     }
 }
 
-/// User + system CPU of a process (all its threads, dead ones included), in ns.
+/// The CPU time (user + system, every thread it had, the exited ones too) of process `pid`, in
+/// ns, from its CPU-time clock: the scheduler's own accounting, to the nanosecond, where
+/// `/proc/<pid>/stat` counts 10 ms ticks.
 pub fn proc_cpu_ns(pid: u32) -> anyhow::Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the `(comm)`: state is field 3; utime and stime are fields 14 and 15.
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .context("bad /proc/pid/stat")?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f[11].parse::<u64>()? + f[12].parse::<u64>()?;
-    // SAFETY: no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    Ok(ticks * 1_000_000_000 / hz)
+    let mut clock: libc::clockid_t = 0;
+    // SAFETY: `clock` is a valid out-pointer.
+    let r = unsafe { libc::clock_getcpuclockid(pid as libc::pid_t, &mut clock) };
+    if r != 0 {
+        bail!(
+            "no CPU clock for process {pid}: {}",
+            std::io::Error::from_raw_os_error(r)
+        );
+    }
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid out-pointer.
+    if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
+        bail!(
+            "reading process {pid}'s CPU clock: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
 }
 
 /// Sum of every sample of `name` (with or without labels) in a Prometheus text scrape.

@@ -37,6 +37,9 @@ pub struct HttpCost {
     pub rps: (f64, f64),
     /// The server process's CPU (user + system) per request, without / with, µs.
     pub server_cpu_us: (f64, f64),
+    /// What the agent added to it, µs per request: the mean over the rounds of (with − without)
+    /// in the same round, and its standard error.
+    pub server_cpu_added_us: (f64, f64),
     /// The agent's CPU over the phases with it, as a share of one core.
     pub agent_share: f64,
     /// Requests the agent counted / sent in the phases with it; its lost http records.
@@ -427,13 +430,17 @@ fn interleaved(
     let pid = target.pid();
     // Warm the server and the connections' code paths.
     target.load(concurrency * 2, concurrency)?;
-    let rounds = 4;
+    // Enough rounds for an error bar on what the agent adds per request.
+    let rounds = 6;
     let per = requests / rounds;
     let (mut lat, mut ttft) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
     let (mut wall, mut server_cpu) = ([Duration::ZERO; 2], [0u64; 2]);
+    // Per round: the server's CPU per request without and with, ns.
+    let mut round_added: Vec<f64> = Vec::with_capacity(rounds);
     let (mut agent_cpu, mut agent_wall) = (0u64, Duration::ZERO);
     let (mut counted, mut agent_tokens, mut lost, mut events) = (0u64, 0u64, 0u64, 0u64);
     for _ in 0..rounds {
+        let mut per_request = [0f64; 2];
         for with in [false, true] {
             let i = usize::from(with);
             let agent = if with {
@@ -453,7 +460,9 @@ fn interleaved(
             };
             let s0 = proc_cpu_ns(pid)?;
             let (l, t, w) = target.load(per, concurrency)?;
-            server_cpu[i] += proc_cpu_ns(pid)? - s0;
+            let spent = proc_cpu_ns(pid)? - s0;
+            server_cpu[i] += spent;
+            per_request[i] = spent as f64 / per as f64;
             wall[i] += w;
             lat[i].extend(l);
             ttft[i].extend(t);
@@ -475,8 +484,13 @@ fn interleaved(
                 a.stop()?;
             }
         }
+        round_added.push(per_request[1] - per_request[0]);
     }
     let n = (requests / rounds * rounds) as f64;
+    let mean = round_added.iter().sum::<f64>() / round_added.len() as f64;
+    let var = round_added.iter().map(|x| (x - mean).powi(2)).sum::<f64>()
+        / (round_added.len() as f64 - 1.0).max(1.0);
+    let stderr = (var / round_added.len() as f64).sqrt();
     Ok(HttpCost {
         server,
         requests: requests / rounds * rounds,
@@ -492,6 +506,7 @@ fn interleaved(
             server_cpu[0] as f64 / n / 1e3,
             server_cpu[1] as f64 / n / 1e3,
         ),
+        server_cpu_added_us: (mean / 1e3, stderr / 1e3),
         agent_share: agent_cpu as f64 / agent_wall.as_nanos().max(1) as f64,
         agent_requests: (counted, n as u64),
         agent_tokens,
