@@ -513,11 +513,15 @@ every process and allocation.\n",
         "- **HTTP.** The TGI stand-in (`tests/servers/tgi`: axum + hyper like TGI's router, \
 `TCP_NODELAY` on, 2 tokio workers on the same 2 cores as everything else) serves streamed \
 `POST /generate_stream` requests; {} client threads, one keep-alive connection each, send \
-{} requests per configuration in four interleaved rounds (without, with, without, with, ...; \
+{} requests per configuration in six interleaved rounds (without, with, without, with, ...; \
 the agent started afresh for each round with its defaults and found the server by its command \
 line). Client latency is send → last byte of the response, TTFT send → first token event, \
 both read on the client's monotonic clock; throughput is requests over the phases' wall time; \
-server and agent CPU from `/proc/<pid>/stat` over the phases.\n",
+server and agent CPU from their processes' CPU clocks (`clock_getcpuclockid`: the scheduler's \
+nanoseconds, every thread) over the phases, and what the agent adds to the server's CPU per \
+request as the mean over the rounds of (with − without) with its standard error. The same \
+load goes to a gRPC server (`tonic-llm`, server-streaming calls on one channel) and to a C \
+server over TLS (`bench/c/tls_sse.c`, OpenSSL, read through the agent's uprobes on `libssl`).\n",
         sizes.http_concurrency, sizes.http_requests
     );
     let _ = writeln!(
