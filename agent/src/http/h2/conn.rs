@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use super::{
     frame::{self, Head, Piece, Reader},
     grpc::{self, Messages},
-    hpack::{Field, HpackError, Table},
+    hpack::{Field, FieldRef, HpackError, Table},
 };
 use crate::http::{
     conn::{clip, Bad, ErrorType, Exchange, Output, Protocol},
@@ -694,7 +694,26 @@ fn decode_block(dec: &mut Decoding, events: &mut Vec<Event>) {
         return;
     }
     let mut fields = Vec::new();
-    match dec.table.decode(&block.buf, &mut |f| fields.push(f)) {
+    // Only what the exchange reads is copied out of the table (and unknown fields, which say
+    // a block was not fully read).
+    let keep = |f: &FieldRef<'_>| {
+        f.name.is_none_or(|n| {
+            matches!(
+                n,
+                b":method"
+                    | b":path"
+                    | b":status"
+                    | b"content-type"
+                    | b"traceparent"
+                    | b"grpc-status"
+            )
+        })
+    };
+    match dec.table.decode(&block.buf, &mut |f| {
+        if keep(&f) {
+            fields.push(f.to_owned());
+        }
+    }) {
         Ok(stats) => events.push(Event::Headers {
             stream: block.stream,
             end_stream: block.end_stream,

@@ -91,6 +91,23 @@ pub struct Field {
     pub value: Option<Vec<u8>>,
 }
 
+/// A decoded field as the decoder hands it over: borrowed from the table or the block, so that
+/// only the fields the caller keeps are copied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FieldRef<'a> {
+    pub name: Option<&'a [u8]>,
+    pub value: Option<&'a [u8]>,
+}
+
+impl FieldRef<'_> {
+    pub fn to_owned(self) -> Field {
+        Field {
+            name: self.name.map(<[u8]>::to_vec),
+            value: self.value.map(<[u8]>::to_vec),
+        }
+    }
+}
+
 /// What went wrong with a block (the label of `inferscope_http_bad_input_total`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HpackError {
@@ -99,8 +116,8 @@ pub enum HpackError {
     Malformed,
 }
 
-/// A name and a value.
-type Pair = (Vec<u8>, Vec<u8>);
+/// A name and a value, lent by the table.
+type PairRef<'a> = (&'a [u8], &'a [u8]);
 
 #[derive(Clone, Debug)]
 struct Entry {
@@ -183,7 +200,7 @@ impl Table {
     pub fn decode(
         &mut self,
         block: &[u8],
-        f: &mut impl FnMut(Field),
+        f: &mut impl FnMut(FieldRef<'_>),
     ) -> Result<DecodeStats, HpackError> {
         let r = self.decode_inner(block, f);
         if r.is_err() {
@@ -195,7 +212,7 @@ impl Table {
     fn decode_inner(
         &mut self,
         mut b: &[u8],
-        f: &mut impl FnMut(Field),
+        f: &mut impl FnMut(FieldRef<'_>),
     ) -> Result<DecodeStats, HpackError> {
         let mut stats = DecodeStats::default();
         let mut fields = 0;
@@ -204,13 +221,13 @@ impl Table {
                 let (index, rest) = integer(b, 7)?;
                 b = rest;
                 let field = match self.lookup(index)? {
-                    Some((name, value)) => Field {
+                    Some((name, value)) => FieldRef {
                         name: Some(name),
                         value: Some(value),
                     },
                     None => {
                         stats.unknown += 1;
-                        Field {
+                        FieldRef {
                             name: None,
                             value: None,
                         }
@@ -232,47 +249,72 @@ impl Table {
                 };
                 let (index, rest) = integer(b, prefix)?;
                 b = rest;
-                let name = if index == 0 {
+                let literal_name = if index == 0 {
                     let (name, rest) = self.string(b)?;
                     b = rest;
                     Some(name)
                 } else {
-                    match self.lookup(index)? {
-                        Some((name, _)) => Some(name),
-                        None => {
-                            stats.unknown += 1;
-                            None
-                        }
-                    }
+                    None
                 };
                 let (value, rest) = self.string(b)?;
                 b = rest;
-                if indexing {
-                    self.insert(name.clone(), value.clone());
-                }
                 fields += 1;
-                if fields <= MAX_FIELDS {
-                    f(Field {
-                        name,
-                        value: Some(value),
-                    });
+                let keep = fields <= MAX_FIELDS;
+                if indexing {
+                    // The table keeps its own copy of the name: taken once, lent to `f`.
+                    let name = match literal_name {
+                        Some(name) => Some(name),
+                        None => self.indexed_name(index, &mut stats)?.map(<[u8]>::to_vec),
+                    };
+                    if keep {
+                        f(FieldRef {
+                            name: name.as_deref(),
+                            value: Some(&value),
+                        });
+                    }
+                    self.insert(name, value);
+                } else {
+                    let name = match &literal_name {
+                        Some(name) => Some(name.as_slice()),
+                        None => self.indexed_name(index, &mut stats)?,
+                    };
+                    if keep {
+                        f(FieldRef {
+                            name,
+                            value: Some(&value),
+                        });
+                    }
                 }
             }
         }
         Ok(stats)
     }
 
+    /// The name of entry `index`, for a literal field that names it; an entry older than the
+    /// window is counted as unknown.
+    fn indexed_name(
+        &self,
+        index: u64,
+        stats: &mut DecodeStats,
+    ) -> Result<Option<&[u8]>, HpackError> {
+        let name = self.lookup(index)?.map(|(name, _)| name);
+        if name.is_none() {
+            stats.unknown += 1;
+        }
+        Ok(name)
+    }
+
     /// Static or dynamic entry `index` (1-based); `None` when it is older than the window.
-    fn lookup(&self, index: u64) -> Result<Option<Pair>, HpackError> {
+    fn lookup(&self, index: u64) -> Result<Option<PairRef<'_>>, HpackError> {
         let index = usize::try_from(index).map_err(|_| HpackError::Malformed)?;
         if index == 0 {
             return Err(HpackError::Malformed);
         }
         if let Some((name, value)) = STATIC.get(index - 1) {
-            return Ok(Some((name.as_bytes().to_vec(), value.as_bytes().to_vec())));
+            return Ok(Some((name.as_bytes(), value.as_bytes())));
         }
         match self.entries.get(index - STATIC.len() - 1) {
-            Some(e) => Ok(e.name.clone().map(|name| (name, e.value.clone()))),
+            Some(e) => Ok(e.name.as_deref().map(|name| (name, e.value.as_slice()))),
             None if self.exact => Err(HpackError::Malformed),
             None => Ok(None),
         }
@@ -389,10 +431,10 @@ mod tests {
     fn fields(t: &mut Table, block: &[u8]) -> Vec<(String, String)> {
         let mut out = Vec::new();
         t.decode(block, &mut |f| {
-            let s = |v: Option<Vec<u8>>| {
+            let s = |v: Option<&[u8]>| {
                 v.map_or_else(
                     || "?".to_string(),
-                    |v| String::from_utf8_lossy(&v).into_owned(),
+                    |v| String::from_utf8_lossy(v).into_owned(),
                 )
             };
             out.push((s(f.name), s(f.value)));
