@@ -244,11 +244,14 @@ fn tgi_ttft_token_gaps_and_latency_match_the_client_within_2ms() {
     });
     let seen = finished_lines(&agent.log(), &model);
     assert_eq!(seen.len(), n as usize, "agent lines:\n{}", agent.log());
+    // A gap is read by the client between two of its own wakeups: either may be late by its
+    // scheduling on a busy 2-core VM, so the bound is 2 ms plus 10 % of the client's gap, either
+    // way (as `integration::assert_timed_as_the_client` has it for the other servers).
     let close = |what: &str, agent_us: u64, client: Duration| {
         let agent_ms = agent_us as f64 / 1000.0;
         let client_ms = client.as_secs_f64() * 1000.0;
         assert!(
-            (agent_ms - client_ms).abs() <= 2.0,
+            (agent_ms - client_ms).abs() <= 2.0 + 0.10 * client_ms,
             "{what}: agent {agent_ms:.3} ms, client {client_ms:.3} ms"
         );
     };
