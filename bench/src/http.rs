@@ -179,47 +179,62 @@ impl Target for Tgi {
     }
 }
 
-/// `tonic-llm serve`: 10 ms to the first message, then one every 1 ms.
-struct Grpc {
+/// A server binary with a load client of its own: `BIN serve PORT [ARGS]` listens, `BIN load
+/// PORT REQUESTS CONCURRENCY TOKENS` prints the timings as JSON ([`timings`]). `tonic-llm`
+/// (gRPC, 10 ms to the first message, then one every 1 ms) and `tls_sse` (TGI's events over
+/// TLS with OpenSSL) are both driven this way, found by `--watch-port`.
+struct ServeLoad {
+    bin: std::path::PathBuf,
     child: Child,
     port: u16,
     tokens: u64,
+    /// The gauge that says the agent is ready for it.
+    gauge: &'static str,
 }
 
-impl Grpc {
-    fn start(tokens: u64) -> anyhow::Result<Self> {
+impl ServeLoad {
+    fn start(
+        bin: std::path::PathBuf,
+        serve_args: &[String],
+        tokens: u64,
+        gauge: &'static str,
+    ) -> anyhow::Result<Self> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
-        let child = Command::new(sibling_bin("tonic-llm")?)
+        let child = Command::new(&bin)
             .args(["serve", &port.to_string()])
+            .args(serve_args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .context("starting tonic-llm")?;
-        let start = Instant::now();
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if start.elapsed() > Duration::from_secs(10) {
-                bail!("tonic-llm did not listen");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(Self {
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let server = Self {
+            bin,
             child,
             port,
             tokens,
-        })
+            gauge,
+        };
+        let start = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if start.elapsed() > Duration::from_secs(10) {
+                bail!("{} did not listen", server.bin.display());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(server)
     }
 }
 
-impl Drop for Grpc {
+impl Drop for ServeLoad {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
 
-impl Target for Grpc {
+impl Target for ServeLoad {
     fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -229,7 +244,7 @@ impl Target for Grpc {
         requests: usize,
         concurrency: usize,
     ) -> anyhow::Result<(Vec<Duration>, Vec<Duration>, Duration)> {
-        let out = Command::new(sibling_bin("tonic-llm")?)
+        let out = Command::new(&self.bin)
             .args([
                 "load".to_string(),
                 self.port.to_string(),
@@ -238,83 +253,13 @@ impl Target for Grpc {
                 self.tokens.to_string(),
             ])
             .output()
-            .context("tonic-llm load")?;
+            .with_context(|| format!("{} load", self.bin.display()))?;
         if !out.status.success() {
-            bail!("tonic-llm load: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        timings(&out.stdout)
-    }
-
-    fn agent_args(&self) -> Vec<String> {
-        vec!["--watch-port".into(), self.port.to_string()]
-    }
-}
-
-/// `tls_sse serve`: TGI's streamed events over TLS (OpenSSL, blocking sockets), a thread per
-/// connection; `tls_sse load` drives it.
-struct TlsC {
-    child: Child,
-    port: u16,
-    tokens: u64,
-}
-
-const TLS_SSE: &str = env!("TLS_SSE_BIN");
-
-impl TlsC {
-    fn start(tokens: u64, ttft_ms: f64, token_ms: f64) -> anyhow::Result<Self> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let child = Command::new(TLS_SSE)
-            .args(["serve", &port.to_string()])
-            .args([ttft_ms.to_string(), token_ms.to_string()])
-            .stdout(Stdio::null())
-            .spawn()
-            .context("starting tls_sse")?;
-        let start = Instant::now();
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if start.elapsed() > Duration::from_secs(10) {
-                bail!("tls_sse did not listen");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(Self {
-            child,
-            port,
-            tokens,
-        })
-    }
-}
-
-impl Drop for TlsC {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Target for TlsC {
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn load(
-        &self,
-        requests: usize,
-        concurrency: usize,
-    ) -> anyhow::Result<(Vec<Duration>, Vec<Duration>, Duration)> {
-        let out = Command::new(TLS_SSE)
-            .args([
-                "load".to_string(),
-                self.port.to_string(),
-                requests.to_string(),
-                concurrency.to_string(),
-                self.tokens.to_string(),
-            ])
-            .output()
-            .context("tls_sse load")?;
-        if !out.status.success() {
-            bail!("tls_sse load: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "{} load: {}",
+                self.bin.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         timings(&out.stdout)
     }
@@ -324,7 +269,7 @@ impl Target for TlsC {
     }
 
     fn ready_gauge(&self) -> &'static str {
-        "inferscope_http_tls_processes"
+        self.gauge
     }
 }
 
@@ -354,7 +299,12 @@ pub fn measure_tls(
     tokens: u64,
 ) -> anyhow::Result<HttpCost> {
     let (ttft_ms, token_ms) = (10.0, 1.0);
-    let target = TlsC::start(tokens, ttft_ms, token_ms)?;
+    let target = ServeLoad::start(
+        env!("TLS_SSE_BIN").into(),
+        &[ttft_ms.to_string(), token_ms.to_string()],
+        tokens,
+        "inferscope_http_tls_processes",
+    )?;
     interleaved(
         &target,
         "C server over TLS (OpenSSL)",
@@ -398,7 +348,12 @@ pub fn measure_grpc(
     concurrency: usize,
     tokens: u64,
 ) -> anyhow::Result<HttpCost> {
-    let target = Grpc::start(tokens)?;
+    let target = ServeLoad::start(
+        sibling_bin("tonic-llm")?,
+        &[],
+        tokens,
+        "inferscope_http_watched_processes",
+    )?;
     interleaved(
         &target,
         "gRPC (tonic)",

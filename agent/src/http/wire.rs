@@ -98,11 +98,6 @@ impl Wire {
         }
     }
 
-    /// Whether the connection is TLS read through the server's OpenSSL.
-    pub fn is_decrypted(&self) -> bool {
-        self.tls == Tls::Plain
-    }
-
     /// Decides the protocol from a record, where it is still open.
     fn decide(&mut self, inbound: bool, data: &[u8], len: u64) {
         match self.proto {
@@ -362,7 +357,7 @@ mod tests {
             w.record(1, true, first, 205, false, &mut out);
             w.record(2, true, &APP_DATA, 90, false, &mut out);
             w.record(3, true, req, req.len() as u64, true, &mut out);
-            assert!(w.is_decrypted());
+            assert_eq!(w.tls, Tls::Plain);
             // Encrypted bytes of the same exchange, as the socket carried them.
             w.record(4, false, &APP_DATA, 300, false, &mut out);
             w.record(5, false, resp, resp.len() as u64, true, &mut out);

@@ -125,10 +125,6 @@ impl TlsProbes {
         self.probed.len()
     }
 
-    pub fn is_probed(&self, pid: u32) -> bool {
-        self.probed.contains_key(&pid)
-    }
-
     /// The watched set is now `watched`: processes that left it lose their probes; new ones
     /// are returned, to be looked at.
     pub fn watched(&mut self, watched: &HashSet<u32>) -> Vec<u32> {
