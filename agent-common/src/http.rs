@@ -29,6 +29,44 @@ pub const CONN_PLAIN: u32 = 1;
 /// ciphertext is not copied.
 pub const CONN_TLS: u32 = 2;
 
+/// A followed connection: `HTTP_CONNS`' value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnState {
+    /// [`CONN_PLAIN`] or [`CONN_TLS`].
+    pub state: u32,
+    pub _pad: u32,
+    /// The socket's `struct file`, as the accept's exit read it from the process's fd table
+    /// (0: seeded by userspace, or the kernel's layout unknown). The family sees `close` only
+    /// when it returns, after the fd number was freed: another thread's `accept` may have
+    /// taken the number meanwhile, and this tells that connection from the closed one.
+    pub file: u64,
+}
+const _: () = assert!(core::mem::size_of::<ConnState>() == 16);
+
+impl ConnState {
+    pub const fn plain(file: u64) -> Self {
+        Self {
+            state: CONN_PLAIN,
+            _pad: 0,
+            file,
+        }
+    }
+}
+
+/// Offsets the exit program walks from the current task to a `struct file` (kernel BTF:
+/// `task_struct.files`, `files_struct.fdt`, `fdtable.fd`, `fdtable.max_fds`), set by the
+/// loader; `known` is 0 when the kernel's BTF did not give them all.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FdLayout {
+    pub known: u32,
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdt_fd: u32,
+    pub fdt_max_fds: u32,
+}
+
 /// OpenSSL's calls in watched processes.
 pub mod tls {
     /// Attach cookie bit: a write (`SSL_write`, `SSL_write_ex`).
@@ -52,8 +90,8 @@ pub mod tls {
 /// Slots of the family's per-CPU cost counters (`HTTP_COST`): what userspace turns into the
 /// family's CPU time where the kernel's run-time statistics cannot be turned on.
 pub mod cost {
-    /// Program runs: every syscall of the family on the node, watched or not, runs one on
-    /// entry and most run one on exit.
+    /// Program runs: every return of one of the family's syscalls on the node, watched or
+    /// not, and every OpenSSL call probed.
     pub const RUNS: u32 = 0;
     /// Bytes copied from a watched process's buffers into the ring.
     pub const BYTES: u32 = 1;

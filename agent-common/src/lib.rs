@@ -99,6 +99,8 @@ mod pod {
     unsafe impl aya::Pod for crate::cuda::CudaMemEvent {}
     unsafe impl aya::Pod for crate::cuda::ProcessContexts {}
     unsafe impl aya::Pod for crate::http::ConnKey {}
+    unsafe impl aya::Pod for crate::http::ConnState {}
+    unsafe impl aya::Pod for crate::http::FdLayout {}
     unsafe impl aya::Pod for crate::http::tls::SslKey {}
     unsafe impl aya::Pod for crate::sched::ProcessExitEvent {}
     unsafe impl aya::Pod for crate::oom::OomKillEvent {}

@@ -9,6 +9,7 @@
 //! is asserted.
 
 mod agentproc;
+mod capture_cost;
 mod driver;
 mod http;
 mod httpmem;
@@ -55,6 +56,8 @@ pub struct Sizes {
     pub otlp_down_secs: u64,
     /// Write + read iterations per loop of the unwatched-process tax.
     pub syscall_tax_iterations: u64,
+    /// Streamed requests per configuration and round of the per-captured-call cost.
+    pub capture_requests: u64,
 }
 
 impl Sizes {
@@ -75,6 +78,7 @@ impl Sizes {
             otlp_rounds: if quick { 5 } else { 21 },
             otlp_down_secs: if quick { 20 } else { 600 },
             syscall_tax_iterations: SYSCALL_TAX_ITERATIONS / div,
+            capture_requests: CAPTURE_REQUESTS / div,
         }
     }
 }
@@ -179,6 +183,9 @@ const NOT_INITIALIZED: u32 = 3;
 /// Loop iterations (a write and a read each) and rounds of the unwatched-process tax.
 const SYSCALL_TAX_ITERATIONS: u64 = 200_000;
 const SYSCALL_TAX_ROUNDS: usize = 5;
+/// Requests per configuration and round, and rounds, of the per-captured-call cost.
+const CAPTURE_REQUESTS: u64 = 2000;
+const CAPTURE_ROUNDS: usize = 10;
 
 fn main() {
     let quick = std::env::args().skip(1).any(|a| a == "--quick");
@@ -201,6 +208,24 @@ fn main() {
         ) {
             Ok(m) => {
                 println!("{}", httpmem::table(&m));
+                return;
+            }
+            Err(e) => {
+                eprintln!("inferscope-bench: {e:#}");
+                std::process::exit(1);
+            }
+        }
+    }
+    // `--capture-only`: only what a watched server pays per captured call, printed.
+    if args.iter().any(|a| a == "--capture-only") {
+        let requests = if quick {
+            CAPTURE_REQUESTS / 10
+        } else {
+            CAPTURE_REQUESTS
+        };
+        match capture_cost::measure(&Variant::Nop5.lib_path(), requests, CAPTURE_ROUNDS) {
+            Ok(c) => {
+                println!("{}", capture_cost::table(&c));
                 return;
             }
             Err(e) => {
@@ -423,6 +448,18 @@ fn run(quick: bool) -> anyhow::Result<()> {
         SYSCALL_TAX_ROUNDS,
     )?;
 
+    eprintln!(
+        "bench: [{:>3.0} s] watched-server cost per captured call: {} requests × 3 configurations, {} rounds",
+        started.elapsed().as_secs_f64(),
+        sizes.capture_requests,
+        CAPTURE_ROUNDS,
+    );
+    let capture = capture_cost::measure(
+        &Variant::Nop5.lib_path(),
+        sizes.capture_requests,
+        CAPTURE_ROUNDS,
+    )?;
+
     let scale_sizes = node_scale::Sizes::new(quick);
     eprintln!(
         "bench: [{:>3.0} s] busy node: {} idle processes ({} with {} mappings), {} execs/s for {:?}",
@@ -465,6 +502,8 @@ fn run(quick: bool) -> anyhow::Result<()> {
         + &httpmem::table(&http_memory)
         + "\n"
         + &syscall_tax::table(&tax)
+        + "\n"
+        + &capture_cost::table(&capture)
         + "\n"
         + &node_scale::table(&scale);
     println!("{tables}");

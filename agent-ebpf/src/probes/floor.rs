@@ -58,9 +58,10 @@ pub fn tax_per_syscall(_ctx: aya_ebpf::programs::TracePointContext) -> u32 {
     0
 }
 
-/// The least a syscall hook costs: raw tracepoints on `sys_enter` and `sys_exit` that return
-/// at once. What the bench measures with them is the kernel's tracing path alone.
-#[aya_ebpf::macros::raw_tracepoint(tracepoint = "sys_enter")]
+/// The least a syscall hook costs: a raw tracepoint on `sys_exit` (where the `http` family's
+/// program is) that returns at once. What the bench measures with it is the kernel's tracing
+/// path alone.
+#[aya_ebpf::macros::raw_tracepoint(tracepoint = "sys_exit")]
 pub fn tax_raw_floor(_ctx: aya_ebpf::programs::RawTracePointContext) -> u32 {
     0
 }

@@ -1,27 +1,30 @@
-//! Socket syscalls of watched processes (inference servers), as two raw tracepoints on
-//! `raw_syscalls/sys_enter` and `sys_exit`: kprobes are not available on the kernels this runs
-//! on, and BPF trampolines (`fentry` on the socket functions) are refused. A raw tracepoint
-//! runs on every syscall of the node, but returns after comparing the syscall's number for all
-//! but the family's eleven calls, and reads the arguments from the saved registers; the
-//! per-syscall tracepoints it replaces built a record of every hooked call first, for every
-//! process (`docs/probes.md` has the figures). Only processes in `HTTP_WATCHED` (written by
-//! userspace) and only their accepted sockets (`HTTP_CONNS`: set at accept, removed at close,
-//! seeded by userspace for connections older than the agent) produce records.
+//! Socket syscalls of watched processes (inference servers), from one raw tracepoint on
+//! `raw_syscalls/sys_exit`: kprobes are not available on the kernels this runs on, and BPF
+//! trampolines (`fentry` on the socket functions) are refused. A raw tracepoint runs on every
+//! syscall of the node, but returns after comparing the syscall's number for all but the
+//! family's eleven calls. Everything is read when the call returns: its arguments are still in
+//! the registers saved at entry, so no entry program (and no per-thread stash from entry to
+//! exit) is needed, and the node's syscalls take one hook, not two. Only processes in
+//! `HTTP_WATCHED` (written by userspace) and only their accepted sockets (`HTTP_CONNS`: set at
+//! accept, removed at close, seeded by userspace for connections older than the agent)
+//! produce records.
 //!
-//! The enter program stashes the call's arguments per thread; the exit program emits the
-//! bytes the call really moved: one record per call, the first `CAPTURE_BYTES` of them (for a
-//! vectored call, its iovecs' bytes one after the other, up to `IOV_WALK` iovecs).
+//! A call emits the bytes it really moved: one record per call, the first `CAPTURE_BYTES` of
+//! them (for a vectored call, its iovecs' bytes one after the other, up to `IOV_WALK`
+//! iovecs).
 
 use agent_common::{
     http::{
-        config, cost, ConnKey, HttpAcceptEvent, HttpCloseEvent, HttpDataEvent, CAPTURE_MAX,
-        CONN_PLAIN, CONN_TLS, DIR_IN, DIR_OUT, FLAG_TRUNCATED, HTTP_DATA_PREFIX, IOV_WALK,
+        config, cost, ConnKey, ConnState, FdLayout, HttpAcceptEvent, HttpCloseEvent,
+        HttpDataEvent, CAPTURE_MAX, CONN_TLS, DIR_IN, DIR_OUT, FLAG_TRUNCATED, HTTP_DATA_PREFIX,
+        IOV_WALK,
     },
     lost, EventHeader, EventKind,
 };
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
+        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_probe_read_user,
         generated::bpf_probe_read_user as probe_read_user_raw,
     },
     macros::{map, raw_tracepoint},
@@ -47,11 +50,9 @@ const SYS_SENDMSG: u64 = 46;
 const SYS_RECVMSG: u64 = 47;
 const SYS_ACCEPT4: u64 = 288;
 
-/// Offsets in x86_64's `struct pt_regs`: the first three arguments and the syscall number.
-const REG_ARG0: u64 = 112; // di
-const REG_ARG1: u64 = 104; // si
-const REG_ARG2: u64 = 96; // dx
-const REG_ORIG_AX: u64 = 120;
+/// Where x86_64's `struct pt_regs` keeps, one after the other, `dx`, `si`, `di` and
+/// `orig_ax`: the third, second and first arguments and the syscall number.
+const REG_DX: u64 = 96;
 
 const KIND_IN: u32 = 1;
 const KIND_OUT: u32 = 2;
@@ -61,19 +62,18 @@ const KIND_ACCEPT: u32 = 5;
 const KIND_MSG_IN: u32 = 6;
 const KIND_MSG_OUT: u32 = 7;
 const KIND_CLOSE: u32 = 8;
-/// Or'd into a stashed kind: the connection is tied to an OpenSSL `SSL*`, whose probes carry
-/// its plaintext; its ciphertext is not copied.
-const KIND_TLS: u32 = 0x100;
 
+/// The saved registers the family reads, in their order in `struct pt_regs`.
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct Stash {
-    kind: u32,
-    fd: u32,
-    /// Buffer, iovec array or sockaddr pointer.
-    ptr: u64,
-    /// iovec count for vectored calls.
-    count: u64,
+struct Args {
+    /// Third argument: byte count, iovec count.
+    dx: u64,
+    /// Second argument: buffer, iovec array, msghdr or sockaddr pointer.
+    si: u64,
+    /// First argument: the fd.
+    di: u64,
+    orig_ax: u64,
 }
 
 #[repr(C)]
@@ -87,14 +87,20 @@ struct Iovec {
 #[map]
 pub static HTTP_WATCHED: HashMap<u32, u32> = HashMap::with_max_entries(1024, 0);
 
-/// Accepted sockets of watched processes: [`CONN_PLAIN`], or [`CONN_TLS`] once tied to an
-/// `SSL*` by the TLS probes.
+/// Accepted sockets of watched processes: plain, or [`CONN_TLS`] once tied to an `SSL*` by
+/// the TLS probes.
 #[map]
-pub static HTTP_CONNS: LruHashMap<ConnKey, u32> = LruHashMap::with_max_entries(65536, 0);
+pub static HTTP_CONNS: LruHashMap<ConnKey, ConnState> = LruHashMap::with_max_entries(65536, 0);
 
-/// Arguments from syscall entry to exit, per thread (the calls may sleep: not per-CPU).
-#[map]
-static HTTP_STASH: LruHashMap<u64, Stash> = LruHashMap::with_max_entries(16384, 0);
+/// The kernel's layout from a task to its open files (set by the loader from BTF).
+#[unsafe(no_mangle)]
+static FD_LAYOUT: FdLayout = FdLayout {
+    known: 0,
+    task_files: 0,
+    files_fdt: 0,
+    fdt_fd: 0,
+    fdt_max_fds: 0,
+};
 
 /// Where a data record is built before it is copied, at its real length, to the ring. The
 /// spill after the record lets the verifier see every copy (at an offset below
@@ -146,10 +152,31 @@ fn header(kind: EventKind, pid_tgid: u64) -> EventHeader {
     }
 }
 
-/// The call's argument `n` (0-based) from the user registers saved at syscall entry.
+/// The saved registers of the current syscall.
 #[inline(always)]
-fn reg(regs: u64, offset: u64) -> u64 {
-    unsafe { bpf_probe_read_kernel((regs + offset) as *const u64) }.unwrap_or(0)
+fn args(regs: u64) -> Option<Args> {
+    unsafe { bpf_probe_read_kernel((regs + REG_DX) as *const Args) }.ok()
+}
+
+/// The `struct file` the current process's `fd` now refers to (0: none), or `None` where the
+/// kernel's layout is unknown or a read fails.
+#[inline(always)]
+fn fd_file(fd: u32) -> Option<u64> {
+    let l = unsafe { core::ptr::read_volatile(&FD_LAYOUT) };
+    if l.known == 0 {
+        return None;
+    }
+    let task = unsafe { bpf_get_current_task() };
+    let read = |at: u64| unsafe { bpf_probe_read_kernel(at as *const u64) }.ok();
+    let files = read(task + u64::from(l.task_files))?;
+    let fdt = read(files + u64::from(l.files_fdt))?;
+    let max = unsafe { bpf_probe_read_kernel((fdt + u64::from(l.fdt_max_fds)) as *const u32) }
+        .ok()?;
+    if fd >= max {
+        return Some(0);
+    }
+    let table = read(fdt + u64::from(l.fdt_fd))?;
+    read(table + 8 * u64::from(fd))
 }
 
 /// What the family does with a syscall, by number; `None` for every other syscall, which
@@ -169,12 +196,15 @@ fn kind_of(id: u64) -> Option<u32> {
     })
 }
 
-/// Every syscall's entry (`raw_syscalls/sys_enter`, as a raw tracepoint: the arguments come
-/// from the saved registers, without the record the per-syscall tracepoints build).
-#[raw_tracepoint(tracepoint = "sys_enter")]
-pub fn http_sys_enter(ctx: RawTracePointContext) -> u32 {
-    let id: u64 = ctx.arg(1);
-    let Some(kind) = kind_of(id) else {
+/// Every syscall's exit (`raw_syscalls/sys_exit`): the family's calls of watched processes
+/// on followed connections emit the bytes they really moved.
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn http_sys_exit(ctx: RawTracePointContext) -> u32 {
+    let regs: u64 = ctx.arg(0);
+    let Some(a) = args(regs) else {
+        return 0;
+    };
+    let Some(kind) = kind_of(a.orig_ax) else {
         return 0;
     };
     count_cost(cost::RUNS, 1);
@@ -183,135 +213,72 @@ pub fn http_sys_enter(ctx: RawTracePointContext) -> u32 {
     if !watched(tgid) {
         return 0;
     }
-    let regs: u64 = ctx.arg(0);
-    let fd = reg(regs, REG_ARG0) as u32;
-    if kind == KIND_CLOSE {
-        closed(pid_tgid, tgid, fd);
-        return 0;
-    }
-    let mut tls = 0;
-    if kind != KIND_ACCEPT {
-        let Some(conn) = HTTP_CONNS.get_ptr(&ConnKey { tgid, fd }) else {
-            return 0;
-        };
-        if unsafe { *conn } == CONN_TLS {
-            tls = KIND_TLS;
-        }
-    }
-    let (ptr, count, kind) = match kind {
-        KIND_MSG_IN | KIND_MSG_OUT => {
-            // `recvmsg(fd, msghdr, flags)`: the iovecs are read from the msghdr.
-            let msg = reg(regs, REG_ARG1);
-            let Ok(iov) = (unsafe { bpf_probe_read_user((msg + 16) as *const u64) }) else {
-                return 0;
-            };
-            let Ok(n) = (unsafe { bpf_probe_read_user((msg + 24) as *const u64) }) else {
-                return 0;
-            };
-            let vec = if kind == KIND_MSG_IN {
-                KIND_VEC_IN
-            } else {
-                KIND_VEC_OUT
-            };
-            (iov, n, vec)
-        }
-        _ => (reg(regs, REG_ARG1), reg(regs, REG_ARG2), kind),
-    };
-    let s = Stash {
-        kind: kind | tls,
-        fd,
-        ptr,
-        count,
-    };
-    if HTTP_STASH.insert(&pid_tgid, &s, 0).is_err() {
-        count_lost(lost::HTTP);
-    }
-    0
-}
-
-/// Every syscall's exit (`raw_syscalls/sys_exit`): the family's calls emit the bytes they
-/// really moved.
-#[raw_tracepoint(tracepoint = "sys_exit")]
-pub fn http_sys_exit(ctx: RawTracePointContext) -> u32 {
-    let regs: u64 = ctx.arg(0);
-    let Some(called) = kind_of(reg(regs, REG_ORIG_AX)) else {
-        return 0;
-    };
-    count_cost(cost::RUNS, 1);
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let Some(s) = HTTP_STASH.get_ptr(&pid_tgid) else {
-        if called == KIND_ACCEPT {
-            accepted_unstashed(&ctx, regs, pid_tgid);
-        }
-        return 0;
-    };
-    let s = unsafe { *s };
-    let _ = HTTP_STASH.remove(&pid_tgid);
     let ret: i64 = ctx.arg(1);
+    let fd = a.di as u32;
+    if kind == KIND_CLOSE {
+        if ret == 0 {
+            closed(pid_tgid, tgid, fd);
+        }
+        return 0;
+    }
     if ret <= 0 {
         return 0;
     }
-    let tgid = (pid_tgid >> 32) as u32;
-    let kind = s.kind & !KIND_TLS;
-    if kind == KIND_IN || kind == KIND_VEC_IN {
-        // What an `SSL_read` on this thread that returns bytes is reading (`probes/tls.rs`).
-        let _ = TLS_LAST_READ.insert(&pid_tgid, &s.fd, 0);
-    }
-    if s.kind & KIND_TLS != 0 {
+    if kind == KIND_ACCEPT {
+        accepted(pid_tgid, tgid, fd, a.si, ret as u32);
         return 0;
     }
+    let Some(conn) = HTTP_CONNS.get_ptr(&ConnKey { tgid, fd }) else {
+        return 0;
+    };
+    if kind == KIND_IN || kind == KIND_VEC_IN || kind == KIND_MSG_IN {
+        // What an `SSL_read` on this thread that returns bytes is reading (`probes/tls.rs`).
+        let _ = TLS_LAST_READ.insert(&pid_tgid, &fd, 0);
+    }
+    if unsafe { (*conn).state } == CONN_TLS {
+        // Its plaintext comes from the TLS probes.
+        return 0;
+    }
+    let ret = ret as u64;
     match kind {
-        KIND_ACCEPT => accepted(pid_tgid, tgid, s, ret as u32),
-        KIND_IN | KIND_OUT => {
-            let dir = if kind == KIND_IN { DIR_IN } else { DIR_OUT };
-            emit(pid_tgid, s.fd, dir, s.ptr, ret as u64, 0);
-        }
+        KIND_IN => emit(pid_tgid, fd, DIR_IN, a.si, ret, 0),
+        KIND_OUT => emit(pid_tgid, fd, DIR_OUT, a.si, ret, 0),
+        KIND_VEC_IN => emit_vec(pid_tgid, fd, DIR_IN, a.si, a.dx, ret),
+        KIND_VEC_OUT => emit_vec(pid_tgid, fd, DIR_OUT, a.si, a.dx, ret),
         _ => {
-            let dir = if kind == KIND_VEC_IN {
-                DIR_IN
-            } else {
-                DIR_OUT
+            // `recvmsg(fd, msghdr, flags)`, `sendmsg`: the iovecs are the msghdr's.
+            let Ok(iov) = (unsafe { bpf_probe_read_user((a.si + 16) as *const u64) }) else {
+                return 0;
             };
-            emit_vec(pid_tgid, s.fd, dir, s.ptr, s.count, ret as u64);
+            let Ok(n) = (unsafe { bpf_probe_read_user((a.si + 24) as *const u64) }) else {
+                return 0;
+            };
+            let dir = if kind == KIND_MSG_IN { DIR_IN } else { DIR_OUT };
+            emit_vec(pid_tgid, fd, dir, iov, n, ret);
         }
     }
     0
 }
 
-/// An `accept` that entered before the programs were attached: a thread-per-connection server
-/// (blocking sockets) waits in it for its next client, and the connection it returns would
-/// otherwise never be followed. Its arguments are still in the saved registers.
+/// A connection accepted on `listen_fd` as `fd`, the peer's address at `addr`. A thread-per-
+/// connection server (blocking sockets) that waited in `accept` since before the programs
+/// were attached is followed too: nothing was needed from the call's entry.
 #[inline(always)]
-fn accepted_unstashed(ctx: &RawTracePointContext, regs: u64, pid_tgid: u64) {
-    let ret: i64 = ctx.arg(1);
-    let tgid = (pid_tgid >> 32) as u32;
-    if ret <= 0 || !watched(tgid) {
-        return;
-    }
-    let s = Stash {
-        kind: KIND_ACCEPT,
-        fd: reg(regs, REG_ARG0) as u32,
-        ptr: reg(regs, REG_ARG1),
-        count: 0,
-    };
-    accepted(pid_tgid, tgid, s, ret as u32);
-}
-
-#[inline(always)]
-fn accepted(pid_tgid: u64, tgid: u32, s: Stash, fd: u32) {
-    let _ = HTTP_CONNS.insert(&ConnKey { tgid, fd }, &CONN_PLAIN, 0);
+fn accepted(pid_tgid: u64, tgid: u32, listen_fd: u32, addr: u64, fd: u32) {
+    let state = ConnState::plain(fd_file(fd).unwrap_or(0));
+    let _ = HTTP_CONNS.insert(&ConnKey { tgid, fd }, &state, 0);
     let Some(mut entry) = HTTP_EVENTS.reserve::<HttpAcceptEvent>(0) else {
         count_lost(lost::HTTP);
         return;
     };
     let mut peer = [0u8; 28];
-    if s.ptr != 0 {
-        peer = unsafe { bpf_probe_read_user(s.ptr as *const [u8; 28]) }.unwrap_or([0; 28]);
+    if addr != 0 {
+        peer = unsafe { bpf_probe_read_user(addr as *const [u8; 28]) }.unwrap_or([0; 28]);
     }
     entry.write(HttpAcceptEvent {
         header: header(EventKind::HttpAccept, pid_tgid),
         fd,
-        listen_fd: s.fd,
+        listen_fd,
         peer,
         _pad: 0,
     });
@@ -436,10 +403,19 @@ fn output(ev: &HttpDataEvent) {
     }
 }
 
+/// A `close` of `fd` that succeeded. It is seen returning, after the kernel freed the fd
+/// number: another thread's `accept` may have taken it since, and its exit may already have
+/// followed the new connection under the same key. That connection's socket is the file the
+/// fd now refers to, and its entry stays; the closed connection's state in userspace ends
+/// with that accept's record.
 #[inline(always)]
 fn closed(pid_tgid: u64, tgid: u32, fd: u32) {
     let key = ConnKey { tgid, fd };
-    if HTTP_CONNS.get_ptr(&key).is_none() {
+    let Some(conn) = HTTP_CONNS.get_ptr(&key) else {
+        return;
+    };
+    let file = unsafe { (*conn).file };
+    if file != 0 && fd_file(fd) == Some(file) {
         return;
     }
     let _ = HTTP_CONNS.remove(&key);

@@ -121,9 +121,9 @@ pub fn tls_return(ctx: RetProbeContext) -> u32 {
         let fd = unsafe { *fd };
         let _ = TLS_LAST_READ.remove(&pid_tgid);
         let _ = TLS_SSL_FD.insert(&key, &fd, 0);
-        let conn = ConnKey { tgid, fd };
-        if HTTP_CONNS.get_ptr(&conn).is_some() {
-            let _ = HTTP_CONNS.insert(&conn, &CONN_TLS, 0);
+        if let Some(conn) = HTTP_CONNS.get_ptr_mut(&ConnKey { tgid, fd }) {
+            // Only this field changes: a racing write of the same value is harmless.
+            unsafe { (*conn).state = CONN_TLS };
         }
         Some(fd)
     } else {

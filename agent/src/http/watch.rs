@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agent_common::http::ConnKey;
+use agent_common::http::{ConnKey, ConnState};
 
 use super::tracker::Input;
 use crate::{
@@ -246,7 +246,10 @@ impl Watcher {
         self.count("net_tcp", 1);
         let fds = discover::accepted_fds(&self.procfs, pid);
         for fd in &fds {
-            let _ = self.maps.conns.insert(ConnKey { tgid: pid, fd: *fd }, 1, 0);
+            let _ = self
+                .maps
+                .conns
+                .insert(ConnKey { tgid: pid, fd: *fd }, ConnState::plain(0), 0);
         }
         fds.len()
     }

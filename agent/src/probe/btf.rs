@@ -394,4 +394,22 @@ mod tests {
             btf.offset("file", "f_inode").unwrap()
         );
     }
+
+    /// The walk from a task to its open files that the `http` family's `close` takes
+    /// (`super::super::http::fd_layout`): `fdtable` starts with `max_fds`, then the array.
+    #[test]
+    fn the_kernel_describes_the_walk_to_a_file() {
+        if Btf::kernel().is_err() {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "no /sys/kernel/btf/vmlinux"
+            );
+            return;
+        }
+        let l = super::super::http::fd_layout();
+        assert_eq!(l.known, 1, "{l:?}");
+        assert_eq!((l.fdt_max_fds, l.fdt_fd), (0, 8), "{l:?}");
+        assert!(l.task_files > 0 && l.task_files < 16384, "{l:?}");
+        assert!(l.files_fdt > 0 && l.files_fdt < 1024, "{l:?}");
+    }
 }

@@ -15,7 +15,6 @@ pub const PER_PROCESS: &[&str] = &[
     "DRIVER_REPORTED",
     "HTTP_WATCHED",
     "HTTP_CONNS",
-    "HTTP_STASH",
     "CUDA_STASH",
     "CUDA_CTX_DEVICE",
     "CUDA_THREAD_CTX",

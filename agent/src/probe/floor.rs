@@ -119,7 +119,8 @@ pub fn attach_per_syscall_tax(ebpf: &mut Ebpf) -> Result<super::links::Links, Pr
     Ok(links)
 }
 
-/// Attaches `tax_raw_floor` to `sys_enter` and `sys_exit`: the tracing path with nothing on it.
+/// Attaches `tax_raw_floor` to `sys_exit`, where the `http` family's one program is: the
+/// tracing path with nothing on it.
 pub fn attach_raw_floor(ebpf: &mut Ebpf) -> Result<super::links::Links, ProbeError> {
     let name = "tax_raw_floor";
     let prog: &mut aya::programs::RawTracePoint = ebpf
@@ -130,10 +131,8 @@ pub fn attach_raw_floor(ebpf: &mut Ebpf) -> Result<super::links::Links, ProbeErr
     prog.load()
         .map_err(|source| ProbeError::Program { name, source })?;
     let mut links = super::links::Links::default();
-    for tp in ["sys_enter", "sys_exit"] {
-        let attach_error = |source| ProbeError::Attach { name, source };
-        let id = prog.attach(tp).map_err(attach_error)?;
-        links.hold(prog.take_link(id).map_err(attach_error)?);
-    }
+    let attach_error = |source| ProbeError::Attach { name, source };
+    let id = prog.attach("sys_exit").map_err(attach_error)?;
+    links.hold(prog.take_link(id).map_err(attach_error)?);
     Ok(links)
 }

@@ -1,22 +1,18 @@
-//! The `http` family's probes: raw tracepoints on syscall entry and exit that follow the
-//! socket syscalls of watched processes, the
+//! The `http` family's probes: a raw tracepoint on syscall exit that follows the socket
+//! syscalls of watched processes, the
 //! maps that say which processes and connections are watched (kept by `crate::http::watch`),
 //! and the links the budget detaches and re-attaches.
 
 use super::{links::Links, ProbeError};
-use agent_common::http::{config as knob, ConnKey, CAPTURE_MAX};
+use agent_common::http::{config as knob, ConnKey, ConnState, FdLayout, CAPTURE_MAX};
 use aya::{
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray},
     programs::RawTracePoint,
     Ebpf,
 };
 
-/// (program, raw tracepoint). The exit first: a call seen entering is then always seen
-/// returning.
-const PROGRAMS: &[(&str, &str)] = &[
-    ("http_sys_exit", "sys_exit"),
-    ("http_sys_enter", "sys_enter"),
-];
+/// (program, raw tracepoint).
+const PROGRAMS: &[(&str, &str)] = &[("http_sys_exit", "sys_exit")];
 
 /// Names of the family's programs, the TLS probes' included (the budget adds up their run
 /// time; tests check none is left loaded).
@@ -29,16 +25,14 @@ pub struct HttpMaps {
     /// Processes whose syscalls the programs follow.
     pub watched: BpfHashMap<MapData, u32, u32>,
     /// Their connections, accepted or seeded.
-    pub conns: BpfHashMap<MapData, ConnKey, u32>,
+    pub conns: BpfHashMap<MapData, ConnKey, ConnState>,
 }
 
 /// What the probe manager keeps of the family: the programs' links, held apart from the other
-/// families' so that the budget can detach and re-attach them alone, the argument stash it
-/// empties while they are off, and the counters that estimate their cost.
+/// families' so that the budget can detach and re-attach them alone, and the counters that
+/// estimate their cost.
 pub struct HttpProbes {
     links: Option<Links>,
-    /// Arguments from syscall entry to exit, per thread (the programs' `Stash`: 24 bytes).
-    stash: BpfHashMap<MapData, u64, [u64; 3]>,
     pub cost: PerCpuArray<MapData, u64>,
     /// OpenSSL's calls in watched servers, loaded with the family, attached per process by
     /// the manager (`None` where they could not be loaded: TLS stays unread).
@@ -57,7 +51,6 @@ pub fn attach(ebpf: &mut Ebpf, capture_bytes: u32) -> Result<(HttpMaps, HttpProb
     }
     let watched = super::take(ebpf, "HTTP_WATCHED")?;
     let conns = super::take(ebpf, "HTTP_CONNS")?;
-    let stash = super::take(ebpf, "HTTP_STASH")?;
     let cost = super::take(ebpf, "HTTP_COST")?;
     for (name, _) in PROGRAMS {
         program(ebpf, name)?
@@ -77,12 +70,32 @@ pub fn attach(ebpf: &mut Ebpf, capture_bytes: u32) -> Result<(HttpMaps, HttpProb
         HttpMaps { watched, conns },
         HttpProbes {
             links: Some(links),
-            stash,
             cost,
             config,
             tls,
         },
     ))
+}
+
+/// The offsets from a task to its open files, from the kernel's BTF. Without them a `close`
+/// racing another thread's `accept` of the same fd number may end the new connection's
+/// following (said once).
+pub fn fd_layout() -> FdLayout {
+    let read = || -> Result<FdLayout, String> {
+        let btf = super::btf::Btf::kernel().map_err(|e| e.to_string())?;
+        let at = |s: &str, f: &str| btf.offset(s, f).map_err(|e| e.to_string());
+        Ok(FdLayout {
+            known: 1,
+            task_files: at("task_struct", "files")?,
+            files_fdt: at("files_struct", "fdt")?,
+            fdt_fd: at("fdtable", "fd")?,
+            fdt_max_fds: at("fdtable", "max_fds")?,
+        })
+    };
+    read().unwrap_or_else(|e| {
+        tracing::warn!(error = e, "no fd table layout in the kernel's BTF: a connection accepted while another closes the same fd number may go unfollowed");
+        FdLayout::default()
+    })
 }
 
 fn program<'a>(
@@ -112,22 +125,16 @@ impl HttpProbes {
         self.links.is_some()
     }
 
-    /// Detaches every program, then, none running, empties the stash: a call that entered
-    /// before and returned while detached left its arguments there, and another call's exit
-    /// after the re-attach would take them for its own.
+    /// Detaches every program (the TLS probes stay attached, paused).
     pub fn detach(&mut self) {
         self.set_paused(true);
         if let Some(links) = self.links.take() {
             links.release();
         }
-        let keys: Vec<u64> = self.stash.keys().filter_map(Result::ok).collect();
-        for k in keys {
-            let _ = self.stash.remove(&k);
-        }
     }
 
-    /// Attaches the programs again (exits first, as at start). On an error what was attached
-    /// is released and the family stays off.
+    /// Attaches the programs again. On an error what was attached is released and the family
+    /// stays off.
     pub fn reattach(&mut self, ebpf: &mut Ebpf) -> Result<(), ProbeError> {
         if self.links.is_none() {
             self.links = Some(attach_programs(ebpf)?);

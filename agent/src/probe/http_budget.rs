@@ -32,8 +32,9 @@ use crate::health::Health;
 
 /// What a run costs beyond the run time the kernel measures: the tracing path's dispatch to
 /// the program and the statistics' own clock reads. Measured on the 2-core VM of
-/// docs/performance.md: a write to `/dev/null` in a loop took 480 ns more with the family
-/// attached, two runs of 88 ns of program time each.
+/// docs/performance.md, when the family hooked both syscall entry and exit: a write to
+/// `/dev/null` in a loop took 480 ns more with the family attached, two runs of 88 ns of
+/// program time each (now one run a call, on `sys_exit`).
 pub const DISPATCH_NS: u64 = 150;
 /// A run all in, where the statistics are off. The same loop took 350 ns more without them
 /// (175 ns a run, caches hot); a run at an ordinary rate, caches cold, measured up to 500 ns

@@ -95,6 +95,8 @@ pub struct KernelLayout {
     /// Whether the loader probe stops a process that loads a driver until the agent has
     /// attached.
     pub hold_openers: bool,
+    /// From a task to its open files, for the `http` family's `close`.
+    pub fd: agent_common::http::FdLayout,
 }
 
 impl KernelLayout {
@@ -103,6 +105,7 @@ impl KernelLayout {
             group_dead: sched::group_dead_offset(),
             exit_code: sched::exit_code_offset(),
             hold_openers,
+            fd: http::fd_layout(),
         }
     }
 }
@@ -116,6 +119,7 @@ pub fn load(ring_buffer_bytes: u32, layout: &KernelLayout) -> Result<Loaded, Pro
         .override_global("GROUP_DEAD_OFFSET", &layout.group_dead, true)
         .override_global("TASK_EXIT_CODE_OFFSET", &layout.exit_code, true)
         .override_global("HOLD_OPENERS", &hold, true)
+        .override_global("FD_LAYOUT", &layout.fd, true)
         .override_global("OWN_TGID", &own, true)
         .load(EBPF_OBJECT)
         .map_err(ProbeError::Load)?;

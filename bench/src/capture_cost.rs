@@ -1,0 +1,340 @@
+//! What a watched server pays per captured write, resolved finely enough to tell what to cut.
+//! The bench process is the server, so that no runtime of a server adds its own noise: one
+//! thread serves TGI's streamed `POST /generate_stream` on a loopback connection it accepted
+//! (a chunked server-sent event per `write`, as TGI's router and `bench/c/tls_sse.c` write
+//! them), another thread is its client. The figure is the server thread's own CPU clock
+//! (`CLOCK_THREAD_CPUTIME_ID`, where the programs run: inside its syscalls) per request,
+//! without the agent, with empty raw tracepoints on syscall entry and exit (the kernel's
+//! tracing path alone, which any syscall hook costs), and with the agent watching the process
+//! (`--watch-port`), in interleaved rounds.
+
+use std::{
+    io::{Read, Write},
+    net::{TcpListener, TcpStream},
+    path::Path,
+    time::Duration,
+};
+
+use anyhow::{bail, Context};
+
+use crate::agentproc::{metric_sum, AgentProcess};
+
+/// Token events per request, as the wire-timing sections.
+pub const EVENTS: usize = 64;
+
+const BODY: &str = r#"{"inputs":"hi","parameters":{"max_new_tokens":64}}"#;
+const HEAD: &[u8] =
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n";
+const END: &[u8] = b"0\r\n\r\n";
+
+#[derive(Clone, Debug, Default)]
+pub struct CaptureCost {
+    /// Requests per configuration and round.
+    pub requests: u64,
+    pub rounds: usize,
+    /// Server thread CPU per request, ns, one per round: without, empty hook, agent.
+    pub without: Vec<f64>,
+    pub floor: Vec<f64>,
+    pub agent: Vec<f64>,
+    /// The agent's CPU (every thread) per request, ns, over its phases.
+    pub agent_cpu_ns: f64,
+    pub counted: u64,
+    pub sent: u64,
+    /// Data records of the `http` family the agent read, and lost.
+    pub records: u64,
+    pub lost: u64,
+}
+
+/// Mean and standard error of `v`.
+pub fn mean_stderr(v: &[f64]) -> (f64, f64) {
+    let n = v.len() as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+    (mean, (var / n).sqrt())
+}
+
+impl CaptureCost {
+    /// Added per request by the agent: mean over the rounds of (agent − without), ± stderr.
+    pub fn added(&self) -> (f64, f64) {
+        let d: Vec<f64> = self
+            .agent
+            .iter()
+            .zip(&self.without)
+            .map(|(a, w)| a - w)
+            .collect();
+        mean_stderr(&d)
+    }
+
+    /// Added per request over the empty hook: what the programs themselves cost.
+    pub fn over_floor(&self) -> (f64, f64) {
+        let d: Vec<f64> = self
+            .agent
+            .iter()
+            .zip(&self.floor)
+            .map(|(a, f)| a - f)
+            .collect();
+        mean_stderr(&d)
+    }
+
+    pub fn floor_added(&self) -> (f64, f64) {
+        let d: Vec<f64> = self
+            .floor
+            .iter()
+            .zip(&self.without)
+            .map(|(f, w)| f - w)
+            .collect();
+        mean_stderr(&d)
+    }
+
+    /// Captured calls of the server thread per request: the request's read, the head, every
+    /// event, the last chunk.
+    pub fn captured_calls() -> f64 {
+        (EVENTS + 3) as f64
+    }
+}
+
+fn request() -> Vec<u8> {
+    format!(
+        "POST /generate_stream HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{BODY}",
+        BODY.len()
+    )
+    .into_bytes()
+}
+
+fn chunks() -> Vec<Vec<u8>> {
+    (0..EVENTS)
+        .map(|i| {
+            let ev = format!(
+                "data:{{\"index\":{i},\"token\":{{\"id\":{},\"text\":\" tok\",\"logprob\":-0.25,\"special\":false}},\"generated_text\":null,\"details\":null}}\n\n",
+                1000 + i
+            );
+            let mut c = format!("{:x}\r\n", ev.len()).into_bytes();
+            c.extend_from_slice(ev.as_bytes());
+            c.extend_from_slice(b"\r\n");
+            c
+        })
+        .collect()
+}
+
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec for the kernel to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Pins thread (or process) `tid` (0: the calling thread) to `cpu`.
+fn pin(tid: i32, cpu: usize) -> anyhow::Result<()> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET and sched_setaffinity get
+    // valid pointers to it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(std::io::Error::last_os_error()).context("sched_setaffinity");
+        }
+    }
+    Ok(())
+}
+
+/// Pins every thread of process `pid` to `cpu` (threads it starts later inherit it).
+fn pin_process(pid: u32, cpu: usize) -> anyhow::Result<()> {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        if let Some(tid) = task?.file_name().to_str().and_then(|t| t.parse().ok()) {
+            // A thread that exited meanwhile is not an error.
+            let _ = pin(tid, cpu);
+        }
+    }
+    Ok(())
+}
+
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// `requests` streamed requests on a connection accepted now; the server thread's CPU per
+/// request, ns. The serving thread has the first CPU to itself; the client (and the agent)
+/// run on the last, so that neither's work lands in the server's caches.
+fn phase(listener: &TcpListener, chunks: &[Vec<u8>], requests: u64) -> anyhow::Result<f64> {
+    let addr = listener.local_addr()?;
+    let response_len = HEAD.len() + chunks.iter().map(Vec::len).sum::<usize>() + END.len();
+    let request = request();
+    let sent = request.clone();
+    let client = std::thread::spawn(move || -> anyhow::Result<()> {
+        pin(0, cpus() - 1)?;
+        let mut c = TcpStream::connect(addr)?;
+        c.set_nodelay(true)?;
+        let mut buf = vec![0u8; response_len];
+        for _ in 0..requests {
+            c.write_all(&sent)?;
+            c.read_exact(&mut buf)?;
+        }
+        if !buf.ends_with(END) {
+            bail!("the response did not end with its last chunk");
+        }
+        Ok(())
+    });
+    let (mut s, _) = listener.accept()?;
+    s.set_nodelay(true)?;
+    let mut req = vec![0u8; request.len()];
+    let start = thread_cpu_ns();
+    for _ in 0..requests {
+        s.read_exact(&mut req)?;
+        s.write_all(HEAD)?;
+        for c in chunks {
+            s.write_all(c)?;
+        }
+        s.write_all(END)?;
+    }
+    let spent = thread_cpu_ns() - start;
+    client
+        .join()
+        .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+    if req != request {
+        bail!("the server read a different request");
+    }
+    Ok(spent as f64 / requests as f64)
+}
+
+/// `rounds` rounds of three phases of `requests` each.
+pub fn measure(lib: &Path, requests: u64, rounds: usize) -> anyhow::Result<CaptureCost> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let port = listener.local_addr()?.port();
+    // The measuring thread serves: it keeps the first CPU for the whole run.
+    pin(0, 0)?;
+    let chunks = chunks();
+    let _ = inferscope::probe::tracefs::ensure();
+    // Warm the code paths and the socket buffers.
+    phase(&listener, &chunks, requests / 4 + 1)?;
+    let mut out = CaptureCost {
+        requests,
+        rounds,
+        ..Default::default()
+    };
+    let mut agent_cpu = 0u64;
+    for _ in 0..rounds {
+        out.without.push(phase(&listener, &chunks, requests)?);
+
+        let mut loaded =
+            inferscope::probe::load(1 << 20, &inferscope::probe::KernelLayout::read(false))
+                .context("loading the eBPF object")?;
+        let links = inferscope::probe::floor::attach_raw_floor(&mut loaded.ebpf)
+            .context("attaching the empty raw tracepoints")?;
+        out.floor.push(phase(&listener, &chunks, requests)?);
+        links.release();
+        drop(loaded);
+
+        let agent = AgentProcess::start_with(lib, &[], &["--watch-port".into(), port.to_string()])?;
+        agent
+            .wait_for(
+                "the bench process to be watched",
+                Duration::from_secs(30),
+                |t| metric_sum(t, "inferscope_http_watched_processes") >= 1.0,
+            )
+            .with_context(|| agent.log())?;
+        pin_process(agent.pid(), cpus() - 1)?;
+        let text = agent.metrics()?;
+        let r0 = metric_sum(&text, "llm_requests_total");
+        let cpu0 = agent.cpu_ns()?;
+        out.agent.push(phase(&listener, &chunks, requests)?);
+        let want = r0 + requests as f64;
+        let text = agent
+            .wait_for("every request counted", Duration::from_secs(30), |t| {
+                metric_sum(t, "llm_requests_total") >= want
+            })
+            .or_else(|_| agent.metrics())?;
+        agent_cpu += agent.cpu_ns()? - cpu0;
+        out.counted += (metric_sum(&text, "llm_requests_total") - r0) as u64;
+        out.sent += requests;
+        out.records += labeled(&text, "inferscope_events_total", "source=\"http\"") as u64;
+        out.lost += labeled(&text, "inferscope_events_lost_total", "source=\"http\"") as u64;
+        agent.stop()?;
+    }
+    out.agent_cpu_ns = agent_cpu as f64 / out.sent.max(1) as f64;
+    let mut all: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for cpu in 0..cpus() {
+        // SAFETY: `all` is a valid set; `cpu` is below the machine's count.
+        unsafe { libc::CPU_SET(cpu, &mut all) };
+    }
+    // SAFETY: a valid set for this thread.
+    unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &all) };
+    Ok(out)
+}
+
+fn labeled(text: &str, name: &str, label: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+/// The section of docs/performance.md.
+pub fn table(c: &CaptureCost) -> String {
+    let mut s = String::from("### What a watched server pays per captured call\n\n");
+    s += &format!(
+        "The bench process serves {} streamed `POST /generate_stream` requests per configuration \
+         and round ({EVENTS} chunked token events each, one `write` per event, on a loopback \
+         connection it accepted) to a client thread of its own; {} interleaved rounds without \
+         the agent, with an empty raw tracepoint on `sys_exit` (the kernel's tracing path \
+         alone, on the hook the agent uses), and with the agent watching the process \
+         (`--watch-port`, defaults otherwise). The serving thread has the first CPU to itself, \
+         the client and the agent share the last. The figure is the serving thread's CPU clock \
+         per request: the programs run inside its syscalls, and nothing else (the client, the \
+         agent) is in it. Added: the \
+         mean over the rounds of the per-round difference, ± its standard error.\n\n",
+        c.requests, c.rounds
+    );
+    let (w, _) = mean_stderr(&c.without);
+    let (f, _) = mean_stderr(&c.floor);
+    let (a, _) = mean_stderr(&c.agent);
+    let (added, added_err) = c.added();
+    let (over, over_err) = c.over_floor();
+    let (floor, floor_err) = c.floor_added();
+    let calls = CaptureCost::captured_calls();
+    s += "| figure | measured | target | |\n|---|---:|---|---|\n";
+    s += &format!(
+        "| server thread CPU per request: without / empty hook / agent | {:.1} / {:.1} / {:.1} µs | | |\n",
+        w / 1e3,
+        f / 1e3,
+        a / 1e3
+    );
+    s += &format!(
+        "| added by the agent per request of {EVENTS} events | {:+.1} ± {:.1} µs | ≤ 25 µs | {} |\n",
+        added / 1e3,
+        added_err / 1e3,
+        if added <= 25_000.0 { "met" } else { "**missed**" }
+    );
+    s += &format!(
+        "| of which the tracing path (empty hook) | {:+.1} ± {:.1} µs | | |\n",
+        floor / 1e3,
+        floor_err / 1e3
+    );
+    s += &format!(
+        "| of which the programs (agent − empty hook) | {:+.1} ± {:.1} µs | | |\n",
+        over / 1e3,
+        over_err / 1e3
+    );
+    s += &format!(
+        "| per captured call ({calls:.0} per request: the read, the head, {EVENTS} events, the last chunk): added / programs alone | {:+.0} / {:+.0} ns | | |\n",
+        added / calls,
+        over / calls
+    );
+    s += &format!(
+        "| agent CPU per request; per 1,000 requests/s (share of one core) | {:.1} µs; {:.1} % | ≤ 4 % | {} |\n",
+        c.agent_cpu_ns / 1e3,
+        c.agent_cpu_ns / 1e4,
+        if c.agent_cpu_ns / 1e4 <= 4.0 { "met" } else { "**missed**" }
+    );
+    s += &format!(
+        "| agent: requests counted / sent; http records (lost) | {}/{}; {} ({}) | all, zero loss | {} |\n",
+        c.counted,
+        c.sent,
+        c.records,
+        c.lost,
+        if c.counted == c.sent && c.lost == 0 { "met" } else { "**missed**" }
+    );
+    s
+}
