@@ -349,7 +349,13 @@ impl Wiring<'_> {
             .start(
                 "http",
                 true,
-                |ebpf| probe::http::attach(ebpf, config.http.capture_bytes),
+                |ebpf| {
+                    probe::http::attach(
+                        ebpf,
+                        config.http.capture_bytes,
+                        config.probes.http_raw_tracepoint,
+                    )
+                },
                 &mut loaded.ebpf,
             )
             .unzip();

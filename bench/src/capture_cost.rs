@@ -6,7 +6,9 @@
 //! (`CLOCK_THREAD_CPUTIME_ID`, where the programs run: inside its syscalls) per request,
 //! without the agent, with empty raw tracepoints on syscall entry and exit (the kernel's
 //! tracing path alone, which any syscall hook costs), and with the agent watching the process
-//! (`--watch-port`), in interleaved rounds.
+//! (`--watch-port`), in interleaved rounds. `BENCH_BPF_STATS=1` also prints the family's
+//! program time per run from the kernel's statistics, switched on for the agent's phases
+//! (their own clock reads then land in the figure).
 
 use std::{
     io::{Read, Write},
@@ -163,26 +165,37 @@ fn phase(listener: &TcpListener, chunks: &[Vec<u8>], requests: u64) -> anyhow::R
     let response_len = HEAD.len() + chunks.iter().map(Vec::len).sum::<usize>() + END.len();
     let request = request();
     let sent = request.clone();
+    let (tell, client_addr) = std::sync::mpsc::channel();
     let client = std::thread::spawn(move || -> anyhow::Result<()> {
         pin(0, cpus() - 1)?;
         let mut c = TcpStream::connect(addr)?;
+        tell.send(c.local_addr()?)?;
         c.set_nodelay(true)?;
         let mut buf = vec![0u8; response_len];
         for _ in 0..requests {
             c.write_all(&sent)?;
-            c.read_exact(&mut buf)?;
+            c.read_exact(&mut buf)
+                .context("the client reading a response")?;
         }
         if !buf.ends_with(END) {
             bail!("the response did not end with its last chunk");
         }
         Ok(())
     });
-    let (mut s, _) = listener.accept()?;
+    let client_addr = client_addr.recv()?;
+    let mut s = loop {
+        // The agent scrapes a watched server's port too: only the client's connection serves.
+        let (conn, peer) = listener.accept()?;
+        if peer == client_addr {
+            break conn;
+        }
+    };
     s.set_nodelay(true)?;
     let mut req = vec![0u8; request.len()];
     let start = thread_cpu_ns();
     for _ in 0..requests {
-        s.read_exact(&mut req)?;
+        s.read_exact(&mut req)
+            .context("the server reading a request")?;
         s.write_all(HEAD)?;
         for c in chunks {
             s.write_all(c)?;
@@ -239,7 +252,24 @@ pub fn measure(lib: &Path, requests: u64, rounds: usize) -> anyhow::Result<Captu
         let text = agent.metrics()?;
         let r0 = metric_sum(&text, "llm_requests_total");
         let cpu0 = agent.cpu_ns()?;
+        let stats = std::env::var_os("BENCH_BPF_STATS").is_some();
+        if stats {
+            std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1")?;
+        }
         out.agent.push(phase(&listener, &chunks, requests)?);
+        if stats {
+            for p in aya::programs::loaded_programs().flatten() {
+                let name = p.name_as_str().unwrap_or("").to_string();
+                if name.starts_with("http_sys") {
+                    eprintln!(
+                        "{name}: {} runs, {:.0} ns a run",
+                        p.run_count(),
+                        p.run_time().as_nanos() as f64 / p.run_count().max(1) as f64
+                    );
+                }
+            }
+            std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "0")?;
+        }
         let want = r0 + requests as f64;
         let text = agent
             .wait_for("every request counted", Duration::from_secs(30), |t| {
@@ -279,7 +309,7 @@ pub fn table(c: &CaptureCost) -> String {
          and round ({EVENTS} chunked token events each, one `write` per event, on a loopback \
          connection it accepted) to a client thread of its own; {} interleaved rounds without \
          the agent, with an empty raw tracepoint on `sys_exit` (the kernel's tracing path \
-         alone, on the hook the agent uses), and with the agent watching the process \
+         alone, on the tracepoint the agent's program is on), and with the agent watching the process \
          (`--watch-port`, defaults otherwise). The serving thread has the first CPU to itself, \
          the client and the agent share the last. The figure is the serving thread's CPU clock \
          per request: the programs run inside its syscalls, and nothing else (the client, the \

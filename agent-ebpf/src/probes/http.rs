@@ -6,8 +6,9 @@
 //! the registers saved at entry, so no entry program (and no per-thread stash from entry to
 //! exit) is needed, and the node's syscalls take one hook, not two. Only processes in
 //! `HTTP_WATCHED` (written by userspace) and only their accepted sockets (`HTTP_CONNS`: set at
-//! accept, removed at close, seeded by userspace for connections older than the agent)
-//! produce records.
+//! accept, removed at close, seeded by userspace for connections older than the agent, and
+//! removed by it when a process is no longer watched) produce records: a call on a socket
+//! looks up its connection alone, only an accept looks up its process.
 //!
 //! A call emits the bytes it really moved: one record per call, the first `CAPTURE_BYTES` of
 //! them (for a vectored call, its iovecs' bytes one after the other, up to `IOV_WALK`
@@ -27,9 +28,9 @@ use aya_ebpf::{
         bpf_probe_read_user,
         generated::bpf_probe_read_user as probe_read_user_raw,
     },
-    macros::{map, raw_tracepoint},
+    macros::{btf_tracepoint, map, raw_tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
-    programs::RawTracePointContext,
+    programs::{BtfTracePointContext, RawTracePointContext},
 };
 
 use super::tls::TLS_LAST_READ;
@@ -196,41 +197,73 @@ fn kind_of(id: u64) -> Option<u32> {
     })
 }
 
-/// Every syscall's exit (`raw_syscalls/sys_exit`): the family's calls of watched processes
-/// on followed connections emit the bytes they really moved.
+/// Every syscall's exit (`raw_syscalls/sys_exit`, as a BTF tracepoint: the saved registers
+/// are read with plain loads, where a raw tracepoint needs a helper call to read them, on
+/// every syscall of the node).
+#[btf_tracepoint(function = "sys_exit")]
+pub fn http_sys_exit(ctx: BtfTracePointContext) -> u32 {
+    let regs: *const u64 = ctx.arg(0);
+    // SAFETY: the verifier knows `regs` as the kernel's `struct pt_regs` and checks each load
+    // against its layout; a fault reads 0.
+    let id = unsafe { *regs.add((REG_DX / 8 + 3) as usize) };
+    if kind_of(id).is_none() {
+        return 0;
+    }
+    let a = unsafe {
+        Args {
+            dx: *regs.add((REG_DX / 8) as usize),
+            si: *regs.add((REG_DX / 8 + 1) as usize),
+            di: *regs.add((REG_DX / 8 + 2) as usize),
+            orig_ax: id,
+        }
+    };
+    on_exit(a, ctx.arg(1))
+}
+
+/// The same as [`http_sys_exit`] as a raw tracepoint, for kernels that refuse BTF
+/// tracepoints.
 #[raw_tracepoint(tracepoint = "sys_exit")]
-pub fn http_sys_exit(ctx: RawTracePointContext) -> u32 {
+pub fn http_sys_exit_raw(ctx: RawTracePointContext) -> u32 {
     let regs: u64 = ctx.arg(0);
     let Some(a) = args(regs) else {
         return 0;
     };
+    if kind_of(a.orig_ax).is_none() {
+        return 0;
+    }
+    on_exit(a, ctx.arg(1))
+}
+
+/// A call of the family's (`a.orig_ax` is one) that returned `ret`.
+#[inline(always)]
+fn on_exit(a: Args, ret: i64) -> u32 {
     let Some(kind) = kind_of(a.orig_ax) else {
         return 0;
     };
     count_cost(cost::RUNS, 1);
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
-    if !watched(tgid) {
+    let fd = a.di as u32;
+    if kind == KIND_ACCEPT {
+        if ret > 0 && watched(tgid) {
+            accepted(pid_tgid, tgid, fd, a.si, ret as u32);
+        }
         return 0;
     }
-    let ret: i64 = ctx.arg(1);
-    let fd = a.di as u32;
+    // Only watched processes have followed connections: one lookup decides both.
+    let key = ConnKey { tgid, fd };
+    let Some(conn) = HTTP_CONNS.get_ptr(&key) else {
+        return 0;
+    };
     if kind == KIND_CLOSE {
         if ret == 0 {
-            closed(pid_tgid, tgid, fd);
+            closed(pid_tgid, key, unsafe { (*conn).file });
         }
         return 0;
     }
     if ret <= 0 {
         return 0;
     }
-    if kind == KIND_ACCEPT {
-        accepted(pid_tgid, tgid, fd, a.si, ret as u32);
-        return 0;
-    }
-    let Some(conn) = HTTP_CONNS.get_ptr(&ConnKey { tgid, fd }) else {
-        return 0;
-    };
     if kind == KIND_IN || kind == KIND_VEC_IN || kind == KIND_MSG_IN {
         // What an `SSL_read` on this thread that returns bytes is reading (`probes/tls.rs`).
         let _ = TLS_LAST_READ.insert(&pid_tgid, &fd, 0);
@@ -409,13 +442,8 @@ fn output(ev: &HttpDataEvent) {
 /// fd now refers to, and its entry stays; the closed connection's state in userspace ends
 /// with that accept's record.
 #[inline(always)]
-fn closed(pid_tgid: u64, tgid: u32, fd: u32) {
-    let key = ConnKey { tgid, fd };
-    let Some(conn) = HTTP_CONNS.get_ptr(&key) else {
-        return;
-    };
-    let file = unsafe { (*conn).file };
-    if file != 0 && fd_file(fd) == Some(file) {
+fn closed(pid_tgid: u64, key: ConnKey, file: u64) {
+    if file != 0 && fd_file(key.fd) == Some(file) {
         return;
     }
     let _ = HTTP_CONNS.remove(&key);
@@ -425,7 +453,7 @@ fn closed(pid_tgid: u64, tgid: u32, fd: u32) {
     };
     entry.write(HttpCloseEvent {
         header: header(EventKind::HttpClose, pid_tgid),
-        fd,
+        fd: key.fd,
         _pad: 0,
     });
     entry.submit(submit_flags_on(&HTTP_EVENTS, HTTP_WAKEUP, false));

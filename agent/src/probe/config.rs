@@ -22,6 +22,10 @@ pub struct ProbesConfig {
     /// BPF datapath pays them on every packet); off (or without CAP_SYS_ADMIN), the cost is
     /// estimated from the runs and bytes the programs count.
     pub run_time_stats: bool,
+    /// The `http` family's program on `sys_exit` as a raw tracepoint, even where the BTF
+    /// tracepoint (plain loads of the saved registers, a little cheaper on every syscall)
+    /// would load; the agent falls back to it by itself where that one cannot.
+    pub http_raw_tracepoint: bool,
     /// How long a probe the budget shed stays off before it is re-attached and measured
     /// again, in seconds; doubled each time the same probe is shed again soon after, up to
     /// 30 minutes.
@@ -48,6 +52,7 @@ impl Default for ProbesConfig {
             budget_core_share: 0.05,
             http_budget_core_share: 0.05,
             run_time_stats: false,
+            http_raw_tracepoint: false,
             shed_cooldown_secs: 60,
             discovery_interval_ms: 1000,
             hold_openers: true,

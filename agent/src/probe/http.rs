@@ -7,17 +7,29 @@ use super::{links::Links, ProbeError};
 use agent_common::http::{config as knob, ConnKey, ConnState, FdLayout, CAPTURE_MAX};
 use aya::{
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray},
-    programs::RawTracePoint,
+    programs::{BtfTracePoint, RawTracePoint},
     Ebpf,
 };
 
-/// (program, raw tracepoint).
-const PROGRAMS: &[(&str, &str)] = &[("http_sys_exit", "sys_exit")];
+/// The family's program on `sys_exit` as a BTF tracepoint (plain loads of the saved
+/// registers), and the same as a raw tracepoint where the kernel refuses the first.
+const BTF_PROGRAM: &str = "http_sys_exit";
+const RAW_PROGRAM: &str = "http_sys_exit_raw";
+const TRACEPOINT: &str = "sys_exit";
 
 /// Names of the family's programs, the TLS probes' included (the budget adds up their run
 /// time; tests check none is left loaded).
 pub fn program_names() -> impl Iterator<Item = &'static str> {
-    PROGRAMS.iter().map(|(p, _)| *p).chain(super::tls::PROGRAMS)
+    [BTF_PROGRAM, RAW_PROGRAM]
+        .into_iter()
+        .chain(super::tls::PROGRAMS.iter().copied())
+}
+
+/// Which of the two programs is loaded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Hook {
+    Btf,
+    Raw,
 }
 
 /// The maps userspace writes, taken out of the object.
@@ -33,6 +45,7 @@ pub struct HttpMaps {
 /// estimate their cost.
 pub struct HttpProbes {
     links: Option<Links>,
+    hook: Hook,
     pub cost: PerCpuArray<MapData, u64>,
     /// OpenSSL's calls in watched servers, loaded with the family, attached per process by
     /// the manager (`None` where they could not be loaded: TLS stays unread).
@@ -43,7 +56,11 @@ pub struct HttpProbes {
 }
 
 /// Loads and attaches the family's programs, sets the capture size and takes its maps.
-pub fn attach(ebpf: &mut Ebpf, capture_bytes: u32) -> Result<(HttpMaps, HttpProbes), ProbeError> {
+pub fn attach(
+    ebpf: &mut Ebpf,
+    capture_bytes: u32,
+    raw_tracepoint: bool,
+) -> Result<(HttpMaps, HttpProbes), ProbeError> {
     let mut config: Array<MapData, u64> = super::take(ebpf, "HTTP_CONFIG")?;
     let capture = u64::from(capture_bytes.min(CAPTURE_MAX as u32));
     if let Err(e) = config.set(knob::CAPTURE_BYTES, capture, 0) {
@@ -52,12 +69,8 @@ pub fn attach(ebpf: &mut Ebpf, capture_bytes: u32) -> Result<(HttpMaps, HttpProb
     let watched = super::take(ebpf, "HTTP_WATCHED")?;
     let conns = super::take(ebpf, "HTTP_CONNS")?;
     let cost = super::take(ebpf, "HTTP_COST")?;
-    for (name, _) in PROGRAMS {
-        program(ebpf, name)?
-            .load()
-            .map_err(|source| ProbeError::Program { name, source })?;
-    }
-    let links = attach_programs(ebpf)?;
+    let hook = load_hook(ebpf, raw_tracepoint)?;
+    let links = attach_programs(ebpf, hook)?;
     let tls = super::tls::TlsProbes::load(ebpf)
         .inspect_err(|e| {
             tracing::warn!(
@@ -70,6 +83,7 @@ pub fn attach(ebpf: &mut Ebpf, capture_bytes: u32) -> Result<(HttpMaps, HttpProb
         HttpMaps { watched, conns },
         HttpProbes {
             links: Some(links),
+            hook,
             cost,
             config,
             tls,
@@ -98,24 +112,74 @@ pub fn fd_layout() -> FdLayout {
     })
 }
 
-fn program<'a>(
-    ebpf: &'a mut Ebpf,
-    name: &'static str,
-) -> Result<&'a mut RawTracePoint, ProbeError> {
+/// Loads the BTF tracepoint, or where the kernel refuses it (no BTF, an older kernel) or
+/// `raw` asks for it (`probes.http_raw_tracepoint`), the raw one.
+fn load_hook(ebpf: &mut Ebpf, raw: bool) -> Result<Hook, ProbeError> {
+    let btf = if raw {
+        Err("probes.http_raw_tracepoint is set".to_string())
+    } else {
+        aya::Btf::from_sys_fs().map_err(|e| e.to_string())
+    };
+    let btf_error = match btf {
+        Ok(btf) => {
+            let name = BTF_PROGRAM;
+            let prog: &mut BtfTracePoint = ebpf
+                .program_mut(name)
+                .ok_or(ProbeError::MissingProgram { name })?
+                .try_into()
+                .map_err(|source| ProbeError::Program { name, source })?;
+            match prog.load(TRACEPOINT, &btf) {
+                Ok(()) => return Ok(Hook::Btf),
+                Err(e) => e.to_string(),
+            }
+        }
+        Err(e) => e,
+    };
+    tracing::info!(
+        error = btf_error,
+        "the http family's BTF tracepoint cannot be loaded: using a raw tracepoint"
+    );
+    raw_program(ebpf)?
+        .load()
+        .map_err(|source| ProbeError::Program {
+            name: RAW_PROGRAM,
+            source,
+        })?;
+    Ok(Hook::Raw)
+}
+
+fn raw_program(ebpf: &mut Ebpf) -> Result<&mut RawTracePoint, ProbeError> {
+    let name = RAW_PROGRAM;
     ebpf.program_mut(name)
         .ok_or(ProbeError::MissingProgram { name })?
         .try_into()
         .map_err(|source| ProbeError::Program { name, source })
 }
 
-/// Attaches the loaded programs to their tracepoints, in [`PROGRAMS`] order.
-fn attach_programs(ebpf: &mut Ebpf) -> Result<Links, ProbeError> {
+/// Attaches the loaded program to `sys_exit`.
+fn attach_programs(ebpf: &mut Ebpf, hook: Hook) -> Result<Links, ProbeError> {
     let mut links = Links::default();
-    for (name, tracepoint) in PROGRAMS {
-        let prog = program(ebpf, name)?;
-        let attach_error = |source| ProbeError::Attach { name, source };
-        let id = prog.attach(tracepoint).map_err(attach_error)?;
-        links.hold(prog.take_link(id).map_err(attach_error)?);
+    match hook {
+        Hook::Btf => {
+            let name = BTF_PROGRAM;
+            let prog: &mut BtfTracePoint = ebpf
+                .program_mut(name)
+                .ok_or(ProbeError::MissingProgram { name })?
+                .try_into()
+                .map_err(|source| ProbeError::Program { name, source })?;
+            let attach_error = |source| ProbeError::Attach { name, source };
+            let id = prog.attach().map_err(attach_error)?;
+            links.hold(prog.take_link(id).map_err(attach_error)?);
+        }
+        Hook::Raw => {
+            let prog = raw_program(ebpf)?;
+            let attach_error = |source| ProbeError::Attach {
+                name: RAW_PROGRAM,
+                source,
+            };
+            let id = prog.attach(TRACEPOINT).map_err(attach_error)?;
+            links.hold(prog.take_link(id).map_err(attach_error)?);
+        }
     }
     Ok(links)
 }
@@ -137,7 +201,7 @@ impl HttpProbes {
     /// stays off.
     pub fn reattach(&mut self, ebpf: &mut Ebpf) -> Result<(), ProbeError> {
         if self.links.is_none() {
-            self.links = Some(attach_programs(ebpf)?);
+            self.links = Some(attach_programs(ebpf, self.hook)?);
         }
         self.set_paused(false);
         Ok(())

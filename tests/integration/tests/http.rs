@@ -42,6 +42,29 @@ fn counts_status_codes_models_and_tokens_are_exact() {
     assert!(agent.stop().success());
 }
 
+/// Where the kernel refuses BTF tracepoints the family's program is the raw tracepoint: it
+/// counts the same.
+#[root_test]
+fn the_raw_tracepoint_fallback_counts_the_same() {
+    let server = Server::start("stand-in");
+    let agent = start_agent_with(
+        &server,
+        &[("INFERSCOPE_PROBES__HTTP_RAW_TRACEPOINT", "true")],
+    );
+    let ids = program_ids(agent.pid());
+    let names: Vec<String> = aya::programs::loaded_programs()
+        .flatten()
+        .filter(|p| ids.contains(&p.id()))
+        .filter_map(|p| p.name_as_str().map(str::to_string))
+        .filter(|n| n.starts_with("http_sys"))
+        .collect();
+    // The kernel keeps 15 bytes of a program's name.
+    assert_eq!(names, ["http_sys_exit_r"]);
+    let truth = client(&["openai", &server.port.to_string(), "stand-in"]);
+    assert_counted_as_the_client(&agent, &truth);
+    assert!(agent.stop().success());
+}
+
 /// The openai scenario's requests by model and status, its errors by type and its tokens, as
 /// the agent counted them, against what the client saw (`truth`); returns the scrape.
 fn assert_counted_as_the_client(agent: &Agent, truth: &serde_json::Value) -> Scrape {
