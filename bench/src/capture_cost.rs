@@ -8,7 +8,8 @@
 //! tracing path alone, which any syscall hook costs), and with the agent watching the process
 //! (`--watch-port`), in interleaved rounds. `BENCH_BPF_STATS=1` also prints the family's
 //! program time per run from the kernel's statistics, switched on for the agent's phases
-//! (their own clock reads then land in the figure).
+//! (their own clock reads then land in the figure); `BENCH_CAPTURE_REQUESTS=N` sets the
+//! requests per phase of `--capture-only`.
 
 use std::{
     io::{Read, Write},
@@ -20,6 +21,9 @@ use std::{
 use anyhow::{bail, Context};
 
 use crate::agentproc::{metric_sum, AgentProcess};
+
+const SETTLE: Duration = Duration::from_secs(1);
+const DRAIN: Duration = Duration::from_millis(300);
 
 /// Token events per request, as the wire-timing sections.
 pub const EVENTS: usize = 64;
@@ -249,8 +253,10 @@ pub fn measure(lib: &Path, requests: u64, rounds: usize) -> anyhow::Result<Captu
             )
             .with_context(|| agent.log())?;
         pin_process(agent.pid(), cpus() - 1)?;
-        let text = agent.metrics()?;
-        let r0 = metric_sum(&text, "llm_requests_total");
+        // Past its start (the first discovery rounds), so that its CPU over the phase is what
+        // the requests cost it.
+        std::thread::sleep(SETTLE);
+        let r0 = metric_sum(&agent.metrics()?, "llm_requests_total");
         let cpu0 = agent.cpu_ns()?;
         let stats = std::env::var_os("BENCH_BPF_STATS").is_some();
         if stats {
@@ -270,13 +276,17 @@ pub fn measure(lib: &Path, requests: u64, rounds: usize) -> anyhow::Result<Captu
             }
             std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "0")?;
         }
+        // Its reader drains within a poll interval (5 ms); no scrape meanwhile, whose
+        // rendering is not what a request costs.
+        std::thread::sleep(DRAIN);
+        let cpu1 = agent.cpu_ns()?;
         let want = r0 + requests as f64;
         let text = agent
             .wait_for("every request counted", Duration::from_secs(30), |t| {
                 metric_sum(t, "llm_requests_total") >= want
             })
             .or_else(|_| agent.metrics())?;
-        agent_cpu += agent.cpu_ns()? - cpu0;
+        agent_cpu += cpu1 - cpu0;
         out.counted += (metric_sum(&text, "llm_requests_total") - r0) as u64;
         out.sent += requests;
         out.records += labeled(&text, "inferscope_events_total", "source=\"http\"") as u64;
@@ -314,7 +324,9 @@ pub fn table(c: &CaptureCost) -> String {
          the client and the agent share the last. The figure is the serving thread's CPU clock \
          per request: the programs run inside its syscalls, and nothing else (the client, the \
          agent) is in it. Added: the \
-         mean over the rounds of the per-round difference, ± its standard error.\n\n",
+         mean over the rounds of the per-round difference, ± its standard error. The agent's \
+         CPU (its process CPU clock, every thread) from 1 s after it found the process until \
+         300 ms after the phase, with no scrape in between.\n\n",
         c.requests, c.rounds
     );
     let (w, _) = mean_stderr(&c.without);

@@ -218,11 +218,14 @@ fn main() {
     }
     // `--capture-only`: only what a watched server pays per captured call, printed.
     if args.iter().any(|a| a == "--capture-only") {
-        let requests = if quick {
-            CAPTURE_REQUESTS / 10
-        } else {
-            CAPTURE_REQUESTS
-        };
+        let requests = std::env::var("BENCH_CAPTURE_REQUESTS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(if quick {
+                CAPTURE_REQUESTS / 10
+            } else {
+                CAPTURE_REQUESTS
+            });
         match capture_cost::measure(&Variant::Nop5.lib_path(), requests, CAPTURE_ROUNDS) {
             Ok(c) => {
                 println!("{}", capture_cost::table(&c));
