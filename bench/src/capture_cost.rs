@@ -20,7 +20,7 @@ use std::{
 
 use anyhow::{bail, Context};
 
-use crate::agentproc::{metric_sum, AgentProcess};
+use crate::agentproc::{mean_stderr, metric_sum, metric_sum_labeled, thread_cpu_ns, AgentProcess};
 
 const SETTLE: Duration = Duration::from_secs(1);
 const DRAIN: Duration = Duration::from_millis(300);
@@ -51,45 +51,20 @@ pub struct CaptureCost {
     pub lost: u64,
 }
 
-/// Mean and standard error of `v`.
-pub fn mean_stderr(v: &[f64]) -> (f64, f64) {
-    let n = v.len() as f64;
-    let mean = v.iter().sum::<f64>() / n;
-    let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
-    (mean, (var / n).sqrt())
-}
-
 impl CaptureCost {
     /// Added per request by the agent: mean over the rounds of (agent − without), ± stderr.
     pub fn added(&self) -> (f64, f64) {
-        let d: Vec<f64> = self
-            .agent
-            .iter()
-            .zip(&self.without)
-            .map(|(a, w)| a - w)
-            .collect();
-        mean_stderr(&d)
+        round_differences(&self.agent, &self.without)
     }
 
     /// Added per request over the empty hook: what the programs themselves cost.
     pub fn over_floor(&self) -> (f64, f64) {
-        let d: Vec<f64> = self
-            .agent
-            .iter()
-            .zip(&self.floor)
-            .map(|(a, f)| a - f)
-            .collect();
-        mean_stderr(&d)
+        round_differences(&self.agent, &self.floor)
     }
 
+    /// Added per request by the empty hook: the kernel's tracing path.
     pub fn floor_added(&self) -> (f64, f64) {
-        let d: Vec<f64> = self
-            .floor
-            .iter()
-            .zip(&self.without)
-            .map(|(f, w)| f - w)
-            .collect();
-        mean_stderr(&d)
+        round_differences(&self.floor, &self.without)
     }
 
     /// Captured calls of the server thread per request: the request's read, the head, every
@@ -107,6 +82,12 @@ fn request() -> Vec<u8> {
     .into_bytes()
 }
 
+/// Mean over the rounds of `a − b`, round by round, ± its standard error.
+fn round_differences(a: &[f64], b: &[f64]) -> (f64, f64) {
+    let d: Vec<f64> = a.iter().zip(b).map(|(a, b)| a - b).collect();
+    mean_stderr(&d)
+}
+
 fn chunks() -> Vec<Vec<u8>> {
     (0..EVENTS)
         .map(|i| {
@@ -120,16 +101,6 @@ fn chunks() -> Vec<Vec<u8>> {
             c
         })
         .collect()
-}
-
-fn thread_cpu_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid timespec for the kernel to fill.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Pins thread (or process) `tid` (0: the calling thread) to `cpu`.
@@ -222,6 +193,7 @@ pub fn measure(lib: &Path, requests: u64, rounds: usize) -> anyhow::Result<Captu
     let port = listener.local_addr()?.port();
     // The measuring thread serves: it keeps the first CPU for the whole run.
     pin(0, 0)?;
+    let _unpin = Unpin;
     let chunks = chunks();
     let _ = inferscope::probe::tracefs::ensure();
     // Warm the code paths and the socket buffers.
@@ -289,26 +261,31 @@ pub fn measure(lib: &Path, requests: u64, rounds: usize) -> anyhow::Result<Captu
         agent_cpu += cpu1 - cpu0;
         out.counted += (metric_sum(&text, "llm_requests_total") - r0) as u64;
         out.sent += requests;
-        out.records += labeled(&text, "inferscope_events_total", "source=\"http\"") as u64;
-        out.lost += labeled(&text, "inferscope_events_lost_total", "source=\"http\"") as u64;
+        out.records +=
+            metric_sum_labeled(&text, "inferscope_events_total", "source=\"http\"") as u64;
+        out.lost +=
+            metric_sum_labeled(&text, "inferscope_events_lost_total", "source=\"http\"") as u64;
         agent.stop()?;
     }
     out.agent_cpu_ns = agent_cpu as f64 / out.sent.max(1) as f64;
-    let mut all: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    for cpu in 0..cpus() {
-        // SAFETY: `all` is a valid set; `cpu` is below the machine's count.
-        unsafe { libc::CPU_SET(cpu, &mut all) };
-    }
-    // SAFETY: a valid set for this thread.
-    unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &all) };
     Ok(out)
 }
 
-fn labeled(text: &str, name: &str, label: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum()
+/// Gives the calling thread every CPU again when dropped, however the measurement ended: the
+/// bench's later sections run on it.
+struct Unpin;
+
+impl Drop for Unpin {
+    fn drop(&mut self) {
+        // SAFETY: a zeroed cpu_set_t is a valid empty set; `cpu` is below the machine's count.
+        unsafe {
+            let mut all: libc::cpu_set_t = std::mem::zeroed();
+            for cpu in 0..cpus() {
+                libc::CPU_SET(cpu, &mut all);
+            }
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &all);
+        }
+    }
 }
 
 /// The section of docs/performance.md.

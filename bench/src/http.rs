@@ -17,7 +17,9 @@ use std::{
 use anyhow::{bail, Context};
 use tgi_stand_in::{Client, Request};
 
-use crate::agentproc::{metric_sum, proc_cpu_ns, sibling_bin, AgentProcess};
+use crate::agentproc::{
+    mean_stderr, metric_sum, metric_sum_labeled, proc_cpu_ns, sibling_bin, AgentProcess,
+};
 
 /// The load, and what it cost.
 pub struct HttpCost {
@@ -442,10 +444,7 @@ fn interleaved(
         round_added.push(per_request[1] - per_request[0]);
     }
     let n = (requests / rounds * rounds) as f64;
-    let mean = round_added.iter().sum::<f64>() / round_added.len() as f64;
-    let var = round_added.iter().map(|x| (x - mean).powi(2)).sum::<f64>()
-        / (round_added.len() as f64 - 1.0).max(1.0);
-    let stderr = (var / round_added.len() as f64).sqrt();
+    let (mean, stderr) = mean_stderr(&round_added);
     Ok(HttpCost {
         server,
         requests: requests / rounds * rounds,
@@ -468,12 +467,4 @@ fn interleaved(
         agent_lost: lost,
         events,
     })
-}
-
-/// Sum of the samples of `name` whose labels contain `label` (e.g. `source="http"`).
-fn metric_sum_labeled(text: &str, name: &str, label: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum()
 }

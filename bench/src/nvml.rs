@@ -13,7 +13,7 @@ use inferscope::{
     proc::ProcFs,
 };
 
-use crate::agentproc::{metric_sum, AgentProcess};
+use crate::agentproc::{metric_sum, thread_cpu_ns, AgentProcess};
 
 pub const GPUS: u32 = 8;
 
@@ -28,16 +28,6 @@ pub struct NvmlCost {
     pub agent_share_nvml: f64,
     pub agent_share_off: f64,
     pub seconds: f64,
-}
-
-fn thread_cpu_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Must run before anything else loads the NVML double: it reads its environment once.

@@ -16,7 +16,7 @@ use std::{
 
 use anyhow::Context;
 
-use crate::agentproc::AgentProcess;
+use crate::agentproc::{thread_cpu_ns, AgentProcess};
 
 /// Nanoseconds per loop iteration (one write and one read): without the agent, with it, and
 /// with the former per-syscall tracepoints.
@@ -104,16 +104,6 @@ impl Loops {
         let (w, r) = &mut self.socket;
         Self::time(w, r, n)
     }
-}
-
-fn thread_cpu_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid timespec for the kernel to fill.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 const SETTLE: std::time::Duration = std::time::Duration::from_secs(3);

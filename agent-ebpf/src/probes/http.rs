@@ -206,9 +206,9 @@ pub fn http_sys_exit(ctx: BtfTracePointContext) -> u32 {
     // SAFETY: the verifier knows `regs` as the kernel's `struct pt_regs` and checks each load
     // against its layout; a fault reads 0.
     let id = unsafe { *regs.add((REG_DX / 8 + 3) as usize) };
-    if kind_of(id).is_none() {
+    let Some(kind) = kind_of(id) else {
         return 0;
-    }
+    };
     let a = unsafe {
         Args {
             dx: *regs.add((REG_DX / 8) as usize),
@@ -217,7 +217,7 @@ pub fn http_sys_exit(ctx: BtfTracePointContext) -> u32 {
             orig_ax: id,
         }
     };
-    on_exit(a, ctx.arg(1))
+    on_exit(kind, a, ctx.arg(1))
 }
 
 /// The same as [`http_sys_exit`] as a raw tracepoint, for kernels that refuse BTF
@@ -228,18 +228,15 @@ pub fn http_sys_exit_raw(ctx: RawTracePointContext) -> u32 {
     let Some(a) = args(regs) else {
         return 0;
     };
-    if kind_of(a.orig_ax).is_none() {
-        return 0;
-    }
-    on_exit(a, ctx.arg(1))
-}
-
-/// A call of the family's (`a.orig_ax` is one) that returned `ret`.
-#[inline(always)]
-fn on_exit(a: Args, ret: i64) -> u32 {
     let Some(kind) = kind_of(a.orig_ax) else {
         return 0;
     };
+    on_exit(kind, a, ctx.arg(1))
+}
+
+/// A call of the family's, of `kind`, that returned `ret`.
+#[inline(always)]
+fn on_exit(kind: u32, a: Args, ret: i64) -> u32 {
     count_cost(cost::RUNS, 1);
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;

@@ -121,18 +121,10 @@ fn load_hook(ebpf: &mut Ebpf, raw: bool) -> Result<Hook, ProbeError> {
         aya::Btf::from_sys_fs().map_err(|e| e.to_string())
     };
     let btf_error = match btf {
-        Ok(btf) => {
-            let name = BTF_PROGRAM;
-            let prog: &mut BtfTracePoint = ebpf
-                .program_mut(name)
-                .ok_or(ProbeError::MissingProgram { name })?
-                .try_into()
-                .map_err(|source| ProbeError::Program { name, source })?;
-            match prog.load(TRACEPOINT, &btf) {
-                Ok(()) => return Ok(Hook::Btf),
-                Err(e) => e.to_string(),
-            }
-        }
+        Ok(btf) => match btf_program(ebpf)?.load(TRACEPOINT, &btf) {
+            Ok(()) => return Ok(Hook::Btf),
+            Err(e) => e.to_string(),
+        },
         Err(e) => e,
     };
     tracing::info!(
@@ -148,6 +140,14 @@ fn load_hook(ebpf: &mut Ebpf, raw: bool) -> Result<Hook, ProbeError> {
     Ok(Hook::Raw)
 }
 
+fn btf_program(ebpf: &mut Ebpf) -> Result<&mut BtfTracePoint, ProbeError> {
+    let name = BTF_PROGRAM;
+    ebpf.program_mut(name)
+        .ok_or(ProbeError::MissingProgram { name })?
+        .try_into()
+        .map_err(|source| ProbeError::Program { name, source })
+}
+
 fn raw_program(ebpf: &mut Ebpf) -> Result<&mut RawTracePoint, ProbeError> {
     let name = RAW_PROGRAM;
     ebpf.program_mut(name)
@@ -161,13 +161,11 @@ fn attach_programs(ebpf: &mut Ebpf, hook: Hook) -> Result<Links, ProbeError> {
     let mut links = Links::default();
     match hook {
         Hook::Btf => {
-            let name = BTF_PROGRAM;
-            let prog: &mut BtfTracePoint = ebpf
-                .program_mut(name)
-                .ok_or(ProbeError::MissingProgram { name })?
-                .try_into()
-                .map_err(|source| ProbeError::Program { name, source })?;
-            let attach_error = |source| ProbeError::Attach { name, source };
+            let prog = btf_program(ebpf)?;
+            let attach_error = |source| ProbeError::Attach {
+                name: BTF_PROGRAM,
+                source,
+            };
             let id = prog.attach().map_err(attach_error)?;
             links.hold(prog.take_link(id).map_err(attach_error)?);
         }
