@@ -142,40 +142,98 @@ struct DetailsJson {
     generated_tokens: Option<u64>,
 }
 
+/// Whether a string is non-empty, read without keeping it: an escaped one is not unescaped
+/// into an allocation of its own.
+#[derive(Default)]
+struct NonEmpty(bool);
+
+impl<'de> Deserialize<'de> for NonEmpty {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl serde::de::Visitor<'_> for Visit {
+            type Value = NonEmpty;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E>(self, v: &str) -> Result<NonEmpty, E> {
+                Ok(NonEmpty(!v.is_empty()))
+            }
+        }
+        d.deserialize_str(Visit)
+    }
+}
+
+fn nonempty(s: &Option<NonEmpty>) -> bool {
+    s.as_ref().is_some_and(|s| s.0)
+}
+
+/// Whether any of a list of `choices` carries output, read one by one without collecting
+/// them (this runs on every streamed event).
+#[derive(Default)]
+struct AnyOutput(bool);
+
+impl<'de> Deserialize<'de> for AnyOutput {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = AnyOutput;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a list of choices")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<AnyOutput, A::Error> {
+                let mut any = false;
+                while let Some(c) = seq.next_element::<Choice>()? {
+                    any |= nonempty(&c.text)
+                        || c.delta.is_some_and(|d| {
+                            nonempty(&d.content)
+                                || nonempty(&d.reasoning_content)
+                                || d.tool_calls.is_some()
+                        });
+                }
+                Ok(AnyOutput(any))
+            }
+        }
+        d.deserialize_seq(Visit)
+    }
+}
+
 #[derive(Deserialize)]
-struct Delta<'a> {
-    #[serde(borrow, default)]
-    content: Option<std::borrow::Cow<'a, str>>,
-    #[serde(borrow, default)]
-    reasoning_content: Option<std::borrow::Cow<'a, str>>,
+struct Delta {
+    #[serde(default)]
+    content: Option<NonEmpty>,
+    #[serde(default)]
+    reasoning_content: Option<NonEmpty>,
     #[serde(default)]
     tool_calls: Option<IgnoredAny>,
 }
 
 #[derive(Deserialize)]
-struct Choice<'a> {
-    #[serde(borrow, default)]
-    delta: Option<Delta<'a>>,
-    #[serde(borrow, default)]
-    text: Option<std::borrow::Cow<'a, str>>,
+struct Choice {
+    #[serde(default)]
+    delta: Option<Delta>,
+    #[serde(default)]
+    text: Option<NonEmpty>,
 }
 
 #[derive(Deserialize)]
-struct Token<'a> {
-    #[serde(borrow, default)]
-    text: Option<std::borrow::Cow<'a, str>>,
+struct Token {
+    #[serde(default)]
+    text: Option<NonEmpty>,
     #[serde(default)]
     special: bool,
 }
 
 #[derive(Deserialize)]
-struct EventJson<'a> {
-    #[serde(borrow, default)]
-    choices: Option<Vec<Choice<'a>>>,
+struct EventJson {
+    #[serde(default)]
+    choices: Option<AnyOutput>,
     #[serde(default)]
     usage: Option<UsageJson>,
-    #[serde(borrow, default)]
-    token: Option<Token<'a>>,
+    #[serde(default)]
+    token: Option<Token>,
     #[serde(default)]
     details: Option<DetailsJson>,
     #[serde(default)]
@@ -200,16 +258,15 @@ pub fn event_info(data: &[u8]) -> EventInfo {
             ..Default::default()
         };
     }
-    let Ok(j) = serde_json::from_slice::<EventJson>(trimmed) else {
+    // Checked once as a whole: parsing from a `str` spares serde_json validating every string
+    // and key on its own (a JSON text is UTF-8, so nothing valid is lost).
+    let Ok(text) = std::str::from_utf8(trimmed) else {
         return EventInfo::default();
     };
-    let nonempty = |s: &Option<std::borrow::Cow<str>>| s.as_deref().is_some_and(|s| !s.is_empty());
-    let mut token = j.choices.iter().flatten().any(|c| {
-        nonempty(&c.text)
-            || c.delta.as_ref().is_some_and(|d| {
-                nonempty(&d.content) || nonempty(&d.reasoning_content) || d.tool_calls.is_some()
-            })
-    });
+    let Ok(j) = serde_json::from_str::<EventJson>(text) else {
+        return EventInfo::default();
+    };
+    let mut token = j.choices.is_some_and(|c| c.0);
     if let Some(t) = &j.token {
         token |= !t.special && nonempty(&t.text);
     }
@@ -297,51 +354,64 @@ impl Sse {
     pub fn feed(&mut self, mut bytes: &[u8], on_event: &mut impl FnMut(EventInfo)) -> u32 {
         let mut overflows = 0;
         while !bytes.is_empty() {
-            let nl = bytes.iter().position(|&b| b == b'\n');
-            let (part, rest, eol) = match nl {
-                Some(i) => (&bytes[..i], &bytes[i + 1..], true),
-                None => (bytes, &bytes[bytes.len()..], false),
-            };
-            if self.line.len() + part.len() > MAX_EVENT {
-                self.overflow = true;
-            } else {
-                self.line.extend_from_slice(part);
-            }
-            bytes = rest;
-            if !eol {
-                break;
-            }
-            let line = std::mem::take(&mut self.line);
-            let line = line.strip_suffix(b"\r").unwrap_or(&line);
-            if line.is_empty() {
-                if self.overflow {
-                    overflows += 1;
-                } else if self.has_data {
-                    let info = event_info(&self.data);
-                    self.usage.merge(info.usage);
-                    on_event(info);
-                }
-                self.data.clear();
-                self.has_data = false;
-                self.overflow = false;
-            } else if let Some(v) = line.strip_prefix(b"data:") {
-                let v = v.strip_prefix(b" ").unwrap_or(v);
-                let sep = usize::from(self.has_data);
-                // Past the limit nothing more is kept, not even the separators: an event of
-                // endless `data:` lines holds at most MAX_EVENT bytes.
-                if self.overflow || self.data.len() + sep + v.len() > MAX_EVENT {
+            let Some(i) = memchr::memchr(b'\n', bytes) else {
+                if self.line.len() + bytes.len() > MAX_EVENT {
                     self.overflow = true;
                 } else {
-                    if sep == 1 {
-                        self.data.push(b'\n');
-                    }
-                    self.data.extend_from_slice(v);
+                    self.line.extend_from_slice(bytes);
                 }
-                self.has_data = true;
-            }
-            // `event:`, `id:`, `retry:` and comments carry nothing the agent needs.
+                break;
+            };
+            let part = &bytes[..i];
+            bytes = &bytes[i + 1..];
+            // A line whole in this piece is read where it lies; only one split across pieces
+            // is joined in `line`, whose buffer is kept for the next.
+            let mut kept = std::mem::take(&mut self.line);
+            let line: &[u8] = if kept.len() + part.len() > MAX_EVENT {
+                self.overflow = true;
+                &kept
+            } else if kept.is_empty() {
+                part
+            } else {
+                kept.extend_from_slice(part);
+                &kept
+            };
+            self.line(line, &mut overflows, on_event);
+            kept.clear();
+            self.line = kept;
         }
         overflows
+    }
+
+    fn line(&mut self, line: &[u8], overflows: &mut u32, on_event: &mut impl FnMut(EventInfo)) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            if self.overflow {
+                *overflows += 1;
+            } else if self.has_data {
+                let info = event_info(&self.data);
+                self.usage.merge(info.usage);
+                on_event(info);
+            }
+            self.data.clear();
+            self.has_data = false;
+            self.overflow = false;
+        } else if let Some(v) = line.strip_prefix(b"data:") {
+            let v = v.strip_prefix(b" ").unwrap_or(v);
+            let sep = usize::from(self.has_data);
+            // Past the limit nothing more is kept, not even the separators: an event of
+            // endless `data:` lines holds at most MAX_EVENT bytes.
+            if self.overflow || self.data.len() + sep + v.len() > MAX_EVENT {
+                self.overflow = true;
+            } else {
+                if sep == 1 {
+                    self.data.push(b'\n');
+                }
+                self.data.extend_from_slice(v);
+            }
+            self.has_data = true;
+        }
+        // `event:`, `id:`, `retry:` and comments carry nothing the agent needs.
     }
 
     /// Bytes of buffer this parser holds (at most twice [`MAX_EVENT`]).
@@ -420,5 +490,64 @@ mod tests {
             br#"{"message":"This model's maximum context length is 2048 tokens."}"#
         ));
         assert!(!is_context_length(br#"{"message":"bad role"}"#));
+    }
+
+    #[test]
+    fn which_events_carry_output() {
+        let token = |json: &str| event_info(json.as_bytes()).token;
+        // OpenAI chat (vLLM, SGLang, llama.cpp): the role-only first delta is not output.
+        assert!(!token(
+            r#"{"id":"c","choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}"#
+        ));
+        assert!(token(
+            r#"{"choices":[{"index":0,"delta":{"content":" tok"}}]}"#
+        ));
+        assert!(token(r#"{"choices":[{"delta":{"content":"\n"}}]}"#));
+        assert!(token(r#"{"choices":[{"delta":{"content":"\u00e9"}}]}"#));
+        assert!(token(
+            r#"{"choices":[{"delta":{"content":null,"reasoning_content":"hmm"}}]}"#
+        ));
+        assert!(token(
+            r#"{"choices":[{"delta":{"content":null,"tool_calls":[{"index":0,"function":{"arguments":"{"}}]}}]}"#
+        ));
+        assert!(!token(
+            r#"{"choices":[{"delta":{"content":null,"tool_calls":null}}]}"#
+        ));
+        // Completions; several choices (n > 1): any of them.
+        assert!(token(r#"{"choices":[{"text":"a"}]}"#));
+        assert!(token(
+            r#"{"choices":[{"delta":{"content":""}},{"delta":{"content":"b"}}]}"#
+        ));
+        assert!(!token(r#"{"choices":[]}"#));
+        // The last event: usage, no output.
+        let last = event_info(
+            br#"{"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":7,"total_tokens":12}}"#,
+        );
+        assert_eq!(
+            last,
+            EventInfo {
+                usage: Usage {
+                    prompt: Some(5),
+                    completion: Some(7)
+                },
+                ..Default::default()
+            }
+        );
+        // TGI: special tokens are not output.
+        assert!(token(r#"{"token":{"id":1,"text":" a","special":false}}"#));
+        assert!(!token(r#"{"token":{"id":2,"text":"</s>","special":true}}"#));
+        assert!(event_info(br#"{"error":{"message":"x"}}"#).error);
+        assert!(!event_info(br#"{"error":null}"#).error);
+        // Malformed or of another shape: nothing.
+        assert_eq!(
+            event_info(br#"{"choices":[{"delta":{"content":"x"#),
+            EventInfo::default()
+        );
+        assert_eq!(
+            event_info(br#"{"choices":{"delta":{"content":"x"}}}"#),
+            EventInfo::default()
+        );
+        assert_eq!(event_info(b"\xff\xfe"), EventInfo::default());
+        assert!(event_info(b" [DONE] ").done);
     }
 }

@@ -59,7 +59,7 @@ impl crate::queue::Weigh for Input {
                         + batch
                             .iter()
                             .map(|r| match r {
-                                Record::Data { bytes, .. } => bytes.capacity(),
+                                Record::Data { bytes, .. } => bytes.len(),
                                 _ => 0,
                             })
                             .sum::<usize>()
@@ -107,12 +107,24 @@ impl Default for Limits {
 /// Bytes a connection's map entry costs beyond its [`Wire::state_bytes`] (key, bookkeeping).
 const ENTRY_BYTES: usize = size_of::<((u32, u32), usize)>() + 8;
 
+/// A connection: its process and fd.
+type Key = (u32, u32);
+
+/// A connection's parser and the bytes it was last charged (its `state_bytes` then).
+struct Tracked {
+    wire: Wire,
+    charged: usize,
+}
+
 pub struct HttpTracker {
-    conns: HashMap<(u32, u32), Wire>,
-    /// Bytes each connection was last charged (its `state_bytes` then).
-    charged: HashMap<(u32, u32), usize>,
-    /// The sum of `charged`: the http state's bytes.
+    /// Looked up on every record: foldhash, seeded per process, costs a fraction of SipHash on
+    /// these small keys, and a process that picks its fd numbers still cannot aim at buckets it
+    /// does not know.
+    conns: HashMap<Key, Tracked, foldhash::fast::RandomState>,
+    /// The sum of the connections' charges: the http state's bytes.
     state_bytes: usize,
+    /// `inferscope_events_total{source="http"}`, counted per record without a label lookup.
+    events: prometheus_client::metrics::counter::Counter,
     servers: HashMap<u32, Server>,
     metrics: Arc<Metrics>,
     http: Arc<HttpMetrics>,
@@ -134,10 +146,14 @@ pub struct HttpTracker {
 impl HttpTracker {
     pub fn new(http: Arc<HttpMetrics>, limits: Limits) -> Self {
         let metrics = http.core.clone();
+        let events = metrics
+            .events
+            .get_or_create(&SourceLabels { source: "http" })
+            .clone();
         Self {
-            conns: HashMap::new(),
-            charged: HashMap::new(),
+            conns: HashMap::default(),
             state_bytes: 0,
+            events,
             servers: HashMap::new(),
             metrics,
             http,
@@ -183,40 +199,25 @@ impl HttpTracker {
     }
 
     /// Removes a connection and its charge.
-    fn remove(&mut self, key: &(u32, u32)) -> Option<Wire> {
-        if let Some(b) = self.charged.remove(key) {
-            self.state_bytes -= b;
-        }
-        self.conns.remove(key)
+    fn remove(&mut self, key: &Key) -> Option<Wire> {
+        let t = self.conns.remove(key)?;
+        self.state_bytes -= t.charged;
+        Some(t.wire)
     }
 
-    fn insert(&mut self, key: (u32, u32), c: Wire) {
-        self.conns.insert(key, c);
-        self.charge(key);
-    }
-
-    /// Charges a connection's bytes now to the budget: one past its cap, or one that grew
-    /// while the whole is past the budget, is shed (its buffers freed, counted).
-    fn charge(&mut self, key: (u32, u32)) {
-        let Some(c) = self.conns.get_mut(&key) else {
-            return;
-        };
-        let old = self.charged.get(&key).copied().unwrap_or(0);
-        let mut now = c.state_bytes() + ENTRY_BYTES;
-        let reason = if now > self.limits.max_connection_bytes {
-            Some("too_large")
-        } else if now > old && self.state_bytes - old + now > self.limits.state_budget_bytes {
-            Some("budget")
-        } else {
-            None
-        };
-        if let Some(reason) = reason {
-            c.shed(c.last_ns(), &mut self.out);
-            now = c.state_bytes() + ENTRY_BYTES;
-            self.metrics.dropped("http_exchange", reason);
+    fn insert(&mut self, key: Key, wire: Wire) {
+        let entry = self.conns.entry(key);
+        if let std::collections::hash_map::Entry::Occupied(old) = &entry {
+            self.state_bytes -= old.get().charged;
         }
-        self.state_bytes = self.state_bytes - old + now;
-        self.charged.insert(key, now);
+        let t = entry.insert_entry(Tracked { wire, charged: 0 }).into_mut();
+        charge(
+            t,
+            &mut self.state_bytes,
+            &self.limits,
+            &self.metrics,
+            &mut self.out,
+        );
     }
 
     pub fn input(&mut self, input: Input) {
@@ -235,10 +236,7 @@ impl HttpTracker {
     }
 
     pub fn record(&mut self, r: &Record) {
-        self.metrics
-            .events
-            .get_or_create(&SourceLabels { source: "http" })
-            .inc();
+        self.events.inc();
         let tgid = r.header().tgid;
         let ts = r.header().ts_ns;
         if !self.gap.admits(ts) {
@@ -268,19 +266,27 @@ impl HttpTracker {
                 plain,
                 ..
             } => {
-                if !self.conns.contains_key(&(tgid, *fd)) {
+                let key = (tgid, *fd);
+                if !self.conns.contains_key(&key) {
                     // Seeded by discovery (older than the agent) or its accept was lost.
                     if !self.room() {
                         self.flush(tgid, ts);
                         return;
                     }
-                    self.insert((tgid, *fd), Wire::joined(ts));
+                    self.insert(key, Wire::joined(ts));
                 }
-                let Some(c) = self.conns.get_mut(&(tgid, *fd)) else {
+                let Some(t) = self.conns.get_mut(&key) else {
                     return;
                 };
-                c.record(ts, *inbound, bytes, *len, *plain, &mut self.out);
-                self.charge((tgid, *fd));
+                t.wire
+                    .record(ts, *inbound, bytes, *len, *plain, &mut self.out);
+                charge(
+                    t,
+                    &mut self.state_bytes,
+                    &self.limits,
+                    &self.metrics,
+                    &mut self.out,
+                );
             }
         }
         self.flush(tgid, ts);
@@ -355,7 +361,7 @@ impl HttpTracker {
         let stale: Vec<(u32, u32)> = self
             .conns
             .iter()
-            .filter(|(_, c)| now_ns.saturating_sub(c.last_ns()) > idle)
+            .filter(|(_, c)| now_ns.saturating_sub(c.wire.last_ns()) > idle)
             .map(|(k, _)| *k)
             .collect();
         for key in stale {
@@ -374,8 +380,8 @@ impl HttpTracker {
                 self.servers.keys().map(|t| (*t, (0, 0))).collect();
             for ((tgid, _), c) in &self.conns {
                 let e = counts.entry(*tgid).or_default();
-                e.0 += c.in_flight() as u32;
-                e.1 += c.in_flight_bytes();
+                e.0 += c.wire.in_flight() as u32;
+                e.1 += c.wire.in_flight_bytes();
             }
             load.record(now_ns, &counts);
         }
@@ -448,6 +454,9 @@ impl HttpTracker {
     }
 
     fn flush(&mut self, tgid: u32, now_ns: u64) {
+        if self.out.is_empty() {
+            return;
+        }
         let out = std::mem::take(&mut self.out);
         for o in &out {
             match o {
@@ -633,6 +642,33 @@ impl HttpTracker {
 struct ModelSeries {
     statuses: HashSet<(String, &'static str)>,
     errors: HashSet<(&'static str, &'static str)>,
+}
+
+/// Charges a connection's bytes now to the budget: one past its cap, or one that grew while
+/// the whole is past the budget, is shed (its buffers freed, counted).
+fn charge(
+    t: &mut Tracked,
+    state_bytes: &mut usize,
+    limits: &Limits,
+    metrics: &Metrics,
+    out: &mut Vec<Output>,
+) {
+    let old = t.charged;
+    let mut now = t.wire.state_bytes() + ENTRY_BYTES;
+    let reason = if now > limits.max_connection_bytes {
+        Some("too_large")
+    } else if now > old && *state_bytes - old + now > limits.state_budget_bytes {
+        Some("budget")
+    } else {
+        None
+    };
+    if let Some(reason) = reason {
+        t.wire.shed(t.wire.last_ns(), out);
+        now = t.wire.state_bytes() + ENTRY_BYTES;
+        metrics.dropped("http_exchange", reason);
+    }
+    *state_bytes = *state_bytes - old + now;
+    t.charged = now;
 }
 
 /// Runs until the reader closes the channel. Beats `heartbeat` at least once a second.
@@ -878,7 +914,7 @@ mod tests {
             fd,
             inbound,
             len: bytes.len() as u64,
-            bytes: bytes.to_vec(),
+            bytes: bytes::Bytes::copy_from_slice(bytes),
             plain: false,
         }
     }

@@ -72,6 +72,11 @@ impl Event {
 }
 
 pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
+    decode_in(bytes, &mut super::http::Arena::default())
+}
+
+/// [`decode()`], a data record's payload copied into `arena`.
+pub fn decode_in(bytes: &[u8], arena: &mut super::http::Arena) -> Result<Decoded, DecodeError> {
     let header: EventHeader = read(bytes).ok_or(DecodeError::Short { len: bytes.len() })?;
     let kind =
         EventKind::from_u32(header.kind).ok_or(DecodeError::UnknownKind { kind: header.kind })?;
@@ -86,7 +91,7 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
         EventKind::OomKill => {
             Event::OomKill(read(bytes).ok_or_else(|| truncated(size_of::<OomKillEvent>()))?)
         }
-        EventKind::HttpData => return super::http::data(header, bytes).map(Decoded::Http),
+        EventKind::HttpData => return super::http::data(header, bytes, arena).map(Decoded::Http),
         EventKind::HttpAccept => return super::http::accept(header, bytes).map(Decoded::Http),
         EventKind::HttpClose => return super::http::close(header, bytes).map(Decoded::Http),
         EventKind::DriverLoaded => {

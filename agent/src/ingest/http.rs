@@ -22,8 +22,8 @@ pub enum HttpRecord {
         inbound: bool,
         /// Bytes the syscall moved for this record.
         len: u64,
-        /// The captured prefix of them.
-        bytes: Vec<u8>,
+        /// The captured prefix of them: a slice of the batch's arena (see [`Arena`]).
+        bytes: bytes::Bytes,
         /// The plaintext of an OpenSSL call in the process, not the socket's bytes.
         plain: bool,
     },
@@ -48,8 +48,32 @@ impl HttpRecord {
     }
 }
 
+/// Where the captured payloads of a reader's records are copied: one allocation per
+/// [`ARENA_CHUNK`] bytes instead of one per record (at tens of thousands of records a second,
+/// the allocator was a tenth of the agent's time). A chunk is freed when the last record
+/// slicing it is.
+#[derive(Default)]
+pub struct Arena(bytes::BytesMut);
+
+/// Bytes an [`Arena`] allocates at a time: a few hundred SSE events' records.
+const ARENA_CHUNK: usize = 64 * 1024;
+
+impl Arena {
+    fn copy(&mut self, data: &[u8]) -> bytes::Bytes {
+        if self.0.capacity() < data.len() {
+            self.0.reserve(ARENA_CHUNK.max(data.len()));
+        }
+        self.0.extend_from_slice(data);
+        self.0.split().freeze()
+    }
+}
+
 /// A record of kind `HttpData`, its `header` already read.
-pub(super) fn data(header: EventHeader, bytes: &[u8]) -> Result<HttpRecord, DecodeError> {
+pub(super) fn data(
+    header: EventHeader,
+    bytes: &[u8],
+    arena: &mut Arena,
+) -> Result<HttpRecord, DecodeError> {
     if bytes.len() < HTTP_DATA_PREFIX {
         return Err(truncated(&header, bytes, HTTP_DATA_PREFIX));
     }
@@ -71,7 +95,7 @@ pub(super) fn data(header: EventHeader, bytes: &[u8]) -> Result<HttpRecord, Deco
         fd,
         inbound: direction == DIR_IN,
         len: len.max(captured as u64),
-        bytes: data[..captured].to_vec(),
+        bytes: arena.copy(&data[..captured]),
         plain: flags & FLAG_TLS_PLAIN != 0,
     })
 }
@@ -152,7 +176,7 @@ mod tests {
             panic!("{r:?}")
         };
         assert_eq!((fd, inbound, len, plain), (9, false, 5000, false));
-        assert_eq!(bytes, b"HTTP/1.1 200 OK\r\n");
+        assert_eq!(&bytes[..], b"HTTP/1.1 200 OK\r\n");
         let flags = agent_common::http::FLAG_TLS_PLAIN | agent_common::http::FLAG_TRUNCATED;
         let r = decode(&data_record_flagged(b"HTTP/1.1", 20, flags)).unwrap();
         assert!(

@@ -15,8 +15,8 @@ use std::time::Duration;
 use aya::maps::{MapData, RingBuf};
 use tokio::{io::unix::AsyncFd, sync::watch};
 
-pub use decode::{decode, DecodeError, Decoded, Discovery, Event};
-pub use http::HttpRecord;
+pub use decode::{decode, decode_in, DecodeError, Decoded, Discovery, Event};
+pub use http::{Arena, HttpRecord};
 
 use crate::{
     health::Heartbeat,
@@ -78,6 +78,7 @@ where
 {
     // SAFETY: the ring buffer owns its fd and moves into the AsyncFd, which drops it last.
     let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }?;
+    let mut arena = Arena::default();
     let mut empty = 0u32;
     let mut asleep = false;
     loop {
@@ -93,7 +94,7 @@ where
             _ = tokio::time::sleep(wait) => false,
             _ = stop.changed() => true,
         };
-        let mut read = drain(fd.get_mut(), &events, http.as_ref(), &metrics).await;
+        let mut read = drain(fd.get_mut(), &mut arena, &events, http.as_ref(), &metrics).await;
         if read.is_some_and(|n| n == 0) && !asleep {
             empty += 1;
             if empty >= IDLE_POLLS {
@@ -101,7 +102,7 @@ where
                     // Lowered first, then one more look: a record submitted before the
                     // probes saw the new mark did not wake anyone.
                     asleep = w.set(1);
-                    read = drain(fd.get_mut(), &events, http.as_ref(), &metrics).await;
+                    read = drain(fd.get_mut(), &mut arena, &events, http.as_ref(), &metrics).await;
                 }
             }
         }
@@ -115,7 +116,7 @@ where
             }
         }
         if read.is_none() || stopping || *stop.borrow() {
-            drain(fd.get_mut(), &events, http.as_ref(), &metrics).await;
+            drain(fd.get_mut(), &mut arena, &events, http.as_ref(), &metrics).await;
             if let Some(w) = wake.as_mut() {
                 w.set(w.awake);
             }
@@ -129,6 +130,7 @@ where
 /// away.
 async fn drain<E, H>(
     ring: &mut RingBuf<MapData>,
+    arena: &mut Arena,
     events: &Sender<E>,
     http: Option<&Sender<H>>,
     metrics: &Metrics,
@@ -145,7 +147,7 @@ where
         while batch.len() + http_batch.len() < MAX_BATCH && http_bytes < MAX_HTTP_BATCH_BYTES {
             let Some(item) = ring.next() else { break };
             read += 1;
-            match decode(&item) {
+            match decode_in(&item, arena) {
                 Ok(Decoded::Event(ev)) => batch.push(ev),
                 Ok(Decoded::Http(r)) if http.is_some() => {
                     http_bytes += item.len();
