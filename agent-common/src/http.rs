@@ -74,6 +74,18 @@ pub mod tls {
     /// Attach cookie bit: an `_ex` call (success is 1, the byte count is written through the
     /// fourth argument).
     pub const CALL_EX: u64 = 2;
+    /// Attach cookie bits from this one on: how the probed first instruction is hit, one of
+    /// the `TRAP_*` kinds, so that the entry program counts each call under its trap's kind
+    /// (`super::cost::TLS_TRAPS`) for the family's budget to price.
+    pub const TRAP_SHIFT: u64 = 8;
+    /// A 5-byte nop, replaced by a call: the cheapest.
+    pub const TRAP_NOP5: u64 = 0;
+    /// An instruction the kernel emulates (`push`).
+    pub const TRAP_EMULATED: u64 = 1;
+    /// An instruction the kernel single-steps out of line: a second trap.
+    pub const TRAP_SINGLE_STEP: u64 = 2;
+    /// Kinds of trap.
+    pub const TRAP_KINDS: u32 = 3;
 
     /// Key of the `SSL*` → socket map.
     #[repr(C)]
@@ -98,7 +110,11 @@ pub mod cost {
     /// OpenSSL calls that moved bytes of an `SSL*` never tied to a socket (a connection
     /// older than the agent, not read from since): their bytes are not captured.
     pub const TLS_UNTIED: u32 = 2;
-    pub const COUNT: u32 = 3;
+    /// OpenSSL calls probed, one slot per kind of entry trap (`TLS_TRAPS + tls::TRAP_*`),
+    /// paused or not: each paid that trap and its return probe's, which the kernel's run-time
+    /// statistics leave out (a trap is over before a program runs).
+    pub const TLS_TRAPS: u32 = 3;
+    pub const COUNT: u32 = TLS_TRAPS + super::tls::TRAP_KINDS;
 }
 
 /// Indexes of the family's own config array (`HTTP_CONFIG`).

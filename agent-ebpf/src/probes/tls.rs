@@ -15,7 +15,7 @@
 use agent_common::{
     http::{
         config, cost,
-        tls::{SslKey, CALL_EX, CALL_WRITE},
+        tls::{self, SslKey, CALL_EX, CALL_WRITE},
         ConnKey, CONN_TLS, DIR_IN, DIR_OUT, FLAG_TLS_PLAIN,
     },
     lost,
@@ -57,11 +57,16 @@ pub static TLS_LAST_READ: LruHashMap<u64, u32> = LruHashMap::with_max_entries(16
 
 #[uprobe]
 pub fn tls_enter(ctx: ProbeContext) -> u32 {
+    let what = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    // The traps are paid whatever the program does next.
+    count_cost(
+        cost::TLS_TRAPS + ((what >> tls::TRAP_SHIFT) as u32 & 3),
+        1,
+    );
     if http_config(config::PAUSED) != 0 {
         return 0;
     }
     count_cost(cost::RUNS, 1);
-    let what = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
     let call = SslCall {
         ssl: ctx.arg(0).unwrap_or(0),
         buf: ctx.arg(1).unwrap_or(0),

@@ -476,6 +476,28 @@ mod tests {
     }
 
     #[test]
+    fn an_over_long_line_is_dropped_however_it_arrives() {
+        let long = format!(
+            "data: {{\"choices\":[{{\"text\":\"{}\"}}]}}\n\n",
+            "x".repeat(MAX_EVENT)
+        );
+        let next = b"data: {\"choices\":[{\"text\":\"y\"}]}\n\n";
+        let stream = [long.as_bytes(), next].concat();
+        for split in [7, 4096, stream.len()] {
+            let mut sse = Sse::default();
+            let mut events = Vec::new();
+            let mut overflows = 0;
+            for piece in stream.chunks(split) {
+                overflows += sse.feed(piece, &mut |e| events.push(e));
+                assert!(sse.state_bytes() <= 4 * MAX_EVENT, "split {split}");
+            }
+            assert_eq!(overflows, 1, "split {split}");
+            assert_eq!(events.len(), 1, "split {split}");
+            assert!(events[0].token, "split {split}");
+        }
+    }
+
+    #[test]
     fn usage_and_errors() {
         let body = br#"{"id":"x","choices":[{"message":{"content":"hi"}}],"usage":{"prompt_tokens":5,"completion_tokens":9,"total_tokens":14}}"#;
         assert_eq!(

@@ -24,6 +24,11 @@ pub struct ProbeLabels {
     pub probe: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TrapLabels {
+    pub trap: &'static str,
+}
+
 pub struct ProbeMetrics {
     /// The shared counters (events lost, outside input dropped).
     pub core: Arc<Metrics>,
@@ -35,6 +40,8 @@ pub struct ProbeMetrics {
     pub cuda_libraries: Gauge,
     /// Watched processes whose OpenSSL is probed.
     pub tls_processes: Gauge,
+    /// OpenSSL calls the TLS uprobes trapped, by the kind of their entry trap.
+    pub tls_calls: Family<TrapLabels, Counter>,
     /// Processes stopped at their mapping of an unprobed driver until it was attached.
     pub openers_held: Counter,
     pub opener_hold_seconds: Histogram,
@@ -51,6 +58,7 @@ impl ProbeMetrics {
             probe_family_up: Family::default(),
             cuda_libraries: Gauge::default(),
             tls_processes: Gauge::default(),
+            tls_calls: Family::default(),
             openers_held: Counter::default(),
             // 0.5 ms .. ~4 s.
             opener_hold_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
@@ -90,6 +98,11 @@ impl ProbeMetrics {
                 "inferscope_http_tls_processes",
                 "Watched processes whose OpenSSL is probed: the TLS they terminate is read as plaintext",
                 m.tls_processes.clone(),
+            );
+            r.register(
+                "inferscope_http_tls_calls",
+                "OpenSSL calls of watched processes the TLS uprobes trapped, by the kind of their entry probe's trap (what the http family's budget prices them at)",
+                m.tls_calls.clone(),
             );
             r.register(
                 "inferscope_probe_openers_held",

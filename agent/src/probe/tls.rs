@@ -10,7 +10,7 @@ use std::{
     num::NonZeroU32,
 };
 
-use agent_common::http::tls::{SslKey, CALL_EX, CALL_WRITE};
+use agent_common::http::tls::{self, SslKey, CALL_EX, CALL_WRITE};
 use aya::{
     maps::{HashMap as BpfHashMap, MapData},
     programs::{
@@ -212,6 +212,7 @@ impl TlsProbes {
             let Some(found) = symbols.found.get(sym) else {
                 continue;
             };
+            let cookie = cookie | (trap_kind(found.first) << tls::TRAP_SHIFT);
             let point = || UProbeAttachPoint {
                 location: UProbeAttachLocation::AbsoluteOffset(found.offset),
                 cookie: Some(cookie),
@@ -253,6 +254,15 @@ impl TlsProbes {
             }
         }
         out
+    }
+}
+
+/// The attach cookie's code for how a probe on `first` is hit.
+fn trap_kind(first: elf::FirstInstruction) -> u64 {
+    match first {
+        elf::FirstInstruction::Nop5 => tls::TRAP_NOP5,
+        elf::FirstInstruction::Emulated => tls::TRAP_EMULATED,
+        elf::FirstInstruction::SingleStep => tls::TRAP_SINGLE_STEP,
     }
 }
 

@@ -753,6 +753,22 @@ fn timed_through_tls(agent: &Agent, port: u16, pki: &integration::tls_proxy::Tes
         "{}",
         s.text
     );
+    // Every request took an `SSL_read` and an `SSL_write` per token event at least, each
+    // trapped by the uprobes and counted for the budget under its kind of trap.
+    let calls = (n as u64 + tokens) as f64;
+    let s = agent.wait_for("the OpenSSL calls counted by their traps", |s| {
+        s.sum("inferscope_http_tls_calls_total", &[]) >= calls
+    });
+    let kinds = ["nop5", "emulated", "single_step"]
+        .iter()
+        .map(|k| s.sum("inferscope_http_tls_calls_total", &[("trap", k)]))
+        .sum::<f64>();
+    assert_eq!(
+        kinds,
+        s.sum("inferscope_http_tls_calls_total", &[]),
+        "{}",
+        s.text
+    );
 }
 
 /// uvicorn terminating TLS itself (`--ssl-keyfile`, as vLLM and SGLang pass it): Python's ssl
