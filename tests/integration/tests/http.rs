@@ -738,11 +738,13 @@ fn timed_through_tls(agent: &Agent, port: u16, pki: &integration::tls_proxy::Tes
         s.text
     );
     // Neither the handshake nor the ciphertext around the plaintext is taken for bad input.
+    // The agent's log names each connection's requests: which one was not read, if any.
     assert_eq!(
         s.sum("inferscope_http_bad_input_total", &[]),
         0.0,
-        "{}",
-        s.text
+        "{}\nagent log:\n{}",
+        s.text,
+        agent.log()
     );
     assert_eq!(
         s.sum(
