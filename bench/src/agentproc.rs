@@ -165,29 +165,17 @@ pub fn proc_cpu_ns(pid: u32) -> anyhow::Result<u64> {
             std::io::Error::from_raw_os_error(r)
         );
     }
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid out-pointer.
-    if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
-        bail!(
+    inferscope::clock::read_ns(clock).ok_or_else(|| {
+        anyhow::anyhow!(
             "reading process {pid}'s CPU clock: {}",
             std::io::Error::last_os_error()
-        );
-    }
-    Ok(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
+        )
+    })
 }
 
 /// CPU nanoseconds of the calling thread (`CLOCK_THREAD_CPUTIME_ID`).
 pub fn thread_cpu_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid timespec for the kernel to fill.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    inferscope::clock::read_ns(libc::CLOCK_THREAD_CPUTIME_ID).unwrap_or(0)
 }
 
 /// Mean of `v` and its standard error.

@@ -19,7 +19,7 @@ use super::{
     discover::{FileId, Library},
     elf::{self, FirstInstruction},
     links::Links,
-    ProbeError,
+    program, ProbeError,
 };
 use crate::tenant_file::TenantFile;
 
@@ -75,7 +75,7 @@ impl CudaProbes {
     /// Loads the family's programs. `disabled` holds kill-switch names from the config.
     pub fn load(ebpf: &mut Ebpf, disabled: &[String]) -> Result<Self, ProbeError> {
         for name in [ENTER, RETURN] {
-            program(ebpf, name)?
+            program::<UProbe>(ebpf, name)?
                 .load()
                 .map_err(|source| ProbeError::Program { name, source })?;
         }
@@ -267,13 +267,6 @@ impl CudaProbes {
     }
 }
 
-fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut UProbe, ProbeError> {
-    ebpf.program_mut(name)
-        .ok_or(ProbeError::MissingProgram { name })?
-        .try_into()
-        .map_err(|source| ProbeError::Program { name, source })
-}
-
 /// Whether the kernel refused an attach for want of privilege: since Linux 6.16 (and the
 /// stable kernels patched in mid-2025) a uprobe takes CAP_SYS_ADMIN, CAP_PERFMON no longer
 /// suffices.
@@ -307,7 +300,7 @@ fn attach_symbol(
     let path = file.fd_path();
     let attach_error = |name| move |source| ProbeError::Attach { name, source };
     let attach = |ebpf: &mut Ebpf, name| -> Result<UProbeLink, ProbeError> {
-        let prog = program(ebpf, name)?;
+        let prog = program::<UProbe>(ebpf, name)?;
         let id = prog
             .attach(point(), &path, UProbeScope::AllProcesses)
             .map_err(attach_error(name))?;

@@ -13,7 +13,7 @@ use aya::{
     Ebpf,
 };
 
-use super::ProbeError;
+use super::{program, ProbeError};
 
 const ENTER: &str = "floor_enter";
 const RETURN: &str = "floor_return";
@@ -27,7 +27,7 @@ impl FloorProbes {
     /// Loads both programs into the kernel (attaching nothing yet).
     pub fn load(ebpf: &mut Ebpf) -> Result<Self, ProbeError> {
         for name in [ENTER, RETURN] {
-            program(ebpf, name)?
+            program::<UProbe>(ebpf, name)?
                 .load()
                 .map_err(|source| ProbeError::Program { name, source })?;
         }
@@ -44,7 +44,7 @@ impl FloorProbes {
                 location: UProbeAttachLocation::AbsoluteOffset(offset),
                 cookie: None,
             };
-            let link = program(ebpf, name)?
+            let link = program::<UProbe>(ebpf, name)?
                 .attach(point, path, UProbeScope::AllProcesses)
                 .map_err(|source| ProbeError::Program { name, source })?;
             self.links.push((name, link));
@@ -55,7 +55,7 @@ impl FloorProbes {
     /// Detaches every link (dropping the object would too).
     pub fn detach_all(&mut self, ebpf: &mut Ebpf) {
         for (name, link) in self.links.drain(..) {
-            match program(ebpf, name) {
+            match program::<UProbe>(ebpf, name) {
                 Ok(p) => {
                     if let Err(e) = p.detach(link) {
                         tracing::warn!(program = name, error = %e, "detach failed");
@@ -65,13 +65,6 @@ impl FloorProbes {
             }
         }
     }
-}
-
-fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut UProbe, ProbeError> {
-    ebpf.program_mut(name)
-        .ok_or(ProbeError::MissingProgram { name })?
-        .try_into()
-        .map_err(|source| ProbeError::Program { name, source })
 }
 
 /// The `http` family's former hook: the per-syscall tracepoints it attached, where

@@ -141,19 +141,11 @@ fn load_hook(ebpf: &mut Ebpf, raw: bool) -> Result<Hook, ProbeError> {
 }
 
 fn btf_program(ebpf: &mut Ebpf) -> Result<&mut BtfTracePoint, ProbeError> {
-    let name = BTF_PROGRAM;
-    ebpf.program_mut(name)
-        .ok_or(ProbeError::MissingProgram { name })?
-        .try_into()
-        .map_err(|source| ProbeError::Program { name, source })
+    super::program(ebpf, BTF_PROGRAM)
 }
 
 fn raw_program(ebpf: &mut Ebpf) -> Result<&mut RawTracePoint, ProbeError> {
-    let name = RAW_PROGRAM;
-    ebpf.program_mut(name)
-        .ok_or(ProbeError::MissingProgram { name })?
-        .try_into()
-        .map_err(|source| ProbeError::Program { name, source })
+    super::program(ebpf, RAW_PROGRAM)
 }
 
 /// Attaches the loaded program to `sys_exit`.

@@ -246,8 +246,11 @@ impl HttpBudget {
             run_count = counters.run_count.saturating_sub(before.run_count),
             runs = counters.runs.saturating_sub(before.runs),
             bytes = counters.bytes.saturating_sub(before.bytes),
-            tls_calls =
-                counters.tls_traps.iter().sum::<u64>() - before.tls_traps.iter().sum::<u64>(),
+            tls_calls = counters
+                .tls_traps
+                .iter()
+                .sum::<u64>()
+                .saturating_sub(before.tls_traps.iter().sum()),
             secs,
             "http family cost"
         );

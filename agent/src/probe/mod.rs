@@ -183,6 +183,20 @@ pub fn config_handle(map: &Array<MapData, u64>) -> Option<Array<MapData, u64>> {
 }
 
 /// Sums a per-CPU counter slot.
+/// The object's program `name`, as the kind it is loaded as.
+pub(crate) fn program<'a, P>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut P, ProbeError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(ProbeError::MissingProgram { name })?
+        .try_into()
+        .map_err(|source| ProbeError::Program { name, source })
+}
+
 pub fn per_cpu_sum(map: &PerCpuArray<MapData, u64>, index: u32) -> u64 {
     map.get(&index, 0)
         .map(|values| values.iter().sum())

@@ -20,7 +20,7 @@ use aya::{
     Ebpf,
 };
 
-use super::{discover, elf, links::Links, ProbeError};
+use super::{discover, elf, links::Links, program, ProbeError};
 use crate::proc::ProcFs;
 
 const ENTER: &str = "tls_enter";
@@ -108,7 +108,7 @@ pub struct TlsProbes {
 impl TlsProbes {
     pub fn load(ebpf: &mut Ebpf) -> Result<Self, ProbeError> {
         for name in PROGRAMS {
-            program(ebpf, name)?
+            program::<UProbe>(ebpf, name)?
                 .load()
                 .map_err(|source| ProbeError::Program { name, source })?;
         }
@@ -220,7 +220,7 @@ impl TlsProbes {
             // Return probe first: a call entering between the two leaves no stash behind.
             for name in [RETURN, ENTER] {
                 let attach_error = |source| ProbeError::Attach { name, source };
-                let prog = program(ebpf, name).map_err(TlsAttachError::Attach)?;
+                let prog = program::<UProbe>(ebpf, name).map_err(TlsAttachError::Attach)?;
                 let id = prog
                     .attach(point(), &path, UProbeScope::OneProcess(pid_nz))
                     .map_err(attach_error)
@@ -283,13 +283,6 @@ pub fn libssl_in(pid: u32, maps: &[u8]) -> Option<discover::Mapped> {
             path: m.path,
             deleted: m.deleted,
         })
-}
-
-fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut UProbe, ProbeError> {
-    ebpf.program_mut(name)
-        .ok_or(ProbeError::MissingProgram { name })?
-        .try_into()
-        .map_err(|source| ProbeError::Program { name, source })
 }
 
 #[cfg(test)]
