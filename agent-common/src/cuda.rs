@@ -38,8 +38,29 @@ pub const API_SLOTS: u32 = 64;
 /// The attach cookie is `slot << COOKIE_SLOT_SHIFT | api`.
 pub const COOKIE_SLOT_SHIFT: u32 = 8;
 pub const COOKIE_API_MASK: u64 = (1 << COOKIE_SLOT_SHIFT) - 1;
-/// Entries of the hit-count array, indexed by [`hits_index`].
+/// Hit counters in the hit-count array, indexed by [`hits_index`].
 pub const HITS_ENTRIES: u32 = LIBRARY_SLOTS * API_SLOTS;
+/// Entries of the hit-count array: the hit counters, then the stack walks by why each was
+/// taken ([`stacks`], at [`stacks_index`]).
+pub const HITS_MAP_ENTRIES: u32 = HITS_ENTRIES + stacks::COUNT;
+
+/// Why a call's user stack was walked, counted per CPU after the hit counters.
+pub mod stacks {
+    /// A successful allocation below the threshold, picked by the byte sampler.
+    pub const SAMPLED: u32 = 0;
+    /// A successful allocation at or above the threshold: every one.
+    pub const THRESHOLD: u32 = 1;
+    /// A failing call (at most one per process per `FAIL_STACK_GAP_NS`).
+    pub const FAILURE: u32 = 2;
+    /// Walks of any kind that stored no stack (the stack table full, or the walk failed).
+    pub const MISSED: u32 = 3;
+    pub const COUNT: u32 = 4;
+}
+
+/// Index of the stack-walk counter for `why` ([`stacks`]).
+pub const fn stacks_index(why: u32) -> u32 {
+    HITS_ENTRIES + why
+}
 
 /// The attach cookie of `api` on the library in `slot`.
 pub const fn cookie(slot: u32, api: u32) -> u64 {
@@ -185,8 +206,12 @@ const _: () = assert!(core::mem::size_of::<CudaMemEvent>() == 80);
 
 /// The device ordinal was not known (no context call seen for this thread); `device` is 0.
 pub const FLAG_DEVICE_UNKNOWN: u32 = 1;
-/// A stack was sampled for this successful call (failures always carry one).
+/// A stack was walked for this successful call (failures always carry one): picked by the
+/// byte sampler, or, with [`FLAG_STACK_THRESHOLD`], because the allocation is large.
 pub const FLAG_STACK_SAMPLED: u32 = 2;
+/// The allocation is at or above the stack threshold: its stack was walked whatever the
+/// sampler said (`stack_id` < 0 then means the walk stored nothing).
+pub const FLAG_STACK_THRESHOLD: u32 = 4;
 
 /// Contexts remembered per process: a primary context per device and the few a program
 /// creates. Past that, the oldest is forgotten (its threads then report no device).

@@ -77,13 +77,17 @@ pub mod lost {
 
 /// Indexes of the `CONFIG` array that userspace writes at run time.
 pub mod config {
-    /// 1 in N successful allocations carries a user stack id (0: none).
-    pub const STACK_SAMPLE_EVERY: u32 = 0;
+    /// Mean bytes of successful allocations between two whose user stack is walked, for
+    /// those below `STACK_THRESHOLD_BYTES` (0: none of them).
+    pub const STACK_SAMPLE_BYTES: u32 = 0;
     /// Bytes of unread data in `EVENTS` above which a producer forces a wakeup (1 while
     /// its reader sleeps without a timer: the next record wakes it).
     pub const WAKEUP_BYTES: u32 = 1;
     /// The same for `HTTP_EVENTS`.
     pub const HTTP_WAKEUP_BYTES: u32 = 2;
+    /// Successful allocations of at least this many bytes all carry their user stack (0:
+    /// none by size).
+    pub const STACK_THRESHOLD_BYTES: u32 = 3;
     pub const COUNT: u32 = 4;
 }
 

@@ -324,11 +324,7 @@ impl Wiring<'_> {
         let may_hold = crate::caps::Held::current().is_none_or(|held| held.may_hold());
         let layout = probe::KernelLayout::read(config.probes.hold_openers && may_hold);
         let mut loaded = probe::load(config.probes.ring_buffer_bytes, &layout)?;
-        probe::init_config(
-            &mut loaded.config,
-            config.probes.stack_sample_every,
-            config.probes.ring_buffer_bytes,
-        );
+        probe::init_config(&mut loaded.config, &config.probes);
         let mut families = Families {
             config,
             metrics: &self.metrics.probe,

@@ -1,6 +1,6 @@
 //! Configuration: embedded defaults, then an optional TOML file, then `INFERSCOPE_*`
 //! environment variables, then command-line flags. Environment variables name a key path with
-//! `__` between sections (`INFERSCOPE_PROBES__STACK_SAMPLE_EVERY=16`); values are read as TOML
+//! `__` between sections (`INFERSCOPE_PROBES__STACK_SAMPLE_BYTES=16777216`); values are read as TOML
 //! (numbers, booleans, arrays) and otherwise as strings. The environment reaches this module
 //! through [`EnvSource`], so tests never mutate the process environment.
 
@@ -241,7 +241,8 @@ mod tests {
             c.forensics_dir,
             PathBuf::from("/var/lib/inferscope/forensics")
         );
-        assert_eq!(c.probes.stack_sample_every, 64);
+        assert_eq!(c.probes.stack_threshold_bytes, 64 << 20);
+        assert_eq!(c.probes.stack_sample_bytes, 32 << 20);
         assert_eq!(c.probes.shed_cooldown_secs, 60);
         assert_eq!(c.probes.http_budget_core_share, 0.05);
         assert!(
@@ -265,11 +266,11 @@ mod tests {
         let path = dir.path().join("c.toml");
         std::fs::write(
             &path,
-            "prometheus_listen = \"0.0.0.0:1000\"\n[probes]\nstack_sample_every = 8\ndisabled = [\"cuMemHostAlloc\"]\n",
+            "prometheus_listen = \"0.0.0.0:1000\"\n[probes]\nstack_sample_bytes = 8\ndisabled = [\"cuMemHostAlloc\"]\n",
         )
         .unwrap();
         let e = env(&[
-            ("INFERSCOPE_PROBES__STACK_SAMPLE_EVERY", "16"),
+            ("INFERSCOPE_PROBES__STACK_SAMPLE_BYTES", "16"),
             ("INFERSCOPE_FORENSICS_DIR", "/tmp/f"),
             ("OTHER", "x"),
         ]);
@@ -281,7 +282,7 @@ mod tests {
         };
         let c = Config::load(Some(&path), &e, &flags).unwrap();
         assert_eq!(c.prometheus_listen.to_string(), "127.0.0.1:2000");
-        assert_eq!(c.probes.stack_sample_every, 16);
+        assert_eq!(c.probes.stack_sample_bytes, 16);
         assert_eq!(c.forensics_dir, PathBuf::from("/tmp/f"));
         assert_eq!(c.probes.disabled, vec!["cuMemHostAlloc", "sched"]);
         assert_eq!(c.nvml.lib, Some(PathBuf::from("/opt/nvml.so")));

@@ -87,10 +87,16 @@ impl Driver {
     /// only call.
     #[inline]
     pub fn pair(&self) -> u32 {
+        self.pair_of(ALLOC_SIZE)
+    }
+
+    /// The same pair, allocating `size` bytes.
+    #[inline]
+    pub fn pair_of(&self, size: usize) -> u32 {
         let mut ptr = 0u64;
         // SAFETY: valid out-pointer; frees what was just allocated.
         unsafe {
-            let r = (self.alloc)(&mut ptr, ALLOC_SIZE);
+            let r = (self.alloc)(&mut ptr, size);
             if r != 0 {
                 return r;
             }
@@ -105,9 +111,14 @@ impl Driver {
 
     /// Wall time of `n` pairs on the calling thread.
     pub fn time_pairs(&self, n: u64) -> Duration {
+        self.time_pairs_of(n, ALLOC_SIZE)
+    }
+
+    /// Wall time of `n` pairs of `size` bytes on the calling thread.
+    pub fn time_pairs_of(&self, n: u64, size: usize) -> Duration {
         let start = Instant::now();
         for _ in 0..n {
-            std::hint::black_box(self.pair());
+            std::hint::black_box(self.pair_of(size));
         }
         start.elapsed()
     }

@@ -18,6 +18,7 @@ mod nvml;
 mod otlp;
 mod probes;
 mod report;
+mod stacks;
 mod syscall_tax;
 
 use std::{
@@ -237,6 +238,20 @@ fn main() {
             }
         }
     }
+    // `--stacks-only`: only the stack walks' cost by allocation size, printed.
+    if args.iter().any(|a| a == "--stacks-only") {
+        let sizes = Sizes::new(quick);
+        match stacks::measure_alone(sizes.pairs_fast, sizes.rounds) {
+            Ok(c) => {
+                println!("{}", stacks::table(&c));
+                return;
+            }
+            Err(e) => {
+                eprintln!("inferscope-bench: {e:#}");
+                std::process::exit(1);
+            }
+        }
+    }
     // `--syscall-tax-only`: only what an unwatched process pays per syscall, printed.
     if args.iter().any(|a| a == "--syscall-tax-only") {
         match syscall_tax::measure(
@@ -389,6 +404,13 @@ fn run(quick: bool) -> anyhow::Result<()> {
         sizes.allocs_per_process
     );
     let memory = measure_memory(sizes.processes, sizes.allocs_per_process)?;
+    eprintln!(
+        "bench: [{:>3.0} s] stack walks by allocation size ({} pairs × {} rounds × 3 rules)",
+        started.elapsed().as_secs_f64(),
+        sizes.pairs_fast,
+        sizes.rounds
+    );
+    let stack_cost = stacks::measure(&rt, sizes.pairs_fast, sizes.rounds)?;
     drop(rt);
     eprintln!(
         "bench: [{:>3.0} s] http: {} streamed requests × {} token events, {} connections, without and with the agent",
@@ -507,6 +529,8 @@ fn run(quick: bool) -> anyhow::Result<()> {
         + &syscall_tax::table(&tax)
         + "\n"
         + &capture_cost::table(&capture)
+        + "\n"
+        + &stacks::table(&stack_cost)
         + "\n"
         + &node_scale::table(&scale);
     println!("{tables}");

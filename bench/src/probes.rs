@@ -13,7 +13,10 @@ use std::{
     time::Duration,
 };
 
-use agent_common::{cuda::CudaApi, lost};
+use agent_common::{
+    cuda::{stacks, stacks_index, CudaApi},
+    lost,
+};
 use anyhow::{bail, Context};
 use aya::{
     maps::{MapData, PerCpuArray, RingBuf},
@@ -24,7 +27,7 @@ use inferscope::{
     gpu::history::GpuHistory,
     ingest::{self, Event},
     metrics::{Metrics, SourceLabels},
-    probe::{self, cuda::CudaProbes, discover, elf, floor::FloorProbes},
+    probe::{self, cuda::CudaProbes, discover, elf, floor::FloorProbes, ProbesConfig},
     proc::ProcFs,
     track::{self, metrics::TrackMetrics, Input, Tracker},
 };
@@ -37,22 +40,21 @@ pub struct Delivered {
     pub events: u64,
     /// Reserve failures counted by the probes (`EVENTS_LOST`: cuda + stash slots).
     pub lost: u64,
+    /// User stacks walked for successful allocations (sampled or over the threshold).
+    pub stack_walks: u64,
 }
 
 /// The embedded object, loaded with the agent's default ring buffer and knobs.
 fn load_object() -> anyhow::Result<probe::Loaded> {
-    let defaults = Config::default().probes;
+    load_object_with(&Config::default().probes)
+}
+
+/// The embedded object, loaded with the ring buffer and knobs of `probes`.
+fn load_object_with(probes: &ProbesConfig) -> anyhow::Result<probe::Loaded> {
     // The bench attaches no discovery hook: nothing to hold.
-    let mut loaded = probe::load(
-        defaults.ring_buffer_bytes,
-        &probe::KernelLayout::read(false),
-    )
-    .context("loading the eBPF object (root and BTF needed)")?;
-    probe::init_config(
-        &mut loaded.config,
-        defaults.stack_sample_every,
-        defaults.ring_buffer_bytes,
-    );
+    let mut loaded = probe::load(probes.ring_buffer_bytes, &probe::KernelLayout::read(false))
+        .context("loading the eBPF object (root and BTF needed)")?;
+    probe::init_config(&mut loaded.config, probes);
     Ok(loaded)
 }
 
@@ -140,7 +142,11 @@ impl FloorRun {
         let events = self.counter.finish();
         let lost = lost_of(&self.lost);
         drop(self.ebpf);
-        Delivered { events, lost }
+        Delivered {
+            events,
+            lost,
+            stack_walks: 0,
+        }
     }
 }
 
@@ -239,12 +245,23 @@ pub struct AgentRun {
     ebpf: Ebpf,
     cuda: CudaProbes,
     lost: PerCpuArray<MapData, u64>,
+    hits: PerCpuArray<MapData, u64>,
     pipeline: Pipeline,
 }
 
 impl AgentRun {
     pub fn start(rt: &Runtime, lib: &Path, timed: bool) -> anyhow::Result<Self> {
-        let loaded = load_object()?;
+        Self::start_with(rt, lib, timed, &Config::default().probes)
+    }
+
+    /// The same with the knobs of `probes` (stack sampling).
+    pub fn start_with(
+        rt: &Runtime,
+        lib: &Path,
+        timed: bool,
+        probes: &ProbesConfig,
+    ) -> anyhow::Result<Self> {
+        let loaded = load_object_with(probes)?;
         let mut ebpf = loaded.ebpf;
         let mut cuda = CudaProbes::load(&mut ebpf, &Config::default().probes.disabled)?;
         let library = discover::library_at(lib, lib.display().to_string())
@@ -264,6 +281,7 @@ impl AgentRun {
             ebpf,
             cuda,
             lost: loaded.lost,
+            hits: loaded.hits,
             pipeline: Pipeline::start(rt, loaded.events, timed),
         })
     }
@@ -273,7 +291,18 @@ impl AgentRun {
         self.cuda.take_links().release();
         let (events, lat) = self.pipeline.finish(rt);
         let lost = lost_of(&self.lost);
+        let stack_walks = [stacks::SAMPLED, stacks::THRESHOLD]
+            .into_iter()
+            .map(|why| probe::per_cpu_sum(&self.hits, stacks_index(why)))
+            .sum();
         drop(self.ebpf);
-        (Delivered { events, lost }, lat)
+        (
+            Delivered {
+                events,
+                lost,
+                stack_walks,
+            },
+            lat,
+        )
     }
 }

@@ -6,8 +6,9 @@
 use agent_common::{
     config,
     cuda::{
-        hits_index, CudaApi, CudaMemEvent, ProcessContexts, PROCESS_CONTEXTS, COOKIE_API_MASK, COOKIE_SLOT_SHIFT,
-        FLAG_DEVICE_UNKNOWN, FLAG_STACK_SAMPLED, HITS_ENTRIES,
+        hits_index, stacks, stacks_index, CudaApi, CudaMemEvent, ProcessContexts,
+        PROCESS_CONTEXTS, COOKIE_API_MASK, COOKIE_SLOT_SHIFT, FLAG_DEVICE_UNKNOWN,
+        FLAG_STACK_SAMPLED, FLAG_STACK_THRESHOLD, HITS_MAP_ENTRIES,
     },
     lost, EventKind,
 };
@@ -74,7 +75,12 @@ pub static CUDA_PROCESSES: LruHashMap<u32, u32> = LruHashMap::with_max_entries(1
 /// Calls per (library slot, api id), per CPU: the probe budget's measure of each probe's hit
 /// rate on each library.
 #[map]
-static CUDA_HITS: PerCpuArray<u64> = PerCpuArray::with_max_entries(HITS_ENTRIES, 0);
+static CUDA_HITS: PerCpuArray<u64> = PerCpuArray::with_max_entries(HITS_MAP_ENTRIES, 0);
+
+/// Bytes of successful allocations left, on this CPU, before the byte sampler picks the next
+/// one below the threshold.
+#[map]
+static CUDA_SAMPLE_LEFT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 static CUDA_STACKS: StackTrace = StackTrace::with_max_entries(16384, 0);
@@ -179,9 +185,22 @@ pub fn cuda_return(ctx: RetProbeContext) -> u32 {
 
     let failed = result != CUDA_SUCCESS;
     let mut stack_id = -1;
-    if (failed && failure_stack_due(tgid)) || (!failed && is_alloc && sampled()) {
-        if !failed {
+    let why = if failed {
+        if failure_stack_due(tgid) {
+            Some(stacks::FAILURE)
+        } else {
+            None
+        }
+    } else if is_alloc {
+        stack_due(size)
+    } else {
+        None
+    };
+    if let Some(why) = why {
+        if why == stacks::SAMPLED {
             flags |= FLAG_STACK_SAMPLED;
+        } else if why == stacks::THRESHOLD {
+            flags |= FLAG_STACK_SAMPLED | FLAG_STACK_THRESHOLD;
         }
         stack_id = match unsafe {
             aya_ebpf::helpers::bpf_get_stackid(
@@ -193,6 +212,10 @@ pub fn cuda_return(ctx: RetProbeContext) -> u32 {
             id if id >= 0 => id as i32,
             _ => -1,
         };
+        count_stack(why);
+        if stack_id < 0 {
+            count_stack(stacks::MISSED);
+        }
     }
 
     if CUDA_PROCESSES.get_ptr(&tgid).is_none() {
@@ -264,10 +287,40 @@ fn failure_stack_due(tgid: u32) -> bool {
     }
 }
 
+/// Why a successful allocation of `size` bytes has its stack walked, if it does: every one at
+/// or above the threshold; below it, sampled by bytes as heap profilers do. A per-CPU
+/// countdown of bytes is drawn afresh after each pick, uniformly in `[1, 2 × mean]`, so an
+/// allocation of `size` bytes is picked with a probability of about `size / mean` (every
+/// one of at least twice the mean), and a run of equal sizes cannot fall into step with a
+/// fixed period.
 #[inline(always)]
-fn sampled() -> bool {
-    let every = config(config::STACK_SAMPLE_EVERY);
-    every != 0 && (unsafe { bpf_get_prandom_u32() } as u64) % every == 0
+fn stack_due(size: u64) -> Option<u32> {
+    let threshold = config(config::STACK_THRESHOLD_BYTES);
+    if threshold != 0 && size >= threshold {
+        return Some(stacks::THRESHOLD);
+    }
+    let mean = config(config::STACK_SAMPLE_BYTES);
+    if mean == 0 {
+        return None;
+    }
+    let left = CUDA_SAMPLE_LEFT.get_ptr_mut(0)?;
+    // Per-CPU slot: no other writer while this program runs.
+    let left = unsafe { &mut *left };
+    if *left > size {
+        *left -= size;
+        return None;
+    }
+    let r = (u64::from(unsafe { bpf_get_prandom_u32() }) << 32)
+        | u64::from(unsafe { bpf_get_prandom_u32() });
+    *left = 1 + r % mean.saturating_mul(2);
+    Some(stacks::SAMPLED)
+}
+
+#[inline(always)]
+fn count_stack(why: u32) {
+    if let Some(n) = CUDA_HITS.get_ptr_mut(stacks_index(why)) {
+        unsafe { *n += 1 };
+    }
 }
 
 #[inline(always)]

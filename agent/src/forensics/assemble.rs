@@ -11,8 +11,8 @@ use super::{
     render::bytes,
     report::{
         AllocationRow, Allocations, CudaFailure, ExitInfo, FailurePoint, GpuInfo, GpuPoint,
-        HostOom, Kind, ProcessSeries, Report, RequestSeries, RssRow, SizeClass, Timeline,
-        SCHEMA_VERSION,
+        HostOom, Kind, ProcessSeries, Report, RequestSeries, RssRow, SizeClass, StackStatus,
+        Timeline, SCHEMA_VERSION,
     },
     store::Store,
     symbolize::Stacks,
@@ -192,6 +192,11 @@ impl Writer {
                     gpu: al.device,
                     age_seconds: d.ts_ns.saturating_sub(al.ts_ns) as f64 / 1e9,
                     stack: stacks.frames(pid, al.stack_id, &d.maps),
+                    stack_status: match (al.stack_walked, al.stack_id >= 0) {
+                        (false, _) => StackStatus::NotSampled,
+                        (true, true) => StackStatus::Walked,
+                        (true, false) => StackStatus::Missed,
+                    },
                 })
                 .collect();
             a

@@ -232,7 +232,7 @@ pub fn text(r: &Report) -> String {
                 .stack
                 .first()
                 .map(frame)
-                .unwrap_or_else(|| "(stack not sampled)".into());
+                .unwrap_or_else(|| format!("({})", row.stack_status.missing_text()));
             let _ = writeln!(
                 s,
                 "    {:>12} {:<22} gpu {} age {:>7.1} s  {}",
@@ -493,7 +493,7 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left;font-size:13px}}th{
                 .stack
                 .first()
                 .map(frame)
-                .unwrap_or_else(|| "not sampled".into());
+                .unwrap_or_else(|| row.stack_status.missing_text().into());
             let _ = write!(
                 s,
                 "<tr><td>{}</td><td>{}</td><td>{}</td><td>{:.1}</td><td><code>{}</code></td></tr>",

@@ -177,6 +177,36 @@ pub struct AllocationRow {
     pub gpu: i32,
     pub age_seconds: f64,
     pub stack: Vec<Frame>,
+    /// What became of its stack: why `stack` is empty when it is.
+    #[serde(default)]
+    pub stack_status: StackStatus,
+}
+
+/// Whether a live allocation's stack was walked, and why not.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StackStatus {
+    /// Walked and symbolized (`stack` holds it).
+    Walked,
+    /// Below `probes.stack_threshold_bytes` and not picked by the byte sampler.
+    NotSampled,
+    /// Walked, but nothing was stored: the stack table was full or the unwinding failed.
+    Missed,
+    /// A report written before the status was kept.
+    #[default]
+    Unknown,
+}
+
+impl StackStatus {
+    /// Says, in a report's text and HTML, why an allocation row has no stack.
+    pub fn missing_text(self) -> &'static str {
+        match self {
+            StackStatus::Walked => "stack lost",
+            StackStatus::NotSampled => "stack not sampled: below the threshold",
+            StackStatus::Missed => "stack not stored: the stack table was full or unwinding failed",
+            StackStatus::Unknown => "stack not sampled",
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -312,6 +342,7 @@ pub(crate) mod tests {
                     gpu: 0,
                     age_seconds: 1.0,
                     stack: vec![frame()],
+                    stack_status: StackStatus::Walked,
                 }],
                 ..Default::default()
             }),
@@ -374,8 +405,8 @@ pub(crate) mod tests {
         });
         let mut all = Vec::new();
         strings(&serde_json::to_value(&r).unwrap(), &mut all);
-        // `kind` is an enum: its name is the agent's, never a process's.
-        all.retain(|s| s != "cuda");
+        // `kind` and `stack_status` are enums: their names are the agent's, never a process's.
+        all.retain(|s| s != "cuda" && s != "walked");
         assert!(all.iter().all(|s| s == "after"), "{all:?}");
         assert_eq!(n, all.len());
     }

@@ -17,6 +17,23 @@ use super::elf::FirstInstruction;
 pub const RETURN_COST_NS: u64 = 250;
 /// A user stack walk at return, in ns: a conservative figure for frame-pointer unwinding.
 pub const STACK_COST_NS: u64 = 2_000;
+
+/// User stack walks per second, as the programs counted them.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StackWalks {
+    /// Of allocations below the threshold, picked by the byte sampler: shed first.
+    pub sampled: f64,
+    /// Of allocations at or above the threshold and of failing calls: never shed. A large
+    /// allocation takes the driver far longer than the walk, and failures are rate-limited
+    /// per process in the program.
+    pub kept: f64,
+}
+
+impl StackWalks {
+    fn cost_ns_per_s(self) -> f64 {
+        (self.sampled + self.kept) * STACK_COST_NS as f64
+    }
+}
 /// The longest cool-down, however often a probe is shed again.
 pub const COOLDOWN_CAP: Duration = Duration::from_secs(30 * 60);
 /// A probe that stays attached for this many of its cool-downs starts again from the base one.
@@ -58,28 +75,22 @@ fn shed_rank(role: Role) -> u8 {
     }
 }
 
-/// What one probe costs per second, in nanoseconds of CPU.
-fn probe_cost(rate: f64, api: CudaApi, first: FirstInstruction, stack_every: u64) -> f64 {
-    let mut cost = rate * (first.entry_cost_ns() + RETURN_COST_NS) as f64;
-    if stack_every > 0 && matches!(api.role(), Role::DeviceAlloc | Role::PhysicalCreate) {
-        cost += rate / stack_every as f64 * STACK_COST_NS as f64;
-    }
-    cost
+/// What one probe costs per second, in nanoseconds of CPU (its stack walks aside).
+fn probe_cost(rate: f64, first: FirstInstruction) -> f64 {
+    rate * (first.entry_cost_ns() + RETURN_COST_NS) as f64
 }
 
-/// Cost per second of the probes in nanoseconds of CPU.
+/// Cost per second of the probes and their stack walks in nanoseconds of CPU.
 pub fn cost_ns_per_s(
     rates: &HashMap<Probe, f64>,
     costs: &HashMap<Probe, FirstInstruction>,
-    stack_every: u64,
+    stacks: StackWalks,
 ) -> f64 {
     costs
         .iter()
-        .map(|(p, first)| {
-            let rate = rates.get(p).copied().unwrap_or(0.0);
-            probe_cost(rate, p.api, *first, stack_every)
-        })
-        .sum()
+        .map(|(p, first)| probe_cost(rates.get(p).copied().unwrap_or(0.0), *first))
+        .sum::<f64>()
+        + stacks.cost_ns_per_s()
 }
 
 /// What to shed, in order, so that the cost falls under `share` of a core. Empty when within.
@@ -88,24 +99,24 @@ pub fn cost_ns_per_s(
 pub fn plan(
     rates: &HashMap<Probe, f64>,
     costs: &HashMap<Probe, FirstInstruction>,
-    stack_every: u64,
+    stacks: StackWalks,
     share: f64,
 ) -> Vec<Shed> {
     let limit = share * 1e9;
-    if share <= 0.0 || cost_ns_per_s(rates, costs, stack_every) <= limit {
+    if share <= 0.0 || cost_ns_per_s(rates, costs, stacks) <= limit {
         return Vec::new();
     }
     let mut out = Vec::new();
-    let mut stack_every = stack_every;
-    if stack_every > 0 {
+    let mut stacks = stacks;
+    if stacks.sampled > 0.0 {
         out.push(Shed::StackSampling);
-        stack_every = 0;
-        if cost_ns_per_s(rates, costs, stack_every) <= limit {
+        stacks.sampled = 0.0;
+        if cost_ns_per_s(rates, costs, stacks) <= limit {
             return out;
         }
     }
     let rate = |p: &Probe| rates.get(p).copied().unwrap_or(0.0);
-    let cost = |p: &Probe| probe_cost(rate(p), p.api, costs[p], stack_every);
+    let cost = |p: &Probe| probe_cost(rate(p), costs[p]);
     let mut libraries: BTreeMap<u32, Vec<Probe>> = BTreeMap::new();
     for p in costs.keys() {
         libraries.entry(p.slot).or_default().push(*p);
@@ -130,7 +141,7 @@ pub fn plan(
             }
             remaining.remove(&p);
             out.push(Shed::Api(p));
-            if cost_ns_per_s(rates, &remaining, stack_every) <= limit {
+            if cost_ns_per_s(rates, &remaining, stacks) <= limit {
                 return out;
             }
         }
@@ -256,6 +267,14 @@ mod tests {
         Shed::Api(p(slot, api))
     }
 
+    /// Stack walks as one in 64 allocations would take them.
+    fn one_in_64(allocations_per_s: f64) -> StackWalks {
+        StackWalks {
+            sampled: allocations_per_s / 64.0,
+            kept: 0.0,
+        }
+    }
+
     #[test]
     fn within_budget_sheds_nothing() {
         let rates = HashMap::from([
@@ -263,7 +282,8 @@ mod tests {
             (p(0, CudaApi::MemFree), 1000.0),
         ]);
         // 2000 hits/s × (435 + 250) ns ≈ 1.4 ms/s = 0.14 % of a core.
-        assert!(plan(&rates, &costs(&[0], FirstInstruction::Emulated), 64, 0.05).is_empty());
+        let c = costs(&[0], FirstInstruction::Emulated);
+        assert!(plan(&rates, &c, one_in_64(1000.0), 0.05).is_empty());
     }
 
     #[test]
@@ -276,7 +296,7 @@ mod tests {
         ]);
         // Single-stepped probes: 15.25 µs per hit; 80k hits/s ≈ 1.2 cores.
         let c = costs(&[0], FirstInstruction::SingleStep);
-        let plan_at = |share| plan(&rates, &c, 64, share);
+        let plan_at = |share| plan(&rates, &c, one_in_64(20_000.0), share);
         assert_eq!(
             plan_at(0.65),
             vec![
@@ -303,7 +323,8 @@ mod tests {
         ]);
         let c = costs(&[0, 3], FirstInstruction::SingleStep);
         // The driver alone costs ≈ 0.069 of a core: within 0.1 once the tenant's probes are off.
-        let steps = plan(&rates, &c, 64, 0.1);
+        let walks = one_in_64(42_000.0);
+        let steps = plan(&rates, &c, walks, 0.1);
         assert_eq!(
             steps,
             vec![
@@ -315,7 +336,7 @@ mod tests {
         );
         // Only when the hot library's probes are not enough is the next one touched, and
         // then again in rank order.
-        let steps = plan(&rates, &c, 64, 0.05);
+        let steps = plan(&rates, &c, walks, 0.05);
         assert_eq!(
             steps[4..],
             [shed(0, CudaApi::MemAllocHost), shed(0, CudaApi::MemFree)]
@@ -323,9 +344,41 @@ mod tests {
     }
 
     #[test]
+    fn walks_at_the_threshold_are_priced_but_never_shed() {
+        let rates = HashMap::from([(p(0, CudaApi::MemAlloc), 1_000.0)]);
+        let c = costs(&[0], FirstInstruction::Emulated);
+        // 1,000 large allocations/s: 1,000 walks × 2 µs = 0.2 % of a core, on top of the probes.
+        let walks = StackWalks {
+            sampled: 0.0,
+            kept: 1_000.0,
+        };
+        let with = cost_ns_per_s(&rates, &c, walks);
+        let without = cost_ns_per_s(&rates, &c, StackWalks::default());
+        assert_eq!(with - without, 1_000.0 * STACK_COST_NS as f64);
+        // Over budget: no stack sampling to shed, so the probes go.
+        assert_eq!(
+            plan(&rates, &c, walks, 0.001),
+            vec![shed(0, CudaApi::MemAlloc)]
+        );
+        // Sampled walks are shed first, and alone when that is enough.
+        let walks = StackWalks {
+            sampled: 1_000.0,
+            kept: 0.0,
+        };
+        assert_eq!(plan(&rates, &c, walks, 0.001), vec![Shed::StackSampling]);
+    }
+
+    #[test]
     fn zero_share_means_no_budget() {
         let rates = HashMap::from([(p(0, CudaApi::MemAlloc), 1e7)]);
-        assert!(plan(&rates, &costs(&[0], FirstInstruction::SingleStep), 1, 0.0).is_empty());
+        let walks = one_in_64(1e7);
+        assert!(plan(
+            &rates,
+            &costs(&[0], FirstInstruction::SingleStep),
+            walks,
+            0.0
+        )
+        .is_empty());
     }
 
     #[test]

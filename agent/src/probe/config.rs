@@ -8,8 +8,14 @@ pub struct ProbesConfig {
     /// Kill switch: probe families (`cuda`, `sched`) or single CUDA symbols (`cuMemHostAlloc`,
     /// or `cuda:cuMemHostAlloc`) that are never attached.
     pub disabled: Vec<String>,
-    /// One in N successful allocations records its user call stack (0: only failures do).
-    pub stack_sample_every: u64,
+    /// Successful allocations of at least this many bytes all record their user call stack
+    /// (0: none by size), so that the allocations a forensic report lists first have theirs.
+    pub stack_threshold_bytes: u64,
+    /// Below the threshold, stacks are sampled by bytes, as heap profilers do: one allocation
+    /// per this many bytes allocated on average, so an allocation of `n` bytes has its stack
+    /// with a probability of about `n` / this (0: none below the threshold; failures always
+    /// have theirs).
+    pub stack_sample_bytes: u64,
     /// Share of one CPU core the probes may cost before the agent sheds them (0: no budget).
     pub budget_core_share: f64,
     /// Share of one CPU core the `http` family may cost before the agent detaches it until
@@ -48,7 +54,8 @@ impl Default for ProbesConfig {
     fn default() -> Self {
         Self {
             disabled: Vec::new(),
-            stack_sample_every: 64,
+            stack_threshold_bytes: 64 << 20,
+            stack_sample_bytes: 32 << 20,
             budget_core_share: 0.05,
             http_budget_core_share: 0.05,
             run_time_stats: false,

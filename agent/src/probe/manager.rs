@@ -15,7 +15,7 @@ use std::{
 
 use agent_common::{
     config as knob,
-    cuda::{hits_index, APIS},
+    cuda::{hits_index, stacks, stacks_index, APIS},
     lost,
 };
 use aya::{
@@ -23,9 +23,9 @@ use aya::{
     Ebpf,
 };
 
-use super::metrics::{FamilyLabels, ProbeLabels, ProbeMetrics};
+use super::metrics::{FamilyLabels, ProbeLabels, ProbeMetrics, StackLabels};
 use super::{
-    budget::{self, Cooldowns, Shed},
+    budget::{self, Cooldowns, Shed, StackWalks},
     cuda::CudaProbes,
     discover::{self, FileId, Library},
     discovery_hooks::DiscoveryHooks,
@@ -90,9 +90,10 @@ pub struct Manager {
     /// Last hit count read, per hit counter index.
     hits_seen: HashMap<u32, u64>,
     last_budget: Instant,
-    /// Stack sampling as configured, and as it is now (0 while shed).
-    stack_every_configured: u64,
-    stack_every: u64,
+    /// The byte sampler's mean as configured (stack sampling is 0 while shed).
+    stack_sample_bytes: u64,
+    /// Last stack-walk counts read, by why (`agent_common::cuda::stacks`).
+    stacks_seen: [u64; stacks::COUNT as usize],
     budget_share: f64,
     cooldowns: Cooldowns,
     /// Whether the slot limit was already logged.
@@ -147,8 +148,8 @@ impl Manager {
             lost_seen: [0; lost::COUNT as usize],
             hits_seen: HashMap::new(),
             last_budget: Instant::now(),
-            stack_every_configured: config.stack_sample_every,
-            stack_every: config.stack_sample_every,
+            stack_sample_bytes: config.stack_sample_bytes,
+            stacks_seen: [0; stacks::COUNT as usize],
             budget_share: config.budget_core_share,
             cooldowns: Cooldowns::new(Duration::from_secs(config.shed_cooldown_secs)),
             limit_logged: false,
@@ -662,6 +663,34 @@ impl Manager {
         }
     }
 
+    /// The programs' stack walks since the last tick, per second over `elapsed` seconds;
+    /// counted on `inferscope_cuda_stacks_total` by why each was taken.
+    fn stack_walks(&mut self, elapsed: f64) -> StackWalks {
+        let mut per_s = [0.0; stacks::COUNT as usize];
+        for (why, name) in [
+            (stacks::SAMPLED, "sampled"),
+            (stacks::THRESHOLD, "threshold"),
+            (stacks::FAILURE, "failure"),
+            (stacks::MISSED, "missed"),
+        ] {
+            let now = per_cpu_sum(&self.hits_map, stacks_index(why));
+            let seen = &mut self.stacks_seen[why as usize];
+            let new = now.saturating_sub(*seen);
+            *seen = now;
+            self.metrics
+                .cuda_stacks
+                .get_or_create(&StackLabels { why: name })
+                .inc_by(new);
+            if elapsed > 0.0 {
+                per_s[why as usize] = new as f64 / elapsed;
+            }
+        }
+        StackWalks {
+            sampled: per_s[stacks::SAMPLED as usize],
+            kept: per_s[stacks::THRESHOLD as usize] + per_s[stacks::FAILURE as usize],
+        }
+    }
+
     /// Re-attaches what has served its cool-down, measures each probe's hit rate on each
     /// library and sheds what the budget cannot pay for; the `http` family likewise, by what
     /// its programs cost.
@@ -690,16 +719,16 @@ impl Manager {
                 rates.insert(*probe, count.saturating_sub(before) as f64 / elapsed);
             }
         }
-        let plan = budget::plan(&rates, &costs, self.stack_every, self.budget_share);
+        let walks = self.stack_walks(elapsed);
+        let plan = budget::plan(&rates, &costs, walks, self.budget_share);
         if plan.is_empty() {
             return;
         }
-        let cost = budget::cost_ns_per_s(&rates, &costs, self.stack_every) / 1e9;
+        let cost = budget::cost_ns_per_s(&rates, &costs, walks) / 1e9;
         for step in plan {
             let library = match step {
                 Shed::StackSampling => {
-                    self.stack_every = 0;
-                    set_config(&mut self.config_map, knob::STACK_SAMPLE_EVERY, 0);
+                    set_config(&mut self.config_map, knob::STACK_SAMPLE_BYTES, 0);
                     "*".to_string()
                 }
                 Shed::Api(probe) => {
@@ -744,11 +773,10 @@ impl Manager {
                     }
                 }
                 Shed::StackSampling => {
-                    self.stack_every = self.stack_every_configured;
                     set_config(
                         &mut self.config_map,
-                        knob::STACK_SAMPLE_EVERY,
-                        self.stack_every,
+                        knob::STACK_SAMPLE_BYTES,
+                        self.stack_sample_bytes,
                     );
                     self.cooldowns.restored(step, now);
                     tracing::info!(

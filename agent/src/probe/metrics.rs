@@ -25,6 +25,11 @@ pub struct ProbeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StackLabels {
+    pub why: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TrapLabels {
     pub trap: &'static str,
 }
@@ -38,6 +43,8 @@ pub struct ProbeMetrics {
     pub probe_cost: Family<FamilyLabels, GaugeF>,
     pub probe_family_up: Family<FamilyLabels, Gauge>,
     pub cuda_libraries: Gauge,
+    /// User stack walks of CUDA calls, by why each was taken.
+    pub cuda_stacks: Family<StackLabels, Counter>,
     /// Watched processes whose OpenSSL is probed.
     pub tls_processes: Gauge,
     /// OpenSSL calls the TLS uprobes trapped, by the kind of their entry trap.
@@ -57,6 +64,7 @@ impl ProbeMetrics {
             probe_cost: Family::default(),
             probe_family_up: Family::default(),
             cuda_libraries: Gauge::default(),
+            cuda_stacks: Family::default(),
             tls_processes: Gauge::default(),
             tls_calls: Family::default(),
             openers_held: Counter::default(),
@@ -93,6 +101,11 @@ impl ProbeMetrics {
                 "inferscope_cuda_libraries",
                 "CUDA driver library files being probed",
                 m.cuda_libraries.clone(),
+            );
+            r.register(
+                "inferscope_cuda_stacks",
+                "User stack walks of CUDA calls, by why each was taken: sampled (below probes.stack_threshold_bytes, by the byte sampler), threshold (every allocation at or above it), failure (a failing call; at most one per process per ms), missed (walks of any kind that stored no stack: the stack table full or the walk failed)",
+                m.cuda_stacks.clone(),
             );
             r.register(
                 "inferscope_http_tls_processes",

@@ -161,8 +161,18 @@ pub fn set_config(map: &mut Array<MapData, u64>, index: u32, value: u64) {
 }
 
 /// Initial run-time knobs.
-pub fn init_config(map: &mut Array<MapData, u64>, stack_sample_every: u64, ring_bytes: u32) {
-    set_config(map, ebpf_config::STACK_SAMPLE_EVERY, stack_sample_every);
+pub fn init_config(map: &mut Array<MapData, u64>, probes: &ProbesConfig) {
+    let ring_bytes = probes.ring_buffer_bytes;
+    set_config(
+        map,
+        ebpf_config::STACK_THRESHOLD_BYTES,
+        probes.stack_threshold_bytes,
+    );
+    set_config(
+        map,
+        ebpf_config::STACK_SAMPLE_BYTES,
+        probes.stack_sample_bytes,
+    );
     // Wake the reader early once a quarter of the ring is unread, long before it fills.
     set_config(map, ebpf_config::WAKEUP_BYTES, u64::from(ring_bytes / 4));
     set_config(

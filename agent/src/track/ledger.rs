@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use agent_common::cuda::{CudaApi, CudaMemEvent, Role};
+use agent_common::cuda::{CudaApi, CudaMemEvent, Role, FLAG_STACK_SAMPLED};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Allocation {
@@ -13,6 +13,9 @@ pub struct Allocation {
     pub ts_ns: u64,
     pub device: i32,
     pub stack_id: i32,
+    /// Whether the probe walked its stack (sampled, or at or above the threshold): with a
+    /// `stack_id` < 0, the walk stored nothing.
+    pub stack_walked: bool,
 }
 
 #[derive(Debug, Default)]
@@ -207,6 +210,7 @@ impl Ledger {
             ts_ns: ev.header.ts_ns,
             device: ev.device,
             stack_id: ev.stack_id,
+            stack_walked: ev.flags & FLAG_STACK_SAMPLED != 0,
         };
         match api.role() {
             Role::DeviceAlloc | Role::PhysicalCreate => {

@@ -323,6 +323,8 @@ fn the_probe_budget_sheds_cheap_information_first() {
         &[
             ("INFERSCOPE_PROBES__BUDGET_CORE_SHARE", "0.002"),
             ("INFERSCOPE_PROBES__DISCOVERY_INTERVAL_MS", "200"),
+            // Small allocations sampled often enough that there is stack sampling to shed.
+            ("INFERSCOPE_PROBES__STACK_SAMPLE_BYTES", "4096"),
         ],
     );
     let opts = WorkloadOptions {

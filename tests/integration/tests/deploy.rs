@@ -796,7 +796,7 @@ fn chart_non_default_values() {
             "agent.watchPorts={9000}",
             "agent.disableProbes={http}",
             "image.tag=dev",
-            "config.probes.stack_sample_every=16",
+            "config.probes.stack_sample_bytes=16",
         ],
     )
     .unwrap();
@@ -868,7 +868,7 @@ fn chart_non_default_values() {
     assert_eq!(forensics["emptyDir"]["sizeLimit"], "256Mi", "{forensics}");
     let cm = find(&docs, "ConfigMap").unwrap();
     let toml = cm["data"]["config.toml"].as_str().unwrap();
-    assert!(toml.contains("stack_sample_every = 16\n"), "{toml}");
+    assert!(toml.contains("stack_sample_bytes = 16\n"), "{toml}");
 }
 
 /// The agent takes what the chart renders: `inferscope run` accepts the flags and their values

@@ -51,10 +51,11 @@ fn reports(agent: &Agent, n: usize) -> Vec<Value> {
 /// The agent on `gpu` and the CUDA double.
 fn start_agent(gpu: &SimGpus) -> Agent {
     let lib = Variant::Push.lib_path().display().to_string();
-    // Every successful allocation carries its stack in these tests.
+    // Every successful allocation carries its stack in these tests: each one's bytes reach
+    // the byte sampler's next pick.
     gpu.agent(
         &["--cuda-lib", &lib],
-        &[("INFERSCOPE_PROBES__STACK_SAMPLE_EVERY", "1")],
+        &[("INFERSCOPE_PROBES__STACK_SAMPLE_BYTES", "1")],
     )
 }
 
@@ -64,6 +65,72 @@ fn frames(v: &Value) -> Vec<String> {
         .iter()
         .map(|f| f["function"].as_str().unwrap_or("").to_string())
         .collect()
+}
+
+/// Stacks by bytes: every allocation at or above the threshold carries its stack, whatever
+/// the sampler; with the sampler off none below it does, and the report says why.
+#[root_test]
+fn every_allocation_at_or_above_the_threshold_has_its_stack() {
+    let gpu = SimGpus::new(1, 1 << 30);
+    let lib = Variant::Push.lib_path().display().to_string();
+    let agent = gpu.agent(
+        &["--cuda-lib", &lib],
+        &[
+            (
+                "INFERSCOPE_PROBES__STACK_THRESHOLD_BYTES",
+                &(8 * MIB).to_string(),
+            ),
+            ("INFERSCOPE_PROBES__STACK_SAMPLE_BYTES", "0"),
+        ],
+    );
+    // Below, at and above the threshold (8 MiB), then 128 MiB until the GPU is full.
+    let mut w = gpu.workload(
+        "alloc dev=0 size=1048576 count=6; alloc dev=0 size=8388607 count=2; \
+         alloc dev=0 size=8388608 count=3; alloc dev=0 size=33554432 count=2; sleep ms=500; \
+         exhaust dev=0 size=134217728; checkpoint name=oom",
+    );
+    w.proceed();
+    let truth = w.truth();
+    let large = 3 + 2 + (truth.api("cuMemAlloc_v2").ok - 13);
+    let l = reports(&agent, 1);
+    let r = show(
+        &agent.dir.path().join("forensics"),
+        l[0]["id"].as_str().unwrap(),
+    );
+    let rows = r["allocations"]["largest"].as_array().unwrap();
+    assert_eq!(rows.len() as u64, large + 2 + 6, "{rows:?}");
+    for row in rows {
+        let bytes = row["bytes"].as_u64().unwrap();
+        if bytes >= 8 * MIB {
+            assert_eq!(row["stack_status"], "walked", "{row}");
+            let f = frames(&row["stack"]);
+            assert!(f.iter().any(|f| f.contains("Workload")), "{row}");
+        } else {
+            assert_eq!(row["stack_status"], "not_sampled", "{row}");
+            assert!(row["stack"].as_array().unwrap().is_empty(), "{row}");
+        }
+    }
+    // The text says why a row has no stack.
+    let (ok, text, _) = cli(
+        &agent.dir.path().join("forensics"),
+        &["show", l[0]["id"].as_str().unwrap()],
+    );
+    assert!(
+        ok && text.contains("(stack not sampled: below the threshold)"),
+        "{text}"
+    );
+    // Every walk counted by why: one per large allocation, none sampled, the failure's own.
+    let s = agent.wait_for("the stack walks counted", |s| {
+        s.sum("inferscope_cuda_stacks_total", &[("why", "threshold")]) >= large as f64
+            && s.sum("inferscope_cuda_stacks_total", &[("why", "failure")]) >= 1.0
+    });
+    let walks = |why| s.sum("inferscope_cuda_stacks_total", &[("why", why)]);
+    assert_eq!(walks("threshold"), large as f64, "{}", s.text);
+    assert_eq!(walks("sampled"), 0.0, "{}", s.text);
+    assert_eq!(walks("missed"), 0.0, "{}", s.text);
+    w.proceed();
+    assert!(w.wait().success());
+    assert!(agent.stop().success());
 }
 
 #[root_test]
