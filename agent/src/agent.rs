@@ -200,7 +200,6 @@ pub async fn run(
         track::QUEUE_BYTES,
         queue_drops(&w.metrics.core, "tracker_queue"),
     );
-    let nvml = w.start_nvml(&history, &batch_tx, &attributor, sinks.logs.clone());
     let load = Arc::new(crate::http::load::LoadBoard::new(
         config.forensics.timeline_secs,
     ));
@@ -213,6 +212,13 @@ pub async fn run(
         &attributor,
         sinks.spans.clone(),
     )?;
+    let nvml = w.start_nvml(
+        &history,
+        &batch_tx,
+        http_stage.sender(),
+        &attributor,
+        sinks.logs.clone(),
+    );
     let scraper = w.start_scrape(&http_stage, servers.clone(), &attributor);
     let readers = w.start_readers(probes.rings, batch_tx, &http_stage);
     let (writer, drafts) = w.start_forensics(probes.stacks, &history, load, sinks.logs.clone())?;
@@ -787,14 +793,24 @@ impl StageMetrics {
     }
 }
 
-/// The GPU side's reports, into the tracker's queue. Over a weak sender: a thread stuck in an
-/// NVML call must not keep the queue open, or the tracker would never drain at shutdown; a
+/// The GPU side's reports, into the tracker's queue, and each interval's use into the `http`
+/// stage's (which splits it between the models served). Over weak senders: a thread stuck in
+/// an NVML call must not keep a queue open, or its stage would never drain at shutdown; a
 /// report finding no room is dropped and counted (the next snapshot replaces it).
-fn gpu_reports(tracker: &queue::Sender<track::Input>) -> gpu::ReportSink {
+fn gpu_reports(
+    tracker: &queue::Sender<track::Input>,
+    http: Option<queue::Sender<crate::http::tracker::Input>>,
+) -> gpu::ReportSink {
     let tracker = tracker.downgrade();
+    let http = http.map(|h| h.downgrade());
     Arc::new(move |report| {
-        if let Some(tx) = tracker.upgrade() {
-            tx.offer(track::Input::from(report));
+        if let gpu::GpuReport::Usage(usage) = report {
+            if let Some(tx) = http.as_ref().and_then(|h| h.upgrade()) {
+                tx.offer(crate::http::tracker::Input::GpuUsage(usage));
+            }
+        } else if let (Some(tx), Some(input)) = (tracker.upgrade(), track::Input::from_gpu(report))
+        {
+            tx.offer(input);
         }
     })
 }
@@ -806,6 +822,7 @@ impl Wiring<'_> {
         &self,
         history: &Arc<GpuHistory>,
         tracker: &queue::Sender<track::Input>,
+        http: Option<queue::Sender<crate::http::tracker::Input>>,
         attributor: &crate::attrib::Attributor,
         logs: Option<queue::Sender<crate::events::Notice>>,
     ) -> Nvml {
@@ -828,7 +845,7 @@ impl Wiring<'_> {
                 return nvml;
             }
         };
-        let reports = gpu_reports(tracker);
+        let reports = gpu_reports(tracker, http);
         let sampler = match gpu::nvml::Sampler::new(
             lib.clone(),
             metrics.clone(),

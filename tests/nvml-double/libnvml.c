@@ -40,7 +40,9 @@
  * per call).  Keys (<d> = device index) and defaults:
  *   gpu.<d>.utilization 0, gpu.<d>.memory_utilization 0, gpu.<d>.temperature 35,
  *   gpu.<d>.power_mw 70000, gpu.<d>.power_limit_mw 700000,
- *   gpu.<d>.energy_mj 1000000, gpu.<d>.sm_clock_mhz 1980,
+ *   gpu.<d>.energy_mj 1000000, gpu.<d>.energy_rate_mw 0 (the energy counter then
+ *   grows by that many mJ per second from energy_mj, continuously across rate changes),
+ *   gpu.<d>.sm_clock_mhz 1980,
  *   gpu.<d>.mem_clock_mhz 2619, gpu.<d>.throttle 0,
  *   gpu.<d>.supported_throttle 0x1ff, gpu.<d>.pcie_tx_kbs 0, gpu.<d>.pcie_rx_kbs 0,
  *   gpu.<d>.ecc_corrected 0, gpu.<d>.ecc_uncorrected 0, gpu.<d>.mig 0,
@@ -299,7 +301,7 @@ struct proc_util {
 struct dev_ctl {
     uint64_t util, mem_util, temp, power, power_limit, energy, sm_clock, mem_clock;
     uint64_t throttle, supported_throttle, pcie_tx, pcie_rx, ecc_corr, ecc_uncorr;
-    uint64_t mig, lost, reserved;
+    uint64_t mig, lost, reserved, energy_rate;
     uint32_t unsupported;
     uint32_t hang;
     char name[96];
@@ -498,6 +500,7 @@ static void ctl_gpu_key(int d, const char *field, char *v)
         {"power_mw", offsetof(struct dev_ctl, power)},
         {"power_limit_mw", offsetof(struct dev_ctl, power_limit)},
         {"energy_mj", offsetof(struct dev_ctl, energy)},
+        {"energy_rate_mw", offsetof(struct dev_ctl, energy_rate)},
         {"sm_clock_mhz", offsetof(struct dev_ctl, sm_clock)},
         {"mem_clock_mhz", offsetof(struct dev_ctl, mem_clock)},
         {"throttle", offsetof(struct dev_ctl, throttle)},
@@ -1133,10 +1136,31 @@ API nvmlReturn_t nvmlDeviceGetPowerManagementLimit(nvmlDevice_t device, unsigned
 }
 
 #ifndef OLD_DRIVER
+/* The energy counter per device: energy_mj, then growing at energy_rate_mw. A change of the
+ * rate folds what was consumed so far into the base, so the counter never steps back; a
+ * change of energy_mj restarts it there. Under g_lock. */
+static struct {
+    int set;
+    uint64_t key, rate, base, since_ns;
+} g_energy[MAX_DEVICES];
+
 API nvmlReturn_t nvmlDeviceGetTotalEnergyConsumption(nvmlDevice_t device, unsigned long long *energy)
 {
     DEV_BEGIN(device, U_ENERGY, energy);
-    *energy = c->energy;
+    uint64_t now = now_ns(CLOCK_MONOTONIC);
+    __typeof__(g_energy[0]) *e = &g_energy[d];
+    if (!e->set || e->key != c->energy) {
+        e->set = 1;
+        e->key = c->energy;
+        e->base = c->energy;
+        e->rate = c->energy_rate;
+        e->since_ns = now;
+    } else if (e->rate != c->energy_rate) {
+        e->base += (uint64_t)((unsigned __int128)e->rate * (now - e->since_ns) / 1000000000u);
+        e->rate = c->energy_rate;
+        e->since_ns = now;
+    }
+    *energy = e->base + (uint64_t)((unsigned __int128)e->rate * (now - e->since_ns) / 1000000000u);
     return leave(NVML_SUCCESS);
 }
 #endif

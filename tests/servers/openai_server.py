@@ -46,30 +46,36 @@ parser.add_argument("--ssl-certfile")
 parser.add_argument("--server", choices=["uvicorn", "hypercorn"], default="uvicorn",
                     help="hypercorn also speaks HTTP/2 in clear text (h2c, prior knowledge)")
 parser.add_argument("--cuda-mem", type=int, default=0,
-                    help="bytes to allocate on GPU 0 at start and hold, as a server's weights")
+                    help="bytes to allocate on each of --cuda-devices at start and hold, as a server's weights")
+parser.add_argument("--cuda-devices", default="0",
+                    help="GPUs (comma-separated ordinals) to hold --cuda-mem on, as a tensor-parallel server")
 args = parser.parse_args()
 
 
-def hold_gpu_memory(lib, size):
+def hold_gpu_memory(lib, size, devices):
     """Allocates through the driver API like a server loading its weights: the process then
-    holds GPU memory, which NVML (the double) reports for its pid."""
+    holds GPU memory on each device, which NVML (the double) reports for its pid."""
     import ctypes
 
     cuda = ctypes.CDLL(lib)
-    dev, ctx, ptr = ctypes.c_int(), ctypes.c_void_p(), ctypes.c_uint64()
-    for call, rc in [
-        ("cuInit", cuda.cuInit(0)),
-        ("cuDeviceGet", cuda.cuDeviceGet(ctypes.byref(dev), 0)),
-        ("cuCtxCreate_v2", cuda.cuCtxCreate_v2(ctypes.byref(ctx), 0, dev)),
-        ("cuMemAlloc_v2", cuda.cuMemAlloc_v2(ctypes.byref(ptr), ctypes.c_size_t(size))),
-    ]:
-        if rc != 0:
-            raise SystemExit(f"{call} failed: CUresult {rc}")
+    rc = cuda.cuInit(0)
+    if rc != 0:
+        raise SystemExit(f"cuInit failed: CUresult {rc}")
+    for ordinal in devices:
+        dev, ctx, ptr = ctypes.c_int(), ctypes.c_void_p(), ctypes.c_uint64()
+        for call, rc in [
+            ("cuDeviceGet", cuda.cuDeviceGet(ctypes.byref(dev), ordinal)),
+            ("cuCtxCreate_v2", cuda.cuCtxCreate_v2(ctypes.byref(ctx), 0, dev)),
+            ("cuMemAlloc_v2", cuda.cuMemAlloc_v2(ctypes.byref(ptr), ctypes.c_size_t(size))),
+        ]:
+            if rc != 0:
+                raise SystemExit(f"{call} on GPU {ordinal} failed: CUresult {rc}")
     return cuda
 
 
 if args.cuda_lib and args.cuda_mem:
-    _cuda = hold_gpu_memory(args.cuda_lib, args.cuda_mem)
+    _cuda = hold_gpu_memory(args.cuda_lib, args.cuda_mem,
+                            [int(d) for d in args.cuda_devices.split(",")])
 
 app = FastAPI()
 

@@ -18,6 +18,9 @@ pub use config::{CostConfig, NvmlConfig};
 #[derive(Debug)]
 pub enum GpuReport {
     Processes(GpuProcesses),
+    /// Each GPU's use over the last sampling interval, for the `http` stage to split between
+    /// the models served on it.
+    Usage(Vec<GpuUsage>),
     /// CLOCK_MONOTONIC ns.
     Xid {
         gpu: u32,
@@ -84,6 +87,21 @@ pub struct GpuProcess {
     pub used_bytes: Option<u64>,
     /// SM utilization percent from NVML's per-process samples, when the GPU gives them.
     pub sm_util: Option<u32>,
+}
+
+/// One GPU's use over one sampling interval (from the previous sample to this one).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GpuUsage {
+    pub gpu: u32,
+    /// CLOCK_MONOTONIC ns at the interval's end.
+    pub ts_ns: u64,
+    /// Joules the GPU consumed over the interval (the growth of NVML's energy counter).
+    pub energy_j: Option<f64>,
+    /// Seconds a kernel was running over the interval: NVML's utilization × the interval.
+    pub busy_s: Option<f64>,
+    /// The processes on the GPU at the interval's end, with their SM utilization averaged over
+    /// NVML's samples in the interval.
+    pub processes: Vec<GpuProcess>,
 }
 
 /// Every process on every GPU at one sampling instant (for the tracker).

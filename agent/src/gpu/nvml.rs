@@ -237,6 +237,7 @@ impl Sampler {
             entries: Vec::new(),
         };
         let nvml = self.nvml.clone();
+        let mut usage = Vec::new();
         for i in 0..self.gpus.len() {
             if self.gpus[i].lost {
                 continue;
@@ -254,7 +255,21 @@ impl Sampler {
             };
             match self.sample_gpu(i, &device, &mut processes.entries) {
                 Ok(sample) => {
-                    self.publish(i, &sample);
+                    let (energy_j, busy_s) = self.publish(i, &sample);
+                    if energy_j.is_some() || busy_s.is_some() {
+                        usage.push(super::GpuUsage {
+                            gpu: sample.gpu,
+                            ts_ns: sample.ts_ns,
+                            energy_j,
+                            busy_s,
+                            processes: processes
+                                .entries
+                                .iter()
+                                .filter(|p| p.gpu == sample.gpu)
+                                .cloned()
+                                .collect(),
+                        });
+                    }
                     self.history.push(sample);
                 }
                 Err(Lost) => self.mark_lost(i),
@@ -264,6 +279,9 @@ impl Sampler {
         if let Some(report) = &self.reports {
             // A snapshot the reader has no room for is replaced next tick.
             report(super::GpuReport::Processes(processes));
+            if !usage.is_empty() {
+                report(super::GpuReport::Usage(usage));
+            }
         }
     }
 
@@ -331,7 +349,17 @@ impl Sampler {
         if let Some(newest) = utils.iter().map(|u| u.timestamp).max() {
             self.gpus[i].last_process_sample_us = newest;
         }
-        let sm: HashMap<u32, u32> = utils.iter().map(|u| (u.pid, u.sm_util)).collect();
+        // The mean of each process's samples in the interval: its share of the GPU's work.
+        let mut sums: HashMap<u32, (u64, u64)> = HashMap::new();
+        for u in &utils {
+            let e = sums.entry(u.pid).or_default();
+            e.0 += u64::from(u.sm_util);
+            e.1 += 1;
+        }
+        let sm: HashMap<u32, u32> = sums
+            .into_iter()
+            .map(|(pid, (sum, n))| (pid, (sum / n.max(1)) as u32))
+            .collect();
         for p in running.unwrap_or_default() {
             let Some(pid) = self.pids.host_pid(p.pid) else {
                 continue;
@@ -400,10 +428,21 @@ impl Sampler {
         counter.inc();
     }
 
-    fn publish(&mut self, i: usize, s: &GpuSample) {
+    /// Publishes one GPU's sample; returns its energy (J) and busy time (s) since the last.
+    fn publish(&mut self, i: usize, s: &GpuSample) -> (Option<f64>, Option<f64>) {
         let m = &self.metrics;
         let gpu = &mut self.gpus[i];
         let l = &gpu.labels;
+        let mut used = (None, None);
+        if let (Some(u), Some(last)) = (s.utilization, gpu.last_ts_ns) {
+            used.1 =
+                Some(f64::from(u.min(100)) / 100.0 * s.ts_ns.saturating_sub(last) as f64 / 1e9);
+        }
+        if let (Some(e), Some(last)) = (s.energy_mj, gpu.last_energy_mj) {
+            if e >= last {
+                used.0 = Some((e - last) as f64 / 1000.0);
+            }
+        }
         if let Some(u) = s.utilization {
             m.gpu_utilization.get_or_create(l).set(f64::from(u) / 100.0);
             // Created at 0 on a busy GPU too, so that idle cost is 0 there, not absent.
@@ -500,6 +539,7 @@ impl Sampler {
                 gpu.last_ecc[k] = Some(v);
             }
         }
+        used
     }
 
     /// A GPU that fell off the bus: report once, stop its series and its sampling.

@@ -288,6 +288,14 @@ impl Conn {
         }
     }
 
+    /// The output events so far of the exchange being answered, with the model its request
+    /// named (the requests waiting behind it have none yet).
+    pub fn tokens_in_flight(&self, f: &mut dyn FnMut(Option<&str>, u64)) {
+        if let Some(x) = self.writing.as_ref().filter(|x| x.token_events > 0) {
+            f(x.model.as_deref(), x.token_events);
+        }
+    }
+
     /// Requests in flight on this connection (read, not answered in full).
     pub fn in_flight(&self) -> usize {
         self.pending.len() + usize::from(self.writing.is_some())

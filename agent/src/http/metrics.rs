@@ -85,6 +85,8 @@ pub struct HttpMetrics {
     /// Bytes of parser state all connections hold (charged to `http.state_budget_bytes`).
     pub state_bytes: Gauge,
     pub watched_processes: Gauge,
+    /// GPU energy and time per model (`super::gpu_cost`).
+    pub cost: super::gpu_cost::CostMetrics,
 }
 
 impl HttpMetrics {
@@ -105,12 +107,43 @@ impl HttpMetrics {
             connections: Gauge::default(),
             state_bytes: Gauge::default(),
             watched_processes: Gauge::default(),
+            cost: Default::default(),
         };
         core.register_with(|r| m.register(r));
         Arc::new(m)
     }
 
     fn register(&self, r: &mut Registry) {
+        r.register(
+            "llm_gpu_energy_joules",
+            "GPU energy attributed to each model: each GPU's energy per sampling interval split \
+             between the processes on it, then between a server's models by the output tokens \
+             each produced (docs/metrics.md)",
+            self.cost.energy.clone(),
+        );
+        r.register(
+            "llm_gpu_seconds",
+            "GPU busy seconds (utilization × interval) attributed to each model, split as \
+             llm_gpu_energy_joules",
+            self.cost.seconds.clone(),
+        );
+        r.register(
+            "inferscope_gpu_unattributed_energy_joules",
+            "GPU energy of processes that belong to no watched inference server, and of \
+             intervals with no process on the GPU",
+            self.cost.unattributed_energy.clone(),
+        );
+        r.register(
+            "inferscope_gpu_unattributed_seconds",
+            "GPU busy seconds not attributed to a model, as inferscope_gpu_unattributed_energy_joules",
+            self.cost.unattributed_seconds.clone(),
+        );
+        r.register(
+            "inferscope_gpu_cost_splits",
+            "GPU sampling intervals split between the processes on the GPU, by method: \
+             process_utilization, memory, equal, alone, no_process",
+            self.cost.splits.clone(),
+        );
         r.register(
             "llm_requests",
             "Requests answered by inference servers (on the wire), by model and status code",

@@ -10,6 +10,7 @@ pub mod body;
 pub mod conn;
 pub mod finished;
 pub mod gap;
+pub mod gpu_cost;
 pub mod h2;
 pub mod load;
 pub mod metrics;
@@ -142,6 +143,7 @@ impl Stage {
             .clone();
         let (tx, rx) = crate::queue::channel(QUEUE_BYTES, dropped);
         let t = tracker::HttpTracker::new(metrics.clone(), config.limits())
+            .with_procfs(procfs.clone())
             .with_load(load)
             .with_spans(spans)
             .with_attribution(attrib.clone());

@@ -42,6 +42,8 @@ pub enum Input {
     Resumed {
         at_ns: u64,
     },
+    /// Each GPU's use over NVML's last sampling interval, to split between the models.
+    GpuUsage(Vec<crate::gpu::GpuUsage>),
 }
 
 impl From<Batch> for Input {
@@ -73,6 +75,13 @@ impl crate::queue::Weigh for Input {
                             .sum::<usize>()
                 }
                 Input::Paused { .. } | Input::Resumed { .. } => 0,
+                Input::GpuUsage(usage) => usage
+                    .iter()
+                    .map(|u| {
+                        size_of::<crate::gpu::GpuUsage>()
+                            + u.processes.capacity() * size_of::<crate::gpu::GpuProcess>()
+                    })
+                    .sum::<usize>(),
             }
     }
 }
@@ -141,6 +150,11 @@ pub struct HttpTracker {
     attrib: Option<Arc<crate::attrib::Attributor>>,
     /// Whether records are used, around a stretch with the probes off.
     gap: Gap,
+    /// Output token events of finished requests per (server, model label), for the GPU cost.
+    finished_tokens: HashMap<(u32, String), u64>,
+    gpu_cost: super::gpu_cost::GpuCost,
+    /// Process parents, for the GPU cost's server groups.
+    procfs: Option<crate::proc::ProcFs>,
 }
 
 impl HttpTracker {
@@ -165,7 +179,16 @@ impl HttpTracker {
             spans: None,
             attrib: None,
             gap: Gap::default(),
+            finished_tokens: HashMap::new(),
+            gpu_cost: Default::default(),
+            procfs: None,
         }
+    }
+
+    /// Reads process parents from `procfs` (GPU processes belong to the servers above them).
+    pub fn with_procfs(mut self, procfs: crate::proc::ProcFs) -> Self {
+        self.procfs = Some(procfs);
+        self
     }
 
     /// Hands every finished request to OTLP trace export.
@@ -230,6 +253,7 @@ impl HttpTracker {
             Input::Servers(servers) => self.servers(servers),
             Input::Paused { at_ns } => self.pause(at_ns),
             Input::Resumed { at_ns } => self.gap.resume(at_ns),
+            Input::GpuUsage(usage) => self.gpu_usage(&usage),
         }
         self.http.connections.set(self.conns.len() as i64);
         self.http.state_bytes.set(self.state_bytes as i64);
@@ -311,8 +335,48 @@ impl HttpTracker {
         true
     }
 
+    /// Output token events so far per (server, model label): finished requests', and those
+    /// of the requests still streaming, under the label their name has now.
+    fn tokens_so_far(&self) -> HashMap<(u32, String), u64> {
+        let mut tokens = self.finished_tokens.clone();
+        for ((tgid, _), t) in &self.conns {
+            t.wire.tokens_in_flight(&mut |model, n| {
+                let name = self.named(*tgid, model);
+                let label = self.models.label(&name).to_string();
+                *tokens.entry((*tgid, label)).or_default() += n;
+            });
+        }
+        tokens
+    }
+
+    fn gpu_usage(&mut self, usage: &[crate::gpu::GpuUsage]) {
+        let tokens = self.tokens_so_far();
+        let procfs = self.procfs.clone();
+        let parent = move |pid: u32| procfs.as_ref().and_then(|p| p.ppid(pid));
+        let cmdline = |tgid: u32| {
+            let model = self.servers.get(&tgid)?.model.as_deref()?;
+            Some(self.models.label(model).to_string())
+        };
+        let attrib = self.attrib.clone();
+        let workload = move |pid: u32| attrib.as_ref().map(|a| a.labels(pid)).unwrap_or_default();
+        let view = super::gpu_cost::View {
+            tokens: &tokens,
+            servers: &self.servers,
+            cmdline_label: &cmdline,
+            parent: &parent,
+            workload: &workload,
+        };
+        for u in usage {
+            self.gpu_cost.attribute(u, &view, &self.http.cost);
+        }
+    }
+
     fn servers(&mut self, servers: HashMap<u32, Server>) {
         self.servers = servers;
+        self.finished_tokens
+            .retain(|(tgid, _), _| self.servers.contains_key(tgid));
+        self.gpu_cost
+            .retain_groups(|g| self.servers.contains_key(&g));
         self.http.watched_processes.set(self.servers.len() as i64);
         // The models the servers' command lines name are label values from the start.
         let declared = self.models.declare(
@@ -434,6 +498,8 @@ impl HttpTracker {
             family.remove(&labels);
         }
         h.in_flight.remove(&labels);
+        self.gpu_cost.forget_model(name, &h.cost);
+        self.finished_tokens.retain(|(_, l), _| l != name);
         let Some(used) = self.series.remove(name) else {
             return;
         };
@@ -578,6 +644,20 @@ impl HttpTracker {
                 .get_or_create(&labels)
                 .observe(p as f64);
         }
+        // What the GPU cost splits by: the output events counted while it streamed, else
+        // (a response not streamed) its usage.
+        let produced = if x.token_events > 0 {
+            x.token_events
+        } else {
+            x.output_tokens().unwrap_or(0)
+        };
+        if produced > 0 {
+            *self
+                .finished_tokens
+                .entry((tgid, model.clone()))
+                .or_default() += produced;
+        }
+        let h = &self.http;
         if let Some(c) = x.output_tokens() {
             h.tokens_output.get_or_create(&labels).inc_by(c);
             if whole {

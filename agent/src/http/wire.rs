@@ -210,6 +210,15 @@ impl Wire {
         }
     }
 
+    /// The output events so far of the exchanges being answered, with the model each named.
+    pub fn tokens_in_flight(&self, f: &mut dyn FnMut(Option<&str>, u64)) {
+        match &self.proto {
+            Proto::H1(c) => c.tokens_in_flight(f),
+            Proto::H2(c) => c.tokens_in_flight(f),
+            _ => {}
+        }
+    }
+
     pub fn in_flight(&self) -> usize {
         match &self.proto {
             Proto::H1(c) => c.in_flight(),

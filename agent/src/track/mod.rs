@@ -55,11 +55,13 @@ impl From<Batch> for Input {
     }
 }
 
-impl From<crate::gpu::GpuReport> for Input {
-    fn from(report: crate::gpu::GpuReport) -> Self {
+impl Input {
+    /// The GPU side's reports this stage takes (usage goes to the `http` stage).
+    pub fn from_gpu(report: crate::gpu::GpuReport) -> Option<Self> {
         match report {
-            crate::gpu::GpuReport::Processes(p) => Input::GpuProcesses(p),
-            crate::gpu::GpuReport::Xid { gpu, xid, ts_ns } => Input::Xid { gpu, xid, ts_ns },
+            crate::gpu::GpuReport::Processes(p) => Some(Input::GpuProcesses(p)),
+            crate::gpu::GpuReport::Xid { gpu, xid, ts_ns } => Some(Input::Xid { gpu, xid, ts_ns }),
+            crate::gpu::GpuReport::Usage(_) => None,
         }
     }
 }

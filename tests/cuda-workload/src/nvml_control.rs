@@ -93,6 +93,19 @@ impl NvmlControl {
         })
     }
 
+    /// Sets every `key=value` of `pairs` in one write: the double sees all or none of them.
+    pub fn set_many(&self, pairs: &[(String, String)]) -> io::Result<()> {
+        for (key, value) in pairs {
+            check(key, value)?;
+        }
+        self.update(|lines| {
+            for (key, value) in pairs {
+                upsert(lines, key, value);
+            }
+            Ok(())
+        })
+    }
+
     /// Sets `gpu.<dev>.<key>=value`.
     pub fn set_gpu(&self, dev: u32, key: &str, value: impl Display) -> io::Result<()> {
         self.set(&format!("gpu.{dev}.{key}"), value)

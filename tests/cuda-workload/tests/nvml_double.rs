@@ -296,6 +296,24 @@ fn defaults_and_controlled_metrics() {
             // removing a key restores the default
             c.remove("gpu.1.temperature").unwrap();
             assert_eq!(d1.temperature(TemperatureSensor::Gpu).unwrap(), 35);
+
+            // energy growing at a rate: 1 kW is 1000 mJ per ms, continuous across a rate change
+            c.set_gpu(1, "energy_rate_mw", 1_000_000).unwrap();
+            let t0 = std::time::Instant::now();
+            let e0 = d1.total_energy_consumption().unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            let e1 = d1.total_energy_consumption().unwrap();
+            let ms = t0.elapsed().as_secs_f64() * 1000.0;
+            let grown = (e1 - e0) as f64;
+            assert!(
+                grown >= 100_000.0 && grown <= (ms + 1.0) * 1000.0,
+                "{grown} mJ in {ms} ms"
+            );
+            c.set_gpu(1, "energy_rate_mw", 0).unwrap();
+            let e2 = d1.total_energy_consumption().unwrap();
+            assert!(e2 >= e1);
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            assert_eq!(d1.total_energy_consumption().unwrap(), e2);
         },
     );
 }

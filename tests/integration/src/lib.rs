@@ -596,15 +596,27 @@ impl OpenAiServer {
     /// Opens `n` streamed chat completions of 100 tokens at 100 ms each and returns their
     /// connections (the requests stay in flight while they are held) and the body sent.
     pub fn slow_streams(&self, model: &str, n: usize) -> (Vec<std::net::TcpStream>, String) {
+        self.streams(model, n, 100, 100)
+    }
+
+    /// Opens `n` streamed chat completions of `tokens` tokens, `token_ms` apart, and returns
+    /// their connections and the body sent.
+    pub fn streams(
+        &self,
+        model: &str,
+        n: usize,
+        tokens: u64,
+        token_ms: u64,
+    ) -> (Vec<std::net::TcpStream>, String) {
         let body = format!(
-            r#"{{"model":"{model}","stream":true,"max_tokens":100,"messages":[{{"role":"user","content":"x"}}]}}"#
+            r#"{{"model":"{model}","stream":true,"max_tokens":{tokens},"messages":[{{"role":"user","content":"x"}}]}}"#
         );
         let conns = (0..n)
             .map(|_| {
                 let mut c = std::net::TcpStream::connect(("127.0.0.1", self.port)).unwrap();
                 write!(
                     c,
-                    "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nx-token-ms: 100\r\nContent-Length: {}\r\n\r\n{body}",
+                    "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nx-token-ms: {token_ms}\r\nContent-Length: {}\r\n\r\n{body}",
                     body.len()
                 )
                 .unwrap();

@@ -144,6 +144,13 @@ impl Conn {
         }
     }
 
+    /// The output events so far of each stream being answered, with the model it named.
+    pub fn tokens_in_flight(&self, f: &mut dyn FnMut(Option<&str>, u64)) {
+        for s in self.st.streams.values().filter(|s| s.x.token_events > 0) {
+            f(s.x.model.as_deref(), s.x.token_events);
+        }
+    }
+
     pub fn in_flight(&self) -> usize {
         self.st.streams.values().filter(|s| s.x.received).count()
     }
