@@ -204,6 +204,19 @@ pub async fn run(
         config.forensics.timeline_secs,
     ));
     let servers = Arc::new(crate::servers::ServerBoard::default());
+    // Finished requests are kept past a failure's window, for its report.
+    let requests = Arc::new(crate::http::requests::RequestLog::new(
+        Duration::from_secs(config.forensics.after_failure_secs + 60),
+        REQUEST_LOG_MAX,
+        w.metrics
+            .core
+            .dropped
+            .get_or_create(&crate::metrics::DroppedLabels {
+                what: "request_log",
+                reason: "limit",
+            })
+            .clone(),
+    ));
     let http_stage = w.start_http(
         probes.http_maps,
         probes.manager.by_events(),
@@ -211,6 +224,7 @@ pub async fn run(
         &servers,
         &attributor,
         sinks.spans.clone(),
+        requests.clone(),
     )?;
     let nvml = w.start_nvml(
         &history,
@@ -221,7 +235,20 @@ pub async fn run(
     );
     let scraper = w.start_scrape(&http_stage, servers.clone(), &attributor);
     let readers = w.start_readers(probes.rings, batch_tx, &http_stage);
-    let (writer, drafts) = w.start_forensics(probes.stacks, &history, load, sinks.logs.clone())?;
+    let request_source = forensics::requests::RequestSource {
+        log: requests,
+        servers: servers.clone(),
+        procfs: w.procfs(),
+        trigger_window: Duration::from_millis(config.forensics.trigger_window_ms),
+        after: Duration::from_secs(config.forensics.after_failure_secs),
+    };
+    let (writer, drafts) = w.start_forensics(
+        probes.stacks,
+        &history,
+        load,
+        request_source,
+        sinks.logs.clone(),
+    )?;
     let tracker = w.start_tracker(
         history,
         drafts,
@@ -433,6 +460,10 @@ impl Wiring<'_> {
         )?))
     }
 
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the stage's inputs, named at the one call"
+    )]
     fn start_http(
         &self,
         maps: Option<probe::http::HttpMaps>,
@@ -441,6 +472,7 @@ impl Wiring<'_> {
         servers: &Arc<crate::servers::ServerBoard>,
         attributor: &Arc<crate::attrib::Attributor>,
         spans: Option<queue::Sender<crate::http::finished::RequestFinished>>,
+        requests: Arc<crate::http::requests::RequestLog>,
     ) -> Result<crate::http::Stage, StartError> {
         crate::http::Stage::start(
             maps,
@@ -453,6 +485,7 @@ impl Wiring<'_> {
             servers.clone(),
             Some(attributor.clone()),
             spans,
+            requests,
             &self.health,
         )
         .map_err(StartError::Thread)
@@ -534,6 +567,7 @@ impl Wiring<'_> {
         stacks: Option<aya::maps::StackTraceMap<aya::maps::MapData>>,
         history: &Arc<GpuHistory>,
         load: Arc<crate::http::load::LoadBoard>,
+        requests: forensics::requests::RequestSource,
         logs: Option<queue::Sender<crate::events::Notice>>,
     ) -> Result<(std::thread::JoinHandle<()>, track::draft::DraftSink), StartError> {
         let f = &self.config.forensics;
@@ -559,6 +593,8 @@ impl Wiring<'_> {
             seq: 0,
             load: Some(load),
             logs,
+            requests: Some(requests),
+            pending: Vec::new(),
         };
         // A report reads the target's files to symbolize its stacks: seconds for a large library.
         let beat = self.health.heartbeat(
@@ -886,6 +922,9 @@ impl Wiring<'_> {
         nvml
     }
 }
+
+/// Finished requests kept for forensic reports, at most (a few MiB).
+const REQUEST_LOG_MAX: usize = 16384;
 
 /// The counter of items a queue between stages gives up (`inferscope_dropped_total`).
 fn queue_drops(

@@ -45,6 +45,28 @@ fn with_details(mut s: Server, argv: &[String]) -> Server {
     s
 }
 
+/// The outermost watched server among `pid` and its ancestors (a walk of at most 32 parents):
+/// the server a process belongs to, so that an engine process a server spawned (vLLM's engine
+/// core, TGI's shards and router under its launcher) is taken with the server above it.
+pub fn outermost(
+    pid: u32,
+    watched: &dyn Fn(u32) -> bool,
+    parent: &dyn Fn(u32) -> Option<u32>,
+) -> Option<u32> {
+    let mut found = None;
+    let mut p = pid;
+    for _ in 0..32 {
+        if watched(p) {
+            found = Some(p);
+        }
+        match parent(p) {
+            Some(up) if up > 1 && up != p => p = up,
+            _ => break,
+        }
+    }
+    found
+}
+
 /// Recognises an inference server from its argv.
 pub fn classify(argv: &[String]) -> Option<Server> {
     classify_kind(argv).map(|s| with_details(s, argv))

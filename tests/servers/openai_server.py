@@ -5,6 +5,9 @@ per server (flags) or per request (headers):
   x-ttft-ms     delay before the first token (default --ttft-ms)
   x-token-ms    delay between tokens (default --token-ms)
   x-error       400 | 429 | 500 | context  (answer with that error instead)
+  x-cuda-alloc  bytes to allocate on GPU 0 through --cuda-lib for this request, as a server's
+                forward pass does for activations and KV cache; when the driver says
+                CUDA_ERROR_OUT_OF_MEMORY the request is answered 500, as vLLM does
 Output tokens = max_tokens (default 8); prompt tokens = whitespace-separated words of the prompt.
 Any model name is served, unless --strict-models: then a model that is neither --model nor in
 --also-serve is answered 404 with vLLM's error body.
@@ -73,9 +76,21 @@ def hold_gpu_memory(lib, size, devices):
     return cuda
 
 
+_cuda = None
 if args.cuda_lib and args.cuda_mem:
     _cuda = hold_gpu_memory(args.cuda_lib, args.cuda_mem,
                             [int(d) for d in args.cuda_devices.split(",")])
+
+
+def allocate(size):
+    """One allocation on the current context (the last device --cuda-devices named), kept as a
+    request's working memory would be; returns the CUresult."""
+    import ctypes
+
+    if _cuda is None:
+        raise SystemExit("x-cuda-alloc needs --cuda-lib and --cuda-mem")
+    ptr = ctypes.c_uint64()
+    return _cuda.cuMemAlloc_v2(ctypes.byref(ptr), ctypes.c_size_t(size))
 
 app = FastAPI()
 
@@ -153,6 +168,14 @@ async def handle(request: Request, chat: bool):
         return not_found(body.get("model"))
     if h.get("x-error"):
         return error(h["x-error"])
+    if h.get("x-cuda-alloc"):
+        rc = allocate(int(h["x-cuda-alloc"]))
+        if rc != 0:
+            return JSONResponse(
+                status_code=500,
+                content={"object": "error", "message": f"CUDA out of memory (CUresult {rc})",
+                         "type": "InternalServerError", "code": 500},
+            )
     ttft = float(h.get("x-ttft-ms", args.ttft_ms)) / 1000
     pace = float(h.get("x-token-ms", args.token_ms)) / 1000
     n = int(body.get("max_tokens") or 8)

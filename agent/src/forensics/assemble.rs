@@ -42,6 +42,18 @@ pub struct Writer {
     pub load: Option<Arc<crate::http::load::LoadBoard>>,
     /// OTLP: one log record per report.
     pub logs: Option<crate::queue::Sender<crate::events::Notice>>,
+    /// The inference servers' requests, for a CUDA failure in one of them.
+    pub requests: Option<super::requests::RequestSource>,
+    /// Reports waiting for the window after their failure to pass: when, the report, the
+    /// failure's instant and the requests then in flight.
+    pub pending: Vec<Pending>,
+}
+
+pub struct Pending {
+    due: std::time::Instant,
+    report: Report,
+    t_ns: u64,
+    records: Vec<crate::http::requests::RequestRecord>,
 }
 
 impl Writer {
@@ -52,14 +64,23 @@ impl Writer {
         let mut stacks = Stacks::new(self.stack_map.take());
         loop {
             heartbeat.beat();
+            self.complete_due(false);
             let draft = match rx.recv_timeout(Duration::from_secs(1)) {
                 Ok(d) => d,
                 Err(crate::queue::RecvError::Timeout) => continue,
                 Err(crate::queue::RecvError::Closed) => break,
             };
-            let report = self.assemble(&mut stacks, draft);
+            let (report, records) = self.assemble_with_requests(&mut stacks, draft);
             let kind = report.kind.as_str();
             let saved = self.store.save(&report);
+            if let (Some(src), Some((records, t_ns))) = (&self.requests, records) {
+                self.pending.push(Pending {
+                    due: std::time::Instant::now() + src.after,
+                    report: report.clone(),
+                    t_ns,
+                    records,
+                });
+            }
             if let Some(logs) = &self.logs {
                 logs.offer(Notice::Report(ReportWritten {
                     time_unix_nano: report.time_unix_ms.saturating_mul(1_000_000),
@@ -90,7 +111,67 @@ impl Writer {
                 .get_or_create(&KindLabels { kind })
                 .inc();
         }
+        // Stopping: what the windows saw so far goes into their reports.
+        self.complete_due(true);
         heartbeat.done();
+    }
+
+    /// A report, and for a CUDA failure in an inference server the requests then in flight.
+    fn assemble_with_requests(
+        &mut self,
+        stacks: &mut Stacks,
+        d: Draft,
+    ) -> (
+        Report,
+        Option<(Vec<crate::http::requests::RequestRecord>, u64)>,
+    ) {
+        let at = (d.cuda.is_some(), d.process.pid, d.ts_ns);
+        let mut report = self.assemble(stacks, d);
+        let (Some(src), (true, pid, t_ns)) = (&self.requests, at) else {
+            return (report, None);
+        };
+        let Some((requests, records)) = src.at_failure(pid, t_ns) else {
+            return (report, None);
+        };
+        report.requests = Some(requests);
+        report.redact();
+        report.summary = summary(&report);
+        (report, Some((records, t_ns)))
+    }
+
+    /// Adds to each report whose window after its failure has passed (or all, `all`) the
+    /// requests that failed in it, and rewrites it.
+    fn complete_due(&mut self, all: bool) {
+        let Some(src) = &self.requests else {
+            return;
+        };
+        let now = std::time::Instant::now();
+        let (due, waiting): (Vec<Pending>, Vec<Pending>) = std::mem::take(&mut self.pending)
+            .into_iter()
+            .partition(|p| all || p.due <= now);
+        self.pending = waiting;
+        for mut p in due {
+            let Some(r) = p.report.requests.as_mut() else {
+                continue;
+            };
+            let failed = src.after_failure(r, &p.records, p.t_ns);
+            self.metrics.failed_after.inc_by(failed as u64);
+            p.report.redact();
+            p.report.summary = summary(&p.report);
+            if let Err(e) = self.store.save(&p.report) {
+                self.metrics
+                    .forensics_errors
+                    .get_or_create(&KindLabels { kind: "write" })
+                    .inc();
+                tracing::error!(id = p.report.id, error = %e, "forensic report not rewritten with the requests that failed after it");
+            } else {
+                tracing::info!(
+                    id = p.report.id,
+                    failed,
+                    "forensic report completed with the requests after the failure"
+                );
+            }
+        }
     }
 
     pub fn assemble(&mut self, stacks: &mut Stacks, d: Draft) -> Report {
@@ -285,6 +366,7 @@ impl Writer {
             gpu_processes: d.gpu_processes,
             timeline,
             suppressed_before: d.suppressed_before,
+            requests: None,
         };
         // Before anything is stored, logged or exported; the summary is made of the masked
         // parts.
@@ -400,6 +482,27 @@ pub fn summary(r: &Report) -> String {
             if let Some(b) = before {
                 s.push_str(&format!(" (was {b} five minutes earlier)"));
             }
+        }
+    }
+    if let Some(q) = &r.requests {
+        let triggers: Vec<_> = q.in_flight.iter().filter(|x| x.likely_trigger).collect();
+        if let Some(t) = triggers.last() {
+            s.push_str(&format!(
+                "; likely trigger: a {} request ({} prompt) that arrived {:.0} ms before",
+                t.model,
+                super::render::bytes(t.prompt_bytes),
+                t.arrived_seconds_before * 1000.0
+            ));
+            if triggers.len() > 1 {
+                s.push_str(&format!(" (and {} more)", triggers.len() - 1));
+            }
+        }
+        if q.after_complete {
+            s.push_str(&format!(
+                "; {} requests failed in the {} s after",
+                q.failed_after.len(),
+                q.after_window_secs
+            ));
         }
     }
     s
@@ -566,6 +669,8 @@ mod tests {
             },
             seq: 0,
             load: None,
+            requests: None,
+            pending: Vec::new(),
             logs: Some(logs),
         };
         let draft = Draft {

@@ -13,6 +13,12 @@ pub struct ForensicsConfig {
     pub window_secs: u64,
     /// How far back a report's timeline reaches, in seconds.
     pub timeline_secs: u64,
+    /// A request that arrived, or got its first token, this many ms before a CUDA failure in
+    /// its server is marked as a likely trigger.
+    pub trigger_window_ms: u64,
+    /// For this many seconds after a CUDA failure in an inference server, its requests that
+    /// end in a server error, a reset or a timeout are added to the report (rewritten then).
+    pub after_failure_secs: u64,
 }
 
 impl Default for ForensicsConfig {
@@ -22,6 +28,8 @@ impl Default for ForensicsConfig {
             max_bytes: 64 * 1024 * 1024,
             window_secs: 60,
             timeline_secs: 300,
+            trigger_window_ms: 2000,
+            after_failure_secs: 30,
         }
     }
 }

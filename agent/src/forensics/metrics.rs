@@ -13,6 +13,8 @@ pub struct ForensicsMetrics {
     /// Reports by kind, every kind at 0 from the start.
     pub forensics_reports: Family<KindLabels, Counter>,
     pub forensics_errors: Family<KindLabels, Counter>,
+    /// Requests of a server that failed in the window after a CUDA failure in it.
+    pub failed_after: Counter,
 }
 
 impl ForensicsMetrics {
@@ -21,6 +23,7 @@ impl ForensicsMetrics {
             core: core.clone(),
             forensics_reports: Family::default(),
             forensics_errors: Family::default(),
+            failed_after: Counter::default(),
         };
         for kind in super::report::Kind::ALL {
             let _ = m.forensics_reports.get_or_create(&KindLabels {
@@ -37,6 +40,11 @@ impl ForensicsMetrics {
                 "inferscope_forensics_errors",
                 "Forensic reports that could not be written to disk (kept in memory)",
                 m.forensics_errors.clone(),
+            );
+            r.register(
+                "inferscope_forensics_requests_failed_after",
+                "Requests of an inference server that ended in a server error, a reset or a timeout in the window after a CUDA failure in it (forensics.after_failure_secs), added to that failure's report",
+                m.failed_after.clone(),
             );
         });
         Arc::new(m)

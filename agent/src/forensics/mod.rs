@@ -12,6 +12,7 @@ mod config;
 pub mod metrics;
 pub mod render;
 pub mod report;
+pub mod requests;
 pub mod store;
 pub mod symbolize;
 

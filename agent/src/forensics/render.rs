@@ -273,6 +273,9 @@ pub fn text(r: &Report) -> String {
             );
         }
     }
+    if let Some(q) = &r.requests {
+        requests_text(&mut s, q);
+    }
     let t = &r.timeline;
     let _ = writeln!(
         s,
@@ -289,6 +292,71 @@ pub fn text(r: &Report) -> String {
         );
     }
     s
+}
+
+/// One request as a line: what it was, where it stood, how it ended.
+fn request_line(row: &crate::forensics::report::RequestRow) -> String {
+    let mut l = format!(
+        "pid {} {} arrived {:.3} s before, {} ({} tokens), prompt {}",
+        row.server_pid,
+        row.model,
+        row.arrived_seconds_before,
+        row.state,
+        row.tokens_so_far,
+        bytes(row.prompt_bytes)
+    );
+    if let Some(t) = row.prompt_tokens {
+        l.push_str(&format!(" / {t} tokens"));
+    }
+    if let Some(m) = row.max_tokens {
+        l.push_str(&format!(", max_tokens {m}"));
+    }
+    if let Some(c) = &row.client {
+        l.push_str(&format!(", client {c}"));
+    }
+    if let Some(o) = &row.outcome {
+        match row.ended_seconds_after {
+            Some(after) => l.push_str(&format!("; ended {after:.3} s after: {o}")),
+            None => l.push_str(&format!("; {o}")),
+        }
+    }
+    l
+}
+
+fn requests_text(s: &mut String, q: &crate::forensics::report::Requests) {
+    let _ = writeln!(
+        s,
+        "\nrequests in flight at the failure on the server ({} pids {:?}):",
+        q.in_flight.len(),
+        q.servers
+    );
+    for row in &q.in_flight {
+        let mark = if row.likely_trigger { "TRIGGER?" } else { "" };
+        let _ = writeln!(s, "  {mark:>8} {}", request_line(row));
+        if let Some(why) = &row.trigger_reason {
+            let _ = writeln!(s, "           likely trigger: {why}");
+        }
+    }
+    if let Some(why) = &q.no_trigger {
+        let _ = writeln!(s, "  no likely trigger: {why}");
+    }
+    if q.after_complete {
+        let _ = writeln!(
+            s,
+            "requests that failed in the {} s after the failure: {}",
+            q.after_window_secs,
+            q.failed_after.len()
+        );
+        for row in &q.failed_after {
+            let _ = writeln!(s, "           {}", request_line(row));
+        }
+    } else {
+        let _ = writeln!(
+            s,
+            "(the requests that fail in the {} s after the failure are added when that window ends)",
+            q.after_window_secs
+        );
+    }
 }
 
 fn esc(s: &str) -> String {
@@ -536,6 +604,37 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left;font-size:13px}}th{
             );
         }
         s.push_str("</table>");
+    }
+    if let Some(q) = &r.requests {
+        s.push_str("<h2>Requests at the failure</h2><table><tr><th></th><th>request</th><th>why it may be the trigger</th></tr>");
+        for row in &q.in_flight {
+            let _ = write!(
+                s,
+                "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
+                if row.likely_trigger {
+                    "likely trigger"
+                } else {
+                    ""
+                },
+                esc(&request_line(row)),
+                esc(row.trigger_reason.as_deref().unwrap_or(""))
+            );
+        }
+        s.push_str("</table>");
+        if let Some(why) = &q.no_trigger {
+            let _ = write!(s, "<p>No likely trigger: {}</p>", esc(why));
+        }
+        if q.after_complete {
+            let _ = write!(
+                s,
+                "<h2>Failed in the {} s after</h2><table><tr><th>request</th></tr>",
+                q.after_window_secs
+            );
+            for row in &q.failed_after {
+                let _ = write!(s, "<tr><td>{}</td></tr>", esc(&request_line(row)));
+            }
+            s.push_str("</table>");
+        }
     }
     let _ = write!(
         s,

@@ -31,6 +31,57 @@ pub struct Report {
     pub timeline: Timeline,
     /// Reports of the same kind and process suppressed in the window before this one.
     pub suppressed_before: u64,
+    /// A CUDA failure in an inference server: the requests it had in flight, the likely
+    /// trigger, and those that failed after.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests: Option<Requests>,
+}
+
+/// The requests of the failing process's server (and the servers of its process tree).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Requests {
+    /// The server processes (pids) whose requests are listed.
+    pub servers: Vec<u32>,
+    /// A request that arrived, or got its first token, this long before the failure is a
+    /// likely trigger.
+    pub trigger_window_ms: u64,
+    /// In flight at the failing call, oldest first.
+    pub in_flight: Vec<RequestRow>,
+    /// Why no request is marked as the trigger, when none is.
+    pub no_trigger: Option<String>,
+    /// How long after the failure the server's requests were followed.
+    pub after_window_secs: u64,
+    /// Whether that window has passed (the report is rewritten when it has).
+    pub after_complete: bool,
+    /// The requests that ended in a server error, a reset or a timeout in that window.
+    pub failed_after: Vec<RequestRow>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RequestRow {
+    pub server_pid: u32,
+    pub model: String,
+    /// Seconds before the failure it arrived (its first byte).
+    pub arrived_seconds_before: f64,
+    /// `streaming` (it had token events by the failure) or `waiting_first_token` (its prompt
+    /// being processed, or an answer that is not streamed being computed).
+    pub state: String,
+    /// Token events it had streamed by the failure.
+    pub tokens_so_far: u64,
+    /// The request body's size: the prompt on the wire.
+    pub prompt_bytes: u64,
+    /// When the response told.
+    pub prompt_tokens: Option<u64>,
+    /// From the request body.
+    pub max_tokens: Option<u64>,
+    /// The client's address.
+    pub client: Option<String>,
+    pub likely_trigger: bool,
+    pub trigger_reason: Option<String>,
+    /// How it ended, when it has: HTTP status, or the error type.
+    pub outcome: Option<String>,
+    /// Seconds after the failure it ended.
+    pub ended_seconds_after: Option<f64>,
 }
 
 impl Report {
@@ -92,6 +143,16 @@ impl Report {
             f(&mut x.error);
         }
         t.requests.iter_mut().for_each(|s| f(&mut s.comm));
+        if let Some(r) = &mut self.requests {
+            r.no_trigger.iter_mut().for_each(&mut *f);
+            for row in r.in_flight.iter_mut().chain(r.failed_after.iter_mut()) {
+                f(&mut row.model);
+                f(&mut row.state);
+                row.client.iter_mut().for_each(&mut *f);
+                row.trigger_reason.iter_mut().for_each(&mut *f);
+                row.outcome.iter_mut().for_each(&mut *f);
+            }
+        }
     }
 }
 
@@ -382,6 +443,29 @@ pub(crate) mod tests {
                 }],
             },
             suppressed_before: 0,
+            requests: Some(Requests {
+                servers: vec![1],
+                trigger_window_ms: 1,
+                in_flight: vec![RequestRow {
+                    model: t(),
+                    state: t(),
+                    client: Some(t()),
+                    trigger_reason: Some(t()),
+                    outcome: Some(t()),
+                    ..Default::default()
+                }],
+                no_trigger: Some(t()),
+                after_window_secs: 1,
+                after_complete: true,
+                failed_after: vec![RequestRow {
+                    model: t(),
+                    state: t(),
+                    client: Some(t()),
+                    trigger_reason: Some(t()),
+                    outcome: Some(t()),
+                    ..Default::default()
+                }],
+            }),
         }
     }
 

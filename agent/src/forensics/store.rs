@@ -330,6 +330,7 @@ mod tests {
             gpu_processes: Vec::new(),
             timeline: Timeline::default(),
             suppressed_before: 0,
+            requests: None,
         }
     }
 

@@ -154,6 +154,8 @@ pub struct Exchange {
     pub received: bool,
     /// Bytes of the request body (the prompt's size on the wire).
     pub request_bytes: u64,
+    /// Most tokens the request lets the server generate, when its body says.
+    pub max_tokens: Option<u64>,
     /// The caller's trace context, when the request carried a valid `traceparent` (boxed:
     /// most requests carry none).
     pub traceparent: Option<Box<super::traceparent::TraceParent>>,
@@ -286,6 +288,11 @@ impl Conn {
             out: Out::Desync,
             ..Self::new(ts)
         }
+    }
+
+    /// The requests in flight: the one being answered, then those waiting behind it.
+    pub fn each_in_flight(&self, f: &mut dyn FnMut(&Exchange)) {
+        self.writing.iter().chain(&self.pending).for_each(f);
     }
 
     /// The output events so far of the exchange being answered, with the model its request
@@ -456,6 +463,10 @@ impl Conn {
                 None => self.bad_in(Bad::BadFraming, out),
                 Some((n, done)) => {
                     *complete = false;
+                    // The body's size counts what was not captured too.
+                    if let Some(x) = self.reading.as_mut() {
+                        x.request_bytes += n;
+                    }
                     if done {
                         let buf = std::mem::take(buf);
                         // Whatever followed in the hole (a pipelined request) is lost.
@@ -486,6 +497,7 @@ impl Conn {
             let meta = payload::request_meta(body, complete);
             x.model = meta.model;
             x.stream = meta.stream.unwrap_or(false);
+            x.max_tokens = meta.max_tokens;
         }
         if x.route.ends_with("_stream") {
             x.stream = true;

@@ -119,20 +119,9 @@ pub struct View<'a> {
 }
 
 impl View<'_> {
-    /// The outermost watched server among `pid` and its ancestors (a bounded walk).
+    /// The outermost watched server among `pid` and its ancestors.
     pub fn group(&self, pid: u32) -> Option<u32> {
-        let mut found = None;
-        let mut p = pid;
-        for _ in 0..32 {
-            if self.servers.contains_key(&p) {
-                found = Some(p);
-            }
-            match (self.parent)(p) {
-                Some(up) if up > 1 && up != p => p = up,
-                _ => break,
-            }
-        }
-        found
+        crate::servers::outermost(pid, &|p| self.servers.contains_key(&p), self.parent)
     }
 }
 

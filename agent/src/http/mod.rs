@@ -16,6 +16,7 @@ pub mod load;
 pub mod metrics;
 pub mod models;
 pub mod payload;
+pub mod requests;
 pub mod traceparent;
 pub mod tracker;
 pub mod watch;
@@ -124,6 +125,7 @@ impl Stage {
         servers: std::sync::Arc<crate::servers::ServerBoard>,
         attrib: Option<std::sync::Arc<crate::attrib::Attributor>>,
         spans: Option<crate::queue::Sender<finished::RequestFinished>>,
+        requests: std::sync::Arc<requests::RequestLog>,
         health: &crate::health::Health,
     ) -> std::io::Result<Stage> {
         let Some(maps) = maps else {
@@ -144,6 +146,7 @@ impl Stage {
         let (tx, rx) = crate::queue::channel(QUEUE_BYTES, dropped);
         let t = tracker::HttpTracker::new(metrics.clone(), config.limits())
             .with_procfs(procfs.clone())
+            .with_requests(requests)
             .with_load(load)
             .with_spans(spans)
             .with_attribution(attrib.clone());

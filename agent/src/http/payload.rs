@@ -10,6 +10,9 @@ use serde::Deserialize;
 pub struct RequestMeta {
     pub model: Option<String>,
     pub stream: Option<bool>,
+    /// Most tokens the request lets the server generate: OpenAI's `max_tokens` or
+    /// `max_completion_tokens`, TGI's `parameters.max_new_tokens`.
+    pub max_tokens: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -18,9 +21,19 @@ struct RequestJson<'a> {
     model: Option<std::borrow::Cow<'a, str>>,
     #[serde(default)]
     stream: Option<bool>,
+    #[serde(default)]
+    max_tokens: Option<u64>,
+    #[serde(default)]
+    max_completion_tokens: Option<u64>,
     /// TGI's `/generate_stream` takes `inputs` and `parameters`.
     #[serde(default)]
-    parameters: Option<IgnoredAny>,
+    parameters: Option<Parameters>,
+}
+
+#[derive(Deserialize)]
+struct Parameters {
+    #[serde(default)]
+    max_new_tokens: Option<u64>,
 }
 
 /// Longest model name kept.
@@ -31,16 +44,22 @@ const MAX_MODEL: usize = 128;
 pub fn request_meta(body: &[u8], complete: bool) -> RequestMeta {
     if complete {
         if let Ok(j) = serde_json::from_slice::<RequestJson>(body) {
-            let _ = j.parameters;
             return RequestMeta {
                 model: j.model.map(|m| clip(&m)),
                 stream: j.stream,
+                max_tokens: j
+                    .max_completion_tokens
+                    .or(j.max_tokens)
+                    .or(j.parameters.and_then(|p| p.max_new_tokens)),
             };
         }
     }
     RequestMeta {
         model: scan_string(body, b"\"model\"").map(|m| clip(&m)),
         stream: scan_bool(body, b"\"stream\""),
+        max_tokens: scan_u64(body, b"\"max_completion_tokens\"")
+            .or_else(|| scan_u64(body, b"\"max_tokens\""))
+            .or_else(|| scan_u64(body, b"\"max_new_tokens\"")),
     }
 }
 
@@ -448,6 +467,33 @@ mod tests {
             request_meta(b"\x00\xff garbage", true),
             RequestMeta::default()
         );
+    }
+
+    #[test]
+    fn the_most_tokens_a_request_asks_for() {
+        let max = |body: &str, complete| request_meta(body.as_bytes(), complete).max_tokens;
+        assert_eq!(max(r#"{"model":"m","max_tokens":256}"#, true), Some(256));
+        // The newer name wins over the deprecated one.
+        assert_eq!(
+            max(r#"{"max_tokens":10,"max_completion_tokens":20}"#, true),
+            Some(20)
+        );
+        assert_eq!(
+            max(r#"{"inputs":"x","parameters":{"max_new_tokens":64}}"#, true),
+            Some(64)
+        );
+        assert_eq!(max(r#"{"model":"m"}"#, true), None);
+        // A cut body is scanned; a prompt quoting the key is not taken for it.
+        assert_eq!(
+            max(
+                r#"{"prompt":"\"max_tokens\": 9","max_tokens": 77, "messages": ["#,
+                false
+            ),
+            Some(77)
+        );
+        // Not a number: none, never a panic.
+        assert_eq!(max(r#"{"max_tokens":"lots"}"#, false), None);
+        assert_eq!(max(r#"{"max_tokens":-1}"#, true), None);
     }
 
     #[test]

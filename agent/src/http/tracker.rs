@@ -123,6 +123,8 @@ type Key = (u32, u32);
 struct Tracked {
     wire: Wire,
     charged: usize,
+    /// The client, from the accept.
+    peer: Option<std::net::SocketAddr>,
 }
 
 pub struct HttpTracker {
@@ -155,6 +157,10 @@ pub struct HttpTracker {
     gpu_cost: super::gpu_cost::GpuCost,
     /// Process parents, for the GPU cost's server groups.
     procfs: Option<crate::proc::ProcFs>,
+    /// Requests in flight and lately finished, for forensic reports.
+    requests: Option<Arc<super::requests::RequestLog>>,
+    /// The client of the connection whose output is flushed next.
+    client: Option<std::net::SocketAddr>,
 }
 
 impl HttpTracker {
@@ -182,6 +188,56 @@ impl HttpTracker {
             finished_tokens: HashMap::new(),
             gpu_cost: Default::default(),
             procfs: None,
+            requests: None,
+            client: None,
+        }
+    }
+
+    /// Keeps `requests` up to date: those in flight and those that finish.
+    pub fn with_requests(mut self, requests: Arc<super::requests::RequestLog>) -> Self {
+        self.requests = Some(requests);
+        self
+    }
+
+    /// Refreshes the requests in flight in the request log.
+    pub fn publish_live(&self, now_ns: u64) {
+        let Some(log) = &self.requests else {
+            return;
+        };
+        let mut live = Vec::new();
+        for ((tgid, _), t) in &self.conns {
+            t.wire.each_in_flight(&mut |x| {
+                let name = self.named(*tgid, x.model.as_deref());
+                live.push(self.record_of(*tgid, x, self.models.label(&name), t.peer, false));
+            });
+        }
+        log.set_live(now_ns, live);
+    }
+
+    /// A request as the request log keeps it.
+    fn record_of(
+        &self,
+        tgid: u32,
+        x: &Exchange,
+        model: &str,
+        client: Option<std::net::SocketAddr>,
+        ended: bool,
+    ) -> super::requests::RequestRecord {
+        super::requests::RequestRecord {
+            server: tgid,
+            model: model.to_string(),
+            start_ns: x.start_ns,
+            first_token_ns: x.first_token_ns,
+            last_token_ns: x.last_token_ns,
+            token_events: x.token_events,
+            end_ns: ended.then_some(x.end_ns),
+            status: x.status,
+            error: x.error.map(ErrorType::label),
+            request_bytes: x.request_bytes,
+            prompt_tokens: x.usage.prompt,
+            output_tokens: if ended { x.output_tokens() } else { None },
+            max_tokens: x.max_tokens,
+            client,
         }
     }
 
@@ -225,6 +281,7 @@ impl HttpTracker {
     fn remove(&mut self, key: &Key) -> Option<Wire> {
         let t = self.conns.remove(key)?;
         self.state_bytes -= t.charged;
+        self.client = t.peer;
         Some(t.wire)
     }
 
@@ -233,7 +290,13 @@ impl HttpTracker {
         if let std::collections::hash_map::Entry::Occupied(old) = &entry {
             self.state_bytes -= old.get().charged;
         }
-        let t = entry.insert_entry(Tracked { wire, charged: 0 }).into_mut();
+        let t = entry
+            .insert_entry(Tracked {
+                wire,
+                charged: 0,
+                peer: None,
+            })
+            .into_mut();
         charge(
             t,
             &mut self.state_bytes,
@@ -268,13 +331,16 @@ impl HttpTracker {
             return;
         }
         match r {
-            Record::Accept { fd, .. } => {
+            Record::Accept { fd, peer, .. } => {
                 // A new connection on this fd: whatever was there is over.
                 if let Some(mut old) = self.remove(&(tgid, *fd)) {
                     old.close(ts, &mut self.out);
                 }
                 if self.room() {
                     self.insert((tgid, *fd), Wire::new(ts));
+                    if let Some(t) = self.conns.get_mut(&(tgid, *fd)) {
+                        t.peer = *peer;
+                    }
                 }
             }
             Record::Close { fd, .. } => {
@@ -302,6 +368,7 @@ impl HttpTracker {
                 let Some(t) = self.conns.get_mut(&key) else {
                     return;
                 };
+                self.client = t.peer;
                 t.wire
                     .record(ts, *inbound, bytes, *len, *plain, &mut self.out);
                 charge(
@@ -657,6 +724,9 @@ impl HttpTracker {
                 .entry((tgid, model.clone()))
                 .or_default() += produced;
         }
+        if let Some(log) = &self.requests {
+            log.finished(self.record_of(tgid, x, &model, self.client, true));
+        }
         let h = &self.http;
         if let Some(c) = x.output_tokens() {
             h.tokens_output.get_or_create(&labels).inc_by(c);
@@ -759,6 +829,8 @@ pub async fn run(
 ) -> HttpTracker {
     let mut sweep = tokio::time::interval(Duration::from_secs(1));
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut live = tokio::time::interval(super::requests::LIVE_EVERY);
+    live.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         heartbeat.beat();
         tokio::select! {
@@ -770,6 +842,7 @@ pub async fn run(
                 }
             },
             _ = sweep.tick() => t.sweep(monotonic_ns()),
+            _ = live.tick() => t.publish_live(monotonic_ns()),
         }
     }
 }

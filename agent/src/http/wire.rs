@@ -210,6 +210,15 @@ impl Wire {
         }
     }
 
+    /// The requests in flight.
+    pub fn each_in_flight(&self, f: &mut dyn FnMut(&conn::Exchange)) {
+        match &self.proto {
+            Proto::H1(c) => c.each_in_flight(f),
+            Proto::H2(c) => c.each_in_flight(f),
+            _ => {}
+        }
+    }
+
     /// The output events so far of the exchanges being answered, with the model each named.
     pub fn tokens_in_flight(&self, f: &mut dyn FnMut(Option<&str>, u64)) {
         match &self.proto {

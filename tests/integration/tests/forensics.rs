@@ -738,3 +738,135 @@ fn a_cuda_oom_report_shows_the_requests_in_flight_on_the_servers() {
     assert!(w.wait().success());
     assert!(agent.stop().success());
 }
+
+/// A raw HTTP/1.1 request on a connection of its own; returns the response's status line.
+fn request(port: u16, headers: &str, body: &str) -> String {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        c,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{headers}Connection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut answer = String::new();
+    c.read_to_string(&mut answer).unwrap();
+    answer.lines().next().unwrap_or_default().to_string()
+}
+
+#[root_test]
+fn a_cuda_oom_report_names_the_request_behind_it_and_those_that_failed_after() {
+    let gpu = SimGpus::new(1, 1 << 30);
+    let lib = Variant::Push.lib_path().display().to_string();
+    // A FastAPI server holding 256 MiB of the 1 GiB GPU, as its weights.
+    let server = OpenAiServer::start_with_env(
+        "busy",
+        &["--cuda-lib", &lib, "--cuda-mem", "268435456"],
+        &str_pairs(&gpu.cuda_env()),
+    );
+    let agent = gpu.agent(
+        &["--cuda-lib", &lib, "--watch-port", &server.port.to_string()],
+        &[("INFERSCOPE_FORENSICS__AFTER_FAILURE_SECS", "3")],
+    );
+    agent.wait_for("the server to be watched", |s| {
+        s.sum("inferscope_http_watched_processes", &[]) >= 1.0
+    });
+    // Three streams (100 tokens at 100 ms), older than the trigger window (2 s) by the failure.
+    let (conns, _) = server.slow_streams("busy", 3);
+    agent.wait_for("the streams in flight", |s| {
+        s.sum("llm_requests_in_flight", &[]) == 3.0
+    });
+    std::thread::sleep(Duration::from_millis(2500));
+    // Then a large request whose handler asks for 2 GiB: the driver fails, the server answers
+    // 500; then another request fails.
+    let prompt = "word ".repeat(2000);
+    let big = format!(
+        r#"{{"model":"busy","max_tokens":512,"messages":[{{"role":"user","content":"{prompt}"}}]}}"#
+    );
+    let status = request(server.port, "x-cuda-alloc: 2147483648\r\n", &big);
+    assert!(status.starts_with("HTTP/1.1 500"), "{status}");
+    let small = r#"{"model":"busy","max_tokens":4,"messages":[{"role":"user","content":"x"}]}"#;
+    let status = request(server.port, "x-error: 500\r\n", small);
+    assert!(status.starts_with("HTTP/1.1 500"), "{status}");
+
+    let dir = agent.dir.path().join("forensics");
+    let l = reports(&agent, 1);
+    let id = l[0]["id"].as_str().unwrap().to_string();
+    let r = show(&dir, &id);
+    assert_eq!(r["process"]["pid"], server.pid());
+    let q = &r["requests"];
+    assert_eq!(q["servers"][0], server.pid(), "{q}");
+    let rows = q["in_flight"].as_array().unwrap();
+    assert_eq!(rows.len(), 4, "{q}");
+    // The streams: oldest first, streaming for about 25 tokens, not the trigger.
+    for row in &rows[..3] {
+        assert_eq!(row["state"], "streaming", "{row}");
+        let tokens = row["tokens_so_far"].as_u64().unwrap();
+        assert!((10..=40).contains(&tokens), "{row}");
+        assert_eq!(row["likely_trigger"], false, "{row}");
+        assert_eq!(row["max_tokens"], 100, "{row}");
+        assert!(
+            row["arrived_seconds_before"].as_f64().unwrap() > 2.0,
+            "{row}"
+        );
+    }
+    // The large request: just arrived, no token yet, its size and limit, the trigger.
+    let t = &rows[3];
+    assert_eq!(t["likely_trigger"], true, "{t}");
+    assert_eq!(t["state"], "waiting_first_token", "{t}");
+    assert_eq!(t["prompt_bytes"], big.len() as u64, "{t}");
+    assert_eq!(t["max_tokens"], 512, "{t}");
+    assert!(t["arrived_seconds_before"].as_f64().unwrap() < 2.0, "{t}");
+    assert!(
+        t["client"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{t}"
+    );
+    assert!(
+        t["trigger_reason"]
+            .as_str()
+            .unwrap()
+            .contains("had no token yet"),
+        "{t}"
+    );
+    assert!(
+        r["summary"]
+            .as_str()
+            .unwrap()
+            .contains("likely trigger: a busy request"),
+        "{}",
+        r["summary"]
+    );
+    // After the window (3 s), the report is rewritten with what failed in it: the large
+    // request and the next one, both 500; the streams had not ended.
+    let r = eventually(
+        "the report completed after the window",
+        Duration::from_secs(15),
+        || {
+            let r = show(&dir, &id);
+            (r["requests"]["after_complete"] == true).then_some(r)
+        },
+    );
+    let q = &r["requests"];
+    let failed = q["failed_after"].as_array().unwrap();
+    assert_eq!(failed.len(), 2, "{q}");
+    assert!(failed.iter().all(|f| f["outcome"] == "HTTP 500"), "{q}");
+    assert_eq!(failed[0]["prompt_bytes"], big.len() as u64, "{q}");
+    assert_eq!(q["in_flight"][3]["outcome"], "HTTP 500", "{q}");
+    assert_eq!(
+        q["in_flight"][0]["outcome"], "not ended in the window",
+        "{q}"
+    );
+    let s = agent.scrape();
+    assert_eq!(
+        s.sum("inferscope_forensics_requests_failed_after_total", &[]),
+        2.0,
+        "{}",
+        s.text
+    );
+    let (ok, text, _) = cli(&dir, &["show", &id]);
+    assert!(ok && text.contains("TRIGGER?"), "{text}");
+    let (ok, html, _) = cli(&dir, &["show", &id, "--format", "html"]);
+    assert!(ok && html.contains("Requests at the failure"), "{html}");
+    drop(conns);
+    assert!(agent.stop().success());
+}

@@ -144,6 +144,13 @@ impl Conn {
         }
     }
 
+    /// The requests in flight: every stream whose request was read.
+    pub fn each_in_flight(&self, f: &mut dyn FnMut(&crate::http::conn::Exchange)) {
+        for s in self.st.streams.values().filter(|s| s.x.received) {
+            f(&s.x);
+        }
+    }
+
     /// The output events so far of each stream being answered, with the model it named.
     pub fn tokens_in_flight(&self, f: &mut dyn FnMut(Option<&str>, u64)) {
         for s in self.st.streams.values().filter(|s| s.x.token_events > 0) {
@@ -385,6 +392,7 @@ impl State {
             let meta = payload::request_meta(&s.req_body.bytes, !s.req_body.cut);
             s.x.model = meta.model;
             s.x.stream = meta.stream.unwrap_or(false);
+            s.x.max_tokens = meta.max_tokens;
             s.req_body = Body::default();
         }
         out.push(Output::Received {
