@@ -595,6 +595,9 @@ impl Wiring<'_> {
             logs,
             requests: Some(requests),
             pending: Vec::new(),
+            python: f
+                .python_stacks
+                .then(|| forensics::python::Python::new(self.procfs())),
         };
         // A report reads the target's files to symbolize its stacks: seconds for a large library.
         let beat = self.health.heartbeat(

@@ -38,6 +38,10 @@ const AGENT: &[Allowed] = &[
         why: "scrape a server that listens on loopback only, from inside its network namespace",
         names: &["setns"],
     },
+    Allowed {
+        why: "read the Python stacks of a process whose CUDA call failed (forensics.python_stacks): pause its threads for the few ms of the copy, read its interpreter's memory",
+        names: &["ptrace", "process_vm_readv"],
+    },
 ];
 
 /// What any threaded program of the agent's kind makes, by area.
@@ -411,7 +415,6 @@ mod tests {
             "kexec_load",
             "init_module",
             "finit_module",
-            "ptrace",
             "process_vm_writev",
             "io_uring_setup",
             "userfaultfd",

@@ -47,6 +47,8 @@ pub struct Writer {
     /// Reports waiting for the window after their failure to pass: when, the report, the
     /// failure's instant and the requests then in flight.
     pub pending: Vec<Pending>,
+    /// Reads the Python stacks of a Python process whose CUDA call failed.
+    pub python: Option<super::python::Python>,
 }
 
 pub struct Pending {
@@ -70,7 +72,17 @@ impl Writer {
                 Err(crate::queue::RecvError::Timeout) => continue,
                 Err(crate::queue::RecvError::Closed) => break,
             };
-            let (report, records) = self.assemble_with_requests(&mut stacks, draft);
+            // First, while the failing thread may still be where it failed.
+            let python = match (&mut self.python, &draft.cuda) {
+                (Some(py), Some(ev)) => py.stacks(draft.process.pid, ev.header.pid, draft.ts_ns),
+                _ => None,
+            };
+            let (mut report, records) = self.assemble_with_requests(&mut stacks, draft);
+            if python.is_some() {
+                report.python = python;
+                report.redact();
+                report.summary = summary(&report);
+            }
             let kind = report.kind.as_str();
             let saved = self.store.save(&report);
             if let (Some(src), Some((records, t_ns))) = (&self.requests, records) {
@@ -367,6 +379,7 @@ impl Writer {
             timeline,
             suppressed_before: d.suppressed_before,
             requests: None,
+            python: None,
         };
         // Before anything is stored, logged or exported; the summary is made of the masked
         // parts.
@@ -671,6 +684,7 @@ mod tests {
             load: None,
             requests: None,
             pending: Vec::new(),
+            python: None,
             logs: Some(logs),
         };
         let draft = Draft {

@@ -19,6 +19,9 @@ pub struct ForensicsConfig {
     /// For this many seconds after a CUDA failure in an inference server, its requests that
     /// end in a server error, a reset or a timeout are added to the report (rewritten then).
     pub after_failure_secs: u64,
+    /// Read the Python stacks of a Python process whose CUDA call failed (py-spy, through
+    /// SYS_PTRACE; the process is paused for the few ms the copy takes).
+    pub python_stacks: bool,
 }
 
 impl Default for ForensicsConfig {
@@ -30,6 +33,7 @@ impl Default for ForensicsConfig {
             timeline_secs: 300,
             trigger_window_ms: 2000,
             after_failure_secs: 30,
+            python_stacks: true,
         }
     }
 }

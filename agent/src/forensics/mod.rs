@@ -10,6 +10,7 @@
 pub mod assemble;
 mod config;
 pub mod metrics;
+pub mod python;
 pub mod render;
 pub mod report;
 pub mod requests;

@@ -175,6 +175,9 @@ pub fn text(r: &Report) -> String {
             let _ = writeln!(s, "    {}", frame(f));
         }
     }
+    if let Some(p) = &r.python {
+        python_text(&mut s, p);
+    }
     if let Some(e) = &r.exit {
         let _ = writeln!(
             s,
@@ -292,6 +295,41 @@ pub fn text(r: &Report) -> String {
         );
     }
     s
+}
+
+fn python_frame(f: &crate::forensics::report::PythonFrame) -> String {
+    format!("{} ({}:{})", f.function, f.file, f.line)
+}
+
+fn thread_title(t: &crate::forensics::report::PythonThread) -> String {
+    format!(
+        "thread {}{}{}{}",
+        t.os_thread_id.unwrap_or(t.thread_id),
+        t.name.as_ref().map(|n| format!(" {n}")).unwrap_or_default(),
+        if t.failing {
+            " (the failing call's)"
+        } else {
+            ""
+        },
+        if t.owns_gil { ", holds the GIL" } else { "" }
+    )
+}
+
+fn python_text(s: &mut String, p: &crate::forensics::report::PythonStacks) {
+    let _ = writeln!(
+        s,
+        "\npython stacks, read {:.1} ms after the failure:",
+        p.read_ms_after_failure
+    );
+    if let Some(e) = &p.error {
+        let _ = writeln!(s, "    not read: {e}");
+    }
+    for t in &p.threads {
+        let _ = writeln!(s, "  {}:", thread_title(t));
+        for f in &t.frames {
+            let _ = writeln!(s, "    {}", python_frame(f));
+        }
+    }
 }
 
 /// One request as a line: what it was, where it stood, how it ended.
@@ -532,16 +570,58 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left;font-size:13px}}th{
     if let Some(c) = &r.cuda {
         let _ = write!(
             s,
-            "<h2>Failed call</h2><p>{} of {} → {} ({})</p><ol>",
+            "<h2>Failed call</h2><p>{} of {} → {} ({})</p>",
             esc(&c.api),
             bytes(c.requested_bytes),
             esc(&c.error),
             c.code
         );
-        for f in &c.stack {
-            let _ = write!(s, "<li><code>{}</code></li>", esc(&frame(f)));
+        let python = r
+            .python
+            .as_ref()
+            .and_then(|p| p.threads.iter().find(|t| t.failing));
+        match python {
+            // The failing thread's Python frames beside the call's native ones.
+            Some(t) => {
+                s.push_str("<table><tr><th>native (the failing call)</th><th>Python (the failing thread)</th></tr>");
+                for i in 0..c.stack.len().max(t.frames.len()) {
+                    let _ = write!(
+                        s,
+                        "<tr><td><code>{}</code></td><td><code>{}</code></td></tr>",
+                        c.stack.get(i).map(|f| esc(&frame(f))).unwrap_or_default(),
+                        t.frames
+                            .get(i)
+                            .map(|f| esc(&python_frame(f)))
+                            .unwrap_or_default()
+                    );
+                }
+                s.push_str("</table>");
+            }
+            None => {
+                s.push_str("<ol>");
+                for f in &c.stack {
+                    let _ = write!(s, "<li><code>{}</code></li>", esc(&frame(f)));
+                }
+                s.push_str("</ol>");
+            }
         }
-        s.push_str("</ol>");
+    }
+    if let Some(p) = &r.python {
+        let _ = write!(
+            s,
+            "<h2>Python stacks</h2><p>read {:.1} ms after the failure</p>",
+            p.read_ms_after_failure
+        );
+        if let Some(e) = &p.error {
+            let _ = write!(s, "<p>not read: {}</p>", esc(e));
+        }
+        for t in &p.threads {
+            let _ = write!(s, "<h3>{}</h3><ol>", esc(&thread_title(t)));
+            for f in &t.frames {
+                let _ = write!(s, "<li><code>{}</code></li>", esc(&python_frame(f)));
+            }
+            s.push_str("</ol>");
+        }
     }
     if let Some(a) = &r.allocations {
         let _ = write!(s, "<h2>Live allocations</h2><p>{} in {} allocations; {:.1} allocs/s, {:.1} frees/s over the last minute</p>", bytes(a.bytes), a.count, a.alloc_rate_per_s, a.free_rate_per_s);

@@ -35,6 +35,43 @@ pub struct Report {
     /// trigger, and those that failed after.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requests: Option<Requests>,
+    /// A CUDA failure in a Python process: its Python stacks (beside `cuda.stack`, the
+    /// failing call's native one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub python: Option<PythonStacks>,
+}
+
+/// Every thread's Python stack, read out of the process after the failure.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PythonStacks {
+    /// How long after the failing call returned the stacks were read.
+    pub read_ms_after_failure: f64,
+    /// The failing thread first.
+    pub threads: Vec<PythonThread>,
+    /// Why they could not be read, when they could not.
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PythonThread {
+    /// Python's thread id.
+    pub thread_id: u64,
+    /// The kernel's (the failing call's thread is the one with its id).
+    pub os_thread_id: Option<u64>,
+    pub name: Option<String>,
+    /// The thread whose CUDA call failed.
+    pub failing: bool,
+    pub active: bool,
+    pub owns_gil: bool,
+    /// Innermost first.
+    pub frames: Vec<PythonFrame>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PythonFrame {
+    pub function: String,
+    pub file: String,
+    pub line: i32,
 }
 
 /// The requests of the failing process's server (and the servers of its process tree).
@@ -143,6 +180,16 @@ impl Report {
             f(&mut x.error);
         }
         t.requests.iter_mut().for_each(|s| f(&mut s.comm));
+        if let Some(p) = &mut self.python {
+            p.error.iter_mut().for_each(&mut *f);
+            for t in &mut p.threads {
+                t.name.iter_mut().for_each(&mut *f);
+                for fr in &mut t.frames {
+                    f(&mut fr.function);
+                    f(&mut fr.file);
+                }
+            }
+        }
         if let Some(r) = &mut self.requests {
             r.no_trigger.iter_mut().for_each(&mut *f);
             for row in r.in_flight.iter_mut().chain(r.failed_after.iter_mut()) {
@@ -465,6 +512,19 @@ pub(crate) mod tests {
                     outcome: Some(t()),
                     ..Default::default()
                 }],
+            }),
+            python: Some(PythonStacks {
+                read_ms_after_failure: 1.0,
+                threads: vec![PythonThread {
+                    name: Some(t()),
+                    frames: vec![PythonFrame {
+                        function: t(),
+                        file: t(),
+                        line: 1,
+                    }],
+                    ..Default::default()
+                }],
+                error: Some(t()),
             }),
         }
     }

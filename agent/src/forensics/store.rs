@@ -331,6 +331,7 @@ mod tests {
             timeline: Timeline::default(),
             suppressed_before: 0,
             requests: None,
+            python: None,
         }
     }
 

@@ -870,3 +870,79 @@ fn a_cuda_oom_report_names_the_request_behind_it_and_those_that_failed_after() {
     drop(conns);
     assert!(agent.stop().success());
 }
+
+#[root_test]
+fn a_cuda_oom_in_python_reports_the_python_stack_of_the_failing_call() {
+    use std::io::{BufRead, Write};
+    let gpu = SimGpus::new(1, 1 << 30);
+    let lib = Variant::Push.lib_path().display().to_string();
+    let agent = gpu.agent(&["--cuda-lib", &lib], &[]);
+    let mut child = std::process::Command::new("python3")
+        .arg(servers_dir().join("nested_oom.py"))
+        .arg(&lib)
+        .arg((2u64 << 30).to_string())
+        .envs(gpu.cuda_env())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let lines: Value = serde_json::from_str(&line).unwrap_or_else(|_| panic!("{line}"));
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"go\n").unwrap();
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "oom 2", "CUDA_ERROR_OUT_OF_MEMORY expected");
+
+    let dir = agent.dir.path().join("forensics");
+    let l = reports(&agent, 1);
+    let id = l[0]["id"].as_str().unwrap();
+    let r = show(&dir, id);
+    assert_eq!(r["process"]["pid"], child.id());
+    let p = &r["python"];
+    assert!(p["error"].is_null(), "{p}");
+    assert!(p["read_ms_after_failure"].as_f64().unwrap() > 0.0, "{p}");
+    // The failing thread first, innermost frame first: the three functions, then the module.
+    let t = &p["threads"][0];
+    assert_eq!(t["failing"], true, "{p}");
+    let frames = t["frames"].as_array().unwrap();
+    let names: Vec<&str> = frames
+        .iter()
+        .map(|f| f["function"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["allocate_kv_cache", "build_engine", "serve", "<module>"],
+        "{p}"
+    );
+    assert!(
+        frames
+            .iter()
+            .all(|f| f["file"].as_str().unwrap().ends_with("nested_oom.py")),
+        "{p}"
+    );
+    // The callers' lines are the calls; the innermost is the failed allocation's, or the next
+    // one where the thread waits after it.
+    assert_eq!(frames[1]["line"], lines["CALL_ALLOC"], "{p}");
+    assert_eq!(frames[2]["line"], lines["CALL_BUILD"], "{p}");
+    assert_eq!(frames[3]["line"], lines["CALL_SERVE"], "{p}");
+    assert!(
+        [&lines["ALLOC"], &lines["HOLD"]].contains(&&frames[0]["line"]),
+        "{p} {lines}"
+    );
+    // Beside the failing call's native stack in the HTML page, and in the text.
+    let (ok, html, _) = cli(&dir, &["show", id, "--format", "html"]);
+    assert!(
+        ok && html.contains("Python stacks")
+            && html.contains("allocate_kv_cache (")
+            && html.contains("Python (the failing thread)"),
+        "{html}"
+    );
+    let (ok, text, _) = cli(&dir, &["show", id]);
+    assert!(ok && text.contains("python stacks, read"), "{text}");
+    drop(stdin);
+    assert!(child.wait().unwrap().success());
+    assert!(agent.stop().success());
+}
