@@ -207,6 +207,10 @@ impl HttpTracker {
         let mut live = Vec::new();
         for ((tgid, _), t) in &self.conns {
             t.wire.each_in_flight(&mut |x| {
+                // A scrape of the server's own metrics is no inference request.
+                if x.is_monitoring() {
+                    return;
+                }
                 let name = self.named(*tgid, x.model.as_deref());
                 live.push(self.record_of(*tgid, x, self.models.label(&name), t.peer, false));
             });
