@@ -77,12 +77,7 @@ impl Writer {
                 (Some(py), Some(ev)) => py.stacks(draft.process.pid, ev.header.pid, draft.ts_ns),
                 _ => None,
             };
-            let (mut report, records) = self.assemble_with_requests(&mut stacks, draft);
-            if python.is_some() {
-                report.python = python;
-                report.redact();
-                report.summary = summary(&report);
-            }
+            let (report, records) = self.assemble_failure(&mut stacks, draft, python);
             let kind = report.kind.as_str();
             let saved = self.store.save(&report);
             if let (Some(src), Some((records, t_ns))) = (&self.requests, records) {
@@ -128,27 +123,36 @@ impl Writer {
         heartbeat.done();
     }
 
-    /// A report, and for a CUDA failure in an inference server the requests then in flight.
-    fn assemble_with_requests(
+    /// A report with, for a CUDA failure, the Python stacks read and the requests in flight
+    /// on the failing process's server; and those requests as the log had them, with the
+    /// failure's instant, for the window after it.
+    fn assemble_failure(
         &mut self,
         stacks: &mut Stacks,
         d: Draft,
+        python: Option<super::report::PythonStacks>,
     ) -> (
         Report,
         Option<(Vec<crate::http::requests::RequestRecord>, u64)>,
     ) {
         let at = (d.cuda.is_some(), d.process.pid, d.ts_ns);
         let mut report = self.assemble(stacks, d);
-        let (Some(src), (true, pid, t_ns)) = (&self.requests, at) else {
-            return (report, None);
+        let found = match (&self.requests, at) {
+            (Some(src), (true, pid, t_ns)) => src.at_failure(pid, t_ns).map(|r| (r, t_ns)),
+            _ => None,
         };
-        let Some((requests, records)) = src.at_failure(pid, t_ns) else {
+        if python.is_none() && found.is_none() {
             return (report, None);
-        };
-        report.requests = Some(requests);
+        }
+        report.python = python;
+        let records = found.map(|((requests, records), t_ns)| {
+            report.requests = Some(requests);
+            (records, t_ns)
+        });
+        // The new parts are masked and told like the rest.
         report.redact();
         report.summary = summary(&report);
-        (report, Some((records, t_ns)))
+        (report, records)
     }
 
     /// Adds to each report whose window after its failure has passed (or all, `all`) the

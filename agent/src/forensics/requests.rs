@@ -109,7 +109,7 @@ impl RequestSource {
                     self.trigger_window.as_millis()
                 )
             }),
-            in_flight: std::mem::take(&mut in_flight),
+            in_flight,
             after_window_secs: self.after.as_secs(),
             after_complete: false,
             failed_after: Vec::new(),

@@ -433,22 +433,18 @@ impl Sampler {
         let m = &self.metrics;
         let gpu = &mut self.gpus[i];
         let l = &gpu.labels;
+        // (energy, busy time) since the last sample.
         let mut used = (None, None);
-        if let (Some(u), Some(last)) = (s.utilization, gpu.last_ts_ns) {
-            used.1 =
-                Some(f64::from(u.min(100)) / 100.0 * s.ts_ns.saturating_sub(last) as f64 / 1e9);
-        }
-        if let (Some(e), Some(last)) = (s.energy_mj, gpu.last_energy_mj) {
-            if e >= last {
-                used.0 = Some((e - last) as f64 / 1000.0);
-            }
-        }
         if let Some(u) = s.utilization {
             m.gpu_utilization.get_or_create(l).set(f64::from(u) / 100.0);
             // Created at 0 on a busy GPU too, so that idle cost is 0 there, not absent.
             let idle = m.gpu_idle_seconds.get_or_create(l);
-            if let (0, Some(last)) = (u, gpu.last_ts_ns) {
-                idle.inc_by(s.ts_ns.saturating_sub(last) as f64 / 1e9);
+            if let Some(last) = gpu.last_ts_ns {
+                let secs = s.ts_ns.saturating_sub(last) as f64 / 1e9;
+                if u == 0 {
+                    idle.inc_by(secs);
+                }
+                used.1 = Some(f64::from(u.min(100)) / 100.0 * secs);
             }
         }
         gpu.last_ts_ns = Some(s.ts_ns);
@@ -478,7 +474,10 @@ impl Sampler {
             // A counter since driver load: the first reading counts whole, then the growth;
             // a smaller reading means the driver was reloaded.
             let delta = match gpu.last_energy_mj {
-                Some(last) if e >= last => e - last,
+                Some(last) if e >= last => {
+                    used.0 = Some((e - last) as f64 / 1000.0);
+                    e - last
+                }
                 _ => e,
             };
             m.gpu_energy.get_or_create(l).inc_by(delta as f64 / 1000.0);

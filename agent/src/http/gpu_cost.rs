@@ -134,9 +134,45 @@ pub struct GpuCost {
     series: HashMap<String, std::collections::HashSet<CostLabels>>,
 }
 
+/// The server groups of one sampling round, each process's looked up once.
+struct Groups<'a, 'v> {
+    view: &'a View<'v>,
+    of: HashMap<u32, Option<u32>>,
+}
+
+impl Groups<'_, '_> {
+    fn of(&mut self, pid: u32) -> Option<u32> {
+        let view = self.view;
+        *self.of.entry(pid).or_insert_with(|| view.group(pid))
+    }
+}
+
 impl GpuCost {
-    /// Splits one GPU's interval and counts it on `m`.
-    pub fn attribute(&mut self, usage: &GpuUsage, view: &View<'_>, m: &CostMetrics) {
+    /// Splits each GPU's interval of one sampling round and counts them on `m`.
+    pub fn attribute(&mut self, usage: &[GpuUsage], view: &View<'_>, m: &CostMetrics) {
+        let mut groups = Groups {
+            view,
+            of: HashMap::new(),
+        };
+        // The groups' tokens: every server's, under its group.
+        let mut group_tokens: HashMap<u32, HashMap<&str, u64>> = HashMap::new();
+        for ((tgid, label), n) in view.tokens {
+            if let Some(g) = groups.of(*tgid) {
+                *group_tokens.entry(g).or_default().entry(label).or_default() += n;
+            }
+        }
+        for u in usage {
+            self.attribute_gpu(u, &group_tokens, &mut groups, m);
+        }
+    }
+
+    fn attribute_gpu(
+        &mut self,
+        usage: &GpuUsage,
+        group_tokens: &HashMap<u32, HashMap<&str, u64>>,
+        groups: &mut Groups<'_, '_>,
+        m: &CostMetrics,
+    ) {
         let (shares, method) = process_shares(usage);
         m.splits
             .get_or_create(&SplitLabels {
@@ -160,17 +196,10 @@ impl GpuCost {
             unattributed(1.0);
             return;
         }
-        // The groups' tokens: every server's, under its group.
-        let mut group_tokens: HashMap<u32, HashMap<&str, u64>> = HashMap::new();
-        for ((tgid, label), n) in view.tokens {
-            if let Some(g) = view.group(*tgid) {
-                *group_tokens.entry(g).or_default().entry(label).or_default() += n;
-            }
-        }
         // Each group's part of this GPU, then its split between models, once per group.
         let mut parts: HashMap<u32, f64> = HashMap::new();
         for (pid, share) in shares {
-            match view.group(pid) {
+            match groups.of(pid) {
                 Some(g) => *parts.entry(g).or_default() += share,
                 None => unattributed(share),
             }
@@ -178,9 +207,9 @@ impl GpuCost {
         for (g, part) in parts {
             let empty = HashMap::new();
             let tokens = group_tokens.get(&g).unwrap_or(&empty);
-            let weights = self.model_weights(gpu, g, tokens, view);
+            let weights = self.model_weights(gpu, g, tokens, groups);
             let total: f64 = weights.iter().map(|(_, w)| w).sum();
-            let workload = (view.workload)(g);
+            let workload = (groups.view.workload)(g);
             for (model, w) in weights {
                 let l = CostLabels {
                     model,
@@ -203,7 +232,7 @@ impl GpuCost {
         gpu: u32,
         g: u32,
         tokens: &HashMap<&str, u64>,
-        view: &View<'_>,
+        groups: &mut Groups<'_, '_>,
     ) -> Vec<(String, f64)> {
         let mut recent = Vec::new();
         for (label, n) in tokens {
@@ -227,12 +256,13 @@ impl GpuCost {
         if !ever.is_empty() {
             return ever;
         }
+        let view = groups.view;
         let named = std::iter::once(g)
             .chain(
                 view.servers
                     .keys()
                     .copied()
-                    .filter(|s| view.group(*s) == Some(g)),
+                    .filter(|s| groups.of(*s) == Some(g)),
             )
             .find_map(|s| (view.cmdline_label)(s));
         vec![(
@@ -339,16 +369,18 @@ mod tests {
             proc(20, Some(20), None),
             proc(30, Some(0), None),
         ];
-        {
+        // One sampling round of GPU 0 with the tokens so far.
+        let round = |cost: &mut GpuCost, tokens: &HashMap<(u32, String), u64>| {
             let view = View {
-                tokens: &tokens,
+                tokens,
                 servers: &servers,
                 cmdline_label: &cmdline,
                 parent: &parent,
                 workload: &workload,
             };
-            cost.attribute(&usage(procs.clone()), &view, &m);
-        }
+            cost.attribute(&[usage(procs.clone())], &view, &m);
+        };
+        round(&mut cost, &tokens);
         let e = |model| value(&m.energy, model);
         assert!((e("a") - 56.25).abs() < 1e-9, "{}", e("a"));
         assert!((e("a2") - 18.75).abs() < 1e-9);
@@ -356,29 +388,11 @@ mod tests {
         assert!((value(&m.seconds, "a") - 0.28125).abs() < 1e-9);
         // Next interval: only a2 produced tokens on server 10.
         *tokens.get_mut(&(10, "a2".to_string())).unwrap() += 4;
-        {
-            let view = View {
-                tokens: &tokens,
-                servers: &servers,
-                cmdline_label: &cmdline,
-                parent: &parent,
-                workload: &workload,
-            };
-            cost.attribute(&usage(procs.clone()), &view, &m);
-        }
+        round(&mut cost, &tokens);
         assert!((e("a2") - (18.75 + 75.0)).abs() < 1e-9, "{}", e("a2"));
         assert!((e("a") - 56.25).abs() < 1e-9);
         // Then none at all: split as all tokens so far (server 20: all "b").
-        {
-            let view = View {
-                tokens: &tokens,
-                servers: &servers,
-                cmdline_label: &cmdline,
-                parent: &parent,
-                workload: &workload,
-            };
-            cost.attribute(&usage(procs), &view, &m);
-        }
+        round(&mut cost, &tokens);
         assert!((e("b") - 75.0).abs() < 1e-9, "{}", e("b"));
         assert!((e("a") - (56.25 + 75.0 * 30.0 / 44.0)).abs() < 1e-9);
     }
@@ -403,7 +417,7 @@ mod tests {
             proc(20, None, None),
             proc(99, None, None),
         ];
-        GpuCost::default().attribute(&usage(procs), &view, &m);
+        GpuCost::default().attribute(&[usage(procs)], &view, &m);
         let third = 100.0 / 3.0;
         assert!((value(&m.energy, "named") - third).abs() < 1e-9);
         assert!((value(&m.energy, super::super::models::UNKNOWN) - third).abs() < 1e-9);

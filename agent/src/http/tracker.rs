@@ -289,7 +289,8 @@ impl HttpTracker {
         Some(t.wire)
     }
 
-    fn insert(&mut self, key: Key, wire: Wire) {
+    /// Follows a connection of client `peer` (`None`: older than the agent, or not told).
+    fn insert(&mut self, key: Key, wire: Wire, peer: Option<std::net::SocketAddr>) {
         let entry = self.conns.entry(key);
         if let std::collections::hash_map::Entry::Occupied(old) = &entry {
             self.state_bytes -= old.get().charged;
@@ -298,7 +299,7 @@ impl HttpTracker {
             .insert_entry(Tracked {
                 wire,
                 charged: 0,
-                peer: None,
+                peer,
             })
             .into_mut();
         charge(
@@ -341,10 +342,7 @@ impl HttpTracker {
                     old.close(ts, &mut self.out);
                 }
                 if self.room() {
-                    self.insert((tgid, *fd), Wire::new(ts));
-                    if let Some(t) = self.conns.get_mut(&(tgid, *fd)) {
-                        t.peer = *peer;
-                    }
+                    self.insert((tgid, *fd), Wire::new(ts), *peer);
                 }
             }
             Record::Close { fd, .. } => {
@@ -367,7 +365,7 @@ impl HttpTracker {
                         self.flush(tgid, ts);
                         return;
                     }
-                    self.insert(key, Wire::joined(ts));
+                    self.insert(key, Wire::joined(ts), None);
                 }
                 let Some(t) = self.conns.get_mut(&key) else {
                     return;
@@ -437,9 +435,7 @@ impl HttpTracker {
             parent: &parent,
             workload: &workload,
         };
-        for u in usage {
-            self.gpu_cost.attribute(u, &view, &self.http.cost);
-        }
+        self.gpu_cost.attribute(usage, &view, &self.http.cost);
     }
 
     fn servers(&mut self, servers: HashMap<u32, Server>) {
