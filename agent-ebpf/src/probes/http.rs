@@ -33,7 +33,7 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, RawTracePointContext},
 };
 
-use super::tls::TLS_LAST_READ;
+use super::tls::{stamp_ssl_call, TLS_CALLS, TLS_LAST_READ};
 use crate::maps::{count_lost, submit_flags_on, HTTP_EVENTS};
 
 const HTTP_WAKEUP: u32 = agent_common::config::HTTP_WAKEUP_BYTES;
@@ -63,6 +63,12 @@ const KIND_ACCEPT: u32 = 5;
 const KIND_MSG_IN: u32 = 6;
 const KIND_MSG_OUT: u32 = 7;
 const KIND_CLOSE: u32 = 8;
+
+/// Whether a syscall of `kind` writes to its socket.
+#[inline(always)]
+pub fn is_out(kind: u32) -> bool {
+    kind == KIND_OUT || kind == KIND_VEC_OUT || kind == KIND_MSG_OUT
+}
 
 /// The saved registers the family reads, in their order in `struct pt_regs`.
 #[repr(C)]
@@ -266,13 +272,18 @@ fn on_exit(kind: u32, a: Args, ret: i64) -> u32 {
         let _ = TLS_LAST_READ.insert(&pid_tgid, &fd, 0);
     }
     if unsafe { (*conn).state } == CONN_TLS {
-        // Its plaintext comes from the TLS probes.
+        // Its plaintext comes from the TLS probes. Through a socket BIO this syscall runs
+        // inside the thread's `SSL_read`/`SSL_write`, and it is when the bytes really moved:
+        // the call's return can come milliseconds later on a busy CPU.
+        if let Some(call) = TLS_CALLS.get_ptr_mut(&pid_tgid) {
+            unsafe { stamp_ssl_call(&mut *call, kind) };
+        }
         return 0;
     }
     let ret = ret as u64;
     match kind {
-        KIND_IN => emit(pid_tgid, fd, DIR_IN, a.si, ret, 0),
-        KIND_OUT => emit(pid_tgid, fd, DIR_OUT, a.si, ret, 0),
+        KIND_IN => emit(pid_tgid, fd, DIR_IN, a.si, ret, 0, 0),
+        KIND_OUT => emit(pid_tgid, fd, DIR_OUT, a.si, ret, 0, 0),
         KIND_VEC_IN => emit_vec(pid_tgid, fd, DIR_IN, a.si, a.dx, ret),
         KIND_VEC_OUT => emit_vec(pid_tgid, fd, DIR_OUT, a.si, a.dx, ret),
         _ => {
@@ -317,8 +328,9 @@ fn accepted(pid_tgid: u64, tgid: u32, listen_fd: u32, addr: u64, fd: u32) {
 
 /// One data record: the first `CAPTURE_BYTES` of `len` bytes at `src`, copied to the ring
 /// at their real length (a per-CPU scratch record holds them meanwhile).
+/// Timed `ts_ns`, or now when that is 0.
 #[inline(always)]
-pub fn emit(pid_tgid: u64, fd: u32, direction: u32, src: u64, len: u64, flags: u32) {
+pub fn emit(pid_tgid: u64, fd: u32, direction: u32, src: u64, len: u64, flags: u32, ts_ns: u64) {
     let Some(scratch) = HTTP_SCRATCH.get_ptr_mut(0) else {
         return;
     };
@@ -329,6 +341,9 @@ pub fn emit(pid_tgid: u64, fd: u32, direction: u32, src: u64, len: u64, flags: u
         n = CAPTURE_MAX as u64;
     }
     ev.header = header(EventKind::HttpData, pid_tgid);
+    if ts_ns != 0 {
+        ev.header.ts_ns = ts_ns;
+    }
     ev.fd = fd;
     ev.direction = direction;
     ev.len = len;

@@ -21,7 +21,9 @@ use agent_common::{
     lost,
 };
 use aya_ebpf::{
-    helpers::{bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_probe_read_user},
+    helpers::{
+        bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
+    },
     macros::{map, uprobe, uretprobe},
     maps::LruHashMap,
     programs::{ProbeContext, RetProbeContext},
@@ -41,6 +43,22 @@ pub struct SslCall {
     out: u64,
     /// [`CALL_WRITE`], [`CALL_EX`] bits: the attach cookie.
     what: u64,
+    /// Through a socket BIO, when the bytes moved: the first socket read inside an `SSL_read`
+    /// (the request's arrival), the last socket write inside an `SSL_write` (what the client
+    /// then reads). 0 through a memory BIO, where the socket calls happen outside: the call's
+    /// return times its record.
+    io_ns: u64,
+}
+
+/// A socket syscall of `kind` (`KIND_*` of `probes/http.rs`) returned on a TLS connection
+/// while this thread was inside `call`.
+#[inline(always)]
+pub fn stamp_ssl_call(call: &mut SslCall, kind: u32) {
+    let write = call.what & CALL_WRITE != 0;
+    if write != super::http::is_out(kind) || (!write && call.io_ns != 0) {
+        return;
+    }
+    call.io_ns = unsafe { bpf_ktime_get_ns() };
 }
 
 #[map]
@@ -76,6 +94,7 @@ pub fn tls_enter(ctx: ProbeContext) -> u32 {
             0
         },
         what,
+        io_ns: 0,
     };
     if TLS_CALLS
         .insert(&bpf_get_current_pid_tgid(), &call, 0)
@@ -140,6 +159,6 @@ pub fn tls_return(ctx: RetProbeContext) -> u32 {
         return 0;
     };
     let dir = if write { DIR_OUT } else { DIR_IN };
-    emit(pid_tgid, fd, dir, call.buf, n, FLAG_TLS_PLAIN);
+    emit(pid_tgid, fd, dir, call.buf, n, FLAG_TLS_PLAIN, call.io_ns);
     0
 }
