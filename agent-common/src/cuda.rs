@@ -212,6 +212,12 @@ pub const FLAG_STACK_SAMPLED: u32 = 2;
 /// The allocation is at or above the stack threshold: its stack was walked whatever the
 /// sampler said (`stack_id` < 0 then means the walk stored nothing).
 pub const FLAG_STACK_THRESHOLD: u32 = 4;
+/// The failing call's process was stopped (`SIGSTOP`) as the call returned, so that its
+/// Python stacks are read where it failed: the agent continues it once they are read. Only a
+/// process the agent armed (`CUDA_FREEZE`), once per arming.
+pub const FLAG_FROZEN: u32 = 8;
+/// `CUresult` of an allocation the device has no room for.
+pub const CUDA_ERROR_OUT_OF_MEMORY: u32 = 2;
 
 /// Contexts remembered per process: a primary context per device and the few a program
 /// creates. Past that, the oldest is forgotten (its threads then report no device).

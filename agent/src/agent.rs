@@ -242,12 +242,14 @@ pub async fn run(
         trigger_window: Duration::from_millis(config.forensics.trigger_window_ms),
         after: Duration::from_secs(config.forensics.after_failure_secs),
     };
+    let python = w.start_python(probes.freeze)?;
     let (writer, drafts) = w.start_forensics(
         probes.stacks,
         &history,
         load,
         request_source,
         sinks.logs.clone(),
+        python.clone(),
     )?;
     let tracker = w.start_tracker(
         history,
@@ -255,6 +257,7 @@ pub async fn run(
         attributor,
         sinks.alloc_failures(),
         batch_rx,
+        python,
     );
     drop(sinks);
     let server = tokio::spawn(http::serve(
@@ -301,6 +304,9 @@ struct Probes {
     http_maps: Option<probe::http::HttpMaps>,
     http_probes: Option<probe::http::HttpProbes>,
     stacks: Option<aya::maps::StackTraceMap<aya::maps::MapData>>,
+    /// Where Python processes are armed to stop at an out-of-memory failure; `None` when
+    /// they may not be (`forensics.python_freeze` off, or no CAP_KILL).
+    freeze: Option<aya::maps::HashMap<aya::maps::MapData, u32, u32>>,
 }
 
 /// The two ring buffers: one per reader, so that the http family's records never share a ring
@@ -429,6 +435,10 @@ impl Wiring<'_> {
             http_maps,
             http_probes,
             stacks: loaded.stacks.take(),
+            freeze: loaded
+                .freeze
+                .take()
+                .filter(|_| config.forensics.python_freeze && may_hold),
         })
     }
 
@@ -561,6 +571,29 @@ impl Wiring<'_> {
         Readers { events, http }
     }
 
+    /// The service that reads Python stacks for forensics (`forensics.python_stacks`); it
+    /// ends when the tracker and the writer have let go of it.
+    fn start_python(
+        &self,
+        freeze: Option<aya::maps::HashMap<aya::maps::MapData, u32, u32>>,
+    ) -> Result<Option<forensics::python::PythonHandle>, StartError> {
+        let f = &self.config.forensics;
+        if !f.python_stacks {
+            return Ok(None);
+        }
+        let (handle, _thread) = forensics::python::start(
+            self.procfs(),
+            forensics::python::Settings {
+                freeze,
+                every: Duration::from_secs(f.python_freeze_every_secs),
+            },
+            self.metrics.python.clone(),
+            queue_drops(&self.metrics.core, "python_queue"),
+        )
+        .map_err(StartError::Thread)?;
+        Ok(Some(handle))
+    }
+
     /// The forensics writer's thread, and the sink the tracker sends it drafts through.
     fn start_forensics(
         &self,
@@ -569,6 +602,7 @@ impl Wiring<'_> {
         load: Arc<crate::http::load::LoadBoard>,
         requests: forensics::requests::RequestSource,
         logs: Option<queue::Sender<crate::events::Notice>>,
+        python: Option<forensics::python::PythonHandle>,
     ) -> Result<(std::thread::JoinHandle<()>, track::draft::DraftSink), StartError> {
         let f = &self.config.forensics;
         let (draft_tx, draft_rx) = queue::channel(
@@ -595,9 +629,7 @@ impl Wiring<'_> {
             logs,
             requests: Some(requests),
             pending: Vec::new(),
-            python: f
-                .python_stacks
-                .then(|| forensics::python::Python::new(self.procfs())),
+            python,
         };
         // A report reads the target's files to symbolize its stacks: seconds for a large library.
         let beat = self.health.heartbeat(
@@ -621,6 +653,7 @@ impl Wiring<'_> {
         attributor: Arc<crate::attrib::Attributor>,
         failure_logs: Option<crate::events::RateLimited>,
         input: queue::Receiver<track::Input>,
+        python: Option<forensics::python::PythonHandle>,
     ) -> tokio::task::JoinHandle<Tracker> {
         let tracker = Tracker::new(
             self.metrics.track.clone(),
@@ -636,7 +669,8 @@ impl Wiring<'_> {
             },
         )
         .with_attribution(attributor)
-        .with_failure_logs(failure_logs);
+        .with_failure_logs(failure_logs)
+        .with_python(python);
         tokio::spawn(track::run(
             tracker,
             input,
@@ -814,6 +848,7 @@ struct StageMetrics {
     scrape: Arc<crate::scrape::metrics::ScrapeMetrics>,
     track: Arc<track::metrics::TrackMetrics>,
     forensics: Arc<forensics::metrics::ForensicsMetrics>,
+    python: Arc<forensics::python::PythonMetrics>,
 }
 
 impl StageMetrics {
@@ -827,6 +862,7 @@ impl StageMetrics {
             scrape: crate::scrape::metrics::ScrapeMetrics::new(&core),
             track: track::metrics::TrackMetrics::new(&core),
             forensics: forensics::metrics::ForensicsMetrics::new(&core),
+            python: forensics::python::PythonMetrics::new(&core),
             core,
         }
     }

@@ -180,6 +180,7 @@ impl Config {
             self.nvml.validate(),
             self.cost.validate(),
             self.scrape.validate(),
+            self.forensics.validate(),
         ];
         checks
             .into_iter()

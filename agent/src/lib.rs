@@ -19,6 +19,7 @@ pub mod export;
 pub mod forensics;
 pub mod gpu;
 pub mod health;
+pub mod held;
 pub mod http;
 pub mod ingest;
 pub mod labels;

@@ -7,15 +7,16 @@ use agent_common::{
     config,
     cuda::{
         hits_index, stacks, stacks_index, CudaApi, CudaMemEvent, ProcessContexts,
-        PROCESS_CONTEXTS, COOKIE_API_MASK, COOKIE_SLOT_SHIFT, FLAG_DEVICE_UNKNOWN,
-        FLAG_STACK_SAMPLED, FLAG_STACK_THRESHOLD, HITS_MAP_ENTRIES,
+        PROCESS_CONTEXTS, COOKIE_API_MASK, COOKIE_SLOT_SHIFT, CUDA_ERROR_OUT_OF_MEMORY,
+        FLAG_DEVICE_UNKNOWN, FLAG_FROZEN, FLAG_STACK_SAMPLED, FLAG_STACK_THRESHOLD,
+        HITS_MAP_ENTRIES,
     },
     lost, EventKind,
 };
 use aya_ebpf::{
     helpers::{
         bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_ktime_get_ns,
-        bpf_probe_read_user,
+        bpf_probe_read_user, generated::bpf_send_signal,
     },
     macros::{map, uprobe, uretprobe},
     maps::{LruHashMap, PerCpuArray, StackTrace},
@@ -27,6 +28,7 @@ use crate::maps::{config, count_lost, submit_flags, EVENTS};
 
 const BPF_F_USER_STACK: u64 = 1 << 8;
 const CUDA_SUCCESS: u32 = 0;
+const SIGSTOP: u32 = 19;
 const CTX_STACK_DEPTH: usize = 8;
 
 #[repr(C)]
@@ -223,9 +225,13 @@ pub fn cuda_return(ctx: RetProbeContext) -> u32 {
     }
 
     let Some(mut entry) = EVENTS.reserve::<CudaMemEvent>(0) else {
+        // Not frozen either: nobody would know to continue it.
         count_lost(lost::CUDA);
         return 0;
     };
+    if failed && is_alloc && result == CUDA_ERROR_OUT_OF_MEMORY && freeze_due(tgid) {
+        flags |= FLAG_FROZEN;
+    }
     entry.write(CudaMemEvent {
         header: agent_common::EventHeader {
             kind: EventKind::CudaMem as u32,
@@ -247,6 +253,22 @@ pub fn cuda_return(ctx: RetProbeContext) -> u32 {
     });
     entry.submit(submit_flags(failed));
     0
+}
+
+/// Processes to stop at their next out-of-memory failure, so that their Python stacks are
+/// read where the call failed: armed by the agent once it has found the interpreter in the
+/// process (`forensics/python.rs`), disarmed by the freeze itself; removed at exit.
+#[map]
+pub static CUDA_FREEZE: LruHashMap<u32, u32> = LruHashMap::with_max_entries(1024, 0);
+
+/// Stops the process if it is armed, once: of two CPUs failing at once only the one whose
+/// removal took the entry sends the signal. The stop takes effect as this probe returns to the
+/// process, at the failing call's return.
+#[inline(always)]
+fn freeze_due(tgid: u32) -> bool {
+    CUDA_FREEZE.get_ptr(&tgid).is_some()
+        && CUDA_FREEZE.remove(&tgid).is_ok()
+        && unsafe { bpf_send_signal(SIGSTOP) } == 0
 }
 
 /// Reads a `u64` out-parameter, which is only written when the call succeeded.

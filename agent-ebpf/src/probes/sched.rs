@@ -20,7 +20,7 @@ use aya_ebpf::{
 };
 
 use super::{
-    cuda::{CUDA_CTX_DEVICE, CUDA_FAIL_STACK, CUDA_PROCESSES, CUDA_THREAD_CTX},
+    cuda::{CUDA_CTX_DEVICE, CUDA_FAIL_STACK, CUDA_FREEZE, CUDA_PROCESSES, CUDA_THREAD_CTX},
     discovery::{DRIVER_REPORTED, TLS_REPORTED},
     tls::{TLS_CALLS, TLS_LAST_READ},
 };
@@ -76,6 +76,7 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     let _ = TLS_REPORTED.remove(&tgid);
     let _ = CUDA_CTX_DEVICE.remove(&tgid);
     let _ = CUDA_FAIL_STACK.remove(&tgid);
+    let _ = CUDA_FREEZE.remove(&tgid);
     if CUDA_PROCESSES.get_ptr(&tgid).is_none() {
         return 0;
     }

@@ -48,7 +48,7 @@ pub struct Writer {
     /// failure's instant and the requests then in flight.
     pub pending: Vec<Pending>,
     /// Reads the Python stacks of a Python process whose CUDA call failed.
-    pub python: Option<super::python::Python>,
+    pub python: Option<super::python::PythonHandle>,
 }
 
 pub struct Pending {
@@ -72,8 +72,9 @@ impl Writer {
                 Err(crate::queue::RecvError::Timeout) => continue,
                 Err(crate::queue::RecvError::Closed) => break,
             };
-            // First, while the failing thread may still be where it failed.
-            let python = match (&mut self.python, &draft.cuda) {
+            // First, while the failing thread may still be where it failed (when no freeze
+            // held it there).
+            let python = match (&self.python, &draft.cuda) {
                 (Some(py), Some(ev)) => py.stacks(draft.process.pid, ev.header.pid, draft.ts_ns),
                 _ => None,
             };

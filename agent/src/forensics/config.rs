@@ -22,6 +22,12 @@ pub struct ForensicsConfig {
     /// Read the Python stacks of a Python process whose CUDA call failed (py-spy, through
     /// SYS_PTRACE; the process is paused for the few ms the copy takes).
     pub python_stacks: bool,
+    /// Stop a Python process with a CUDA ledger at its next out-of-memory failure, as the
+    /// call returns, until its Python stacks are read (a few ms): the stacks are where the
+    /// call failed, before an exception unwinds them. Needs `python_stacks` and CAP_KILL.
+    pub python_freeze: bool,
+    /// Least time between two such stops of one process, in seconds.
+    pub python_freeze_every_secs: u64,
 }
 
 impl Default for ForensicsConfig {
@@ -34,6 +40,18 @@ impl Default for ForensicsConfig {
             trigger_window_ms: 2000,
             after_failure_secs: 30,
             python_stacks: true,
+            python_freeze: true,
+            python_freeze_every_secs: 60,
         }
+    }
+}
+
+impl ForensicsConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.python_freeze && self.python_freeze_every_secs == 0 {
+            // A process failing in a loop would be stopped at every failure.
+            return Err("forensics.python_freeze_every_secs must be at least 1".into());
+        }
+        Ok(())
     }
 }

@@ -315,12 +315,23 @@ fn thread_title(t: &crate::forensics::report::PythonThread) -> String {
     )
 }
 
+/// When the stacks were read, in words.
+fn python_when(p: &crate::forensics::report::PythonStacks) -> String {
+    if p.frozen {
+        format!(
+            "read at the failing call (the process was stopped there for {:.1} ms)",
+            p.read_ms_after_failure
+        )
+    } else {
+        format!(
+            "read {:.1} ms after the failure (threads may have moved on)",
+            p.read_ms_after_failure
+        )
+    }
+}
+
 fn python_text(s: &mut String, p: &crate::forensics::report::PythonStacks) {
-    let _ = writeln!(
-        s,
-        "\npython stacks, read {:.1} ms after the failure:",
-        p.read_ms_after_failure
-    );
+    let _ = writeln!(s, "\npython stacks, {}:", python_when(p));
     if let Some(e) = &p.error {
         let _ = writeln!(s, "    not read: {e}");
     }
@@ -607,11 +618,7 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left;font-size:13px}}th{
         }
     }
     if let Some(p) = &r.python {
-        let _ = write!(
-            s,
-            "<h2>Python stacks</h2><p>read {:.1} ms after the failure</p>",
-            p.read_ms_after_failure
-        );
+        let _ = write!(s, "<h2>Python stacks</h2><p>{}</p>", esc(&python_when(p)));
         if let Some(e) = &p.error {
             let _ = write!(s, "<p>not read: {}</p>", esc(e));
         }

@@ -46,6 +46,11 @@ pub struct Report {
 pub struct PythonStacks {
     /// How long after the failing call returned the stacks were read.
     pub read_ms_after_failure: f64,
+    /// Read while the process was stopped at the failing call's return (and continued then:
+    /// `read_ms_after_failure` is how long it was stopped); else read when the report was
+    /// written, where the threads were by then.
+    #[serde(default)]
+    pub frozen: bool,
     /// The failing thread first.
     pub threads: Vec<PythonThread>,
     /// Why they could not be read, when they could not.
@@ -515,6 +520,7 @@ pub(crate) mod tests {
             }),
             python: Some(PythonStacks {
                 read_ms_after_failure: 1.0,
+                frozen: true,
                 threads: vec![PythonThread {
                     name: Some(t()),
                     frames: vec![PythonFrame {

@@ -20,6 +20,7 @@ pub const PER_PROCESS: &[&str] = &[
     "CUDA_THREAD_CTX",
     "CUDA_PROCESSES",
     "CUDA_FAIL_STACK",
+    "CUDA_FREEZE",
     "TLS_REPORTED",
     "TLS_CALLS",
     "TLS_SSL_FD",

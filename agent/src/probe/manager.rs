@@ -37,6 +37,7 @@ use super::{
 };
 use crate::{
     health::Health,
+    held::Held,
     ingest::{decode, Decoded, Discovery},
     metrics::{DroppedLabels, SourceLabels},
     proc::ProcFs,
@@ -894,52 +895,6 @@ impl Manager {
                     drop(Held::new(e.header.tgid));
                 }
             }
-        }
-    }
-}
-
-/// A process stopped by the loader probe: continued (`SIGCONT`) when released or dropped,
-/// whatever happened in between. Addressed through a pidfd taken at once, so that a pid
-/// reused meanwhile is never signalled.
-struct Held {
-    pid: u32,
-    pidfd: Option<std::os::fd::OwnedFd>,
-}
-
-impl Held {
-    fn new(pid: u32) -> Self {
-        // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-        let pidfd = (fd >= 0).then(|| {
-            // SAFETY: a descriptor the kernel just returned, owned by nobody else.
-            unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) }
-        });
-        Self { pid, pidfd }
-    }
-
-    fn release(self) {}
-}
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        use std::os::fd::AsRawFd;
-        let sent = match &self.pidfd {
-            // SAFETY: a valid pidfd, no siginfo, no flags.
-            Some(fd) => unsafe {
-                libc::syscall(
-                    libc::SYS_pidfd_send_signal,
-                    fd.as_raw_fd(),
-                    libc::SIGCONT,
-                    std::ptr::null::<libc::siginfo_t>(),
-                    0,
-                )
-            },
-            // No pidfd (the process is already gone, or pidfds are refused): by pid.
-            // SAFETY: kill takes a pid and a signal.
-            None => unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGCONT) }.into(),
-        };
-        if sent != 0 {
-            tracing::debug!(pid = self.pid, error = %std::io::Error::last_os_error(), "SIGCONT to a held opener");
         }
     }
 }

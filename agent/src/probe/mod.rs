@@ -83,6 +83,9 @@ pub struct Loaded {
     pub hits: PerCpuArray<MapData, u64>,
     /// User stacks of CUDA calls, read by forensics.
     pub stacks: Option<StackTraceMap<MapData>>,
+    /// Processes the CUDA return probe stops at their next out-of-memory failure
+    /// (`forensics/python.rs`).
+    pub freeze: Option<aya::maps::HashMap<MapData, u32, u32>>,
 }
 
 /// What the programs need to know of the running kernel, set in the object before it loads.
@@ -129,6 +132,7 @@ pub fn load(ring_buffer_bytes: u32, layout: &KernelLayout) -> Result<Loaded, Pro
     let config = take(&mut ebpf, "CONFIG")?;
     let hits = take(&mut ebpf, "CUDA_HITS")?;
     let stacks = take(&mut ebpf, "CUDA_STACKS").ok();
+    let freeze = take(&mut ebpf, "CUDA_FREEZE").ok();
     Ok(Loaded {
         ebpf,
         events,
@@ -137,6 +141,7 @@ pub fn load(ring_buffer_bytes: u32, layout: &KernelLayout) -> Result<Loaded, Pro
         config,
         hits,
         stacks,
+        freeze,
     })
 }
 

@@ -16,7 +16,7 @@ use std::{
     time::Duration,
 };
 
-use agent_common::cuda::{CudaApi, CudaMemEvent, Role, FLAG_DEVICE_UNKNOWN};
+use agent_common::cuda::{CudaApi, CudaMemEvent, Role, FLAG_DEVICE_UNKNOWN, FLAG_FROZEN};
 
 use metrics::{
     ApiErrorLabels, ApiLabels, PidGpuLabels, ProcessGpuLabels, ProcessLabels, TrackMetrics,
@@ -125,6 +125,9 @@ pub struct Tracker {
     unattributed: SharedWorkload,
     /// OTLP: failed calls as log records, rate-limited per process.
     failure_logs: Option<crate::events::RateLimited>,
+    /// Reads Python stacks: told of each process with a ledger (its interpreter is found
+    /// ahead), of each one a failure stopped, and of exits.
+    python: Option<crate::forensics::python::PythonHandle>,
 }
 
 impl Tracker {
@@ -151,6 +154,7 @@ impl Tracker {
             workload: HashMap::new(),
             unattributed: SharedWorkload::default(),
             failure_logs: None,
+            python: None,
         }
     }
 
@@ -172,6 +176,11 @@ impl Tracker {
     /// Sends failed CUDA calls to OTLP log export (rate-limited).
     pub fn with_failure_logs(mut self, logs: Option<crate::events::RateLimited>) -> Self {
         self.failure_logs = logs;
+        self
+    }
+
+    pub fn with_python(mut self, python: Option<crate::forensics::python::PythonHandle>) -> Self {
+        self.python = python;
         self
     }
 
@@ -221,6 +230,14 @@ impl Tracker {
     }
 
     fn cuda(&mut self, e: &CudaMemEvent) {
+        if e.flags & FLAG_FROZEN != 0 {
+            // Stopped until its stacks are read: before anything else.
+            if let Some(py) = &self.python {
+                py.frozen(e.header.tgid, e.header.pid, e.header.ts_ns);
+            } else {
+                drop(crate::held::Held::new(e.header.tgid));
+            }
+        }
         let mut e = *e;
         if e.flags & FLAG_DEVICE_UNKNOWN != 0 {
             // The context predates the probes. A process NVML sees on one GPU only is on that one.
@@ -293,6 +310,9 @@ impl Tracker {
                 self.workload.insert(tgid, a.labels(tgid).into());
             }
             self.seen_process(tgid);
+            if let Some(py) = &self.python {
+                py.seen(tgid);
+            }
         }
         self.count_call(e, api, &outcome);
         match outcome {
@@ -407,6 +427,9 @@ impl Tracker {
     pub fn exit(&mut self, tgid: u32) {
         self.logged_failures.retain(|(t, _, _)| *t != tgid);
         self.forget_process(tgid);
+        if let Some(py) = &self.python {
+            py.exit(tgid);
+        }
         self.unpublish(tgid);
         self.workload.remove(&tgid);
         let Some(p) = self.ledger.remove(tgid) else {

@@ -873,64 +873,32 @@ fn a_cuda_oom_report_names_the_request_behind_it_and_those_that_failed_after() {
 
 #[root_test]
 fn a_cuda_oom_in_python_reports_the_python_stack_of_the_failing_call() {
-    use std::io::{BufRead, Write};
     let gpu = SimGpus::new(1, 1 << 30);
     let lib = Variant::Push.lib_path().display().to_string();
     let agent = gpu.agent(&["--cuda-lib", &lib], &[]);
-    let mut child = std::process::Command::new("python3")
-        .arg(servers_dir().join("nested_oom.py"))
-        .arg(&lib)
-        .arg((2u64 << 30).to_string())
-        .envs(gpu.cuda_env())
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    let lines: Value = serde_json::from_str(&line).unwrap_or_else(|_| panic!("{line}"));
-    let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all(b"go\n").unwrap();
-    line.clear();
-    out.read_line(&mut line).unwrap();
-    assert_eq!(line.trim(), "oom 2", "CUDA_ERROR_OUT_OF_MEMORY expected");
+    let mut w = NestedOom::start(&gpu, &lib, false);
+    w.go();
 
     let dir = agent.dir.path().join("forensics");
     let l = reports(&agent, 1);
     let id = l[0]["id"].as_str().unwrap();
     let r = show(&dir, id);
-    assert_eq!(r["process"]["pid"], child.id());
+    assert_eq!(r["process"]["pid"], w.child.id());
     let p = &r["python"];
     assert!(p["error"].is_null(), "{p}");
     assert!(p["read_ms_after_failure"].as_f64().unwrap() > 0.0, "{p}");
-    // The failing thread first, innermost frame first: the three functions, then the module.
-    let t = &p["threads"][0];
-    assert_eq!(t["failing"], true, "{p}");
-    let frames = t["frames"].as_array().unwrap();
-    let names: Vec<&str> = frames
-        .iter()
-        .map(|f| f["function"].as_str().unwrap())
-        .collect();
-    assert_eq!(
-        names,
-        ["allocate_kv_cache", "build_engine", "serve", "<module>"],
-        "{p}"
+    // Its first call into the driver was the failing one: nothing was armed ahead, so the
+    // stacks were read where the thread waited afterwards.
+    assert_eq!(p["frozen"], false, "{p}");
+    let frames = w.failing_frames(
+        p,
+        &["allocate_kv_cache", "build_engine", "serve", "<module>"],
     );
+    // The innermost is the failed allocation's line, or the next one where the thread waits.
     assert!(
-        frames
-            .iter()
-            .all(|f| f["file"].as_str().unwrap().ends_with("nested_oom.py")),
-        "{p}"
-    );
-    // The callers' lines are the calls; the innermost is the failed allocation's, or the next
-    // one where the thread waits after it.
-    assert_eq!(frames[1]["line"], lines["CALL_ALLOC"], "{p}");
-    assert_eq!(frames[2]["line"], lines["CALL_BUILD"], "{p}");
-    assert_eq!(frames[3]["line"], lines["CALL_SERVE"], "{p}");
-    assert!(
-        [&lines["ALLOC"], &lines["HOLD"]].contains(&&frames[0]["line"]),
-        "{p} {lines}"
+        [&w.lines["ALLOC"], &w.lines["HOLD"]].contains(&&frames[0]["line"]),
+        "{p} {}",
+        w.lines
     );
     // Beside the failing call's native stack in the HTML page, and in the text.
     let (ok, html, _) = cli(&dir, &["show", id, "--format", "html"]);
@@ -941,8 +909,167 @@ fn a_cuda_oom_in_python_reports_the_python_stack_of_the_failing_call() {
         "{html}"
     );
     let (ok, text, _) = cli(&dir, &["show", id]);
-    assert!(ok && text.contains("python stacks, read"), "{text}");
-    drop(stdin);
-    assert!(child.wait().unwrap().success());
+    assert!(
+        ok && text.contains("python stacks, read") && text.contains("after the failure"),
+        "{text}"
+    );
+    w.finish();
     assert!(agent.stop().success());
+}
+
+/// A Python process the agent already knows (it allocated before) is stopped at its
+/// out-of-memory failure, as the call returns, and continued once its stacks are read: the
+/// report has the stack of the failing call even though the thread handled the error and moved
+/// on at once. It is armed again after `forensics.python_freeze_every_secs`.
+#[root_test]
+fn a_python_process_is_stopped_at_its_oom_so_the_stack_is_the_failing_one() {
+    let gpu = SimGpus::new(1, 1 << 30);
+    let lib = Variant::Push.lib_path().display().to_string();
+    let agent = gpu.agent(
+        &["--cuda-lib", &lib],
+        &[("INFERSCOPE_FORENSICS__PYTHON_FREEZE_EVERY_SECS", "2")],
+    );
+    let mut w = NestedOom::start(&gpu, &lib, true);
+    // Its warm-up allocation gave it a ledger; its interpreter is found and it is armed.
+    agent.wait_for("the Python process to be armed", |s| {
+        s.sum("inferscope_forensics_python_armed", &[]) == 1.0
+    });
+    w.go();
+
+    let dir = agent.dir.path().join("forensics");
+    let l = reports(&agent, 1);
+    let r = show(&dir, l[0]["id"].as_str().unwrap());
+    assert_eq!(r["process"]["pid"], w.child.id());
+    let p = &r["python"];
+    assert!(p["error"].is_null(), "{p}");
+    assert_eq!(p["frozen"], true, "{p}");
+    // Read while stopped at the failing call: its exact line, not recover() where the thread
+    // went next.
+    let frames = w.failing_frames(
+        p,
+        &["allocate_kv_cache", "build_engine", "serve", "<module>"],
+    );
+    assert_eq!(frames[0]["line"], w.lines["ALLOC"], "{p}");
+    let s = agent.scrape();
+    assert_eq!(
+        s.sum(
+            "inferscope_forensics_python_frozen_total",
+            &[("how", "record")]
+        ),
+        1.0,
+        "{}",
+        s.text
+    );
+    assert_eq!(
+        s.sum(
+            "inferscope_forensics_python_frozen_total",
+            &[("how", "watchdog")]
+        ),
+        0.0
+    );
+    assert_eq!(
+        s.sum("inferscope_forensics_python_stopped_seconds_count", &[]),
+        1.0
+    );
+    let (ok, text, _) = cli(&dir, &["show", l[0]["id"].as_str().unwrap()]);
+    assert!(ok && text.contains("read at the failing call"), "{text}");
+    // Continued: it handled the error and says so from recover().
+    assert_eq!(w.oom_line(), "oom 2", "CUDA_ERROR_OUT_OF_MEMORY expected");
+    // Armed again once the interval has passed.
+    agent.wait_for("the process to be armed again", |s| {
+        s.sum("inferscope_forensics_python_armed", &[]) == 1.0
+    });
+    w.finish();
+    agent.wait_for("the exited process to be disarmed", |s| {
+        s.sum("inferscope_forensics_python_armed", &[]) == 0.0
+    });
+    assert!(agent.stop().success());
+}
+
+/// `tests/servers/nested_oom.py` on the CUDA double.
+struct NestedOom {
+    child: std::process::Child,
+    out: std::io::BufReader<std::process::ChildStdout>,
+    stdin: Option<std::process::ChildStdin>,
+    lines: Value,
+    move_on: bool,
+}
+
+impl NestedOom {
+    fn start(gpu: &SimGpus, lib: &str, move_on: bool) -> Self {
+        use std::io::BufRead;
+        let mut cmd = Command::new("python3");
+        cmd.arg(servers_dir().join("nested_oom.py"))
+            .arg(lib)
+            .arg((2u64 << 30).to_string());
+        if move_on {
+            cmd.arg("move-on");
+        }
+        let mut child = cmd
+            .envs(gpu.cuda_env())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        let lines: Value = serde_json::from_str(&line).unwrap_or_else(|_| panic!("{line}"));
+        let stdin = child.stdin.take();
+        Self {
+            child,
+            out,
+            stdin,
+            lines,
+            move_on,
+        }
+    }
+
+    /// Makes the failing call; without `move-on`, waits for the workload to report it.
+    fn go(&mut self) {
+        use std::io::Write;
+        self.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+        if !self.move_on {
+            assert_eq!(
+                self.oom_line(),
+                "oom 2",
+                "CUDA_ERROR_OUT_OF_MEMORY expected"
+            );
+        }
+    }
+
+    fn oom_line(&mut self) -> String {
+        use std::io::BufRead;
+        let mut line = String::new();
+        self.out.read_line(&mut line).unwrap();
+        line.trim().to_string()
+    }
+
+    /// The failing thread's frames, first in the report, innermost first: `names`, each in
+    /// the workload's file, the callers at their calls' lines.
+    fn failing_frames(&self, p: &Value, names: &[&str]) -> Vec<Value> {
+        let t = &p["threads"][0];
+        assert_eq!(t["failing"], true, "{p}");
+        let frames = t["frames"].as_array().unwrap().clone();
+        let seen: Vec<&str> = frames
+            .iter()
+            .map(|f| f["function"].as_str().unwrap())
+            .collect();
+        assert_eq!(seen, names, "{p}");
+        assert!(
+            frames
+                .iter()
+                .all(|f| f["file"].as_str().unwrap().ends_with("nested_oom.py")),
+            "{p}"
+        );
+        assert_eq!(frames[1]["line"], self.lines["CALL_ALLOC"], "{p}");
+        assert_eq!(frames[2]["line"], self.lines["CALL_BUILD"], "{p}");
+        assert_eq!(frames[3]["line"], self.lines["CALL_SERVE"], "{p}");
+        frames
+    }
+
+    fn finish(mut self) {
+        drop(self.stdin.take());
+        assert!(self.child.wait().unwrap().success());
+    }
 }
