@@ -241,6 +241,7 @@ pub async fn run(
         procfs: w.procfs(),
         trigger_window: Duration::from_millis(config.forensics.trigger_window_ms),
         after: Duration::from_secs(config.forensics.after_failure_secs),
+        attrib: Some(attributor.clone()),
     };
     let python = w.start_python(probes.freeze)?;
     let (writer, drafts) = w.start_forensics(

@@ -299,6 +299,66 @@ pub fn listeners(procfs: &ProcFs, ports: &[u16]) -> (HashSet<u32>, u64) {
     (out, tables)
 }
 
+/// Most client addresses [`clients`] looks for at once.
+pub const MAX_CLIENTS: usize = 64;
+
+/// The processes on this node holding the client end of connections a server process `server`
+/// accepted from `peers` (the addresses it saw): each network namespace's TCP tables are read
+/// once, through one of its processes, for a socket whose local address is a peer's, and only
+/// the processes of a namespace holding one have their descriptors looked at. A loopback
+/// address names a socket of the server's own namespace only (another namespace's loopback is
+/// another network). Peers past [`MAX_CLIENTS`] are not looked for; a peer on another node
+/// is not found.
+pub fn clients(
+    procfs: &ProcFs,
+    server: u32,
+    peers: &[std::net::SocketAddr],
+) -> HashMap<std::net::SocketAddr, u32> {
+    let canon = |a: std::net::SocketAddr| (a.ip().to_canonical(), a.port());
+    let wanted: HashMap<_, std::net::SocketAddr> = peers
+        .iter()
+        .take(MAX_CLIENTS)
+        .map(|p| (canon(*p), *p))
+        .collect();
+    let mut out = HashMap::new();
+    if wanted.is_empty() {
+        return out;
+    }
+    let server_ns = procfs.net_ns(server);
+    let mut by_ns: HashMap<u64, Vec<u32>> = HashMap::new();
+    for pid in procfs.pids() {
+        if let Some(ns) = procfs.net_ns(pid) {
+            by_ns.entry(ns).or_default().push(pid);
+        }
+    }
+    for (ns, pids) in &by_ns {
+        let Some(&first) = pids.first() else { continue };
+        let own = Some(*ns) == server_ns;
+        let inodes: HashMap<u64, std::net::SocketAddr> = procfs
+            .tcp(Some(first))
+            .into_iter()
+            .filter(|s| s.state != TcpState::Listen)
+            .filter_map(|s| {
+                let key = canon(s.local_address);
+                let peer = wanted.get(&key)?;
+                (own || !key.0.is_loopback()).then_some((s.inode, *peer))
+            })
+            .collect();
+        if inodes.is_empty() {
+            continue;
+        }
+        for pid in pids {
+            for (_, ino) in socket_fds(procfs, *pid) {
+                if let Some(peer) = inodes.get(&ino) {
+                    // Shared by a parent and its child: the first found is as good.
+                    out.entry(*peer).or_insert(*pid);
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Ports (and bound addresses) the process listens on, from its own network namespace.
 pub fn listening(procfs: &ProcFs, pid: u32) -> Vec<(std::net::IpAddr, u16)> {
     let by_inode: HashMap<u64, TcpNetEntry> = procfs
@@ -452,6 +512,45 @@ mod tests {
         assert_eq!(reads.cmdline, 1);
         assert_eq!(scan(&procfs, &[], &[], &mut seen).1.cmdline, 0, "read once");
         assert_eq!(servers[&42].model.as_deref(), Some("tiny"));
+    }
+
+    /// A process of the fake tree in network namespace `ns` with `tcp` as its table and
+    /// `sockets` among its descriptors.
+    fn process(root: &Path, pid: u32, ns: u64, tcp: &str, sockets: &[u64]) {
+        let p = root.join(pid.to_string());
+        std::fs::create_dir_all(p.join("fd")).unwrap();
+        std::fs::create_dir_all(p.join("net")).unwrap();
+        std::fs::create_dir_all(p.join("ns")).unwrap();
+        std::os::unix::fs::symlink(format!("net:[{ns}]"), p.join("ns/net")).unwrap();
+        std::fs::write(p.join("net/tcp"), format!("header\n{tcp}")).unwrap();
+        for (fd, ino) in sockets.iter().enumerate() {
+            std::os::unix::fs::symlink(format!("socket:[{ino}]"), p.join(format!("fd/{}", fd + 3)))
+                .unwrap();
+        }
+    }
+
+    #[test]
+    fn the_client_end_of_a_connection_is_found_in_its_namespace() {
+        let dir = tempfile::tempdir().unwrap();
+        // Namespace 1: the server (8080) and a client on loopback (50000).
+        let ns1 = " 0: 0100007F:1F90 00000000:0000 0A 0:0 0:0 0 0 0 100 1\n 1: 0100007F:1F90 0100007F:C350 01 0:0 0:0 0 0 0 101 1\n 2: 0100007F:C350 0100007F:1F90 01 0:0 0:0 0 0 0 102 1\n";
+        process(dir.path(), 42, 1, ns1, &[100, 101]);
+        process(dir.path(), 43, 1, ns1, &[102]);
+        // Namespace 2 (a pod): another loopback 50000, which is not the server's client, and
+        // 10.0.0.5:40000 connected to the server's pod address.
+        let ns2 = " 0: 0100007F:C350 0100007F:1F90 01 0:0 0:0 0 0 0 200 1\n 1: 0500000A:9C40 0600000A:1F90 01 0:0 0:0 0 0 0 201 1\n";
+        process(dir.path(), 50, 2, ns2, &[200]);
+        process(dir.path(), 51, 2, ns2, &[201]);
+        let procfs = ProcFs::new(dir.path());
+        let loopback: std::net::SocketAddr = "127.0.0.1:50000".parse().unwrap();
+        // As a dual-stack listener sees an IPv4 peer.
+        let mapped: std::net::SocketAddr = "[::ffff:10.0.0.5]:40000".parse().unwrap();
+        let gone: std::net::SocketAddr = "10.0.0.9:1234".parse().unwrap();
+        let found = clients(&procfs, 42, &[loopback, mapped, gone]);
+        assert_eq!(found.get(&loopback), Some(&43));
+        assert_eq!(found.get(&mapped), Some(&51));
+        assert_eq!(found.get(&gone), None);
+        assert_eq!(found.len(), 2);
     }
 
     #[test]

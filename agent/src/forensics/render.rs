@@ -362,6 +362,9 @@ fn request_line(row: &crate::forensics::report::RequestRow) -> String {
     }
     if let Some(c) = &row.client {
         l.push_str(&format!(", client {c}"));
+        if let Some(p) = &row.client_process {
+            l.push_str(&format!(" ({})", p.describe()));
+        }
     }
     if let Some(o) = &row.outcome {
         match row.ended_seconds_after {

@@ -118,12 +118,44 @@ pub struct RequestRow {
     pub max_tokens: Option<u64>,
     /// The client's address.
     pub client: Option<String>,
+    /// The process on this node holding the client's end of the connection, when there is
+    /// one (looked up as the report is written).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_process: Option<ClientProcess>,
     pub likely_trigger: bool,
     pub trigger_reason: Option<String>,
     /// How it ended, when it has: HTTP status, or the error type.
     pub outcome: Option<String>,
     /// Seconds after the failure it ended.
     pub ended_seconds_after: Option<f64>,
+}
+
+/// A request's client on this node: its process and, in a pod, the pod.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ClientProcess {
+    pub pid: u32,
+    pub comm: String,
+    /// Empty outside a pod.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub namespace: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub pod: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub container: String,
+}
+
+impl ClientProcess {
+    /// `namespace/pod/container`, else `pid N comm`.
+    pub fn describe(&self) -> String {
+        if self.pod.is_empty() {
+            format!("pid {} {}", self.pid, self.comm)
+        } else {
+            format!(
+                "pod {}/{} container {} (pid {} {})",
+                self.namespace, self.pod, self.container, self.pid, self.comm
+            )
+        }
+    }
 }
 
 impl Report {
@@ -201,6 +233,11 @@ impl Report {
                 f(&mut row.model);
                 f(&mut row.state);
                 row.client.iter_mut().for_each(&mut *f);
+                if let Some(c) = &mut row.client_process {
+                    for s in [&mut c.comm, &mut c.namespace, &mut c.pod, &mut c.container] {
+                        f(s);
+                    }
+                }
                 row.trigger_reason.iter_mut().for_each(&mut *f);
                 row.outcome.iter_mut().for_each(&mut *f);
             }
@@ -502,6 +539,13 @@ pub(crate) mod tests {
                     model: t(),
                     state: t(),
                     client: Some(t()),
+                    client_process: Some(ClientProcess {
+                        pid: 1,
+                        comm: t(),
+                        namespace: t(),
+                        pod: t(),
+                        container: t(),
+                    }),
                     trigger_reason: Some(t()),
                     outcome: Some(t()),
                     ..Default::default()
@@ -513,6 +557,13 @@ pub(crate) mod tests {
                     model: t(),
                     state: t(),
                     client: Some(t()),
+                    client_process: Some(ClientProcess {
+                        pid: 1,
+                        comm: t(),
+                        namespace: t(),
+                        pod: t(),
+                        container: t(),
+                    }),
                     trigger_reason: Some(t()),
                     outcome: Some(t()),
                     ..Default::default()

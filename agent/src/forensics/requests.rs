@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::report::{RequestRow, Requests};
+use super::report::{ClientProcess, RequestRow, Requests};
 use crate::{
     http::requests::{RequestLog, RequestRecord},
     proc::ProcFs,
@@ -27,6 +27,8 @@ pub struct RequestSource {
     pub trigger_window: Duration,
     /// How long after a failure the server's requests are followed.
     pub after: Duration,
+    /// Names the pod of a client process on this node.
+    pub attrib: Option<Arc<crate::attrib::Attributor>>,
 }
 
 impl RequestSource {
@@ -62,6 +64,7 @@ impl RequestSource {
         let window = self.trigger_window.as_nanos() as u64;
         let records = self.log.in_flight_at(&servers, t_ns);
         let mut in_flight: Vec<RequestRow> = records.iter().map(|r| row(r, t_ns)).collect();
+        self.name_clients(&mut in_flight, &records);
         let mut triggers = 0;
         for (row, r) in in_flight.iter_mut().zip(&records) {
             let arrived = t_ns.saturating_sub(r.start_ns);
@@ -117,6 +120,46 @@ impl RequestSource {
         Some((requests, records))
     }
 
+    /// The processes on this node at the client end of `records`' connections (one walk of
+    /// the node's sockets for them all), and their pods.
+    fn name_clients(&self, rows: &mut [RequestRow], records: &[RequestRecord]) {
+        let refs: Vec<&RequestRecord> = records.iter().collect();
+        self.name_clients_of(rows, &refs);
+    }
+
+    fn name_clients_of(&self, rows: &mut [RequestRow], records: &[&RequestRecord]) {
+        let mut by_server: std::collections::HashMap<u32, Vec<std::net::SocketAddr>> =
+            std::collections::HashMap::new();
+        for r in records {
+            if let Some(c) = r.client {
+                by_server.entry(r.server).or_default().push(c);
+            }
+        }
+        let mut found = std::collections::HashMap::new();
+        for (server, peers) in by_server {
+            for (peer, pid) in crate::servers::clients(&self.procfs, server, &peers) {
+                found.insert((server, peer), pid);
+            }
+        }
+        for (row, r) in rows.iter_mut().zip(records) {
+            let Some(&pid) = r.client.and_then(|c| found.get(&(r.server, c))) else {
+                continue;
+            };
+            let w = self
+                .attrib
+                .as_ref()
+                .map(|a| a.labels(pid))
+                .unwrap_or_default();
+            row.client_process = Some(ClientProcess {
+                pid,
+                comm: self.procfs.comm(pid).unwrap_or_default(),
+                namespace: w.namespace,
+                pod: w.pod,
+                container: w.container,
+            });
+        }
+    }
+
     /// Once the window after the failure at `t_ns` has passed: how each request in flight
     /// ended, and every request of the servers that failed in the window. Returns how many
     /// failed.
@@ -146,6 +189,11 @@ impl RequestSource {
                 row
             })
             .collect();
+        // A keep-alive client may still hold its connection; a closed one is not found.
+        let failed: Vec<&RequestRecord> = ended.iter().filter(|x| failed(x)).collect();
+        let mut rows = std::mem::take(&mut r.failed_after);
+        self.name_clients_of(&mut rows, &failed);
+        r.failed_after = rows;
         r.after_complete = true;
         r.failed_after.len()
     }
@@ -187,6 +235,7 @@ fn row(r: &RequestRecord, t_ns: u64) -> RequestRow {
         prompt_tokens: r.prompt_tokens,
         max_tokens: r.max_tokens,
         client: r.client.map(|c| c.to_string()),
+        client_process: None,
         likely_trigger: false,
         trigger_reason: None,
         outcome: None,

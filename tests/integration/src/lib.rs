@@ -9,6 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod reports;
 mod sim_gpus;
 pub mod tls_proxy;
 

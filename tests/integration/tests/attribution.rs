@@ -26,6 +26,7 @@ use axum::{
     Router,
 };
 use integration::*;
+use serde_json::Value;
 use tokio_stream::StreamExt;
 
 mod podresources {
@@ -389,34 +390,38 @@ fn start_agent(gpu: &SimGpus, extra_env: &[(&str, String)]) -> Agent {
 /// The TGI stand-in, placed in `cgroup` before it runs (so discovery finds it there).
 struct Tgi(Child);
 
+/// `cmd` run in `cgroup` from its first instruction.
+fn spawn_in(cgroup: &Cgroup, mut cmd: Command) -> Child {
+    let procs = std::ffi::CString::new(cgroup.procs().display().to_string()).unwrap();
+    // SAFETY: only async-signal-safe calls (open, write, close) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // "0": the writing process itself.
+            let n = libc::write(fd, b"0".as_ptr().cast(), 1);
+            libc::close(fd);
+            if n != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
+        .unwrap_or_else(|e| panic!("{:?}: {e}", cmd.get_program()))
+}
+
 impl Tgi {
     fn start_in(cgroup: &Cgroup) -> Tgi {
         let port = free_port();
-        let procs = std::ffi::CString::new(cgroup.procs().display().to_string()).unwrap();
         let mut cmd = Command::new(bin("text-generation-router"));
         cmd.args(["--port", &port.to_string(), "--model-id", "org/llm-7b"])
             .args(["--revision", "r2024", "--num-shard", "2"])
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        // SAFETY: only async-signal-safe calls (open, write, close) between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // "0": the writing process itself.
-                let n = libc::write(fd, b"0".as_ptr().cast(), 1);
-                libc::close(fd);
-                if n != 1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = cmd
-            .spawn()
-            .expect("text-generation-router (the TGI stand-in)");
+        let child = spawn_in(cgroup, cmd);
         eventually("the TGI stand-in", Duration::from_secs(30), || {
             std::net::TcpStream::connect(("127.0.0.1", port)).ok()
         });
@@ -654,6 +659,127 @@ fn pods_name_the_series_of_their_processes_until_they_go() {
         attribution_complaints(&log).is_empty(),
         "attribution warnings in a healthy run:\n{log}"
     );
+    assert!(agent.stop().success());
+}
+
+/// A streaming client in a pod on this node (cgroup v2, systemd driver, CRI-O) is named by
+/// its namespace, pod and container in the report of a CUDA out-of-memory of the server it
+/// is talking to.
+#[root_test]
+fn an_oom_report_names_the_pod_of_a_client_on_this_node() {
+    use integration::reports::{reports, request, show};
+    let Some((_, v2)) = hierarchies() else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "attribution test needs a cgroup v1 memory hierarchy and a cgroup v2 hierarchy"
+        );
+        eprintln!("skipping: no cgroup v1 memory hierarchy beside a cgroup v2 one");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (uid, cid) = ids(3);
+    let api = ApiServer::new();
+    api.change("ADDED", |rv| {
+        pod_json(
+            "clients",
+            "loadgen",
+            &uid,
+            "client",
+            &format!("cri-o://{cid}"),
+            rv,
+        )
+    });
+    let socket = dir.path().join("kubelet.sock");
+    let stands = start_stands(Kubelet::default(), &socket, api.clone());
+    let token = dir.path().join("token");
+    std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
+
+    let gpu = SimGpus::new(1, 1 << 30);
+    let lib = Variant::Push.lib_path().display().to_string();
+    let server = OpenAiServer::start_with_env(
+        "busy",
+        &["--cuda-lib", &lib, "--cuda-mem", "268435456"],
+        &str_pairs(&gpu.cuda_env()),
+    );
+    let port = server.port.to_string();
+    let api_url = format!("http://{}", stands.api_addr);
+    let token_path = token.display().to_string();
+    let socket_path = socket.display().to_string();
+    let agent = gpu.agent(
+        &["--cuda-lib", &lib, "--watch-port", &port],
+        &[
+            ("INFERSCOPE_ATTRIBUTION__API_SERVER__URL", api_url.as_str()),
+            (
+                "INFERSCOPE_ATTRIBUTION__API_SERVER__TOKEN_PATH",
+                token_path.as_str(),
+            ),
+            (
+                "INFERSCOPE_ATTRIBUTION__POD_RESOURCES_SOCKET",
+                socket_path.as_str(),
+            ),
+            ("INFERSCOPE_ATTRIBUTION__NODE_NAME", NODE),
+        ],
+    );
+    agent.wait_for("the server to be watched", |s| {
+        s.sum("inferscope_http_watched_processes", &[]) >= 1.0
+    });
+    eventually("the agent's pod watch", Duration::from_secs(15), || {
+        (api.requests(true) > 0).then_some(())
+    });
+
+    // The client: a stream of 100 tokens at 100 ms, read to its end, from inside the pod.
+    let cg = Cgroup::create(
+        &v2,
+        &format!(
+            "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/crio-{cid}.scope",
+            uid.replace('-', "_")
+        ),
+    );
+    let script = r#"
+import socket, sys
+body = b'{"model":"busy","stream":true,"max_tokens":100,"messages":[{"role":"user","content":"x"}]}'
+c = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+c.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nx-token-ms: 100\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+while c.recv(65536):
+    pass
+"#;
+    let mut cmd = Command::new("python3");
+    cmd.args(["-c", script, &port])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut client = spawn_in(&cg, cmd);
+    agent.wait_for("the client's stream in flight", |s| {
+        s.sum("llm_requests_in_flight", &[]) == 1.0
+    });
+    // A few tokens into it.
+    std::thread::sleep(Duration::from_millis(600));
+    let big = r#"{"model":"busy","max_tokens":8,"messages":[{"role":"user","content":"x"}]}"#;
+    let status = request(server.port, "x-cuda-alloc: 2147483648\r\n", big);
+    assert!(status.starts_with("HTTP/1.1 500"), "{status}");
+
+    let dir = agent.dir.path().join("forensics");
+    let l = reports(&agent, 1);
+    let r = show(&dir, l[0]["id"].as_str().unwrap());
+    let rows = r["requests"]["in_flight"].as_array().unwrap().clone();
+    let row = rows
+        .iter()
+        .find(|row| row["client_process"]["pid"] == client.id())
+        .unwrap_or_else(|| panic!("no row names the client {}: {rows:?}", client.id()));
+    let c = &row["client_process"];
+    assert_eq!(
+        (&c["namespace"], &c["pod"], &c["container"], &c["comm"]),
+        (
+            &Value::from("clients"),
+            &Value::from("loadgen"),
+            &Value::from("client"),
+            &Value::from("python3")
+        ),
+        "{row}"
+    );
+    assert_eq!(row["state"], "streaming", "{row}");
+    let _ = client.kill();
+    let _ = client.wait();
+    drop(cg);
     assert!(agent.stop().success());
 }
 

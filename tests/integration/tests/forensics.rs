@@ -3,50 +3,10 @@
 
 use std::{path::Path, process::Command, time::Duration};
 
-use integration::*;
+use integration::{reports::*, *};
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
-
-fn cli(dir: &Path, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(bin("inferscope"))
-        .arg("forensics")
-        .args(args)
-        .arg("--forensics-dir")
-        .arg(dir)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn list(dir: &Path) -> Vec<Value> {
-    let (ok, out, err) = cli(dir, &["list", "--format", "json"]);
-    assert!(ok, "{err}");
-    serde_json::from_str::<Value>(&out)
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .clone()
-}
-
-fn show(dir: &Path, id: &str) -> Value {
-    let (ok, out, err) = cli(dir, &["show", id, "--format", "json"]);
-    assert!(ok, "{err}");
-    serde_json::from_str(&out).unwrap()
-}
-
-/// Waits for `n` reports in the agent's forensics directory and returns them, newest first.
-fn reports(agent: &Agent, n: usize) -> Vec<Value> {
-    let dir = agent.dir.path().join("forensics");
-    eventually("the forensic reports", Duration::from_secs(20), || {
-        let l = if dir.exists() { list(&dir) } else { Vec::new() };
-        (l.len() >= n).then_some(l)
-    })
-}
 
 /// The agent on `gpu` and the CUDA double.
 fn start_agent(gpu: &SimGpus) -> Agent {
@@ -739,21 +699,6 @@ fn a_cuda_oom_report_shows_the_requests_in_flight_on_the_servers() {
     assert!(agent.stop().success());
 }
 
-/// A raw HTTP/1.1 request on a connection of its own; returns the response's status line.
-fn request(port: u16, headers: &str, body: &str) -> String {
-    use std::io::{Read, Write};
-    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(
-        c,
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{headers}Connection: close\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut answer = String::new();
-    c.read_to_string(&mut answer).unwrap();
-    answer.lines().next().unwrap_or_default().to_string()
-}
-
 #[root_test]
 fn a_cuda_oom_report_names_the_request_behind_it_and_those_that_failed_after() {
     let gpu = SimGpus::new(1, 1 << 30);
@@ -809,6 +754,9 @@ fn a_cuda_oom_report_names_the_request_behind_it_and_those_that_failed_after() {
             row["arrived_seconds_before"].as_f64().unwrap() > 2.0,
             "{row}"
         );
+        // Their client is on this node: this test's process, outside any pod.
+        assert_eq!(row["client_process"]["pid"], std::process::id(), "{row}");
+        assert!(row["client_process"]["pod"].is_null(), "{row}");
     }
     // The large request: just arrived, no token yet, its size and limit, the trigger.
     let t = &rows[3];
@@ -865,6 +813,10 @@ fn a_cuda_oom_report_names_the_request_behind_it_and_those_that_failed_after() {
     );
     let (ok, text, _) = cli(&dir, &["show", &id]);
     assert!(ok && text.contains("TRIGGER?"), "{text}");
+    assert!(
+        text.contains(&format!("(pid {} ", std::process::id())),
+        "{text}"
+    );
     let (ok, html, _) = cli(&dir, &["show", &id, "--format", "html"]);
     assert!(ok && html.contains("Requests at the failure"), "{html}");
     drop(conns);
