@@ -671,7 +671,7 @@ impl Wiring<'_> {
         )
         .with_attribution(attributor)
         .with_failure_logs(failure_logs)
-        .with_python(python);
+        .with_python(python.map(|p| Box::new(p) as Box<dyn track::ProcessNotes>));
         tokio::spawn(track::run(
             tracker,
             input,

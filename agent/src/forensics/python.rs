@@ -190,6 +190,20 @@ impl PythonHandle {
     }
 }
 
+impl crate::track::ProcessNotes for PythonHandle {
+    fn seen(&self, pid: u32) {
+        PythonHandle::seen(self, pid);
+    }
+
+    fn frozen(&self, pid: u32, tid: u32, ts_ns: u64) {
+        PythonHandle::frozen(self, pid, tid, ts_ns);
+    }
+
+    fn exit(&self, pid: u32) {
+        PythonHandle::exit(self, pid);
+    }
+}
+
 /// Starts the service's thread.
 pub fn start(
     procfs: crate::proc::ProcFs,

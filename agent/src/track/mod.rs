@@ -127,7 +127,17 @@ pub struct Tracker {
     failure_logs: Option<crate::events::RateLimited>,
     /// Reads Python stacks: told of each process with a ledger (its interpreter is found
     /// ahead), of each one a failure stopped, and of exits.
-    python: Option<crate::forensics::python::PythonHandle>,
+    python: Option<Box<dyn ProcessNotes>>,
+}
+
+/// What the reader of Python stacks (forensics) hears of the tracker's processes.
+pub trait ProcessNotes: Send {
+    /// A process has a ledger from now on.
+    fn seen(&self, pid: u32);
+    /// The CUDA probe stopped `pid` as its call on thread `tid` failed at `ts_ns`
+    /// (`FLAG_FROZEN`): it must be continued.
+    fn frozen(&self, pid: u32, tid: u32, ts_ns: u64);
+    fn exit(&self, pid: u32);
 }
 
 impl Tracker {
@@ -179,7 +189,7 @@ impl Tracker {
         self
     }
 
-    pub fn with_python(mut self, python: Option<crate::forensics::python::PythonHandle>) -> Self {
+    pub fn with_python(mut self, python: Option<Box<dyn ProcessNotes>>) -> Self {
         self.python = python;
         self
     }
