@@ -128,14 +128,23 @@ impl Attributor {
     }
 
     /// The identity of `pid`: from the cache, else resolved now (one cgroup file read) and
-    /// cached while under the process limit.
+    /// cached while under the process limit. A process of a pod the API server had not
+    /// listed when it was cached (the agent's first look at a node, before its pod list
+    /// arrives) is resolved again once the pod is known, not at the next refresh.
     pub fn lookup(&self, pid: u32) -> Arc<Identity> {
         if let Some(id) = lock(&self.cache).get(&pid) {
-            return id.clone();
+            let pending = id.labels.pod.is_empty()
+                && id
+                    .pod_uid
+                    .as_deref()
+                    .is_some_and(|uid| self.pods.contains(uid));
+            if !pending {
+                return id.clone();
+            }
         }
         let id = Arc::new(self.resolve(pid).unwrap_or_else(|| self.node_only()));
         let mut cache = lock(&self.cache);
-        if cache.len() < self.max_processes {
+        if cache.len() < self.max_processes || cache.contains_key(&pid) {
             cache.insert(pid, id.clone());
         } else {
             self.metrics.dropped("process_limit", 1);

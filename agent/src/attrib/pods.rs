@@ -37,6 +37,10 @@ impl PodStore {
         read(&self.pods).get(uid).cloned()
     }
 
+    pub fn contains(&self, uid: &str) -> bool {
+        read(&self.pods).contains_key(uid)
+    }
+
     /// Whether the store knows pod `ns/name` under another UID than `uid`.
     pub fn known_as_other(&self, ns: &str, name: &str, uid: &str) -> bool {
         read(&self.pods)

@@ -104,12 +104,10 @@ fn the_cache_follows_pods_and_processes_on_refresh() {
     let a = attributor(&dir, 128, 1);
     // Pod not known yet: node only, cached.
     assert_eq!(a.labels(10).pod, "");
+    // Listed since: resolved at once, not at the next refresh.
     a.pods().upsert(UID.into(), pod("llm-0"));
-    assert_eq!(
-        a.labels(10).pod,
-        "",
-        "served from the cache until the refresh"
-    );
+    assert_eq!(a.labels(10).container, "sidecar");
+    assert_eq!(lock(&a.cache)[&10].labels.pod, "llm-0");
     a.refresh();
     assert_eq!(a.labels(10).container, "sidecar");
     // Over the process limit: resolved, not cached, counted.

@@ -702,6 +702,7 @@ mod tests {
                 cmdline: "server --api-key s2 --model https://u:s3@hub/m".into(),
                 cgroup: String::new(),
                 container_id: None,
+                ..Default::default()
             },
             gpu: None,
             cuda: None,

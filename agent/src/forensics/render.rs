@@ -102,15 +102,21 @@ pub fn list_line(r: &Report) -> String {
     let r = &printable(r);
     let gpu = r.gpu.as_ref().map_or("-".into(), |g| g.index.to_string());
     format!(
-        "{}  {}  {:<17} pid {:<7} {:<15} gpu {:<3} {}",
+        "{}  {}  {:<17} pid {:<7} {:<15} gpu {:<3} {}{}",
         r.id,
         r.time,
         r.kind.as_str(),
         r.process.pid,
         r.process.comm,
         gpu,
+        pod_of(&r.process).map_or(String::new(), |p| format!("{p}  ")),
         r.summary
     )
+}
+
+/// `namespace/pod container c` of a process in a pod.
+fn pod_of(p: &crate::track::draft::ProcessInfo) -> Option<String> {
+    (!p.pod.is_empty()).then(|| format!("{}/{} container {}", p.namespace, p.pod, p.container))
 }
 
 /// Requests in flight (and their body bytes) at the event, and the peak count over the
@@ -140,6 +146,9 @@ pub fn text(r: &Report) -> String {
     let _ = writeln!(s, "time     {}", r.time);
     let p = &r.process;
     let _ = writeln!(s, "process  pid {} ({}) {}", p.pid, p.comm, p.cmdline);
+    if let Some(pod) = pod_of(p) {
+        let _ = writeln!(s, "pod      {pod}");
+    }
     if !p.cgroup.is_empty() {
         let _ = writeln!(s, "cgroup   {}", p.cgroup);
     }
@@ -579,6 +588,9 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left;font-size:13px}}th{
         esc(&r.process.comm),
         esc(&r.process.cmdline)
     );
+    if let Some(pod) = pod_of(&r.process) {
+        let _ = write!(s, "<p>pod {}</p>", esc(&pod));
+    }
     s.push_str("<h2>Memory timeline</h2>");
     s.push_str(&svg(r));
     if let Some(c) = &r.cuda {

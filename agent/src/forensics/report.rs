@@ -183,6 +183,9 @@ impl Report {
         f(&mut p.cmdline);
         f(&mut p.cgroup);
         p.container_id.iter_mut().for_each(&mut *f);
+        f(&mut p.namespace);
+        f(&mut p.pod);
+        f(&mut p.container);
         if let Some(g) = &mut self.gpu {
             g.uuid.iter_mut().for_each(&mut *f);
             g.name.iter_mut().for_each(&mut *f);
@@ -446,6 +449,9 @@ pub(crate) mod tests {
                 cmdline: t(),
                 cgroup: t(),
                 container_id: Some(t()),
+                namespace: t(),
+                pod: t(),
+                container: t(),
             },
             gpu: Some(GpuInfo {
                 index: 0,

@@ -53,6 +53,14 @@ pub struct ProcessInfo {
     pub cgroup: String,
     /// Container id from the cgroup path, when it has one.
     pub container_id: Option<String>,
+    /// The pod the process runs in, as the agent's series label it (empty outside a pod, or
+    /// where attribution has no source): what `kubectl` needs to find it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub namespace: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub pod: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub container: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -248,6 +248,8 @@ impl Tracker {
     /// A snapshot for a report, unless the limiter has already given this process and kind
     /// its report in the current window.
     fn draft(&mut self, kind: Kind, pid: u32, gpu: Option<u32>, ts_ns: u64) -> Option<Draft> {
+        self.forensics.as_ref()?;
+        let workload = self.workload_of(pid);
         let f = self.forensics.as_mut()?;
         let Some(suppressed_before) = f.limiter.admit(pid, kind, ts_ns) else {
             self.metrics
@@ -381,6 +383,9 @@ impl Tracker {
                 cmdline: meta.cmdline,
                 cgroup: meta.cgroup,
                 container_id,
+                namespace: workload.0.namespace.clone(),
+                pod: workload.0.pod.clone(),
+                container: workload.0.container.clone(),
             },
             gpu,
             cuda: None,

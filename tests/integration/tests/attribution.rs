@@ -662,11 +662,11 @@ fn pods_name_the_series_of_their_processes_until_they_go() {
     assert!(agent.stop().success());
 }
 
-/// A streaming client in a pod on this node (cgroup v2, systemd driver, CRI-O) is named by
-/// its namespace, pod and container in the report of a CUDA out-of-memory of the server it
-/// is talking to.
+/// A CUDA out-of-memory report names the pod, namespace and container of the failing server
+/// (what `kubectl` needs to find it), and those of a streaming client in another pod on this
+/// node (cgroup v2, systemd driver, CRI-O).
 #[root_test]
-fn an_oom_report_names_the_pod_of_a_client_on_this_node() {
+fn an_oom_report_names_the_pod_of_its_server_and_of_a_client_on_this_node() {
     use integration::reports::{reports, request, show};
     let Some((_, v2)) = hierarchies() else {
         assert!(
@@ -678,7 +678,18 @@ fn an_oom_report_names_the_pod_of_a_client_on_this_node() {
     };
     let dir = tempfile::tempdir().unwrap();
     let (uid, cid) = ids(3);
+    let (server_uid, server_cid) = ids(4);
     let api = ApiServer::new();
+    api.change("ADDED", |rv| {
+        pod_json(
+            "llm",
+            "server-0",
+            &server_uid,
+            "server",
+            &format!("cri-o://{server_cid}"),
+            rv,
+        )
+    });
     api.change("ADDED", |rv| {
         pod_json(
             "clients",
@@ -701,6 +712,15 @@ fn an_oom_report_names_the_pod_of_a_client_on_this_node() {
         &["--cuda-lib", &lib, "--cuda-mem", "268435456"],
         &str_pairs(&gpu.cuda_env()),
     );
+    // In its pod before the agent starts.
+    let server_cg = Cgroup::create(
+        &v2,
+        &format!(
+            "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/crio-{server_cid}.scope",
+            server_uid.replace('-', "_")
+        ),
+    );
+    server_cg.add(server.pid());
     let port = server.port.to_string();
     let api_url = format!("http://{}", stands.api_addr);
     let token_path = token.display().to_string();
@@ -760,6 +780,17 @@ while c.recv(65536):
     let dir = agent.dir.path().join("forensics");
     let l = reports(&agent, 1);
     let r = show(&dir, l[0]["id"].as_str().unwrap());
+    let p = &r["process"];
+    assert_eq!(p["pid"], server.pid());
+    assert_eq!(
+        (&p["namespace"], &p["pod"], &p["container"]),
+        (
+            &Value::from("llm"),
+            &Value::from("server-0"),
+            &Value::from("server")
+        ),
+        "{p}"
+    );
     let rows = r["requests"]["in_flight"].as_array().unwrap().clone();
     let row = rows
         .iter()
@@ -777,9 +808,16 @@ while c.recv(65536):
         "{row}"
     );
     assert_eq!(row["state"], "streaming", "{row}");
+    let (ok, text, _) = integration::reports::cli(&dir, &["show", l[0]["id"].as_str().unwrap()]);
+    assert!(
+        ok && text.contains("pod      llm/server-0 container server"),
+        "{text}"
+    );
     let _ = client.kill();
     let _ = client.wait();
+    drop(server);
     drop(cg);
+    drop(server_cg);
     assert!(agent.stop().success());
 }
 
