@@ -619,6 +619,11 @@ impl Wiring<'_> {
             stack_map: stacks,
             history: history.clone(),
             metrics: self.metrics.forensics.clone(),
+            node: requests
+                .attrib
+                .as_ref()
+                .map(|a| a.node().to_string())
+                .unwrap_or_default(),
             settings: forensics::Settings {
                 max_reports: f.max_reports,
                 max_bytes: f.max_bytes,
@@ -991,3 +996,6 @@ fn report_task<E: std::fmt::Display>(
         Some(Err(e)) => tracing::error!(stage, error = %e, "stage panicked"),
     }
 }
+
+#[cfg(test)]
+mod docs_tests;

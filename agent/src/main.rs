@@ -89,7 +89,8 @@ struct RunArgs {
     /// A CUDA driver library to probe in addition to those discovered (repeatable).
     #[arg(long = "cuda-lib")]
     cuda_libs: Vec<PathBuf>,
-    /// Never attach this probe family (cuda, sched, oom, http) or CUDA symbol (repeatable).
+    /// Never attach this probe family (cuda, sched, oom, http, discovery) or CUDA symbol
+    /// (repeatable).
     #[arg(long = "disable-probe")]
     disable_probes: Vec<String>,
     /// NVML library to load [default: libnvidia-ml.so.1 from the usual places].

@@ -123,6 +123,11 @@ impl Attributor {
         }
     }
 
+    /// The node's name, as every series' `node` label has it.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
     pub fn pods(&self) -> &Arc<PodStore> {
         &self.pods
     }

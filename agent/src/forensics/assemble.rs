@@ -36,6 +36,8 @@ pub struct Writer {
     pub stack_map: Option<aya::maps::StackTraceMap<aya::maps::MapData>>,
     pub history: Arc<GpuHistory>,
     pub metrics: Arc<super::metrics::ForensicsMetrics>,
+    /// The node's name, for the alerts that point at a report.
+    pub node: String,
     pub settings: Settings,
     pub seq: u64,
     /// Requests in flight per watched server, from the wire.
@@ -118,6 +120,12 @@ impl Writer {
                 .forensics_reports
                 .get_or_create(&KindLabels { kind })
                 .inc();
+            self.metrics.last_report(
+                kind,
+                &report.id,
+                &self.node,
+                (report.time_unix_ms / 1000) as i64,
+            );
         }
         // Stopping: what the windows saw so far goes into their reports.
         self.complete_due(true);
@@ -679,6 +687,7 @@ mod tests {
             stack_map: None,
             history: Arc::new(GpuHistory::new(60)),
             metrics: metrics.clone(),
+            node: "node-1".into(),
             settings: Settings {
                 max_reports: 10,
                 max_bytes: u64::MAX,
@@ -739,6 +748,15 @@ mod tests {
             assert!(!log.contains(secret), "{secret} in the log record: {log}");
         }
         assert!(stored.contains("--api-key ***") && stored.contains("pid 7 (HF_TOKEN=***)"));
+        // The alerts find it by its id on this node.
+        let id = files[0].file_stem().unwrap().to_str().unwrap();
+        let text = metrics.core.encode();
+        assert!(
+            text.contains(&format!(
+                "inferscope_forensics_last_report{{kind=\"gpu_process_crash\",id=\"{id}\",node=\"node-1\"}}"
+            )),
+            "{text}"
+        );
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&files[0]), 0o600);
         assert_eq!(mode(&forensics), 0o700);

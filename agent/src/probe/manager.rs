@@ -108,6 +108,18 @@ pub struct ManagerMaps {
     pub hits: PerCpuArray<MapData, u64>,
 }
 
+/// The `source` label of `inferscope_events_lost_total` for each index of the kernel's
+/// lost-event counters that is published (named here so that docs/metrics.md is checked
+/// against it).
+pub const LOST_SOURCES: [(u32, &str); 6] = [
+    (lost::CUDA, "cuda"),
+    (lost::SCHED, "sched"),
+    (lost::OOM, "oom"),
+    (lost::STASH, "cuda_stash"),
+    (lost::HTTP, "http"),
+    (lost::DISCOVERY, "discovery"),
+];
+
 impl Manager {
     #[expect(
         clippy::too_many_arguments,
@@ -643,13 +655,7 @@ impl Manager {
 
     /// Moves the kernel's per-CPU lost counts into the metrics.
     pub fn publish_lost(&mut self) {
-        for (index, source) in [
-            (lost::CUDA, "cuda"),
-            (lost::SCHED, "sched"),
-            (lost::STASH, "cuda_stash"),
-            (lost::HTTP, "http"),
-            (lost::DISCOVERY, "discovery"),
-        ] {
+        for (index, source) in LOST_SOURCES {
             let now = per_cpu_sum(&self.lost_map, index);
             let seen = &mut self.lost_seen[index as usize];
             let counter = self
