@@ -75,7 +75,8 @@ pub fn write_dir_files(dir: &Path, suffix: &str, files: &Files) -> Result<(), St
 
 /// `helm template` of the chart at `chart`: default values, release and namespace
 /// `inferscope`, the Prometheus Operator's API present (ServiceMonitor, PrometheusRule) and
-/// the Namespace object included (`kubectl apply` has no --create-namespace). Returns the
+/// the Namespace object included (`kubectl apply` has no --create-namespace), the `helm test`
+/// pod left out (a hook, which `kubectl apply` would run as a plain pod). Returns the
 /// manifests by file: the Prometheus Operator's kinds each in their own file (they need its
 /// CRDs), everything else in inferscope.yaml.
 pub fn render(helm: &str, chart: &Path) -> Result<Files, String> {
@@ -85,6 +86,7 @@ pub fn render(helm: &str, chart: &Path) -> Result<Files, String> {
         .args(["--namespace", RELEASE])
         .args(["--api-versions", "monitoring.coreos.com/v1"])
         .args(["--set", "namespace.create=true"])
+        .arg("--skip-tests")
         .output()
         .map_err(|e| format!("{helm}: {e} (run `cargo xtask setup`)"))?;
     if !out.status.success() {

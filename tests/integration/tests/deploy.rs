@@ -490,14 +490,22 @@ fn chart_defaults() {
             "ServiceMonitor",
             "PrometheusRule",
             "NetworkPolicy",
+            "Pod",
         ]),
-        "PodMonitor is off and the Namespace left to `helm install --create-namespace` by default"
+        "PodMonitor is off, the Namespace left to `helm install --create-namespace` and the \
+         `helm test` pod rendered (a hook) by default"
     );
 
     let ds = find(&docs, "DaemonSet").unwrap();
     let pod = &ds["spec"]["template"]["spec"];
     assert_eq!(pod["hostPID"], true);
-    assert_eq!(pod["nodeSelector"]["nvidia.com/gpu.present"], "true");
+    // GPU nodes are found by node affinity, any of several labels; the selector only keeps
+    // the agent off architectures its eBPF programs do not support.
+    assert_eq!(
+        pod["nodeSelector"],
+        serde_json::json!({"kubernetes.io/arch": "amd64"}),
+        "{pod}"
+    );
     assert!(
         pod["tolerations"]
             .as_array()
@@ -759,9 +767,15 @@ fn chart_seccomp_and_network_policy_values() {
         "profiles/agent.json"
     );
     let np = find(&provisioned, "NetworkPolicy").unwrap();
+    // The peers given, and the `helm test` pod.
     assert_eq!(
-        np["spec"]["ingress"][0]["from"],
-        serde_json::json!([{"namespaceSelector": {"matchLabels": {"team": "monitoring"}}}])
+        np["spec"]["ingress"][0]["from"][0],
+        serde_json::json!({"namespaceSelector": {"matchLabels": {"team": "monitoring"}}})
+    );
+    assert_eq!(
+        np["spec"]["ingress"][0]["from"][1]["podSelector"]["matchLabels"]
+            ["app.kubernetes.io/component"],
+        "helm-test"
     );
 }
 
@@ -858,7 +872,10 @@ fn chart_non_default_values() {
 
     let ds = find(&docs, "DaemonSet").unwrap();
     let pod = &ds["spec"]["template"]["spec"];
-    assert_eq!(pod["automountServiceAccountToken"], false);
+    assert_eq!(
+        pod["automountServiceAccountToken"], true,
+        "serviceAccount.automountToken, not rbac.create, decides"
+    );
     let forensics = pod["volumes"]
         .as_array()
         .unwrap()
@@ -1168,8 +1185,14 @@ fn chart_values_are_documented_and_used() {
         keys.insert(key.to_string());
     }
     let mut used = BTreeSet::new();
-    for entry in std::fs::read_dir(chart().join("templates")).unwrap() {
-        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+    let templates = chart().join("templates");
+    let tests = std::fs::read_dir(templates.join("tests")).unwrap();
+    for entry in std::fs::read_dir(&templates).unwrap().chain(tests) {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            continue;
+        }
+        let text = std::fs::read_to_string(path).unwrap();
         for part in text.split(".Values.").skip(1) {
             let key: String = part
                 .chars()
@@ -1182,4 +1205,740 @@ fn chart_values_are_documented_and_used() {
         keys, used,
         "values.yaml keys vs. the keys the templates read"
     );
+}
+
+// ---- Install path, node discovery, driver mounts ----
+
+/// The shell commands of docs/install.md's code blocks, continuation lines joined, split
+/// into words (quotes removed).
+fn install_doc_commands() -> Vec<Vec<String>> {
+    let doc = std::fs::read_to_string(root().join("docs/install.md")).unwrap();
+    let mut commands = Vec::new();
+    let mut in_block = false;
+    let mut pending = String::new();
+    for line in doc.lines() {
+        if line.starts_with("```") {
+            in_block = !in_block;
+            continue;
+        }
+        if !in_block {
+            continue;
+        }
+        let line = line.split(" # ").next().unwrap().trim_end();
+        match line.strip_suffix('\\') {
+            Some(part) => pending.push_str(part),
+            None => {
+                pending.push_str(line);
+                commands.push(shell_words(&pending));
+                pending.clear();
+            }
+        }
+    }
+    commands
+}
+
+/// Whitespace-separated words; single and double quotes group and are removed.
+fn shell_words(line: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut quote = None;
+    let mut started = false;
+    for c in line.chars() {
+        match (quote, c) {
+            (None, '\'' | '"') => {
+                quote = Some(c);
+                started = true;
+            }
+            (Some(q), c) if c == q => quote = None,
+            (None, c) if c.is_whitespace() => {
+                if started {
+                    words.push(std::mem::take(&mut word));
+                    started = false;
+                }
+            }
+            (_, c) => {
+                word.push(c);
+                started = true;
+            }
+        }
+    }
+    if started {
+        words.push(word);
+    }
+    words
+}
+
+/// The documented `helm install` runs as `helm template` with the same flags and as
+/// `helm lint` with the same values: it renders no Namespace (Helm's --create-namespace makes
+/// it; a chart-owned one conflicts), everything validates, and the doc labels the namespace
+/// for Pod Security with the exact command.
+#[test]
+fn documented_install_commands_render() {
+    let commands = install_doc_commands();
+    let installs: Vec<&Vec<String>> = commands
+        .iter()
+        .filter(|c| c.len() > 2 && c[0] == "helm" && c[1] == "install")
+        .collect();
+    assert!(
+        !installs.is_empty(),
+        "docs/install.md has no `helm install`"
+    );
+    for install in installs {
+        let args: Vec<&str> = install[2..].iter().map(String::as_str).collect();
+        assert!(args.contains(&"--create-namespace"), "{install:?}");
+        assert!(
+            !args.iter().any(|a| a.starts_with("namespace.create")),
+            "{install:?}"
+        );
+        let mut template = vec!["template"];
+        template.extend(&args);
+        let docs = validate_stream(&helm(&template).unwrap())
+            .unwrap_or_else(|e| panic!("{install:?}: {e}"));
+        assert!(find(&docs, "Namespace").is_none(), "{install:?}");
+        assert!(find(&docs, "DaemonSet").is_some(), "{install:?}");
+        // helm lint takes the chart, the namespace and the values, not install's other flags.
+        let chart = args[1];
+        let mut lint = vec!["lint", "--strict", chart];
+        for w in args[2..].windows(2) {
+            if [
+                "--namespace",
+                "-n",
+                "--set",
+                "--set-string",
+                "-f",
+                "--values",
+            ]
+            .contains(&w[0])
+            {
+                lint.extend([w[0], w[1]]);
+            }
+        }
+        helm(&lint).unwrap_or_else(|e| panic!("{install:?}: {e}"));
+    }
+    let label = shell_words(
+        "kubectl label namespace inferscope pod-security.kubernetes.io/enforce=privileged",
+    );
+    assert!(
+        commands.iter().any(|c| c.starts_with(&label)),
+        "docs/install.md does not label the namespace for Pod Security"
+    );
+    // The one kubectl recipe the forensics need: the agent on the alert's node, its binary
+    // by absolute path (distroless: no PATH lookup of a shell), HTML to stdout.
+    let exec: Vec<&Vec<String>> = commands
+        .iter()
+        .filter(|c| c.first().is_some_and(|w| w == "kubectl") && c.contains(&"exec".into()))
+        .collect();
+    assert!(!exec.is_empty());
+    for c in &exec {
+        let at = c
+            .iter()
+            .position(|w| w == "--")
+            .expect("kubectl exec … -- cmd");
+        assert_eq!(c[at + 1], "/inferscope", "{c:?}: the image's binary");
+    }
+    assert!(
+        exec.iter()
+            .any(|c| c.windows(2).any(|w| w[0] == "--format" && w[1] == "html")),
+        "{exec:?}"
+    );
+    let dockerfile = std::fs::read_to_string(root().join("deploy/Dockerfile")).unwrap();
+    assert!(
+        dockerfile.contains(" /inferscope\n"),
+        "the binary is /inferscope"
+    );
+}
+
+/// NOTES.txt names the labels the DaemonSet selects nodes by and, with no cluster to count
+/// nodes in (lookup answers nothing), says so and how to count them.
+#[test]
+fn chart_notes_say_which_nodes() {
+    let notes = |values: &[&str]| {
+        let mut args = vec![
+            "install",
+            "inferscope",
+            manifests::CHART,
+            "--namespace",
+            "inferscope",
+            "--dry-run=client",
+        ];
+        for v in values {
+            args.extend(["--set", v]);
+        }
+        let out = helm(&args).unwrap();
+        out.split_once("NOTES:").expect("no NOTES").1.to_string()
+    };
+    let text = notes(&[]);
+    for needle in [
+        "nvidia.com/gpu.present in (true)",
+        "feature.node.kubernetes.io/pci-10de.present in (true)",
+        "inferscope.io/gpu in (true)",
+        "Nodes matched: could not count",
+        "desiredNumberScheduled",
+        "nvidia.preset=debian (host /usr/lib/x86_64-linux-gnu -> /usr/local/nvidia/lib64)",
+        "--field-selector spec.nodeName=NODE",
+    ] {
+        assert!(text.contains(needle), "NOTES lack {needle:?}:\n{text}");
+    }
+    let custom = notes(&["nodeSelector.pool=gpu", "nvidia.preset=cdi"]);
+    assert!(
+        custom.contains(r#"every label of {"kubernetes.io/arch":"amd64","pool":"gpu"}"#),
+        "{custom}"
+    );
+    assert!(custom.contains("no mount"), "{custom}");
+}
+
+/// The node count of NOTES.txt (inferscope.matchingNodes) on a node list: any one of
+/// gpuNodeLabels, and every nodeSelector label.
+#[test]
+fn chart_counts_matching_nodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("inferscope");
+    copy_tree(&chart(), &copy);
+    // What lookup "v1" "Node" returns, as items.
+    let probe = r#"{{- $nodes := `
+- metadata: {name: gfd, labels: {nvidia.com/gpu.present: "true", pool: a, kubernetes.io/arch: amd64}}
+- metadata: {name: nfd, labels: {feature.node.kubernetes.io/pci-10de.present: "true", kubernetes.io/arch: amd64}}
+- metadata: {name: gke, labels: {cloud.google.com/gke-accelerator: nvidia-l4, pool: a, kubernetes.io/arch: amd64}}
+- metadata: {name: off, labels: {nvidia.com/gpu.present: "false", pool: a, kubernetes.io/arch: amd64}}
+- metadata: {name: cpu, labels: {pool: a, kubernetes.io/arch: amd64}}
+- metadata: {name: bare, labels: {kubernetes.io/arch: amd64}}
+- metadata: {name: grace, labels: {nvidia.com/gpu.present: "true", pool: a, kubernetes.io/arch: arm64}}
+` | fromYamlArray }}
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: count
+data:
+  count: {{ include "inferscope.matchingNodes" (dict "root" . "nodes" $nodes) | quote }}
+"#;
+    std::fs::write(copy.join("templates/zz-count.yaml"), probe).unwrap();
+    let count = |values: &[&str]| {
+        let docs = yaml_docs(&template(&copy, values).unwrap());
+        docs.iter()
+            .find(|d| d["metadata"]["name"] == "count")
+            .unwrap()["data"]["count"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(count(&[]), "3");
+    assert_eq!(count(&["nodeSelector.pool=a"]), "2");
+    assert_eq!(count(&["gpuNodeLabels=null"]), "6");
+}
+
+/// The node affinity: one term per GPU label (ORed), Exists where no values are given; the
+/// user's affinity replaces it and the user's nodeSelector is rendered as given.
+#[test]
+fn chart_gpu_node_affinity() {
+    let docs = yaml_docs(&template(&chart(), &[]).unwrap());
+    let pod = &find(&docs, "DaemonSet").unwrap()["spec"]["template"]["spec"];
+    let terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        ["nodeSelectorTerms"]
+        .as_array()
+        .unwrap();
+    let exprs: Vec<&Value> = terms
+        .iter()
+        .map(|t| {
+            let e = t["matchExpressions"].as_array().unwrap();
+            assert_eq!(e.len(), 1, "one label per term, so any one suffices: {t}");
+            &e[0]
+        })
+        .collect();
+    let by_key = |k: &str| *exprs.iter().find(|e| e["key"] == k).unwrap();
+    for key in [
+        "nvidia.com/gpu.present",
+        "feature.node.kubernetes.io/pci-10de.present",
+        "inferscope.io/gpu",
+    ] {
+        assert_eq!(by_key(key)["operator"], "In", "{key}");
+        assert_eq!(strings(&by_key(key)["values"]), ["true"], "{key}");
+    }
+    assert_eq!(
+        by_key("cloud.google.com/gke-accelerator")["operator"],
+        "Exists"
+    );
+
+    let custom = validate_stream(
+        &template(
+            &chart(),
+            &[
+                "affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0].matchExpressions[0].key=gpu",
+                "affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0].matchExpressions[0].operator=Exists",
+                "nodeSelector.pool=inference",
+            ],
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let pod = &find(&custom, "DaemonSet").unwrap()["spec"]["template"]["spec"];
+    let terms = &pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        ["nodeSelectorTerms"];
+    assert_eq!(
+        terms,
+        &serde_json::json!([{"matchExpressions": [{"key": "gpu", "operator": "Exists"}]}])
+    );
+    // Added to the default, which keeps the agent on x86_64.
+    assert_eq!(
+        pod["nodeSelector"],
+        serde_json::json!({"kubernetes.io/arch": "amd64", "pool": "inference"})
+    );
+}
+
+/// Each nvidia.preset renders, validates and mounts its node image's driver directory, with
+/// type "" (a node without it still starts the pod), read-only, where the agent looks for
+/// NVML (agent/src/probe/discover.rs); the GPU operator's driver root with HostToContainer
+/// propagation; cdi and none mount nothing.
+#[test]
+fn chart_nvidia_presets() {
+    let search = std::fs::read_to_string(root().join("agent/src/probe/discover.rs")).unwrap();
+    let lib = "/usr/local/nvidia/lib64";
+    for (preset, host, at, propagation) in [
+        ("debian", "/usr/lib/x86_64-linux-gnu", lib, None),
+        ("ubuntu", "/usr/lib/x86_64-linux-gnu", lib, None),
+        ("rhel", "/usr/lib64", lib, None),
+        ("amazonlinux", "/usr/lib64", lib, None),
+        ("cos", "/home/kubernetes/bin/nvidia/lib64", lib, None),
+        (
+            "gpu-operator",
+            "/run/nvidia/driver",
+            "/run/nvidia/driver",
+            Some("HostToContainer"),
+        ),
+        ("cdi", "", "", None),
+        ("none", "", "", None),
+    ] {
+        let docs =
+            validate_stream(&template(&chart(), &[&format!("nvidia.preset={preset}")]).unwrap())
+                .unwrap_or_else(|e| panic!("{preset}: {e}"));
+        let pod = &find(&docs, "DaemonSet").unwrap()["spec"]["template"]["spec"];
+        let volume = pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == "nvidia-driver");
+        let mount = daemonset_container(&docs)["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == "nvidia-driver");
+        if host.is_empty() {
+            assert!(volume.is_none() && mount.is_none(), "{preset}: {pod}");
+            continue;
+        }
+        let (volume, mount) = (volume.unwrap(), mount.unwrap());
+        assert_eq!(volume["hostPath"]["path"], host, "{preset}");
+        assert_eq!(volume["hostPath"]["type"], "", "{preset}: never Directory");
+        assert_eq!(mount["mountPath"], at, "{preset}");
+        assert_eq!(mount["readOnly"], true, "{preset}");
+        assert_eq!(
+            mount["mountPropagation"].as_str(),
+            propagation,
+            "{preset}: {mount}"
+        );
+        // The agent's NVML search covers the mount: the directory itself, or under the
+        // driver root.
+        assert!(
+            search.contains(&format!("\"{at}\"")) || search.contains(&format!("\"{at}/")),
+            "{preset}: the agent does not search {at}"
+        );
+    }
+    // driverLibDir replaces a preset's directory, and mounts one for a preset without any.
+    let docs = yaml_docs(
+        &template(
+            &chart(),
+            &[
+                "nvidia.preset=none",
+                "nvidia.driverLibDir=/opt/nvidia/lib64",
+            ],
+        )
+        .unwrap(),
+    );
+    let pod = &find(&docs, "DaemonSet").unwrap()["spec"]["template"]["spec"];
+    assert!(
+        pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["hostPath"]["path"] == "/opt/nvidia/lib64"),
+        "{pod}"
+    );
+    let err = template(&chart(), &["nvidia.preset=arch"]).unwrap_err();
+    assert!(err.contains("nvidia.preset"), "{err}");
+}
+
+// ---- Monitors and rules ----
+
+/// Applies Prometheus target relabelings (replace, labeldrop) to a label set.
+fn relabel(labels: &mut std::collections::BTreeMap<String, String>, configs: &Value) {
+    for c in configs.as_array().unwrap() {
+        match c["action"].as_str().unwrap_or("replace") {
+            "replace" => {
+                let value: Vec<String> = strings(&c["sourceLabels"])
+                    .iter()
+                    .map(|l| labels.get(*l).cloned().unwrap_or_default())
+                    .collect();
+                labels.insert(
+                    c["targetLabel"].as_str().unwrap().to_string(),
+                    value.join(";"),
+                );
+            }
+            "labeldrop" => {
+                let re = format!("^(?:{})$", c["regex"].as_str().unwrap());
+                let alternatives: Vec<&str> = re
+                    .trim_start_matches("^(?:")
+                    .trim_end_matches(")$")
+                    .split('|')
+                    .collect();
+                labels.retain(|k, _| !alternatives.contains(&k.as_str()));
+            }
+            other => panic!("relabel action {other} not modelled"),
+        }
+    }
+}
+
+/// Both monitors keep the agent pod's own namespace/pod/container off the series (as
+/// agent_namespace/agent_pod), so a series without workload labels (GPU, host process)
+/// does not read as the agent's workload; the monitor values are rendered.
+#[test]
+fn chart_monitors_keep_agent_labels_off_workload_series() {
+    for (monitor, endpoints, enable) in [
+        ("ServiceMonitor", "endpoints", vec![]),
+        (
+            "PodMonitor",
+            "podMetricsEndpoints",
+            vec!["serviceMonitor.enabled=false", "podMonitor.enabled=true"],
+        ),
+    ] {
+        let key = if monitor == "ServiceMonitor" {
+            "serviceMonitor"
+        } else {
+            "podMonitor"
+        };
+        let docs = validate_stream(&template(&chart(), &enable).unwrap()).unwrap();
+        let ep = &find(&docs, monitor).unwrap()["spec"][endpoints][0];
+        assert_eq!(ep["honorLabels"], true, "{monitor}");
+        // The target labels the operator sets before the user's relabelings.
+        let mut labels: std::collections::BTreeMap<String, String> = [
+            ("__meta_kubernetes_namespace", "inferscope"),
+            ("__meta_kubernetes_pod_name", "inferscope-abcde"),
+            ("__meta_kubernetes_pod_node_name", "gpu-1"),
+            ("namespace", "inferscope"),
+            ("pod", "inferscope-abcde"),
+            ("container", "agent"),
+            ("job", "inferscope"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        relabel(&mut labels, &ep["relabelings"]);
+        for gone in ["namespace", "pod", "container"] {
+            assert!(!labels.contains_key(gone), "{monitor}: {labels:?}");
+        }
+        assert_eq!(labels["agent_namespace"], "inferscope", "{monitor}");
+        assert_eq!(labels["agent_pod"], "inferscope-abcde", "{monitor}");
+        assert_eq!(labels["node"], "gpu-1", "{monitor}");
+
+        let mut values = enable.clone();
+        let custom = [
+            format!("{key}.namespace=monitoring"),
+            format!("{key}.honorLabels=false"),
+            format!("{key}.relabelings[0].targetLabel=cluster"),
+            format!("{key}.relabelings[0].replacement=east"),
+            format!("{key}.metricRelabelings[0].action=drop"),
+            format!("{key}.metricRelabelings[0].sourceLabels[0]=__name__"),
+            format!("{key}.metricRelabelings[0].regex=inferscope_build_info"),
+        ];
+        values.extend(custom.iter().map(String::as_str));
+        let docs = validate_stream(&template(&chart(), &values).unwrap()).unwrap();
+        let m = find(&docs, monitor).unwrap();
+        assert_eq!(m["metadata"]["namespace"], "monitoring", "{monitor}");
+        assert_eq!(
+            m["spec"]["namespaceSelector"]["matchNames"],
+            serde_json::json!(["inferscope"]),
+            "{monitor}: still scrapes the release namespace"
+        );
+        let ep = &m["spec"][endpoints][0];
+        assert_eq!(ep["honorLabels"], false, "{monitor}");
+        let relabelings = ep["relabelings"].as_array().unwrap();
+        assert_eq!(
+            relabelings.last().unwrap(),
+            &serde_json::json!({"targetLabel": "cluster", "replacement": "east"}),
+            "{monitor}: the user's come after the chart's"
+        );
+        assert_eq!(ep["metricRelabelings"][0]["action"], "drop", "{monitor}");
+    }
+}
+
+/// The PrometheusRule's groups, by name.
+fn rendered_rule_groups(values: &[&str]) -> Vec<Value> {
+    let docs = yaml_docs(&template(&chart(), values).unwrap());
+    find(&docs, "PrometheusRule").unwrap()["spec"]["groups"]
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+fn rule<'a>(groups: &'a [Value], alert_or_record: &str, nth: usize) -> &'a Value {
+    groups
+        .iter()
+        .flat_map(|g| g["rules"].as_array().unwrap())
+        .filter(|r| r["alert"] == alert_or_record || r["record"] == alert_or_record)
+        .nth(nth)
+        .unwrap_or_else(|| panic!("no rule {alert_or_record}"))
+}
+
+/// Rule files switch off one by one; thresholds and the runbook base URL are values; the
+/// rules so rendered still pass promtool; and a rule file that no longer holds a threshold's
+/// text fails the render instead of dropping the value.
+#[test]
+fn chart_rule_values() {
+    let all = rendered_rule_groups(&[]);
+    let no_cost = rendered_rule_groups(&["prometheusRule.files.inferscope-cost.enabled=false"]);
+    assert!(no_cost.len() < all.len());
+    assert!(
+        no_cost
+            .iter()
+            .all(|g| !g["name"].as_str().unwrap().contains("cost")),
+        "{no_cost:?}"
+    );
+
+    let groups = rendered_rule_groups(&[
+        "prometheusRule.thresholds.ttftP95Seconds=1.5",
+        "prometheusRule.thresholds.latencyP95Seconds=60",
+        "prometheusRule.thresholds.gpuMemoryUsedRatio=0.9",
+        "prometheusRule.thresholds.kvCacheUsageRatio=0.85",
+        "prometheusRule.thresholds.sloLatencySeconds=10",
+        "prometheusRule.thresholds.sloTtftSeconds=1",
+        "prometheusRule.runbookBaseUrl=https://example.com/inferscope/",
+    ]);
+    let expr = |name: &str, nth: usize| {
+        rule(&groups, name, nth)["expr"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let description = |name: &str| {
+        rule(&groups, name, 0)["annotations"]["description"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert!(expr("LlmHighTimeToFirstToken", 0).ends_with("> 1.5"));
+    assert!(description("LlmHighTimeToFirstToken").contains("above 1.5 s"));
+    assert!(expr("LlmHighLatency", 0).ends_with("> 60"));
+    assert!(expr("GpuMemoryNearlyFull", 0).ends_with("> 0.9"));
+    assert!(description("GpuMemoryNearlyFull").contains("above 90 %"));
+    assert!(expr("LlmKvCacheNearlyFull", 0).ends_with("> 0.85"));
+    assert!(description("LlmKvCacheNearlyFull").contains("above 85 %"));
+    let slo: Vec<&Value> = groups
+        .iter()
+        .flat_map(|g| g["rules"].as_array().unwrap())
+        .filter(|r| r["expr"].as_str().unwrap().contains("le=~"))
+        .collect();
+    assert!(slo.len() >= 10, "{slo:?}");
+    for r in &slo {
+        let e = r["expr"].as_str().unwrap();
+        assert!(
+            e.contains(r#"llm_latency_seconds_bucket{job="inferscope", le=~"10(\\.0)?"}"#)
+                || e.contains(
+                    r#"llm_time_to_first_token_seconds_bucket{job="inferscope", le=~"1(\\.0)?"}"#
+                ),
+            "{e}"
+        );
+    }
+    assert!(description("LlmLatencySloFastBurn").contains("meet 10 s"));
+    assert!(description("LlmTtftSloFastBurn").contains("meet 1 s"));
+    let runbooks: Vec<&str> = groups
+        .iter()
+        .flat_map(|g| g["rules"].as_array().unwrap())
+        .filter_map(|r| r["annotations"]["runbook_url"].as_str())
+        .collect();
+    assert!(runbooks.len() >= 20);
+    for url in &runbooks {
+        assert!(
+            url.starts_with("https://example.com/inferscope/docs/runbooks.md#"),
+            "{url}"
+        );
+    }
+    // promtool takes the rendered rules.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("rendered.yaml");
+    std::fs::write(&file, serde_json::json!({ "groups": groups }).to_string()).unwrap();
+    tool("promtool", &["check", "rules", "rendered.yaml"], dir.path()).unwrap();
+
+    // A rule file edited so that a threshold's text is gone: the render says which.
+    let broken = broken_copy(
+        "helm/inferscope/files/prometheus/inferscope-rules.yaml",
+        "p95 TTFT above 2 s",
+        "p95 TTFT too high",
+    );
+    let err = template(&broken.path().join("helm/inferscope"), &[]).unwrap_err();
+    assert!(err.contains("p95 TTFT above 2 s"), "{err}");
+}
+
+// ---- Chart conventions ----
+
+/// extraVolumes/extraVolumeMounts, image.digest, pod and container securityContext
+/// (SELinux), the ServiceAccount token apart from rbac.create, the `helm test` pod and the
+/// NetworkPolicy admitting it, Chart.yaml's metadata.
+#[test]
+fn chart_conventions() {
+    let digest = format!("sha256:{}", "ab".repeat(32));
+    let docs = validate_stream(
+        &template(
+            &chart(),
+            &[
+                "extraVolumes[0].name=otlp-tls",
+                "extraVolumes[0].secret.secretName=otlp-tls",
+                "extraVolumeMounts[0].name=otlp-tls",
+                "extraVolumeMounts[0].mountPath=/etc/inferscope/otlp",
+                "extraVolumeMounts[0].readOnly=true",
+                &format!("image.digest={digest}"),
+                "podSecurityContext.seLinuxOptions.type=spc_t",
+                "securityContext.seLinuxOptions.level=s0",
+                "rbac.create=false",
+                "helmTest.enabled=true",
+                "networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.team=monitoring",
+            ],
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let ds = find(&docs, "DaemonSet").unwrap();
+    let pod = &ds["spec"]["template"]["spec"];
+    let c = daemonset_container(&docs);
+    assert!(
+        pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["name"] == "otlp-tls" && v["secret"]["secretName"] == "otlp-tls"),
+        "{pod}"
+    );
+    assert!(
+        c["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["name"] == "otlp-tls" && m["mountPath"] == "/etc/inferscope/otlp"),
+        "{c}"
+    );
+    assert_eq!(
+        c["image"],
+        format!("ghcr.io/inferscope/inferscope@{digest}")
+    );
+    assert_eq!(pod["securityContext"]["seLinuxOptions"]["type"], "spc_t");
+    assert_eq!(c["securityContext"]["seLinuxOptions"]["level"], "s0");
+    assert_eq!(
+        c["securityContext"]["appArmorProfile"]["type"],
+        "Unconfined"
+    );
+    assert_eq!(
+        pod["automountServiceAccountToken"], true,
+        "rbac.create=false"
+    );
+    assert!(find(&docs, "ClusterRole").is_none());
+
+    let test_pod = docs
+        .iter()
+        .find(|d| kind(d) == "Pod")
+        .expect("helm test pod");
+    assert_eq!(test_pod["metadata"]["annotations"]["helm.sh/hook"], "test");
+    let command = strings(&test_pod["spec"]["containers"][0]["command"]);
+    assert_eq!(
+        command.last().unwrap(),
+        &"http://inferscope.inferscope.svc:9464/healthz"
+    );
+    // The Service must not take the test pod for an agent.
+    let svc = find(&docs, "Service").unwrap();
+    let selector = svc["spec"]["selector"].as_object().unwrap();
+    assert!(
+        selector
+            .iter()
+            .any(|(k, v)| test_pod["metadata"]["labels"][k] != *v),
+        "{test_pod}"
+    );
+    let np = find(&docs, "NetworkPolicy").unwrap();
+    let from = np["spec"]["ingress"][0]["from"].as_array().unwrap();
+    assert!(
+        from.iter().any(|p| p["podSelector"]["matchLabels"]
+            .as_object()
+            .is_some_and(|l| l
+                .iter()
+                .all(|(k, v)| test_pod["metadata"]["labels"][k] == *v))),
+        "the policy admits the test pod: {np}"
+    );
+    assert!(
+        yaml_docs(&template(&chart(), &["helmTest.enabled=false"]).unwrap())
+            .iter()
+            .all(|d| kind(d) != "Pod"),
+        "no test pod with helmTest.enabled=false"
+    );
+    // deploy/manifests/ is for `kubectl apply`, which would run a hook as a plain pod.
+    assert!(
+        manifests::render("helm", &chart())
+            .unwrap()
+            .values()
+            .flat_map(|text| yaml_docs(text))
+            .all(|d| kind(&d) != "Pod"),
+        "the test pod in deploy/manifests/"
+    );
+
+    let no_token =
+        yaml_docs(&template(&chart(), &["serviceAccount.automountToken=false"]).unwrap());
+    assert_eq!(
+        find(&no_token, "DaemonSet").unwrap()["spec"]["template"]["spec"]
+            ["automountServiceAccountToken"],
+        false
+    );
+    assert_eq!(
+        find(&no_token, "ServiceAccount").unwrap()["automountServiceAccountToken"],
+        false
+    );
+    assert!(
+        find(&no_token, "ClusterRole").is_some(),
+        "rbac.create stays"
+    );
+
+    let err = template(&chart(), &["securityContext.privileged=true"]).unwrap_err();
+    assert!(err.contains("securityContext.privileged"), "{err}");
+
+    let meta = &yaml_docs(&std::fs::read_to_string(chart().join("Chart.yaml")).unwrap())[0];
+    assert!(
+        meta["home"].as_str().unwrap().starts_with("https://"),
+        "{meta}"
+    );
+    assert!(!strings(&meta["sources"]).is_empty(), "{meta}");
+    assert!(!strings(&meta["keywords"]).is_empty(), "{meta}");
+}
+
+/// values.schema.json refuses values of the wrong type or shape before any template runs;
+/// without the schema the same values render.
+#[test]
+fn chart_schema_refuses_bad_values() {
+    let bad: &[&str] = &[
+        "metrics.port=http",
+        "nvidia.preset=arch",
+        "image.digest=latest",
+        "serviceMonitor.honorLabels=yes",
+        "prometheusRule.thresholds.gpuMemoryUsedRatio=95",
+        "agent.watchPorts={vllm}",
+        "nodeSelectr.pool=gpu",
+    ];
+    for value in bad {
+        let err = template(&chart(), &[value]).unwrap_err();
+        assert!(
+            err.contains("schema") || err.contains("at '"),
+            "{value}: {err}"
+        );
+    }
+    let unchecked = tempfile::tempdir().unwrap();
+    let copy = unchecked.path().join("inferscope");
+    copy_tree(&chart(), &copy);
+    std::fs::remove_file(copy.join("values.schema.json")).unwrap();
+    template(
+        &copy,
+        &["serviceMonitor.honorLabels=yes", "nodeSelectr.pool=gpu"],
+    )
+    .unwrap();
 }

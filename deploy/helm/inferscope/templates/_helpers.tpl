@@ -51,8 +51,93 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 {{- end }}
 
+{{/* repository@digest pins the exact image; else repository:tag. */}}
 {{- define "inferscope.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/*
+The NVIDIA driver mount of nvidia.preset as JSON: host (host directory, "" for
+no mount), path (where the agent looks: /usr/local/nvidia/lib64 is in its NVML
+search, and so are /run/nvidia/driver/usr/lib/x86_64-linux-gnu and
+/run/nvidia/driver/usr/lib64 for the GPU operator's driver root) and
+propagation. nvidia.driverLibDir replaces the preset's host directory.
+*/}}
+{{- define "inferscope.nvidiaMount" -}}
+{{- $lib := "/usr/local/nvidia/lib64" }}
+{{- $presets := dict
+  "debian" (dict "host" "/usr/lib/x86_64-linux-gnu" "path" $lib)
+  "ubuntu" (dict "host" "/usr/lib/x86_64-linux-gnu" "path" $lib)
+  "rhel" (dict "host" "/usr/lib64" "path" $lib)
+  "amazonlinux" (dict "host" "/usr/lib64" "path" $lib)
+  "cos" (dict "host" "/home/kubernetes/bin/nvidia/lib64" "path" $lib)
+  "gpu-operator" (dict "host" "/run/nvidia/driver" "path" "/run/nvidia/driver" "propagation" "HostToContainer")
+  "cdi" (dict "host" "" "path" "")
+  "none" (dict "host" "" "path" "") }}
+{{- $preset := get $presets .Values.nvidia.preset }}
+{{- if not $preset }}
+{{- fail (printf "nvidia.preset %q: must be one of %s" .Values.nvidia.preset (keys $presets | sortAlpha | join ", ")) }}
+{{- end }}
+{{- $mount := deepCopy $preset }}
+{{- with .Values.nvidia.driverLibDir }}
+{{- $_ := set $mount "host" . }}
+{{- if not $mount.path }}{{ $_ := set $mount "path" $lib }}{{ end }}
+{{- end }}
+{{- toJson $mount }}
+{{- end }}
+
+{{/*
+Node labels any one of which marks a GPU node (nodeSelectorTerms are ORed), as
+a node affinity; the user's affinity replaces it.
+*/}}
+{{- define "inferscope.affinity" -}}
+{{- if .Values.affinity }}
+{{- toYaml .Values.affinity }}
+{{- else if .Values.gpuNodeLabels }}
+nodeAffinity:
+  requiredDuringSchedulingIgnoredDuringExecution:
+    nodeSelectorTerms:
+      {{- range .Values.gpuNodeLabels }}
+      - matchExpressions:
+          - key: {{ .key | quote }}
+            {{- if .values }}
+            operator: In
+            values:
+              {{- range .values }}
+              - {{ . | quote }}
+              {{- end }}
+            {{- else }}
+            operator: Exists
+            {{- end }}
+      {{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+How many of `nodes` (a NodeList from lookup) the DaemonSet selects: every
+nodeSelector label and, without a custom affinity, one of gpuNodeLabels.
+*/}}
+{{- define "inferscope.matchingNodes" -}}
+{{- $count := 0 }}
+{{- range .nodes }}
+{{- $labels := .metadata.labels | default dict }}
+{{- $ok := true }}
+{{- range $k, $v := $.root.Values.nodeSelector }}
+{{- if ne (toString (get $labels $k)) (toString $v) }}{{ $ok = false }}{{ end }}
+{{- end }}
+{{- $any := not $.root.Values.gpuNodeLabels }}
+{{- range $.root.Values.gpuNodeLabels }}
+{{- if hasKey $labels .key }}
+{{- if or (not .values) (has (get $labels .key) .values) }}{{ $any = true }}{{ end }}
+{{- end }}
+{{- end }}
+{{- if and $ok $any }}{{ $count = add1 $count }}{{ end }}
+{{- end }}
+{{- $count }}
 {{- end }}
 
 {{/* Whether the cluster serves the Prometheus Operator's API. */}}
@@ -123,4 +208,13 @@ keys refuse.
 {{- else }}
 {{- . }}
 {{- end }}
+{{- end }}
+
+{{/*
+Labels of the `helm test` pod: not the agent's selector labels, so that the
+Service and the DaemonSet do not take it for an agent.
+*/}}
+{{- define "inferscope.testSelectorLabels" -}}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: helm-test
 {{- end }}
