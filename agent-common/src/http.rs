@@ -74,6 +74,13 @@ pub mod tls {
     /// Attach cookie bit: an `_ex` call (success is 1, the byte count is written through the
     /// fourth argument).
     pub const CALL_EX: u64 = 2;
+    /// Attach cookie bit: the probe is on the internal function both of a direction's calls
+    /// go through (`ssl_write_internal`, `ssl_read_internal`): success is a return above 0 and
+    /// the byte count is written through the pointer in the fourth argument, or the fifth with
+    /// [`CALL_OUT_ARG4`].
+    pub const CALL_INNER: u64 = 4;
+    /// Attach cookie bit, with [`CALL_INNER`]: the byte count's pointer is the fifth argument.
+    pub const CALL_OUT_ARG4: u64 = 8;
     /// Attach cookie bits from this one on: how the probed first instruction is hit, one of
     /// the `TRAP_*` kinds, so that the entry program counts each call under its trap's kind
     /// (`super::cost::TLS_TRAPS`) for the family's budget to price.

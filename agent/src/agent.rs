@@ -390,6 +390,7 @@ impl Wiring<'_> {
                         ebpf,
                         config.http.capture_bytes,
                         config.probes.http_raw_tracepoint,
+                        config.probes.tls_internal,
                     )
                 },
                 &mut loaded.ebpf,

@@ -1,6 +1,8 @@
-//! OpenSSL inside watched processes: a uprobe and a return probe on `SSL_read`, `SSL_read_ex`,
-//! `SSL_write` and `SSL_write_ex` of the `libssl` a watched server maps, attached for that
-//! process only (an unwatched process using the same file never traps). Each call that moved
+//! OpenSSL inside watched processes: a uprobe and a return probe on the internal read and
+//! write functions that `SSL_read`, `SSL_read_ex`, `SSL_write` and `SSL_write_ex` call (or on
+//! those four where their callees cannot be shown to be shared) of the `libssl` a watched
+//! server maps, attached for that process only (an unwatched process using the same file never
+//! traps). Each call that moved
 //! bytes becomes a data record of the `http` family, flagged [`FLAG_TLS_PLAIN`], carrying the
 //! plaintext in place of the socket's ciphertext.
 //!
@@ -15,7 +17,7 @@
 use agent_common::{
     http::{
         config, cost,
-        tls::{self, SslKey, CALL_EX, CALL_WRITE},
+        tls::{self, SslKey, CALL_EX, CALL_INNER, CALL_OUT_ARG4, CALL_WRITE},
         ConnKey, CONN_TLS, DIR_IN, DIR_OUT, FLAG_TLS_PLAIN,
     },
     lost,
@@ -39,7 +41,7 @@ use crate::maps::count_lost;
 pub struct SslCall {
     ssl: u64,
     buf: u64,
-    /// `size_t *readbytes` / `*written` of the `_ex` calls.
+    /// `size_t *readbytes` / `*written` of the `_ex` and the internal calls.
     out: u64,
     /// [`CALL_WRITE`], [`CALL_EX`] bits: the attach cookie.
     what: u64,
@@ -85,11 +87,17 @@ pub fn tls_enter(ctx: ProbeContext) -> u32 {
         return 0;
     }
     count_cost(cost::RUNS, 1);
+    // Both read before either is chosen: a load from the context at an offset computed from
+    // the cookie is refused by the verifier.
+    let (arg3, arg4): (u64, u64) = (ctx.arg(3).unwrap_or(0), ctx.arg(4).unwrap_or(0));
+    let arg4 = core::hint::black_box(arg4);
     let call = SslCall {
         ssl: ctx.arg(0).unwrap_or(0),
         buf: ctx.arg(1).unwrap_or(0),
-        out: if what & CALL_EX != 0 {
-            ctx.arg(3).unwrap_or(0)
+        out: if what & CALL_INNER != 0 && what & CALL_OUT_ARG4 != 0 {
+            arg4
+        } else if what & (CALL_EX | CALL_INNER) != 0 {
+            arg3
         } else {
             0
         },
@@ -118,7 +126,12 @@ pub fn tls_return(ctx: RetProbeContext) -> u32 {
     }
     count_cost(cost::RUNS, 1);
     let ret = ctx.ret::<u64>() as i32;
-    let n = if call.what & CALL_EX != 0 {
+    let n = if call.what & CALL_INNER != 0 {
+        if ret <= 0 || call.out == 0 {
+            return 0;
+        }
+        unsafe { bpf_probe_read_user(call.out as *const u64) }.unwrap_or(0)
+    } else if call.what & CALL_EX != 0 {
         if ret != 1 || call.out == 0 {
             return 0;
         }

@@ -32,6 +32,11 @@ pub struct ProbesConfig {
     /// tracepoint (plain loads of the saved registers, a little cheaper on every syscall)
     /// would load; the agent falls back to it by itself where that one cannot.
     pub http_raw_tracepoint: bool,
+    /// OpenSSL's `SSL_read`/`SSL_write` (and `_ex`) of a watched server probed on the internal
+    /// read and write functions they call, where the library's code shows that every call
+    /// goes through them (one emulated trap a call, against a single-stepped one on OpenSSL
+    /// 3's exported calls); false: on the exported calls themselves.
+    pub tls_internal: bool,
     /// How long a probe the budget shed stays off before it is re-attached and measured
     /// again, in seconds; doubled each time the same probe is shed again soon after, up to
     /// 30 minutes.
@@ -60,6 +65,7 @@ impl Default for ProbesConfig {
             http_budget_core_share: 0.05,
             run_time_stats: false,
             http_raw_tracepoint: false,
+            tls_internal: true,
             shed_cooldown_secs: 60,
             discovery_interval_ms: 1000,
             hold_openers: true,

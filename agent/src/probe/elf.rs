@@ -168,6 +168,20 @@ pub struct FoundSymbol {
     pub first: FirstInstruction,
     /// Bytes between the symbol's start and the probe.
     pub skip: u64,
+    /// The function its code calls first, when it is a wrapper (`probe::prologue::first_call`)
+    /// around a function of the same file.
+    pub call: Option<Callee>,
+}
+
+/// The function a wrapper calls.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Callee {
+    /// File offset where a uprobe on it goes (its first byte, or past a flags-only one).
+    pub offset: u64,
+    /// The kind of the probed instruction.
+    pub first: FirstInstruction,
+    /// The argument that holds an address in the wrapper's frame (an out parameter).
+    pub frame_arg: Option<u8>,
 }
 
 /// Dynamic symbols of interest found in a library.
@@ -258,23 +272,50 @@ pub fn parse_symbols<'a, R: ReadRef<'a>>(
             n => n.min(super::prologue::WINDOW as u64),
         };
         let len = len.min(file_len - offset);
-        let placement = data
-            .read_bytes_at(offset, len)
+        let code = data.read_bytes_at(offset, len).ok();
+        let placement = code
             .map(|code| super::prologue::place(code, sym.address()))
             .unwrap_or(super::prologue::Placement {
                 skip: 0,
                 first: FirstInstruction::SingleStep,
             });
+        let call = code
+            .and_then(|code| super::prologue::first_call(code, sym.address()))
+            .and_then(|w| callee(&file, data, file_len, w));
         out.found.insert(
             name.to_string(),
             FoundSymbol {
                 offset: offset + placement.skip,
                 first: placement.first,
                 skip: placement.skip,
+                call,
             },
         );
     }
     Ok(out)
+}
+
+/// Where the function a wrapper calls lies in the file, and how a probe on it is hit.
+fn callee<'a, R: ReadRef<'a>>(
+    file: &object::File<'a, R>,
+    data: R,
+    file_len: u64,
+    wrapper: super::prologue::Wrapper,
+) -> Option<Callee> {
+    let address = wrapper.callee;
+    let offset = file.sections().find_map(|section| {
+        let into = address.checked_sub(section.address())?;
+        let (start, len) = section.file_range()?;
+        (into < len && into < section.size()).then_some(start.checked_add(into)?)
+    })?;
+    let len = (super::prologue::WINDOW as u64).min(file_len.checked_sub(offset)?);
+    let code = data.read_bytes_at(offset, len).ok()?;
+    let placement = super::prologue::place(code, address);
+    Some(Callee {
+        offset: offset + placement.skip,
+        first: placement.first,
+        frame_arg: wrapper.frame_arg,
+    })
 }
 
 #[cfg(test)]

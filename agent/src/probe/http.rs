@@ -60,6 +60,7 @@ pub fn attach(
     ebpf: &mut Ebpf,
     capture_bytes: u32,
     raw_tracepoint: bool,
+    tls_internal: bool,
 ) -> Result<(HttpMaps, HttpProbes), ProbeError> {
     let mut config: Array<MapData, u64> = super::take(ebpf, "HTTP_CONFIG")?;
     let capture = u64::from(capture_bytes.min(CAPTURE_MAX as u32));
@@ -71,7 +72,7 @@ pub fn attach(
     let cost = super::take(ebpf, "HTTP_COST")?;
     let hook = load_hook(ebpf, raw_tracepoint)?;
     let links = attach_programs(ebpf, hook)?;
-    let tls = super::tls::TlsProbes::load(ebpf)
+    let tls = super::tls::TlsProbes::load(ebpf, tls_internal)
         .inspect_err(|e| {
             tracing::warn!(
                 error = crate::error_chain(e),

@@ -85,8 +85,8 @@ const TRAP_KINDS: usize = agent_common::http::tls::TRAP_KINDS as usize;
 /// measured for the CUDA probes on the same kind of first instruction, and its return
 /// probe's. They happen before and after any program runs, so the kernel's run-time
 /// statistics never see them; on the bench VM they are most of a TLS server's added cost
-/// (`docs/performance.md`: about 22 µs per `SSL_write` of OpenSSL 3, whose first
-/// instruction is single-stepped).
+/// (`docs/performance.md`: tens of µs per call where OpenSSL 3's exported calls, whose first
+/// instruction is single-stepped, are probed).
 fn trap_ns(kind: usize) -> u64 {
     trap_kind(kind).entry_cost_ns() + RETURN_COST_NS
 }

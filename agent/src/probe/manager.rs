@@ -205,9 +205,14 @@ impl Manager {
             return;
         };
         match tls.look(&mut self.ebpf, &self.procfs, pid, again) {
-            Ok(Looked::Attached(library)) => tracing::info!(
+            Ok(Looked::Attached { library, internal }) => tracing::info!(
                 pid,
                 library,
+                probed = if internal {
+                    "internal read and write functions"
+                } else {
+                    "exported calls"
+                },
                 "reading the server's TLS as plaintext through its OpenSSL"
             ),
             Ok(Looked::NoLibrary | Looked::Known | Looked::NotWatched) => {}

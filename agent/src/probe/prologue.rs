@@ -10,7 +10,10 @@
 //! function lands on it (which would count a call twice); otherwise it stays on the first
 //! byte.
 
-use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, Mnemonic, OpKind};
+use iced_x86::{
+    Decoder, DecoderOptions, FlowControl, Instruction, InstructionInfoFactory, Mnemonic, OpAccess,
+    OpKind, Register,
+};
 
 use super::elf::FirstInstruction;
 
@@ -80,6 +83,91 @@ fn emulated(i: &Instruction, code: &[u8]) -> Option<FirstInstruction> {
     }
 }
 
+/// A function that hands its work to another at once, as OpenSSL's exported `SSL_write`
+/// hands it to `ssl_write_internal`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Wrapper {
+    /// The address of the function called (in the base `address` was given in).
+    pub callee: u64,
+    /// The argument (System V index: 0 is `%rdi`) that holds an address in the wrapper's own
+    /// stack frame at the call: an out parameter such as `&written`.
+    pub frame_arg: Option<u8>,
+}
+
+/// The first direct call of a function whose first bytes are `code`, loaded at `address`, if
+/// it is reached by straight-line code: only conditional branches (the argument checks that
+/// leave for an error path) may come before it; a return, a jump or an indirect call first and
+/// there is none.
+pub fn first_call(code: &[u8], address: u64) -> Option<Wrapper> {
+    let code = &code[..code.len().min(WINDOW)];
+    let mut decoder = Decoder::with_ip(64, code, address, DecoderOptions::NONE);
+    let mut info = InstructionInfoFactory::new();
+    let mut frame: Option<Register> = None;
+    while decoder.can_decode() {
+        let i = decoder.decode();
+        if i.is_invalid() {
+            return None;
+        }
+        let direct = matches!(i.op0_kind(), OpKind::NearBranch64);
+        match i.flow_control() {
+            FlowControl::Call if direct => {
+                return Some(Wrapper {
+                    callee: i.near_branch_target(),
+                    frame_arg: frame.and_then(arg_index),
+                });
+            }
+            FlowControl::ConditionalBranch if direct => continue,
+            FlowControl::Next => {}
+            _ => return None,
+        }
+        let writes = |r: Register| {
+            info.info(&i).used_registers().iter().any(|u| {
+                u.register().full_register() == r
+                    && !matches!(
+                        u.access(),
+                        OpAccess::Read | OpAccess::CondRead | OpAccess::None
+                    )
+            })
+        };
+        if frame.is_some_and(writes) {
+            frame = None;
+        }
+        if let Some(r) = frame_address(&i) {
+            frame = Some(r);
+        }
+    }
+    None
+}
+
+/// `mov %rsp, %reg` or `lea d(%rsp), %reg`: the register written, now an address in the frame.
+fn frame_address(i: &Instruction) -> Option<Register> {
+    if i.op_count() != 2 || i.op0_kind() != OpKind::Register {
+        return None;
+    }
+    let from_rsp = match i.mnemonic() {
+        Mnemonic::Mov => i.op1_kind() == OpKind::Register && i.op1_register() == Register::RSP,
+        Mnemonic::Lea => i.memory_base() == Register::RSP && i.memory_index() == Register::None,
+        _ => false,
+    };
+    let reg = i.op0_register();
+    (from_rsp && reg.size() == 8).then_some(reg)
+}
+
+/// The System V argument index of a 64-bit register.
+fn arg_index(r: Register) -> Option<u8> {
+    [
+        Register::RDI,
+        Register::RSI,
+        Register::RDX,
+        Register::RCX,
+        Register::R8,
+        Register::R9,
+    ]
+    .iter()
+    .position(|a| *a == r)
+    .map(|i| i as u8)
+}
+
 /// Whether a direct branch in `code` (the function from its start) targets `ip`.
 fn lands_on(code: &[u8], address: u64, ip: u64) -> bool {
     let mut decoder = Decoder::with_ip(64, code, address, DecoderOptions::NONE);
@@ -110,6 +198,71 @@ mod tests {
         0x81, 0x3d, 0x1e, 0x35, 0x93, 0x01, 0x00, 0xba, 0x1c, 0x32, 0x74, 0x0c, 0xff, 0x25, 0xae,
         0xb8, 0x83, 0x01, 0x66, 0x0f, 0x1f, 0x44, 0x00, 0x00, 0xb8, 0x04, 0x00, 0x00, 0x00, 0xc3,
     ];
+
+    /// `SSL_write` of Debian's OpenSSL 3.0: `sub $0x18,%rsp`, the stack guard, `test %edx,%edx`,
+    /// `js` (a negative length), `mov %rsp,%rcx` (`&written`), `movslq %edx,%rdx`,
+    /// `call ssl_write_internal`.
+    const SSL_WRITE_30: &[u8] = &[
+        0x48, 0x83, 0xec, 0x18, 0x64, 0x48, 0x8b, 0x04, 0x25, 0x28, 0x00, 0x00, 0x00, 0x48, 0x89,
+        0x44, 0x24, 0x08, 0x31, 0xc0, 0x85, 0xd2, 0x78, 0x2f, 0x48, 0x89, 0xe1, 0x48, 0x63, 0xd2,
+        0xe8, 0xfd, 0xfb, 0xff, 0xff, 0x85, 0xc0,
+    ];
+
+    #[test]
+    fn finds_what_a_wrapper_calls_and_its_out_parameter() {
+        assert_eq!(
+            first_call(SSL_WRITE_30, 0x35980),
+            Some(Wrapper {
+                callee: 0x355a0,
+                frame_arg: Some(3)
+            })
+        );
+        // `SSL_write_ex` of the same library: `sub $8,%rsp; call ssl_write_internal`, its
+        // own fourth argument passed on.
+        assert_eq!(
+            first_call(
+                &[0x48, 0x83, 0xec, 0x08, 0xe8, 0x87, 0xfb, 0xff, 0xff],
+                0x35a10
+            ),
+            Some(Wrapper {
+                callee: 0x355a0,
+                frame_arg: None
+            })
+        );
+        // OpenSSL 3.2's shape: flags in `%rcx`, `lea 8(%rsp),%r8`, then the call.
+        assert_eq!(
+            first_call(
+                &[0x31, 0xc9, 0x4c, 0x8d, 0x44, 0x24, 0x08, 0xe8, 0x00, 0x01, 0x00, 0x00],
+                0x1000
+            ),
+            Some(Wrapper {
+                callee: 0x110c,
+                frame_arg: Some(4)
+            })
+        );
+        // The frame's address overwritten before the call is no out parameter.
+        assert_eq!(
+            first_call(&[0x48, 0x89, 0xe1, 0x31, 0xc9, 0xe8, 0, 0, 0, 0], 0x1000),
+            Some(Wrapper {
+                callee: 0x100a,
+                frame_arg: None
+            })
+        );
+    }
+
+    #[test]
+    fn no_call_behind_a_jump_a_return_or_an_indirect_call() {
+        // jmp +0; call +0
+        assert_eq!(first_call(&[0xeb, 0x00, 0xe8, 0, 0, 0, 0], 0x1000), None);
+        // ret
+        assert_eq!(first_call(&[0xc3, 0xe8, 0, 0, 0, 0], 0x1000), None);
+        // call *%rax
+        assert_eq!(first_call(&[0xff, 0xd0], 0x1000), None);
+        // The driver's stub: cmpl, je, jmp *.
+        assert_eq!(first_call(DRIVER_STUB, 0x2d5660), None);
+        assert_eq!(first_call(&[], 0x1000), None);
+        assert_eq!(first_call(&[0x48, 0x83], 0x1000), None);
+    }
 
     #[test]
     fn the_drivers_stub_is_probed_on_its_je() {

@@ -1,6 +1,7 @@
 //! Attaching OpenSSL's read and write calls in watched processes (`probes/tls.rs` in
 //! agent-ebpf): for each watched server that maps a `libssl.so*`, an entry and a return probe on
-//! `SSL_read`, `SSL_read_ex`, `SSL_write` and `SSL_write_ex`, scoped to that process, so the
+//! the internal read and write functions behind `SSL_read`, `SSL_read_ex`, `SSL_write` and
+//! `SSL_write_ex` ([`inner_calls`]), or on those four, scoped to that process, so the
 //! `http` family reads the plaintext of TLS the server terminates itself. A process is looked
 //! at when it becomes watched (one read of its maps) and again when its loader reports a
 //! `libssl` (the `discovery` family); its probes go when it is no longer watched.
@@ -10,7 +11,7 @@ use std::{
     num::NonZeroU32,
 };
 
-use agent_common::http::tls::{self, SslKey, CALL_EX, CALL_WRITE};
+use agent_common::http::tls::{self, SslKey, CALL_EX, CALL_INNER, CALL_OUT_ARG4, CALL_WRITE};
 use aya::{
     maps::{HashMap as BpfHashMap, MapData},
     programs::{
@@ -37,7 +38,7 @@ const SYMBOLS: &[(&str, u64)] = &[
     ("SSL_write_ex", CALL_WRITE | CALL_EX),
 ];
 
-/// Processes whose OpenSSL is probed at most (each costs eight links).
+/// Processes whose OpenSSL is probed at most (each costs four to eight links).
 pub const MAX_PROCESSES: usize = 256;
 
 /// Whether a mapped file is OpenSSL's TLS library (`libssl.so`, `libssl.so.3`, `libssl.so.1.1`).
@@ -84,8 +85,9 @@ impl TlsAttachError {
 /// What a look at one process did.
 #[derive(Debug)]
 pub enum Looked {
-    /// Its libssl is probed now: the library's path as the process names it.
-    Attached(String),
+    /// Its libssl is probed now: the library's path as the process names it, and whether on
+    /// the internal functions ([`inner_calls`]) or on the exported calls.
+    Attached { library: String, internal: bool },
     /// It maps no libssl (yet).
     NoLibrary,
     /// It was probed already.
@@ -103,10 +105,12 @@ pub struct TlsProbes {
     without: HashSet<u32>,
     /// The programs' `SSL*` ties, emptied of a process's entries when it goes.
     ties: BpfHashMap<MapData, SslKey, u32>,
+    internal: bool,
 }
 
 impl TlsProbes {
-    pub fn load(ebpf: &mut Ebpf) -> Result<Self, ProbeError> {
+    /// `internal`: probe the internal functions where shown safe (`probes.tls_internal`).
+    pub fn load(ebpf: &mut Ebpf, internal: bool) -> Result<Self, ProbeError> {
         for name in PROGRAMS {
             program::<UProbe>(ebpf, name)?
                 .load()
@@ -117,6 +121,7 @@ impl TlsProbes {
             watched: HashSet::new(),
             without: HashSet::new(),
             ties: super::take(ebpf, "TLS_SSL_FD")?,
+            internal,
         })
     }
 
@@ -207,14 +212,11 @@ impl TlsProbes {
             return Err(TlsAttachError::Maps);
         };
         let path = lib.file.fd_path();
+        let points = probe_points(&symbols.found, self.internal);
         let mut links = Vec::new();
-        for &(sym, cookie) in SYMBOLS {
-            let Some(found) = symbols.found.get(sym) else {
-                continue;
-            };
-            let cookie = cookie | (trap_kind(found.first) << tls::TRAP_SHIFT);
+        for &(offset, cookie) in &points {
             let point = || UProbeAttachPoint {
-                location: UProbeAttachLocation::AbsoluteOffset(found.offset),
+                location: UProbeAttachLocation::AbsoluteOffset(offset),
                 cookie: Some(cookie),
             };
             // Return probe first: a call entering between the two leaves no stash behind.
@@ -242,7 +244,10 @@ impl TlsProbes {
                 links,
             },
         );
-        Ok(Looked::Attached(lib.display))
+        Ok(Looked::Attached {
+            library: lib.display,
+            internal: points.iter().any(|(_, c)| c & CALL_INNER != 0),
+        })
     }
 
     /// Every link, for the shutdown to release with the others.
@@ -255,6 +260,57 @@ impl TlsProbes {
         }
         out
     }
+}
+
+/// Where the probes go (file offset, attach cookie): on the two internal functions when
+/// `internal` allows it and [`inner_calls`] shows every call goes through them, else on each
+/// exported call.
+fn probe_points(found: &HashMap<String, elf::FoundSymbol>, internal: bool) -> Vec<(u64, u64)> {
+    if let Some(inner) = inner_calls(found).filter(|_| internal) {
+        return inner.to_vec();
+    }
+    SYMBOLS
+        .iter()
+        .filter_map(|&(sym, cookie)| {
+            let f = found.get(sym)?;
+            Some((f.offset, cookie | (trap_kind(f.first) << tls::TRAP_SHIFT)))
+        })
+        .collect()
+}
+
+/// OpenSSL's `SSL_write` and `SSL_write_ex` are wrappers around one internal function
+/// (`ssl_write_internal(s, buf, num, [flags,] &written)`), and the reads around another. The
+/// wrappers begin with `sub $n, %rsp`, which a probe single-steps (a second trap: about 15 µs
+/// a call on a VM); the internal functions begin with `push`, which the kernel emulates. Both
+/// are probed there instead when the code shows it safe: `SSL_read` and `SSL_write` call a
+/// function first (past their argument checks) with `&written`/`&readbytes` of their own frame
+/// as the fourth or fifth argument, the `_ex` call of the same direction (where exported) calls
+/// the same function, the two directions' functions differ, and a probe on them is cheaper.
+fn inner_calls(found: &HashMap<String, elf::FoundSymbol>) -> Option<[(u64, u64); 2]> {
+    let one = |plain: &str, ex: &str, write: u64| {
+        let wrapper = found.get(plain)?;
+        let inner = wrapper.call?;
+        let out = match inner.frame_arg? {
+            3 => 0,
+            4 => CALL_OUT_ARG4,
+            _ => return None,
+        };
+        if let Some(ex) = found.get(ex) {
+            if ex.call.map(|c| c.offset) != Some(inner.offset) {
+                return None;
+            }
+        }
+        if inner.first == elf::FirstInstruction::SingleStep {
+            return None;
+        }
+        Some((
+            inner.offset,
+            write | CALL_INNER | out | (trap_kind(inner.first) << tls::TRAP_SHIFT),
+        ))
+    };
+    let read = one("SSL_read", "SSL_read_ex", 0)?;
+    let write = one("SSL_write", "SSL_write_ex", CALL_WRITE)?;
+    (read.0 != write.0).then_some([read, write])
 }
 
 /// The attach cookie's code for how a probe on `first` is hit.
@@ -288,6 +344,105 @@ pub fn libssl_in(pid: u32, maps: &[u8]) -> Option<discover::Mapped> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn symbol(offset: u64, call: Option<(u64, Option<u8>)>) -> elf::FoundSymbol {
+        elf::FoundSymbol {
+            offset,
+            first: elf::FirstInstruction::SingleStep,
+            skip: 0,
+            call: call.map(|(offset, frame_arg)| elf::Callee {
+                offset,
+                first: elf::FirstInstruction::Emulated,
+                frame_arg,
+            }),
+        }
+    }
+
+    fn table(entries: &[(&str, elf::FoundSymbol)]) -> HashMap<String, elf::FoundSymbol> {
+        entries.iter().map(|(n, f)| (n.to_string(), *f)).collect()
+    }
+
+    #[test]
+    fn probes_the_internal_functions_only_when_every_call_goes_through_them() {
+        let emulated = tls::TRAP_EMULATED << tls::TRAP_SHIFT;
+        let wrappers = [
+            ("SSL_read", symbol(0x100, Some((0x900, Some(3))))),
+            ("SSL_read_ex", symbol(0x180, Some((0x900, None)))),
+            ("SSL_write", symbol(0x200, Some((0xa00, Some(4))))),
+            ("SSL_write_ex", symbol(0x280, Some((0xa00, None)))),
+        ];
+        assert_eq!(
+            probe_points(&table(&wrappers), false).len(),
+            4,
+            "probes.tls_internal off"
+        );
+        assert_eq!(
+            probe_points(&table(&wrappers), true),
+            vec![
+                (0x900, CALL_INNER | emulated),
+                (0xa00, CALL_WRITE | CALL_INNER | CALL_OUT_ARG4 | emulated),
+            ]
+        );
+        let single = tls::TRAP_SINGLE_STEP << tls::TRAP_SHIFT;
+        let exported = vec![
+            (0x100, single),
+            (0x180, CALL_EX | single),
+            (0x200, CALL_WRITE | single),
+            (0x280, CALL_WRITE | CALL_EX | single),
+        ];
+        // SSL_write_ex going elsewhere (a tail call, another function): the four are probed.
+        let mut t = table(&wrappers);
+        t.insert("SSL_write_ex".into(), symbol(0x280, Some((0xb00, None))));
+        assert_eq!(probe_points(&t, true), exported);
+        t.insert("SSL_write_ex".into(), symbol(0x280, None));
+        assert_eq!(probe_points(&t, true), exported);
+        // No out parameter of the wrapper's frame, or one in an unexpected argument.
+        let mut t = table(&wrappers);
+        t.insert("SSL_read".into(), symbol(0x100, Some((0x900, None))));
+        assert_eq!(probe_points(&t, true), exported);
+        t.insert("SSL_read".into(), symbol(0x100, Some((0x900, Some(1)))));
+        assert_eq!(probe_points(&t, true), exported);
+        // Both directions through one function: not a read/write split.
+        let mut t = table(&wrappers);
+        t.insert("SSL_write".into(), symbol(0x200, Some((0x900, Some(3)))));
+        t.insert("SSL_write_ex".into(), symbol(0x280, Some((0x900, None))));
+        assert_eq!(probe_points(&t, true).len(), 4);
+        // An internal function whose own probe would be single-stepped: no gain.
+        let mut t = table(&wrappers);
+        let mut read = symbol(0x100, Some((0x900, Some(3))));
+        read.call.as_mut().unwrap().first = elf::FirstInstruction::SingleStep;
+        t.insert("SSL_read".into(), read);
+        assert_eq!(probe_points(&t, true), exported);
+    }
+
+    /// The system's own OpenSSL 3, as the servers of the tests map it.
+    #[test]
+    fn the_systems_openssl_is_probed_on_its_internal_functions() {
+        let path = [
+            "/usr/lib/x86_64-linux-gnu/libssl.so.3",
+            "/usr/lib64/libssl.so.3",
+            "/lib64/libssl.so.3",
+        ]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("no libssl.so.3 found (cargo xtask setup installs it)");
+        let file = std::fs::File::open(path).unwrap();
+        let size = file.metadata().unwrap().len();
+        let wanted: Vec<&str> = SYMBOLS.iter().map(|(s, _)| *s).collect();
+        let symbols = elf::read_symbols(&file, size, path, &wanted).unwrap();
+        let points = probe_points(&symbols.found, true);
+        assert_eq!(points.len(), 2, "{:#x?}", symbols.found);
+        for (i, (offset, cookie)) in points.iter().enumerate() {
+            assert_ne!(cookie & CALL_INNER, 0);
+            assert_eq!(cookie & CALL_WRITE, i as u64);
+            assert_ne!(
+                (cookie >> tls::TRAP_SHIFT) & 3,
+                tls::TRAP_SINGLE_STEP,
+                "{offset:#x}"
+            );
+            assert!(!symbols.found.values().any(|f| f.offset == *offset));
+        }
+    }
 
     #[test]
     fn finds_openssl_by_name_only() {

@@ -705,7 +705,15 @@ fn streamed_chat_over_http2_is_counted_like_http1() {
 
 /// Requests timed through the server's own TLS, as the client saw them, and nothing counted as
 /// unreadable: `n` streamed requests on one TLS keep-alive connection to `port`.
-fn timed_through_tls(agent: &Agent, port: u16, pki: &integration::tls_proxy::TestPki, n: usize) {
+/// `internal`: the agent probes OpenSSL's internal functions (`probes.tls_internal`, the
+/// default), else its exported calls.
+fn timed_through_tls(
+    agent: &Agent,
+    port: u16,
+    pki: &integration::tls_proxy::TestPki,
+    n: usize,
+    internal: bool,
+) {
     let truth = client(&[
         "timing",
         &port.to_string(),
@@ -771,6 +779,25 @@ fn timed_through_tls(agent: &Agent, port: u16, pki: &integration::tls_proxy::Tes
         "{}",
         s.text
     );
+    // The system's OpenSSL 3 begins its exported calls with `sub $n, %rsp` (single-stepped)
+    // and its internal read and write functions with `push` (emulated): probed on the internal
+    // ones no call is single-stepped, on the exported ones every call is.
+    let (cheap, single) = if internal {
+        ("emulated", "single_step")
+    } else {
+        ("single_step", "emulated")
+    };
+    assert_eq!(
+        s.sum("inferscope_http_tls_calls_total", &[("trap", single)]),
+        0.0,
+        "{}",
+        s.text
+    );
+    assert!(
+        s.sum("inferscope_http_tls_calls_total", &[("trap", cheap)]) >= calls,
+        "{}",
+        s.text
+    );
 }
 
 /// uvicorn terminating TLS itself (`--ssl-keyfile`, as vLLM and SGLang pass it): Python's ssl
@@ -802,7 +829,7 @@ fn tls_terminated_by_uvicorn_is_read_through_its_openssl() {
         &pki.ca.display().to_string(),
     ]);
     assert_counted_as_the_client(&agent, &truth);
-    timed_through_tls(&agent, server.port, &pki, 6);
+    timed_through_tls(&agent, server.port, &pki, 6, true);
     assert!(agent.stop().success());
 }
 
@@ -824,7 +851,27 @@ fn tls_of_blocking_sockets_loaded_late_is_read_too() {
     agent.wait_for("the late OpenSSL to be probed", |s| {
         s.sum("inferscope_http_tls_processes", &[]) >= 1.0
     });
-    timed_through_tls(&agent, server.port, &pki, 4);
+    timed_through_tls(&agent, server.port, &pki, 4, true);
+    assert!(agent.stop().success());
+}
+
+/// The same server with `probes.tls_internal` off: OpenSSL's exported calls are probed
+/// themselves (as on a library whose wrappers cannot be followed), each single-stepped, and
+/// read as accurately.
+#[root_test]
+fn tls_read_on_the_exported_calls_is_timed_the_same() {
+    use integration::tls_proxy::TestPki;
+    let pki = TestPki::generate();
+    let (mut server, mut out) = blocking_tls_server(&pki);
+    go_tls(&mut server, &mut out);
+    let agent = Agent::start_with_env(
+        &["--watch-port", &server.port.to_string()],
+        &[("INFERSCOPE_PROBES__TLS_INTERNAL", "false")],
+    );
+    agent.wait_for("the server's OpenSSL to be probed", |s| {
+        s.sum("inferscope_http_tls_processes", &[]) >= 1.0
+    });
+    timed_through_tls(&agent, server.port, &pki, 4, false);
     assert!(agent.stop().success());
 }
 
@@ -843,7 +890,7 @@ fn a_connection_accepted_by_a_call_older_than_the_agent_is_followed() {
     agent.wait_for("the server's OpenSSL to be probed", |s| {
         s.sum("inferscope_http_tls_processes", &[]) >= 1.0
     });
-    timed_through_tls(&agent, server.port, &pki, 2);
+    timed_through_tls(&agent, server.port, &pki, 2, true);
     assert!(agent.stop().success());
 }
 
