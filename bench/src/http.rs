@@ -156,6 +156,10 @@ trait Target {
     fn ready_gauge(&self) -> &'static str {
         "inferscope_http_watched_processes"
     }
+    /// The agent's environment besides its defaults.
+    fn agent_env(&self) -> &[(&'static str, &'static str)] {
+        &[]
+    }
 }
 
 struct Tgi {
@@ -192,6 +196,8 @@ struct ServeLoad {
     tokens: u64,
     /// The gauge that says the agent is ready for it.
     gauge: &'static str,
+    /// The agent's environment besides its defaults.
+    env: Vec<(&'static str, &'static str)>,
 }
 
 impl ServeLoad {
@@ -217,6 +223,7 @@ impl ServeLoad {
             port,
             tokens,
             gauge,
+            env: Vec::new(),
         };
         let start = Instant::now();
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -273,6 +280,10 @@ impl Target for ServeLoad {
     fn ready_gauge(&self) -> &'static str {
         self.gauge
     }
+
+    fn agent_env(&self) -> &[(&'static str, &'static str)] {
+        &self.env
+    }
 }
 
 /// A load client's JSON: `latency_ms`, `ttft_ms` per request, `wall_ms`.
@@ -293,23 +304,32 @@ fn timings(json: &[u8]) -> anyhow::Result<(Vec<Duration>, Vec<Duration>, Duratio
     Ok((ms("latency_ms"), ms("ttft_ms"), wall))
 }
 
-/// The C server over TLS: HTTP/1.1 streamed requests read through the server's OpenSSL.
+/// The C server over TLS: HTTP/1.1 streamed requests read through the server's OpenSSL,
+/// probed on its internal read and write functions (the default) or, with `internal` false
+/// (`probes.tls_internal = false`), on its exported `SSL_read`/`SSL_write`.
 pub fn measure_tls(
     lib: &Path,
     requests: usize,
     concurrency: usize,
     tokens: u64,
+    internal: bool,
 ) -> anyhow::Result<HttpCost> {
     let (ttft_ms, token_ms) = (10.0, 1.0);
-    let target = ServeLoad::start(
+    let mut target = ServeLoad::start(
         env!("TLS_SSE_BIN").into(),
         &[ttft_ms.to_string(), token_ms.to_string()],
         tokens,
         "inferscope_http_tls_processes",
     )?;
+    let server = if internal {
+        TLS_INTERNAL
+    } else {
+        target.env = vec![("INFERSCOPE_PROBES__TLS_INTERNAL", "false")];
+        TLS_EXPORTED
+    };
     interleaved(
         &target,
-        "C server over TLS (OpenSSL)",
+        server,
         lib,
         requests,
         concurrency,
@@ -318,6 +338,11 @@ pub fn measure_tls(
         token_ms,
     )
 }
+
+/// The TLS sections' servers, for the tables.
+pub const TLS_INTERNAL: &str = "C server over TLS (OpenSSL, its internal functions probed)";
+pub const TLS_EXPORTED: &str =
+    "C server over TLS (OpenSSL, its exported calls probed: `probes.tls_internal = false`)";
 
 /// The TGI stand-in: HTTP/1.1 streamed requests.
 pub fn measure(
@@ -401,7 +426,7 @@ fn interleaved(
         for with in [false, true] {
             let i = usize::from(with);
             let agent = if with {
-                let a = AgentProcess::start_with(lib, &[], &target.agent_args())?;
+                let a = AgentProcess::start_with(lib, target.agent_env(), &target.agent_args())?;
                 let gauge = target.ready_gauge();
                 a.wait_for("the server to be watched", Duration::from_secs(30), |t| {
                     metric_sum(t, gauge) >= 1.0

@@ -169,7 +169,10 @@ pub struct Results {
     pub memory: Memory,
     pub http: http::HttpCost,
     pub grpc: http::HttpCost,
+    /// The TLS server with OpenSSL's internal functions probed (the default), then its
+    /// exported calls.
     pub tls: http::HttpCost,
+    pub tls_exported: http::HttpCost,
     pub otlp: otlp::OtlpCost,
 }
 
@@ -305,23 +308,36 @@ fn main() {
         }
     }
     // `--grpc-only`, `--tls-only`: only that server's wire-timing figures, printed.
-    let wire_only = if args.iter().any(|a| a == "--grpc-only") {
-        Some(http::measure_grpc as fn(&std::path::Path, usize, usize, u64) -> _)
+    // (`--tls-only`: both placements of the TLS probes.)
+    type Wire = fn(&std::path::Path, usize, usize, u64) -> anyhow::Result<http::HttpCost>;
+    let wire_only: Option<Vec<Wire>> = if args.iter().any(|a| a == "--grpc-only") {
+        Some(vec![http::measure_grpc])
     } else if args.iter().any(|a| a == "--tls-only") {
-        Some(http::measure_tls as fn(&std::path::Path, usize, usize, u64) -> _)
+        Some(vec![
+            |l, r, c, t| http::measure_tls(l, r, c, t, true),
+            |l, r, c, t| http::measure_tls(l, r, c, t, false),
+        ])
     } else {
         None
     };
-    if let Some(measure) = wire_only {
+    if let Some(measures) = wire_only {
         let sizes = Sizes::new(quick);
-        match measure(
-            &Variant::Nop5.lib_path(),
-            sizes.http_requests,
-            sizes.http_concurrency,
-            sizes.http_tokens,
-        ) {
-            Ok(g) => {
-                println!("{}", report::wire_table(&g));
+        let run = || -> anyhow::Result<String> {
+            let mut out = String::new();
+            for measure in measures {
+                let g = measure(
+                    &Variant::Nop5.lib_path(),
+                    sizes.http_requests,
+                    sizes.http_concurrency,
+                    sizes.http_tokens,
+                )?;
+                out.push_str(&report::wire_table(&g));
+            }
+            Ok(out)
+        };
+        match run() {
+            Ok(t) => {
+                println!("{t}");
                 return;
             }
             Err(e) => {
@@ -445,12 +461,16 @@ fn run(quick: bool) -> anyhow::Result<()> {
         sizes.http_tokens,
         sizes.http_concurrency
     );
-    let tls = http::measure_tls(
-        &Variant::Nop5.lib_path(),
-        sizes.http_requests,
-        sizes.http_concurrency,
-        sizes.http_tokens,
-    )?;
+    let [tls, tls_exported] = [true, false].map(|internal| {
+        http::measure_tls(
+            &Variant::Nop5.lib_path(),
+            sizes.http_requests,
+            sizes.http_concurrency,
+            sizes.http_tokens,
+            internal,
+        )
+    });
+    let (tls, tls_exported) = (tls?, tls_exported?);
     eprintln!(
         "bench: [{:>3.0} s] http memory: {HTTP_MEMORY_CONNECTIONS} partial requests and endless streams",
         started.elapsed().as_secs_f64(),
@@ -519,6 +539,7 @@ fn run(quick: bool) -> anyhow::Result<()> {
         http,
         grpc,
         tls,
+        tls_exported,
         otlp,
     };
     let elapsed = started.elapsed();

@@ -206,6 +206,7 @@ pub fn tables(r: &Results) -> String {
     http_table(&mut s, &r.http);
     http_table(&mut s, &r.grpc);
     http_table(&mut s, &r.tls);
+    http_table(&mut s, &r.tls_exported);
     otlp_table(&mut s, &r.otlp);
     s
 }
@@ -521,7 +522,9 @@ server and agent CPU from their processes' CPU clocks (`clock_getcpuclockid`: th
 nanoseconds, every thread) over the phases, and what the agent adds to the server's CPU per \
 request as the mean over the rounds of (with − without) with its standard error. The same \
 load goes to a gRPC server (`tonic-llm`, server-streaming calls on one channel) and to a C \
-server over TLS (`bench/c/tls_sse.c`, OpenSSL, read through the agent's uprobes on `libssl`).\n",
+server over TLS (`bench/c/tls_sse.c`, OpenSSL, read through the agent's uprobes on `libssl`: \
+on its internal read and write functions, the default, then with `probes.tls_internal = false` \
+on its exported calls).\n",
         sizes.http_concurrency, sizes.http_requests
     );
     let _ = writeln!(
@@ -786,28 +789,37 @@ requests with {} lost records.",
         thousands(h.agent_requests.1),
         h.agent_lost,
     );
-    let t = &r.tls;
+    let (t, x) = (&r.tls, &r.tls_exported);
     let calls = t.tokens as f64 + 3.0;
     let _ = writeln!(
         s,
         "- **TLS read through the server's OpenSSL: {:+.1} ± {:.1} µs of server CPU per request \
-(target ≤ {:.0} µs: {}); the agent counted {}/{} requests with {} lost records.** The C server \
-(`bench/c/tls_sse.c`: OpenSSL 3, blocking sockets, a thread per connection) makes about {:.0} \
-`SSL_write`/`SSL_read` calls per request, each paying an entry and a return uprobe, about \
-{:.1} µs a call. OpenSSL 3's `SSL_read` and `SSL_write` begin with `sub $imm, %rsp`, which \
-the kernel single-steps out of line (a second trap, expensive under a hypervisor), and an \
-entry probe cannot move past an instruction that moves the stack pointer; the return probe's \
-trampoline traps once more. In exchange a tied connection's ciphertext is not copied into the \
-ring ({:.0} records per request here, against {:.0} in clear to the TGI stand-in).",
+with the probes on OpenSSL's internal functions (target ≤ {:.0} µs: {}), against {:+.1} ± {:.1} µs \
+on its exported calls; the agent counted {}/{} and {}/{} requests with {} and {} lost records.** \
+The C server (`bench/c/tls_sse.c`: OpenSSL 3, blocking sockets, a thread per connection) makes \
+about {:.0} `SSL_write`/`SSL_read` calls per request, each paying an entry and a return uprobe: \
+about {:.1} µs a call on the internal functions, {:.1} µs on the exported calls. OpenSSL 3's \
+`SSL_read` and `SSL_write` begin with `sub $imm, %rsp`, which the kernel single-steps out of \
+line (a second trap, expensive under a hypervisor), and an entry probe cannot move past an \
+instruction that moves the stack pointer; the internal functions they call (found from their \
+code, `docs/probes.md`) begin with `push`, which the kernel emulates. The return probe's \
+trampoline traps once more in both. In exchange a tied connection's ciphertext is not copied \
+into the ring ({:.0} records per request here, against {:.0} in clear to the TGI stand-in).",
         t.server_cpu_added_us.0,
         t.server_cpu_added_us.1,
         SERVER_CPU_TARGET_US,
         verdict(t.server_cpu_added_us.0 <= SERVER_CPU_TARGET_US),
+        x.server_cpu_added_us.0,
+        x.server_cpu_added_us.1,
         thousands(t.agent_requests.0),
         thousands(t.agent_requests.1),
+        thousands(x.agent_requests.0),
+        thousands(x.agent_requests.1),
         t.agent_lost,
+        x.agent_lost,
         calls,
         t.server_cpu_added_us.0 / calls,
+        x.server_cpu_added_us.0 / calls,
         t.events as f64 / t.agent_requests.1.max(1) as f64,
         per_request_events,
     );
