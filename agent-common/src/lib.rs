@@ -88,7 +88,9 @@ pub mod config {
     /// Successful allocations of at least this many bytes all carry their user stack (0:
     /// none by size).
     pub const STACK_THRESHOLD_BYTES: u32 = 3;
-    pub const COUNT: u32 = 4;
+    /// 1 once the agent is leaving: no probe stops a process any more (`STOPPED`).
+    pub const STOPS_OFF: u32 = 4;
+    pub const COUNT: u32 = 5;
 }
 
 /// Ring buffer submit flags (aya-ebpf 0.2 does not define them).

@@ -1,7 +1,8 @@
 use agent_common::{config, lost, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
 use aya_ebpf::{
+    helpers::generated::bpf_send_signal,
     macros::map,
-    maps::{Array, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 
 /// The ring buffer of the `cuda`, `sched` and `oom` families. Userspace resizes it at load time.
@@ -20,6 +21,29 @@ pub static EVENTS_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(lost::C
 /// Knobs userspace changes while running (see `agent_common::config`).
 #[map]
 pub static CONFIG: Array<u64> = Array::with_max_entries(config::COUNT, 0);
+
+/// Processes a probe stopped (`SIGSTOP`) for the agent and the agent has not continued yet,
+/// by tgid: whatever state the agent's other threads are in when it leaves, it continues
+/// every process still here (`agent/src/held.rs`). Removed at the process's exit.
+#[map]
+pub static STOPPED: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
+
+const SIGSTOP: u32 = 19;
+
+/// Stops the current process for the agent, recorded in [`STOPPED`] first: not while the
+/// agent is leaving (`STOPS_OFF`), nor when it cannot be recorded (nobody would continue it).
+/// The stop takes effect as the probe returns to the process.
+#[inline(always)]
+pub fn stop_current(tgid: u32) -> bool {
+    if config(config::STOPS_OFF) != 0 || STOPPED.insert(&tgid, &1, 0).is_err() {
+        return false;
+    }
+    if unsafe { bpf_send_signal(SIGSTOP) } == 0 {
+        return true;
+    }
+    let _ = STOPPED.remove(&tgid);
+    false
+}
 
 #[inline(always)]
 pub fn config(index: u32) -> u64 {

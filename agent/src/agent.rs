@@ -747,11 +747,26 @@ struct Running {
     manager: ManagerThread,
 }
 
+/// Continues the processes the probes stopped and the agent has not let go (a manager still
+/// attaching at the deadline never got to them).
+fn continue_stopped() {
+    let n = crate::held::continue_all();
+    if n > 0 {
+        tracing::info!(
+            processes = n,
+            "continued the processes the probes had stopped and nobody had let go"
+        );
+    }
+}
+
 impl Running {
     /// Every stage is told at once; they are then waited for in order, each within its share
     /// of the deadline.
     async fn stop(self, stop: watch::Sender<bool>) {
         let started = Instant::now();
+        // No probe stops a process while the agent leaves; those stopped before are continued
+        // last, whatever the stages below finish.
+        crate::held::stops_off();
         deadline::watchdog(started + EXIT_BY);
         let mut d = Deadline::new(started, DRAIN_BY);
         let _ = stop.send(true);
@@ -796,6 +811,7 @@ impl Running {
             e.shutdown(OTLP_FLUSH.min(d.remaining())).await;
         }
         let detach = self.manager.stop(started).await;
+        continue_stopped();
         let late: Vec<&str> = d.late().iter().chain(detach.late()).copied().collect();
         if !late.is_empty() {
             tracing::warn!(

@@ -110,6 +110,7 @@ pub fn watchdog(at: Instant) {
             tracing::error!(
                 "shutdown passed its deadline; exiting (the kernel detaches the probes)"
             );
+            crate::held::continue_all();
             std::process::exit(0);
         });
     if let Err(e) = spawned {

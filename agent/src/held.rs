@@ -4,8 +4,75 @@
 //! (`forensics/python.rs`). Each is continued when its guard is released or dropped, whatever
 //! happened in between, and addressed through a pidfd so that a pid reused meanwhile is never
 //! signalled.
+//!
+//! The probes record each process they stop in the `STOPPED` map before they stop it. When the
+//! agent leaves, it first turns the stops off (`STOPS_OFF`), and last continues every process
+//! still recorded there ([`continue_all`]), even when a stage it was waiting for (a manager
+//! busy attaching drivers, a held record still in a ring) never got to let its process go: an
+//! agent restarted in a rollout never leaves a workload stopped.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::{
+    os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
+    sync::OnceLock,
+};
+
+use aya::maps::{Array, HashMap as BpfHashMap, IterableMap, MapData};
+
+/// The probes' `STOPPED` map and `CONFIG` array, as descriptors any thread can use.
+struct Stops {
+    stopped: OwnedFd,
+    config: OwnedFd,
+}
+
+static STOPS: OnceLock<Stops> = OnceLock::new();
+
+/// Hands over the loaded object's `STOPPED` map and `CONFIG` array (once, at load).
+pub fn track(stopped: &MapData, config: &Array<MapData, u64>) {
+    let dup = |m: &MapData| m.fd().as_fd().try_clone_to_owned().ok();
+    if let (Some(stopped), Some(config)) = (dup(stopped), dup(config.map())) {
+        let _ = STOPS.set(Stops { stopped, config });
+    }
+}
+
+fn stopped_map() -> Option<BpfHashMap<MapData, u32, u32>> {
+    let fd = STOPS.get()?.stopped.try_clone().ok()?;
+    BpfHashMap::try_from(aya::maps::Map::HashMap(MapData::from_fd(fd).ok()?)).ok()
+}
+
+/// No probe stops a process from now on (the agent is leaving).
+pub fn stops_off() {
+    let Some(fd) = STOPS.get().and_then(|s| s.config.try_clone().ok()) else {
+        return;
+    };
+    let config = MapData::from_fd(fd)
+        .ok()
+        .and_then(|d| Array::<MapData, u64>::try_from(aya::maps::Map::Array(d)).ok());
+    if let Some(mut config) = config {
+        if let Err(e) = config.set(agent_common::config::STOPS_OFF, 1, 0) {
+            tracing::warn!(error = %e, "cannot turn the probes' process stops off");
+        }
+    }
+}
+
+/// Continues every process a probe stopped and nobody continued; returns how many.
+pub fn continue_all() -> usize {
+    let Some(mut map) = stopped_map() else {
+        return 0;
+    };
+    let pids: Vec<u32> = map.keys().filter_map(Result::ok).collect();
+    for &pid in &pids {
+        drop(Held::new(pid));
+        let _ = map.remove(&pid);
+    }
+    pids.len()
+}
+
+/// The process was continued: no longer the agent's to continue.
+fn forget(pid: u32) {
+    if let Some(mut map) = stopped_map() {
+        let _ = map.remove(&pid);
+    }
+}
 
 /// A process named by a pidfd taken when it was named (falling back to its pid where pidfds
 /// are refused).
@@ -78,5 +145,6 @@ impl Drop for Held {
         if let Err(e) = self.0.signal(libc::SIGCONT) {
             tracing::debug!(pid = self.0.pid, error = %e, "SIGCONT to a held process");
         }
+        forget(self.0.pid);
     }
 }

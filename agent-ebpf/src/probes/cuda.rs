@@ -16,7 +16,7 @@ use agent_common::{
 use aya_ebpf::{
     helpers::{
         bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_ktime_get_ns,
-        bpf_probe_read_user, generated::bpf_send_signal,
+        bpf_probe_read_user,
     },
     macros::{map, uprobe, uretprobe},
     maps::{LruHashMap, PerCpuArray, StackTrace},
@@ -24,11 +24,10 @@ use aya_ebpf::{
     EbpfContext,
 };
 
-use crate::maps::{config, count_lost, submit_flags, EVENTS};
+use crate::maps::{config, count_lost, stop_current, submit_flags, EVENTS};
 
 const BPF_F_USER_STACK: u64 = 1 << 8;
 const CUDA_SUCCESS: u32 = 0;
-const SIGSTOP: u32 = 19;
 const CTX_STACK_DEPTH: usize = 8;
 
 #[repr(C)]
@@ -268,7 +267,7 @@ pub static CUDA_FREEZE: LruHashMap<u32, u32> = LruHashMap::with_max_entries(1024
 fn freeze_due(tgid: u32) -> bool {
     CUDA_FREEZE.get_ptr(&tgid).is_some()
         && CUDA_FREEZE.remove(&tgid).is_ok()
-        && unsafe { bpf_send_signal(SIGSTOP) } == 0
+        && stop_current(tgid)
 }
 
 /// Reads a `u64` out-parameter, which is only written when the call succeeded.

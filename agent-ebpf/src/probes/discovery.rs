@@ -21,7 +21,7 @@ use agent_common::{
 use aya_ebpf::{
     helpers::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
-        bpf_probe_read_user_str_bytes, generated::bpf_send_signal,
+        bpf_probe_read_user_str_bytes,
     },
     macros::{map, tracepoint, uprobe},
     maps::{LruHashMap, PerCpuArray, RingBuf},
@@ -29,9 +29,8 @@ use aya_ebpf::{
 };
 
 use super::http::HTTP_WATCHED;
-use crate::maps::count_lost;
+use crate::maps::{count_lost, stop_current};
 
-const SIGSTOP: u32 = 19;
 const TCP_LISTEN: i32 = 10;
 const IPPROTO_TCP: u16 = 6;
 /// `r_state` of `struct r_debug` when the list of loaded objects is consistent.
@@ -161,10 +160,7 @@ fn loader_changed(ctx: &ProbeContext) -> Option<()> {
         return None;
     };
     let mut flags = 0;
-    if global(&HOLD_OPENERS) != 0
-        && tgid != global(&OWN_TGID)
-        && unsafe { bpf_send_signal(SIGSTOP) } == 0
-    {
+    if global(&HOLD_OPENERS) != 0 && tgid != global(&OWN_TGID) && stop_current(tgid) {
         flags |= FLAG_HELD;
     }
     entry.write(DriverLoadedEvent {

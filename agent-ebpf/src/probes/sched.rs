@@ -24,7 +24,7 @@ use super::{
     discovery::{DRIVER_REPORTED, TLS_REPORTED},
     tls::{TLS_CALLS, TLS_LAST_READ},
 };
-use crate::maps::{count_lost, submit_flags, EVENTS};
+use crate::maps::{count_lost, submit_flags, EVENTS, STOPPED};
 
 /// Offset of `group_dead` in `sched/sched_process_exit`; userspace sets it from the format
 /// file (0 when the kernel lacks the field: fall back to the group leader's exit).
@@ -77,6 +77,7 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     let _ = CUDA_CTX_DEVICE.remove(&tgid);
     let _ = CUDA_FAIL_STACK.remove(&tgid);
     let _ = CUDA_FREEZE.remove(&tgid);
+    let _ = STOPPED.remove(&tgid);
     if CUDA_PROCESSES.get_ptr(&tgid).is_none() {
         return 0;
     }

@@ -25,6 +25,7 @@ pub const PER_PROCESS: &[&str] = &[
     "TLS_CALLS",
     "TLS_SSL_FD",
     "TLS_LAST_READ",
+    "STOPPED",
 ];
 
 #[derive(Debug, thiserror::Error)]

@@ -870,6 +870,9 @@ impl Manager {
         }
         heartbeat.done();
         self.publish_lost();
+        // The probes stop no process any more (`held::stops_off`): those held until now are
+        // let go before the detach, which takes a while on a VM.
+        self.release_held();
         let mut links = std::mem::take(&mut self.links);
         if let Some(hooks) = self.hooks.as_mut() {
             links.extend(hooks.take_links());

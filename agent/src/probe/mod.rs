@@ -133,6 +133,13 @@ pub fn load(ring_buffer_bytes: u32, layout: &KernelLayout) -> Result<Loaded, Pro
     let hits = take(&mut ebpf, "CUDA_HITS")?;
     let stacks = take(&mut ebpf, "CUDA_STACKS").ok();
     let freeze = take(&mut ebpf, "CUDA_FREEZE").ok();
+    // Borrowed, not taken: the programs loaded later refer to the object's own descriptor.
+    match ebpf.map("STOPPED") {
+        Some(aya::maps::Map::HashMap(stopped)) => crate::held::track(stopped, &config),
+        _ => tracing::warn!(
+            "no STOPPED map: an agent leaving mid-attach may leave a process it held stopped"
+        ),
+    }
     Ok(Loaded {
         ebpf,
         events,

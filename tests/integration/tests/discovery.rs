@@ -58,6 +58,101 @@ fn a_driver_mapped_after_the_start_has_its_first_allocation_counted() {
     assert!(agent.stop().success());
 }
 
+/// An agent told to stop while processes keep loading driver files it has not probed yet
+/// (each held stopped until its probes are attached; as in a rollout while pods start): it
+/// turns the stops off, lets go every process it held, and leaves none stopped, whether its
+/// manager got to them before the exit or not (its detach outlasts the deadline here).
+#[root_test]
+fn an_agent_leaving_while_drivers_load_leaves_no_process_stopped() {
+    let agent = Agent::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let spawn = |i: usize| {
+        let lib = dir.path().join(format!("{i}")).join("libcuda.so.1");
+        std::fs::create_dir_all(lib.parent().unwrap()).unwrap();
+        std::fs::copy(Variant::Push.lib_path(), &lib).unwrap();
+        Command::new("python3")
+            .args([
+                "-c",
+                "import ctypes, sys, time\n\
+                 ctypes.CDLL(sys.argv[1])\n\
+                 print('loaded', flush=True)\n\
+                 time.sleep(120)",
+                lib.to_str().unwrap(),
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3")
+    };
+    // A process loading a driver file of its own every 40 ms, from before the stop until after
+    // the agent's exit.
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let mut children: Vec<Child> = std::thread::scope(|scope| {
+        let spawner = scope.spawn(|| {
+            let mut out = Vec::new();
+            while !done.load(std::sync::atomic::Ordering::Relaxed) && out.len() < 80 {
+                out.push(spawn(out.len()));
+                std::thread::sleep(Duration::from_millis(40));
+            }
+            out
+        });
+        agent.wait_for("the first opener held", |s| {
+            s.sum("inferscope_probe_openers_held_total", &[]) >= 1.0
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        let stopped = std::thread::spawn({
+            let agent = agent;
+            move || agent.stop().success()
+        })
+        .join()
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(stopped);
+        spawner.join().unwrap()
+    });
+    // Every one ran past its driver load, and none is stopped.
+    let mut not_loaded = Vec::new();
+    for c in &mut children {
+        let mut line = String::new();
+        let out = c.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = BufReader::new(out).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        if rx
+            .recv_timeout(Duration::from_secs(10))
+            .ok()
+            .as_deref()
+            .map(str::trim)
+            != Some("loaded")
+        {
+            not_loaded.push(c.id());
+        }
+    }
+    let stopped: Vec<u32> = children
+        .iter()
+        .map(|c| c.id())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // The state follows the command's closing parenthesis.
+            stat.rsplit(')')
+                .next()
+                .map(|r| r.trim_start().starts_with('T'))
+                == Some(true)
+        })
+        .collect();
+    for c in &mut children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    assert!(children.len() >= 10, "{} processes", children.len());
+    assert!(
+        stopped.is_empty() && not_loaded.is_empty(),
+        "left stopped: {stopped:?}; never past their driver load: {not_loaded:?}"
+    );
+}
+
 /// Idle processes with many mappings: their maps are read once, at the agent's start, and
 /// not again while nothing on the node maps a driver.
 #[root_test]
