@@ -111,25 +111,31 @@ fn an_agent_leaving_while_drivers_load_leaves_no_process_stopped() {
         spawner.join().unwrap()
     });
     // Every one ran past its driver load, and none is stopped.
-    let mut not_loaded = Vec::new();
+    let (tx, rx) = std::sync::mpsc::channel();
     for c in &mut children {
-        let mut line = String::new();
-        let out = c.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
+        let (pid, out, tx) = (c.id(), c.stdout.take().unwrap(), tx.clone());
         std::thread::spawn(move || {
+            let mut line = String::new();
             let _ = BufReader::new(out).read_line(&mut line);
-            let _ = tx.send(line);
+            let _ = tx.send((pid, line));
         });
-        if rx
-            .recv_timeout(Duration::from_secs(10))
-            .ok()
-            .as_deref()
-            .map(str::trim)
-            != Some("loaded")
-        {
-            not_loaded.push(c.id());
+    }
+    drop(tx);
+    // A stopped process never prints: all of them are given 20 s together.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut loaded = std::collections::HashSet::new();
+    while let Ok((pid, line)) =
+        rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+    {
+        if line.trim() == "loaded" {
+            loaded.insert(pid);
         }
     }
+    let not_loaded: Vec<u32> = children
+        .iter()
+        .map(|c| c.id())
+        .filter(|pid| !loaded.contains(pid))
+        .collect();
     let stopped: Vec<u32> = children
         .iter()
         .map(|c| c.id())
