@@ -525,10 +525,26 @@ pub fn servers_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../servers")
 }
 
+/// A client whose clock is the truth the agent's timing is held to: run as a real-time task
+/// (`SCHED_FIFO`), so that it reads each message as it arrives. As an ordinary task on a busy
+/// 2-core machine (the agent, the server and the client share it) it now and then read one
+/// message 3 to 7 ms late, a gap the server never wrote. The clients block on their sockets
+/// between messages, so they take no CPU from the others.
+pub fn timing_client(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut c = Command::new("chrt");
+    c.args(["--fifo", "10"]).arg(program);
+    c
+}
+
 /// Runs a client script of tests/servers with `args`; its stdout is one JSON document (the
-/// client's truth).
+/// client's truth). The `timing` mode runs as [`timing_client`].
 pub fn python_client(script: &str, args: &[&str]) -> serde_json::Value {
-    let out = Command::new("python3")
+    let mut command = if args.first() == Some(&"timing") {
+        timing_client("python3")
+    } else {
+        Command::new("python3")
+    };
+    let out = command
         .arg(servers_dir().join(script))
         .args(args)
         .output()

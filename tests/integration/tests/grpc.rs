@@ -148,7 +148,7 @@ fn kserve_calls_name_their_model_and_grpc_errors_are_typed() {
 #[root_test]
 fn a_channel_opened_before_the_agent_is_still_timed() {
     let server = GrpcServer::start();
-    let mut py = Command::new("python3")
+    let mut py = timing_client("python3")
         .arg(servers_dir().join("grpc_client.py"))
         .args(["preopen", &server.port.to_string(), "4"])
         .stdin(Stdio::piped())
@@ -200,7 +200,7 @@ fn a_tonic_service_is_timed_as_its_client_saw_it() {
     agent.wait_for("the server to be watched", |s| {
         s.sum("inferscope_http_watched_processes", &[]) >= 1.0
     });
-    let out = Command::new(bin("tonic-llm"))
+    let out = timing_client(bin("tonic-llm"))
         .args(["timing", &port.to_string(), "4"])
         .output()
         .unwrap();
