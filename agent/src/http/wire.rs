@@ -48,8 +48,17 @@ enum Proto {
 enum Tls {
     /// No TLS record seen.
     Clear,
-    /// TLS records and no plaintext: `reads` encrypted reads so far; `counted` once reported.
-    Cipher { reads: u8, counted: bool },
+    /// TLS records and no plaintext: `reads` encrypted reads of application data so far;
+    /// `counted` once reported. The client's records are followed one after the other: `left`
+    /// bytes of the current one are still to come (OpenSSL's socket BIO reads a record's
+    /// 5-byte header and its body apart, and a body may begin with any byte); `synced` until a
+    /// header was not where one should be (then it is counted only when it ends).
+    Cipher {
+        reads: u8,
+        counted: bool,
+        left: u64,
+        synced: bool,
+    },
     /// The server's OpenSSL gives the plaintext: socket bytes are ignored.
     Plain,
 }
@@ -131,6 +140,8 @@ impl Wire {
             self.tls = Tls::Cipher {
                 reads: 0,
                 counted: false,
+                left: 0,
+                synced: true,
             };
         }
     }
@@ -166,7 +177,7 @@ impl Wire {
             Proto::Fresh { ts: last } | Proto::Joined { ts: last } => *last = ts,
             Proto::Tls { ts: last, .. } => {
                 *last = ts;
-                if inbound && data.first() == Some(&0x17) {
+                if inbound && self.starts_app_record(data, len) {
                     self.cipher_read(out);
                 }
             }
@@ -189,9 +200,39 @@ impl Wire {
         }
     }
 
+    /// Follows the client's records through an inbound read of `len` bytes (`data` captured):
+    /// whether an application-data record starts in it.
+    fn starts_app_record(&mut self, data: &[u8], len: u64) -> bool {
+        let Tls::Cipher { left, synced, .. } = &mut self.tls else {
+            return false;
+        };
+        let mut at = 0u64;
+        let mut app = false;
+        while *synced && at < len {
+            if *left > 0 {
+                let take = (*left).min(len - at);
+                *left -= take;
+                at += take;
+                continue;
+            }
+            let header = usize::try_from(at)
+                .ok()
+                .and_then(|i| data.get(i..i.checked_add(5)?));
+            match header {
+                Some(h) if starts_tls(h, false) => {
+                    app |= h[0] == 0x17;
+                    *left = 5 + u64::from(u16::from_be_bytes([h[3], h[4]]));
+                }
+                // Not captured, split between reads, or not a header: lost track.
+                _ => *synced = false,
+            }
+        }
+        app
+    }
+
     /// An encrypted read of application data with no plaintext yet.
     fn cipher_read(&mut self, out: &mut Vec<Output>) {
-        if let Tls::Cipher { reads, counted } = &mut self.tls {
+        if let Tls::Cipher { reads, counted, .. } = &mut self.tls {
             *reads = reads.saturating_add(1);
             if *reads >= CIPHER_READS_UNSUPPORTED && !*counted {
                 *counted = true;
@@ -332,6 +373,26 @@ mod tests {
         }
         assert_eq!(bad(&out), [conn::Bad::TlsUnsupported]);
         w.abandon(9, ErrorType::Timeout, &mut out);
+        assert_eq!(bad(&out), [conn::Bad::TlsUnsupported]);
+
+        // OpenSSL's socket BIO reads each record's header and its body apart, and a body may
+        // begin with 0x17: only headers count. The client's `Finished` and two requests are
+        // two reads of application data, then plaintext.
+        let mut out = Vec::new();
+        let mut w = Wire::new(0);
+        w.record(1, true, &HELLO[..5], 5, false, &mut out);
+        w.record(2, true, &HELLO[5..], 200, false, &mut out);
+        for ts in [3, 5] {
+            w.record(ts, true, &[0x17, 3, 3, 0, 53], 5, false, &mut out);
+            w.record(ts + 1, true, &[0x17; 53], 53, false, &mut out);
+        }
+        assert!(bad(&out).is_empty());
+        // A header not captured whole: lost track, counted only when it ends.
+        w.record(7, true, &[0x17, 3, 3], 58, false, &mut out);
+        w.record(8, true, &[0x17, 3, 3, 0, 53], 5, false, &mut out);
+        w.record(9, true, &[0x17, 3, 3, 0, 53], 5, false, &mut out);
+        assert!(bad(&out).is_empty());
+        w.close(10, &mut out);
         assert_eq!(bad(&out), [conn::Bad::TlsUnsupported]);
 
         // Dropped while the probes were off: not counted.
