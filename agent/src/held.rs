@@ -56,14 +56,12 @@ pub fn stops_off() {
 
 /// Continues every process a probe stopped and nobody continued; returns how many.
 pub fn continue_all() -> usize {
-    let Some(mut map) = stopped_map() else {
+    let Some(map) = stopped_map() else {
         return 0;
     };
     let pids: Vec<u32> = map.keys().filter_map(Result::ok).collect();
-    for &pid in &pids {
-        drop(Held::new(pid));
-        let _ = map.remove(&pid);
-    }
+    // Each guard continues its process and takes it out of the map as it drops.
+    pids.iter().for_each(|&pid| drop(Held::new(pid)));
     pids.len()
 }
 
