@@ -37,7 +37,7 @@ pub struct DroppedLabels {
 /// `inferscope_discovery_proc_reads_total`: which of a process's `/proc` files discovery read.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProcFileLabels {
-    /// `maps`, `cmdline` or `net_tcp`.
+    /// `maps`, `cmdline`, `net_tcp` or `net_unix`.
     pub file: &'static str,
 }
 
@@ -124,12 +124,12 @@ impl Metrics {
         );
         r.register(
             "inferscope_discovery_proc_reads",
-            "Files of other processes discovery read (maps for CUDA drivers, cmdline and net_tcp \
-             for servers), by file: once per process at start, then only for the processes \
+            "Files of other processes discovery read (maps for CUDA drivers, cmdline, net_tcp and \
+             net_unix for servers), by file: once per process at start, then only for the processes \
              the kernel's events name",
             m.proc_reads.clone(),
         );
-        for file in ["maps", "cmdline", "net_tcp"] {
+        for file in ["maps", "cmdline", "net_tcp", "net_unix"] {
             let _ = m.proc_reads.get_or_create(&ProcFileLabels { file });
         }
         drop(r);

@@ -131,6 +131,20 @@ impl ProcFs {
         all
     }
 
+    /// Unix sockets (`net/unix`) of the network namespace of `pid`: at most
+    /// [`UNIX_TABLE_MAX`] bytes of the table are read.
+    pub fn unix(&self, pid: u32) -> Vec<UnixSocket> {
+        let path = self.root.join(pid.to_string()).join("net/unix");
+        let mut text = String::new();
+        if std::fs::File::open(path)
+            .and_then(|f| f.take(UNIX_TABLE_MAX).read_to_string(&mut text))
+            .is_err()
+        {
+            return Vec::new();
+        }
+        unix_table(&text)
+    }
+
     /// The inode of the process's network namespace (`ns/net`), which names it.
     pub fn net_ns(&self, pid: u32) -> Option<u64> {
         let link = std::fs::read_link(self.root.join(pid.to_string()).join("ns/net")).ok()?;
@@ -229,6 +243,60 @@ pub fn tcp_table(text: &str) -> Vec<TcpNetEntry> {
         })
         .flat_map(|t| t.0)
         .collect()
+}
+
+/// Most bytes of a namespace's Unix socket table read (some 40,000 sockets).
+pub const UNIX_TABLE_MAX: u64 = 4 << 20;
+
+/// A line of `/proc/net/unix`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnixSocket {
+    pub inode: u64,
+    /// `SOCK_STREAM` (1), `SOCK_DGRAM` (2), `SOCK_SEQPACKET` (5).
+    pub socket_type: u16,
+    /// `SS_UNCONNECTED` (1) … `SS_CONNECTED` (3).
+    pub state: u8,
+    /// Listening (`__SO_ACCEPTCON` in the flags).
+    pub listening: bool,
+    /// The bound path (abstract names start with `@`). An accepted socket shows its
+    /// listener's.
+    pub path: Option<String>,
+}
+
+/// The sockets of a `/proc/net/unix` text (its first line is the header); a line that does
+/// not parse is skipped. procfs's parser drops the flags, which tell a listener apart.
+pub fn unix_table(text: &str) -> Vec<UnixSocket> {
+    const ACCEPTCON: u32 = 0x10000;
+    text.lines()
+        .skip(1)
+        .filter_map(|mut l| {
+            // Num RefCount Protocol Flags Type St Inode [Path]; a path may hold spaces.
+            for _ in 0..3 {
+                token(&mut l)?;
+            }
+            let flags = u32::from_str_radix(token(&mut l)?, 16).ok()?;
+            let socket_type = u16::from_str_radix(token(&mut l)?, 16).ok()?;
+            let state = u8::from_str_radix(token(&mut l)?, 16).ok()?;
+            let inode = token(&mut l)?.parse().ok()?;
+            let path = l.trim_start();
+            Some(UnixSocket {
+                inode,
+                socket_type,
+                state,
+                listening: flags & ACCEPTCON != 0,
+                path: (!path.is_empty()).then(|| path.to_string()),
+            })
+        })
+        .collect()
+}
+
+/// The next space-separated token of `line`, which is left after it.
+fn token<'a>(line: &mut &'a str) -> Option<&'a str> {
+    let l = line.trim_start_matches(' ');
+    let end = l.find(' ').unwrap_or(l.len());
+    let (t, rest) = l.split_at(end);
+    *line = rest;
+    (!t.is_empty()).then_some(t)
 }
 
 /// `<proc_pid>/maps` (`proc_pid` being `/proc/<pid>` or a captured tree's), bounded.

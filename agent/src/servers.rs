@@ -25,6 +25,10 @@ pub struct Server {
     pub tensor_parallelism: Option<u32>,
     /// Its lowest listening TCP port, once the watcher has looked (`server.port` of spans).
     pub port: Option<u16>,
+    /// A model worker behind a server's front end (TGI's shards, `text-generation-server
+    /// serve`): the calls it answers are the front end's batches (`Prefill`, `Decode`, over a
+    /// Unix socket), not users' requests, and are counted apart (`llm_engine_*`).
+    pub engine: bool,
 }
 
 /// Adds what every server's command line may say besides the model: revision and tensor
@@ -108,6 +112,26 @@ fn classify_kind(argv: &[String]) -> Option<Server> {
             port: None,
             kind: "vllm",
             model,
+            ..Default::default()
+        });
+    }
+    // TGI's launcher starts each shard as the Python console script `text-generation-server
+    // serve MODEL --uds-path ...`: its interpreter comes first on the command line.
+    let shard = [argv.first(), argv.get(1)]
+        .into_iter()
+        .flatten()
+        .any(|a| base(a) == "text-generation-server");
+    if shard && has("serve") {
+        let model = argv
+            .iter()
+            .position(|a| a == "serve")
+            .and_then(|i| argv.get(i + 1))
+            .filter(|a| !a.starts_with('-'))
+            .cloned();
+        return Some(Server {
+            kind: "tgi",
+            model,
+            engine: true,
             ..Default::default()
         });
     }
@@ -248,6 +272,36 @@ pub fn accepted_fds(procfs: &ProcFs, pid: u32) -> Vec<u32> {
             })
         })
         .map(|(fd, _)| *fd)
+        .collect()
+}
+
+/// Connections the process accepted on the Unix sockets it listens on (TGI's shards serve
+/// its router on one): a connected stream socket bearing the path of one of its listeners.
+pub fn accepted_unix_fds(procfs: &ProcFs, pid: u32) -> Vec<u32> {
+    unix_accepted(&procfs.unix(pid), &socket_fds(procfs, pid))
+}
+
+fn unix_accepted(table: &[crate::proc::UnixSocket], fds: &[(u32, u64)]) -> Vec<u32> {
+    const SOCK_STREAM: u16 = 1;
+    const SS_CONNECTED: u8 = 3;
+    let by_inode: HashMap<u64, &crate::proc::UnixSocket> =
+        table.iter().map(|s| (s.inode, s)).collect();
+    let held = || {
+        fds.iter()
+            .filter_map(|(fd, ino)| Some((*fd, *by_inode.get(ino)?)))
+    };
+    let listened: HashSet<&str> = held()
+        .filter(|(_, s)| s.listening)
+        .filter_map(|(_, s)| s.path.as_deref())
+        .collect();
+    held()
+        .filter(|(_, s)| {
+            s.socket_type == SOCK_STREAM
+                && s.state == SS_CONNECTED
+                && !s.listening
+                && s.path.as_deref().is_some_and(|p| listened.contains(p))
+        })
+        .map(|(fd, _)| fd)
         .collect()
 }
 
@@ -474,16 +528,19 @@ mod tests {
             ("python -m sglang.launch_server --model-path Qwen/Qwen2-7B", "sglang", Some("Qwen/Qwen2-7B")),
             ("./llama-server -m /models/llama-7b.Q4.gguf --port 8080", "llamacpp", Some("llama-7b.Q4")),
             ("/opt/tritonserver/bin/tritonserver --model-repository=/m", "triton", None),
+            ("/opt/conda/bin/python3.11 /opt/conda/bin/text-generation-server serve bigscience/bloom-560m --uds-path /tmp/text-generation-server", "tgi", Some("bigscience/bloom-560m")),
         ];
         for (cmd, kind, model) in cases {
             let s = classify(&v(cmd)).unwrap_or_else(|| panic!("{cmd}"));
             assert_eq!((s.kind, s.model.as_deref()), (kind, model), "{cmd}");
+            assert_eq!(s.engine, cmd.contains("text-generation-server"), "{cmd}");
         }
         for cmd in [
             "bash",
             "python3 serve.py",
             "vim vllm",
             "grep sglang.launch_server2",
+            "text-generation-server download-weights x/y",
         ] {
             assert_eq!(classify(&v(cmd)), None, "{cmd}");
         }
@@ -512,6 +569,30 @@ mod tests {
         assert_eq!(reads.cmdline, 1);
         assert_eq!(scan(&procfs, &[], &[], &mut seen).1.cmdline, 0, "read once");
         assert_eq!(servers[&42].model.as_deref(), Some("tiny"));
+    }
+
+    #[test]
+    fn seeds_the_connections_accepted_on_its_unix_listeners() {
+        let table = crate::proc::unix_table(concat!(
+            "Num       RefCount Protocol Flags    Type St Inode Path\n",
+            // Its listener, the connection it accepted (the listener's path), its own client
+            // end of another server's socket, another process's accepted connection, a
+            // datagram socket bound to the same path, a connected socket with no path.
+            "0000000000000001: 00000002 00000000 00010000 0001 01 500 /tmp/text-generation-server-0\n",
+            "0000000000000002: 00000003 00000000 00000000 0001 03 501 /tmp/text-generation-server-0\n",
+            "0000000000000003: 00000003 00000000 00000000 0001 03 502 /run/other.sock\n",
+            "0000000000000004: 00000003 00000000 00000000 0001 03 503 /tmp/text-generation-server-0\n",
+            "0000000000000005: 00000002 00000000 00000000 0002 03 504 /tmp/text-generation-server-0\n",
+            "0000000000000006: 00000003 00000000 00000000 0001 03 505\n",
+            "garbage line\n",
+            "0000000000000007: 00000003 00000000 00000000 0001 03 506 /tmp/a path with spaces\n",
+        ));
+        assert_eq!(table.len(), 7, "{table:?}");
+        assert_eq!(table[6].path.as_deref(), Some("/tmp/a path with spaces"));
+        let fds = [(3, 500), (4, 501), (5, 502), (6, 504), (7, 505), (8, 999)];
+        assert_eq!(unix_accepted(&table, &fds), vec![4]);
+        // Without its listener the connection is nobody's to seed.
+        assert!(unix_accepted(&table, &fds[1..]).is_empty());
     }
 
     /// A process of the fake tree in network namespace `ns` with `tcp` as its table and

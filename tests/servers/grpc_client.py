@@ -6,6 +6,10 @@
   status PORT CODE        one Generate call ending with grpc-status CODE
   preopen PORT N          a channel with one call made, then (after a line on stdin) N timed calls
   sglang PORT PROMPT N    one SGLang scheduler Generate call answering N tokens
+  shard SOCKET N          as TGI's router to a shard (tgi_shard/) on its Unix socket:
+                          ServiceDiscovery, Info, Health, a Prefill, then N Decodes, each timed
+  shard-preopen SOCKET N  a channel to the shard with one Decode made, then (after a line on
+                          stdin) N Decodes and a ClearCache, each timed
 """
 
 import json
@@ -98,8 +102,54 @@ def preopen(port, n):
     return timing(port, n, ch)
 
 
+SHARD = "/generate.v3.TextGenerationService/"
+
+
+def shard_channel(socket):
+    ch = grpc.insecure_channel(f"unix:{socket}")
+    grpc.channel_ready_future(ch).result(timeout=10)
+    return ch
+
+
+def shard_call(ch, method, request=b""):
+    start = time.monotonic()
+    ch.unary_unary(SHARD + method)(request)
+    return {"method": method, "ms": (time.monotonic() - start) * 1000}
+
+
+# DecodeRequest { batches = 1 (CachedBatch { id = 1; request_ids = 2 packed; size = 3 }) }
+DECODE = bytes([0x0A, 0x07, 0x08, 0x00, 0x12, 0x01, 0x01, 0x18, 0x01])
+# PrefillRequest { batch = 1 (Batch { id = 1; requests = 2 (Request { id = 1 }); size = 3 }) }
+PREFILL = bytes([0x0A, 0x08, 0x08, 0x00, 0x12, 0x02, 0x08, 0x01, 0x18, 0x01])
+
+
+def shard(socket, n):
+    ch = shard_channel(socket)
+    calls = [shard_call(ch, m) for m in ("ServiceDiscovery", "Info", "Health")]
+    calls.append(shard_call(ch, "Prefill", PREFILL))
+    calls += [shard_call(ch, "Decode", DECODE) for _ in range(n)]
+    return calls
+
+
+def shard_preopen(socket, n):
+    ch = shard_channel(socket)
+    shard_call(ch, "Decode", DECODE)
+    print("open", flush=True)
+    sys.stdin.readline()
+    calls = [shard_call(ch, "Decode", DECODE) for _ in range(n)]
+    calls.append(shard_call(ch, "ClearCache"))
+    return calls
+
+
 def main():
-    mode, port = sys.argv[1], int(sys.argv[2])
+    mode = sys.argv[1]
+    if mode == "shard":
+        print(json.dumps(shard(sys.argv[2], int(sys.argv[3]))), flush=True)
+        return
+    if mode == "shard-preopen":
+        print(json.dumps(shard_preopen(sys.argv[2], int(sys.argv[3]))), flush=True)
+        return
+    port = int(sys.argv[2])
     if mode == "timing":
         out = timing(port, int(sys.argv[3]))
     elif mode == "concurrent":

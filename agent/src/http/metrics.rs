@@ -33,6 +33,20 @@ pub struct ModelErrorLabels {
     pub protocol: &'static str,
 }
 
+/// A call from a server's front end to its model workers (`super::engine`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EngineCallLabels {
+    pub model: String,
+    pub method: &'static str,
+    pub status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EngineMethodLabels {
+    pub model: String,
+    pub method: &'static str,
+}
+
 type Hist = Family<ModelLabels, Histogram, fn() -> Histogram>;
 
 /// End-to-end latency: 5 ms … 10 min.
@@ -50,6 +64,15 @@ const TPOT: &[f64] = &[
     0.2, 0.3, 0.5, 1.0, 2.5,
 ];
 
+/// A worker's batch step: 0.5 ms … 5 min (a `Decode` takes milliseconds, a `Warmup` minutes).
+const ENGINE: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
+fn engine() -> Histogram {
+    Histogram::new(ENGINE.iter().copied())
+}
 fn latency() -> Histogram {
     Histogram::new(LATENCY.iter().copied())
 }
@@ -79,6 +102,9 @@ pub struct HttpMetrics {
     pub request_input_tokens: Hist,
     pub request_output_tokens: Hist,
     pub in_flight: Family<ModelLabels, Gauge>,
+    /// Calls to model workers (TGI's shards) by method and status, and their durations.
+    pub engine_calls: Family<EngineCallLabels, Counter>,
+    pub engine_duration: Family<EngineMethodLabels, Histogram, fn() -> Histogram>,
     /// Bad input on watched connections, by kind.
     pub bad_input: Family<KindLabels, Counter>,
     pub connections: Gauge,
@@ -103,6 +129,8 @@ impl HttpMetrics {
             request_input_tokens: Family::new_with_constructor(tokens),
             request_output_tokens: Family::new_with_constructor(tokens),
             in_flight: Family::default(),
+            engine_calls: Family::default(),
+            engine_duration: Family::new_with_constructor(engine),
             bad_input: Family::default(),
             connections: Gauge::default(),
             state_bytes: Gauge::default(),
@@ -194,6 +222,18 @@ impl HttpMetrics {
             "llm_requests_in_flight",
             "Requests read in full and not yet answered in full",
             self.in_flight.clone(),
+        );
+        r.register(
+            "llm_engine_calls",
+            "Calls from a server's front end to its model workers (TGI's router to its shards), \
+             by method (Prefill, Decode, ...) and status; not counted in llm_requests",
+            self.engine_calls.clone(),
+        );
+        r.register(
+            "llm_engine_call_duration_seconds",
+            "Time of each call to a model worker, from its request's first byte to its \
+             response's end: the time of a Prefill or Decode step of a batch",
+            self.engine_duration.clone(),
         );
         r.register(
             "inferscope_http_bad_input",

@@ -4,10 +4,11 @@
 //! family's records ([`Record`]) and routes them to the [`tracker`] stage, which keeps one
 //! [`wire::Wire`] per connection (HTTP/1.x in [`conn`], HTTP/2 and gRPC in [`h2`]) and turns
 //! finished exchanges into the `llm_*` metrics
-//! ([`metrics`]).
+//! ([`metrics`]); a model worker's calls from its front end go to [`engine`] instead.
 
 pub mod body;
 pub mod conn;
+pub mod engine;
 pub mod finished;
 pub mod gap;
 pub mod gpu_cost;

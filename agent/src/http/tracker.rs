@@ -17,7 +17,10 @@ use std::{
 use super::{
     conn::{Bad, ErrorType, Exchange, Output},
     gap::Gap,
-    metrics::{HttpMetrics, KindLabels, ModelErrorLabels, ModelLabels, ModelStatusLabels},
+    metrics::{
+        EngineCallLabels, EngineMethodLabels, HttpMetrics, KindLabels, ModelErrorLabels,
+        ModelLabels, ModelStatusLabels,
+    },
     models::{Answer, Models, OTHER, UNKNOWN},
     wire::Wire,
     Batch, Record,
@@ -593,6 +596,7 @@ impl HttpTracker {
         let out = std::mem::take(&mut self.out);
         for o in &out {
             match o {
+                Output::Received { .. } if self.is_engine(tgid) => {}
                 Output::Received { model } => {
                     let name = self.named(tgid, model.as_deref());
                     self.models.received(&name, now_ns);
@@ -617,8 +621,50 @@ impl HttpTracker {
             .inc();
     }
 
+    /// Whether `tgid` is a model worker whose calls come from its server's front end.
+    fn is_engine(&self, tgid: u32) -> bool {
+        self.servers.get(&tgid).is_some_and(|s| s.engine)
+    }
+
+    /// A call a model worker answered (`super::engine`).
+    fn engine_call(&mut self, tgid: u32, x: &Exchange) {
+        let name = self.named(tgid, x.model.as_deref());
+        let model = self.models.label(&name).to_string();
+        let method = super::engine::method(&x.route);
+        let status = super::engine::status(x);
+        self.http
+            .engine_calls
+            .get_or_create(&EngineCallLabels {
+                model: model.clone(),
+                method,
+                status,
+            })
+            .inc();
+        let timed = x.error != Some(ErrorType::Untracked)
+            && (x.grpc_status.is_some() || x.status.is_some());
+        let took_ns = x.end_ns.saturating_sub(x.start_ns);
+        if timed {
+            self.http
+                .engine_duration
+                .get_or_create(&EngineMethodLabels { model, method })
+                .observe(took_ns as f64 / 1e9);
+        }
+        tracing::debug!(
+            pid = tgid,
+            method,
+            route = x.route,
+            status,
+            latency_us = took_ns / 1000,
+            "engine call finished"
+        );
+    }
+
     fn finished(&mut self, tgid: u32, x: &Exchange) {
         if x.is_monitoring() {
+            return;
+        }
+        if self.is_engine(tgid) {
+            self.engine_call(tgid, x);
             return;
         }
         let name = self.named(tgid, x.model.as_deref());

@@ -244,7 +244,9 @@ impl Watcher {
     /// Marks the process's accepted sockets as connections to follow; returns how many.
     fn seed(&mut self, pid: u32) -> usize {
         self.count("net_tcp", 1);
-        let fds = discover::accepted_fds(&self.procfs, pid);
+        let mut fds = discover::accepted_fds(&self.procfs, pid);
+        self.count("net_unix", 1);
+        fds.extend(discover::accepted_unix_fds(&self.procfs, pid));
         for fd in &fds {
             let _ = self
                 .maps

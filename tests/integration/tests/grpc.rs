@@ -249,3 +249,146 @@ fn sglang_generate_calls_count_the_tokens_their_messages_carry() {
     assert_eq!(s.sum("llm_tokens_output_total", &[]), 20.0, "{}", s.text);
     assert!(agent.stop().success());
 }
+
+/// tests/servers/tgi_shard: one of TGI's shards as its launcher starts it (the Python script
+/// `text-generation-server serve MODEL --uds-path PATH`), serving on the Unix socket
+/// `PATH-0`; found by its command line alone.
+struct Shard {
+    child: Child,
+    socket: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+const SHARD_MODEL: &str = "test-org/shard-model";
+
+impl Shard {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("text-generation-server");
+        let child = Command::new("python3")
+            .arg(servers_dir().join("tgi_shard/text-generation-server"))
+            .args(["serve", SHARD_MODEL, "--uds-path"])
+            .arg(&uds)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3 (run `cargo xtask setup` for grpcio)");
+        let socket = dir.path().join("text-generation-server-0");
+        eventually("the shard's socket", Duration::from_secs(30), || {
+            std::os::unix::net::UnixStream::connect(&socket).ok()
+        });
+        Self {
+            child,
+            socket,
+            _dir: dir,
+        }
+    }
+
+    fn agent(&self) -> Agent {
+        let agent = Agent::start(&[]);
+        agent.wait_for("the shard to be watched", |s| {
+            s.sum("inferscope_http_watched_processes", &[]) >= 1.0
+        });
+        agent
+    }
+}
+
+impl Drop for Shard {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The agent's `engine call finished` lines: (method, status, latency µs) each.
+fn engine_lines(log: &str) -> Vec<(String, String, u64)> {
+    let field = |line: &str, name: &str| -> String {
+        let at = line.find(&format!(" {name}=")).map(|i| i + name.len() + 2);
+        let rest = at.map_or("", |i| &line[i..]);
+        rest.split(' ')
+            .next()
+            .unwrap_or("")
+            .trim_matches('"')
+            .to_string()
+    };
+    log.lines()
+        .filter(|l| l.contains("engine call finished"))
+        .map(|l| {
+            (
+                field(l, "method"),
+                field(l, "status"),
+                field(l, "latency_us").parse().unwrap_or(u64::MAX),
+            )
+        })
+        .collect()
+}
+
+/// Each call the router made, as the agent timed it: the same method, within 1 ms above and
+/// 2 ms (plus 10 %) below what the client measured (`assert_timed_as_the_client`'s bound).
+fn assert_calls_timed_as_the_router(agent: &Agent, truth: &[serde_json::Value], methods: &[&str]) {
+    let seen = engine_lines(&agent.log());
+    assert_eq!(seen.len(), truth.len(), "agent log:\n{}", agent.log());
+    for (i, ((method, status, us), t)) in seen.iter().zip(truth).enumerate() {
+        assert_eq!(method, methods[i], "call {i}");
+        assert_eq!(status, "ok", "call {i}");
+        let (agent_ms, client_ms) = (*us as f64 / 1000.0, t["ms"].as_f64().unwrap());
+        assert!(
+            agent_ms <= client_ms + 1.0 && agent_ms >= client_ms - (2.0 + 0.10 * client_ms),
+            "call {i} ({method}): agent {agent_ms} ms, client {client_ms:.3} ms"
+        );
+    }
+}
+
+fn shard_client(args: &[&str]) -> Command {
+    let mut c = timing_client("python3");
+    c.arg(servers_dir().join("grpc_client.py")).args(args);
+    c
+}
+
+/// TGI's router → shard link: gRPC over a Unix socket, each batch step a call. Counted as
+/// engine calls by method (not as users' requests), each timed as the router saw it.
+#[root_test]
+fn tgi_shard_calls_over_a_unix_socket_are_engine_steps_timed_as_the_router_saw_them() {
+    let shard = Shard::start();
+    let agent = shard.agent();
+    let socket = shard.socket.to_str().unwrap();
+    let out = shard_client(&["shard", socket, "6"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let truth: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let s = agent.wait_for("the shard's calls", |s| {
+        s.sum("llm_engine_calls_total", &[]) >= 10.0
+    });
+    let calls = |method: &str| {
+        s.sum(
+            "llm_engine_calls_total",
+            &[("method", method), ("status", "ok"), ("model", SHARD_MODEL)],
+        )
+    };
+    assert_eq!(
+        ["ServiceDiscovery", "Info", "Health", "Prefill", "Decode"].map(calls),
+        [1.0, 1.0, 1.0, 1.0, 6.0],
+        "{}",
+        s.text
+    );
+    assert_eq!(s.sum("llm_engine_calls_total", &[]), 10.0, "{}", s.text);
+    assert_eq!(
+        s.sum(
+            "llm_engine_call_duration_seconds_count",
+            &[("method", "Decode"), ("model", SHARD_MODEL)]
+        ),
+        6.0,
+        "{}",
+        s.text
+    );
+    // Not users' requests: nothing in the request series, nothing left in flight.
+    assert_eq!(s.sum("llm_requests_total", &[]), 0.0, "{}", s.text);
+    assert_eq!(s.sum("llm_requests_in_flight", &[]), 0.0, "{}", s.text);
+    let mut methods = vec!["ServiceDiscovery", "Info", "Health", "Prefill"];
+    methods.extend(["Decode"; 6]);
+    assert_calls_timed_as_the_router(&agent, &truth, &methods);
+    assert!(agent.stop().success());
+}
