@@ -162,6 +162,9 @@ pub struct Exchange {
     pub protocol: Protocol,
     /// gRPC: the call's `grpc-status`.
     pub grpc_status: Option<u32>,
+    /// gRPC: its response's header fields named HPACK entries inserted before the agent
+    /// started, and no `grpc-status` was read: the status was there, but is unknown.
+    pub grpc_status_unread: bool,
     /// gRPC: length-prefixed messages each way.
     pub request_messages: u64,
     pub response_messages: u64,

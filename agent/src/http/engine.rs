@@ -44,12 +44,14 @@ pub fn method(route: &str) -> &'static str {
     }
 }
 
-/// The `status` label: `ok`, a gRPC error code (`grpc_internal`, ...), else how the call
-/// ended without one (`connection_reset`, `timeout`, `untracked`, or `none`).
+/// The `status` label: `ok`, a gRPC error code (`grpc_internal`, ...), `unknown` where the
+/// status named an HPACK entry older than the agent, else how the call ended without one
+/// (`connection_reset`, `timeout`, `untracked`, or `none`).
 pub fn status(x: &Exchange) -> &'static str {
     match x.grpc_status {
         Some(0) => "ok",
         Some(code) => grpc::status_label(code),
+        None if x.grpc_status_unread && x.error.is_none() => "unknown",
         None => x.error.map_or("none", |e| e.label()),
     }
 }
@@ -83,6 +85,8 @@ mod tests {
     fn status_from_grpc_else_from_how_the_call_ended() {
         let mut x = Exchange::default();
         assert_eq!(status(&x), "none");
+        x.grpc_status_unread = true;
+        assert_eq!(status(&x), "unknown");
         x.error = Some(super::super::conn::ErrorType::ConnectionReset);
         assert_eq!(status(&x), "connection_reset");
         x.grpc_status = Some(13);

@@ -325,12 +325,17 @@ fn engine_lines(log: &str) -> Vec<(String, String, u64)> {
 
 /// Each call the router made, as the agent timed it: the same method, within 1 ms above and
 /// 2 ms (plus 10 %) below what the client measured (`assert_timed_as_the_client`'s bound).
-fn assert_calls_timed_as_the_router(agent: &Agent, truth: &[serde_json::Value], methods: &[&str]) {
+fn assert_calls_timed_as_the_router(
+    agent: &Agent,
+    truth: &[serde_json::Value],
+    methods: &[&str],
+    want_status: &str,
+) {
     let seen = engine_lines(&agent.log());
     assert_eq!(seen.len(), truth.len(), "agent log:\n{}", agent.log());
     for (i, ((method, status, us), t)) in seen.iter().zip(truth).enumerate() {
         assert_eq!(method, methods[i], "call {i}");
-        assert_eq!(status, "ok", "call {i}");
+        assert_eq!(status, want_status, "call {i}");
         let (agent_ms, client_ms) = (*us as f64 / 1000.0, t["ms"].as_f64().unwrap());
         assert!(
             agent_ms <= client_ms + 1.0 && agent_ms >= client_ms - (2.0 + 0.10 * client_ms),
@@ -389,6 +394,58 @@ fn tgi_shard_calls_over_a_unix_socket_are_engine_steps_timed_as_the_router_saw_t
     assert_eq!(s.sum("llm_requests_in_flight", &[]), 0.0, "{}", s.text);
     let mut methods = vec!["ServiceDiscovery", "Info", "Health", "Prefill"];
     methods.extend(["Decode"; 6]);
-    assert_calls_timed_as_the_router(&agent, &truth, &methods);
+    assert_calls_timed_as_the_router(&agent, &truth, &methods, "ok");
+    assert!(agent.stop().success());
+}
+
+/// The router's channels to its shards are opened at its start, long before an agent that
+/// restarts: the connection is seeded from the shard's Unix sockets and its calls counted and
+/// timed. A `:path` the router's HPACK encoder inserted before the agent started is named by
+/// an index the agent never saw: those calls are `unknown`, never guessed; a method first
+/// sent since is named. So is the shard's `grpc-status`, inserted at its first answer.
+#[root_test]
+fn a_router_channel_opened_before_the_agent_is_followed() {
+    let shard = Shard::start();
+    let socket = shard.socket.to_str().unwrap();
+    let mut py = shard_client(&["shard-preopen", socket, "4"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(py.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "open");
+    let agent = shard.agent();
+    py.stdin.as_mut().unwrap().write_all(b"\n").unwrap();
+    line.clear();
+    stdout.read_line(&mut line).unwrap();
+    assert!(py.wait().unwrap().success());
+    let truth: Vec<serde_json::Value> = serde_json::from_str(&line).unwrap();
+    let s = agent.wait_for("the calls on the old channel", |s| {
+        s.sum("llm_engine_calls_total", &[]) >= 5.0
+    });
+    // The shard's `grpc-status: 0` was inserted into its table before the agent too: the
+    // calls ended with a status, which is unknown.
+    let calls = |method: &str| {
+        s.sum(
+            "llm_engine_calls_total",
+            &[
+                ("method", method),
+                ("status", "unknown"),
+                ("model", SHARD_MODEL),
+            ],
+        )
+    };
+    assert_eq!(
+        ["unknown", "ClearCache", "Decode"].map(calls),
+        [4.0, 1.0, 0.0],
+        "{}",
+        s.text
+    );
+    assert_eq!(s.sum("llm_requests_total", &[]), 0.0, "{}", s.text);
+    let mut methods = vec!["unknown"; 4];
+    methods.push("ClearCache");
+    assert_calls_timed_as_the_router(&agent, &truth, &methods, "unknown");
     assert!(agent.stop().success());
 }

@@ -466,6 +466,7 @@ impl State {
                 None => payload::body_usage(&s.resp_body.bytes, !s.resp_body.cut),
             };
         }
+        x.grpc_status_unread = s.grpc && x.grpc_status.is_none() && s.unknown_fields;
         x.error = error.or_else(|| match (x.grpc_status, x.status) {
             (Some(code), _) if code != 0 => Some(ErrorType::Grpc(code.min(255) as u8)),
             (_, Some(429)) => Some(ErrorType::RateLimited),
