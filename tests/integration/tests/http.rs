@@ -860,17 +860,9 @@ fn tls_of_blocking_sockets_loaded_late_is_read_too() {
 /// read as accurately.
 #[root_test]
 fn tls_read_on_the_exported_calls_is_timed_the_same() {
-    use integration::tls_proxy::TestPki;
-    let pki = TestPki::generate();
-    let (mut server, mut out) = blocking_tls_server(&pki);
-    go_tls(&mut server, &mut out);
-    let agent = Agent::start_with_env(
-        &["--watch-port", &server.port.to_string()],
-        &[("INFERSCOPE_PROBES__TLS_INTERNAL", "false")],
-    );
-    agent.wait_for("the server's OpenSSL to be probed", |s| {
-        s.sum("inferscope_http_tls_processes", &[]) >= 1.0
-    });
+    let pki = integration::tls_proxy::TestPki::generate();
+    let (server, _out, agent) =
+        agent_on_a_tls_server(&pki, &[("INFERSCOPE_PROBES__TLS_INTERNAL", "false")], 0);
     timed_through_tls(&agent, server.port, &pki, 4, false);
     assert!(agent.stop().success());
 }
@@ -880,18 +872,28 @@ fn tls_read_on_the_exported_calls_is_timed_the_same() {
 /// from the registers at its exit), and its TLS with it.
 #[root_test]
 fn a_connection_accepted_by_a_call_older_than_the_agent_is_followed() {
-    use integration::tls_proxy::TestPki;
-    let pki = TestPki::generate();
-    let (mut server, mut out) = blocking_tls_server(&pki);
+    let pki = integration::tls_proxy::TestPki::generate();
+    // 300 ms: its accept loop enters `accept` and waits there before the agent starts.
+    let (server, _out, agent) = agent_on_a_tls_server(&pki, &[], 300);
+    timed_through_tls(&agent, server.port, &pki, 2, true);
+    assert!(agent.stop().success());
+}
+
+/// [`blocking_tls_server`] serving with OpenSSL loaded, then, `settle_ms` later, an agent
+/// (with `env`) watching it that has probed its OpenSSL; the server's stdout is kept open.
+fn agent_on_a_tls_server(
+    pki: &integration::tls_proxy::TestPki,
+    env: &[(&str, &str)],
+    settle_ms: u64,
+) -> (Server, std::io::BufReader<std::process::ChildStdout>, Agent) {
+    let (mut server, mut out) = blocking_tls_server(pki);
     go_tls(&mut server, &mut out);
-    // Let its accept loop enter `accept` and wait there.
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    let agent = Agent::start(&["--watch-port", &server.port.to_string()]);
+    std::thread::sleep(std::time::Duration::from_millis(settle_ms));
+    let agent = Agent::start_with_env(&["--watch-port", &server.port.to_string()], env);
     agent.wait_for("the server's OpenSSL to be probed", |s| {
         s.sum("inferscope_http_tls_processes", &[]) >= 1.0
     });
-    timed_through_tls(&agent, server.port, &pki, 2, true);
-    assert!(agent.stop().success());
+    (server, out, agent)
 }
 
 /// `tls_blocking_server.py`, listening, OpenSSL not loaded yet; its stdout.
