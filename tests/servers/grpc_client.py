@@ -7,7 +7,8 @@
   preopen PORT N          a channel with one call made, then (after a line on stdin) N timed calls
   sglang PORT PROMPT N    one SGLang scheduler Generate call answering N tokens
   shard SOCKET N          as TGI's router to a shard (tgi_shard/) on its Unix socket:
-                          ServiceDiscovery, Info, Health, a Prefill, then N Decodes, each timed
+                          ServiceDiscovery, Info, Health, a Prefill, then N Decodes of growing
+                          batches, each timed
   shard-preopen SOCKET N  a channel to the shard with one Decode made, then (after a line on
                           stdin) N Decodes and a ClearCache, each timed
 """
@@ -118,25 +119,48 @@ def shard_call(ch, method, request=b""):
 
 
 # DecodeRequest { batches = 1 (CachedBatch { id = 1; request_ids = 2 packed; size = 3 }) }
-DECODE = bytes([0x0A, 0x07, 0x08, 0x00, 0x12, 0x01, 0x01, 0x18, 0x01])
+def decode_request(size):
+    ids = b"".join(varint(i + 1) for i in range(size))
+    batch = bytes([0x08, 0x00]) + bytes([0x12]) + varint(len(ids)) + ids + bytes([0x18]) + varint(size)
+    return bytes([0x0A]) + varint(len(batch)) + batch
+
+
 # PrefillRequest { batch = 1 (Batch { id = 1; requests = 2 (Request { id = 1 }); size = 3 }) }
 PREFILL = bytes([0x0A, 0x08, 0x08, 0x00, 0x12, 0x02, 0x08, 0x01, 0x18, 0x01])
+
+
+def varint(n):
+    out = b""
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out += bytes([b | 0x80])
+        else:
+            return out + bytes([b])
+
+
+def decode(ch, size):
+    call = shard_call(ch, "Decode", decode_request(size))
+    call["batch"] = size
+    return call
 
 
 def shard(socket, n):
     ch = shard_channel(socket)
     calls = [shard_call(ch, m) for m in ("ServiceDiscovery", "Info", "Health")]
     calls.append(shard_call(ch, "Prefill", PREFILL))
-    calls += [shard_call(ch, "Decode", DECODE) for _ in range(n)]
+    # Growing batches, one of 300 requests (its message past 512 bytes).
+    calls += [decode(ch, 300 if i == 3 else i + 1) for i in range(n)]
     return calls
 
 
 def shard_preopen(socket, n):
     ch = shard_channel(socket)
-    shard_call(ch, "Decode", DECODE)
+    decode(ch, 1)
     print("open", flush=True)
     sys.stdin.readline()
-    calls = [shard_call(ch, "Decode", DECODE) for _ in range(n)]
+    calls = [decode(ch, 2) for _ in range(n)]
     calls.append(shard_call(ch, "ClearCache"))
     return calls
 

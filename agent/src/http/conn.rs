@@ -165,6 +165,8 @@ pub struct Exchange {
     /// gRPC: its response's header fields named HPACK entries inserted before the agent
     /// started, and no `grpc-status` was read: the status was there, but is unknown.
     pub grpc_status_unread: bool,
+    /// A model worker's batch step: the requests in it (`super::engine::decode_batch`).
+    pub engine_batch: Option<u64>,
     /// gRPC: length-prefixed messages each way.
     pub request_messages: u64,
     pub response_messages: u64,

@@ -44,6 +44,18 @@ pub fn method(route: &str) -> &'static str {
     }
 }
 
+/// The requests of the batch step a `Decode` call carries, from its first message kept whole:
+/// `DecodeRequest { repeated CachedBatch batches = 1 }`, each `CachedBatch { uint64 id = 1;
+/// repeated uint64 request_ids = 2; uint32 size = 3; ... }` (several when the router merged a
+/// new batch in), their sizes summed. A `Prefill` carries its requests' prompts before its
+/// size, past what is kept of a message: its batch is not read.
+pub fn decode_batch(msg: &[u8]) -> Option<u64> {
+    grpc::repeated(msg, 1)?
+        .into_iter()
+        .map(|batch| grpc::varint_field(batch, 3))
+        .sum()
+}
+
 /// The `status` label: `ok`, a gRPC error code (`grpc_internal`, ...), `unknown` where the
 /// status named an HPACK entry older than the agent, else how the call ended without one
 /// (`connection_reset`, `timeout`, `untracked`, or `none`).
@@ -79,6 +91,23 @@ mod tests {
         ] {
             assert_eq!(method(route), want, "{route}");
         }
+    }
+
+    #[test]
+    fn decode_batches_are_summed() {
+        // Two CachedBatch { id, request_ids (packed), size, max_tokens }: 3 and 2 requests.
+        let a = [0x08, 1, 0x12, 3, 10, 11, 12, 0x18, 3, 0x20, 0x80, 0x01];
+        let b = [0x08, 2, 0x12, 2, 13, 14, 0x18, 2];
+        let mut msg = vec![0x0A, a.len() as u8];
+        msg.extend_from_slice(&a);
+        msg.extend_from_slice(&[0x0A, b.len() as u8]);
+        msg.extend_from_slice(&b);
+        assert_eq!(decode_batch(&msg), Some(5));
+        // Cut: unknown, not the first batch alone.
+        assert_eq!(decode_batch(&msg[..msg.len() - 1]), None);
+        // A batch without its size: unknown.
+        assert_eq!(decode_batch(&[0x0A, 2, 0x08, 1]), None);
+        assert_eq!(decode_batch(&[]), Some(0));
     }
 
     #[test]

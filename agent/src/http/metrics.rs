@@ -73,6 +73,12 @@ const ENGINE: &[f64] = &[
 fn engine() -> Histogram {
     Histogram::new(ENGINE.iter().copied())
 }
+/// Requests per batch step: 1, 2, 4 … 1024.
+fn batch() -> Histogram {
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        1.0, 2.0, 11,
+    ))
+}
 fn latency() -> Histogram {
     Histogram::new(LATENCY.iter().copied())
 }
@@ -105,6 +111,7 @@ pub struct HttpMetrics {
     /// Calls to model workers (TGI's shards) by method and status, and their durations.
     pub engine_calls: Family<EngineCallLabels, Counter>,
     pub engine_duration: Family<EngineMethodLabels, Histogram, fn() -> Histogram>,
+    pub engine_decode_batch: Hist,
     /// Bad input on watched connections, by kind.
     pub bad_input: Family<KindLabels, Counter>,
     pub connections: Gauge,
@@ -131,6 +138,7 @@ impl HttpMetrics {
             in_flight: Family::default(),
             engine_calls: Family::default(),
             engine_duration: Family::new_with_constructor(engine),
+            engine_decode_batch: Family::new_with_constructor(batch),
             bad_input: Family::default(),
             connections: Gauge::default(),
             state_bytes: Gauge::default(),
@@ -234,6 +242,12 @@ impl HttpMetrics {
             "Time of each call to a model worker, from its request's first byte to its \
              response's end: the time of a Prefill or Decode step of a batch",
             self.engine_duration.clone(),
+        );
+        r.register(
+            "llm_engine_decode_batch_size",
+            "Requests in each Decode step a server's front end sent its model workers (TGI's \
+             router to its shards), from the call's request",
+            self.engine_decode_batch.clone(),
         );
         r.register(
             "inferscope_http_bad_input",

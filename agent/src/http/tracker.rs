@@ -643,6 +643,14 @@ impl HttpTracker {
         let timed = x.error != Some(ErrorType::Untracked)
             && (x.grpc_status.is_some() || x.status.is_some());
         let took_ns = x.end_ns.saturating_sub(x.start_ns);
+        if let Some(n) = x.engine_batch {
+            self.http
+                .engine_decode_batch
+                .get_or_create(&ModelLabels {
+                    model: model.clone(),
+                })
+                .observe(n as f64);
+        }
         if timed {
             self.http
                 .engine_duration
@@ -655,6 +663,7 @@ impl HttpTracker {
             route = x.route,
             status,
             latency_us = took_ns / 1000,
+            batch = x.engine_batch,
             "engine call finished"
         );
     }

@@ -300,31 +300,31 @@ impl Drop for Shard {
     }
 }
 
-/// The agent's `engine call finished` lines: (method, status, latency µs) each.
-fn engine_lines(log: &str) -> Vec<(String, String, u64)> {
-    let field = |line: &str, name: &str| -> String {
-        let at = line.find(&format!(" {name}=")).map(|i| i + name.len() + 2);
-        let rest = at.map_or("", |i| &line[i..]);
-        rest.split(' ')
-            .next()
-            .unwrap_or("")
-            .trim_matches('"')
-            .to_string()
+/// The agent's `engine call finished` lines: (method, status, latency µs, batch) each.
+fn engine_lines(log: &str) -> Vec<(String, String, u64, Option<u64>)> {
+    let field = |line: &str, name: &str| -> Option<String> {
+        let at = line.find(&format!(" {name}="))? + name.len() + 2;
+        let value = line[at..].split(' ').next().unwrap_or("");
+        Some(value.trim_matches('"').to_string())
     };
     log.lines()
         .filter(|l| l.contains("engine call finished"))
         .map(|l| {
             (
-                field(l, "method"),
-                field(l, "status"),
-                field(l, "latency_us").parse().unwrap_or(u64::MAX),
+                field(l, "method").unwrap_or_default(),
+                field(l, "status").unwrap_or_default(),
+                field(l, "latency_us")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(u64::MAX),
+                field(l, "batch").and_then(|v| v.parse().ok()),
             )
         })
         .collect()
 }
 
 /// Each call the router made, as the agent timed it: the same method, within 1 ms above and
-/// 2 ms (plus 10 %) below what the client measured (`assert_timed_as_the_client`'s bound).
+/// 2 ms (plus 10 %) below what the client measured (`assert_timed_as_the_client`'s bound),
+/// and a `Decode`'s batch as the client sent it.
 fn assert_calls_timed_as_the_router(
     agent: &Agent,
     truth: &[serde_json::Value],
@@ -333,9 +333,11 @@ fn assert_calls_timed_as_the_router(
 ) {
     let seen = engine_lines(&agent.log());
     assert_eq!(seen.len(), truth.len(), "agent log:\n{}", agent.log());
-    for (i, ((method, status, us), t)) in seen.iter().zip(truth).enumerate() {
+    for (i, ((method, status, us, batch), t)) in seen.iter().zip(truth).enumerate() {
         assert_eq!(method, methods[i], "call {i}");
         assert_eq!(status, want_status, "call {i}");
+        let want_batch = t["batch"].as_u64().filter(|_| method == "Decode");
+        assert_eq!(*batch, want_batch, "call {i} ({method}) batch");
         let (agent_ms, client_ms) = (*us as f64 / 1000.0, t["ms"].as_f64().unwrap());
         assert!(
             agent_ms <= client_ms + 1.0 && agent_ms >= client_ms - (2.0 + 0.10 * client_ms),
@@ -386,6 +388,19 @@ fn tgi_shard_calls_over_a_unix_socket_are_engine_steps_timed_as_the_router_saw_t
             &[("method", "Decode"), ("model", SHARD_MODEL)]
         ),
         6.0,
+        "{}",
+        s.text
+    );
+    // Each Decode's batch, as the router sent it (one of 300 requests).
+    let batch = |series: &str| {
+        s.sum(
+            &format!("llm_engine_decode_batch_size_{series}"),
+            &[("model", SHARD_MODEL)],
+        )
+    };
+    assert_eq!(
+        [batch("count"), batch("sum")],
+        [6.0, (1 + 2 + 3 + 300 + 5 + 6) as f64],
         "{}",
         s.text
     );

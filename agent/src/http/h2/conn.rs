@@ -13,6 +13,7 @@ use super::{
 };
 use crate::http::{
     conn::{clip, Bad, ErrorType, Exchange, Output, Protocol},
+    engine,
     payload::{self, Sse},
 };
 
@@ -353,11 +354,16 @@ impl State {
             x.stream = true;
         }
         let usage = grpc::usage_reader(&x.route);
+        let req = if engine::method(&x.route) == "Decode" {
+            Messages::with_peek(grpc::BATCH_PEEK)
+        } else {
+            Messages::default()
+        };
         self.streams.insert(
             stream,
             Stream {
                 x,
-                req: Messages::default(),
+                req,
                 resp: Messages::with_usage(usage),
                 grpc,
                 unknown_fields,
@@ -388,6 +394,9 @@ impl State {
                 .map(|m| clip(&String::from_utf8_lossy(m), MAX_MODEL));
         }
         s.x.request_messages = s.req.count;
+        if s.grpc && s.req.first_whole() && engine::method(&s.x.route) == "Decode" {
+            s.x.engine_batch = engine::decode_batch(&s.req.first);
+        }
         if !s.grpc && !s.req_body.bytes.is_empty() {
             let meta = payload::request_meta(&s.req_body.bytes, !s.req_body.cut);
             s.x.model = meta.model;

@@ -5,6 +5,9 @@
 
 /// Bytes of a stream's first request message kept to read the model from.
 pub const PEEK: usize = 512;
+/// Bytes of it kept where a batch is read from it (`crate::http::engine`): a TGI `Decode`
+/// names every request of the batch (some 2 bytes each).
+pub const BATCH_PEEK: usize = 4096;
 
 /// The `:path` prefixes of the inference services whose requests name their model in field 1
 /// of the first message (`string model_name = 1`), each checked against its published proto
@@ -110,6 +113,10 @@ pub struct Messages {
     pub count: u64,
     /// The first message's first bytes (when uncompressed), for [`string_field`].
     pub first: Vec<u8>,
+    /// How many of them are kept.
+    peek: usize,
+    /// The first message's length, from its prefix.
+    first_len: Option<u64>,
     /// Reads token counts from each message (see [`usage_reader`]).
     usage_reader: Option<UsageReader>,
     /// The current message's first bytes, for `usage_reader`.
@@ -127,6 +134,8 @@ impl Default for Messages {
             },
             count: 0,
             first: Vec::new(),
+            peek: PEEK,
+            first_len: None,
             usage_reader: None,
             current: Vec::new(),
             usage: None,
@@ -141,6 +150,19 @@ impl Messages {
             usage_reader: reader,
             ..Self::default()
         }
+    }
+
+    /// Messages whose first one is kept up to `peek` bytes.
+    pub fn with_peek(peek: usize) -> Self {
+        Self {
+            peek,
+            ..Self::default()
+        }
+    }
+
+    /// Whether [`Messages::first`] holds the whole first message.
+    pub fn first_whole(&self) -> bool {
+        self.first_len == Some(self.first.len() as u64)
     }
 
     pub fn lost(&self) -> bool {
@@ -204,6 +226,9 @@ impl Messages {
                                     u64::from(u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]));
                                 self.count += 1;
                                 started += 1;
+                                if self.count == 1 && !compressed {
+                                    self.first_len = Some(left);
+                                }
                                 self.current.clear();
                                 self.state = if left == 0 {
                                     self.message_done();
@@ -218,8 +243,8 @@ impl Messages {
                         }
                         State::Body { left, compressed } => {
                             let k = (*left).min(b.len() as u64) as usize;
-                            if self.count == 1 && !*compressed && self.first.len() < PEEK {
-                                let room = PEEK - self.first.len();
+                            if self.count == 1 && !*compressed && self.first.len() < self.peek {
+                                let room = self.peek - self.first.len();
                                 self.first.extend_from_slice(&b[..k.min(room)]);
                             }
                             if self.usage_reader.is_some()
@@ -311,8 +336,34 @@ fn field_prefix(msg: &[u8], field: u32) -> Option<&[u8]> {
     }
 }
 
+/// Every value of the length-delimited field `field` at the top level of `msg` (a repeated
+/// message field), or `None` unless all of `msg` is well-formed protobuf that it holds whole.
+pub fn repeated(msg: &[u8], field: u32) -> Option<Vec<&[u8]>> {
+    let mut out = Vec::new();
+    let mut b = msg;
+    while !b.is_empty() {
+        let (key, rest) = varint(b)?;
+        b = match key & 7 {
+            0 => varint(rest)?.1,
+            1 => rest.get(8..)?,
+            5 => rest.get(4..)?,
+            2 => {
+                let (len, rest) = varint(rest)?;
+                let len = usize::try_from(len).ok()?;
+                let value = rest.get(..len)?;
+                if key >> 3 == u64::from(field) {
+                    out.push(value);
+                }
+                &rest[len..]
+            }
+            _ => return None,
+        };
+    }
+    Some(out)
+}
+
 /// Varint field `field` at the top level of `msg`.
-fn varint_field(msg: &[u8], field: u32) -> Option<u64> {
+pub fn varint_field(msg: &[u8], field: u32) -> Option<u64> {
     match find(msg, field)? {
         Value::Varint(v) => Some(v),
         Value::Bytes { .. } => None,
@@ -391,6 +442,41 @@ mod tests {
         // vLLM's engine answers the same layout; other services are not read.
         assert!(usage_reader("/vllm.grpc.engine.VllmEngine/Generate").is_some());
         assert!(usage_reader("/llm.Generator/Generate").is_none());
+    }
+
+    #[test]
+    fn the_first_message_is_known_whole_or_not() {
+        let body = [7u8; 40];
+        let mut m = Messages::with_peek(32);
+        m.feed(Some(&message(&body)), 45);
+        assert_eq!((m.first.len(), m.first_whole()), (32, false));
+        let mut m = Messages::with_peek(64);
+        m.feed(Some(&message(&body)[..20]), 20);
+        assert!(!m.first_whole());
+        m.feed(Some(&message(&body)[20..]), 25);
+        assert!(m.first_whole());
+        // A hole in it: never whole.
+        let mut m = Messages::with_peek(64);
+        m.feed(Some(&message(&body)[..20]), 20);
+        m.feed(None, 25);
+        assert!(!m.first_whole());
+    }
+
+    #[test]
+    fn repeated_fields_only_from_a_message_held_whole() {
+        // { 1: "ab", 2: 5, 1: "c", 3: fixed64, 4: fixed32 }
+        let msg = [
+            0x0A, 2, b'a', b'b', 0x10, 5, 0x0A, 1, b'c', 0x19, 1, 2, 3, 4, 5, 6, 7, 8, 0x25, 1, 2,
+            3, 4,
+        ];
+        assert_eq!(repeated(&msg, 1), Some(vec![&b"ab"[..], &b"c"[..]]));
+        assert_eq!(repeated(&msg, 9), Some(vec![]));
+        for cut in 1..msg.len() {
+            if ![4, 6, 9, 18].contains(&cut) {
+                assert_eq!(repeated(&msg[..cut], 1), None, "cut at {cut}");
+            }
+        }
+        assert_eq!(repeated(&[0x0B], 1), None, "group wire type");
     }
 
     #[test]
