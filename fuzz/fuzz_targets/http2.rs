@@ -9,6 +9,9 @@
 //! connection's socket bytes are ignored from the first of them); `c` the connection closes. A
 //! first segment `j` starts a connection older than the agent. Seeds: `fuzz/seeds/http2`.
 //!
+//! Each segment's payload also goes to `inferscope::http::engine::decode_batch` (protobuf read
+//! without the schema).
+//!
 //! Besides "no panic": every request counted in flight is finished exactly once by the
 //! close, token timings are consistent, and the state stays within its caps.
 
@@ -51,6 +54,9 @@ fuzz_target!(|data: &[u8]| {
             None => (0, rest),
         };
         let len = payload.len() as u64 + hole;
+        // The protobuf walk behind a TGI `Decode`'s batch, on the raw bytes too: a route the
+        // fuzzer rarely builds.
+        let _ = inferscope::http::engine::decode_batch(payload);
         match op {
             b'<' => c.record(ts, true, payload, len, false, &mut out),
             b'>' => c.record(ts, false, payload, len, false, &mut out),
