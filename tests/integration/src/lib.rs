@@ -557,6 +557,53 @@ pub fn python_client(script: &str, args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("client JSON")
 }
 
+/// tests/servers/tgi_shard: one of TGI's shards as its launcher starts it (the Python script
+/// `text-generation-server serve MODEL --uds-path PATH`), serving on the Unix socket
+/// `PATH-0` in a directory of its own; an agent finds it by its command line alone.
+pub struct TgiShard {
+    child: std::process::Child,
+    pub socket: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl TgiShard {
+    pub fn start(model: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let child = Command::new("python3")
+            .arg(servers_dir().join("tgi_shard/text-generation-server"))
+            .args(["serve", model, "--uds-path"])
+            .arg(dir.path().join("text-generation-server"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3 (run `cargo xtask setup` for grpcio)");
+        let socket = dir.path().join("text-generation-server-0");
+        eventually("the shard's socket", Duration::from_secs(30), || {
+            std::os::unix::net::UnixStream::connect(&socket).ok()
+        });
+        Self {
+            child,
+            socket,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for TgiShard {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `grpc_client.py` with `args` as TGI's router calls a [`TgiShard`] (its `shard` modes), as
+/// a [`timing_client`].
+pub fn tgi_router(args: &[&str]) -> Command {
+    let mut c = timing_client("python3");
+    c.arg(servers_dir().join("grpc_client.py")).args(args);
+    c
+}
+
 /// The OpenAI-compatible stand-in on uvicorn + FastAPI (vLLM's API stack), on its own port.
 pub struct OpenAiServer {
     pub child: Child,

@@ -250,38 +250,20 @@ fn sglang_generate_calls_count_the_tokens_their_messages_carry() {
     assert!(agent.stop().success());
 }
 
-/// tests/servers/tgi_shard: one of TGI's shards as its launcher starts it (the Python script
-/// `text-generation-server serve MODEL --uds-path PATH`), serving on the Unix socket
-/// `PATH-0`; found by its command line alone.
-struct Shard {
-    child: Child,
-    socket: std::path::PathBuf,
-    _dir: tempfile::TempDir,
-}
-
 const SHARD_MODEL: &str = "test-org/shard-model";
+
+struct Shard(TgiShard);
+
+impl std::ops::Deref for Shard {
+    type Target = TgiShard;
+    fn deref(&self) -> &TgiShard {
+        &self.0
+    }
+}
 
 impl Shard {
     fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let uds = dir.path().join("text-generation-server");
-        let child = Command::new("python3")
-            .arg(servers_dir().join("tgi_shard/text-generation-server"))
-            .args(["serve", SHARD_MODEL, "--uds-path"])
-            .arg(&uds)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("python3 (run `cargo xtask setup` for grpcio)");
-        let socket = dir.path().join("text-generation-server-0");
-        eventually("the shard's socket", Duration::from_secs(30), || {
-            std::os::unix::net::UnixStream::connect(&socket).ok()
-        });
-        Self {
-            child,
-            socket,
-            _dir: dir,
-        }
+        Self(TgiShard::start(SHARD_MODEL))
     }
 
     fn agent(&self) -> Agent {
@@ -290,13 +272,6 @@ impl Shard {
             s.sum("inferscope_http_watched_processes", &[]) >= 1.0
         });
         agent
-    }
-}
-
-impl Drop for Shard {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -346,12 +321,6 @@ fn assert_calls_timed_as_the_router(
     }
 }
 
-fn shard_client(args: &[&str]) -> Command {
-    let mut c = timing_client("python3");
-    c.arg(servers_dir().join("grpc_client.py")).args(args);
-    c
-}
-
 /// TGI's router → shard link: gRPC over a Unix socket, each batch step a call. Counted as
 /// engine calls by method (not as users' requests), each timed as the router saw it.
 #[root_test]
@@ -359,7 +328,7 @@ fn tgi_shard_calls_over_a_unix_socket_are_engine_steps_timed_as_the_router_saw_t
     let shard = Shard::start();
     let agent = shard.agent();
     let socket = shard.socket.to_str().unwrap();
-    let out = shard_client(&["shard", socket, "6"]).output().unwrap();
+    let out = tgi_router(&["shard", socket, "6"]).output().unwrap();
     assert!(
         out.status.success(),
         "{}",
@@ -422,7 +391,7 @@ fn tgi_shard_calls_over_a_unix_socket_are_engine_steps_timed_as_the_router_saw_t
 fn a_router_channel_opened_before_the_agent_is_followed() {
     let shard = Shard::start();
     let socket = shard.socket.to_str().unwrap();
-    let mut py = shard_client(&["shard-preopen", socket, "4"])
+    let mut py = tgi_router(&["shard-preopen", socket, "4"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()

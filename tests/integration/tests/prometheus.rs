@@ -358,6 +358,8 @@ fn every_rule_and_dashboard_query_returns_data() {
             ),
         ],
     );
+    // One of TGI's shards (found by its command line), called as its router calls it.
+    let shard = TgiShard::start("prom-shard");
     let prometheus = Prometheus::start(agent.port, &files("prometheus", "yaml"));
     // Counters must be seen before they move: a series whose first sample already holds
     // the scenario's events has no increase to rate.
@@ -390,12 +392,21 @@ fn every_rule_and_dashboard_query_returns_data() {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
+        let out = tgi_router(&["shard", shard.socket.to_str().unwrap(), "4"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     control.inject_xid(0, 79).unwrap();
     agent.wait_for("the scenario in the agent", |s| {
         s.sum("llm_oom_events_total", &[("kind", "cuda")]) == 1.0
             && s.sum("gpu_xid_errors_total", &[]) >= 1.0
             && s.sum("llm_requests_total", &[]) > 0.0
+            && s.sum("llm_engine_decode_batch_size_count", &[]) == 8.0
             && s.sum("gpu_process_memory_overhead_bytes", &[]) != 0.0
             && s.sum("llm_kv_cache_hit_ratio", &[]) == 0.25
             && s.has(
