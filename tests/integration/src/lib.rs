@@ -559,7 +559,8 @@ pub fn python_client(script: &str, args: &[&str]) -> serde_json::Value {
 
 /// tests/servers/tgi_shard: one of TGI's shards as its launcher starts it (the Python script
 /// `text-generation-server serve MODEL --uds-path PATH`), serving on the Unix socket
-/// `PATH-0` in a directory of its own; an agent finds it by its command line alone.
+/// `PATH-0` in a directory of its own, each of its methods called once; an agent finds it
+/// by its command line alone.
 pub struct TgiShard {
     child: std::process::Child,
     pub socket: PathBuf,
@@ -581,6 +582,9 @@ impl TgiShard {
         eventually("the shard's socket", Duration::from_secs(30), || {
             std::os::unix::net::UnixStream::connect(&socket).ok()
         });
+        // A fresh grpcio server reads its first call of each method milliseconds late (the
+        // call waits in its socket, where no probe sees it): every method once, first.
+        python_client("grpc_client.py", &["shard-warm", socket.to_str().unwrap()]);
         Self {
             child,
             socket,
