@@ -1,8 +1,8 @@
 //! What a watched server pays per captured write, resolved finely enough to tell what to cut.
 //! The bench process is the server, so that no runtime of a server adds its own noise: one
 //! thread serves TGI's streamed `POST /generate_stream` on a loopback connection it accepted
-//! (a chunked server-sent event per `write`, as TGI's router and `bench/c/tls_sse.c` write
-//! them), another thread is its client. The figure is the server thread's own CPU clock
+//! (a chunked server-sent event per `write`, as `bench/c/tls_sse.c` writes them, or per
+//! `writev` of three iovecs, as hyper writes them for TGI's router), another thread is its client. The figure is the server thread's own CPU clock
 //! (`CLOCK_THREAD_CPUTIME_ID`, where the programs run: inside its syscalls) per request,
 //! without the agent, with empty raw tracepoints on syscall entry and exit (the kernel's
 //! tracing path alone, which any syscall hook costs), and with the agent watching the process
@@ -34,8 +34,20 @@ const HEAD: &[u8] =
     b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n";
 const END: &[u8] = b"0\r\n\r\n";
 
+/// How the server writes each event.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Writes {
+    /// One `write` of the whole chunk (as `bench/c/tls_sse.c` and most C servers).
+    #[default]
+    Whole,
+    /// One `writev` of three iovecs: the chunk's size line, the event, its CRLF (as hyper
+    /// writes a chunked body: TGI's router, axum).
+    Vectored,
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct CaptureCost {
+    pub writes: Writes,
     /// Requests per configuration and round.
     pub requests: u64,
     pub rounds: usize,
@@ -91,19 +103,38 @@ fn round_differences(a: &[f64], b: &[f64]) -> (f64, f64) {
     mean_stderr(&d)
 }
 
-fn chunks() -> Vec<Vec<u8>> {
+/// Each event's chunk: its size line, the event, its CRLF.
+fn chunks() -> Vec<[Vec<u8>; 3]> {
     (0..EVENTS)
         .map(|i| {
             let ev = format!(
                 "data:{{\"index\":{i},\"token\":{{\"id\":{},\"text\":\" tok\",\"logprob\":-0.25,\"special\":false}},\"generated_text\":null,\"details\":null}}\n\n",
                 1000 + i
             );
-            let mut c = format!("{:x}\r\n", ev.len()).into_bytes();
-            c.extend_from_slice(ev.as_bytes());
-            c.extend_from_slice(b"\r\n");
-            c
+            [
+                format!("{:x}\r\n", ev.len()).into_bytes(),
+                ev.into_bytes(),
+                b"\r\n".to_vec(),
+            ]
         })
         .collect()
+}
+
+/// Writes one chunk as `writes` says.
+fn write_chunk(s: &mut TcpStream, parts: &[Vec<u8>; 3], writes: Writes) -> std::io::Result<()> {
+    match writes {
+        Writes::Whole => s.write_all(&parts.concat()),
+        Writes::Vectored => {
+            let total: usize = parts.iter().map(Vec::len).sum();
+            let slices = parts.each_ref().map(|p| std::io::IoSlice::new(p));
+            let n = s.write_vectored(&slices)?;
+            // Loopback takes a chunk this small whole; the rest, if ever, in one write.
+            if n < total {
+                s.write_all(&parts.concat()[n..])?;
+            }
+            Ok(())
+        }
+    }
 }
 
 /// Pins thread (or process) `tid` (0: the calling thread) to `cpu`.
@@ -138,9 +169,15 @@ fn cpus() -> usize {
 /// `requests` streamed requests on a connection accepted now; the server thread's CPU per
 /// request, ns. The serving thread has the first CPU to itself; the client (and the agent)
 /// run on the last, so that neither's work lands in the server's caches.
-fn phase(listener: &TcpListener, chunks: &[Vec<u8>], requests: u64) -> anyhow::Result<f64> {
+fn phase(
+    listener: &TcpListener,
+    chunks: &[[Vec<u8>; 3]],
+    writes: Writes,
+    requests: u64,
+) -> anyhow::Result<f64> {
     let addr = listener.local_addr()?;
-    let response_len = HEAD.len() + chunks.iter().map(Vec::len).sum::<usize>() + END.len();
+    let response_len =
+        HEAD.len() + chunks.iter().flatten().map(Vec::len).sum::<usize>() + END.len();
     let request = request();
     let sent = request.clone();
     let (tell, client_addr) = std::sync::mpsc::channel();
@@ -176,7 +213,7 @@ fn phase(listener: &TcpListener, chunks: &[Vec<u8>], requests: u64) -> anyhow::R
             .context("the server reading a request")?;
         s.write_all(HEAD)?;
         for c in chunks {
-            s.write_all(c)?;
+            write_chunk(&mut s, c, writes)?;
         }
         s.write_all(END)?;
     }
@@ -191,7 +228,12 @@ fn phase(listener: &TcpListener, chunks: &[Vec<u8>], requests: u64) -> anyhow::R
 }
 
 /// `rounds` rounds of three phases of `requests` each.
-pub fn measure(lib: &Path, requests: u64, rounds: usize) -> anyhow::Result<CaptureCost> {
+pub fn measure(
+    lib: &Path,
+    writes: Writes,
+    requests: u64,
+    rounds: usize,
+) -> anyhow::Result<CaptureCost> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let port = listener.local_addr()?.port();
     // The measuring thread serves: it keeps the first CPU for the whole run.
@@ -200,8 +242,9 @@ pub fn measure(lib: &Path, requests: u64, rounds: usize) -> anyhow::Result<Captu
     let chunks = chunks();
     let _ = inferscope::probe::tracefs::ensure();
     // Warm the code paths and the socket buffers.
-    phase(&listener, &chunks, requests / 4 + 1)?;
+    phase(&listener, &chunks, writes, requests / 4 + 1)?;
     let mut out = CaptureCost {
+        writes,
         requests,
         rounds,
         ..Default::default()
@@ -209,14 +252,15 @@ pub fn measure(lib: &Path, requests: u64, rounds: usize) -> anyhow::Result<Captu
     let mut agent_cpu = 0u64;
     let mut agent_secs = 0.0;
     for _ in 0..rounds {
-        out.without.push(phase(&listener, &chunks, requests)?);
+        out.without
+            .push(phase(&listener, &chunks, writes, requests)?);
 
         let mut loaded =
             inferscope::probe::load(1 << 20, &inferscope::probe::KernelLayout::read(false))
                 .context("loading the eBPF object")?;
         let links = inferscope::probe::floor::attach_raw_floor(&mut loaded.ebpf)
             .context("attaching the empty raw tracepoints")?;
-        out.floor.push(phase(&listener, &chunks, requests)?);
+        out.floor.push(phase(&listener, &chunks, writes, requests)?);
         links.release();
         drop(loaded);
 
@@ -246,7 +290,7 @@ pub fn measure(lib: &Path, requests: u64, rounds: usize) -> anyhow::Result<Captu
             std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1")?;
         }
         let t = std::time::Instant::now();
-        out.agent.push(phase(&listener, &chunks, requests)?);
+        out.agent.push(phase(&listener, &chunks, writes, requests)?);
         agent_secs += t.elapsed().as_secs_f64();
         if stats {
             for p in aya::programs::loaded_programs().flatten() {
@@ -304,10 +348,18 @@ impl Drop for Unpin {
 
 /// The section of docs/performance.md.
 pub fn table(c: &CaptureCost) -> String {
-    let mut s = String::from("### What a watched server pays per captured call\n\n");
+    let (title, how) = match c.writes {
+        Writes::Whole => ("", "one `write` per event"),
+        Writes::Vectored => (
+            ", written as hyper writes",
+            "one `writev` per event of three iovecs, the chunk's size line, the event and its \
+             CRLF, as hyper writes a chunked body (TGI's router, axum)",
+        ),
+    };
+    let mut s = format!("### What a watched server pays per captured call{title}\n\n");
     s += &format!(
         "The bench process serves {} streamed `POST /generate_stream` requests per configuration \
-         and round ({EVENTS} chunked token events each, one `write` per event, on a loopback \
+         and round ({EVENTS} chunked token events each, {how}, on a loopback \
          connection it accepted) to a client thread of its own; {} interleaved rounds without \
          the agent, with an empty raw tracepoint on `sys_exit` (the kernel's tracing path \
          alone, on the tracepoint the agent's program is on), and with the agent watching the process \

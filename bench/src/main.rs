@@ -230,16 +230,17 @@ fn main() {
             } else {
                 CAPTURE_REQUESTS
             });
-        match capture_cost::measure(&Variant::Nop5.lib_path(), requests, CAPTURE_ROUNDS) {
-            Ok(c) => {
-                println!("{}", capture_cost::table(&c));
-                return;
-            }
-            Err(e) => {
-                eprintln!("inferscope-bench: {e:#}");
-                std::process::exit(1);
+        for writes in [capture_cost::Writes::Whole, capture_cost::Writes::Vectored] {
+            match capture_cost::measure(&Variant::Nop5.lib_path(), writes, requests, CAPTURE_ROUNDS)
+            {
+                Ok(c) => println!("{}", capture_cost::table(&c)),
+                Err(e) => {
+                    eprintln!("inferscope-bench: {e:#}");
+                    std::process::exit(1);
+                }
             }
         }
+        return;
     }
     // `--stacks-only`: only the stack walks' cost by allocation size, printed.
     if args.iter().any(|a| a == "--stacks-only") {
@@ -494,13 +495,20 @@ fn run(quick: bool) -> anyhow::Result<()> {
     )?;
 
     eprintln!(
-        "bench: [{:>3.0} s] watched-server cost per captured call: {} requests × 3 configurations, {} rounds",
+        "bench: [{:>3.0} s] watched-server cost per captured call (write, then writev): {} requests × 3 configurations, {} rounds each",
         started.elapsed().as_secs_f64(),
         sizes.capture_requests,
         CAPTURE_ROUNDS,
     );
     let capture = capture_cost::measure(
         &Variant::Nop5.lib_path(),
+        capture_cost::Writes::Whole,
+        sizes.capture_requests,
+        CAPTURE_ROUNDS,
+    )?;
+    let capture_vectored = capture_cost::measure(
+        &Variant::Nop5.lib_path(),
+        capture_cost::Writes::Vectored,
         sizes.capture_requests,
         CAPTURE_ROUNDS,
     )?;
@@ -550,6 +558,8 @@ fn run(quick: bool) -> anyhow::Result<()> {
         + &syscall_tax::table(&tax)
         + "\n"
         + &capture_cost::table(&capture)
+        + "\n"
+        + &capture_cost::table(&capture_vectored)
         + "\n"
         + &stacks::table(&stack_cost)
         + "\n"
