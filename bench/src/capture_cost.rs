@@ -440,5 +440,13 @@ pub fn table(c: &CaptureCost) -> String {
         c.rate,
         c.rate * calls
     );
+    if c.writes == Writes::Vectored {
+        s += VECTORED_READS;
+    }
     s
 }
+
+/// What a vectored event costs beyond a single write.
+const VECTORED_READS: &str = "\nA `writev` event costs the program four user reads here \
+    against one for a single `write`: its iovec array (up to eight entries in one read) and \
+    each iovec's bytes.\n";
