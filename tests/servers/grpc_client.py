@@ -7,11 +7,11 @@
   preopen PORT N          a channel with one call made, then (after a line on stdin) N timed calls
   sglang PORT PROMPT N    one SGLang scheduler Generate call answering N tokens
   shard SOCKET N          as TGI's router to a shard (tgi_shard/) on its Unix socket:
-                          Health (untimed), ServiceDiscovery, Info, Health, a Prefill, then N
-                          Decodes of growing batches, each timed
+                          each method once (untimed), then ServiceDiscovery, Info, Health, a
+                          Prefill and N Decodes of growing batches, each timed
   shard-warm SOCKET       every method of the shard once
   shard-preopen SOCKET N  a channel to the shard with one Decode made, then (after a line on
-                          stdin) N Decodes and a ClearCache, each timed
+                          stdin) a ClearCache (untimed), N Decodes and a ClearCache, timed
 """
 
 import json
@@ -149,15 +149,24 @@ def decode(ch, size):
 
 def shard(socket, n):
     ch = shard_channel(socket)
-    # The channel's first call pays the client's own set-up (milliseconds in Python, before
-    # anything reaches the wire): it is made, and not timed.
-    ch.unary_unary(SHARD + "Health")(b"")
-    calls = [{"method": "Health", "ms": None}]
+    # The first call of each method on a channel can take the Python client milliseconds
+    # more than the wire did: each is made once first, and not timed.
+    calls = [untimed(ch, m) for m in ("Health", "ServiceDiscovery", "Info", "Prefill")]
+    calls.append(untimed(ch, "Decode", 1))
     calls += [shard_call(ch, m) for m in ("ServiceDiscovery", "Info", "Health")]
     calls.append(shard_call(ch, "Prefill", PREFILL))
     # Growing batches, one of 300 requests (its message past 512 bytes).
     calls += [decode(ch, 300 if i == 3 else i + 1) for i in range(n)]
     return calls
+
+
+def untimed(ch, method, batch=None):
+    request = {"Prefill": PREFILL, "Decode": decode_request(batch or 1)}.get(method, b"")
+    ch.unary_unary(SHARD + method)(request)
+    call = {"method": method, "ms": None}
+    if batch is not None:
+        call["batch"] = batch
+    return call
 
 
 def shard_warm(socket):
@@ -176,7 +185,9 @@ def shard_preopen(socket, n):
     decode(ch, 1)
     print("open", flush=True)
     sys.stdin.readline()
-    calls = [decode(ch, 2) for _ in range(n)]
+    # ClearCache's first call (untimed, as in `shard`) is also its path's first since the agent.
+    calls = [untimed(ch, "ClearCache")]
+    calls += [decode(ch, 2) for _ in range(n)]
     calls.append(shard_call(ch, "ClearCache"))
     return calls
 

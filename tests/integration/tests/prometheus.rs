@@ -359,7 +359,7 @@ fn every_rule_and_dashboard_query_returns_data() {
         ],
     );
     // One of TGI's shards (found by its command line), called as its router calls it: one
-    // Decode when it starts (its warm-up), then four a round.
+    // Decode when it starts (its warm-up), then five a round (one untimed).
     let shard = TgiShard::start("prom-shard");
     let prometheus = Prometheus::start(agent.port, &files("prometheus", "yaml"));
     // Counters must be seen before they move: a series whose first sample already holds
@@ -407,7 +407,7 @@ fn every_rule_and_dashboard_query_returns_data() {
         s.sum("llm_oom_events_total", &[("kind", "cuda")]) == 1.0
             && s.sum("gpu_xid_errors_total", &[]) >= 1.0
             && s.sum("llm_requests_total", &[]) > 0.0
-            && s.sum("llm_engine_decode_batch_size_count", &[]) == 9.0
+            && s.sum("llm_engine_decode_batch_size_count", &[]) == 11.0
             && s.sum("gpu_process_memory_overhead_bytes", &[]) != 0.0
             && s.sum("llm_kv_cache_hit_ratio", &[]) == 0.25
             && s.has(
