@@ -101,12 +101,7 @@ fn classify_kind(argv: &[String]) -> Option<Server> {
     if python_module("vllm.entrypoints.openai.api_server")
         || ((argv0 == "vllm" || argv.get(1).is_some_and(|a| base(a) == "vllm")) && has("serve"))
     {
-        let positional = argv
-            .iter()
-            .position(|a| a == "serve")
-            .and_then(|i| argv.get(i + 1))
-            .filter(|a| !a.starts_with('-'))
-            .cloned();
+        let positional = after_serve(argv);
         let model = served().or_else(|| opt(&["--model"])).or(positional);
         return Some(Server {
             port: None,
@@ -122,12 +117,7 @@ fn classify_kind(argv: &[String]) -> Option<Server> {
         .flatten()
         .any(|a| base(a) == "text-generation-server");
     if shard && has("serve") {
-        let model = argv
-            .iter()
-            .position(|a| a == "serve")
-            .and_then(|i| argv.get(i + 1))
-            .filter(|a| !a.starts_with('-'))
-            .cloned();
+        let model = after_serve(argv);
         return Some(Server {
             kind: "tgi",
             model,
@@ -174,6 +164,16 @@ fn classify_kind(argv: &[String]) -> Option<Server> {
         });
     }
     None
+}
+
+/// The positional argument after `serve` (`vllm serve MODEL`, `text-generation-server serve
+/// MODEL`).
+fn after_serve(argv: &[String]) -> Option<String> {
+    argv.iter()
+        .position(|a| a == "serve")
+        .and_then(|i| argv.get(i + 1))
+        .filter(|a| !a.starts_with('-'))
+        .cloned()
 }
 
 /// A process whose command line contains one of the configured matchers (`http.match_commands`)
