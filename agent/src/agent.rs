@@ -551,7 +551,7 @@ impl Wiring<'_> {
         let http = http.sender().map(|http| {
             tokio::spawn(ingest::run(
                 rings.http_events,
-                poll,
+                Duration::from_millis(self.config.probes.http_poll_interval_ms),
                 tracker.clone(),
                 Some(http),
                 self.metrics.core.clone(),

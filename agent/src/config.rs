@@ -246,6 +246,8 @@ mod tests {
         assert_eq!(c.probes.stack_sample_bytes, 32 << 20);
         assert_eq!(c.probes.shed_cooldown_secs, 60);
         assert_eq!(c.probes.http_budget_core_share, 0.05);
+        assert_eq!(c.probes.poll_interval_ms, 5);
+        assert_eq!(c.probes.http_poll_interval_ms, 50);
         assert!(
             !c.probes.run_time_stats,
             "no tax on the node's other BPF programs by default"
@@ -327,6 +329,9 @@ mod tests {
             ("INFERSCOPE_PROBES__BUDGET_CORE_SHARE", "2.0"),
             ("INFERSCOPE_PROBES__HTTP_BUDGET_CORE_SHARE", "-0.1"),
             ("INFERSCOPE_PROBES__SHED_COOLDOWN_SECS", "0"),
+            ("INFERSCOPE_PROBES__POLL_INTERVAL_MS", "0"),
+            ("INFERSCOPE_PROBES__HTTP_POLL_INTERVAL_MS", "0"),
+            ("INFERSCOPE_PROBES__DISCOVERY_INTERVAL_MS", "0"),
             ("INFERSCOPE_PROBES__DISABLED", "[\"cuNothing\"]"),
             ("INFERSCOPE_PROMETHEUS_LISTEN", "not-an-address"),
             ("INFERSCOPE_COST__GPU_HOUR_PRICE", "-1.0"),

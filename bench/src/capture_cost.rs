@@ -21,10 +21,9 @@ use std::{
 
 use anyhow::{bail, Context};
 
-use crate::agentproc::{mean_stderr, metric_sum, metric_sum_labeled, thread_cpu_ns, AgentProcess};
-
-const SETTLE: Duration = Duration::from_secs(1);
-const DRAIN: Duration = Duration::from_millis(300);
+use crate::agentproc::{
+    mean_stderr, metric_sum, metric_sum_labeled, thread_cpu_ns, AgentProcess, DRAIN, SETTLE,
+};
 
 /// Token events per request, as the wire-timing sections.
 pub const EVENTS: usize = 64;

@@ -18,7 +18,8 @@ use anyhow::{bail, Context};
 use tgi_stand_in::{Client, Request};
 
 use crate::agentproc::{
-    mean_stderr, metric_sum, metric_sum_labeled, proc_cpu_ns, sibling_bin, AgentProcess,
+    mean_stderr, metric_sum, metric_sum_labeled, proc_cpu_ns, sibling_bin, AgentProcess, DRAIN,
+    SETTLE,
 };
 
 /// The load, and what it cost.
@@ -432,17 +433,28 @@ fn interleaved(
                     metric_sum(t, gauge) >= 1.0
                 })
                 .with_context(|| a.log())?;
+                std::thread::sleep(SETTLE);
                 Some(a)
             } else {
                 None
             };
             let before = match &agent {
-                Some(a) => Some((a.cpu_ns()?, metric_sum(&a.metrics()?, "llm_requests_total"))),
+                Some(a) => {
+                    let r0 = metric_sum(&a.metrics()?, "llm_requests_total");
+                    Some((a.cpu_ns()?, r0))
+                }
                 None => None,
             };
             let s0 = proc_cpu_ns(pid)?;
             let (l, t, w) = target.load(per, concurrency)?;
             let spent = proc_cpu_ns(pid)? - s0;
+            let agent_cpu1 = match &agent {
+                Some(a) => {
+                    std::thread::sleep(DRAIN);
+                    a.cpu_ns()?
+                }
+                None => 0,
+            };
             server_cpu[i] += spent;
             per_request[i] = spent as f64 / per as f64;
             wall[i] += w;
@@ -455,7 +467,7 @@ fn interleaved(
                         metric_sum(t, "llm_requests_total") >= want
                     })
                     .or_else(|_| a.metrics())?;
-                agent_cpu += a.cpu_ns()? - cpu0;
+                agent_cpu += agent_cpu1 - cpu0;
                 agent_wall += w;
                 counted += (metric_sum(&text, "llm_requests_total") - r0) as u64;
                 agent_tokens += metric_sum(&text, "llm_tokens_output_total") as u64;

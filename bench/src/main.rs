@@ -308,11 +308,13 @@ fn main() {
             }
         }
     }
-    // `--grpc-only`, `--tls-only`: only that server's wire-timing figures, printed.
+    // `--tgi-only`, `--grpc-only`, `--tls-only`: only that server's wire-timing figures, printed.
     // (`--tls-only`: both placements of the TLS probes.)
     type Wire = fn(&std::path::Path, usize, usize, u64) -> anyhow::Result<http::HttpCost>;
     let wire_only: Option<Vec<Wire>> = if args.iter().any(|a| a == "--grpc-only") {
         Some(vec![http::measure_grpc])
+    } else if args.iter().any(|a| a == "--tgi-only") {
+        Some(vec![http::measure])
     } else if args.iter().any(|a| a == "--tls-only") {
         Some(vec![
             |l, r, c, t| http::measure_tls(l, r, c, t, true),

@@ -519,8 +519,10 @@ the agent started afresh for each round with its defaults and found the server b
 line). Client latency is send → last byte of the response, TTFT send → first token event, \
 both read on the client's monotonic clock; throughput is requests over the phases' wall time; \
 server and agent CPU from their processes' CPU clocks (`clock_getcpuclockid`: the scheduler's \
-nanoseconds, every thread) over the phases, and what the agent adds to the server's CPU per \
-request as the mean over the rounds of (with − without) with its standard error. The same \
+nanoseconds, every thread) over the phases (the agent's from 1 s after it found the server, \
+past its start, until 300 ms after the phase, with no scrape in between), and what the agent \
+adds to the server's CPU per request as the mean over the rounds of (with − without) with its \
+standard error. The same \
 load goes to a gRPC server (`tonic-llm`, server-streaming calls on one channel) and to a C \
 server over TLS (`bench/c/tls_sse.c`, OpenSSL, read through the agent's uprobes on `libssl`: \
 on its internal read and write functions, the default, then with `probes.tls_internal = false` \
