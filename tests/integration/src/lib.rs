@@ -544,17 +544,23 @@ pub fn python_client(script: &str, args: &[&str]) -> serde_json::Value {
     } else {
         Command::new("python3")
     };
+    let out = run_ok(command.arg(servers_dir().join(script)).args(args));
+    serde_json::from_slice(&out).expect("client JSON")
+}
+
+/// Runs `command` to its end and returns its stdout; fails the test with its stderr when it
+/// exits unsuccessfully.
+pub fn run_ok(command: &mut Command) -> Vec<u8> {
     let out = command
-        .arg(servers_dir().join(script))
-        .args(args)
         .output()
-        .expect("python3");
+        .unwrap_or_else(|e| panic!("{command:?}: {e}"));
     assert!(
         out.status.success(),
-        "{script} {args:?} failed:\n{}",
+        "{command:?} failed ({}):\n{}",
+        out.status,
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).expect("client JSON")
+    out.stdout
 }
 
 /// tests/servers/tgi_shard: one of TGI's shards as its launcher starts it (the Python script

@@ -200,16 +200,8 @@ fn a_tonic_service_is_timed_as_its_client_saw_it() {
     agent.wait_for("the server to be watched", |s| {
         s.sum("inferscope_http_watched_processes", &[]) >= 1.0
     });
-    let out = timing_client(bin("tonic-llm"))
-        .args(["timing", &port.to_string(), "4"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let truth: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let out = run_ok(timing_client(bin("tonic-llm")).args(["timing", &port.to_string(), "4"]));
+    let truth: serde_json::Value = serde_json::from_slice(&out).unwrap();
     let truth = truth.as_array().unwrap().clone();
     let s = agent.wait_for("the tonic calls", |s| {
         s.sum("llm_requests_total", &[("protocol", "grpc")]) >= 4.0
@@ -331,13 +323,8 @@ fn tgi_shard_calls_over_a_unix_socket_are_engine_steps_timed_as_the_router_saw_t
     let shard = Shard::start();
     let agent = shard.agent();
     let socket = shard.socket.to_str().unwrap();
-    let out = tgi_router(&["shard", socket, "6"]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let truth: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let out = run_ok(&mut tgi_router(&["shard", socket, "6"]));
+    let truth: Vec<serde_json::Value> = serde_json::from_slice(&out).unwrap();
     let s = agent.wait_for("the shard's calls", |s| {
         s.sum("llm_engine_calls_total", &[]) >= 15.0
     });

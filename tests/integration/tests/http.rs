@@ -599,16 +599,7 @@ fn tls_the_agent_cannot_read_is_counted_as_such() {
         ca = pki.ca.display().to_string(),
         port = proxy.port
     );
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(&script)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(Command::new("python3").arg("-c").arg(&script));
     let s = agent.wait_for("two TLS connections", |s| {
         s.sum(
             "inferscope_http_bad_input_total",
@@ -641,21 +632,16 @@ fn streamed_chat_over_http2_is_counted_like_http1() {
     let agent = start_agent(&server);
     let body = r#"{"model":"h2-model","stream":true,"max_tokens":5,"messages":[{"role":"user","content":"x"}]}"#;
     for _ in 0..3 {
-        let out = Command::new("curl")
-            .args(["-s", "-N", "--fail", "--http2-prior-knowledge"])
-            .args(["-H", "content-type: application/json", "-d", body])
-            .arg(format!(
-                "http://127.0.0.1:{}/v1/chat/completions",
-                server.port
-            ))
-            .output()
-            .expect("curl (`cargo xtask setup` installs it)");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        let out = run_ok(
+            Command::new("curl")
+                .args(["-s", "-N", "--fail", "--http2-prior-knowledge"])
+                .args(["-H", "content-type: application/json", "-d", body])
+                .arg(format!(
+                    "http://127.0.0.1:{}/v1/chat/completions",
+                    server.port
+                )),
         );
-        let text = String::from_utf8_lossy(&out.stdout);
+        let text = String::from_utf8_lossy(&out);
         assert_eq!(text.matches("\"content\": \"tok").count(), 5, "{text}");
     }
     let s = agent.wait_for("three h2 requests", |s| {

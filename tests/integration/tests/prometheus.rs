@@ -383,24 +383,16 @@ fn every_rule_and_dashboard_query_returns_data() {
         if round > 0 {
             std::thread::sleep(Duration::from_secs(3));
         }
-        let out = Command::new("python3")
-            .arg(servers_dir().join("client.py"))
-            .args(["openai", &server.port.to_string(), "prom-model"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        run_ok(
+            Command::new("python3")
+                .arg(servers_dir().join("client.py"))
+                .args(["openai", &server.port.to_string(), "prom-model"]),
         );
-        let out = tgi_router(&["shard", shard.socket.to_str().unwrap(), "4"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        run_ok(&mut tgi_router(&[
+            "shard",
+            shard.socket.to_str().unwrap(),
+            "4",
+        ]));
     }
     control.inject_xid(0, 79).unwrap();
     agent.wait_for("the scenario in the agent", |s| {
