@@ -325,7 +325,12 @@ pub fn measure_tls(
     let server = if internal {
         TLS_INTERNAL
     } else {
-        target.env = vec![("INFERSCOPE_PROBES__TLS_INTERNAL", "false")];
+        // The budget off: these probes cost past its default share at this rate, and a shed
+        // (the TLS probes go with the family) would measure its absence, not the probes.
+        target.env = vec![
+            ("INFERSCOPE_PROBES__TLS_INTERNAL", "false"),
+            ("INFERSCOPE_PROBES__HTTP_BUDGET_CORE_SHARE", "0"),
+        ];
         TLS_EXPORTED
     };
     interleaved(

@@ -526,7 +526,8 @@ standard error. The same \
 load goes to a gRPC server (`tonic-llm`, server-streaming calls on one channel) and to a C \
 server over TLS (`bench/c/tls_sse.c`, OpenSSL, read through the agent's uprobes on `libssl`: \
 on its internal read and write functions, the default, then with `probes.tls_internal = false` \
-on its exported calls).\n",
+on its exported calls, the http family's budget off: they cost past its default share at this \
+rate, and the budget would shed them).\n",
         sizes.http_concurrency, sizes.http_requests
     );
     let _ = writeln!(

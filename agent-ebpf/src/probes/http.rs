@@ -290,15 +290,14 @@ fn on_exit(kind: u32, a: Args, ret: i64) -> u32 {
         KIND_VEC_IN => emit_vec(pid_tgid, fd, DIR_IN, a.si, a.dx, ret),
         KIND_VEC_OUT => emit_vec(pid_tgid, fd, DIR_OUT, a.si, a.dx, ret),
         _ => {
-            // `recvmsg(fd, msghdr, flags)`, `sendmsg`: the iovecs are the msghdr's.
-            let Ok(iov) = (unsafe { bpf_probe_read_user((a.si + 16) as *const u64) }) else {
-                return 0;
-            };
-            let Ok(n) = (unsafe { bpf_probe_read_user((a.si + 24) as *const u64) }) else {
+            // `recvmsg(fd, msghdr, flags)`, `sendmsg` (gRPC C-core writes with it): the iovecs
+            // are the msghdr's, its pointer and count read in one user read (each costs the
+            // same whatever its size).
+            let Ok(m) = (unsafe { bpf_probe_read_user((a.si + 16) as *const [u64; 2]) }) else {
                 return 0;
             };
             let dir = if kind == KIND_MSG_IN { DIR_IN } else { DIR_OUT };
-            emit_vec(pid_tgid, fd, dir, iov, n, ret);
+            emit_vec(pid_tgid, fd, dir, m[0], m[1], ret);
         }
     }
     0

@@ -199,6 +199,30 @@ impl Manager {
         self.publish_tls();
     }
 
+    /// The TLS probes are part of the `http` family: off while it is shed (their traps are
+    /// most of what reading TLS costs a server), back with it.
+    fn follow_http_shed(&mut self) {
+        let Some(attached) = self.http.as_ref().map(|h| h.is_attached()) else {
+            return;
+        };
+        let Some(tls) = self.tls.as_mut() else {
+            return;
+        };
+        match (attached, tls.is_paused()) {
+            (false, false) => {
+                tls.pause();
+                tracing::info!("TLS probes detached with the http family");
+                self.publish_tls();
+            }
+            (true, true) => {
+                tls.resume();
+                // Every watched server is looked at again, as at the start.
+                self.follow_watched(true);
+            }
+            _ => {}
+        }
+    }
+
     /// One watched process's OpenSSL; `again`: its loader has just loaded one.
     fn look_at_tls(&mut self, pid: u32, again: bool) {
         let Some(tls) = self.tls.as_mut() else {
@@ -215,7 +239,7 @@ impl Manager {
                 },
                 "reading the server's TLS as plaintext through its OpenSSL"
             ),
-            Ok(Looked::NoLibrary | Looked::Known | Looked::NotWatched) => {}
+            Ok(Looked::NoLibrary | Looked::Known | Looked::NotWatched | Looked::Paused) => {}
             // Gone meanwhile.
             Err(super::tls::TlsAttachError::Maps) => {}
             Err(e) => {
@@ -715,6 +739,7 @@ impl Manager {
         if let Some(http) = self.http.as_mut() {
             http.enforce(&self.ebpf, now, &mut self.cooldowns);
         }
+        self.follow_http_shed();
         if self.cuda.is_none() {
             return;
         }

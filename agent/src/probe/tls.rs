@@ -94,6 +94,8 @@ pub enum Looked {
     Known,
     /// It is not (or no longer) watched.
     NotWatched,
+    /// The `http` family is shed: looked at again when it comes back.
+    Paused,
 }
 
 pub struct TlsProbes {
@@ -106,6 +108,10 @@ pub struct TlsProbes {
     /// The programs' `SSL*` ties, emptied of a process's entries when it goes.
     ties: BpfHashMap<MapData, SslKey, u32>,
     internal: bool,
+    /// The `http` family is shed: nothing is probed until it comes back. Most of what reading
+    /// TLS costs a server is these probes' traps, so a shed that left them would relieve
+    /// nothing while no request is timed.
+    paused: bool,
 }
 
 impl TlsProbes {
@@ -122,6 +128,7 @@ impl TlsProbes {
             without: HashSet::new(),
             ties: super::take(ebpf, "TLS_SSL_FD")?,
             internal,
+            paused: false,
         })
     }
 
@@ -149,6 +156,25 @@ impl TlsProbes {
             .filter(|p| !self.probed.contains_key(p) && !self.without.contains(p))
             .copied()
             .collect()
+    }
+
+    /// Detaches every process's probes while the `http` family is shed; the ties go too (a
+    /// connection's `SSL*` is tied again by its next calls once the probes are back).
+    pub fn pause(&mut self) {
+        self.paused = true;
+        let probed: Vec<u32> = self.probed.keys().copied().collect();
+        for pid in probed {
+            self.forget(pid);
+        }
+    }
+
+    /// The family is back: the watched processes are looked at again (by the caller).
+    pub fn resume(&mut self) {
+        self.paused = false;
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused
     }
 
     /// Processes found without a libssl are read again at their next look.
@@ -188,6 +214,9 @@ impl TlsProbes {
     ) -> Result<Looked, TlsAttachError> {
         if !self.watched.contains(&pid) {
             return Ok(Looked::NotWatched);
+        }
+        if self.paused {
+            return Ok(Looked::Paused);
         }
         if self.probed.contains_key(&pid) {
             return Ok(Looked::Known);

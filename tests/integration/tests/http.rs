@@ -865,6 +865,71 @@ fn a_connection_accepted_by_a_call_older_than_the_agent_is_followed() {
     assert!(agent.stop().success());
 }
 
+/// The TLS probes belong to the http family: shed with it (their traps are most of what
+/// reading TLS costs the server, so a shed that left them would relieve nothing while no
+/// request is timed), the server's OpenSSL is left as its file has it; back with the family,
+/// it is probed again and a new request inside TLS is timed as its client timed it.
+#[root_test]
+fn the_tls_probes_are_shed_with_the_http_family_and_come_back_with_it() {
+    let pki = integration::tls_proxy::TestPki::generate();
+    let (server, _out, agent) = agent_on_a_tls_server(
+        &pki,
+        &[
+            ("INFERSCOPE_PROBES__HTTP_BUDGET_CORE_SHARE", "0.05"),
+            ("INFERSCOPE_PROBES__SHED_COOLDOWN_SECS", "3"),
+        ],
+        0,
+    );
+    let pid = server.child.id();
+    assert!(libssl_patched(pid), "no probe in the server's OpenSSL");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = syscall_flood(2, &stop);
+    let http = [("probe", "http")];
+    agent.wait_for("the http family and the TLS probes to be shed", |s| {
+        s.sum("inferscope_probe_shed", &http) == 1.0
+            && s.sum("inferscope_http_tls_processes", &[]) == 0.0
+    });
+    // Unregistered: the kernel has put OpenSSL's own instructions back.
+    assert!(!libssl_patched(pid), "a probe left in the server's OpenSSL");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in flood {
+        t.join().unwrap();
+    }
+    agent.wait_for("the family and the TLS probes to be back", |s| {
+        s.sum("inferscope_probe_shed", &http) == 0.0
+            && s.sum("inferscope_http_tls_processes", &[]) == 1.0
+    });
+    assert!(libssl_patched(pid), "OpenSSL not probed again");
+    timed_through_tls(&agent, server.port, &pki, 2, true);
+    assert!(agent.stop().success());
+}
+
+/// Whether a uprobe is in the code of the `libssl` that process `pid` maps: its executable
+/// mapping differs from the file's bytes (a probe writes a breakpoint into the process's copy
+/// of the page).
+fn libssl_patched(pid: u32) -> bool {
+    use std::io::{Read, Seek, SeekFrom};
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let line = maps
+        .lines()
+        .find(|l| l.contains("libssl.so") && l.split_whitespace().nth(1) == Some("r-xp"))
+        .unwrap_or_else(|| panic!("no libssl code in {pid}'s maps:\n{maps}"));
+    let f: Vec<&str> = line.split_whitespace().collect();
+    let (start, end) = f[0].split_once('-').unwrap();
+    let start = u64::from_str_radix(start, 16).unwrap();
+    let len = (u64::from_str_radix(end, 16).unwrap() - start) as usize;
+    let offset = u64::from_str_radix(f[2], 16).unwrap();
+    let mut file = std::fs::File::open(f[5]).unwrap();
+    file.seek(SeekFrom::Start(offset)).unwrap();
+    let mut want = Vec::new();
+    file.take(len as u64).read_to_end(&mut want).unwrap();
+    let mut mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
+    mem.seek(SeekFrom::Start(start)).unwrap();
+    let mut have = vec![0u8; want.len()];
+    mem.read_exact(&mut have).unwrap();
+    have != want
+}
+
 /// [`blocking_tls_server`] serving with OpenSSL loaded, then, `settle_ms` later, an agent
 /// (with `env`) watching it that has probed its OpenSSL; the server's stdout is kept open.
 fn agent_on_a_tls_server(
