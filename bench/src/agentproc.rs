@@ -16,8 +16,8 @@ use prom_scrape::http_get;
 /// How long an agent runs after it found its server before its CPU is read for a phase: its
 /// start (the other families' loading, the first discovery rounds) is not what requests cost.
 pub const SETTLE: Duration = Duration::from_secs(1);
-/// How long after a phase its CPU is read again: its reader drains within a poll interval
-/// (5 ms), and no scrape happens meanwhile.
+/// How long after a phase its CPU is read again: its `http` reader drains within a poll
+/// interval (`probes.http_poll_interval_ms`, 50 ms), and no scrape happens meanwhile.
 pub const DRAIN: Duration = Duration::from_millis(300);
 
 /// A sibling binary of this one (`target/release/<name>`), built by `cargo xtask bench`.

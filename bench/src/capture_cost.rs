@@ -2,9 +2,10 @@
 //! The bench process is the server, so that no runtime of a server adds its own noise: one
 //! thread serves TGI's streamed `POST /generate_stream` on a loopback connection it accepted
 //! (a chunked server-sent event per `write`, as `bench/c/tls_sse.c` writes them, or per
-//! `writev` of three iovecs, as hyper writes them for TGI's router), another thread is its client. The figure is the server thread's own CPU clock
+//! `writev` of three iovecs, as hyper writes them for TGI's router), another thread is its
+//! client. The figure is the server thread's own CPU clock
 //! (`CLOCK_THREAD_CPUTIME_ID`, where the programs run: inside its syscalls) per request,
-//! without the agent, with empty raw tracepoints on syscall entry and exit (the kernel's
+//! without the agent, with an empty raw tracepoint on `sys_exit` (the kernel's
 //! tracing path alone, which any syscall hook costs), and with the agent watching the process
 //! (`--watch-port`, the http family's budget off so that it is not shed mid-phase), in
 //! interleaved rounds. `BENCH_BPF_STATS=1` also prints the family's
@@ -304,7 +305,7 @@ pub fn measure(
             }
             std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "0")?;
         }
-        // Its reader drains within a poll interval (5 ms); no scrape meanwhile, whose
+        // Its reader drains within a poll interval (50 ms); no scrape meanwhile, whose
         // rendering is not what a request costs.
         std::thread::sleep(DRAIN);
         let cpu1 = agent.cpu_ns()?;
@@ -426,8 +427,8 @@ pub fn table(c: &CaptureCost) -> String {
         "\nThe agent's phases ran at {:.0} requests/s ({:.0} captured calls/s). Its CPU per \
          request here is its work per record (decode, the HTTP/1.1 and SSE parsers, one JSON \
          parse per token event) and grows with the rate; the wire-timing sections' \"per 1,000 \
-         requests/s\" come from about 200 requests/s, where the reader's fixed polling (a 5 ms \
-         timer while records come) weighs more than the requests. The programs' time per \
+         requests/s\" come from about 200 requests/s, where the reader's fixed polling (a 50 ms \
+         timer while records come) and colder caches weigh more per request. The programs' time per \
          captured call is almost all fixed per call rather than per byte: reading the caller's \
          buffer (`bpf_probe_read_user`, the same for 16 bytes as for 150 on this VM), the \
          connection lookup, the clock and the ring output, each a helper call under this \
