@@ -71,34 +71,105 @@ def openai_scenario(port, model, ca=None):
     return truth
 
 
+# Linux's SO_TIMESTAMPNS (asm-generic/socket.h; also its SCM_ type), which Python does not name.
+SO_TIMESTAMPNS = 35
+
+
 class Conn:
+    """A keep-alive connection whose clock is its socket's: each read's bytes carry the time
+    the kernel received them (`SO_TIMESTAMPNS`, CLOCK_REALTIME), so a client that Python or the
+    machine schedules late still times a message when it reached it. TLS runs through memory
+    BIOs over the plain socket, for the same timestamps."""
+
     def __init__(self, port, ca=None):
         self.s = socket.create_connection(("127.0.0.1", port))
         self.s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.s.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        self.tls = None
+        self.buf = b""
+        # (offset just past a read's last byte, counted from the first byte ever read; the
+        # kernel's time for that read), oldest first; `taken` bytes have left `buf`.
+        self.marks = []
+        self.taken = 0
+        self.stamp = 0
         if ca:
             import ssl
 
             ctx = ssl.create_default_context(cafile=ca)
-            self.s = ctx.wrap_socket(self.s, server_hostname="127.0.0.1")
-        self.buf = b""
+            self.rx, self.tx = ssl.MemoryBIO(), ssl.MemoryBIO()
+            self.tls = ctx.wrap_bio(self.rx, self.tx, server_hostname="127.0.0.1")
+            while True:
+                try:
+                    self.tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    self.flush()
+                    self.raw()
+            self.flush()
+
+    def flush(self):
+        out = self.tx.read()
+        if out:
+            self.s.sendall(out)
+
+    def sendall(self, data):
+        if self.tls:
+            self.tls.write(data)
+            self.flush()
+        else:
+            self.s.sendall(data)
+
+    def raw(self):
+        """One read of the socket: its bytes and the kernel's time of receipt in ns."""
+        data, anc, _, _ = self.s.recvmsg(65536, socket.CMSG_SPACE(16))
+        if not data:
+            raise EOFError
+        stamp = next(int.from_bytes(d[:8], "little") * 1_000_000_000
+                     + int.from_bytes(d[8:16], "little")
+                     for level, kind, d in anc if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS)
+        if self.tls:
+            self.rx.write(data)
+        return data, stamp
 
     def fill(self):
-        d = self.s.recv(65536)
-        if not d:
-            raise EOFError
-        self.buf += d
+        import ssl
+
+        while True:
+            data, stamp = self.raw()
+            if self.tls:
+                data = b""
+                while True:
+                    try:
+                        data += self.tls.read(65536)
+                    except ssl.SSLWantReadError:
+                        break
+                    except ssl.SSLZeroReturnError:
+                        break
+                if not data:
+                    continue  # a record not yet whole, or one without application data
+            self.buf += data
+            self.marks.append((self.taken + len(self.buf), stamp))
+            return
+
+    def take(self, n):
+        """The first `n` bytes of `buf`; `stamp` becomes the receipt time of the last of them."""
+        d, self.buf = self.buf[:n], self.buf[n:]
+        self.taken += n
+        while self.marks[0][0] < self.taken:
+            self.marks.pop(0)
+        self.stamp = self.marks[0][1]
+        return d
 
     def line(self):
         while b"\r\n" not in self.buf:
             self.fill()
-        l, self.buf = self.buf.split(b"\r\n", 1)
-        return l
+        l = self.take(self.buf.index(b"\r\n") + 2)
+        return l[:-2]
 
     def exact(self, n):
         while len(self.buf) < n:
             self.fill()
-        d, self.buf = self.buf[:n], self.buf[n:]
-        return d
+        return self.take(n)
 
     def stream(self, model, n, ttft_ms=30, token_ms=10, path="/v1/chat/completions"):
         body = json.dumps({"model": model, "stream": True, "max_tokens": n,
@@ -106,8 +177,8 @@ class Conn:
         req = (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                f"x-ttft-ms: {ttft_ms}\r\nx-token-ms: {token_ms}\r\n"
                f"Content-Length: {len(body)}\r\n\r\n").encode() + body
-        t0 = time.perf_counter_ns()
-        self.s.sendall(req)
+        t0 = time.time_ns()
+        self.sendall(req)
         status = self.line()
         assert b" 200 " in status, status
         while self.line():
@@ -118,10 +189,11 @@ class Conn:
             size = int(self.line().split(b";")[0], 16)
             if size == 0:
                 self.line()
+                end = self.stamp
                 break
             data = self.exact(size)
             self.exact(2)
-            now = time.perf_counter_ns()
+            now = self.stamp
             pending += data
             while b"\n\n" in pending:
                 ev, pending = pending.split(b"\n\n", 1)
@@ -130,7 +202,6 @@ class Conn:
                     ch = d.get("choices") or []
                     if ch and (ch[0].get("delta", {}).get("content") or ch[0].get("text")):
                         tokens.append(now)
-        end = time.perf_counter_ns()
         ms = lambda ns: ns / 1e6
         return {
             "ttft_ms": ms(tokens[0] - t0),
