@@ -158,13 +158,14 @@ fn check_layers() -> anyhow::Result<()> {
     Ok(())
 }
 
-const FUZZ_TARGETS: [&str; 6] = [
+const FUZZ_TARGETS: [&str; 7] = [
     "http_parser",
     "server_metrics",
     "elf_symbols",
     "proc_maps",
     "http2",
     "hpack",
+    "event_skim",
 ];
 
 /// `cargo fuzz` on rustup's nightly, not the stable cargo running xtask, in the repository.

@@ -9,6 +9,7 @@
 pub mod body;
 pub mod conn;
 pub mod engine;
+pub mod event_skim;
 pub mod finished;
 pub mod gap;
 pub mod gpu_cost;

@@ -282,6 +282,12 @@ pub fn event_info(data: &[u8]) -> EventInfo {
     let Ok(text) = std::str::from_utf8(trimmed) else {
         return EventInfo::default();
     };
+    super::event_skim::skim(trimmed).unwrap_or_else(|| parsed_event_info(text))
+}
+
+/// [`event_info`] of an event's JSON through serde_json: what the quicker reading
+/// ([`super::event_skim::skim`]) answers where it answers at all, and the answer elsewhere.
+pub fn parsed_event_info(text: &str) -> EventInfo {
     let Ok(j) = serde_json::from_str::<EventJson>(text) else {
         return EventInfo::default();
     };
