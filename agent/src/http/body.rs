@@ -130,7 +130,7 @@ impl Body {
         while i < data.len() {
             match &mut self.chunk {
                 Chunk::Size(line) => {
-                    let Some(nl) = data[i..].iter().position(|&b| b == b'\n') else {
+                    let Some(nl) = memchr::memchr(b'\n', &data[i..]) else {
                         line.extend_from_slice(&data[i..]);
                         if line.len() > MAX_LINE {
                             return desync(data.len());
@@ -140,9 +140,16 @@ impl Body {
                             ..Fed::default()
                         };
                     };
-                    line.extend_from_slice(&data[i..i + nl]);
+                    // A size line whole in this piece is read where it lies: a buffer (an
+                    // allocation per chunk) only for one split across pieces.
+                    let size = if line.is_empty() {
+                        parse_chunk_size(&data[i..i + nl])
+                    } else {
+                        line.extend_from_slice(&data[i..i + nl]);
+                        parse_chunk_size(line)
+                    };
                     i += nl + 1;
-                    let Some(size) = parse_chunk_size(line) else {
+                    let Some(size) = size else {
                         return desync(i);
                     };
                     self.chunk = if size == 0 {
