@@ -337,6 +337,8 @@ struct ManagerThread {
     thread: std::thread::JoinHandle<()>,
     stop: std::sync::mpsc::Sender<()>,
     beat: health::Heartbeat,
+    /// Rung after the stop is sent: the manager may be asleep until its next tick.
+    wake: Option<Arc<crate::wake::Wake>>,
 }
 
 impl Wiring<'_> {
@@ -698,7 +700,7 @@ impl Wiring<'_> {
         let tls = http_probes.as_mut().and_then(|p| p.tls.take());
         let manager = manager
             .with_server_events(http.control())
-            .with_tls(tls, servers)
+            .with_tls(tls, servers.clone())
             .with_http(http_probes.map(|p| {
                 HttpBudget::new(
                     p,
@@ -709,6 +711,17 @@ impl Wiring<'_> {
                 )
                 .with_control(http.control())
             }));
+        let wake = match crate::wake::Wake::new() {
+            Ok(w) => Some(Arc::new(w)),
+            Err(e) => {
+                tracing::warn!(error = %e, "no eventfd: the probe manager polls for its stop");
+                None
+            }
+        };
+        if let Some(w) = &wake {
+            servers.wake_on_change(w.clone());
+        }
+        let manager = manager.with_wake(wake.clone());
         let (stop, rx) = std::sync::mpsc::channel();
         let interval = Duration::from_millis(probes.discovery_interval_ms);
         let beat = self
@@ -719,7 +732,12 @@ impl Wiring<'_> {
             .name("probe-manager".into())
             .spawn(move || manager.run(interval, rx, b))
             .map_err(StartError::Thread)?;
-        Ok(ManagerThread { thread, stop, beat })
+        Ok(ManagerThread {
+            thread,
+            stop,
+            beat,
+            wake,
+        })
     }
 
     fn say_ready(&self) {
@@ -826,8 +844,16 @@ impl Running {
 impl ManagerThread {
     /// Tells the manager to stop and waits for it to detach, until [`DETACH_BY`].
     async fn stop(self, started: Instant) -> Deadline {
-        let Self { thread, stop, beat } = self;
+        let Self {
+            thread,
+            stop,
+            beat,
+            wake,
+        } = self;
         let _ = stop.send(());
+        if let Some(w) = wake {
+            w.ring();
+        }
         let mut detach = Deadline::new(started, DETACH_BY);
         // It says done as it leaves its loop, then detaches: a manager that does not is stuck in
         // discovery, and its probes are left to the process's exit rather than waited for.

@@ -34,6 +34,7 @@ pub mod servers;
 pub mod tenant_file;
 pub mod tls;
 pub mod track;
+pub mod wake;
 
 /// An error with its causes, `a: b: c` (what a log line or a test should show of it).
 pub fn error_chain(e: &dyn std::error::Error) -> String {

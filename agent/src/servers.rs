@@ -438,13 +438,27 @@ pub struct ServerBoard {
     servers: std::sync::RwLock<HashMap<u32, Server>>,
     /// Bumped at each publish: readers that follow the list look at it only when it changed.
     generation: std::sync::atomic::AtomicU64,
+    /// Rung when the set of processes changes (the probe manager sleeps on it).
+    wake: std::sync::OnceLock<std::sync::Arc<crate::wake::Wake>>,
 }
 
 impl ServerBoard {
     pub fn publish(&self, servers: &HashMap<u32, Server>) {
-        *self.servers.write().unwrap_or_else(|e| e.into_inner()) = servers.clone();
+        let mut current = self.servers.write().unwrap_or_else(|e| e.into_inner());
+        let changed =
+            current.len() != servers.len() || servers.keys().any(|pid| !current.contains_key(pid));
+        *current = servers.clone();
+        drop(current);
         self.generation
             .fetch_add(1, std::sync::atomic::Ordering::Release);
+        if let (true, Some(w)) = (changed, self.wake.get()) {
+            w.ring();
+        }
+    }
+
+    /// Has `wake` rung whenever a process joins or leaves the list.
+    pub fn wake_on_change(&self, wake: std::sync::Arc<crate::wake::Wake>) {
+        let _ = self.wake.set(wake);
     }
 
     pub fn generation(&self) -> u64 {

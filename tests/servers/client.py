@@ -124,9 +124,14 @@ class Conn:
         data, anc, _, _ = self.s.recvmsg(65536, socket.CMSG_SPACE(16))
         if not data:
             raise EOFError
-        stamp = next(int.from_bytes(d[:8], "little") * 1_000_000_000
-                     + int.from_bytes(d[8:16], "little")
-                     for level, kind, d in anc if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS)
+        # The kernel turns its receive timestamps on a moment after the first socket asks
+        # (a deferred static key): a read without one is timed here, as it is read.
+        stamp = next((int.from_bytes(d[:8], "little") * 1_000_000_000
+                      + int.from_bytes(d[8:16], "little")
+                      for level, kind, d in anc
+                      if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS), None)
+        if stamp is None:
+            stamp = time.time_ns()
         if self.tls:
             self.rx.write(data)
         return data, stamp

@@ -1,8 +1,8 @@
 //! The requests each watched server has in flight and those that ended lately, for forensic
 //! reports: which requests were running when a process ran out of GPU memory, and which ones
-//! failed after it. The tracker refreshes the requests in flight every [`LIVE_EVERY`] and adds
-//! each finished one; a report's writer reads them. Nothing here holds request content: sizes,
-//! times, counts, the model label and the client's address.
+//! failed after it. The tracker refreshes the requests in flight at most every [`LIVE_EVERY`]
+//! (when they changed) and adds each finished one; a report's writer reads them. Nothing here
+//! holds request content: sizes, times, counts, the model label and the client's address.
 
 use std::{
     collections::{HashSet, VecDeque},
@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-/// How often the tracker refreshes the requests in flight.
+/// How often at most the tracker refreshes the requests in flight (after a change).
 pub const LIVE_EVERY: Duration = Duration::from_millis(200);
 
 /// One request as the wire showed it (times are CLOCK_MONOTONIC ns).

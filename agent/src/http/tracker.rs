@@ -884,8 +884,10 @@ pub async fn run(
 ) -> HttpTracker {
     let mut sweep = tokio::time::interval(Duration::from_secs(1));
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut live = tokio::time::interval(super::requests::LIVE_EVERY);
-    live.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The requests in flight change only with input or a sweep: they are published at most
+    // every LIVE_EVERY after a change, and an idle tracker keeps no timer for them.
+    let mut published = tokio::time::Instant::now();
+    let mut changed = false;
     loop {
         heartbeat.beat();
         tokio::select! {
@@ -897,7 +899,13 @@ pub async fn run(
                 }
             },
             _ = sweep.tick() => t.sweep(monotonic_ns()),
-            _ = live.tick() => t.publish_live(monotonic_ns()),
+            _ = tokio::time::sleep_until(published + super::requests::LIVE_EVERY), if changed => {}
+        }
+        changed = true;
+        if published.elapsed() >= super::requests::LIVE_EVERY {
+            t.publish_live(monotonic_ns());
+            published = tokio::time::Instant::now();
+            changed = false;
         }
     }
 }

@@ -151,16 +151,22 @@ impl DiscoveryHooks {
         links
     }
 
-    /// Waits up to `timeout` for records (the ring's descriptor becoming readable).
-    pub fn wait(&self, timeout: std::time::Duration) -> bool {
-        let mut pfd = libc::pollfd {
-            fd: self.ring.as_fd().as_raw_fd(),
+    /// Waits up to `timeout` for records (the ring's descriptor becoming readable) or for
+    /// `wake` to be rung; returns whether there are records.
+    pub fn wait(&self, timeout: std::time::Duration, wake: Option<&crate::wake::Wake>) -> bool {
+        let pfd = |fd| libc::pollfd {
+            fd,
             events: libc::POLLIN,
             revents: 0,
         };
+        let mut fds = [
+            pfd(self.ring.as_fd().as_raw_fd()),
+            pfd(wake.map_or(-1, |w| w.as_raw_fd())),
+        ];
         let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-        // SAFETY: one pollfd, valid for the call.
-        unsafe { libc::poll(&mut pfd, 1, ms) > 0 }
+        // SAFETY: two pollfds, valid for the call; a negative fd is ignored by poll.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+        n > 0 && fds[0].revents & libc::POLLIN != 0
     }
 }
 

@@ -74,6 +74,8 @@ pub struct Manager {
     watched: Option<Arc<ServerBoard>>,
     /// The list's generation last followed.
     watched_generation: u64,
+    /// Rung to end its sleep: its stop, a change of the watched servers.
+    wake: Option<Arc<crate::wake::Wake>>,
     /// Discovery records lost so far: a loss means a full rescan.
     discovery_lost: u64,
     procfs: ProcFs,
@@ -151,6 +153,7 @@ impl Manager {
             tls: None,
             watched: None,
             watched_generation: 0,
+            wake: None,
             discovery_lost: 0,
             procfs,
             explicit,
@@ -167,6 +170,13 @@ impl Manager {
             cooldowns: Cooldowns::new(Duration::from_secs(config.shed_cooldown_secs)),
             limit_logged: false,
         }
+    }
+
+    /// What ends its sleep early besides a discovery record: its stop, a change of the
+    /// watched servers.
+    pub fn with_wake(mut self, wake: Option<Arc<crate::wake::Wake>>) -> Self {
+        self.wake = wake;
+        self
     }
 
     /// Probes the OpenSSL of each server on `watched` (the `http` watcher's list) while it is
@@ -871,8 +881,20 @@ impl Manager {
             let wait = next.saturating_duration_since(Instant::now());
             let stopped = match &self.hooks {
                 Some(hooks) => {
-                    if hooks.wait(wait.min(STOP_LATENCY)) {
+                    // Without a wake to ring, the stop and the watched servers are looked at
+                    // every STOP_LATENCY.
+                    let wake = self.wake.clone();
+                    let wake = wake.as_deref();
+                    let wait = if wake.is_some() {
+                        wait
+                    } else {
+                        wait.min(STOP_LATENCY)
+                    };
+                    if hooks.wait(wait, wake) {
                         self.drain_discovery();
+                    }
+                    if let Some(w) = wake {
+                        w.clear();
                     }
                     !matches!(stop.try_recv(), Err(mpsc::TryRecvError::Empty))
                 }

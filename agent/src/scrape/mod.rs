@@ -242,20 +242,12 @@ impl Scraper {
                     failures: 0,
                 }
             });
-            let mut addrs: Vec<SocketAddr> = target.addr.into_iter().collect();
-            for a in target::candidates(&self.procfs, pid, &target.argv) {
-                if addrs.len() >= MAX_CANDIDATES {
-                    break;
-                }
-                if !addrs.contains(&a) {
-                    addrs.push(a);
-                }
-            }
             let job = Job {
                 procfs: self.procfs.clone(),
                 pid,
                 kind: target.kind,
-                addrs,
+                known: target.addr,
+                argv: target.argv.clone(),
                 config: self.config.clone(),
                 workload: self.workload(pid),
                 gpus: self.gpus(pid),
@@ -385,8 +377,12 @@ struct Job {
     procfs: ProcFs,
     pid: u32,
     kind: &'static str,
-    /// Tried in order; the first that answers 200 wins.
-    addrs: Vec<SocketAddr>,
+    /// Where it answered last: tried first, alone while it answers. The server's listening
+    /// sockets are read only when it does not (reading them walks the node's whole TCP table,
+    /// every round before).
+    known: Option<SocketAddr>,
+    /// Its command line (the `--port` preferred among its listening sockets).
+    argv: Vec<String>,
     config: ScrapeConfig,
     workload: crate::labels::WorkloadLabels,
     gpus: Vec<u32>,
@@ -450,7 +446,33 @@ impl Job {
     ) {
         let timeout = Duration::from_millis(self.config.timeout_ms);
         let mut first: Option<(SocketAddr, &'static str, String)> = None;
-        for &addr in &self.addrs {
+        let mut addrs: Vec<SocketAddr> = self.known.into_iter().collect();
+        let mut looked = false;
+        let mut next = 0;
+        loop {
+            if next == addrs.len() {
+                if looked {
+                    break;
+                }
+                looked = true;
+                let (p, pid, argv) = (self.procfs.clone(), self.pid, self.argv.clone());
+                let found = tokio::task::spawn_blocking(move || target::candidates(&p, pid, &argv))
+                    .await
+                    .unwrap_or_default();
+                for a in found {
+                    if addrs.len() >= MAX_CANDIDATES {
+                        break;
+                    }
+                    if !addrs.contains(&a) {
+                        addrs.push(a);
+                    }
+                }
+                if next == addrs.len() {
+                    break;
+                }
+            }
+            let addr = addrs[next];
+            next += 1;
             let (p, pid) = (self.procfs.clone(), self.pid);
             let stream =
                 tokio::task::spawn_blocking(move || target::connect(&p, pid, addr, timeout)).await;
@@ -525,5 +547,67 @@ impl Stage {
                 tracing::error!(error = %e, "scraper panicked");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A server of this process answering `/metrics` on a port of its own, once per connection.
+    fn metrics_server() -> SocketAddr {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for mut s in listener.incoming().flatten() {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf);
+                let body = "# TYPE up gauge\nup 1\n";
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        addr
+    }
+
+    /// A scrape of this process; its command line names `port` (other tests of the process
+    /// may listen too: the named port is tried first).
+    fn job(known: Option<SocketAddr>, port: u16) -> Job {
+        Job {
+            procfs: ProcFs::new("/proc"),
+            pid: std::process::id(),
+            kind: "vllm",
+            known,
+            argv: vec!["--port".into(), port.to_string()],
+            config: ScrapeConfig {
+                timeout_ms: 2000,
+                ..ScrapeConfig::default()
+            },
+            workload: Default::default(),
+            gpus: Vec::new(),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn where_it_answered_last_is_tried_alone_then_its_sockets_are_read_again() {
+        let server = metrics_server();
+        // Unknown: found among the process's listening sockets.
+        let (addr, body, _) = job(None, server.port()).fetch().await;
+        assert_eq!(addr, Some(server));
+        assert!(body.unwrap().contains("up 1"));
+        // Known and answering: the only address tried.
+        let (addr, body, _) = job(Some(server), server.port()).fetch().await;
+        assert_eq!((addr, body.is_ok()), (Some(server), true));
+        // Known but gone (a restart on another port): the sockets are read again.
+        let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let gone_addr = gone.local_addr().unwrap();
+        drop(gone);
+        let (addr, body, _) = job(Some(gone_addr), server.port()).fetch().await;
+        assert_eq!(addr, Some(server));
+        assert!(body.unwrap().contains("up 1"));
     }
 }
