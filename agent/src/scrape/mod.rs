@@ -115,7 +115,14 @@ struct Target {
     up: Option<ScrapeTargetLabels>,
     /// Scrapes failed in a row (logged once, at [`WARN_AFTER`]).
     failures: u32,
+    /// Its listening sockets as last read, and when: a server without a `/metrics` that
+    /// answers has them read again every [`LISTENING_FRESH`], not every round.
+    listening: Option<(Instant, Vec<SocketAddr>)>,
 }
+
+/// How long the listening sockets of a server that has not answered yet are used before
+/// they are read again.
+const LISTENING_FRESH: Duration = Duration::from_secs(30);
 
 /// Failed scrapes in a row before a warning: a server loading its model does not listen yet.
 const WARN_AFTER: u32 = 4;
@@ -141,6 +148,8 @@ struct Outcome {
     took: Duration,
     workload: crate::labels::WorkloadLabels,
     gpus: Vec<u32>,
+    /// The server's listening sockets, when this scrape read them.
+    listening: Option<Vec<SocketAddr>>,
 }
 
 impl Scraper {
@@ -240,6 +249,7 @@ impl Scraper {
                     addr: None,
                     up: None,
                     failures: 0,
+                    listening: None,
                 }
             });
             let job = Job {
@@ -248,6 +258,11 @@ impl Scraper {
                 kind: target.kind,
                 known: target.addr,
                 argv: target.argv.clone(),
+                listening: target
+                    .listening
+                    .as_ref()
+                    .filter(|(at, _)| at.elapsed() < LISTENING_FRESH)
+                    .map(|(_, l)| l.clone()),
                 config: self.config.clone(),
                 workload: self.workload(pid),
                 gpus: self.gpus(pid),
@@ -266,6 +281,9 @@ impl Scraper {
         let Some(t) = self.targets.get_mut(&o.pid) else {
             return;
         };
+        if let Some(l) = &o.listening {
+            t.listening = Some((Instant::now(), l.clone()));
+        }
         let m = &self.metrics;
         let count = |server: &str, reason: &'static str| {
             m.scrape_errors
@@ -383,6 +401,8 @@ struct Job {
     known: Option<SocketAddr>,
     /// Its command line (the `--port` preferred among its listening sockets).
     argv: Vec<String>,
+    /// Its listening sockets from a recent look, used while it has not answered anywhere.
+    listening: Option<Vec<SocketAddr>>,
     config: ScrapeConfig,
     workload: crate::labels::WorkloadLabels,
     gpus: Vec<u32>,
@@ -391,7 +411,12 @@ struct Job {
 impl Job {
     async fn run(self) -> Outcome {
         let start = Instant::now();
-        let (addr, body, detail) = self.fetch().await;
+        let Fetched {
+            addr,
+            body,
+            detail,
+            listening,
+        } = self.fetch().await;
         let (pid, mut kind) = (self.pid, self.kind);
         let workload = self.workload.clone();
         let gpus = self.gpus.clone();
@@ -433,20 +458,16 @@ impl Job {
             took: start.elapsed(),
             workload: self.workload,
             gpus: self.gpus,
+            listening,
         }
     }
 
     /// The body from the first address that answers; else the first address's failure.
-    async fn fetch(
-        &self,
-    ) -> (
-        Option<SocketAddr>,
-        Result<String, &'static str>,
-        Option<String>,
-    ) {
+    async fn fetch(&self) -> Fetched {
         let timeout = Duration::from_millis(self.config.timeout_ms);
         let mut first: Option<(SocketAddr, &'static str, String)> = None;
         let mut addrs: Vec<SocketAddr> = self.known.into_iter().collect();
+        let mut listening = None;
         let mut looked = false;
         let mut next = 0;
         loop {
@@ -455,10 +476,20 @@ impl Job {
                     break;
                 }
                 looked = true;
-                let (p, pid, argv) = (self.procfs.clone(), self.pid, self.argv.clone());
-                let found = tokio::task::spawn_blocking(move || target::candidates(&p, pid, &argv))
-                    .await
-                    .unwrap_or_default();
+                // A server that has not answered yet keeps its sockets of a recent look; one
+                // that stopped answering where it did may have restarted elsewhere.
+                let found = match (&self.listening, self.known) {
+                    (Some(recent), None) => recent.clone(),
+                    _ => {
+                        let (p, pid, argv) = (self.procfs.clone(), self.pid, self.argv.clone());
+                        let found =
+                            tokio::task::spawn_blocking(move || target::candidates(&p, pid, &argv))
+                                .await
+                                .unwrap_or_default();
+                        listening = Some(found.clone());
+                        found
+                    }
+                };
                 for a in found {
                     if addrs.len() >= MAX_CANDIDATES {
                         break;
@@ -490,21 +521,43 @@ impl Job {
                 Err(e) => Err(("connect", chain(&e))),
             };
             match body {
-                Ok(body) => return (Some(addr), Ok(body), None),
+                Ok(body) => {
+                    return Fetched {
+                        addr: Some(addr),
+                        body: Ok(body),
+                        detail: None,
+                        listening,
+                    }
+                }
                 Err((reason, detail)) => {
                     first.get_or_insert((addr, reason, detail));
                 }
             }
         }
-        match first {
-            Some((addr, reason, detail)) => (Some(addr), Err(reason), Some(detail)),
+        let (addr, reason, detail) = match first {
+            Some((addr, reason, detail)) => (Some(addr), reason, detail),
             None => (
                 None,
-                Err("no_port"),
-                Some("no listening TCP port found for the server".into()),
+                "no_port",
+                "no listening TCP port found for the server".into(),
             ),
+        };
+        Fetched {
+            addr,
+            body: Err(reason),
+            detail: Some(detail),
+            listening,
         }
     }
+}
+
+/// What [`Job::fetch`] got: the body from the first address that answered (else the first
+/// address's failure), and the server's listening sockets when it read them.
+struct Fetched {
+    addr: Option<SocketAddr>,
+    body: Result<String, &'static str>,
+    detail: Option<String>,
+    listening: Option<Vec<SocketAddr>>,
 }
 
 /// The running scraper task.
@@ -583,6 +636,7 @@ mod tests {
             kind: "vllm",
             known,
             argv: vec!["--port".into(), port.to_string()],
+            listening: None,
             config: ScrapeConfig {
                 timeout_ms: 2000,
                 ..ScrapeConfig::default()
@@ -595,19 +649,36 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn where_it_answered_last_is_tried_alone_then_its_sockets_are_read_again() {
         let server = metrics_server();
-        // Unknown: found among the process's listening sockets.
-        let (addr, body, _) = job(None, server.port()).fetch().await;
-        assert_eq!(addr, Some(server));
-        assert!(body.unwrap().contains("up 1"));
-        // Known and answering: the only address tried.
-        let (addr, body, _) = job(Some(server), server.port()).fetch().await;
-        assert_eq!((addr, body.is_ok()), (Some(server), true));
+        let port = server.port();
+        // Unknown: found among the process's listening sockets, which it says it read.
+        let got = job(None, port).fetch().await;
+        assert_eq!(got.addr, Some(server));
+        assert!(got.body.unwrap().contains("up 1"));
+        assert_eq!(
+            got.listening.as_deref().and_then(|l| l.first()),
+            Some(&server)
+        );
+        // Known and answering: the only address tried, no socket read.
+        let got = job(Some(server), port).fetch().await;
+        assert_eq!((got.addr, got.body.is_ok()), (Some(server), true));
+        assert_eq!(got.listening, None);
         // Known but gone (a restart on another port): the sockets are read again.
         let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let gone_addr = gone.local_addr().unwrap();
         drop(gone);
-        let (addr, body, _) = job(Some(gone_addr), server.port()).fetch().await;
-        assert_eq!(addr, Some(server));
-        assert!(body.unwrap().contains("up 1"));
+        let got = job(Some(gone_addr), port).fetch().await;
+        assert_eq!(got.addr, Some(server));
+        assert!(got.body.unwrap().contains("up 1"));
+        assert!(got.listening.is_some());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_server_not_answered_yet_is_tried_on_its_recently_read_sockets() {
+        let (named, other) = (metrics_server(), metrics_server());
+        // Sockets read a moment ago hold `other` only; a fresh read would try `named` first.
+        let mut j = job(None, named.port());
+        j.listening = Some(vec![other]);
+        let got = j.fetch().await;
+        assert_eq!((got.addr, got.listening), (Some(other), None));
     }
 }
