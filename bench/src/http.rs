@@ -45,6 +45,9 @@ pub struct HttpCost {
     pub server_cpu_added_us: (f64, f64),
     /// The agent's CPU over the phases with it, as a share of one core.
     pub agent_share: f64,
+    /// The agent's CPU at rest (the server watched, no request) before each phase, as a
+    /// share of one core: what does not grow with the rate.
+    pub agent_rest_share: f64,
     /// Requests the agent counted / sent in the phases with it; its lost http records.
     pub agent_requests: (u64, u64),
     pub agent_tokens: u64,
@@ -399,6 +402,9 @@ pub fn measure_grpc(
     )
 }
 
+/// How long the agent's CPU is read at rest, before each phase with it.
+const REST: Duration = Duration::from_secs(1);
+
 /// Without and with the agent, in interleaved rounds (without, with, without, with, ...) so
 /// that drift on the machine falls on both alike.
 #[expect(
@@ -426,6 +432,7 @@ fn interleaved(
     // Per round: the server's CPU per request without and with, ns.
     let mut round_added: Vec<f64> = Vec::with_capacity(rounds);
     let (mut agent_cpu, mut agent_wall) = (0u64, Duration::ZERO);
+    let (mut rest_cpu, mut rest_wall) = (0u64, Duration::ZERO);
     let (mut counted, mut agent_tokens, mut lost, mut events) = (0u64, 0u64, 0u64, 0u64);
     for _ in 0..rounds {
         let mut per_request = [0f64; 2];
@@ -439,6 +446,10 @@ fn interleaved(
                 })
                 .with_context(|| a.log())?;
                 std::thread::sleep(SETTLE);
+                let (cpu, at) = (a.cpu_ns()?, std::time::Instant::now());
+                std::thread::sleep(REST);
+                rest_cpu += a.cpu_ns()? - cpu;
+                rest_wall += at.elapsed();
                 Some(a)
             } else {
                 None
@@ -504,6 +515,7 @@ fn interleaved(
         ),
         server_cpu_added_us: (mean / 1e3, stderr / 1e3),
         agent_share: agent_cpu as f64 / agent_wall.as_nanos().max(1) as f64,
+        agent_rest_share: rest_cpu as f64 / rest_wall.as_nanos().max(1) as f64,
         agent_requests: (counted, n as u64),
         agent_tokens,
         agent_lost: lost,

@@ -299,6 +299,12 @@ fn http_table(s: &mut String, h: &crate::http::HttpCost) {
     );
     let _ = writeln!(
         s,
+        "| agent CPU at rest (the server watched, no request; share of one core); per 1,000 requests/s above it | | {:.2} %; {:.1} % | | | |",
+        h.agent_rest_share * 100.0,
+        (h.agent_share - h.agent_rest_share).max(0.0) / (h.rps.1 / 1000.0) * 100.0
+    );
+    let _ = writeln!(
+        s,
         "| agent: requests counted / sent; output tokens; http records (lost) | | {}/{}; {}; {} (lost {}) | | all, zero loss | {} |",
         thousands(h.agent_requests.0),
         thousands(h.agent_requests.1),
@@ -520,7 +526,8 @@ line). Client latency is send → last byte of the response, TTFT send → first
 both read on the client's monotonic clock; throughput is requests over the phases' wall time; \
 server and agent CPU from their processes' CPU clocks (`clock_getcpuclockid`: the scheduler's \
 nanoseconds, every thread) over the phases (the agent's from 1 s after it found the server, \
-past its start, until 300 ms after the phase, with no scrape in between), and what the agent \
+past its start, until 300 ms after the phase, with no scrape in between; at rest over the \
+second before the phase, the server watched and idle), and what the agent \
 adds to the server's CPU per request as the mean over the rounds of (with − without) with its \
 standard error. The same \
 load goes to a gRPC server (`tonic-llm`, server-streaming calls on one channel) and to a C \
@@ -766,7 +773,8 @@ mean over the rounds of what each round added, read from the server's CPU clock)
 syscall tracepoints run in its context: \
 {:.0} http records per request, one per `read`/`write`/`writev` call), and the agent used \
 {:.1} % of a core at {:.0} requests/s, i.e. {:.1} % of a core per 1,000 requests/s of \
-{} token events each. On 2 cores shared by the clients, the server and the agent, the \
+{} token events each ({:.2} % of a core at rest with the server watched, {:.1} % per \
+1,000 requests/s above that: at this rate its fixed wakeups weigh on the figure). On 2 cores shared by the clients, the server and the agent, the \
 latency differences move by a few percent either way from run to run (p50 as well as p99); \
 the server's CPU per request is the steadier measure of the cost. The agent counted {}/{} \
 requests with {} lost records.",
@@ -788,6 +796,8 @@ requests with {} lost records.",
         h.rps.1,
         h.agent_share / (h.rps.1 / 1000.0) * 100.0,
         h.tokens,
+        h.agent_rest_share * 100.0,
+        (h.agent_share - h.agent_rest_share).max(0.0) / (h.rps.1 / 1000.0) * 100.0,
         thousands(h.agent_requests.0),
         thousands(h.agent_requests.1),
         h.agent_lost,
