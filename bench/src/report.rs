@@ -774,7 +774,7 @@ syscall tracepoints run in its context: \
 {:.0} http records per request, one per `read`/`write`/`writev` call), and the agent used \
 {:.1} % of a core at {:.0} requests/s, i.e. {:.1} % of a core per 1,000 requests/s of \
 {} token events each ({:.2} % of a core at rest with the server watched, {:.1} % per \
-1,000 requests/s above that: at this rate its fixed wakeups weigh on the figure). On 2 cores shared by the clients, the server and the agent, the \
+1,000 requests/s above that). On 2 cores shared by the clients, the server and the agent, the \
 latency differences move by a few percent either way from run to run (p50 as well as p99); \
 the server's CPU per request is the steadier measure of the cost. The agent counted {}/{} \
 requests with {} lost records.",
