@@ -719,6 +719,39 @@ mod tests {
     }
 
     #[test]
+    fn the_board_rings_its_wake_when_a_process_joins_or_leaves() {
+        let readable = |w: &crate::wake::Wake| {
+            use std::os::fd::AsRawFd;
+            let mut pfd = libc::pollfd {
+                fd: w.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one pollfd, valid for the call.
+            let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+            w.clear();
+            n > 0
+        };
+        let board = ServerBoard::default();
+        let wake = std::sync::Arc::new(crate::wake::Wake::new().unwrap());
+        board.wake_on_change(wake.clone());
+        let one: HashMap<u32, Server> = [(7, by_port(&[]))].into();
+        let two: HashMap<u32, Server> = [(7, by_port(&[])), (8, by_port(&[]))].into();
+        let other: HashMap<u32, Server> = [(9, by_port(&[]))].into();
+        board.publish(&one);
+        assert!(readable(&wake), "joined");
+        board.publish(&one);
+        assert!(!readable(&wake), "the same processes");
+        board.publish(&two);
+        assert!(readable(&wake), "another joined");
+        board.publish(&one);
+        assert!(readable(&wake), "one left");
+        board.publish(&other);
+        assert!(readable(&wake), "as many, not the same");
+        assert_eq!(board.generation(), 5);
+    }
+
+    #[test]
     fn a_server_found_by_port_takes_its_model_from_its_command_line() {
         let s = by_port(&v(
             "python3 server.py --port 9000 --model org/m --revision r7 --tensor-parallel-size 2",
