@@ -26,76 +26,45 @@ pub fn skim(json: &[u8]) -> Skimmed<EventInfo> {
     if s.peek()? != b'{' {
         return None;
     }
-    let mut once = Once::default();
     let mut output = false;
-    let mut token = None;
-    let mut usage = None;
+    let mut token = false;
+    let mut usage = Usage::default();
     let mut generated = None;
     let mut error = false;
-    s.object(|s, key| {
-        match key {
-            b"choices" => {
-                once.first(0)?;
-                if !s.null()? {
-                    s.array(|s| {
-                        output |= s.choice()?;
-                        Some(())
-                    })?;
-                }
+    s.fields(
+        &[b"choices", b"token", b"usage", b"details", b"error"],
+        1,
+        |s, field| {
+            if s.null()? {
+                return Some(());
             }
-            b"token" => {
-                once.first(1)?;
-                if !s.null()? {
-                    token = Some(s.token()?);
-                }
-            }
-            b"usage" => {
-                once.first(2)?;
-                if !s.null()? {
-                    usage = Some(s.usage()?);
-                }
-            }
-            b"details" => {
-                once.first(3)?;
-                if !s.null()? {
-                    generated = s.details()?;
-                }
-            }
-            b"error" => {
-                once.first(4)?;
-                if !s.null()? {
+            match field {
+                0 => s.array(|s| {
+                    output |= s.choice()?;
+                    Some(())
+                })?,
+                1 => token = s.token()?,
+                2 => usage = s.usage()?,
+                3 => generated = s.details()?,
+                _ => {
                     s.skip(1)?;
                     error = true;
                 }
             }
-            _ => s.skip(1)?,
-        }
-        Some(())
-    })?;
+            Some(())
+        },
+    )?;
     s.ws();
     if s.i != s.b.len() {
         return None;
     }
-    let mut usage = usage.unwrap_or_default();
     usage.completion = usage.completion.or(generated);
     Some(EventInfo {
-        token: output || token.unwrap_or(false),
+        token: output || token,
         usage,
         done: false,
         error,
     })
-}
-
-/// serde's derived structs refuse a field given twice: seen here, the reading falls back.
-#[derive(Default)]
-struct Once(u8);
-
-impl Once {
-    fn first(&mut self, bit: u8) -> Skimmed<()> {
-        let seen = self.0 & (1 << bit) != 0;
-        self.0 |= 1 << bit;
-        (!seen).then_some(())
-    }
 }
 
 /// Where the run of plain string bytes from `i` ends: at a quote, a backslash or a control
@@ -316,72 +285,64 @@ impl<'a> Cursor<'a> {
         }
     }
 
+    /// `{ … }` whose fields named in `known` are read by `value` (with the name's index),
+    /// each at most once (serde's derived structs refuse a field given twice: the reading falls
+    /// back), every other field skipped at `depth`.
+    fn fields(
+        &mut self,
+        known: &[&[u8]],
+        depth: u32,
+        mut value: impl FnMut(&mut Self, usize) -> Skimmed<()>,
+    ) -> Skimmed<()> {
+        let mut seen = 0u32;
+        self.object(|s, key| match known.iter().position(|k| *k == key) {
+            Some(field) if seen & (1 << field) == 0 => {
+                seen |= 1 << field;
+                value(s, field)
+            }
+            Some(_) => None,
+            None => s.skip(depth),
+        })
+    }
+
     /// One of OpenAI's `choices`: whether it carries output (text, reasoning or tool calls).
     fn choice(&mut self) -> Skimmed<bool> {
-        let mut once = Once::default();
         let mut any = false;
-        self.object(|s, key| {
-            match key {
-                b"text" => {
-                    once.first(0)?;
-                    any |= s.nonempty()?;
-                }
-                b"delta" => {
-                    once.first(1)?;
-                    if !s.null()? {
-                        any |= s.delta()?;
-                    }
-                }
-                _ => s.skip(2)?,
-            }
+        self.fields(&[b"text", b"delta"], 2, |s, field| {
+            any |= match field {
+                0 => s.nonempty()?,
+                _ => !s.null()? && s.delta()?,
+            };
             Some(())
         })?;
         Some(any)
     }
 
     fn delta(&mut self) -> Skimmed<bool> {
-        let mut once = Once::default();
         let mut any = false;
-        self.object(|s, key| {
-            match key {
-                b"content" => {
-                    once.first(0)?;
+        self.fields(
+            &[b"content", b"reasoning_content", b"tool_calls"],
+            3,
+            |s, field| {
+                if field < 2 {
                     any |= s.nonempty()?;
+                } else if !s.null()? {
+                    s.skip(3)?;
+                    any = true;
                 }
-                b"reasoning_content" => {
-                    once.first(1)?;
-                    any |= s.nonempty()?;
-                }
-                b"tool_calls" => {
-                    once.first(2)?;
-                    if !s.null()? {
-                        s.skip(3)?;
-                        any = true;
-                    }
-                }
-                _ => s.skip(3)?,
-            }
-            Some(())
-        })?;
+                Some(())
+            },
+        )?;
         Some(any)
     }
 
     /// TGI's `token`: whether it is output (non-special, non-empty text).
     fn token(&mut self) -> Skimmed<bool> {
-        let mut once = Once::default();
-        let mut text = false;
-        let mut special = false;
-        self.object(|s, key| {
-            match key {
-                b"text" => {
-                    once.first(0)?;
-                    text = s.nonempty()?;
-                }
-                b"special" => {
-                    once.first(1)?;
-                    special = s.boolean()?;
-                }
-                _ => s.skip(2)?,
+        let (mut text, mut special) = (false, false);
+        self.fields(&[b"text", b"special"], 2, |s, field| {
+            match field {
+                0 => text = s.nonempty()?,
+                _ => special = s.boolean()?,
             }
             Some(())
         })?;
@@ -389,19 +350,11 @@ impl<'a> Cursor<'a> {
     }
 
     fn usage(&mut self) -> Skimmed<Usage> {
-        let mut once = Once::default();
         let mut usage = Usage::default();
-        self.object(|s, key| {
-            match key {
-                b"prompt_tokens" => {
-                    once.first(0)?;
-                    usage.prompt = s.count()?;
-                }
-                b"completion_tokens" => {
-                    once.first(1)?;
-                    usage.completion = s.count()?;
-                }
-                _ => s.skip(2)?,
+        self.fields(&[b"prompt_tokens", b"completion_tokens"], 2, |s, field| {
+            match field {
+                0 => usage.prompt = s.count()?,
+                _ => usage.completion = s.count()?,
             }
             Some(())
         })?;
@@ -410,15 +363,9 @@ impl<'a> Cursor<'a> {
 
     /// TGI's `details`: its `generated_tokens`.
     fn details(&mut self) -> Skimmed<Option<u64>> {
-        let mut once = Once::default();
         let mut generated = None;
-        self.object(|s, key| {
-            if key == b"generated_tokens" {
-                once.first(0)?;
-                generated = s.count()?;
-            } else {
-                s.skip(2)?;
-            }
+        self.fields(&[b"generated_tokens"], 2, |s, _| {
+            generated = s.count()?;
             Some(())
         })?;
         Some(generated)
