@@ -234,7 +234,7 @@ pub async fn run(
         sinks.logs.clone(),
     );
     let scraper = w.start_scrape(&http_stage, servers.clone(), &attributor);
-    let readers = w.start_readers(probes.rings, batch_tx, &http_stage);
+    let readers = w.start_readers(probes.rings, batch_tx, &http_stage, requests.asked());
     let request_source = forensics::requests::RequestSource {
         log: requests,
         servers: servers.clone(),
@@ -538,6 +538,7 @@ impl Wiring<'_> {
         rings: Rings,
         tracker: queue::Sender<track::Input>,
         http: &crate::http::Stage,
+        asked: Arc<tokio::sync::Notify>,
     ) -> Readers {
         let poll = Duration::from_millis(self.config.probes.poll_interval_ms);
         let awake = u64::from(self.config.probes.ring_buffer_bytes / 4);
@@ -560,6 +561,7 @@ impl Wiring<'_> {
                 self.stop.clone(),
                 self.health.heartbeat("http-ingest", health::QUICK),
                 http_mark,
+                Some(asked),
             ))
         });
         let events = tokio::spawn(ingest::run(
@@ -571,6 +573,7 @@ impl Wiring<'_> {
             self.stop.clone(),
             self.health.heartbeat("ingest", health::QUICK),
             events_mark,
+            None,
         ));
         Readers { events, http }
     }

@@ -247,7 +247,7 @@ mod tests {
         assert_eq!(c.probes.shed_cooldown_secs, 60);
         assert_eq!(c.probes.http_budget_core_share, 0.05);
         assert_eq!(c.probes.poll_interval_ms, 5);
-        assert_eq!(c.probes.http_poll_interval_ms, 50);
+        assert_eq!(c.probes.http_poll_interval_ms, 200);
         assert!(
             !c.probes.run_time_stats,
             "no tax on the node's other BPF programs by default"

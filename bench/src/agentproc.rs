@@ -17,8 +17,8 @@ use prom_scrape::http_get;
 /// start (the other families' loading, the first discovery rounds) is not what requests cost.
 pub const SETTLE: Duration = Duration::from_secs(1);
 /// How long after a phase its CPU is read again: its `http` reader drains within a poll
-/// interval (`probes.http_poll_interval_ms`, 50 ms), and no scrape happens meanwhile.
-pub const DRAIN: Duration = Duration::from_millis(300);
+/// interval (`probes.http_poll_interval_ms`, 200 ms), and no scrape happens meanwhile.
+pub const DRAIN: Duration = Duration::from_millis(400);
 
 /// A sibling binary of this one (`target/release/<name>`), built by `cargo xtask bench`.
 pub fn sibling_bin(name: &str) -> anyhow::Result<PathBuf> {

@@ -305,7 +305,7 @@ pub fn measure(
             }
             std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "0")?;
         }
-        // Its reader drains within a poll interval (50 ms); no scrape meanwhile, whose
+        // Its reader drains within a poll interval (200 ms); no scrape meanwhile, whose
         // rendering is not what a request costs.
         std::thread::sleep(DRAIN);
         let cpu1 = agent.cpu_ns()?;
@@ -427,8 +427,8 @@ pub fn table(c: &CaptureCost) -> String {
         "\nThe agent's phases ran at {:.0} requests/s ({:.0} captured calls/s). Its CPU per \
          request here is its work per record (decode, the HTTP/1.1 and SSE parsers, one JSON \
          parse per token event) and grows with the rate; the wire-timing sections' \"per 1,000 \
-         requests/s\" come from about 200 requests/s, where the reader's fixed polling (a 50 ms \
-         timer while records come) and colder caches weigh more per request. The programs' time per \
+         requests/s\" come from about 200 requests/s, where each of the reader's polls (every \
+         200 ms while records come) finds fewer records and the agent's code and state colder. The programs' time per \
          captured call is almost all fixed per call rather than per byte: reading the caller's \
          buffer (`bpf_probe_read_user`, the same for 16 bytes as for 150 on this VM), the \
          connection lookup, the clock and the ring output, each a helper call under this \

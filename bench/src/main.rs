@@ -330,7 +330,10 @@ fn main() {
             for measure in measures {
                 let g = measure(
                     &Variant::Nop5.lib_path(),
-                    sizes.http_requests,
+                    std::env::var("BENCH_HTTP_REQUESTS")
+                        .ok()
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(sizes.http_requests),
                     sizes.http_concurrency,
                     sizes.http_tokens,
                 )?;

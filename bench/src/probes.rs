@@ -177,6 +177,7 @@ impl Pipeline {
             inferscope::health::Heartbeat::default(),
             // Busy throughout: a reader asleep after a quiet spell would change nothing here.
             None,
+            None,
         ));
         let history = Arc::new(GpuHistory::new(config.nvml.history_secs));
         let tracker = Tracker::new(

@@ -57,10 +57,7 @@ impl RequestSource {
         }
         // Requests that arrived just before the failure are in the log once it was
         // refreshed after it.
-        let waited = Instant::now();
-        while self.log.live_ns() < t_ns && waited.elapsed() < FRESH_WAIT {
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.fresh(t_ns);
         let window = self.trigger_window.as_nanos() as u64;
         let records = self.log.in_flight_at(&servers, t_ns);
         let mut in_flight: Vec<RequestRow> = records.iter().map(|r| row(r, t_ns)).collect();
@@ -160,12 +157,23 @@ impl RequestSource {
         }
     }
 
+    /// Waits until the log holds every request the probes saw before `t_ns` (CLOCK_MONOTONIC),
+    /// asking for it rather than waiting for the reader's poll, at most [`FRESH_WAIT`].
+    fn fresh(&self, t_ns: u64) {
+        let waited = Instant::now();
+        while self.log.live_ns() < t_ns && waited.elapsed() < FRESH_WAIT {
+            self.log.ask_fresh();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// Once the window after the failure at `t_ns` has passed: how each request in flight
     /// ended, and every request of the servers that failed in the window. Returns how many
     /// failed.
     pub fn after_failure(&self, r: &mut Requests, records: &[RequestRecord], t_ns: u64) -> usize {
         let servers: HashSet<u32> = r.servers.iter().copied().collect();
         let end = t_ns.saturating_add(self.after.as_nanos() as u64);
+        self.fresh(end.min(crate::clock::monotonic_ns()));
         let ended = self.log.ended_between(&servers, t_ns, end);
         for (row, was) in r.in_flight.iter_mut().zip(records) {
             let same = |x: &&RequestRecord| {

@@ -71,6 +71,9 @@ struct Inner {
 
 pub struct RequestLog {
     inner: Mutex<Inner>,
+    /// Rung by a reader of the log that needs it fresh: the `http` ring's reader drains at
+    /// once instead of at its next poll.
+    asked: std::sync::Arc<tokio::sync::Notify>,
     retention_ns: u64,
     max_finished: usize,
     /// Finished requests given up before their retention ended (the bound was reached).
@@ -90,6 +93,7 @@ impl RequestLog {
                 live: Vec::new(),
                 finished: VecDeque::new(),
             }),
+            asked: Default::default(),
             retention_ns: retention.as_nanos() as u64,
             max_finished,
             dropped,
@@ -102,16 +106,28 @@ impl RequestLog {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The requests in flight at `now_ns`.
-    pub fn set_live(&self, now_ns: u64, live: Vec<RequestRecord>) {
+    /// The requests in flight as of `through_ns`: every record the probes committed before
+    /// it had been applied.
+    pub fn set_live(&self, through_ns: u64, live: Vec<RequestRecord>) {
         let mut i = self.lock();
-        i.live_ns = now_ns;
+        i.live_ns = through_ns;
         i.live = live;
     }
 
-    /// When the requests in flight were last refreshed.
+    /// As of when the requests in flight were last refreshed.
     pub fn live_ns(&self) -> u64 {
         self.lock().live_ns
+    }
+
+    /// Asks for the requests in flight as of now: the ring is read and they are published
+    /// without waiting for the reader's poll or the tracker's [`LIVE_EVERY`].
+    pub fn ask_fresh(&self) {
+        self.asked.notify_one();
+    }
+
+    /// What [`Self::ask_fresh`] rings: the `http` ring's reader waits on it.
+    pub fn asked(&self) -> std::sync::Arc<tokio::sync::Notify> {
+        self.asked.clone()
     }
 
     pub fn finished(&self, r: RequestRecord) {

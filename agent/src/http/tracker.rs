@@ -47,6 +47,14 @@ pub enum Input {
     },
     /// Each GPU's use over NVML's last sampling interval, to split between the models.
     GpuUsage(Vec<crate::gpu::GpuUsage>),
+    /// The ring was drained up to then: the records before have all come.
+    Drained(crate::ingest::Drained),
+}
+
+impl From<crate::ingest::Drained> for Input {
+    fn from(d: crate::ingest::Drained) -> Self {
+        Input::Drained(d)
+    }
 }
 
 impl From<Batch> for Input {
@@ -77,7 +85,7 @@ impl crate::queue::Weigh for Input {
                             .map(|name| name.as_ref().map_or(0, String::capacity))
                             .sum::<usize>()
                 }
-                Input::Paused { .. } | Input::Resumed { .. } => 0,
+                Input::Paused { .. } | Input::Resumed { .. } | Input::Drained(_) => 0,
                 Input::GpuUsage(usage) => usage
                     .iter()
                     .map(|u| {
@@ -164,6 +172,11 @@ pub struct HttpTracker {
     requests: Option<Arc<super::requests::RequestLog>>,
     /// The client of the connection whose output is flushed next.
     client: Option<std::net::SocketAddr>,
+    /// Every record committed before this (CLOCK_MONOTONIC ns) has been read: what the
+    /// requests in flight are published as of.
+    through_ns: u64,
+    /// Someone waits for the requests in flight as of a drain just done (a forensic report).
+    publish_now: bool,
 }
 
 impl HttpTracker {
@@ -193,6 +206,8 @@ impl HttpTracker {
             procfs: None,
             requests: None,
             client: None,
+            through_ns: 0,
+            publish_now: false,
         }
     }
 
@@ -202,8 +217,9 @@ impl HttpTracker {
         self
     }
 
-    /// Refreshes the requests in flight in the request log.
-    pub fn publish_live(&self, now_ns: u64) {
+    /// Publishes the requests in flight, as of the last drain of the ring.
+    pub fn publish_live(&mut self) {
+        self.publish_now = false;
         let Some(log) = &self.requests else {
             return;
         };
@@ -218,7 +234,7 @@ impl HttpTracker {
                 live.push(self.record_of(*tgid, x, self.models.label(&name), t.peer, false));
             });
         }
-        log.set_live(now_ns, live);
+        log.set_live(self.through_ns, live);
     }
 
     /// A request as the request log keeps it.
@@ -325,6 +341,10 @@ impl HttpTracker {
             Input::Paused { at_ns } => self.pause(at_ns),
             Input::Resumed { at_ns } => self.gap.resume(at_ns),
             Input::GpuUsage(usage) => self.gpu_usage(&usage),
+            Input::Drained(d) => {
+                self.through_ns = self.through_ns.max(d.at_ns);
+                self.publish_now |= d.asked;
+            }
         }
         self.http.connections.set(self.conns.len() as i64);
         self.http.state_bytes.set(self.state_bytes as i64);
@@ -902,8 +922,8 @@ pub async fn run(
             _ = tokio::time::sleep_until(published + super::requests::LIVE_EVERY), if changed => {}
         }
         changed = true;
-        if published.elapsed() >= super::requests::LIVE_EVERY {
-            t.publish_live(monotonic_ns());
+        if t.publish_now || published.elapsed() >= super::requests::LIVE_EVERY {
+            t.publish_live();
             published = tokio::time::Instant::now();
             changed = false;
         }
@@ -1342,5 +1362,51 @@ mod tests {
         );
         assert!(tx.offer(batch(64)));
         assert!(rx.bytes() <= 2 * 1024 * 1024);
+    }
+
+    /// The requests in flight are published as of the reader's drain, at once when someone
+    /// asked for the drain, else no sooner than `LIVE_EVERY` after the last publication (the
+    /// clock is paused: it never gets there here).
+    #[tokio::test(start_paused = true)]
+    async fn the_requests_in_flight_are_published_as_of_a_drain_at_once_when_asked() {
+        let log = Arc::new(super::super::requests::RequestLog::new(
+            Duration::from_secs(60),
+            100,
+            Default::default(),
+        ));
+        let (t, _) = tracker(Limits::default());
+        let mut t = t.with_requests(log.clone());
+        t.servers(HashMap::from([(7, Server::default())]));
+        let (tx, rx) = crate::queue::channel(1 << 20, Default::default());
+        let health = crate::health::Health::new();
+        let task = tokio::spawn(run(t, rx, health.heartbeat("t", Duration::from_secs(60))));
+        let settle = || async {
+            for _ in 0..1000 {
+                tokio::task::yield_now().await;
+            }
+        };
+        let head = b"POST /v1/completions HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}";
+        let drained = |at_ns, asked| Input::Drained(crate::ingest::Drained { at_ns, asked });
+        tx.send(Input::Records(vec![
+            accept(7, 3, S),
+            data(7, 3, 2 * S, true, head),
+        ]))
+        .await
+        .unwrap();
+        tx.send(drained(3 * S, false)).await.unwrap();
+        settle().await;
+        assert_eq!(log.live_ns(), 0, "published before LIVE_EVERY, unasked");
+        tx.send(drained(4 * S, true)).await.unwrap();
+        settle().await;
+        assert_eq!(log.live_ns(), 4 * S);
+        let live = log.in_flight_at(&HashSet::from([7]), 4 * S);
+        assert_eq!(live.len(), 1, "{live:?}");
+        assert_eq!(live[0].start_ns, 2 * S);
+        // An older drain (another reader's late marker) never moves it back.
+        tx.send(drained(S, true)).await.unwrap();
+        settle().await;
+        assert_eq!(log.live_ns(), 4 * S);
+        drop(tx);
+        task.await.unwrap();
     }
 }

@@ -10,10 +10,13 @@
 pub mod decode;
 mod http;
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use aya::maps::{MapData, RingBuf};
-use tokio::{io::unix::AsyncFd, sync::watch};
+use tokio::{
+    io::unix::AsyncFd,
+    sync::{watch, Notify},
+};
 
 pub use decode::{decode, decode_in, DecodeError, Decoded, Discovery, Event};
 pub use http::{Arena, HttpRecord};
@@ -54,10 +57,20 @@ impl WakeMark {
     }
 }
 
+/// What the `http` subscriber is told after a drain that read records or was asked for:
+/// every record committed before `at_ns` (CLOCK_MONOTONIC) has been sent ahead of this.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Drained {
+    pub at_ns: u64,
+    /// The drain was asked for (`asked` of [`run`]): someone waits to see it.
+    pub asked: bool,
+}
+
 /// Runs until `stop` turns true, then drains what is left and returns. [`Event`]s go to
-/// `events`, [`HttpRecord`]s to `http` (counted as dropped when it is None). Beats
-/// `heartbeat` at every poll. With `wake`, it sleeps without its timer after [`IDLE_POLLS`]
-/// empty polls.
+/// `events`, [`HttpRecord`]s to `http` (counted as dropped when it is None), each drain
+/// followed by a [`Drained`] there. Beats `heartbeat` at every poll. With `wake`, it sleeps
+/// without its timer after [`IDLE_POLLS`] empty polls. A notification on `asked` drains at
+/// once, between polls: a forensic report waits for the requests up to its failure.
 #[expect(
     clippy::too_many_arguments,
     reason = "the reader's inputs, named at the two calls"
@@ -71,10 +84,11 @@ pub async fn run<E, H>(
     mut stop: watch::Receiver<bool>,
     heartbeat: Heartbeat,
     mut wake: Option<WakeMark>,
+    asked: Option<Arc<Notify>>,
 ) -> std::io::Result<()>
 where
     E: From<Vec<Event>> + Weigh,
-    H: From<Vec<HttpRecord>> + Weigh,
+    H: From<Vec<HttpRecord>> + From<Drained> + Weigh,
 {
     // SAFETY: the ring buffer owns its fd and moves into the AsyncFd, which drops it last.
     let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }?;
@@ -84,6 +98,7 @@ where
     loop {
         heartbeat.beat();
         let wait = if asleep { IDLE_BEAT } else { poll };
+        let mut was_asked = false;
         let stopping = tokio::select! {
             guard = fd.readable_mut() => {
                 if let Ok(mut guard) = guard {
@@ -93,7 +108,12 @@ where
             }
             _ = tokio::time::sleep(wait) => false,
             _ = stop.changed() => true,
+            () = notified(asked.as_deref()) => {
+                was_asked = true;
+                false
+            }
         };
+        let at_ns = crate::clock::monotonic_ns();
         let mut read = drain(fd.get_mut(), &mut arena, &events, http.as_ref(), &metrics).await;
         if read.is_some_and(|n| n == 0) && !asleep {
             empty += 1;
@@ -104,6 +124,19 @@ where
                     asleep = w.set(1);
                     read = drain(fd.get_mut(), &mut arena, &events, http.as_ref(), &metrics).await;
                 }
+            }
+        }
+        if let (Some(tx), Some(n)) = (http.as_ref(), read) {
+            if (n > 0 || was_asked)
+                && tx
+                    .send(H::from(Drained {
+                        at_ns,
+                        asked: was_asked,
+                    }))
+                    .await
+                    .is_err()
+            {
+                read = None;
             }
         }
         if read.is_some_and(|n| n > 0) {
@@ -123,6 +156,13 @@ where
             heartbeat.done();
             return Ok(());
         }
+    }
+}
+
+async fn notified(asked: Option<&Notify>) {
+    match asked {
+        Some(n) => n.notified().await,
+        None => std::future::pending().await,
     }
 }
 
