@@ -73,7 +73,9 @@ impl Sizes {
             latency_pairs: 1000 / div as usize,
             processes: 100,
             allocs_per_process: 100,
-            http_requests: 2000 / div as usize,
+            // Phases of about 5 s at 200 requests/s: the agent in its steady state, not its
+            // first reads.
+            http_requests: 6000 / div as usize,
             http_concurrency: 32,
             http_tokens: 64,
             otlp_rounds: if quick { 5 } else { 21 },
@@ -309,7 +311,9 @@ fn main() {
         }
     }
     // `--tgi-only`, `--grpc-only`, `--tls-only`: only that server's wire-timing figures, printed.
-    // (`--tls-only`: both placements of the TLS probes.)
+    // (`--tls-only`: both placements of the TLS probes.) `BENCH_HTTP_REQUESTS=N` sends N
+    // requests per configuration in place of 6,000.
+    // The agent reads the bench's environment: `INFERSCOPE_*` settings apply to it.
     type Wire = fn(&std::path::Path, usize, usize, u64) -> anyhow::Result<http::HttpCost>;
     let wire_only: Option<Vec<Wire>> = if args.iter().any(|a| a == "--grpc-only") {
         Some(vec![http::measure_grpc])
