@@ -371,7 +371,7 @@ pub fn table(c: &CaptureCost) -> String {
          agent) is in it. Added: the \
          mean over the rounds of the per-round difference, ± its standard error. The agent's \
          CPU (its process CPU clock, every thread) from 1 s after it found the process until \
-         300 ms after the phase, with no scrape in between.\n\n",
+         400 ms after the phase, with no scrape in between.\n\n",
         c.requests, c.rounds
     );
     let (w, _) = mean_stderr(&c.without);

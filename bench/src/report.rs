@@ -526,7 +526,7 @@ line). Client latency is send → last byte of the response, TTFT send → first
 both read on the client's monotonic clock; throughput is requests over the phases' wall time; \
 server and agent CPU from their processes' CPU clocks (`clock_getcpuclockid`: the scheduler's \
 nanoseconds, every thread) over the phases (the agent's from 1 s after it found the server, \
-past its start, until 300 ms after the phase, with no scrape in between; at rest over the \
+past its start, until 400 ms after the phase, with no scrape in between; at rest over the \
 second before the phase, the server watched and idle), and what the agent \
 adds to the server's CPU per request as the mean over the rounds of (with − without) with its \
 standard error. The same \

@@ -21,6 +21,9 @@ import time
 
 import grpc
 
+# The server's protobuf writer (its script sits beside this one, on sys.path).
+from grpc_server import varint
+
 GENERATE = "/llm.Generator/Generate"
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 
@@ -128,17 +131,6 @@ def decode_request(size):
 
 # PrefillRequest { batch = 1 (Batch { id = 1; requests = 2 (Request { id = 1 }); size = 3 }) }
 PREFILL = bytes([0x0A, 0x08, 0x08, 0x00, 0x12, 0x02, 0x08, 0x01, 0x18, 0x01])
-
-
-def varint(n):
-    out = b""
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out += bytes([b | 0x80])
-        else:
-            return out + bytes([b])
 
 
 def decode(ch, size):
