@@ -32,6 +32,11 @@ pub const MAX_BATCH: usize = 4096;
 /// Bytes of the `http` family's records per batch (payloads up to 4 KiB each): a batch is
 /// a small share of its queue (`crate::http::QUEUE_BYTES`).
 pub const MAX_HTTP_BATCH_BYTES: usize = 1024 * 1024;
+/// Records of the `http` family per batch: its vector (about 80 KiB) stays below the
+/// allocator's `mmap` threshold, so it is reused from the heap, where one of 4,096 records was
+/// mapped and faulted in afresh at every batch; and the tracker starts on a batch while the
+/// reader still copies the next.
+pub const MAX_HTTP_BATCH: usize = 1024;
 
 pub type Batch = Vec<Event>;
 
@@ -184,13 +189,21 @@ where
         let mut batch = Vec::with_capacity(64);
         let mut http_batch = Vec::new();
         let mut http_bytes = 0;
-        while batch.len() + http_batch.len() < MAX_BATCH && http_bytes < MAX_HTTP_BATCH_BYTES {
+        let room = |batch: &Vec<Event>, http: &Vec<HttpRecord>, bytes: usize| {
+            batch.len() + http.len() < MAX_BATCH
+                && http.len() < MAX_HTTP_BATCH
+                && bytes < MAX_HTTP_BATCH_BYTES
+        };
+        while room(&batch, &http_batch, http_bytes) {
             let Some(item) = ring.next() else { break };
             read += 1;
             match decode_in(&item, arena) {
                 Ok(Decoded::Event(ev)) => batch.push(ev),
                 Ok(Decoded::Http(r)) if http.is_some() => {
                     http_bytes += item.len();
+                    if http_batch.capacity() == 0 {
+                        http_batch.reserve_exact(MAX_HTTP_BATCH);
+                    }
                     http_batch.push(r);
                 }
                 Ok(Decoded::Http(_)) => metrics.drop_reason("no_http_stage"),
@@ -199,8 +212,7 @@ where
                 Err(e) => metrics.drop_reason(e.reason()),
             }
         }
-        let full =
-            batch.len() + http_batch.len() == MAX_BATCH || http_bytes >= MAX_HTTP_BATCH_BYTES;
+        let full = !room(&batch, &http_batch, http_bytes);
         if let (Some(tx), false) = (http, http_batch.is_empty()) {
             if tx.send(H::from(http_batch)).await.is_err() {
                 return None;
