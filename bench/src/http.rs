@@ -402,6 +402,9 @@ pub fn measure_grpc(
     )
 }
 
+/// Rounds of each configuration: enough for an error bar on what the agent adds per request.
+pub const ROUNDS: usize = 6;
+
 /// How long the agent's CPU is read at rest, before each phase with it.
 const REST: Duration = Duration::from_secs(1);
 
@@ -424,8 +427,7 @@ fn interleaved(
     let pid = target.pid();
     // Warm the server and the connections' code paths.
     target.load(concurrency * 2, concurrency)?;
-    // Enough rounds for an error bar on what the agent adds per request.
-    let rounds = 6;
+    let rounds = ROUNDS;
     let per = requests / rounds;
     let (mut lat, mut ttft) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
     let (mut wall, mut server_cpu) = ([Duration::ZERO; 2], [0u64; 2]);

@@ -312,7 +312,7 @@ fn main() {
     }
     // `--tgi-only`, `--grpc-only`, `--tls-only`: only that server's wire-timing figures, printed.
     // (`--tls-only`: both placements of the TLS probes.) `BENCH_HTTP_REQUESTS=N` sends N
-    // requests per configuration in place of 6,000.
+    // requests per configuration in place of 6,000 (a value that is not such a number fails).
     // The agent reads the bench's environment: `INFERSCOPE_*` settings apply to it.
     type Wire = fn(&std::path::Path, usize, usize, u64) -> anyhow::Result<http::HttpCost>;
     let wire_only: Option<Vec<Wire>> = if args.iter().any(|a| a == "--grpc-only") {
@@ -330,14 +330,25 @@ fn main() {
     if let Some(measures) = wire_only {
         let sizes = Sizes::new(quick);
         let run = || -> anyhow::Result<String> {
+            let requests = match std::env::var("BENCH_HTTP_REQUESTS") {
+                Ok(v) => v
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| *n >= http::ROUNDS)
+                    .with_context(|| {
+                        format!(
+                            "BENCH_HTTP_REQUESTS={v:?}: a number of requests, at least one per \
+                             round ({})",
+                            http::ROUNDS
+                        )
+                    })?,
+                Err(_) => sizes.http_requests,
+            };
             let mut out = String::new();
             for measure in measures {
                 let g = measure(
                     &Variant::Nop5.lib_path(),
-                    std::env::var("BENCH_HTTP_REQUESTS")
-                        .ok()
-                        .and_then(|v| v.parse().ok())
-                        .unwrap_or(sizes.http_requests),
+                    requests,
                     sizes.http_concurrency,
                     sizes.http_tokens,
                 )?;
