@@ -33,9 +33,8 @@ pub const MAX_BATCH: usize = 4096;
 /// a small share of its queue (`crate::http::QUEUE_BYTES`).
 pub const MAX_HTTP_BATCH_BYTES: usize = 1024 * 1024;
 /// Records of the `http` family per batch: its vector (about 80 KiB) stays below the
-/// allocator's `mmap` threshold, so it is reused from the heap, where one of 4,096 records was
-/// mapped and faulted in afresh at every batch; and the tracker starts on a batch while the
-/// reader still copies the next.
+/// allocator's `mmap` threshold, so it is reused from the heap, where one of 4,096 records
+/// (about 320 KiB) could be mapped and faulted in afresh at every batch.
 pub const MAX_HTTP_BATCH: usize = 1024;
 
 pub type Batch = Vec<Event>;
