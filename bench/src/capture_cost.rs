@@ -429,8 +429,9 @@ pub fn table(c: &CaptureCost) -> String {
          parse per token event) and grows with the rate; the wire-timing sections' \"per 1,000 \
          requests/s\" come from about 200 requests/s, where each of the reader's polls (every \
          200 ms while records come) finds fewer records and the agent's code and state colder. \
-         The programs' time per captured call is almost all fixed per call rather than per byte: reading the caller's \
-         buffer (`bpf_probe_read_user`, the same for 16 bytes as for 150 on this VM), the \
+         The programs' time per captured call is almost all fixed per call rather than per \
+         byte: reading the caller's buffer (`bpf_probe_read_user`, the same for 16 bytes as \
+         for 150 on this VM), the \
          connection lookup, the clock and the ring output, each a helper call under this \
          kernel's retpoline and return-thunk mitigations. The read is the largest: with it \
          compiled out of the program (a run of 2026-12-07, the kernel's statistics on), the \

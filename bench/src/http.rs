@@ -427,16 +427,15 @@ fn interleaved(
     let pid = target.pid();
     // Warm the server and the connections' code paths.
     target.load(concurrency * 2, concurrency)?;
-    let rounds = ROUNDS;
-    let per = requests / rounds;
+    let per = requests / ROUNDS;
     let (mut lat, mut ttft) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
     let (mut wall, mut server_cpu) = ([Duration::ZERO; 2], [0u64; 2]);
     // Per round: the server's CPU per request without and with, ns.
-    let mut round_added: Vec<f64> = Vec::with_capacity(rounds);
+    let mut round_added: Vec<f64> = Vec::with_capacity(ROUNDS);
     let (mut agent_cpu, mut agent_wall) = (0u64, Duration::ZERO);
     let (mut rest_cpu, mut rest_wall) = (0u64, Duration::ZERO);
     let (mut counted, mut agent_tokens, mut lost, mut events) = (0u64, 0u64, 0u64, 0u64);
-    for _ in 0..rounds {
+    for _ in 0..ROUNDS {
         let mut per_request = [0f64; 2];
         for with in [false, true] {
             let i = usize::from(with);
@@ -498,11 +497,11 @@ fn interleaved(
         }
         round_added.push(per_request[1] - per_request[0]);
     }
-    let n = (requests / rounds * rounds) as f64;
+    let n = (requests / ROUNDS * ROUNDS) as f64;
     let (mean, stderr) = mean_stderr(&round_added);
     Ok(HttpCost {
         server,
-        requests: requests / rounds * rounds,
+        requests: requests / ROUNDS * ROUNDS,
         concurrency,
         tokens,
         ttft_ms,

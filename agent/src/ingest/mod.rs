@@ -72,9 +72,10 @@ pub struct Drained {
 
 /// Runs until `stop` turns true, then drains what is left and returns. [`Event`]s go to
 /// `events`, [`HttpRecord`]s to `http` (counted as dropped when it is None), each drain that
-/// read records or was asked for followed by a [`Drained`] there. Beats `heartbeat` at every poll. With `wake`, it sleeps
-/// without its timer after [`IDLE_POLLS`] empty polls. A notification on `asked` drains at
-/// once, between polls: a forensic report waits for the requests up to its failure.
+/// read records or was asked for followed by a [`Drained`] there. Beats `heartbeat` at every
+/// poll. With `wake`, it sleeps without its timer after [`IDLE_POLLS`] empty polls. A
+/// notification on `asked` drains at once, between polls: a forensic report waits for the
+/// requests up to its failure.
 #[expect(
     clippy::too_many_arguments,
     reason = "the reader's inputs, named at the two calls"
